@@ -1,0 +1,122 @@
+"""Reading safetensors files one tensor at a time, without mmap.
+
+`safetensors.safe_open` maps the whole file: every page it touches stays in the process's
+resident set until the handle is closed, so reading a 93 GB checkpoint tensor by tensor
+through one handle makes RSS climb towards 93 GB. Here the header is parsed once and each
+tensor is read with `os.pread` into a fresh buffer that is freed when the tensor is, so
+memory follows what the caller holds, not what it has read. The header is validated
+(offsets inside the file, sizes matching shapes) so a truncated or corrupt file is refused
+with a clear message before any work starts. Nothing here can unpickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import MoeconsolError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+_MAX_HEADER = 100_000_000
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype name, shape and absolute byte range."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: (tensors by name, `__metadata__`)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise MoeconsolError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise MoeconsolError(f"{path}: not a safetensors file or truncated (header length {header_len} > file)")
+            raw = f.read(header_len)
+    except OSError as e:
+        raise MoeconsolError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise MoeconsolError(f"{path}: corrupt safetensors header (not JSON)") from None
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + header_len
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+        except (KeyError, TypeError, ValueError):
+            raise MoeconsolError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+        if end - start != math.prod(shape) * itemsize or start < 0:
+            raise MoeconsolError(f"{path}: corrupt safetensors header: {name!r} has {end - start} bytes for shape {list(shape)}")
+        if base + end > size:
+            raise MoeconsolError(
+                f"{path}: truncated: tensor {name!r} ends at byte {base + end} but the file has {size} bytes"
+            )
+        tensors[name] = TensorInfo(path, dtype, shape, base + start, base + end)
+    return tensors, metadata
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor into a new CPU tensor (owns its memory; no mmap)."""
+    buf = bytearray(info.nbytes)
+    view = memoryview(buf)
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done:]], info.start + done)
+            if n == 0:
+                raise MoeconsolError(f"{info.file}: truncated while reading")
+            done += n
+    finally:
+        os.close(fd)
+    dtype = DTYPES[info.dtype]
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+
+
+def read_slice(info: TensorInfo, index: int) -> torch.Tensor:
+    """Read `tensor[index]` (along dim 0) without reading the rest."""
+    row = info.nbytes // info.shape[0]
+    sub = TensorInfo(info.file, info.dtype, info.shape[1:], info.start + index * row, info.start + (index + 1) * row)
+    return read_tensor(sub)

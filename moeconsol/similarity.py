@@ -1,0 +1,226 @@
+"""How alike experts are: cosine, L2, relative L2 of weights, and linear CKA of outputs.
+
+For one MoE layer, every expert of every model is compared with every other: the result is
+an (N*E) x (N*E) matrix per metric, row/column `model_index * E + expert_index`, models in
+the order given. Work is done one layer at a time: the layer's experts of all N models are
+read, measured, and dropped before the next layer is read.
+
+Weight metrics come from one float64 Gram matrix of the flattened experts (each expert is
+its canonical parts concatenated in `Layout.parts` order), accumulated in column chunks:
+    cosine(i, j)      = G_ij / sqrt(G_ii G_jj)
+    l2(i, j)          = sqrt(G_ii + G_jj - 2 G_ij)
+    relative-l2(i, j) = l2(i, j) / max(|x_i|, |x_j|)
+Bit-identical experts (same sha256 of their bytes) get exactly cosine 1 and distance 0, and
+*only* they do: any other pair is clamped just below 1 / just above 0, so `cosine == 1.0`
+means "bit-identical" and a threshold of 1.0 reproduces lossless sharing.
+
+CKA is linear CKA (Kornblith et al. 2019) between two experts' outputs on the same probe
+inputs X [n, H]: with Y = expert(X) centred over the n rows and K = Y Y^T,
+    CKA(i, j) = <K_i, K_j>_F / (|K_i|_F |K_j|_F)
+Probes are the inputs the first model's MoE block actually receives on calibration text
+(`probe_inputs_from_text`), or seeded standard Gaussian vectors when no text is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers.activations import ACT2FN
+
+from .checkpoint import Checkpoint
+from .errors import MoeconsolError
+
+METRICS = ("cosine", "l2", "relative-l2", "cka")
+DISTANCE_METRICS = ("l2", "relative-l2")
+"""Smaller is more alike; for cosine and cka larger is more alike."""
+DEFAULT_PROBES = 256
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def check_metrics(metrics: list[str]) -> list[str]:
+    for m in metrics:
+        if m not in METRICS:
+            raise MoeconsolError(f"unknown metric {m!r}: choose from {', '.join(METRICS)}")
+    return list(dict.fromkeys(metrics))
+
+
+@dataclass
+class LayerExperts:
+    """All experts of one MoE layer, across models: `experts[m][e][part]`."""
+
+    layer: str
+    experts: list[list[dict[str, torch.Tensor]]]
+
+    @property
+    def flat(self) -> list[dict[str, torch.Tensor]]:
+        return [e for model in self.experts for e in model]
+
+
+def read_layer(ckpts: list[Checkpoint], layer: str) -> LayerExperts:
+    return LayerExperts(layer, [[c.expert(layer, e) for e in range(c.num_experts)] for c in ckpts])
+
+
+def expert_digest(parts: dict[str, torch.Tensor]) -> str:
+    """sha256 of an expert's raw bytes, parts in order: equal digests = bit-identical."""
+    h = hashlib.sha256()
+    for name in sorted(parts):
+        h.update(name.encode())
+        h.update(parts[name].contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def gram_matrix(experts: list[dict[str, torch.Tensor]], parts: tuple[str, ...]) -> np.ndarray:
+    """G_ij = <x_i, x_j> of the flattened experts, in float64, streamed in column chunks."""
+    n = len(experts)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for part in parts:
+        flat = [e[part].reshape(-1) for e in experts]
+        total = flat[0].numel()
+        step = max(1, _CHUNK_ELEMENTS // n)
+        for lo in range(0, total, step):
+            chunk = torch.stack([f[lo : lo + step].to(torch.float64) for f in flat])
+            gram += chunk @ chunk.T
+    return gram.numpy()
+
+
+def weight_metrics(gram: np.ndarray, identical: np.ndarray) -> dict[str, np.ndarray]:
+    """cosine, l2 and relative-l2 from a Gram matrix; exact values for identical pairs."""
+    sq = np.diag(gram).copy()
+    norms = np.sqrt(sq)
+    denom = np.sqrt(np.outer(sq, sq))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosine = np.where(denom > 0, gram / denom, 0.0)
+    l2 = np.sqrt(np.clip(sq[:, None] + sq[None, :] - 2 * gram, 0.0, None))
+    larger = np.maximum(norms[:, None], norms[None, :])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = np.where(larger > 0, l2 / larger, 0.0)
+    below_one = np.nextafter(1.0, 0.0)
+    tiny = np.finfo(np.float64).tiny
+    cosine = np.where(identical, 1.0, np.clip(cosine, -1.0, below_one))
+    l2 = np.where(identical, 0.0, np.maximum(l2, tiny))
+    rel = np.where(identical, 0.0, np.maximum(rel, tiny))
+    return {"cosine": cosine, "l2": l2, "relative-l2": rel}
+
+
+def expert_function(ckpt: Checkpoint) -> Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]:
+    """The expert's forward pass (float64), from the layout's kind and the config's activation."""
+    act = ACT2FN[ckpt.config.get(ckpt.layout.activation_key, "silu")]
+    if ckpt.layout.expert_kind == "gated":
+        return lambda p, x: (act(x @ p["w1"].T) * (x @ p["w3"].T)) @ p["w2"].T
+    return lambda p, x: act(x @ p["wi"].T) @ p["wo"].T
+
+
+def cka_matrix(experts: list[dict[str, torch.Tensor]], probes: torch.Tensor, fn) -> np.ndarray:
+    """Linear CKA between every pair of experts' outputs on `probes` [n, H]."""
+    x = probes.to(torch.float64)
+    kernels = []
+    for e in experts:
+        y = fn({k: v.to(torch.float64) for k, v in e.items()}, x)
+        y = y - y.mean(dim=0, keepdim=True)
+        kernels.append((y @ y.T).reshape(-1))
+    k = torch.stack(kernels)
+    hsic = (k @ k.T).numpy()
+    d = np.sqrt(np.diag(hsic))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(np.outer(d, d) > 0, hsic / np.outer(d, d), 0.0)
+
+
+def gaussian_probes(hidden_size: int, n: int = DEFAULT_PROBES, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, hidden_size, generator=g, dtype=torch.float64)
+
+
+def hidden_size(ckpt: Checkpoint) -> int:
+    return ckpt.expert_shape(ckpt.layout.parts[0])[1]
+
+
+@dataclass
+class LayerSimilarity:
+    layer: str
+    matrices: dict[str, np.ndarray]
+    identical: np.ndarray
+    """identical[i, j]: experts i and j are bit-identical."""
+    digests: list[str] = field(default_factory=list)
+
+
+def layer_similarity(
+    ckpts: list[Checkpoint],
+    layer: str,
+    metrics: list[str],
+    probes: torch.Tensor | None = None,
+    experts: LayerExperts | None = None,
+) -> LayerSimilarity:
+    """All requested metrics for one layer (reads the layer unless `experts` is given)."""
+    experts = experts or read_layer(ckpts, layer)
+    flat = experts.flat
+    digests = [expert_digest(e) for e in flat]
+    identical = np.array([[a == b for b in digests] for a in digests])
+    out: dict[str, np.ndarray] = {}
+    if any(m in metrics for m in ("cosine", "l2", "relative-l2")):
+        weights = weight_metrics(gram_matrix(flat, ckpts[0].layout.parts), identical)
+        out.update({m: weights[m] for m in metrics if m in weights})
+    if "cka" in metrics:
+        if probes is None:
+            probes = gaussian_probes(hidden_size(ckpts[0]))
+        out["cka"] = cka_matrix(flat, probes, expert_function(ckpts[0]))
+    return LayerSimilarity(layer, {m: out[m] for m in metrics}, identical, digests)
+
+
+def analyze(
+    ckpts: list[Checkpoint],
+    metrics: list[str],
+    probes: dict[str, torch.Tensor] | None = None,
+    n_probes: int = DEFAULT_PROBES,
+    seed: int = 0,
+) -> Iterator[LayerSimilarity]:
+    """Similarity of every MoE layer, one layer in memory at a time.
+
+    `probes` maps layer -> probe inputs (from `probe_inputs_from_text`); layers without an
+    entry use seeded Gaussian probes (seed + layer position) when CKA is asked for.
+    """
+    metrics = check_metrics(metrics)
+    for i, layer in enumerate(ckpts[0].moe_layers):
+        layer_probes = (probes or {}).get(layer)
+        if layer_probes is None and "cka" in metrics:
+            layer_probes = gaussian_probes(hidden_size(ckpts[0]), n_probes, seed + i)
+        yield layer_similarity(ckpts, layer, metrics, layer_probes)
+
+
+def probe_inputs_from_text(ckpt: Checkpoint, text: str, n_probes: int = DEFAULT_PROBES) -> dict[str, torch.Tensor]:
+    """The hidden states each MoE block of `ckpt` receives on `text` (first `n_probes` tokens).
+
+    Loads this one model with transformers (float32, CPU) for a single forward pass.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(ckpt.path)
+    except (OSError, ValueError):
+        raise MoeconsolError(f"{ckpt.path}: no tokenizer to encode the calibration text with") from None
+    ids = tok(text, return_tensors="pt", truncation=True, max_length=n_probes).input_ids
+    if ids.shape[1] < 2:
+        raise MoeconsolError("calibration text is empty after tokenization")
+    seq2seq = ckpt.layout.architecture == "switch_transformers"
+    cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    model = cls.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+    captured: dict[str, torch.Tensor] = {}
+    hooks = []
+    for layer in ckpt.moe_layers:
+        module = model.get_submodule(f"{layer}.mlp")
+        hooks.append(
+            module.register_forward_pre_hook(
+                lambda _m, args, layer=layer: captured.__setitem__(layer, args[0].detach().reshape(-1, args[0].shape[-1]))
+            )
+        )
+    with torch.no_grad():
+        if seq2seq:
+            model(input_ids=ids, decoder_input_ids=ids)
+        else:
+            model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return {k: v.to(torch.float64) for k, v in captured.items()}
