@@ -51,4 +51,4 @@ def main() -> None:
         raise
 
 
-from . import analyze  # noqa: E402,F401  (registers commands)
+# Command modules register themselves on `app`; one import line per module.
