@@ -217,7 +217,20 @@ class Checkpoint:
         return full if (lo, hi) == (0, full.shape[0]) else full[lo:hi].clone()
 
     def expert(self, layer: str, expert: int) -> dict[str, torch.Tensor]:
-        return {part: self.expert_part(layer, expert, part) for part in self.layout.parts}
+        """All canonical parts of one expert. A fused tensor's slice is read once and its
+        parts are views into it (w1 and w3 share gate_up_proj's slice)."""
+        out: dict[str, torch.Tensor] = {}
+        slices: dict[tuple[Path, int], torch.Tensor] = {}
+        for part in self.layout.parts:
+            info, e, lo, hi = self._experts[(layer, expert, part)]
+            if e is None:
+                out[part] = read_tensor(info)
+                continue
+            key = (info.file, info.start)
+            if key not in slices:
+                slices[key] = read_slice(info, e)
+            out[part] = slices[key][lo:hi]
+        return out
 
     def router_name(self, layer: str) -> str:
         return self._routers[layer]

@@ -12,11 +12,14 @@ its canonical parts concatenated in `Layout.parts` order), accumulated in column
     relative-l2(i, j) = l2(i, j) / max(|x_i|, |x_j|)
 Bit-identical experts (same sha256 of their bytes) get exactly cosine 1 and distance 0, and
 *only* they do: any other pair is clamped just below 1 / just above 0, so `cosine == 1.0`
-means "bit-identical" and a threshold of 1.0 reproduces lossless sharing.
+means "bit-identical" and a threshold of 1.0 reproduces lossless sharing. Bit-identical
+experts are measured once and share their row (see `layer_similarity`).
 
 CKA is linear CKA (Kornblith et al. 2019) between two experts' outputs on the same probe
 inputs X [n, H]: with Y = expert(X) centred over the n rows and K = Y Y^T,
     CKA(i, j) = <K_i, K_j>_F / (|K_i|_F |K_j|_F)
+clipped to [0, 1], exactly 1 for bit-identical experts. Unlike cosine, CKA can be 1 for
+different experts (it ignores scaling and rotations of the outputs).
 Probes are the inputs the first model's MoE block actually receives on calibration text
 (`probe_inputs_from_text`), or seeded standard Gaussian vectors when no text is given.
 """
@@ -38,7 +41,7 @@ METRICS = ("cosine", "l2", "relative-l2", "cka")
 DISTANCE_METRICS = ("l2", "relative-l2")
 """Smaller is more alike; for cosine and cka larger is more alike."""
 DEFAULT_PROBES = 256
-_CHUNK_ELEMENTS = 1 << 24
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def check_metrics(metrics: list[str]) -> list[str]:
@@ -74,15 +77,24 @@ def expert_digest(parts: dict[str, torch.Tensor]) -> str:
 
 
 def gram_matrix(experts: list[dict[str, torch.Tensor]], parts: tuple[str, ...]) -> np.ndarray:
-    """G_ij = <x_i, x_j> of the flattened experts, in float64, streamed in column chunks."""
+    """G_ij = <x_i, x_j> of the flattened experts, in float64, streamed in column chunks.
+
+    One float64 buffer of about `_CHUNK_ELEMENTS` is reused for every chunk (the experts'
+    own dtype is converted into it in place), so the extra memory stays small whatever
+    the expert size.
+    """
     n = len(experts)
     gram = torch.zeros(n, n, dtype=torch.float64)
+    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    buf = torch.empty(n, step, dtype=torch.float64)
     for part in parts:
         flat = [e[part].reshape(-1) for e in experts]
         total = flat[0].numel()
-        step = max(1, _CHUNK_ELEMENTS // n)
         for lo in range(0, total, step):
-            chunk = torch.stack([f[lo : lo + step].to(torch.float64) for f in flat])
+            width = min(step, total - lo)
+            chunk = buf[:, :width]
+            for row, f in zip(chunk, flat):
+                row.copy_(f[lo : lo + width])
             gram += chunk @ chunk.T
     return gram.numpy()
 
@@ -154,19 +166,31 @@ def layer_similarity(
     probes: torch.Tensor | None = None,
     experts: LayerExperts | None = None,
 ) -> LayerSimilarity:
-    """All requested metrics for one layer (reads the layer unless `experts` is given)."""
+    """All requested metrics for one layer (reads the layer unless `experts` is given).
+
+    Bit-identical experts (fine-tunes leave many untouched) are measured once: the Gram
+    matrix and the CKA kernels are computed over the distinct experts only and spread
+    back over all N*E positions, so the cost grows with how much the models differ.
+    """
     experts = experts or read_layer(ckpts, layer)
     flat = experts.flat
     digests = [expert_digest(e) for e in flat]
     identical = np.array([[a == b for b in digests] for a in digests])
+    first_of = {d: i for i, d in reversed(list(enumerate(digests)))}
+    distinct = sorted(set(first_of.values()))
+    where = [distinct.index(first_of[d]) for d in digests]
+    spread = np.ix_(where, where)
+    reps = [flat[i] for i in distinct]
+    del experts, flat
     out: dict[str, np.ndarray] = {}
     if any(m in metrics for m in ("cosine", "l2", "relative-l2")):
-        weights = weight_metrics(gram_matrix(flat, ckpts[0].layout.parts), identical)
+        weights = weight_metrics(gram_matrix(reps, ckpts[0].layout.parts)[spread], identical)
         out.update({m: weights[m] for m in metrics if m in weights})
     if "cka" in metrics:
         if probes is None:
             probes = gaussian_probes(hidden_size(ckpts[0]))
-        out["cka"] = cka_matrix(flat, probes, expert_function(ckpts[0]))
+        cka = cka_matrix(reps, probes, expert_function(ckpts[0]))[spread]
+        out["cka"] = np.where(identical, 1.0, np.clip(cka, 0.0, 1.0))
     return LayerSimilarity(layer, {m: out[m] for m in metrics}, identical, digests)
 
 
@@ -206,7 +230,15 @@ def probe_inputs_from_text(ckpt: Checkpoint, text: str, n_probes: int = DEFAULT_
         raise MoeconsolError("calibration text is empty after tokenization")
     seq2seq = ckpt.layout.architecture == "switch_transformers"
     cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    model = cls.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # moeconsol shows its own progress
+    try:
+        model = cls.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     captured: dict[str, torch.Tensor] = {}
     hooks = []
     for layer in ckpt.moe_layers:

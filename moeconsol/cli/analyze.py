@@ -1,0 +1,97 @@
+"""`moeconsol analyze`: how alike the experts of N fine-tuned checkpoints are."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..checkpoint import open_checkpoints
+from ..errors import MoeconsolError
+from ..report import AnalysisReport, analyze_models, report_json, same_index_summary, write_heatmap
+from ..similarity import DEFAULT_PROBES, METRICS, check_metrics
+from . import app
+
+
+@app.command()
+def analyze(
+    models: Annotated[list[str], typer.Argument(metavar="MODEL...", help="Checkpoints as PATH or NAME=PATH (local dir or hub repo id).")],
+    metric: Annotated[
+        Optional[list[str]],
+        typer.Option("--metric", "-m", help=f"Metric(s), repeatable or comma-separated: {', '.join(METRICS)}."),
+    ] = None,
+    calibration: Annotated[
+        Optional[Path], typer.Option(help="Text file: CKA probes are the first model's hidden states on it.")
+    ] = None,
+    probes: Annotated[int, typer.Option(help="CKA probes per layer (Gaussian) or max tokens (calibration).")] = DEFAULT_PROBES,
+    seed: Annotated[int, typer.Option(help="Seed of the Gaussian CKA probes (layer k uses seed + k).")] = 0,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision for models given as repo ids.")] = None,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the full report as JSON to FILE ('-': stdout).")] = None,
+    heatmap: Annotated[Optional[Path], typer.Option(help="Write per-layer heatmaps of the first metric to FILE.png.")] = None,
+) -> None:
+    """Measure expert similarity across models, per MoE layer; print tables, write JSON/PNG."""
+    metrics = check_metrics([m.strip() for arg in (metric or ["cosine"]) for m in arg.split(",") if m.strip()] or ["cosine"])
+    if heatmap is not None and heatmap.suffix.lower() != ".png":
+        raise MoeconsolError(f"{heatmap}: the heatmap is written as PNG; give a file name ending in .png")
+    if json_out not in (None, "-") and not Path(json_out).parent.is_dir():
+        raise MoeconsolError(f"{json_out}: directory {Path(json_out).parent} does not exist")
+    ckpts = open_checkpoints(models, revision)
+
+    err = Console(stderr=True)
+    with Progress(
+        TextColumn("analyze"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+        TimeElapsedColumn(), console=err, transient=True,
+    ) as progress:
+        task = progress.add_task("", total=len(ckpts[0].moe_layers))
+        report = analyze_models(
+            ckpts, metrics, calibration, probes, seed,
+            on_layer=lambda layer: progress.update(task, advance=1, description=layer),
+        )
+
+    if json_out != "-":
+        print_tables(report, Console())
+    if json_out is not None:
+        text = json.dumps(report_json(report), allow_nan=False)
+        if json_out == "-":
+            sys.stdout.write(text + "\n")
+        else:
+            try:
+                Path(json_out).write_text(text + "\n")
+            except OSError as e:
+                raise MoeconsolError(f"{json_out}: cannot write: {e.strerror}") from None
+            err.print(f"wrote {json_out}")
+    if heatmap is not None:
+        write_heatmap(report, heatmap)
+        err.print(f"wrote {heatmap}")
+
+
+def print_tables(report: AnalysisReport, console: Console) -> None:
+    """One table per MoE layer: same-index pairs across models, and what could be shared."""
+    n, e = len(report.models), report.experts_per_layer
+    layouts = ", ".join(f"{m} ({lay})" for m, lay in zip(report.models, report.layouts))
+    console.print(f"[bold]{report.architecture}[/]: {layouts}; {len(report.layers)} MoE layers x {e} experts")
+    if report.probes is not None:
+        p = report.probes
+        how = f"seed {p.seed}" if p.kind == "gaussian" else f"from {p.file}"
+        console.print(f"CKA probes: {p.count} {p.kind} per layer ({how})")
+    for sim in report.layers:
+        summary = same_index_summary(report, sim)
+        table = Table(title=f"{sim.layer}: {summary['pairs']} same-index pairs across {n} models", title_justify="left")
+        table.add_column("metric")
+        for col in ("mean", "min", "max"):
+            table.add_column(col, justify="right")
+        table.add_column(f"could share (of {(n - 1) * e})", no_wrap=True)
+        shared = {s["rule"]: s["experts"] for s in summary["shared"]}
+        for m, stats in summary["metrics"].items():
+            rules = " ".join(
+                f"{rule.removeprefix(m + ' ').replace('>= ', '≥').replace('<= ', '≤')}: {count}" for rule, count in shared.items() if rule.startswith(m + " ")
+            )
+            table.add_row(m, *("-" if stats[k] is None else f"{stats[k]:.6g}" for k in ("mean", "min", "max")), rules or "-")
+        table.add_row("bit-identical", "-", "-", "-", f"{shared['identical']}  ({summary['identical_pairs']} pairs)")
+        console.print(table)
