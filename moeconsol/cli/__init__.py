@@ -22,6 +22,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Consolidate fine-tuned Mixture-of-Experts checkpoints into one shared expert bank."""
+
+
 def fail(message: str) -> typer.Exit:
     """Print one line on stderr; return the exit to raise (code 2)."""
     print(f"moeconsol: error: {message}", file=sys.stderr)
@@ -30,7 +35,9 @@ def fail(message: str) -> typer.Exit:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a raised typer.Exit comes back as its code here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except MoeconsolError as e:
         print(f"moeconsol: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -40,15 +47,21 @@ def main() -> None:
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except Exception as e:  # click usage errors and aborts
-        import click
+        try:  # typer >= 0.20 raises its own vendored click's exceptions
+            from typer._click import exceptions as click_exceptions
+        except ImportError:
+            from click import exceptions as click_exceptions
 
-        if isinstance(e, click.exceptions.ClickException):
+        if isinstance(e, click_exceptions.ClickException):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, click_exceptions.Abort):
             print("moeconsol: aborted", file=sys.stderr)
             sys.exit(130)
         raise
 
 
 # Command modules register themselves on `app`; one import line per module.
+from . import analyze  # noqa: E402,F401
+from . import merge  # noqa: E402,F401
+from . import serve  # noqa: E402,F401

@@ -1,0 +1,147 @@
+"""`moeconsol merge`, `export`, `inspect`, `verify`: options in, library call, output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..artifact import Artifact, export_model, summary, verify_artifact
+from ..checkpoint import open_checkpoints
+from ..merge import DEFAULT_SHARD_SIZE, MergeSettings
+from ..merge import merge as run_merge
+from ..writer import format_bytes, parse_size
+from . import app
+
+_STAGES = {"plan": "measuring experts", "non-expert": "hashing non-expert tensors", "write": "writing", "export": "exporting", "verify": "checking files"}
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool) -> Iterator:
+    """A rich progress bar on stderr (only on a terminal), one task per stage, started at
+    the first report; yields the library's progress callback."""
+    console = Console(stderr=True)
+    if quiet or not console.is_terminal:
+        yield None
+        return
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
+    )
+    tasks: dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if not tasks:
+            bar.start()
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(_STAGES.get(stage, stage), total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    try:
+        yield report
+    finally:
+        if tasks:
+            bar.stop()
+
+
+def _print_summary(s: dict, title: str) -> None:
+    console = Console()
+    c = s["consolidation"]
+    settings = ", ".join(f"{k}={v}" for k, v in c.items() if v is not None)
+    console.print(f"[bold]{title}[/bold]  {s['architecture']}, {s['dtype']}, models: {', '.join(m['name'] for m in s['models'])}")
+    console.print(f"consolidation: {settings}")
+    n_slots = len(s["models"]) * s["experts_per_layer"]
+    table = Table("MoE layer", "bank", "slots", "shared")
+    for layer, size in s["bank"].items():
+        table.add_row(layer, str(size), str(n_slots), f"{1 - size / n_slots:.1%}")
+    console.print(table)
+    b = s["bytes"]
+    if b.get("inputs"):
+        console.print(f"inputs: {format_bytes(b['inputs'])}  artifact: {format_bytes(b['artifact'])}  ({b['artifact'] / b['inputs']:.1%} of the inputs)")
+    if b.get("experts_in"):
+        saved = b["experts_in"] - b["bank"]
+        console.print(
+            f"experts: {format_bytes(b['experts_in'])} in, bank {format_bytes(b['bank'])}: "
+            f"{format_bytes(saved)} of expert memory saved ({saved / b['experts_in']:.1%})"
+        )
+
+
+@app.command()
+def merge(
+    models: list[str] = typer.Argument(..., metavar="MODEL...", help="Checkpoints: PATH, NAME=PATH or hub ids (from the local cache)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to create."),
+    mode: str = typer.Option("lossless", help="lossless | threshold | budget."),
+    metric: Optional[str] = typer.Option(None, help="cosine | l2 | relative-l2 | cka (threshold and budget modes; default cosine)."),
+    threshold: Optional[float] = typer.Option(None, help="threshold mode: every member within this of its cluster (similarity >= t, or distance <= t)."),
+    budget: Optional[str] = typer.Option(None, help="budget mode: bank bytes (40GB) or a fraction of all experts (0.5)."),
+    representative: str = typer.Option("medoid", help="medoid | first | mean: what a shared bank expert holds."),
+    shard_size: str = typer.Option(str(DEFAULT_SHARD_SIZE), help="Maximum bytes per safetensors shard (5GB, 500MB)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision for hub ids."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Cluster the experts of N models into one shared bank and write one artifact."""
+    settings = MergeSettings(mode, metric, threshold, budget, representative, parse_size(shard_size))
+    ckpts = open_checkpoints(models, revision)
+    with _progress(as_json) as report:
+        result = run_merge(ckpts, output, settings, force=force, progress=report)
+    s = summary(Artifact.open(result.path))
+    if as_json:
+        print(json.dumps(s, indent=2))
+    else:
+        _print_summary(s, f"wrote {result.path}")
+
+
+@app.command()
+def export(
+    artifact: Path = typer.Argument(..., metavar="OUT", help="Artifact directory."),
+    model: str = typer.Argument(..., metavar="MODEL", help="Name of the model to export."),
+    output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
+    force: bool = typer.Option(False, "--force", help="Replace DIR if it exists."),
+    checksums: bool = typer.Option(True, "--checksums/--no-checksums", help="Check the sha256 of the files read first."),
+) -> None:
+    """Write one model of an artifact back as a standard Hugging Face checkpoint."""
+    with _progress(False) as report:
+        path = export_model(artifact, model, output, force=force, checksums=checksums, progress=report)
+    Console().print(f"exported {model!r} to {path}")
+
+
+@app.command()
+def inspect(
+    artifact: Path = typer.Argument(..., metavar="OUT", help="Artifact directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Models, bank size per layer, bytes and consolidation settings of an artifact."""
+    s = summary(Artifact.open(artifact))
+    if as_json:
+        print(json.dumps(s, indent=2))
+    else:
+        _print_summary(s, str(s["path"]))
+
+
+@app.command()
+def verify(
+    artifact: Path = typer.Argument(..., metavar="OUT", help="Artifact directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Check every file's size and sha256 and every tensor's shape. Exit 0 if all is well,
+    1 if the artifact is damaged (each problem named), 2 if OUT is not an artifact."""
+    with _progress(as_json) as report:
+        problems = verify_artifact(artifact, progress=report)
+    if as_json:
+        print(json.dumps({"ok": not problems, "problems": problems}, indent=2))
+    elif problems:
+        for p in problems:
+            print(f"damaged: {p}")
+    else:
+        n = len(Artifact.open(artifact).manifest["files"])
+        Console().print(f"ok: {artifact}: {n} files, sizes, sha256 and tensor shapes all as the manifest says")
+    if problems:
+        raise typer.Exit(1)
