@@ -1,0 +1,100 @@
+"""`moeconsol serve-local`: serve every variant of an artifact from one resident model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..errors import MoeconsolError
+from ..runtime import GenerationSettings, Runtime, check_settings, parse_device, parse_dtype
+from ..server import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_WAIT, serve
+from . import app
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command("serve-local")
+def serve_local(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory written by `moeconsol merge`.")],
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="Variant to run the prompt on (repeatable: one after another).")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="One-shot: generate from this prompt and exit.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (one-shot).")] = 32,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy (one-shot).")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (one-shot).")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling (one-shot).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Run the OpenAI-compatible HTTP server on this port.")] = None,
+    host: Annotated[str, typer.Option(help="Address the server listens on.")] = "127.0.0.1",
+    max_wait: Annotated[float, typer.Option(help="Seconds a request may wait before it is served ahead of the active model's.")] = DEFAULT_MAX_WAIT,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt the server accepts, in tokens.")] = DEFAULT_MAX_PROMPT_TOKENS,
+    device: Annotated[str, typer.Option(help="cpu or cuda (cuda:N).")] = "cpu",
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (default: the checkpoints' own).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One-shot: print the results as JSON.")] = False,
+) -> None:
+    """Run a prompt on one or more variants (--prompt), or serve them all over HTTP (--port)."""
+    if (prompt is None) == (port is None):
+        raise MoeconsolError("give either --prompt (one-shot) or --port (HTTP server)")
+    if port is not None and not 0 < port < 65536:
+        raise MoeconsolError(f"--port must be in 1..65535, got {port}")
+    if max_wait < 0:
+        raise MoeconsolError(f"--max-wait must be >= 0 seconds, got {max_wait}")
+    if max_prompt_tokens < 1:
+        raise MoeconsolError(f"--max-prompt-tokens must be at least 1, got {max_prompt_tokens}")
+    settings = GenerationSettings(max_new_tokens, temperature, top_p, seed)
+    if prompt is not None:
+        check_settings(settings)
+    torch_device, torch_dtype = parse_device(device), parse_dtype(dtype)
+
+    err = Console(stderr=True)
+    first = model[0] if model else None
+    with Progress(TextColumn("load"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=err, transient=True) as progress:
+        tasks: dict[str, int] = {}
+
+        def advance(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done)
+
+        runtime = Runtime.from_artifact(artifact, device=torch_device, dtype=torch_dtype, active=first, progress=advance)
+    for name in model or []:
+        runtime.check_model(name)
+    rb = runtime.resident_bytes()
+    err.print(
+        f"loaded {artifact} on {torch_device} ({str(runtime.dtype).removeprefix('torch.')}): resident "
+        f"{_size(rb.total)} = bank {_size(rb.bank)} + non-expert {_size(rb.non_expert)}; "
+        f"host {_size(rb.host)} for {len(runtime.names)} models ({', '.join(runtime.names)})"
+    )
+
+    if port is not None:
+        err.print(f"serving on http://{host}:{port}/v1 (max wait {max_wait} s)")
+        serve(runtime, host=host, port=port, max_wait=max_wait, max_prompt_tokens=max_prompt_tokens)
+        return
+
+    results = []
+    out = Console()
+    for name in model or [runtime.active]:
+        c = runtime.complete(name, prompt, settings)
+        results.append(c.to_dict())
+        if not json_out:
+            out.rule(name)
+            out.print(c.text, markup=False, highlight=False)
+            out.print(
+                f"swap {c.swap.seconds * 1000:.2f} ms ({_size(c.swap.bytes_moved)} moved), "
+                f"time to first token {c.time_to_first_token * 1000:.1f} ms, "
+                f"{c.tokens_per_second:.1f} tokens/s ({len(c.token_ids)} tokens, {c.finish_reason})",
+                style="dim", highlight=False,
+            )
+    if json_out:
+        sys.stdout.write(json.dumps({"resident_bytes": rb.to_dict(), "completions": results}) + "\n")

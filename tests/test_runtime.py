@@ -1,0 +1,276 @@
+"""The runtime: one resident model serving every variant of a lossless artifact.
+
+References are transformers' own models loaded from the original checkpoints with
+from_pretrained: an independent path from the artifact, the bank and the slot maps.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from moeconsol.checkpoint import open_checkpoints
+from moeconsol.errors import MoeconsolError
+from moeconsol.merge import merge
+from moeconsol.runtime import Family, GenerationSettings, Runtime, parse_device, parse_dtype
+from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_switch, tiny_tokenizer
+
+PROMPT = "The quick brown fox"
+CLASSES = {"mixtral": transformers.MixtralForCausalLM, "switch": transformers.SwitchTransformersForConditionalGeneration}
+
+
+def build_family(root: Path, arch: str) -> dict[str, Path]:
+    """base, ft (changed experts + non-experts; fused layout for Mixtral), same (only
+    experts changed: its non-expert tensors are the base's), merged losslessly into out/."""
+    tok = tiny_tokenizer()
+    base = tiny_mixtral(0) if arch == "mixtral" else tiny_switch(0)
+    models = {
+        "base": base,
+        "ft": derive_variant(base, 1, changed_experts=[(0, 1), (1, 2)], scale=0.5),
+        "same": derive_variant(base, 2, changed_experts=[(1, 0)], change_non_experts=False, scale=0.5),
+    }
+    paths = {name: save_model(m, root / name, tok, fused=(arch == "mixtral" and name == "ft")) for name, m in models.items()}
+    merge(open_checkpoints([f"{n}={p}" for n, p in paths.items()]), root / "out")
+    return {**paths, "out": root / "out"}
+
+
+@pytest.fixture(scope="module", params=["mixtral", "switch"])
+def family(request, tmp_path_factory):
+    arch = request.param
+    paths = build_family(tmp_path_factory.mktemp(arch), arch)
+    refs = {n: CLASSES[arch].from_pretrained(paths[n]).eval() for n in ("base", "ft", "same")}
+    return arch, paths, refs, Runtime.from_artifact(paths["out"])
+
+
+def _inputs(arch: str, tok) -> dict:
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    return {"input_ids": ids} if arch == "mixtral" else {"input_ids": ids, "decoder_input_ids": ids[:, :3]}
+
+
+@torch.no_grad()
+def test_logits_equal_transformers_from_original_checkpoint(family):
+    arch, paths, refs, rt = family
+    inputs = _inputs(arch, rt.tokenizer("base"))
+    for name in ("ft", "base", "same", "ft", "base"):  # every swap direction
+        rt.activate(name)
+        got, want = rt.model(**inputs).logits, refs[name](**inputs).logits
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the variants really differ, so equality above is not vacuous
+    assert not torch.allclose(refs["base"](**inputs).logits, refs["ft"](**inputs).logits, atol=1e-3)
+
+
+def test_buffers_and_dtypes_match_a_normally_built_model(family):
+    arch, paths, refs, rt = family
+    ref = refs["base"]
+    want = dict(ref.named_buffers())
+    got = {n: b for n, b in rt.model.named_buffers() if not n.endswith("slot_map")}
+    assert set(got) == set(want)
+    for name, buf in want.items():
+        assert got[name].dtype == buf.dtype and torch.equal(got[name], buf), name
+    params = {n: p.dtype for n, p in rt.model.named_parameters()}
+    assert all(d == torch.float32 for d in params.values())
+    if arch == "switch":  # tied embeddings stay tied, as in transformers' own model
+        assert rt.model.lm_head.weight.data_ptr() == rt.model.shared.weight.data_ptr()
+
+
+def test_bank_is_allocated_once_and_never_moves(family):
+    arch, paths, refs, rt = family
+    rt.activate("base")
+    bank = {n: (t.data_ptr(), t.detach().clone()) for n, t in rt.bank_tensors().items()}
+    targets = {n: t.data_ptr() for n, t in rt._targets.items()}
+    for name in ("ft", "same", "base", "ft"):
+        rt.activate(name)
+        for n, t in rt.bank_tensors().items():
+            assert t.data_ptr() == bank[n][0], f"{n} re-allocated"
+            assert torch.equal(t, bank[n][1]), f"{n} changed by a swap"
+        assert {n: t.data_ptr() for n, t in rt._targets.items()} == targets  # copied in place
+
+
+def test_swap_changes_only_non_expert_tensors_and_slot_maps(family):
+    arch, paths, refs, rt = family
+    rt.activate("base")
+    before = {n: t.clone() for n, t in rt._targets.items()}
+    report = rt.activate("ft")
+    state = refs["ft"].state_dict()
+    for name, t in rt._targets.items():
+        assert torch.equal(t, state[name]), name  # now the variant's own tensor
+    assert report.tensors_copied == sum(not torch.equal(before[n], t) for n, t in rt._targets.items())
+    assert report.tensors_copied + report.tensors_skipped == len(rt._targets)
+    # slot maps: experts left unchanged by the fine-tune share the base's bank entry
+    for i, layer in enumerate(rt.family.layers):
+        changed = {(0, 1), (1, 2)}
+        base_map, ft_map = rt.family.variants["base"].slot_maps[layer], rt.slot_map(layer)
+        for e in range(len(ft_map)):
+            assert (ft_map[e] != base_map[e]) == ((i, e) in changed)
+
+
+def test_swap_reports_bytes_actually_moved_and_same_model_is_free(family):
+    arch, paths, refs, rt = family
+    rt.activate("base")
+    again = rt.activate("base")
+    assert (again.seconds, again.bytes_moved, again.tensors_copied) == (0.0, 0, 0)
+    # 'same' shares every non-expert tensor with base: only a slot map moves
+    report = rt.activate("same")
+    assert report.tensors_copied == 0 and report.slot_maps_changed == 1
+    assert report.bytes_moved == rt.family.variants["same"].slot_maps[rt.family.layers[1]].__len__() * 8
+    # base -> ft: every non-expert tensor differs; bytes = their sizes, counted from the reference
+    rt.activate("base")
+    report = rt.activate("ft")
+    seen, want = set(), 0
+    for name, p in refs["ft"].named_parameters():
+        if "experts" not in name and p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            want += p.numel() * p.element_size()
+    assert report.bytes_moved == want + 2 * len(rt.slot_map(rt.family.layers[0])) * 8
+    assert report.seconds > 0 and rt.swaps[-1] == report
+
+
+def test_resident_bytes(family):
+    arch, paths, refs, rt = family
+    rb = rt.resident_bytes()
+    per_expert = (2 if arch == "switch" else 3) * 32 * 64 * 4  # wi, wo or w1, w2, w3 of 32 x 64, float32
+    assert rb.bank == sum(rt.family.bank_sizes.values()) * per_expert
+    non_expert = {p.data_ptr(): p.numel() * 4 for n, p in refs["base"].named_parameters() if "experts" not in n}
+    assert rb.non_expert == sum(non_expert.values())
+    assert rb.total == rb.bank + rb.non_expert
+    assert rb.host == 2 * rb.non_expert  # base/same share one set, ft has its own
+
+
+def test_greedy_generation_equals_transformers(family):
+    arch, paths, refs, rt = family
+    tok = rt.tokenizer("ft")
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    for name in ("ft", "base"):
+        got = rt.complete(name, PROMPT, GenerationSettings(max_new_tokens=10))
+        out = refs[name].generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+        want = out[0, 1:] if arch == "switch" else out[0, ids.shape[1]:]
+        assert got.token_ids == want.tolist()
+        assert got.text == tok.decode(want, skip_special_tokens=True)
+        assert got.prompt_tokens == ids.shape[1] and got.finish_reason in ("stop", "length")
+        assert 0 < got.time_to_first_token and got.tokens_per_second > 0
+    assert len(set(tuple(rt.complete(n, PROMPT, GenerationSettings(6)).token_ids) for n in ("ft", "base"))) == 2
+
+
+def test_sampling_is_reproducible_with_a_seed(family):
+    arch, paths, refs, rt = family
+    s = GenerationSettings(max_new_tokens=8, temperature=1.5, top_p=0.9, seed=7)
+    a, b = rt.complete("ft", PROMPT, s), rt.complete("ft", PROMPT, s)
+    assert a.token_ids == b.token_ids
+
+
+def test_streamed_text_adds_up_to_the_completion(family):
+    arch, paths, refs, rt = family
+    pieces: list[str] = []
+    c = rt.complete("base", PROMPT, GenerationSettings(max_new_tokens=8), on_text=pieces.append)
+    assert "".join(pieces) == c.text
+
+
+def test_bfloat16_runtime_matches_transformers_in_bfloat16(family):
+    arch, paths, refs, _ = family
+    if arch != "mixtral":
+        pytest.skip("one dtype check is enough")
+    rt = Runtime.from_artifact(paths["out"], dtype=torch.bfloat16, active="ft")
+    ref = transformers.MixtralForCausalLM.from_pretrained(paths["ft"], dtype=torch.bfloat16).eval()
+    inputs = _inputs("mixtral", rt.tokenizer("ft"))
+    with torch.no_grad():
+        got, want = rt.model(**inputs).logits, ref(**inputs).logits
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert rt.resident_bytes().bank == sum(rt.family.bank_sizes.values()) * 3 * 32 * 64 * 2
+    assert rt.model.model.rotary_emb.inv_freq.dtype == ref.model.rotary_emb.inv_freq.dtype
+
+
+def test_family_from_in_memory_models():
+    base = tiny_mixtral(3)
+    ft = derive_variant(base, 4, changed_experts=[(0, 0)])
+    fam = Family.from_models({"base": base, "ft": ft})
+    assert fam.bank_sizes == {"model.layers.0": 5, "model.layers.1": 4}
+    rt = Runtime(fam, active="ft")
+    ids = torch.tensor([[5, 9, 40, 7]])
+    with torch.no_grad():
+        for name, m in (("ft", ft), ("base", base), ("ft", ft)):
+            rt.activate(name)
+            torch.testing.assert_close(rt.model(input_ids=ids).logits, m(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_raises_one_clear_error(family):
+    arch, paths, refs, rt = family
+    with pytest.raises(MoeconsolError, match="unknown model 'nope'.*base, ft, same"):
+        rt.activate("nope")
+    with pytest.raises(MoeconsolError, match="unknown dtype"):
+        parse_dtype("int3")
+    with pytest.raises(MoeconsolError, match="unknown device|unsupported device"):
+        parse_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(MoeconsolError, match="no CUDA device"):
+            parse_device("cuda")
+    with pytest.raises(MoeconsolError, match="temperature"):
+        rt.complete("base", PROMPT, GenerationSettings(temperature=-1))
+    with pytest.raises(MoeconsolError, match="no such artifact"):
+        Runtime.from_artifact(paths["out"] / "missing")
+
+
+def test_variants_of_different_configurations_are_refused():
+    a, b = tiny_mixtral(0), tiny_mixtral(0, rms_norm_eps=1e-3)
+    with pytest.raises(MoeconsolError, match="differ in config key 'rms_norm_eps'"):
+        Runtime(Family.from_models({"a": a, "b": b}))
+
+
+# -- the CLI, one-shot -------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moeconsol", "serve-local", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_one_shot_prints_greedy_text_of_each_model(family):
+    arch, paths, refs, rt = family
+    if arch != "mixtral":
+        pytest.skip("one CLI run is enough")
+    r = _cli(str(paths["out"]), "--model", "ft", "--model", "base", "--prompt", PROMPT, "--max-new-tokens", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    tok = rt.tokenizer("ft")
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    assert [c["model"] for c in out["completions"]] == ["ft", "base"]
+    for c in out["completions"]:
+        want = refs[c["model"]].generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        assert c["token_ids"] == want[0, ids.shape[1]:].tolist()
+    assert out["completions"][0]["swap"]["bytes_moved"] == 0  # ft is loaded active
+    assert out["completions"][1]["swap"]["bytes_moved"] > 0
+    assert out["resident_bytes"]["total"] == rt.resident_bytes().total
+    # the human-readable form, in process (same code path, no interpreter start-up)
+    from typer.testing import CliRunner
+
+    from moeconsol.cli import app
+
+    r = CliRunner().invoke(app, ["serve-local", str(paths["out"]), "--model", "base", "--prompt", PROMPT, "--max-new-tokens", "3"])
+    assert r.exit_code == 0, r.output
+    assert "time to first token" in r.output and "tokens/s" in r.output and "swap" in r.output
+
+
+def test_cli_errors_are_one_line_exit_2(family):
+    arch, paths, refs, rt = family
+    if arch != "mixtral":
+        pytest.skip("CLI errors do not depend on the architecture")
+    cases = [
+        (["--model", "nope", "--prompt", "hi"], "unknown model 'nope'"),
+        (["--prompt", "hi", "--port", "8000"], "either --prompt"),
+    ]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "moeconsol", "serve-local", str(paths["out"]), *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for args, _ in cases
+    ]
+    for (args, message), proc in zip(cases, procs):
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 2, stderr
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("moeconsol: error:") and message in lines[0], stderr

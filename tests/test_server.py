@@ -1,0 +1,250 @@
+"""The OpenAI-compatible server: endpoints, scheduling, streaming, metrics and errors.
+
+Expected completions come from transformers' own models loaded from the original
+checkpoints (greedy), not from the runtime under test.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import transformers
+from fastapi.testclient import TestClient
+
+from moeconsol.checkpoint import open_checkpoints
+from moeconsol.merge import merge
+from moeconsol.runtime import GenerationSettings, Runtime
+from moeconsol.server import Job, Scheduler, create_app, pick_next
+from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
+
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root: Path = tmp_path_factory.mktemp("serve")
+    tok = tiny_tokenizer()
+    base = tiny_mixtral(0)
+    models = {"base": base, "ft": derive_variant(base, 1, changed_experts=[(0, 1), (1, 2)], scale=0.5)}
+    paths = {n: save_model(m, root / n, tok) for n, m in models.items()}
+    merge(open_checkpoints([f"{n}={p}" for n, p in paths.items()]), root / "out")
+    refs = {n: transformers.MixtralForCausalLM.from_pretrained(p).eval() for n, p in paths.items()}
+    runtime = Runtime.from_artifact(root / "out")
+    return root / "out", runtime, refs, tok
+
+
+def greedy(ref, ids: list[int], n: int) -> list[int]:
+    x = torch.tensor([ids])
+    return ref.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    out, runtime, refs, tok = served
+    with TestClient(create_app(runtime, max_wait=5.0)) as c:
+        yield c
+
+
+def _sse(text: str) -> list:
+    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_models_lists_the_variants(client):
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    assert [m["id"] for m in r.json()["data"]] == ["base", "ft"] and r.json()["object"] == "list"
+
+
+def test_completions_for_interleaved_variants_equal_transformers(client, served):
+    out, runtime, refs, tok = served
+    ids = tok(PROMPT)["input_ids"]
+    for model in ("ft", "base", "ft", "base"):
+        r = client.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        want = greedy(refs[model], ids, 8)
+        assert body["model"] == model and body["object"] == "text_completion"
+        assert body["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
+        assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(want), "total_tokens": len(ids) + len(want)}
+        assert runtime.active == model
+
+
+def test_chat_uses_the_variants_chat_template(client, served):
+    out, runtime, refs, tok = served
+    messages = [{"role": "user", "content": "add 2 and 3"}]
+    r = client.post("/v1/chat/completions", json={"model": "ft", "messages": messages, "max_tokens": 6, "temperature": 0})
+    assert r.status_code == 200, r.text
+    ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    assert ids[-3:] == tok("<|assistant|>\n", add_special_tokens=False)["input_ids"][-3:]
+    msg = r.json()["choices"][0]["message"]
+    assert msg["role"] == "assistant" and msg["content"] == tok.decode(greedy(refs["ft"], ids, 6), skip_special_tokens=True)
+
+
+def test_streaming_sends_the_same_text_as_events(client):
+    req = {"model": "ft", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    whole = client.post("/v1/completions", json=req).json()["choices"][0]
+    r = client.post("/v1/completions", json={**req, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    chunks = _sse(r.text)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1]) and len(chunks) > 2
+
+    r = client.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "hi"}],
+                                                  "max_tokens": 5, "temperature": 0, "stream": True})
+    chunks = _sse(r.text)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant" and chunks[0]["object"] == "chat.completion.chunk"
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    again = client.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "hi"}],
+                                                      "max_tokens": 5, "temperature": 0}).json()
+    assert streamed == again["choices"][0]["message"]["content"]
+
+
+def test_metrics_count_swaps_and_tokens_per_model(client, served):
+    out, runtime, refs, tok = served
+    before = client.get("/metrics").text
+    tokens = 0
+    for model in ("base", "ft", "ft"):
+        tokens += client.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 4}).json()["usage"]["completion_tokens"]
+    after = client.get("/metrics")
+    assert after.status_code == 200 and after.headers["content-type"].startswith("text/plain")
+
+    def value(text: str, series: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series + " "))
+
+    def delta(series: str) -> float:
+        return value(after.text, series) - value(before, series)
+
+    assert delta('moeconsol_requests_total{model="ft"}') == 2 and delta('moeconsol_requests_total{model="base"}') == 1
+    assert delta('moeconsol_generated_tokens_total{model="ft"}') + delta('moeconsol_generated_tokens_total{model="base"}') == tokens
+    swaps_to_ft = delta('moeconsol_swaps_total{model="ft"}')
+    assert swaps_to_ft == 1 and delta('moeconsol_swap_seconds_count{model="ft"}') == 1
+    assert delta('moeconsol_swap_seconds_sum{model="ft"}') > 0
+    assert delta('moeconsol_time_to_first_token_seconds_count{model="ft"}') == 2
+    assert delta('moeconsol_time_to_first_token_seconds_bucket{model="ft",le="+Inf"}') == 2
+    assert f'moeconsol_resident_bytes{{part="total"}} {runtime.resident_bytes().total}' in after.text
+
+
+@pytest.mark.parametrize(
+    "path, payload, status, fragment",
+    [
+        ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "does not exist"),
+        ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "does not exist"),
+        ("/v1/completions", b"{not json", 400, "not valid JSON"),
+        ("/v1/completions", {"model": "ft"}, 400, "'prompt'"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "temperature": -1}, 400, "'temperature'"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "max_tokens": 0}, 400, "'max_tokens'"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "top_p": "x"}, 400, "'top_p'"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "n": 2}, 400, "n=1"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "stream": "yes"}, 400, "'stream'"),
+        ("/v1/chat/completions", {"model": "ft", "messages": "hi"}, 400, "'messages'"),
+        ("/v1/completions", {"model": "ft", "prompt": "The quick brown fox " * 60, "max_tokens": 8}, 400, "context is 256 tokens"),
+    ],
+)
+def test_errors_answer_openai_style_and_the_server_keeps_serving(client, path, payload, status, fragment):
+    kw = {"content": payload, "headers": {"content-type": "application/json"}} if isinstance(payload, bytes) else {"json": payload}
+    r = client.post(path, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"] and err["type"] == "invalid_request_error"
+    if status == 404:
+        assert err["code"] == "model_not_found"
+    if "context" in fragment:
+        assert err["code"] == "context_length_exceeded"
+    ok = client.post("/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+# -- scheduling ------------------------------------------------------------------------------
+
+
+def _job(model: str, arrival: float) -> Job:
+    return Job(model, [1], GenerationSettings(1), arrival=arrival)
+
+
+def test_pick_next_prefers_the_active_model_within_the_wait_bound():
+    pending = [_job("a", 0.0), _job("b", 1.0), _job("a", 2.0)]
+    assert pick_next(pending, active="b", now=3.0, max_wait=10.0) == 1  # active model first
+    assert pick_next(pending, active="c", now=3.0, max_wait=10.0) == 0  # else oldest
+    assert pick_next(pending, active="b", now=10.5, max_wait=10.0) == 0  # 'a' waited too long: it goes first
+    assert pick_next(pending, active="a", now=11.5, max_wait=10.0) == 0  # overdue ones in arrival order
+    assert pick_next(pending, active="a", now=3.0, max_wait=0.0) == 0  # max_wait 0 is FIFO
+
+
+@pytest.mark.parametrize("max_wait, expect_swaps", [(60.0, 1), (0.0, 6)])
+def test_scheduler_groups_requests_of_the_active_model(served, max_wait, expect_swaps):
+    out, runtime, refs, tok = served
+    runtime.activate("base")
+    swaps_before = len(runtime.swaps)
+    scheduler = Scheduler(runtime, max_wait=max_wait)
+    ids = tok(PROMPT)["input_ids"]
+    futures = [scheduler.submit(Job(m, ids, GenerationSettings(2))) for m in ["ft", "base"] * 3]
+    scheduler.start()  # the queue is full before the worker looks at it
+    try:
+        results = [f.result(timeout=120) for f in futures]
+    finally:
+        scheduler.stop()
+    assert [r.model for r in results] == ["ft", "base"] * 3  # each request got its own model
+    assert len(runtime.swaps) - swaps_before == expect_swaps
+    if max_wait > 0:
+        assert scheduler.served == ["base"] * 3 + ["ft"] * 3
+    else:
+        assert scheduler.served == ["ft", "base"] * 3
+    for r in results:
+        assert r.token_ids == greedy(refs[r.model], ids, 2)
+
+
+def test_scheduler_keeps_serving_after_a_failed_request(served):
+    out, runtime, refs, tok = served
+    scheduler = Scheduler(runtime, max_wait=1.0)
+    scheduler.start()
+    try:
+        bad = scheduler.submit(Job("ft", [], GenerationSettings(2)))
+        good = scheduler.submit(Job("ft", [5, 6], GenerationSettings(2)))
+        with pytest.raises(Exception, match="empty"):
+            bad.result(timeout=60)
+        assert len(good.result(timeout=60).token_ids) == 2
+    finally:
+        scheduler.stop()
+
+
+# -- a real socket ---------------------------------------------------------------------------
+
+
+def test_real_socket_server_on_loopback(served):
+    import uvicorn
+
+    out, runtime, refs, tok = served
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(runtime), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.started
+        base_url = f"http://127.0.0.1:{port}"
+        assert [m["id"] for m in httpx.get(f"{base_url}/v1/models").json()["data"]] == ["base", "ft"]
+        r = httpx.post(f"{base_url}/v1/completions", json={"model": "ft", "prompt": PROMPT, "max_tokens": 5, "temperature": 0}, timeout=60)
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["text"] == tok.decode(greedy(refs["ft"], tok(PROMPT)["input_ids"], 5), skip_special_tokens=True)
+        with httpx.stream("POST", f"{base_url}/v1/completions", timeout=60,
+                          json={"model": "base", "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "stream": True}) as s:
+            text = "".join(s.iter_text())
+        assert _sse(text)[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        assert httpx.post(f"{base_url}/v1/completions", json={"model": "x", "prompt": "y"}).status_code == 404
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
