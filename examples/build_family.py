@@ -1,0 +1,529 @@
+"""Build a small family of REAL fine-tuned MoE models on the CPU, for the moeconsol demo.
+
+    python examples/build_family.py --out examples/family [--force]
+
+Two families, each one base model plus variants fine-tuned from it by a real optimizer run
+on their own data (no network, no downloads, seeded):
+
+    OUT/mixtral/{base,code,math,story}     tiny Mixtral (causal LM)
+    OUT/switch/{base,reverse,upper,prefix} tiny Switch Transformers (seq2seq)
+    OUT/data/train/*, OUT/data/eval/*      the generated training and held-out data
+    OUT/family.json                        what was built: paths, layouts, eval files, losses
+
+The variants differ in what they train, so that consolidation has something to find:
+
+- "non-experts": experts frozen, so every expert stays bit-identical to the base and can be
+  shared losslessly (Mixtral `code`, Switch `upper`);
+- "all": everything trains (Mixtral `math`, Switch `reverse`);
+- "experts+routers": attention, norms and embeddings frozen, so those non-expert tensors stay
+  identical to the base (Mixtral `story`, Switch `prefix`).
+
+They are also saved in every on-disk form moeconsol reads: per-expert (the default), fused
+(transformers 5 in-memory names; Mixtral `math`) and sharded (`model.safetensors.index.json`;
+Mixtral `story`, Switch `prefix`).
+
+A model whose OUT/<family>/<name>/config.json exists is reused, so a second run is fast;
+if a base has to be (re)built, its variants are rebuilt too since they derive from it.
+`--force` rebuilds everything. The summary shows, per variant, the loss on its own held-out
+data before (the base) and after fine-tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moeconsol.testing import save_model, tiny_mixtral_config, tiny_switch_config, tiny_tokenizer
+
+SEED = 1234
+
+# ---------------------------------------------------------------------------------------------
+# Sizes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Size:
+    """Model dimensions, data sizes and training lengths of one build."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    experts: int
+    vocab: int
+    base_steps: int
+    variant_steps: int
+    batch: int
+    """Blocks of `seq_len` tokens per causal-LM step."""
+    pairs: int
+    """(input, target) examples per seq2seq step (they are short)."""
+    seq_len: int
+    train_docs: int
+    eval_docs: int
+    lr: float = 3e-3
+
+
+FULL = Size(hidden=64, intermediate=128, layers=4, experts=8, vocab=512, base_steps=250, variant_steps=150,
+            batch=16, pairs=32, seq_len=64, train_docs=600, eval_docs=80)
+"""The demo family: builds in about a minute on 2 CPU cores."""
+
+SMALL = Size(hidden=32, intermediate=64, layers=2, experts=4, vocab=320, base_steps=40, variant_steps=40,
+             batch=8, pairs=16, seq_len=32, train_docs=120, eval_docs=24, lr=5e-3)
+"""For tests: same structure, a few seconds."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: generated deterministically from a seed
+# ---------------------------------------------------------------------------------------------
+
+_NAMES = ["Ada", "Ben", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivy", "Jack", "Kira", "Leo", "Mia", "Nora"]
+_ANIMALS = ["fox", "cat", "dog", "owl", "bear", "frog", "duck", "mouse", "horse", "rabbit"]
+_ADJECTIVES = ["small", "brave", "quiet", "happy", "clever", "sleepy", "kind", "curious", "old", "tiny"]
+_PLACES = ["forest", "village", "garden", "river", "hill", "castle", "farm", "meadow", "cave", "town"]
+_THINGS = ["red ball", "golden key", "old map", "blue hat", "little boat", "shiny stone", "lost book", "warm coat"]
+_FEELINGS = ["happy", "surprised", "proud", "tired", "hungry", "glad", "calm"]
+_WORDS = ["apple", "river", "stone", "cloud", "green", "tiger", "music", "paper", "light", "sugar", "north",
+          "chair", "ocean", "plant", "storm", "bread", "glass", "horse", "smile", "train", "water", "night",
+          "field", "house", "queen", "robot", "spoon", "table", "union", "voice"]
+
+
+def story_doc(rng: random.Random) -> str:
+    """A few simple English sentences about an animal."""
+    name, animal, adj = rng.choice(_NAMES), rng.choice(_ANIMALS), rng.choice(_ADJECTIVES)
+    place, thing, feeling = rng.choice(_PLACES), rng.choice(_THINGS), rng.choice(_FEELINGS)
+    friend = rng.choice([a for a in _ANIMALS if a != animal])
+    sentences = [
+        f"Once upon a time there was a {adj} {animal} named {name}.",
+        f"{name} lived near the {place}.",
+        f"One day {name} found a {thing}.",
+        f"The {friend} asked {name} to share the {thing}.",
+        f"{name} felt {feeling} and said yes.",
+        f"They played by the {place} until the sun went down.",
+    ]
+    return " ".join(sentences[: rng.randint(3, len(sentences))])
+
+
+def math_doc(rng: random.Random) -> str:
+    """A few lines of correct integer arithmetic, e.g. "12 + 7 = 19"."""
+    lines = []
+    for _ in range(rng.randint(3, 6)):
+        op = rng.choice("+-*")
+        a, b = rng.randint(0, 50), rng.randint(0, 50 if op != "*" else 12)
+        value = a + b if op == "+" else a - b if op == "-" else a * b
+        lines.append(f"{a} {op} {b} = {value}")
+    return "\n".join(lines)
+
+
+def code_doc(rng: random.Random) -> str:
+    """A small Python snippet."""
+    f = rng.choice(["add", "scale", "total", "mean", "clip", "square", "pair", "count"])
+    a, b = rng.sample(["x", "y", "n", "k", "a", "b", "value", "items"], 2)
+    op = rng.choice(["+", "-", "*"])
+    n = rng.randint(2, 9)
+    forms = [
+        f"def {f}({a}, {b}):\n    return {a} {op} {b}\n",
+        f"for {a} in range({n}):\n    print({a} {op} {n})\n",
+        f"def {f}({a}):\n    if {a} > {n}:\n        return {n}\n    return {a}\n",
+        f"{a} = [{', '.join(str(rng.randint(0, 9)) for _ in range(n))}]\nprint(len({a}), sum({a}))\n",
+        f"def {f}({a}):\n    {b} = 0\n    for i in {a}:\n        {b} = {b} {op} i\n    return {b}\n",
+        f"class {f.capitalize()}:\n    def __init__(self, {a}):\n        self.{a} = {a}\n",
+    ]
+    return rng.choice(forms).rstrip("\n")
+
+
+TEXT_DOMAINS: dict[str, Callable[[random.Random], str]] = {"code": code_doc, "math": math_doc, "story": story_doc}
+
+
+def text_docs(domain: str, n: int, seed: int) -> list[str]:
+    """`n` documents of one domain ("code", "math", "story") or of all of them ("mixed")."""
+    rng = random.Random(f"{domain}-{seed}")
+    if domain == "mixed":
+        gens = list(TEXT_DOMAINS.values())
+        return [gens[i % len(gens)](rng) for i in range(n)]
+    return [TEXT_DOMAINS[domain](rng) for _ in range(n)]
+
+
+def _words(rng: random.Random) -> list[str]:
+    return rng.sample(_WORDS, rng.randint(2, 5))
+
+
+SEQ2SEQ_TASKS: dict[str, Callable[[list[str]], tuple[str, str]]] = {
+    "copy": lambda w: ("copy: " + " ".join(w), " ".join(w)),
+    "reverse": lambda w: ("reverse: " + " ".join(w), " ".join(reversed(w))),
+    "upper": lambda w: ("upper: " + " ".join(w), " ".join(w).upper()),
+    "prefix": lambda w: ("prefix: " + " ".join(w), "out: " + " ".join(w)),
+}
+
+
+def seq2seq_pairs(task: str, n: int, seed: int) -> list[dict[str, str]]:
+    """`n` {"input", "target"} examples of one task, or of every task in turn ("mixed")."""
+    rng = random.Random(f"{task}-{seed}")
+    tasks = list(SEQ2SEQ_TASKS) if task == "mixed" else [task]
+    pairs = []
+    for i in range(n):
+        source, target = SEQ2SEQ_TASKS[tasks[i % len(tasks)]](_words(rng))
+        pairs.append({"input": source, "target": target})
+    return pairs
+
+
+def write_text(path: Path, docs: Sequence[str]) -> Path:
+    """Documents separated by a blank line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
+def write_jsonl(path: Path, pairs: Sequence[dict[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches and losses
+# ---------------------------------------------------------------------------------------------
+
+
+def pack_causal(tokenizer, docs: Sequence[str], seq_len: int) -> torch.Tensor:
+    """All documents as one stream `<s> doc </s> <s> doc </s> ...`, cut into [N, seq_len] blocks."""
+    stream: list[int] = []
+    for doc in docs:
+        stream += [tokenizer.bos_token_id, *tokenizer(doc)["input_ids"], tokenizer.eos_token_id]
+    n = len(stream) // seq_len
+    if n == 0:
+        raise ValueError(f"{len(stream)} tokens make no block of {seq_len}")
+    return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
+
+
+def encode_seq2seq(tokenizer, pairs: Sequence[dict[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels), padded with the pad id; labels padded with -100."""
+    sources = [tokenizer(p["input"])["input_ids"] + [tokenizer.eos_token_id] for p in pairs]
+    targets = [tokenizer(p["target"])["input_ids"] + [tokenizer.eos_token_id] for p in pairs]
+
+    def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+    input_ids = pad(sources, tokenizer.pad_token_id)
+    return input_ids, (input_ids != tokenizer.pad_token_id).long(), pad(targets, -100)
+
+
+def causal_loss(model, blocks: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over every position of the blocks."""
+    logits = model(input_ids=blocks).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
+
+
+def seq2seq_loss(model, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the target tokens (router auxiliary losses left out)."""
+    input_ids, mask, labels = batch
+    logits = model(input_ids=input_ids, attention_mask=mask, labels=labels).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+@torch.no_grad()
+def eval_causal(model, tokenizer, docs: Sequence[str], seq_len: int) -> float:
+    """Held-out loss of a causal LM on `docs` (nats per token)."""
+    model.eval()
+    return float(causal_loss(model, pack_causal(tokenizer, docs, seq_len)))
+
+
+@torch.no_grad()
+def eval_seq2seq(model, tokenizer, pairs: Sequence[dict[str, str]]) -> float:
+    """Held-out loss of a seq2seq model on `pairs` (nats per target token)."""
+    model.eval()
+    return float(seq2seq_loss(model, encode_seq2seq(tokenizer, pairs)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+TRAINABLE: dict[str, Callable[[str], bool]] = {
+    "all": lambda name: True,
+    "non-experts": lambda name: ".experts." not in name,
+    "experts+routers": lambda name: ".experts." in name or ".mlp.gate." in name or ".router." in name,
+}
+"""What a fine-tune trains, by parameter name (Mixtral and Switch names alike)."""
+
+
+def train(model, loss_of_batch: Callable[[list[int]], torch.Tensor], n_examples: int, batch: int, lr: float,
+          steps: int, trainable: str, seed: int) -> float:
+    """AdamW over the parameters `trainable` selects, on random batches of `batch` example indices.
+
+    Returns the mean training loss of the last 10 steps.
+    """
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    keep = TRAINABLE[trainable]
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(keep(name))
+        if p.requires_grad:
+            params.append(p)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1 - s / steps))
+    model.train()
+    recent: list[float] = []
+    for _ in range(steps):
+        loss = loss_of_batch(rng.sample(range(n_examples), min(batch, n_examples)))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        schedule.step()
+        opt.zero_grad(set_to_none=True)
+        recent = (recent + [loss.item()])[-10:]
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return sum(recent) / len(recent)
+
+
+# ---------------------------------------------------------------------------------------------
+# Families
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    data: str
+    """Text domain or seq2seq task it is fine-tuned on."""
+    trainable: str
+    """Key of TRAINABLE."""
+    save: str = "per-expert"
+    """"per-expert", "fused" or "sharded"."""
+
+
+MIXTRAL_VARIANTS = (
+    Variant("code", "code", "non-experts"),
+    Variant("math", "math", "all", save="fused"),
+    Variant("story", "story", "experts+routers", save="sharded"),
+)
+SWITCH_VARIANTS = (
+    Variant("reverse", "reverse", "all"),
+    Variant("upper", "upper", "non-experts"),
+    Variant("prefix", "prefix", "experts+routers", save="sharded"),
+)
+
+
+@dataclass
+class ModelReport:
+    """One built (or reused) model of a family, as printed and written to family.json."""
+
+    family: str
+    name: str
+    path: str
+    status: str
+    """"built" or "reused"."""
+    data: str
+    trainable: str
+    save: str
+    steps: int
+    train_loss: float | None
+    """Mean loss of the last training steps (None when reused)."""
+    eval_file: str
+    base_eval_loss: float
+    """The base model's loss on this model's held-out data."""
+    eval_loss: float
+    """This model's loss on its own held-out data."""
+
+
+@dataclass
+class FamilyReport:
+    out: str
+    size: dict
+    seconds: float
+    models: list[ModelReport] = field(default_factory=list)
+
+
+def _save(model, path: Path, tokenizer, how: str) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    if how == "sharded":
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        save_model(model, path, tokenizer, max_shard_size=total // 3 + 1)
+    else:
+        save_model(model, path, tokenizer, fused=how == "fused")
+
+
+def _built(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def build_text_family(out: Path, size: Size, force: bool = False,
+                      log: Callable[[str], None] = print) -> list[ModelReport]:
+    """The Mixtral family in OUT/mixtral, data in OUT/data; returns one report per model."""
+    from transformers import MixtralForCausalLM, PreTrainedTokenizerFast
+
+    root = out / "mixtral"
+    train_docs = {d: text_docs(d, size.train_docs, SEED) for d in ["mixed", *TEXT_DOMAINS]}
+    eval_docs = {d: text_docs(d, size.eval_docs, SEED + 1) for d in ["mixed", *TEXT_DOMAINS]}
+    for d in train_docs:
+        write_text(out / "data" / "train" / f"mixtral-{d}.txt", train_docs[d])
+    eval_files = {d: write_text(out / "data" / "eval" / f"mixtral-{d}.txt", eval_docs[d]) for d in eval_docs}
+
+    base_dir = root / "base"
+    rebuild_base = force or not _built(base_dir)
+    reports = []
+    if rebuild_base:
+        log("mixtral/base: training on mixed text")
+        tokenizer = tiny_tokenizer("\n".join(sum(train_docs.values(), [])), vocab_size=size.vocab)
+        config = tiny_mixtral_config(vocab_size=len(tokenizer), hidden_size=size.hidden,
+                                     intermediate_size=size.intermediate, num_hidden_layers=size.layers,
+                                     num_local_experts=size.experts, max_position_embeddings=size.seq_len * 2)
+        torch.manual_seed(SEED)
+        base = MixtralForCausalLM(config)
+        blocks = pack_causal(tokenizer, train_docs["mixed"], size.seq_len)
+        loss = train(base, lambda idx: causal_loss(base, blocks[idx]), len(blocks), size.batch, size.lr,
+                     size.base_steps, "all", SEED)
+        _save(base, base_dir, tokenizer, "per-expert")
+    else:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
+        base = MixtralForCausalLM.from_pretrained(base_dir).eval()
+        loss = None
+    base_mixed = eval_causal(base, tokenizer, eval_docs["mixed"], size.seq_len)
+    reports.append(ModelReport("mixtral", "base", str(base_dir), "built" if rebuild_base else "reused", "mixed", "all",
+                               "per-expert", size.base_steps, loss, str(eval_files["mixed"]), base_mixed, base_mixed))
+
+    for i, v in enumerate(MIXTRAL_VARIANTS):
+        path = root / v.name
+        base_loss = eval_causal(base, tokenizer, eval_docs[v.data], size.seq_len)
+        if rebuild_base or not _built(path):
+            log(f"mixtral/{v.name}: fine-tuning {v.trainable} on {v.data}")
+            model = MixtralForCausalLM.from_pretrained(base_dir)
+            blocks = pack_causal(tokenizer, train_docs[v.data], size.seq_len)
+            loss = train(model, lambda idx: causal_loss(model, blocks[idx]), len(blocks), size.batch, size.lr,
+                         size.variant_steps, v.trainable, SEED + 10 + i)
+            _save(model, path, tokenizer, v.save)
+            status = "built"
+        else:
+            model, loss, status = MixtralForCausalLM.from_pretrained(path).eval(), None, "reused"
+        own = eval_causal(model, tokenizer, eval_docs[v.data], size.seq_len)
+        reports.append(ModelReport("mixtral", v.name, str(path), status, v.data, v.trainable, v.save,
+                                   size.variant_steps, loss, str(eval_files[v.data]), base_loss, own))
+    return reports
+
+
+def build_seq2seq_family(out: Path, size: Size, force: bool = False,
+                         log: Callable[[str], None] = print) -> list[ModelReport]:
+    """The Switch Transformers family in OUT/switch, data in OUT/data; one report per model."""
+    from transformers import PreTrainedTokenizerFast, SwitchTransformersForConditionalGeneration as Switch
+
+    root = out / "switch"
+    tasks = ["mixed", *(v.data for v in SWITCH_VARIANTS)]
+    train_pairs = {t: seq2seq_pairs(t, size.train_docs * 5, SEED) for t in tasks}
+    eval_pairs = {t: seq2seq_pairs(t, size.eval_docs, SEED + 1) for t in tasks}
+    for t in tasks:
+        write_jsonl(out / "data" / "train" / f"switch-{t}.jsonl", train_pairs[t])
+    eval_files = {t: write_jsonl(out / "data" / "eval" / f"switch-{t}.jsonl", eval_pairs[t]) for t in tasks}
+
+    base_dir = root / "base"
+    rebuild_base = force or not _built(base_dir)
+    reports = []
+    if rebuild_base:
+        log("switch/base: training on a mix of tasks")
+        text = "\n".join(p["input"] + "\n" + p["target"] for t in tasks for p in train_pairs[t])
+        tokenizer = tiny_tokenizer(text, vocab_size=size.vocab)
+        config = tiny_switch_config(vocab_size=len(tokenizer), d_model=size.hidden, d_ff=size.intermediate,
+                                    d_kv=size.hidden // 4, num_layers=size.layers, num_decoder_layers=size.layers,
+                                    num_experts=size.experts, dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(SEED)
+        base = Switch(config)
+        pairs = train_pairs["mixed"]
+        loss = train(base, lambda idx: seq2seq_loss(base, encode_seq2seq(tokenizer, [pairs[j] for j in idx])),
+                     len(pairs), size.pairs, size.lr, size.base_steps, "all", SEED)
+        _save(base, base_dir, tokenizer, "per-expert")
+    else:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
+        base, loss = Switch.from_pretrained(base_dir).eval(), None
+    base_mixed = eval_seq2seq(base, tokenizer, eval_pairs["mixed"])
+    reports.append(ModelReport("switch", "base", str(base_dir), "built" if rebuild_base else "reused", "mixed", "all",
+                               "per-expert", size.base_steps, loss, str(eval_files["mixed"]), base_mixed, base_mixed))
+
+    for i, v in enumerate(SWITCH_VARIANTS):
+        path = root / v.name
+        base_loss = eval_seq2seq(base, tokenizer, eval_pairs[v.data])
+        if rebuild_base or not _built(path):
+            log(f"switch/{v.name}: fine-tuning {v.trainable} on {v.data}")
+            model = Switch.from_pretrained(base_dir)
+            pairs = train_pairs[v.data]
+            loss = train(model, lambda idx: seq2seq_loss(model, encode_seq2seq(tokenizer, [pairs[j] for j in idx])),
+                         len(pairs), size.pairs, size.lr, size.variant_steps, v.trainable, SEED + 10 + i)
+            _save(model, path, tokenizer, v.save)
+            status = "built"
+        else:
+            model, loss, status = Switch.from_pretrained(path).eval(), None, "reused"
+        own = eval_seq2seq(model, tokenizer, eval_pairs[v.data])
+        reports.append(ModelReport("switch", v.name, str(path), status, v.data, v.trainable, v.save,
+                                   size.variant_steps, loss, str(eval_files[v.data]), base_loss, own))
+    return reports
+
+
+def build(out: str | Path, small: bool = False, force: bool = False, size: Size | None = None,
+          log: Callable[[str], None] = print) -> FamilyReport:
+    """Build (or reuse) both families under `out`; write OUT/family.json; return the report."""
+    out = Path(out)
+    size = size or (SMALL if small else FULL)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    # Models this small gain nothing from intra-op threads, and on a busy machine the
+    # threads' spin-waiting makes training several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        models = build_text_family(out, size, force, log) + build_seq2seq_family(out, size, force, log)
+    finally:
+        torch.set_num_threads(threads)
+    report = FamilyReport(str(out), asdict(size), time.perf_counter() - start, models)
+    (out / "family.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return report
+
+
+def print_report(report: FamilyReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    table = Table(title=f"Model family in {report.out}")
+    for col in ["model", "status", "trains", "saved", "steps", "train loss", "own data: base", "own data: model"]:
+        left = col in ("model", "status", "trains", "saved")
+        table.add_column(col, justify="left" if left else "right", no_wrap=True)
+    for m in report.models:
+        table.add_row(f"{m.family}/{m.name}", m.status, m.trainable, m.save, str(m.steps),
+                      fmt(m.train_loss), fmt(m.base_eval_loss), fmt(m.eval_loss))
+    console = Console(width=max(Console().width, 120))
+    console.print(table)
+    console.print(f"Losses are mean cross-entropy (nats/token) on held-out data in {report.out}/data/eval/. "
+                  f"Total time: {report.seconds:.1f} s.")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="directory to build the family in")
+    parser.add_argument("--force", action="store_true", help="rebuild every model even if it exists")
+    parser.add_argument("--small", action="store_true", help="a smaller, faster family (what the tests build)")
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    report = build(args.out, small=args.small, force=args.force)
+    print_report(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
