@@ -40,14 +40,35 @@ step "analyze: Switch family (cosine on weights, CKA on Gaussian probes)"
 "$MOECONSOL" analyze "${SWITCH[@]}" --metric cosine --metric cka \
     --json "$REPORTS/switch-analyze.json" --heatmap "$REPORTS/switch-heatmap.png"
 
-# --- 2. merge: one artifact per family (to be filled in by the lead) ---------------------------
-# Consolidate each family into one artifact under "$FAMILY/artifacts/", e.g. a lossless
-# Mixtral artifact (shares `code`'s experts with the base bit for bit) and a memory-budget one;
-# then inspect / verify it and export one variant back to a Hugging Face checkpoint.
+# --- 2. merge: one artifact per family -----------------------------------------------------
+ARTIFACTS="$FAMILY/artifacts"
+mkdir -p "$ARTIFACTS"
+step "merge: Mixtral family, lossless (only bit-identical experts shared: exports are bit-exact)"
+"$MOECONSOL" merge "${MIXTRAL[@]}" -o "$ARTIFACTS/mixtral-lossless" --force
 
-# --- 3. serve-local: every variant from one artifact (to be filled in by the lead) -------------
-# Run a prompt on each Mixtral variant from the artifact (the `model` picks the variant and
-# only non-expert layers are swapped), and report the swap cost.
+step "merge: Mixtral family, memory budget 50% of all experts (closest experts shared first)"
+"$MOECONSOL" merge "${MIXTRAL[@]}" -o "$ARTIFACTS/mixtral-budget50" --mode budget --budget 0.5 --force
+
+step "merge: Switch family, threshold cosine >= 0.999"
+"$MOECONSOL" merge "${SWITCH[@]}" -o "$ARTIFACTS/switch-threshold" --mode threshold --metric cosine \
+    --threshold 0.999 --force
+
+step "inspect + verify the lossless Mixtral artifact"
+"$MOECONSOL" inspect "$ARTIFACTS/mixtral-lossless"
+"$MOECONSOL" verify "$ARTIFACTS/mixtral-lossless"
+
+step "export: the math variant back to a standard Hugging Face checkpoint"
+"$MOECONSOL" export "$ARTIFACTS/mixtral-lossless" math -o "$ARTIFACTS/math-exported" --force
+ls "$ARTIFACTS/math-exported"
+
+# --- 3. serve-local: every variant from one artifact ---------------------------------------
+# The bank stays resident; each --model swaps in only that variant's non-expert layers.
+step "serve-local: two Mixtral variants from one artifact, greedy"
+"$MOECONSOL" serve-local "$ARTIFACTS/mixtral-lossless" --model code --model math \
+    --prompt "12 + 7 =" --max-new-tokens 16
+
+step "serve-local: a Switch variant"
+"$MOECONSOL" serve-local "$ARTIFACTS/switch-threshold" --model upper --prompt "hello world" --max-new-tokens 12
 
 step "done: reports in $REPORTS"
 ls -l "$REPORTS"
