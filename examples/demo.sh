@@ -70,5 +70,20 @@ step "serve-local: two Mixtral variants from one artifact, greedy"
 step "serve-local: a Switch variant"
 "$MOECONSOL" serve-local "$ARTIFACTS/switch-threshold" --model upper --prompt "hello world" --max-new-tokens 12
 
+# --- 4. eval: what consolidation costs in quality ----------------------------------------------
+# A calibrated artifact at half the expert memory of the four Mixtral variants (each variant's
+# own training text decides which experts share), then every variant's perplexity on its own
+# held-out text: original vs. consolidated vs. base, and the share of its fine-tuning gain kept.
+step "eval: Mixtral family at 50% of the expert memory (calibrated), perplexity on held-out text"
+mkdir -p "$FAMILY/artifacts"
+"$MOECONSOL" merge "${MIXTRAL[@]}" -o "$FAMILY/artifacts/mixtral-calibrated" --force --mode calibrated --budget 0.5 \
+    --representative best --calibration base="$FAMILY/data/train/mixtral-mixed.txt" \
+    --calibration code="$FAMILY/data/train/mixtral-code.txt" --calibration math="$FAMILY/data/train/mixtral-math.txt" \
+    --calibration story="$FAMILY/data/train/mixtral-story.txt" --json > "$REPORTS/mixtral-calibrated-merge.json"
+"$MOECONSOL" eval "$FAMILY/artifacts/mixtral-calibrated" --base "$FAMILY/mixtral/base" \
+    --data base="$FAMILY/data/eval/mixtral-mixed.txt" --data code="$FAMILY/data/eval/mixtral-code.txt" \
+    --data math="$FAMILY/data/eval/mixtral-math.txt" --data story="$FAMILY/data/eval/mixtral-story.txt" \
+    --json "$REPORTS/mixtral-eval.json"
+
 step "done: reports in $REPORTS"
 ls -l "$REPORTS"

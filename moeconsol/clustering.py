@@ -27,7 +27,8 @@ from .errors import MoeconsolError
 from .similarity import DISTANCE_METRICS, METRICS
 
 MODES = ("lossless", "threshold", "budget")
-REPRESENTATIVES = ("medoid", "first", "mean")
+REPRESENTATIVES = ("medoid", "first", "mean", "best")
+"""best: calibrated mode only, the least-cost member or the usage-weighted mean, whichever costs less."""
 
 
 def to_distance(matrix: np.ndarray, metric: str) -> np.ndarray:
@@ -181,3 +182,74 @@ def slot_maps(clusters: list[list[int]], num_models: int, num_experts: int) -> l
             maps[i // num_experts][i % num_experts] = k
     assert all(k >= 0 for m in maps for k in m)
     return maps
+
+
+# -- calibrated budget: output error on each variant's own tokens ---------------------------
+
+
+def cluster_cost(items: list[int], cost: np.ndarray) -> tuple[float, int]:
+    """(cost, representative) of serving all `items` by one member: the member r with the
+    least sum_i cost[i, r] (ties: the first)."""
+    sums = cost[np.ix_(items, items)].sum(axis=0)
+    r = int(np.argmin(sums))
+    return float(sums[r]), items[r]
+
+
+def cluster_calibrated(layers: list[LayerGroups], costs: list[np.ndarray], max_bank: int, tie_weight: float = 1e-6) -> list[list[list[int]]]:
+    """Greedy over all layers: apply the merge of two clusters that adds the least
+    substitution cost (`calibration.substitution_costs`, each cluster served by its
+    least-cost member), until the bank has at most `max_bank` experts.
+
+    The rule that two different experts of one model never share holds as in budget mode.
+    `tie_weight` x the clusters' weight distance is added to every merge's cost, so merges
+    the calibration cannot tell apart (slots no token reached) go to the most alike experts.
+    """
+    state = []
+    for lg, cost in zip(layers, costs):
+        clusters = [list(g) for g in lg.groups]
+        own = [cluster_cost(c, cost)[0] for c in clusters]
+        state.append({"lg": lg, "cost": cost, "clusters": clusters, "own": own})
+
+    def delta(s: dict, a: int, b: int) -> float:
+        ca, cb = s["clusters"][a], s["clusters"][b]
+        if {i // s["lg"].num_experts for i in ca} & {i // s["lg"].num_experts for i in cb}:
+            return np.inf
+        merged = cluster_cost(ca + cb, s["cost"])[0] - s["own"][a] - s["own"][b]
+        tie = 0.0
+        if s["lg"].distance is not None:
+            tie = tie_weight * float(s["lg"].distance[np.ix_(ca, cb)].max())
+        return merged + tie
+
+    def table(s: dict) -> np.ndarray:
+        k = len(s["clusters"])
+        d = np.full((k, k), np.inf)
+        for a in range(k):
+            for b in range(a + 1, k):
+                d[a, b] = delta(s, a, b)
+        return d
+
+    for s in state:
+        s["d"] = table(s)
+    total = sum(len(s["clusters"]) for s in state)
+    while total > max_bank:
+        mins = [float(s["d"].min()) if s["d"].size else np.inf for s in state]
+        li = int(np.argmin(mins))
+        if not np.isfinite(mins[li]):
+            raise MoeconsolError(
+                f"budget cannot be met: sharing stops at {total} bank experts, because two different experts "
+                f"of the same model never share; give a budget of at least {total} experts"
+            )
+        s = state[li]
+        a, b = np.unravel_index(int(np.argmin(s["d"])), s["d"].shape)
+        a, b = int(min(a, b)), int(max(a, b))
+        s["clusters"][a] = s["clusters"][a] + s["clusters"][b]
+        del s["clusters"][b]
+        s["own"][a] = cluster_cost(s["clusters"][a], s["cost"])[0]
+        del s["own"][b]
+        d = np.delete(np.delete(s["d"], b, axis=0), b, axis=1)
+        for c in range(len(s["clusters"])):
+            if c != a:
+                d[min(a, c), max(a, c)] = delta(s, min(a, c), max(a, c))
+        s["d"] = d
+        total -= 1
+    return [sorted((sorted(c) for c in s["clusters"]), key=lambda c: c[0]) for s in state]

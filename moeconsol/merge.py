@@ -21,20 +21,23 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from . import __version__
 from .artifact import FORMAT, FORMAT_VERSION, MANIFEST, Progress, bank_key
-from .checkpoint import Checkpoint, _natural_key
+from . import baselines
+from .checkpoint import Checkpoint, _natural_key, check_compatible, open_checkpoint
 from .clustering import (
     MODES,
     REPRESENTATIVES,
     LayerGroups,
     choose_representative,
     cluster_budget,
+    cluster_calibrated,
+    cluster_cost,
     cluster_lossless,
     cluster_threshold,
     identical_groups,
@@ -77,6 +80,23 @@ class MergeSettings:
     shard_size: int = DEFAULT_SHARD_SIZE
     seed: int = 0
     """Seed of the Gaussian probes when the metric is cka (as in analyze)."""
+    base: str | None = None
+    """The pre-trained checkpoint (PATH or hub id) for task-arithmetic and ties."""
+    density: float = 0.2
+    """ties: fraction of each task vector's entries kept (top-k by magnitude)."""
+    scale: float = 1.0
+    """task-arithmetic and ties: lambda, the factor on the summed / merged task vectors."""
+    calibration: dict[str, str] | None = None
+    """calibrated mode: model name -> calibration file (text, or JSONL for seq2seq);
+    the key "*" applies to every model not named."""
+    calibration_tokens: int = 512
+    """calibrated mode: routed inputs kept per (model, layer, expert)."""
+
+
+MERGE_MODES = ("average", "task-arithmetic", "ties")
+"""Plain merging of all weights into one model (every variant maps to the same tensors)."""
+ALL_MODES = (*MODES, "calibrated", "reference", *MERGE_MODES)
+BASE_MODES = ("task-arithmetic", "ties")
 
 
 @dataclass
@@ -85,7 +105,12 @@ class LayerPlan:
     clusters: list[list[int]]
     """Flat member indices (model * E + expert) of each bank expert, in bank order."""
     representatives: list[int | None]
-    """The member stored for each bank expert; None = the mean of its members."""
+    """The member stored for each bank expert; None = computed from its members."""
+    weights: list[list[float] | None] | None = None
+    """Per bank expert with a computed representative: the members' weights of a weighted
+    mean (None: the plain mean)."""
+    combine: str | None = None
+    """A merging baseline (MERGE_MODES) that computes every bank expert from its members."""
 
 
 @dataclass
@@ -157,14 +182,51 @@ def budget_experts(budget: str, ckpts: list[Checkpoint]) -> int:
     return min(slots, total)
 
 
+def _refuse(s: MergeSettings, mode: str, *options: str) -> None:
+    given = {"--metric": s.metric, "--threshold": s.threshold, "--budget": s.budget, "--base": s.base,
+             "--calibration": s.calibration}
+    extra = [o for o in options if given[o] not in (None, {})]
+    if extra:
+        raise MoeconsolError(f"{', '.join(extra)} do(es) not apply to --mode {mode}")
+
+
+def calibration_file(s: MergeSettings, name: str) -> str:
+    """The calibration file of model `name` (its own, or the one given for every model)."""
+    files = s.calibration or {}
+    if name in files:
+        return files[name]
+    if "*" in files:
+        return files["*"]
+    raise MoeconsolError(f"--mode calibrated needs calibration data for every model; none for {name!r}: add --calibration {name}=FILE")
+
+
 def check_settings(s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
     """Refuse inconsistent or out-of-range settings; fill the default metric."""
-    if s.mode not in MODES:
-        raise MoeconsolError(f"unknown mode {s.mode!r}: choose from {', '.join(MODES)}")
+    if s.mode not in ALL_MODES:
+        raise MoeconsolError(f"unknown mode {s.mode!r}: choose from {', '.join(ALL_MODES)}")
     if s.representative not in REPRESENTATIVES:
         raise MoeconsolError(f"unknown representative {s.representative!r}: choose from {', '.join(REPRESENTATIVES)}")
+    if s.representative == "best" and s.mode != "calibrated":
+        raise MoeconsolError("--representative best needs --mode calibrated (it compares members and the mean on calibration data)")
     if s.shard_size <= 0:
         raise MoeconsolError("shard size must be more than 0 bytes")
+    if s.mode in MERGE_MODES:
+        _refuse(s, s.mode, "--metric", "--threshold", "--budget", "--calibration")
+        if s.mode in BASE_MODES and s.base is None:
+            raise MoeconsolError(f"--mode {s.mode} needs --base PATH: the pre-trained checkpoint the models were fine-tuned from")
+        if s.mode == "average":
+            _refuse(s, s.mode, "--base")
+        if s.mode == "ties" and not 0 < s.density <= 1:
+            raise MoeconsolError(f"--density must be in (0, 1], got {s.density}")
+        return s
+    if s.mode == "reference":
+        _refuse(s, s.mode, "--metric", "--threshold", "--base", "--calibration")
+        if s.budget is None:
+            raise MoeconsolError("--mode reference needs --budget: bank bytes (40GB) or a fraction of all experts (0.5)")
+        budget_experts(s.budget, ckpts)
+        return s
+    if s.mode != "calibrated":
+        _refuse(s, s.mode, "--base", "--calibration")
     if s.mode == "lossless":
         if s.threshold is not None or s.budget is not None or s.metric is not None:
             raise MoeconsolError("--metric, --threshold and --budget apply to --mode threshold or budget, not lossless")
@@ -178,13 +240,22 @@ def check_settings(s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
         if s.budget is not None:
             raise MoeconsolError("--budget applies to --mode budget, not threshold")
         threshold_to_distance(metric, s.threshold)
-    if s.mode == "budget":
+    if s.mode in ("budget", "calibrated"):
         if s.budget is None:
-            raise MoeconsolError("--mode budget needs --budget: bytes of bank (40GB) or a fraction of all experts (0.5)")
+            raise MoeconsolError(f"--mode {s.mode} needs --budget: bytes of bank (40GB) or a fraction of all experts (0.5)")
         if s.threshold is not None:
-            raise MoeconsolError("--threshold applies to --mode threshold, not budget")
+            raise MoeconsolError(f"--threshold applies to --mode threshold, not {s.mode}")
         budget_experts(s.budget, ckpts)
-    return MergeSettings(s.mode, metric, s.threshold, s.budget, s.representative, s.shard_size, s.seed)
+    if s.mode == "calibrated":
+        _refuse(s, s.mode, "--base")
+        for c in ckpts:
+            calibration_file(s, c.name)
+        unknown = sorted(set(s.calibration or {}) - {c.name for c in ckpts} - {"*"})
+        if unknown:
+            raise MoeconsolError(f"--calibration names unknown model(s) {', '.join(unknown)}; the models are {', '.join(c.name for c in ckpts)}")
+        if s.calibration_tokens < 1:
+            raise MoeconsolError(f"calibration tokens must be at least 1, got {s.calibration_tokens}")
+    return replace(s, metric=metric)
 
 
 # -- pass 1: plan -------------------------------------------------------------------------
@@ -225,6 +296,124 @@ def plan_layers(ckpts: list[Checkpoint], s: MergeSettings, progress: Progress | 
         LayerPlan(lg.layer, cs, [choose_representative(c, s.representative, d, lg.distance) for c in cs])
         for lg, d, cs in zip(groups, digests, clusters)
     ]
+
+
+def plan_reference(ckpts: list[Checkpoint], s: MergeSettings, progress: Progress | None = None) -> list[LayerPlan]:
+    """The reference system's plan (baselines.reference_*): same-index positions sorted by
+    summed pairwise L2 distance, the closest shared first, as many as the budget needs;
+    a shared position keeps model (k mod N)'s expert for every model; the others stay
+    per model (no deduplication, as in the reference system)."""
+    ref = ckpts[0]
+    E, N, L = ref.num_experts, len(ckpts), len(ref.moe_layers)
+    distances = {}
+    for i, layer in enumerate(ref.moe_layers):
+        if progress:
+            progress("plan", i, L)
+        distances[layer] = baselines.reference_distances(read_layer(ckpts, layer).experts)
+    if progress:
+        progress("plan", L, L)
+    excess = N * L * E - budget_experts(s.budget, ckpts)
+    shared = 0 if N == 1 or excess <= 0 else min(L * E, -(-excess // (N - 1)))
+    plan = baselines.reference_plan(distances, N, shared)
+    plans = []
+    for layer in ref.moe_layers:
+        clusters, reps = [], []
+        for e in range(E):
+            if e in plan[layer]:
+                clusters.append([m * E + e for m in range(N)])
+                reps.append(plan[layer][e] * E + e)
+            else:
+                clusters += [[m * E + e] for m in range(N)]
+                reps += [m * E + e for m in range(N)]
+        order = sorted(range(len(clusters)), key=lambda k: clusters[k][0])
+        plans.append(LayerPlan(layer, [clusters[k] for k in order], [reps[k] for k in order]))
+    return plans
+
+
+def plan_calibrated(ckpts: list[Checkpoint], s: MergeSettings, progress: Progress | None = None) -> list[LayerPlan]:
+    """Budget mode driven by each model's own activations (module calibration): capture
+    every model once, cost every substitution per layer, cluster greedily by least added
+    cost, then pick each shared expert's representative (s.representative)."""
+    from .calibration import candidate_cost, capture, substitution_costs
+
+    ref = ckpts[0]
+    E, L = ref.num_experts, len(ref.moe_layers)
+    acts = []
+    for m, c in enumerate(ckpts):
+        if progress:
+            progress("calibrate", m, len(ckpts))
+        acts.append(capture(c, calibration_file(s, c.name), max_tokens=s.calibration_tokens))
+    if progress:
+        progress("calibrate", len(ckpts), len(ckpts))
+    groups, digests, costs = [], [], []
+    for i, layer in enumerate(ref.moe_layers):
+        if progress:
+            progress("plan", i, L)
+        experts = read_layer(ckpts, layer)
+        sim = layer_similarity(ckpts, layer, [s.metric], None if s.metric != "cka" else gaussian_probes(hidden_size(ref), DEFAULT_PROBES, s.seed + i), experts=experts)
+        groups.append(identical_groups(layer, sim.digests, E, to_distance(sim.matrices[s.metric], s.metric)))
+        digests.append(sim.digests)
+        costs.append(substitution_costs(ref, layer, experts.flat, acts))
+    if progress:
+        progress("plan", L, L)
+    clusters = cluster_calibrated(groups, [c.cost for c in costs], budget_experts(s.budget, ckpts))
+    plans = []
+    for layer, cs, d, lc in zip(ref.moe_layers, clusters, digests, costs):
+        reps, weights = [], []
+        flat = None
+        for members in cs:
+            best_cost, best = cluster_cost(members, lc.cost)
+            if len({d[i] for i in members}) == 1 or s.representative == "first":
+                reps.append(members[0]), weights.append(None)
+                continue
+            w = [float(lc.usage[i]) for i in members]
+            w = [1.0] * len(members) if sum(w) <= 0 else w
+            if s.representative == "medoid":
+                reps.append(best), weights.append(None)
+                continue
+            if s.representative == "mean":
+                reps.append(None), weights.append(w)
+                continue
+            flat = flat if flat is not None else read_layer(ckpts, layer).flat
+            mean = {p: _weighted_mean([flat[i][p] for i in members], w) for p in ref.layout.parts}
+            if candidate_cost(ref, layer, flat, members, mean, acts, lc.energy) < best_cost:
+                reps.append(None), weights.append(w)
+            else:
+                reps.append(best), weights.append(None)
+        plans.append(LayerPlan(layer, cs, reps, weights))
+    return plans
+
+
+def plan_merged(ckpts: list[Checkpoint], s: MergeSettings) -> list[LayerPlan]:
+    """A merging baseline: bank expert e of each layer = the merge of every model's expert e."""
+    ref = ckpts[0]
+    E, N = ref.num_experts, len(ckpts)
+    return [
+        LayerPlan(layer, [[m * E + e for m in range(N)] for e in range(E)], [None] * E, None, s.mode)
+        for layer in ref.moe_layers
+    ]
+
+
+def combine(mode: str, tensors: list[torch.Tensor], base: torch.Tensor | None, s: MergeSettings) -> torch.Tensor:
+    """One tensor of a merging baseline (formulas in moeconsol.baselines and docs/quality.md)."""
+    if not tensors[0].is_floating_point():
+        if any(not torch.equal(t, tensors[0]) for t in tensors[1:]):
+            raise MoeconsolError(f"cannot merge integer tensors that differ between models (mode {mode})")
+        return tensors[0]
+    if mode == "average":
+        return baselines.uniform_average(tensors)
+    assert base is not None
+    if mode == "task-arithmetic":
+        return baselines.task_arithmetic(base, tensors, s.scale)
+    return baselines.ties(base, tensors, s.density, s.scale)
+
+
+def _weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """sum_i w_i t_i / sum_i w_i, accumulated in float64, cast to the inputs' dtype."""
+    acc = torch.zeros(tensors[0].shape, dtype=torch.float64)
+    for t, w in zip(tensors, weights):
+        acc.add_(t.to(torch.float64), alpha=w)
+    return acc.div_(sum(weights)).to(tensors[0].dtype)
 
 
 def _tensor_digest(ckpt: Checkpoint, name: str) -> str:
@@ -281,11 +470,15 @@ def _mean_part(ckpts: list[Checkpoint], layer: str, members: list[int], part: st
     return acc.div_(len(members)).to(DTYPES[ckpts[0].dtype])
 
 
-def _write_bank(writer: ShardedWriter, ckpts: list[Checkpoint], plans: list[LayerPlan], progress: Progress | None, done: list[int], total: int) -> None:
+def _write_bank(
+    writer: ShardedWriter, ckpts: list[Checkpoint], plans: list[LayerPlan], progress: Progress | None, done: list[int], total: int,
+    s: MergeSettings | None = None, base: Checkpoint | None = None,
+) -> None:
     E = ckpts[0].num_experts
     parts = ckpts[0].layout.parts
     for p in plans:
-        for k, (members, rep) in enumerate(zip(p.clusters, p.representatives)):
+        weights = p.weights or [None] * len(p.clusters)
+        for k, (members, rep, w) in enumerate(zip(p.clusters, p.representatives, weights)):
             if rep is not None:
                 expert = ckpts[rep // E].expert(p.layer, rep % E)
                 for part in parts:
@@ -293,10 +486,41 @@ def _write_bank(writer: ShardedWriter, ckpts: list[Checkpoint], plans: list[Laye
                 del expert
             else:
                 for part in parts:
-                    writer.write(bank_key(p.layer, k, part), _mean_part(ckpts, p.layer, members, part))
+                    if p.combine is not None:
+                        tensors = [ckpts[i // E].expert_part(p.layer, i % E, part) for i in members]
+                        b = base.expert_part(p.layer, members[0] % E, part) if base is not None else None
+                        value = combine(p.combine, tensors, b, s)
+                    elif w is not None:
+                        value = _weighted_mean([ckpts[i // E].expert_part(p.layer, i % E, part) for i in members], w)
+                    else:
+                        value = _mean_part(ckpts, p.layer, members, part)
+                    writer.write(bank_key(p.layer, k, part), value)
             done[0] += 1
             if progress:
                 progress("write", done[0], total)
+
+
+def plan_merged_non_experts(ckpts: list[Checkpoint]) -> tuple[list[TensorSpec], dict[str, str], dict[str, str]]:
+    """A merging baseline's non-expert tensors: one merged tensor per name, key NAME@0, that
+    every model maps to. Returns (specs, in-memory name -> key, in-memory name -> disk name
+    of model 0)."""
+    ref = ckpts[0]
+    disk = {ref.layout.canonical_name(n): n for n in ref.non_expert_names}
+    names = sorted(disk, key=_natural_key)
+    specs = [TensorSpec(f"{n}@0", ref.tensors[disk[n]].dtype, ref.tensors[disk[n]].shape) for n in names]
+    return specs, {n: f"{n}@0" for n in names}, {n: disk[n] for n in names}
+
+
+def _merged_non_expert(ckpts: list[Checkpoint], base: Checkpoint | None, name: str, s: MergeSettings) -> torch.Tensor:
+    tensors = []
+    for c in ckpts:
+        own = {c.layout.canonical_name(n): n for n in c.non_expert_names}
+        tensors.append(c.read(own[name]))
+    b = None
+    if base is not None:
+        own = {base.layout.canonical_name(n): n for n in base.non_expert_names}
+        b = base.read(own[name])
+    return combine(s.mode, tensors, b, s)
 
 
 def _source_shards(ckpt: Checkpoint) -> dict[str, dict]:
@@ -324,6 +548,30 @@ def input_bytes(ckpts: list[Checkpoint]) -> int:
     return total
 
 
+def _consolidation(s: MergeSettings, ckpts: list[Checkpoint], base: Checkpoint | None) -> dict:
+    """The manifest's `consolidation` record: the settings that made the bank."""
+    budgeted = s.mode in ("budget", "calibrated", "reference")
+    c = {
+        "mode": s.mode,
+        "metric": s.metric,
+        "threshold": s.threshold,
+        "budget": s.budget,
+        "budget_experts": budget_experts(s.budget, ckpts) if budgeted else None,
+        "representative": None if s.mode in MERGE_MODES or s.mode == "reference" else s.representative,
+        "probe_seed": s.seed if s.metric == "cka" else None,
+    }
+    if s.mode in MERGE_MODES:
+        c["base"] = None if base is None else base.source
+        if s.mode in BASE_MODES:
+            c["scale"] = s.scale
+        if s.mode == "ties":
+            c["density"] = s.density
+    if s.mode == "calibrated":
+        c["calibration"] = {ck.name: calibration_file(s, ck.name) for ck in ckpts}
+        c["calibration_tokens"] = s.calibration_tokens
+    return c
+
+
 def merge(
     ckpts: list[Checkpoint],
     out: str | Path,
@@ -336,13 +584,27 @@ def merge(
     out = Path(out).absolute()
     check_destination(out, force)
     ref = ckpts[0]
+    base = None
+    if s.mode in BASE_MODES:
+        base = open_checkpoint(s.base)
+        check_compatible([*ckpts, base])
     one_model = sum(info.nbytes for info in ref.tensors.values())
     check_free_space(out, one_model)
 
-    plans = plan_layers(ckpts, s, progress)
-    non_experts = plan_non_experts(ckpts, progress)
+    if s.mode in MERGE_MODES:
+        plans = plan_merged(ckpts, s)
+        tensor_specs, merged_keys, _ = plan_merged_non_experts(ckpts)
+        non_experts = NonExpertPlan([], [dict(merged_keys) for _ in ckpts])
+    else:
+        if s.mode == "reference":
+            plans = plan_reference(ckpts, s, progress)
+        elif s.mode == "calibrated":
+            plans = plan_calibrated(ckpts, s, progress)
+        else:
+            plans = plan_layers(ckpts, s, progress)
+        non_experts = plan_non_experts(ckpts, progress)
+        tensor_specs = [t.spec for t in non_experts.stored]
     bank_specs = _bank_specs(ckpts, plans)
-    tensor_specs = [t.spec for t in non_experts.stored]
     side = {c.name: c.side_files() for c in ckpts}
     estimate = sum(x.nbytes + _HEADER_ALLOWANCE for x in bank_specs + tensor_specs)
     estimate += sum(p.stat().st_size for files in side.values() for p in files) + (1 << 20)
@@ -350,13 +612,19 @@ def merge(
 
     E = ref.num_experts
     files: dict[str, FileRecord] = {}
-    total_steps = sum(len(p.clusters) for p in plans) + len(non_experts.stored)
+    total_steps = sum(len(p.clusters) for p in plans) + len(tensor_specs)
     done = [0]
     with atomic_directory(out, force=force) as tmp:
         bank = ShardedWriter(tmp, "bank", bank_specs, s.shard_size)
-        _write_bank(bank, ckpts, plans, progress, done, total_steps)
+        _write_bank(bank, ckpts, plans, progress, done, total_steps, s, base)
         files.update(bank.close())
         tensors = ShardedWriter(tmp, "tensors", tensor_specs, s.shard_size)
+        if s.mode in MERGE_MODES:
+            for spec in tensor_specs:
+                tensors.write(spec.name, _merged_non_expert(ckpts, base, spec.name.rsplit("@", 1)[0], s))
+                done[0] += 1
+                if progress:
+                    progress("write", done[0], total_steps)
         for t in non_experts.stored:
             tensors.write(t.key, ckpts[t.model].read(t.disk_name))
             done[0] += 1
@@ -377,15 +645,7 @@ def merge(
             "part_shapes": {p: list(ref.expert_shape(p)) for p in ref.layout.parts},
             "dtype": ref.dtype,
             "experts_per_layer": E,
-            "consolidation": {
-                "mode": s.mode,
-                "metric": s.metric,
-                "threshold": s.threshold,
-                "budget": s.budget,
-                "budget_experts": budget_experts(s.budget, ckpts) if s.mode == "budget" else None,
-                "representative": s.representative,
-                "probe_seed": s.seed if s.metric == "cka" else None,
-            },
+            "consolidation": _consolidation(s, ckpts, base),
             "models": [
                 {
                     "name": c.name,
@@ -407,8 +667,9 @@ def merge(
                         {
                             "members": [[i // E, i % E] for i in members],
                             "representative": None if rep is None else [rep // E, rep % E],
+                            **({"weights": w} if w is not None else {}),
                         }
-                        for members, rep in zip(p.clusters, p.representatives)
+                        for members, rep, w in zip(p.clusters, p.representatives, p.weights or [None] * len(p.clusters))
                     ],
                     "slot_map": {c.name: sm for c, sm in zip(ckpts, slot_maps(p.clusters, len(ckpts), E))},
                 }

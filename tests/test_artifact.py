@@ -229,7 +229,7 @@ def test_settings_are_checked(ckpts, tmp_path):
     with pytest.raises(MoeconsolError, match="not lossless"):
         merge(ckpts, tmp_path / "x", MergeSettings(threshold=0.5))
     with pytest.raises(MoeconsolError, match="unknown mode"):
-        merge(ckpts, tmp_path / "x", MergeSettings(mode="average"))
+        merge(ckpts, tmp_path / "x", MergeSettings(mode="median"))
     assert os.listdir(tmp_path) == []
 
 

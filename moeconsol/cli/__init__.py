@@ -65,3 +65,4 @@ def main() -> None:
 from . import analyze  # noqa: E402,F401
 from . import merge  # noqa: E402,F401
 from . import serve  # noqa: E402,F401
+from . import evaluate  # noqa: E402,F401

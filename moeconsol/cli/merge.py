@@ -15,6 +15,7 @@ from rich.table import Table
 
 from ..artifact import Artifact, export_model, summary, verify_artifact
 from ..checkpoint import open_checkpoints
+from ..evaluate import parse_named_files
 from ..merge import DEFAULT_SHARD_SIZE, MergeSettings
 from ..merge import merge as run_merge
 from ..writer import format_bytes, parse_size
@@ -77,18 +78,27 @@ def _print_summary(s: dict, title: str) -> None:
 def merge(
     models: list[str] = typer.Argument(..., metavar="MODEL...", help="Checkpoints: PATH, NAME=PATH or hub ids (from the local cache)."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to create."),
-    mode: str = typer.Option("lossless", help="lossless | threshold | budget."),
+    mode: str = typer.Option("lossless", help="lossless | threshold | budget | calibrated | reference | average | task-arithmetic | ties."),
     metric: Optional[str] = typer.Option(None, help="cosine | l2 | relative-l2 | cka (threshold and budget modes; default cosine)."),
     threshold: Optional[float] = typer.Option(None, help="threshold mode: every member within this of its cluster (similarity >= t, or distance <= t)."),
     budget: Optional[str] = typer.Option(None, help="budget mode: bank bytes (40GB) or a fraction of all experts (0.5)."),
-    representative: str = typer.Option("medoid", help="medoid | first | mean: what a shared bank expert holds."),
+    representative: str = typer.Option("medoid", help="medoid | first | mean | best (calibrated): what a shared bank expert holds."),
+    base: Optional[str] = typer.Option(None, help="task-arithmetic and ties: the pre-trained checkpoint the models were fine-tuned from."),
+    density: float = typer.Option(0.2, help="ties: fraction of each task vector kept (top-k by magnitude)."),
+    scale: float = typer.Option(1.0, help="task-arithmetic and ties: factor lambda on the merged task vectors."),
+    calibration: list[str] = typer.Option([], help="calibrated mode: NAME=FILE (text, or JSONL for seq2seq) per model, or FILE for every model not named; repeat."),
+    calibration_tokens: int = typer.Option(512, help="calibrated mode: routed inputs kept per (model, layer, expert)."),
     shard_size: str = typer.Option(str(DEFAULT_SHARD_SIZE), help="Maximum bytes per safetensors shard (5GB, 500MB)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     revision: Optional[str] = typer.Option(None, help="Hub revision for hub ids."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Cluster the experts of N models into one shared bank and write one artifact."""
-    settings = MergeSettings(mode, metric, threshold, budget, representative, parse_size(shard_size))
+    settings = MergeSettings(
+        mode, metric, threshold, budget, representative, parse_size(shard_size), base=base, density=density,
+        scale=scale, calibration=parse_named_files(calibration, "--calibration") or None,
+        calibration_tokens=calibration_tokens,
+    )
     ckpts = open_checkpoints(models, revision)
     with _progress(as_json) as report:
         result = run_merge(ckpts, output, settings, force=force, progress=report)

@@ -1,0 +1,140 @@
+"""`moeconsol eval` and `moeconsol sweep`: quality of consolidated variants, options in, tables out."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..evaluate import EvalReport, EvalSettings, SweepReport, eval_artifact, parse_budgets, parse_named_files, plot_sweep, sweep
+from ..writer import format_bytes
+from . import app
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool) -> Iterator:
+    """A rich progress bar on stderr (only on a terminal), one task per stage."""
+    console = Console(stderr=True)
+    if quiet or not console.is_terminal:
+        yield None
+        return
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=True)
+    tasks: dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if not tasks:
+            bar.start()
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    try:
+        yield report
+    finally:
+        if tasks:
+            bar.stop()
+
+
+def _num(x: float | None, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}g}"
+
+
+def _print_eval(r: EvalReport) -> None:
+    c = r.consolidation
+    settings = ", ".join(f"{k}={v}" for k, v in c.items() if v is not None and not isinstance(v, dict))
+    table = Table(title=f"quality of {r.artifact} ({settings})")
+    for col in ("variant", "metric", "original", "consolidated", "base", "retained gain"):
+        table.add_column(col, justify="left" if col in ("variant", "metric") else "right")
+    for v in r.variants:
+        gain = "-" if math.isnan(v.retained_gain) else f"{v.retained_gain:.1%}"
+        table.add_row(v.name, v.metric, _num(v.original), _num(v.consolidated), _num(v.base), gain)
+    Console().print(table)
+
+
+def sweep_table(r: SweepReport) -> Table:
+    """Methods x budgets, one quality (and retained gain) column per variant."""
+    names = list(r.original)
+    table = Table(title=f"bytes vs. {r.metric} ({'lower' if r.lower_is_better else 'higher'} is better; retained gain in brackets)")
+    for col in ("method", "budget", "expert memory", *names):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    table.add_row("original", "", format_bytes(r.expert_bytes), *(_num(r.original[n]) for n in names))
+    if r.base:
+        table.add_row("base", "", "", *(_num(r.base[n]) for n in names))
+    for p in r.points:
+        budget = "-" if p.budget is None else f"{p.budget:g}"
+        if p.error:
+            table.add_row(p.method, budget, "n/a", *(["n/a"] * len(names)))
+            continue
+        mem = f"{format_bytes(p.bank_bytes)} ({p.expert_fraction:.0%})"
+        cells = []
+        for n in names:
+            g = p.retained_gain.get(n, math.nan)
+            cells.append(_num(p.quality[n]) + ("" if math.isnan(g) else f" ({g:.0%})"))
+        table.add_row(p.method, budget, mem, *cells)
+    return table
+
+
+def _named(items: list[str], option: str) -> dict[str, str]:
+    return parse_named_files(items, option, allow_unnamed=False)
+
+
+@app.command("eval")
+def eval_command(
+    artifact: Path = typer.Argument(..., metavar="OUT", help="Artifact directory (from moeconsol merge)."),
+    data: list[str] = typer.Option(..., "--data", help="NAME=FILE: text (causal LMs) or JSONL of {input, target} (seq2seq); repeat."),
+    base: Optional[str] = typer.Option(None, help="The pre-trained model: also scored, and each variant's retained gain."),
+    variant: list[str] = typer.Option([], "--variant", help="Score only these variants (default: all that have data)."),
+    chunk_len: Optional[int] = typer.Option(None, help="Perplexity window in tokens (default min(2048, context length))."),
+    max_examples: Optional[int] = typer.Option(None, help="Seq2seq: score only the first N examples."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
+) -> None:
+    """Quality of each variant: original checkpoint vs. consolidated (served by the runtime)."""
+    settings = EvalSettings(chunk_len=chunk_len, max_examples=max_examples)
+    with _progress(False) as report:
+        r = eval_artifact(artifact, _named(data, "--data"), base, variant or None, settings, report)
+    _print_eval(r)
+    if json_file:
+        json_file.write_text(json.dumps(r.to_dict(), indent=2) + "\n")
+
+
+@app.command("sweep")
+def sweep_command(
+    models: list[str] = typer.Argument(..., metavar="MODEL...", help="Checkpoints: PATH or NAME=PATH."),
+    data: list[str] = typer.Option(..., "--data", help="NAME=FILE per variant to score; repeat."),
+    budgets: str = typer.Option("1.0,0.75,0.5,0.25", help="Fractions of all experts, comma-separated."),
+    base: Optional[str] = typer.Option(None, help="The pre-trained model: retained gain, task-arithmetic and ties."),
+    calibration: list[str] = typer.Option([], help="NAME=FILE (or FILE for all): adds the calibrated method."),
+    method: list[str] = typer.Option([], "--method", help="Only these methods (default: all that apply)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Directory for the results (sweep.json, sweep.png unless --json/--plot say otherwise); the temporary artifacts are made and removed in it."),
+    chunk_len: Optional[int] = typer.Option(None, help="Perplexity window in tokens."),
+    max_examples: Optional[int] = typer.Option(None, help="Seq2seq: score only the first N examples."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the sweep as JSON to this file."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: bytes vs. quality, one subplot per variant."),
+) -> None:
+    """Bytes vs. quality for every method (reference, budget, calibrated, merging baselines) at every budget.
+    Each artifact is made in a temporary directory, scored and removed."""
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        json_file = json_file or output / "sweep.json"
+        plot = plot or output / "sweep.png"
+    settings = EvalSettings(chunk_len=chunk_len, max_examples=max_examples)
+    with _progress(False) as report:
+        r = sweep(models, _named(data, "--data"), parse_budgets(budgets), base,
+                  parse_named_files(calibration, "--calibration") or None, method or None, settings, output,
+                  {"calibrated": {"representative": "best"}}, report)
+    Console(width=max(Console().width, 140)).print(sweep_table(r))
+    if json_file:
+        json_file.write_text(json.dumps(r.to_dict(), indent=2) + "\n")
+    if plot:
+        plot_sweep(r, plot)

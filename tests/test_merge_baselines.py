@@ -1,0 +1,191 @@
+"""merge --mode average|task-arithmetic|ties|reference|calibrated: the artifacts hold what the formulas say."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from moeconsol.artifact import Artifact, bank_key, verify_artifact
+from moeconsol.baselines import ties
+from moeconsol.calibration import capture
+from moeconsol.checkpoint import open_checkpoint, open_checkpoints
+from moeconsol.merge import MergeSettings, merge
+from moeconsol.testing import SAMPLE_TEXT, derive_variant, save_model, tiny_mixtral, tiny_tokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """base + three fine-tunes; a and b change some experts, c changes only non-experts."""
+    root = tmp_path_factory.mktemp("bl")
+    tok = tiny_tokenizer()
+    base = tiny_mixtral(seed=5)
+    save_model(base, root / "base", tok)
+    save_model(derive_variant(base, 1, [(0, 1), (1, 2), (1, 0)], scale=0.05), root / "a", tok)
+    save_model(derive_variant(base, 2, [(0, 1), (0, 3)], scale=0.05), root / "b", tok, fused=True)
+    save_model(derive_variant(base, 3, []), root / "c", tok)
+    (root / "text.txt").write_text(SAMPLE_TEXT * 3)
+    return root
+
+
+def models(root):
+    return [f"{n}={root / n}" for n in ("a", "b", "c")]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moeconsol", *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def one_error_line(err: str, *fragments: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moeconsol: error: "), err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------- merging baselines
+
+
+def direct(mode: str, tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """The formulas written directly in torch (float64), for average and task arithmetic."""
+    ts = [t.double() for t in tensors]
+    if mode == "average":
+        return sum(ts) / len(ts)
+    return base.double() + sum(t - base.double() for t in ts)
+
+
+@pytest.mark.parametrize("mode", ["average", "task-arithmetic", "ties"])
+def test_merged_artifact_holds_the_merged_tensors(family, tmp_path, mode):
+    ckpts = open_checkpoints(models(family))
+    base = open_checkpoint(str(family / "base"))
+    s = MergeSettings(mode=mode, base=None if mode == "average" else str(family / "base"), density=0.5)
+    merge(ckpts, tmp_path / "out", s)
+    art = Artifact.open(tmp_path / "out")
+    assert verify_artifact(tmp_path / "out") == []
+    E = art.experts_per_layer
+    for layer in art.layers:
+        assert art.bank_size(layer) == E
+        for name in art.model_names:
+            assert art.slot_map(name, layer) == list(range(E))
+        for e in range(E):
+            for part in art.parts:
+                stored = art.read(bank_key(layer, e, part))
+                tensors = [c.expert_part(layer, e, part) for c in ckpts]
+                b = base.expert_part(layer, e, part)
+                if mode == "ties":
+                    assert torch.equal(stored, ties(b, tensors, 0.5))
+                else:
+                    torch.testing.assert_close(stored.double(), direct(mode, tensors, b), rtol=1e-6, atol=1e-7)
+    # every model maps every non-expert tensor to the same merged key
+    keys = [art.non_expert_keys(n) for n in art.model_names]
+    assert keys[0] == keys[1] == keys[2]
+    name = "model.embed_tokens.weight"
+    stored = art.read(keys[0][name])
+    tensors = [c.read(name) for c in ckpts]
+    if mode == "ties":
+        assert torch.equal(stored, ties(base.read(name), tensors, 0.5))
+    else:
+        torch.testing.assert_close(stored.double(), direct(mode, tensors, base.read(name)), rtol=1e-6, atol=1e-7)
+    c = art.manifest["consolidation"]
+    assert c["mode"] == mode and (mode != "ties" or c["density"] == 0.5)
+
+
+def test_task_arithmetic_without_base_is_refused(family, tmp_path):
+    for mode in ("task-arithmetic", "ties"):
+        r = cli("merge", *models(family), "-o", tmp_path / "x", "--mode", mode)
+        assert r.returncode == 2
+        one_error_line(r.stderr, f"--mode {mode} needs --base")
+        assert not (tmp_path / "x").exists()
+
+
+def test_reference_mode_follows_the_reference_rules(family, tmp_path):
+    ckpts = open_checkpoints(models(family))
+    N, E, L = len(ckpts), ckpts[0].num_experts, len(ckpts[0].moe_layers)
+    merge(ckpts, tmp_path / "ref", MergeSettings(mode="reference", budget="0.5"))
+    art = Artifact.open(tmp_path / "ref")
+    # independent distances: sum over pairs of the L2 norm of the flattened difference
+    d = np.zeros((L, E))
+    for li, layer in enumerate(ckpts[0].moe_layers):
+        for e in range(E):
+            x = [torch.cat([c.expert_part(layer, e, p).double().flatten() for p in ("w1", "w2", "w3")]) for c in ckpts]
+            d[li, e] = sum(float(torch.linalg.norm(x[i] - x[j])) for i in range(N) for j in range(i + 1, N))
+    budget = int(0.5 * N * L * E)
+    shared = math.ceil((N * L * E - budget) / (N - 1))
+    order = np.argsort(d.reshape(-1), kind="stable")[:shared]
+    expected = {(int(i) // E, int(i) % E): k % N for k, i in enumerate(order)}
+    assert sum(art.bank_size(layer) for layer in art.layers) == N * L * E - shared * (N - 1) <= budget
+    for li, layer in enumerate(art.layers):
+        for entry in art.manifest["layers"][li]["bank"]:
+            members = [tuple(m) for m in entry["members"]]
+            e = members[0][1]
+            assert all(me == e for _, me in members)  # same index only
+            if (li, e) in expected:
+                assert sorted(m for m, _ in members) == list(range(N))
+                assert entry["representative"] == [expected[(li, e)], e]  # round robin
+            else:
+                assert len(members) == 1  # kept per model
+        for k, entry in enumerate(art.manifest["layers"][li]["bank"]):
+            m, e = entry["representative"]
+            kept = art.bank_expert(layer, k)
+            own = ckpts[m].expert(layer, e)
+            assert all(torch.equal(kept[p], own[p]) for p in art.parts)  # bit-identical
+    # non-expert tensors stay per model
+    assert len({art.non_expert_keys(n)["model.embed_tokens.weight"] for n in art.model_names}) == N
+
+
+# ---------------------------------------------------------------- calibrated
+
+
+def test_capture_sees_every_routed_token(family):
+    ckpt = open_checkpoint(f"a={family / 'a'}")
+    acts = capture(ckpt, str(family / "text.txt"), max_tokens=8)
+    k = ckpt.config["num_experts_per_tok"]
+    for layer in ckpt.moe_layers:
+        slots = acts.slots[layer]
+        assert sum(s.count for s in slots) == acts.tokens * k
+        assert all(s.kept == min(8, s.count) for s in slots)
+        # Mixtral's top-k weights are renormalised: each token's weights sum to 1
+        assert sum(s.mass for s in slots) == pytest.approx(acts.tokens, rel=1e-5)
+
+
+def test_calibrated_merge_meets_the_budget_and_stores_what_it_says(family, tmp_path):
+    ckpts = open_checkpoints(models(family))
+    cal = {"*": str(family / "text.txt")}
+    result = merge(ckpts, tmp_path / "cal", MergeSettings(mode="calibrated", budget="0.5", representative="mean", calibration=cal))
+    art = Artifact.open(tmp_path / "cal")
+    assert verify_artifact(tmp_path / "cal") == []
+    assert sum(result.bank_sizes.values()) <= art.manifest["consolidation"]["budget_experts"]
+    E = art.experts_per_layer
+    found = 0
+    for li, layer in enumerate(art.layers):
+        for k, entry in enumerate(art.manifest["layers"][li]["bank"]):
+            models_in = [m for m, _ in entry["members"]]
+            assert len(models_in) == len(set(models_in)) or entry["representative"] is not None
+            if "weights" in entry:
+                found += 1
+                w = entry["weights"]
+                for part in art.parts:
+                    want = sum(wi * ckpts[m].expert_part(layer, e, part).double() for wi, (m, e) in zip(w, entry["members"])) / sum(w)
+                    torch.testing.assert_close(art.read(bank_key(layer, k, part)).double(), want, rtol=1e-6, atol=1e-7)
+        for name in art.model_names:
+            assert len(art.slot_map(name, layer)) == E
+    assert found > 0
+
+
+def test_calibrated_needs_calibration_for_every_model(family, tmp_path):
+    r = cli("merge", *models(family), "-o", tmp_path / "x", "--mode", "calibrated", "--budget", "0.5",
+            "--calibration", f"a={family / 'text.txt'}")
+    assert r.returncode == 2
+    one_error_line(r.stderr, "none for 'b'", "--calibration b=FILE")
