@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .artifact import Artifact
-from .checkpoint import Checkpoint, open_checkpoint, open_checkpoints, resolve_checkpoint_dir
+from .checkpoint import open_checkpoint, open_checkpoints, resolve_checkpoint_dir
 from .errors import MoeconsolError
 from .quality import DEFAULT_CHUNK_LEN, perplexity, read_seq2seq_data, read_text_data, retained_gain, seq2seq_accuracy
 

@@ -8,21 +8,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from moeconsol.checkpoint import open_checkpoints
 from moeconsol.evaluate import EvalSettings, eval_artifact, sweep
 from moeconsol.merge import MergeSettings, merge
 from moeconsol.quality import perplexity, seq2seq_accuracy
 from moeconsol.testing import SAMPLE_TEXT, derive_variant, save_model, tiny_mixtral, tiny_switch, tiny_tokenizer
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

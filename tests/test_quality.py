@@ -19,15 +19,6 @@ from moeconsol.quality import (
 from moeconsol.testing import SAMPLE_TEXT, tiny_mixtral, tiny_switch, tiny_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and lose a lot when other work shares the CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()
