@@ -26,7 +26,8 @@ mkdir -p "$REPORTS"
 MIXTRAL=(base="$FAMILY/mixtral/base" code="$FAMILY/mixtral/code" math="$FAMILY/mixtral/math" story="$FAMILY/mixtral/story")
 SWITCH=(base="$FAMILY/switch/base" reverse="$FAMILY/switch/reverse" upper="$FAMILY/switch/upper" prefix="$FAMILY/switch/prefix")
 
-step() { printf '\n== %s\n' "$*"; }
+STARTED=$SECONDS
+step() { printf '\n== %s  [%ds]\n' "$*" $((SECONDS - STARTED)); }
 
 # --- 1. analyze: how similar are the experts across the variants? ------------------------------
 # `code` (Mixtral) and `upper` (Switch) trained only non-expert layers: their experts are
