@@ -22,16 +22,26 @@ They are also saved in every on-disk form moeconsol reads: per-expert (the defau
 (transformers 5 in-memory names; Mixtral `math`) and sharded (`model.safetensors.index.json`;
 Mixtral `story`, Switch `prefix`).
 
+The data is made so that each fine-tune has a clear gain of its own to keep or lose in
+consolidation. Mixtral: the base trains on all three text domains (code, Python-like
+snippets; math, integer arithmetic; story, simple English) towards convergence at its size,
+each variant then on its own domain only. Switch: the base learns the generic `copy` task,
+each variant a task the base has never seen (`reverse` the words, `upper`-case them, `prefix`
+them with "out:"). Training and evaluation read the data the way `moeconsol eval` does: the
+text file's token stream in windows of max_position_embeddings tokens (= the training
+window), and seq2seq inputs without an appended EOS.
+
 A model whose OUT/<family>/<name>/config.json exists is reused, so a second run is fast;
 if a base has to be (re)built, its variants are rebuilt too since they derive from it.
-`--force` rebuilds everything. The summary shows, per variant, the loss on its own held-out
-data before (the base) and after fine-tuning.
+`--force` rebuilds everything. The summary shows, per variant, the loss (and for Switch the
+teacher-forced token accuracy) on its own held-out data before (the base) and after fine-tuning.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import shutil
 import time
@@ -67,17 +77,29 @@ class Size:
     pairs: int
     """(input, target) examples per seq2seq step (they are short)."""
     seq_len: int
+    """Training window of the causal LM, and its max_position_embeddings: `moeconsol eval`
+    scores perplexity in windows of min(2048, max_position_embeddings) tokens, so the
+    evaluation sees exactly the context lengths the model was trained on."""
     train_docs: int
+    """Documents per text domain (the base's mixed text has all domains: 3x as many)."""
     eval_docs: int
+    train_pairs: int
+    """Training examples per seq2seq task."""
+    eval_pairs: int
+    """Held-out examples per seq2seq task (one JSONL file each)."""
+    switch_base_steps: int
+    switch_variant_steps: int
     lr: float = 3e-3
 
 
-FULL = Size(hidden=64, intermediate=128, layers=4, experts=8, vocab=512, base_steps=250, variant_steps=150,
-            batch=16, pairs=32, seq_len=64, train_docs=600, eval_docs=80)
-"""The demo family: builds in about a minute on 2 CPU cores."""
+FULL = Size(hidden=64, intermediate=128, layers=4, experts=8, vocab=512, base_steps=900, variant_steps=200,
+            batch=16, pairs=32, seq_len=64, train_docs=1000, eval_docs=120, train_pairs=4000, eval_pairs=300,
+            switch_base_steps=600, switch_variant_steps=300, lr=5e-3)
+"""The demo family: builds in about two and a half minutes on 2 CPU cores."""
 
 SMALL = Size(hidden=32, intermediate=64, layers=2, experts=4, vocab=320, base_steps=40, variant_steps=40,
-             batch=8, pairs=16, seq_len=32, train_docs=120, eval_docs=24, lr=5e-3)
+             batch=8, pairs=16, seq_len=32, train_docs=120, eval_docs=24, train_pairs=600, eval_pairs=24,
+             switch_base_steps=40, switch_variant_steps=40, lr=5e-3)
 """For tests: same structure, a few seconds."""
 
 
@@ -144,7 +166,7 @@ TEXT_DOMAINS: dict[str, Callable[[random.Random], str]] = {"code": code_doc, "ma
 
 
 def text_docs(domain: str, n: int, seed: int) -> list[str]:
-    """`n` documents of one domain ("code", "math", "story") or of all of them ("mixed")."""
+    """`n` documents of one domain ("code", "math", "story") or of all of them in turn ("mixed")."""
     rng = random.Random(f"{domain}-{seed}")
     if domain == "mixed":
         gens = list(TEXT_DOMAINS.values())
@@ -162,12 +184,16 @@ SEQ2SEQ_TASKS: dict[str, Callable[[list[str]], tuple[str, str]]] = {
     "upper": lambda w: ("upper: " + " ".join(w), " ".join(w).upper()),
     "prefix": lambda w: ("prefix: " + " ".join(w), "out: " + " ".join(w)),
 }
+BASE_TASKS = ("copy",)
+"""The Switch base's data ("mixed"): the generic skill every variant builds on. The variants'
+tasks are new to the base, so each fine-tune has a clear gain to keep (or lose) in
+consolidation; a base trained on them too would leave the variants little to gain."""
 
 
 def seq2seq_pairs(task: str, n: int, seed: int) -> list[dict[str, str]]:
-    """`n` {"input", "target"} examples of one task, or of every task in turn ("mixed")."""
+    """`n` {"input", "target"} examples of one task, or of the base's tasks in turn ("mixed")."""
     rng = random.Random(f"{task}-{seed}")
-    tasks = list(SEQ2SEQ_TASKS) if task == "mixed" else [task]
+    tasks = list(BASE_TASKS) if task == "mixed" else [task]
     pairs = []
     for i in range(n):
         source, target = SEQ2SEQ_TASKS[tasks[i % len(tasks)]](_words(rng))
@@ -175,10 +201,14 @@ def seq2seq_pairs(task: str, n: int, seed: int) -> list[dict[str, str]]:
     return pairs
 
 
+def text_of(docs: Sequence[str]) -> str:
+    """Documents separated by a blank line: the text files' content, trained on and scored as is."""
+    return "\n\n".join(docs) + "\n"
+
+
 def write_text(path: Path, docs: Sequence[str]) -> Path:
-    """Documents separated by a blank line."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n\n".join(docs) + "\n")
+    path.write_text(text_of(docs))
     return path
 
 
@@ -193,20 +223,26 @@ def write_jsonl(path: Path, pairs: Sequence[dict[str, str]]) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def pack_causal(tokenizer, docs: Sequence[str], seq_len: int) -> torch.Tensor:
-    """All documents as one stream `<s> doc </s> <s> doc </s> ...`, cut into [N, seq_len] blocks."""
-    stream: list[int] = []
-    for doc in docs:
-        stream += [tokenizer.bos_token_id, *tokenizer(doc)["input_ids"], tokenizer.eos_token_id]
-    n = len(stream) // seq_len
-    if n == 0:
-        raise ValueError(f"{len(stream)} tokens make no block of {seq_len}")
-    return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
+def token_stream(tokenizer, docs: Sequence[str], seq_len: int) -> torch.Tensor:
+    """The documents' text (`text_of`) tokenized as one stream, as `moeconsol eval` reads a file."""
+    ids = tokenizer(text_of(docs))["input_ids"]
+    if len(ids) <= seq_len:
+        raise ValueError(f"{len(ids)} tokens make no window of {seq_len}")
+    return torch.tensor(ids)
+
+
+def windows(stream: torch.Tensor, starts: Sequence[int], seq_len: int) -> torch.Tensor:
+    """[len(starts), seq_len] windows of the stream (training batches start anywhere)."""
+    return torch.stack([stream[s : s + seq_len] for s in starts])
 
 
 def encode_seq2seq(tokenizer, pairs: Sequence[dict[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, labels), padded with the pad id; labels padded with -100."""
-    sources = [tokenizer(p["input"])["input_ids"] + [tokenizer.eos_token_id] for p in pairs]
+    """(input_ids, attention_mask, labels), padded with the pad id; labels padded with -100.
+
+    Inputs are tokenized as `moeconsol eval` does (no EOS appended); targets end in EOS so
+    that greedy generation learns to stop.
+    """
+    sources = [tokenizer(p["input"])["input_ids"] for p in pairs]
     targets = [tokenizer(p["target"])["input_ids"] + [tokenizer.eos_token_id] for p in pairs]
 
     def pad(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -232,16 +268,28 @@ def seq2seq_loss(model, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) 
 
 @torch.no_grad()
 def eval_causal(model, tokenizer, docs: Sequence[str], seq_len: int) -> float:
-    """Held-out loss of a causal LM on `docs` (nats per token)."""
+    """Held-out loss of a causal LM on `docs` (nats per token): the log of the perplexity
+    `moeconsol eval` reports for the held-out file (windows of `seq_len` tokens)."""
+    from moeconsol.quality import perplexity
+
     model.eval()
-    return float(causal_loss(model, pack_causal(tokenizer, docs, seq_len)))
+    return math.log(perplexity(model, tokenizer, text_of(docs), chunk_len=seq_len).perplexity)
 
 
 @torch.no_grad()
-def eval_seq2seq(model, tokenizer, pairs: Sequence[dict[str, str]]) -> float:
-    """Held-out loss of a seq2seq model on `pairs` (nats per target token)."""
+def eval_seq2seq(model, tokenizer, pairs: Sequence[dict[str, str]]) -> tuple[float, float]:
+    """Held-out (loss, token accuracy) of a seq2seq model on `pairs`.
+
+    Loss: nats per target token, EOS included. Token accuracy: teacher-forced argmax over
+    the target's own tokens (EOS excluded), the definition `moeconsol eval` uses.
+    """
     model.eval()
-    return float(seq2seq_loss(model, encode_seq2seq(tokenizer, pairs)))
+    input_ids, mask, labels = encode_seq2seq(tokenizer, pairs)
+    logits = model(input_ids=input_ids, attention_mask=mask, labels=labels).logits
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    scored = (labels != -100) & (labels != tokenizer.eos_token_id)
+    correct = (logits.argmax(-1) == labels) & scored
+    return float(loss), int(correct.sum()) / int(scored.sum())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +385,10 @@ class ModelReport:
     """The base model's loss on this model's held-out data."""
     eval_loss: float
     """This model's loss on its own held-out data."""
+    base_eval_accuracy: float | None = None
+    """Seq2seq only: the base model's teacher-forced token accuracy on this model's held-out data."""
+    eval_accuracy: float | None = None
+    """Seq2seq only: this model's token accuracy on its own held-out data."""
 
 
 @dataclass
@@ -367,7 +419,8 @@ def build_text_family(out: Path, size: Size, force: bool = False,
     from transformers import MixtralForCausalLM, PreTrainedTokenizerFast
 
     root = out / "mixtral"
-    train_docs = {d: text_docs(d, size.train_docs, SEED) for d in ["mixed", *TEXT_DOMAINS]}
+    train_docs = {d: text_docs(d, size.train_docs * (len(TEXT_DOMAINS) if d == "mixed" else 1), SEED)
+                  for d in ["mixed", *TEXT_DOMAINS]}
     eval_docs = {d: text_docs(d, size.eval_docs, SEED + 1) for d in ["mixed", *TEXT_DOMAINS]}
     for d in train_docs:
         write_text(out / "data" / "train" / f"mixtral-{d}.txt", train_docs[d])
@@ -381,12 +434,12 @@ def build_text_family(out: Path, size: Size, force: bool = False,
         tokenizer = tiny_tokenizer("\n".join(sum(train_docs.values(), [])), vocab_size=size.vocab)
         config = tiny_mixtral_config(vocab_size=len(tokenizer), hidden_size=size.hidden,
                                      intermediate_size=size.intermediate, num_hidden_layers=size.layers,
-                                     num_local_experts=size.experts, max_position_embeddings=size.seq_len * 2)
+                                     num_local_experts=size.experts, max_position_embeddings=size.seq_len)
         torch.manual_seed(SEED)
         base = MixtralForCausalLM(config)
-        blocks = pack_causal(tokenizer, train_docs["mixed"], size.seq_len)
-        loss = train(base, lambda idx: causal_loss(base, blocks[idx]), len(blocks), size.batch, size.lr,
-                     size.base_steps, "all", SEED)
+        stream = token_stream(tokenizer, train_docs["mixed"], size.seq_len)
+        loss = train(base, lambda idx: causal_loss(base, windows(stream, idx, size.seq_len)),
+                     len(stream) - size.seq_len + 1, size.batch, size.lr, size.base_steps, "all", SEED)
         _save(base, base_dir, tokenizer, "per-expert")
     else:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
@@ -402,9 +455,10 @@ def build_text_family(out: Path, size: Size, force: bool = False,
         if rebuild_base or not _built(path):
             log(f"mixtral/{v.name}: fine-tuning {v.trainable} on {v.data}")
             model = MixtralForCausalLM.from_pretrained(base_dir)
-            blocks = pack_causal(tokenizer, train_docs[v.data], size.seq_len)
-            loss = train(model, lambda idx: causal_loss(model, blocks[idx]), len(blocks), size.batch, size.lr,
-                         size.variant_steps, v.trainable, SEED + 10 + i)
+            stream = token_stream(tokenizer, train_docs[v.data], size.seq_len)
+            loss = train(model, lambda idx: causal_loss(model, windows(stream, idx, size.seq_len)),
+                         len(stream) - size.seq_len + 1, size.batch, size.lr, size.variant_steps, v.trainable,
+                         SEED + 10 + i)
             _save(model, path, tokenizer, v.save)
             status = "built"
         else:
@@ -422,8 +476,8 @@ def build_seq2seq_family(out: Path, size: Size, force: bool = False,
 
     root = out / "switch"
     tasks = ["mixed", *(v.data for v in SWITCH_VARIANTS)]
-    train_pairs = {t: seq2seq_pairs(t, size.train_docs * 5, SEED) for t in tasks}
-    eval_pairs = {t: seq2seq_pairs(t, size.eval_docs, SEED + 1) for t in tasks}
+    train_pairs = {t: seq2seq_pairs(t, size.train_pairs, SEED) for t in tasks}
+    eval_pairs = {t: seq2seq_pairs(t, size.eval_pairs, SEED + 1) for t in tasks}
     for t in tasks:
         write_jsonl(out / "data" / "train" / f"switch-{t}.jsonl", train_pairs[t])
     eval_files = {t: write_jsonl(out / "data" / "eval" / f"switch-{t}.jsonl", eval_pairs[t]) for t in tasks}
@@ -443,31 +497,33 @@ def build_seq2seq_family(out: Path, size: Size, force: bool = False,
         base = Switch(config)
         pairs = train_pairs["mixed"]
         loss = train(base, lambda idx: seq2seq_loss(base, encode_seq2seq(tokenizer, [pairs[j] for j in idx])),
-                     len(pairs), size.pairs, size.lr, size.base_steps, "all", SEED)
+                     len(pairs), size.pairs, size.lr, size.switch_base_steps, "all", SEED)
         _save(base, base_dir, tokenizer, "per-expert")
     else:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
         base, loss = Switch.from_pretrained(base_dir).eval(), None
-    base_mixed = eval_seq2seq(base, tokenizer, eval_pairs["mixed"])
+    base_mixed, base_acc = eval_seq2seq(base, tokenizer, eval_pairs["mixed"])
     reports.append(ModelReport("switch", "base", str(base_dir), "built" if rebuild_base else "reused", "mixed", "all",
-                               "per-expert", size.base_steps, loss, str(eval_files["mixed"]), base_mixed, base_mixed))
+                               "per-expert", size.switch_base_steps, loss, str(eval_files["mixed"]), base_mixed,
+                               base_mixed, base_acc, base_acc))
 
     for i, v in enumerate(SWITCH_VARIANTS):
         path = root / v.name
-        base_loss = eval_seq2seq(base, tokenizer, eval_pairs[v.data])
+        base_loss, base_acc = eval_seq2seq(base, tokenizer, eval_pairs[v.data])
         if rebuild_base or not _built(path):
             log(f"switch/{v.name}: fine-tuning {v.trainable} on {v.data}")
             model = Switch.from_pretrained(base_dir)
             pairs = train_pairs[v.data]
             loss = train(model, lambda idx: seq2seq_loss(model, encode_seq2seq(tokenizer, [pairs[j] for j in idx])),
-                         len(pairs), size.pairs, size.lr, size.variant_steps, v.trainable, SEED + 10 + i)
+                         len(pairs), size.pairs, size.lr, size.switch_variant_steps, v.trainable, SEED + 10 + i)
             _save(model, path, tokenizer, v.save)
             status = "built"
         else:
             model, loss, status = Switch.from_pretrained(path).eval(), None, "reused"
-        own = eval_seq2seq(model, tokenizer, eval_pairs[v.data])
+        own, own_acc = eval_seq2seq(model, tokenizer, eval_pairs[v.data])
         reports.append(ModelReport("switch", v.name, str(path), status, v.data, v.trainable, v.save,
-                                   size.variant_steps, loss, str(eval_files[v.data]), base_loss, own))
+                                   size.switch_variant_steps, loss, str(eval_files[v.data]), base_loss, own,
+                                   base_acc, own_acc))
     return reports
 
 
@@ -499,15 +555,19 @@ def print_report(report: FamilyReport) -> None:
         return "-" if x is None else f"{x:.3f}"
 
     table = Table(title=f"Model family in {report.out}")
-    for col in ["model", "status", "trains", "saved", "steps", "train loss", "own data: base", "own data: model"]:
+    columns = ["model", "status", "trains", "saved", "steps", "train loss", "own data: base", "own data: model",
+               "token acc: base", "token acc: model"]
+    for col in columns:
         left = col in ("model", "status", "trains", "saved")
         table.add_column(col, justify="left" if left else "right", no_wrap=True)
     for m in report.models:
         table.add_row(f"{m.family}/{m.name}", m.status, m.trainable, m.save, str(m.steps),
-                      fmt(m.train_loss), fmt(m.base_eval_loss), fmt(m.eval_loss))
-    console = Console(width=max(Console().width, 120))
+                      fmt(m.train_loss), fmt(m.base_eval_loss), fmt(m.eval_loss),
+                      fmt(m.base_eval_accuracy), fmt(m.eval_accuracy))
+    console = Console(width=max(Console().width, 150))
     console.print(table)
-    console.print(f"Losses are mean cross-entropy (nats/token) on held-out data in {report.out}/data/eval/. "
+    console.print(f"Losses are mean cross-entropy (nats/token) on held-out data in {report.out}/data/eval/ "
+                  "(Mixtral: log of `moeconsol eval`'s perplexity); token accuracy is teacher-forced (Switch). "
                   f"Total time: {report.seconds:.1f} s.")
 
 

@@ -21,8 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -60,6 +62,9 @@ from .writer import (
     parse_size,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from .calibration import LayerCosts, ModelActivations
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 _HEADER_ALLOWANCE = 256
@@ -333,8 +338,10 @@ def plan_reference(ckpts: list[Checkpoint], s: MergeSettings, progress: Progress
 def plan_calibrated(ckpts: list[Checkpoint], s: MergeSettings, progress: Progress | None = None) -> list[LayerPlan]:
     """Budget mode driven by each model's own activations (module calibration): capture
     every model once, cost every substitution per layer, cluster greedily by least added
-    cost, then pick each shared expert's representative (s.representative)."""
-    from .calibration import candidate_cost, capture, substitution_costs
+    cost, then pick each shared expert's representative (s.representative). A layer at the
+    floor (E bank experts) may instead take the same-index clusters of uniform averaging,
+    when they cost less on the calibration tokens with their own representatives."""
+    from .calibration import capture, substitution_costs
 
     ref = ckpts[0]
     E, L = ref.num_experts, len(ref.moe_layers)
@@ -358,30 +365,68 @@ def plan_calibrated(ckpts: list[Checkpoint], s: MergeSettings, progress: Progres
         progress("plan", L, L)
     clusters = cluster_calibrated(groups, [c.cost for c in costs], budget_experts(s.budget, ckpts))
     plans = []
-    for layer, cs, d, lc in zip(ref.moe_layers, clusters, digests, costs):
-        reps, weights = [], []
-        flat = None
-        for members in cs:
-            best_cost, best = cluster_cost(members, lc.cost)
-            if len({d[i] for i in members}) == 1 or s.representative == "first":
-                reps.append(members[0]), weights.append(None)
-                continue
-            w = [float(lc.usage[i]) for i in members]
-            w = [1.0] * len(members) if sum(w) <= 0 else w
-            if s.representative == "medoid":
-                reps.append(best), weights.append(None)
-                continue
-            if s.representative == "mean":
-                reps.append(None), weights.append(w)
-                continue
-            flat = flat if flat is not None else read_layer(ckpts, layer).flat
-            mean = {p: _weighted_mean([flat[i][p] for i in members], w) for p in ref.layout.parts}
-            if candidate_cost(ref, layer, flat, members, mean, acts, lc.energy) < best_cost:
-                reps.append(None), weights.append(w)
-            else:
-                reps.append(best), weights.append(None)
-        plans.append(LayerPlan(layer, cs, reps, weights))
+    for layer, cs, lg, d, lc in zip(ref.moe_layers, clusters, groups, digests, costs):
+        flat: list = []  # the layer's experts, read only when a mean must be costed
+
+        def experts() -> list:
+            if not flat:
+                flat.extend(read_layer(ckpts, layer).flat)
+            return flat
+
+        options = [cs]
+        aligned = same_index_clusters(lg, len(ckpts))
+        if len(cs) == E and aligned is not None and aligned != cs:
+            options.append(aligned)
+        chosen = [calibrated_representatives(ref, layer, c, d, lc, acts, s.representative, experts) for c in options]
+        k = min(range(len(options)), key=lambda o: (chosen[o][2], o))
+        plans.append(LayerPlan(layer, options[k], chosen[k][0], chosen[k][1]))
     return plans
+
+
+def same_index_clusters(lg: LayerGroups, n_models: int) -> list[list[int]] | None:
+    """The clusters of uniform averaging: bank expert e = every model's expert e; None where
+    bit-identical experts across expert indices rule it out (they must share)."""
+    E = lg.num_experts
+    if any(len({i % E for i in g}) > 1 for g in lg.groups):
+        return None
+    return [[m * E + e for m in range(n_models)] for e in range(E)]
+
+
+def calibrated_representatives(
+    ref: Checkpoint, layer: str, clusters: list[list[int]], digests: list[str], lc: "LayerCosts", acts: list["ModelActivations"],
+    rule: str, experts: Callable[[], list[dict[str, torch.Tensor]]],
+) -> tuple[list[int | None], list[list[float] | None], float]:
+    """(representatives, mean weights, total calibrated cost) of one layer's clusters under
+    `rule`: `first` / `medoid` (the least-cost member) / `mean` (usage-weighted) / `best`
+    (the cheaper of the two). The cost of a mean is measured on the calibration tokens
+    (`calibration.candidate_cost`); `experts()` gives the layer's flat expert list."""
+    from .calibration import candidate_cost
+
+    reps: list[int | None] = []
+    weights: list[list[float] | None] = []
+    total = 0.0
+    for members in clusters:
+        best_cost, best = cluster_cost(members, lc.cost)
+        if len({digests[i] for i in members}) == 1 or rule == "first":
+            reps.append(members[0]), weights.append(None)
+            total += float(lc.cost[members, members[0]].sum())
+            continue
+        w = [float(lc.usage[i]) for i in members]
+        w = [1.0] * len(members) if sum(w) <= 0 else w
+        if rule == "medoid":
+            reps.append(best), weights.append(None)
+            total += best_cost
+            continue
+        flat = experts()
+        mean = {p: _weighted_mean([flat[i][p] for i in members], w) for p in ref.layout.parts}
+        mean_cost = candidate_cost(ref, layer, flat, members, mean, acts, lc.energy)
+        if rule == "mean" or mean_cost < best_cost:
+            reps.append(None), weights.append(w)
+            total += mean_cost
+        else:
+            reps.append(best), weights.append(None)
+            total += best_cost
+    return reps, weights, total
 
 
 def plan_merged(ckpts: list[Checkpoint], s: MergeSettings) -> list[LayerPlan]:

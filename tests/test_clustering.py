@@ -15,9 +15,14 @@ from moeconsol.clustering import (
     LayerGroups,
     choose_representative,
     cluster_budget,
+    cluster_calibrated,
     cluster_lossless,
     cluster_threshold,
     identical_groups,
+    pack,
+    CalibratedLinkage,
+    CompleteLinkage,
+    cluster_cost,
     slot_maps,
     threshold_to_distance,
     to_distance,
@@ -117,6 +122,88 @@ def test_budget_honoured_without_conflicts(seed):
         assert sorted(i for c in cs for i in c) == list(range(3 * E))
         for c in cs:
             assert not same_model_conflict(c, [f"{i}" for i in range(12)], E)
+
+
+def stuck_layer() -> LayerGroups:
+    """3 models x 2 experts (items a0 a1 b0 b1 c0 c1 = 0..5) where closest-first merging
+    joins {a0, b0}, {a1, c0}, {b1, c1} and then every pair of clusters shares a model, though
+    two clusters ({a0, b0, c*}, {a1, b1, c*}) honour the same-model rule."""
+    d = np.full((6, 6), 10.0)
+    np.fill_diagonal(d, 0.0)
+    for (i, j), v in {(0, 2): 1.0, (1, 4): 2.0, (3, 5): 3.0}.items():
+        d[i, j] = d[j, i] = v
+    return LayerGroups("l", 2, [[i] for i in range(6)], d)
+
+
+def check_clustering(clusters: list[list[int]], n_models: int, E: int, digests: list[str]) -> None:
+    """Every item once, no two different experts of one model together, valid slot maps."""
+    assert sorted(i for c in clusters for i in c) == list(range(n_models * E))
+    assert not any(same_model_conflict(c, digests, E) for c in clusters)
+    maps = slot_maps(clusters, n_models, E)
+    for m, sm in enumerate(maps):
+        assert all(0 <= k < len(clusters) and m * E + e in clusters[k] for e, k in enumerate(sm))
+
+
+@pytest.mark.parametrize("mode", ["budget", "calibrated"])
+def test_stuck_greedy_is_packed_to_the_floor_exactly(mode):
+    lg = stuck_layer()
+    run = (lambda layers, n: cluster_budget(layers, n)) if mode == "budget" else (
+        lambda layers, n: cluster_calibrated(layers, [x.distance for x in layers], n))
+    digests = [str(i) for i in range(6)]
+    # the greedy alone stops here: three clusters, every pair sharing a model
+    assert run([lg], 3) == [[[0, 2], [1, 4], [3, 5]]]
+    two = run([lg], 2)[0]
+    assert len(two) == 2 and all(len(c) == 3 for c in two)
+    check_clustering(two, 3, 2, digests)
+    assert [0, 2] == [i for i in two[0] if i < 4]  # the closest pair (a0, b0) stays together
+    # budget is global: two stuck layers and room for 5 -> one layer packed, one left at 3
+    both = run([stuck_layer(), stuck_layer()], 5)
+    assert sorted(len(c) for c in both) == [2, 3]
+    assert [len(c) for c in run([stuck_layer(), stuck_layer()], 4)] == [2, 2]
+    with pytest.raises(MoeconsolError, match="budget cannot be met"):
+        run([lg], 1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pack_reaches_the_floor_on_random_layers(seed):
+    n_models, E = 4, 4
+    d, digests = random_layer(n_models, E, seed, identical=[(0, 5)])  # a0 == b1: one group
+    lg = identical_groups("l", digests, E, d)
+    floor = pack(lg, CompleteLinkage(lg))
+    assert len(floor) == E
+    clusters = [sorted(i for g in c for i in lg.groups[g]) for c in floor]
+    check_clustering(clusters, n_models, E, digests)
+    assert any({0, 5} <= set(c) for c in clusters)
+    # split back up to a target: exactly that many, still valid
+    nine = [sorted(i for g in c for i in lg.groups[g]) for c in pack(lg, CompleteLinkage(lg), 9)]
+    assert len(nine) == 9
+    check_clustering(nine, n_models, E, digests)
+    # and the budget reaches the floor over three such layers, whatever the greedy did
+    layers = []
+    for i in range(3):
+        di, names = random_layer(n_models, E, seed * 7 + i)
+        layers.append(identical_groups(f"l{i}", names, E, di))
+    for lgx, cs in zip(layers, cluster_budget(layers, 3 * E)):
+        assert len(cs) == E
+        check_clustering(cs, n_models, E, [str(i) for i in range(n_models * E)])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_calibrated_at_the_floor_costs_no_more_than_the_assignment(seed):
+    n_models, E = 3, 4
+    rng = np.random.default_rng(seed)
+    layers, costs = [], []
+    for i in range(2):
+        d, digests = random_layer(n_models, E, seed * 5 + i)
+        layers.append(identical_groups(f"l{i}", digests, E, d))
+        costs.append(rng.exponential(size=(n_models * E, n_models * E)) * (1 - np.eye(n_models * E)))
+    result = cluster_calibrated(layers, costs, 2 * E)
+    for lg, cost, cs in zip(layers, costs, result):
+        assert len(cs) == E
+        check_clustering(cs, n_models, E, [str(i) for i in range(n_models * E)])
+        total = sum(cluster_cost(c, cost)[0] for c in cs)  # least-cost member serves each cluster
+        assigned = sum(cluster_cost([i for g in c for i in lg.groups[g]], cost)[0] for c in pack(lg, CalibratedLinkage(lg, cost)))
+        assert total <= assigned + 1e-12
 
 
 def test_representatives_against_direct_computation():

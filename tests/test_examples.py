@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from moeconsol.checkpoint import Checkpoint
+from moeconsol.quality import seq2seq_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,20 +137,22 @@ def test_frozen_expert_variants_keep_experts_bit_identical_on_disk(family):
 
 
 def _hf_causal_loss(model, tokenizer, text_file: Path, seq_len: int) -> float:
-    """transformers' own loss (it shifts labels itself) on the held-out file as written."""
-    docs = text_file.read_text().rstrip("\n").split("\n\n")
-    stream = []
-    for doc in docs:
-        stream += [tokenizer.bos_token_id] + tokenizer.encode(doc) + [tokenizer.eos_token_id]
-    n = len(stream) // seq_len
-    ids = torch.tensor(stream[: n * seq_len]).view(n, seq_len)
+    """transformers' own loss (it shifts labels itself) on the held-out file as written, cut into
+    consecutive windows of seq_len tokens (a last, shorter one kept), token-weighted."""
+    ids = tokenizer(text_file.read_text())["input_ids"]
+    nll = tokens = 0.0
     with torch.no_grad():
-        return float(model(input_ids=ids, labels=ids).loss)
+        for start in range(0, len(ids), seq_len):
+            window = torch.tensor([ids[start : start + seq_len]])
+            if window.shape[1] >= 2:
+                nll += float(model(input_ids=window, labels=window).loss) * (window.shape[1] - 1)
+                tokens += window.shape[1] - 1
+    return nll / tokens
 
 
 def _hf_seq2seq_loss(model, tokenizer, jsonl: Path) -> float:
     pairs = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    enc = tokenizer([p["input"] + "</s>" for p in pairs], padding=True, return_tensors="pt")
+    enc = tokenizer([p["input"] for p in pairs], padding=True, return_tensors="pt")
     labels = tokenizer([p["target"] + "</s>" for p in pairs], padding=True, return_tensors="pt")
     target = labels.input_ids.masked_fill(labels.attention_mask == 0, -100)
     with torch.no_grad():
@@ -171,10 +174,21 @@ def test_each_variant_beats_the_base_on_its_own_held_out_data(family, models):
         if m.family == "mixtral":
             docs = eval_file.read_text().rstrip("\n").split("\n\n")
             assert docs == bf.text_docs(m.data, bf.SMALL.eval_docs, bf.SEED + 1)
+            # `moeconsol eval` scores in windows of max_position_embeddings: the training window.
+            assert models[(m.family, m.name)].config.max_position_embeddings == bf.SMALL.seq_len
             base_loss, own_loss = (_hf_causal_loss(models[(m.family, n)], tok, eval_file, bf.SMALL.seq_len)
                                    for n in ["base", m.name])
+            assert m.base_eval_accuracy is None and m.eval_accuracy is None
         else:
+            assert len(eval_file.read_text().splitlines()) == bf.SMALL.eval_pairs
             base_loss, own_loss = (_hf_seq2seq_loss(models[(m.family, n)], tok, eval_file) for n in ["base", m.name])
+            # The accuracy the builder prints is the one the quality sweep measures, per example.
+            examples = [json.loads(line) for line in eval_file.read_text().splitlines()]
+            base_acc, own_acc = (seq2seq_accuracy(models[(m.family, n)], tok, examples, max_new_tokens=1).token_accuracy
+                                 for n in ["base", m.name])
+            assert m.base_eval_accuracy == pytest.approx(base_acc, abs=1e-9)
+            assert m.eval_accuracy == pytest.approx(own_acc, abs=1e-9)
+            assert own_acc > base_acc, f"{m.family}/{m.name}: accuracy {own_acc:.3f} !> base {base_acc:.3f}"
         assert m.base_eval_loss == pytest.approx(base_loss, abs=1e-4)
         assert m.eval_loss == pytest.approx(own_loss, abs=1e-4)
         assert own_loss < base_loss, f"{m.family}/{m.name}: {own_loss:.3f} !< base {base_loss:.3f}"

@@ -189,3 +189,123 @@ def test_calibrated_needs_calibration_for_every_model(family, tmp_path):
             "--calibration", f"a={family / 'text.txt'}")
     assert r.returncode == 2
     one_error_line(r.stderr, "none for 'b'", "--calibration b=FILE")
+
+
+@pytest.mark.parametrize("mode", ["budget", "calibrated"])
+def test_merge_at_the_floor_succeeds(family, tmp_path, mode):
+    """One model's worth of experts (E per layer, a fraction of 1/N): every slot of every
+    model maps to a bank expert, no bank expert holds two different experts of one model."""
+    ckpts = open_checkpoints(models(family))
+    N, E, L = len(ckpts), ckpts[0].num_experts, len(ckpts[0].moe_layers)
+    cal = {"*": str(family / "text.txt")} if mode == "calibrated" else None
+    s = MergeSettings(mode=mode, budget=str(1 / N), calibration=cal, calibration_tokens=16)
+    result = merge(ckpts, tmp_path / "floor", s)
+    assert verify_artifact(tmp_path / "floor") == []
+    assert result.bank_sizes == {layer: E for layer in ckpts[0].moe_layers}
+    art = Artifact.open(tmp_path / "floor")
+    assert art.manifest["consolidation"]["budget_experts"] == L * E
+    for li, layer in enumerate(art.layers):
+        bank = art.manifest["layers"][li]["bank"]
+        for entry in bank:
+            members = [tuple(m) for m in entry["members"]]
+            by_model: dict[int, list[int]] = {}
+            for m, e in members:
+                by_model.setdefault(m, []).append(e)
+            for m, es in by_model.items():  # two experts of one model only if bit-identical
+                assert len(es) == 1 or all(torch.equal(ckpts[m].expert_part(layer, es[0], "w1"), ckpts[m].expert_part(layer, x, "w1")) for x in es)
+        for m, name in enumerate(art.model_names):
+            sm = art.slot_map(name, layer)
+            assert len(sm) == E and all(0 <= k < E for k in sm)
+            assert all([m, e] in bank[k]["members"] for e, k in enumerate(sm))
+
+
+# ---------------------------------------------------------------- the quality bar's reading
+
+
+def load_quality_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+    spec = importlib.util.spec_from_file_location("quality_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_bar_compares_methods_by_mean_gain_and_lists_variant_losses_as_notes():
+    from moeconsol.evaluate import SweepPoint, SweepReport
+
+    q = load_quality_benchmark()
+    names = ["base", "x", "y"]
+
+    def point(method, budget, fraction, gains, error=None):
+        # perplexity-like: base 10, original 5 for x and y; quality from the gain
+        quality = {"base": 10.0, **{n: 10.0 - 5.0 * g for n, g in gains.items()}}
+        return SweepPoint(method, budget, None, None, fraction, quality, {"base": math.nan, **gains}, {}, error)
+
+    def report(points):
+        return SweepReport({n: n for n in names}, "perplexity", True, 1, {"base": 10.0, "x": 5.0, "y": 5.0},
+                           {n: 10.0 for n in names}, points)
+
+    lucky = [
+        point("reference", 0.5, 0.5, {"x": 1.6, "y": 0.2}),  # x gains from y's experts; mean 0.9
+        point("calibrated", 0.5, 0.5, {"x": 0.95, "y": 0.92}),  # mean 0.935
+        point("reference", 0.25, 0.25, {"x": 1.0, "y": 0.5}),
+        point("calibrated", 0.25, 0.25, {"x": 0.9, "y": 0.7}),
+        point("average", None, 0.25, {"x": 0.7, "y": 0.6}),
+    ]
+    misses, notes = q.check_bar(report(lucky))
+    assert misses == []
+    assert any(n.startswith("x at 0.5") and "reference 160%" in n for n in notes)
+    assert q.matched_budget(report(lucky)) == 0.25
+    # a worse mean, a variant under 90% at 0.5, a failed budget and a tie with averaging all miss
+    bad = [
+        point("reference", 0.5, 0.5, {"x": 1.0, "y": 1.0}),
+        point("calibrated", 0.5, 0.5, {"x": 0.95, "y": 0.85}),
+        point("calibrated", 0.25, None, {}, error="budget cannot be met"),
+        point("calibrated", 0.75, 0.75, {"x": 0.7, "y": 0.6}),
+        point("average", None, 0.25, {"x": 0.7, "y": 0.6}),
+    ]
+    misses, _ = q.check_bar(report(bad))
+    assert any("y keeps 85.0%" in m for m in misses)
+    assert any("at 0.5: mean retained gain 90.0% < reference 100.0%" in m for m in misses)
+    assert any("at 0.25: no artifact" in m for m in misses)
+    assert any("at 0.75" in m and "not above uniform averaging 65.0%" in m for m in misses)
+    table = "\n".join(q.summary(report(lucky)))
+    assert "| reference | 0.5 | 50% | 90% | y 20% |" in table
+
+
+def test_calibrated_floor_keeps_the_cheaper_of_greedy_and_same_index_clusters(family, tmp_path):
+    from moeconsol.calibration import substitution_costs
+    from moeconsol.clustering import cluster_calibrated, identical_groups
+    from moeconsol.merge import calibrated_representatives, same_index_clusters
+    from moeconsol.similarity import expert_digest, layer_similarity, read_layer
+
+    ckpts = open_checkpoints(models(family))
+    N, E = len(ckpts), ckpts[0].num_experts
+    text = str(family / "text.txt")
+    s = MergeSettings(mode="calibrated", budget=str(1 / N), representative="best", calibration={"*": text}, calibration_tokens=16)
+    merge(ckpts, tmp_path / "floor", s)
+    art = Artifact.open(tmp_path / "floor")
+    acts = [capture(c, text, max_tokens=16) for c in ckpts]
+    groups, costs, digests = [], [], []
+    for layer in ckpts[0].moe_layers:
+        ex = read_layer(ckpts, layer)
+        sim = layer_similarity(ckpts, layer, ["cosine"], None, experts=ex)
+        digests.append([expert_digest(e) for e in ex.flat])
+        groups.append(identical_groups(layer, digests[-1], E, 1.0 - sim.matrices["cosine"]))
+        costs.append(substitution_costs(ckpts[0], layer, ex.flat, acts))
+    greedy = cluster_calibrated(groups, [c.cost for c in costs], E * len(groups))
+    for li, layer in enumerate(ckpts[0].moe_layers):
+        flat = read_layer(ckpts, layer).flat
+        aligned = same_index_clusters(groups[li], N)
+        assert aligned == [[m * E + e for m in range(N)] for e in range(E)]  # no cross-index twins here
+        price = {name: calibrated_representatives(ckpts[0], layer, cs, digests[li], costs[li], acts, "best", lambda: flat)[2]
+                 for name, cs in (("greedy", greedy[li]), ("aligned", aligned))}
+        stored = [[m * E + e for m, e in entry["members"]] for entry in art.manifest["layers"][li]["bank"]]
+        want = greedy[li] if price["greedy"] <= price["aligned"] else aligned
+        assert sorted(stored) == sorted(want), (layer, price)
+    # twins at different indices (a0 == b1) rule the same-index clusters out
+    lg = identical_groups("l", ["x", "p", "q", "x"], 2)
+    assert same_index_clusters(lg, 2) is None
