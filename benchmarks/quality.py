@@ -231,7 +231,7 @@ def main() -> int:
         start = time.perf_counter()
         report = run_family(family, fam, budgets)
         seconds = time.perf_counter() - start
-        (out / f"quality-{fam}.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        (out / f"quality-{fam}.json").write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
         plot_sweep(report, out / f"quality-{fam}.png")
         parts.append(markdown(fam, report, seconds))
         reached &= not check_bar(report)[0]

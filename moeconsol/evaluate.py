@@ -174,7 +174,18 @@ class EvalReport:
     variants: list[VariantEval]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return _json_safe(asdict(self))
+
+
+def _json_safe(obj):
+    """NaN and infinities (an undefined retained gain) become null: strict JSON for any parser."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def _check_variants(names: list[str], data: dict[str, str], variants: list[str] | None, where: str) -> list[str]:
@@ -269,7 +280,7 @@ class SweepReport:
     settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return _json_safe(asdict(self))
 
 
 def sweep_methods(base: str | None, calibration: dict[str, str] | None) -> list[str]:

@@ -103,6 +103,19 @@ def test_eval_cli_json_and_retained_gain_of_a_lossy_artifact(mixtral_family, tmp
     assert v["retained_gain"] == pytest.approx((v["base"] - v["consolidated"]) / (v["base"] - v["original"]))
 
 
+def test_eval_json_is_strict_json_with_null_for_an_undefined_gain(mixtral_family, tmp_path):
+    root = mixtral_family
+    r = cli("eval", root / "lossless", "--data", f"a={root / 'a.txt'}", "--chunk-len", "16", "--json", tmp_path / "e.json")
+    assert r.returncode == 0, r.stderr
+
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    report = json.loads((tmp_path / "e.json").read_text(), parse_constant=refuse)
+    [v] = report["variants"]
+    assert v["base"] is None and v["retained_gain"] is None
+
+
 @pytest.mark.parametrize(
     "content, fragments",
     [

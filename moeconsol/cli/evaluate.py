@@ -105,7 +105,7 @@ def eval_command(
         r = eval_artifact(artifact, _named(data, "--data"), base, variant or None, settings, report)
     _print_eval(r)
     if json_file:
-        json_file.write_text(json.dumps(r.to_dict(), indent=2) + "\n")
+        json_file.write_text(json.dumps(r.to_dict(), indent=2, allow_nan=False) + "\n")
 
 
 @app.command("sweep")
@@ -135,6 +135,6 @@ def sweep_command(
                   {"calibrated": {"representative": "best"}}, report)
     Console(width=max(Console().width, 140)).print(sweep_table(r))
     if json_file:
-        json_file.write_text(json.dumps(r.to_dict(), indent=2) + "\n")
+        json_file.write_text(json.dumps(r.to_dict(), indent=2, allow_nan=False) + "\n")
     if plot:
         plot_sweep(r, plot)
