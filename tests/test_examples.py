@@ -231,7 +231,7 @@ def _demo(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env)
 
 
-def test_demo_script_analyzes_both_families(family):
+def test_demo_script_runs_the_whole_pipeline(family):
     out, _ = family
     proc = _demo(str(out))
     assert proc.returncode == 0, proc.stderr
@@ -240,6 +240,16 @@ def test_demo_script_analyzes_both_families(family):
         analysis = json.loads((reports / f"{fam}-analyze.json").read_text())
         assert analysis  # written by `moeconsol analyze`, checked in its own tests
         assert (reports / f"{fam}-heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    artifacts = out / "artifacts"
+    for name in ["mixtral-lossless", "mixtral-budget50", "switch-threshold", "mixtral-calibrated"]:
+        assert (artifacts / name / "manifest.json").is_file(), name
+    assert "ok: " in proc.stdout  # `moeconsol verify` of the lossless artifact
+    assert (artifacts / "math-exported" / "config.json").is_file()
+    assert proc.stdout.count("time to first token") == 3  # serve-local: code, math, upper
+    evaluation = json.loads((reports / "mixtral-eval.json").read_text())
+    gains = {v["name"]: v["retained_gain"] for v in evaluation["variants"]}
+    assert set(gains) == {"base", "code", "math", "story"}
+    assert gains["base"] is None and all(isinstance(gains[n], float) for n in ["code", "math", "story"])
 
 
 def test_demo_script_refuses_a_directory_without_a_family(tmp_path):
