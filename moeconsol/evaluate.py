@@ -412,6 +412,7 @@ def plot_sweep(report: SweepReport, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     names = list(report.original)
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
@@ -427,6 +428,10 @@ def plot_sweep(report: SweepReport, path: str | Path) -> Path:
         ax.set_title(n)
         ax.set_xlabel("expert memory (MiB)")
         ax.set_ylabel(report.metric + (" (lower is better)" if report.lower_is_better else ""))
+        if report.metric == "perplexity":
+            ax.set_yscale("log")  # the scale of the loss: a failed baseline does not flatten the rest
+            for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis_formatter(FormatStrFormatter("%g"))
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
