@@ -18,14 +18,6 @@ from moeconsol.merge import MergeSettings, merge
 from moeconsol.testing import SAMPLE_TEXT, derive_variant, save_model, tiny_mixtral, tiny_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """base + three fine-tunes; a and b change some experts, c changes only non-experts."""

@@ -2,46 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..evaluate import EvalReport, EvalSettings, SweepReport, eval_artifact, parse_budgets, parse_named_files, plot_sweep, sweep
 from ..writer import format_bytes
 from . import app
-
-
-@contextlib.contextmanager
-def _progress(quiet: bool) -> Iterator:
-    """A rich progress bar on stderr (only on a terminal), one task per stage."""
-    console = Console(stderr=True)
-    if quiet or not console.is_terminal:
-        yield None
-        return
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=console, transient=True)
-    tasks: dict[str, int] = {}
-
-    def report(stage: str, done: int, total: int) -> None:
-        if not tasks:
-            bar.start()
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(stage, total=total)
-        bar.update(tasks[stage], completed=done, total=total)
-
-    try:
-        yield report
-    finally:
-        if tasks:
-            bar.stop()
+from .progress import stage_progress
 
 
 def _num(x: float | None, digits: int = 4) -> str:
@@ -101,7 +74,7 @@ def eval_command(
 ) -> None:
     """Quality of each variant: original checkpoint vs. consolidated (served by the runtime)."""
     settings = EvalSettings(chunk_len=chunk_len, max_examples=max_examples)
-    with _progress(False) as report:
+    with stage_progress() as report:
         r = eval_artifact(artifact, _named(data, "--data"), base, variant or None, settings, report)
     _print_eval(r)
     if json_file:
@@ -129,7 +102,7 @@ def sweep_command(
         json_file = json_file or output / "sweep.json"
         plot = plot or output / "sweep.png"
     settings = EvalSettings(chunk_len=chunk_len, max_examples=max_examples)
-    with _progress(False) as report:
+    with stage_progress() as report:
         r = sweep(models, _named(data, "--data"), parse_budgets(budgets), base,
                   parse_named_files(calibration, "--calibration") or None, method or None, settings, output,
                   {"calibrated": {"representative": "best"}}, report)

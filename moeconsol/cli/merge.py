@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..artifact import Artifact, export_model, summary, verify_artifact
@@ -20,36 +17,9 @@ from ..merge import DEFAULT_SHARD_SIZE, MergeSettings
 from ..merge import merge as run_merge
 from ..writer import format_bytes, parse_size
 from . import app
+from .progress import stage_progress
 
 _STAGES = {"plan": "measuring experts", "non-expert": "hashing non-expert tensors", "write": "writing", "export": "exporting", "verify": "checking files"}
-
-
-@contextlib.contextmanager
-def _progress(quiet: bool) -> Iterator:
-    """A rich progress bar on stderr (only on a terminal), one task per stage, started at
-    the first report; yields the library's progress callback."""
-    console = Console(stderr=True)
-    if quiet or not console.is_terminal:
-        yield None
-        return
-    bar = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
-    )
-    tasks: dict[str, int] = {}
-
-    def report(stage: str, done: int, total: int) -> None:
-        if not tasks:
-            bar.start()
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(_STAGES.get(stage, stage), total=total)
-        bar.update(tasks[stage], completed=done, total=total)
-
-    try:
-        yield report
-    finally:
-        if tasks:
-            bar.stop()
 
 
 def _print_summary(s: dict, title: str) -> None:
@@ -100,7 +70,7 @@ def merge(
         calibration_tokens=calibration_tokens,
     )
     ckpts = open_checkpoints(models, revision)
-    with _progress(as_json) as report:
+    with stage_progress(as_json, _STAGES) as report:
         result = run_merge(ckpts, output, settings, force=force, progress=report)
     s = summary(Artifact.open(result.path))
     if as_json:
@@ -118,7 +88,7 @@ def export(
     checksums: bool = typer.Option(True, "--checksums/--no-checksums", help="Check the sha256 of the files read first."),
 ) -> None:
     """Write one model of an artifact back as a standard Hugging Face checkpoint."""
-    with _progress(False) as report:
+    with stage_progress(False, _STAGES) as report:
         path = export_model(artifact, model, output, force=force, checksums=checksums, progress=report)
     Console().print(f"exported {model!r} to {path}")
 
@@ -143,7 +113,7 @@ def verify(
 ) -> None:
     """Check every file's size and sha256 and every tensor's shape. Exit 0 if all is well,
     1 if the artifact is damaged (each problem named), 2 if OUT is not an artifact."""
-    with _progress(as_json) as report:
+    with stage_progress(as_json, _STAGES) as report:
         problems = verify_artifact(artifact, progress=report)
     if as_json:
         print(json.dumps({"ok": not problems, "problems": problems}, indent=2))

@@ -9,12 +9,12 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import MoeconsolError
 from ..runtime import GenerationSettings, Runtime, check_settings, parse_device, parse_dtype
 from ..server import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_WAIT, serve
 from . import app
+from .progress import stage_progress
 
 
 def _size(n: int) -> str:
@@ -58,15 +58,7 @@ def serve_local(
 
     err = Console(stderr=True)
     first = model[0] if model else None
-    with Progress(TextColumn("load"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                  TimeElapsedColumn(), console=err, transient=True) as progress:
-        tasks: dict[str, int] = {}
-
-        def advance(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total)
-            progress.update(tasks[stage], completed=done)
-
+    with stage_progress(labels={"non-expert tensors": "load non-expert tensors", "expert bank": "load expert bank"}) as advance:
         runtime = Runtime.from_artifact(artifact, device=torch_device, dtype=torch_dtype, active=first, progress=advance)
     for name in model or []:
         runtime.check_model(name)
