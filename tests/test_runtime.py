@@ -172,10 +172,9 @@ def test_streamed_text_adds_up_to_the_completion(family):
     assert "".join(pieces) == c.text
 
 
+@pytest.mark.parametrize("family", ["mixtral"], indirect=True)  # one dtype check is enough
 def test_bfloat16_runtime_matches_transformers_in_bfloat16(family):
     arch, paths, refs, _ = family
-    if arch != "mixtral":
-        pytest.skip("one dtype check is enough")
     rt = Runtime.from_artifact(paths["out"], dtype=torch.bfloat16, active="ft")
     ref = transformers.MixtralForCausalLM.from_pretrained(paths["ft"], dtype=torch.bfloat16).eval()
     inputs = _inputs("mixtral", rt.tokenizer("ft"))
@@ -230,10 +229,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moeconsol", "serve-local", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.parametrize("family", ["mixtral"], indirect=True)  # one CLI run is enough
 def test_cli_one_shot_prints_greedy_text_of_each_model(family):
     arch, paths, refs, rt = family
-    if arch != "mixtral":
-        pytest.skip("one CLI run is enough")
     r = _cli(str(paths["out"]), "--model", "ft", "--model", "base", "--prompt", PROMPT, "--max-new-tokens", "6", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -256,10 +254,9 @@ def test_cli_one_shot_prints_greedy_text_of_each_model(family):
     assert "time to first token" in r.output and "tokens/s" in r.output and "swap" in r.output
 
 
+@pytest.mark.parametrize("family", ["mixtral"], indirect=True)  # CLI errors do not depend on the architecture
 def test_cli_errors_are_one_line_exit_2(family):
     arch, paths, refs, rt = family
-    if arch != "mixtral":
-        pytest.skip("CLI errors do not depend on the architecture")
     cases = [
         (["--model", "nope", "--prompt", "hi"], "unknown model 'nope'"),
         (["--prompt", "hi", "--port", "8000"], "either --prompt"),
