@@ -72,12 +72,22 @@ def format_bytes(n: float) -> str:
 # -- atomic directories -------------------------------------------------------------------
 
 
+_REPLACEABLE_MARKERS = ("manifest.json", "config.json")
+"""--force replaces only what moeconsol could have written: an artifact or a checkpoint (or an empty dir)."""
+
+
 def check_destination(out: Path, force: bool) -> None:
-    """Refuse an existing OUT without `force`, and an OUT whose parent does not exist."""
+    """Refuse an existing OUT without `force`, one that `force` must not delete (a directory
+    that is neither an artifact nor a checkpoint), and an OUT whose parent does not exist."""
     if out.exists() and not force:
         raise MoeconsolError(f"{out} already exists: choose another path or pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise MoeconsolError(f"{out} exists and is not a directory: remove it first")
+    if out.is_dir() and any(out.iterdir()) and not any((out / f).is_file() for f in _REPLACEABLE_MARKERS):
+        raise MoeconsolError(
+            f"{out} is a directory that is neither a moeconsol artifact nor a checkpoint: "
+            "not replacing it even with --force; choose another path or remove it yourself"
+        )
     if not out.parent.is_dir():
         raise MoeconsolError(f"{out.parent}: no such directory to write {out.name} into")
 

@@ -193,3 +193,18 @@ def test_sigterm_mid_merge_cleans_up(big_family, tmp_path):
     assert proc.returncode == 130
     assert os.listdir(tmp_path) == []
     assert "Traceback" not in proc.stderr.read()
+
+
+def test_force_never_replaces_a_directory_moeconsol_did_not_write(family, tmp_path, monkeypatch, capsys):
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    code, _, err = run(monkeypatch, capsys, "merge", family / "base", family / "ft", "-o", precious, "--force")
+    assert code == 2
+    one_error_line(err, "neither a moeconsol artifact nor a checkpoint", "not replacing it")
+    assert (precious / "thesis.txt").read_text() == "years of work"
+    assert sorted(os.listdir(tmp_path)) == ["notes"]  # no temporary directory left behind
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, _ = run(monkeypatch, capsys, "merge", family / "base", family / "ft", "-o", empty, "--force")
+    assert code == 0 and (empty / "manifest.json").is_file()
