@@ -284,7 +284,7 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path: Path, exc):
 def test_atomic_directory_force_replaces_only_when_complete(tmp_path: Path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old").write_text("old")
+    (out / "manifest.json").write_text("old")  # a previous artifact: --force may replace it
     with pytest.raises(MoeconsolError, match="already exists"):
         with atomic_directory(out):
             pass
@@ -292,7 +292,7 @@ def test_atomic_directory_force_replaces_only_when_complete(tmp_path: Path):
         with atomic_directory(out, force=True) as tmp:
             (tmp / "new").write_text("new")
             raise RuntimeError
-    assert os.listdir(out) == ["old"]
+    assert os.listdir(out) == ["manifest.json"]
     with atomic_directory(out, force=True) as tmp:
         (tmp / "new").write_text("new")
     assert os.listdir(out) == ["new"]
