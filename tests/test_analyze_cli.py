@@ -16,6 +16,7 @@ from moeconsol import testing as T
 from moeconsol.checkpoint import open_checkpoints
 from moeconsol.cli import main
 from moeconsol.similarity import layer_similarity
+from cli_helpers import cli
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -57,9 +58,7 @@ def models(tmp_path_factory):
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "moeconsol", "analyze", *args], capture_output=True, text=True, env=full_env, timeout=300
-    )
+    return cli("analyze", *args, env=full_env)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
@@ -14,6 +12,7 @@ from moeconsol.evaluate import EvalSettings, eval_artifact, sweep
 from moeconsol.merge import MergeSettings, merge
 from moeconsol.quality import perplexity, seq2seq_accuracy
 from moeconsol.testing import SAMPLE_TEXT, derive_variant, save_model, tiny_mixtral, tiny_switch, tiny_tokenizer
+from cli_helpers import cli, one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +44,6 @@ def switch_family(tmp_path_factory):
     return root
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moeconsol", *map(str, args)], capture_output=True, text=True, timeout=120)
-
-
-def one_error_line(r: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moeconsol: error: "), r.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def test_eval_of_a_lossless_mixtral_artifact_equals_the_originals(mixtral_family):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from moeconsol.calibration import capture
 from moeconsol.checkpoint import open_checkpoint, open_checkpoints
 from moeconsol.merge import MergeSettings, merge
 from moeconsol.testing import SAMPLE_TEXT, derive_variant, save_model, tiny_mixtral, tiny_tokenizer
+from cli_helpers import cli, one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +35,6 @@ def models(root):
     return [f"{n}={root / n}" for n in ("a", "b", "c")]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moeconsol", *map(str, args)], capture_output=True, text=True, timeout=120)
-
-
-def one_error_line(err: str, *fragments: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moeconsol: error: "), err
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 # ---------------------------------------------------------------- merging baselines

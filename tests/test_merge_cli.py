@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from moeconsol.cli import main
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
+from cli_helpers import cli, one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +52,6 @@ def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moeconsol", *map(str, args)], capture_output=True, text=True, timeout=120)
-
-
-def one_error_line(err: str, *fragments: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moeconsol: error: "), err
-    for f in fragments:
-        assert f in lines[0], err
 
 
 def test_merge_inspect_verify_export(family, tmp_path, monkeypatch, capsys):

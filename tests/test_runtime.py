@@ -20,6 +20,7 @@ from moeconsol.errors import MoeconsolError
 from moeconsol.merge import merge
 from moeconsol.runtime import Family, GenerationSettings, Runtime, parse_device, parse_dtype
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_switch, tiny_tokenizer
+from cli_helpers import cli
 
 PROMPT = "The quick brown fox"
 CLASSES = {"mixtral": transformers.MixtralForCausalLM, "switch": transformers.SwitchTransformersForConditionalGeneration}
@@ -225,14 +226,10 @@ def test_variants_of_different_configurations_are_refused():
 # -- the CLI, one-shot -------------------------------------------------------------------------
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moeconsol", "serve-local", *args], capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("family", ["mixtral"], indirect=True)  # one CLI run is enough
 def test_cli_one_shot_prints_greedy_text_of_each_model(family):
     arch, paths, refs, rt = family
-    r = _cli(str(paths["out"]), "--model", "ft", "--model", "base", "--prompt", PROMPT, "--max-new-tokens", "6", "--json")
+    r = cli("serve-local", str(paths["out"]), "--model", "ft", "--model", "base", "--prompt", PROMPT, "--max-new-tokens", "6", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     tok = rt.tokenizer("ft")

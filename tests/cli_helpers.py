@@ -1,0 +1,25 @@
+"""Running the real `moeconsol` command in a subprocess, and checking its error contract."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def cli(*args: object, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m moeconsol ARGS`, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "moeconsol", *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def one_error_line(result: str | subprocess.CompletedProcess, *fragments: str) -> None:
+    """Bad input: exactly one `moeconsol: error:` line on stderr naming every fragment (and,
+    given a finished process, exit code 2)."""
+    if isinstance(result, subprocess.CompletedProcess):
+        assert result.returncode == 2, (result.returncode, result.stderr)
+        result = result.stderr
+    lines = result.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moeconsol: error: "), result
+    for f in fragments:
+        assert f in lines[0], result
