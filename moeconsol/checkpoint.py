@@ -89,7 +89,8 @@ def resolve_checkpoint_dir(source: str, revision: str | None = None) -> Path:
         raise MoeconsolError(f"{source}: cannot resolve on the Hugging Face hub: {first}") from None
 
 
-def _natural_key(name: str) -> tuple:
+def natural_key(name: str) -> tuple:
+    """Sort key for tensor and layer names: numbers by value, encoder before decoder."""
     stack = 0 if name.startswith("encoder") else 1 if name.startswith("decoder") else 0
     return (stack, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)])
 
@@ -130,7 +131,7 @@ class Checkpoint:
                 self.expert_tensor_names.append(tname)
             elif (layer := layout.match_router(tname)) is not None:
                 self._routers[layer] = tname
-        self.moe_layers: list[str] = sorted(counts, key=_natural_key)
+        self.moe_layers: list[str] = sorted(counts, key=natural_key)
         sizes = {len(v) for v in counts.values()}
         if len(sizes) != 1:
             raise MoeconsolError(f"{path}: MoE layers have different expert counts {sorted(sizes)}")
@@ -286,7 +287,7 @@ def check_compatible(ckpts: list[Checkpoint]) -> None:
         if c.dtype != ref.dtype:
             raise MoeconsolError(f"dtype mismatch: {pair}: experts are {c.dtype} vs {ref.dtype}")
         tensors = {c.layout.canonical_name(n): c.tensors[n].shape for n in c.non_expert_names}
-        for name in sorted(set(tensors) | set(ref_tensors), key=_natural_key):
+        for name in sorted(set(tensors) | set(ref_tensors), key=natural_key):
             if name not in tensors or name not in ref_tensors:
                 where = c.name if name not in tensors else ref.name
                 raise MoeconsolError(f"tensor mismatch: {pair}: {name} is missing from {where!r}")

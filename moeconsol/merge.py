@@ -31,7 +31,7 @@ import torch
 from . import __version__
 from .artifact import FORMAT, FORMAT_VERSION, MANIFEST, Progress, bank_key
 from . import baselines
-from .checkpoint import Checkpoint, _natural_key, check_compatible, open_checkpoint
+from .checkpoint import Checkpoint, natural_key, check_compatible, open_checkpoint
 from .clustering import (
     MODES,
     REPRESENTATIVES,
@@ -471,7 +471,7 @@ def _tensor_digest(ckpt: Checkpoint, name: str) -> str:
 def plan_non_experts(ckpts: list[Checkpoint], progress: Progress | None = None) -> NonExpertPlan:
     """Hash every non-expert tensor of every model (one at a time); keep each version once."""
     disk = [{c.layout.canonical_name(n): n for n in c.non_expert_names} for c in ckpts]
-    names = sorted(disk[0], key=_natural_key)
+    names = sorted(disk[0], key=natural_key)
     stored: list[StoredTensor] = []
     keys: list[dict[str, str]] = [{} for _ in ckpts]
     for i, name in enumerate(names):
@@ -551,7 +551,7 @@ def plan_merged_non_experts(ckpts: list[Checkpoint]) -> tuple[list[TensorSpec], 
     of model 0)."""
     ref = ckpts[0]
     disk = {ref.layout.canonical_name(n): n for n in ref.non_expert_names}
-    names = sorted(disk, key=_natural_key)
+    names = sorted(disk, key=natural_key)
     specs = [TensorSpec(f"{n}@0", ref.tensors[disk[n]].dtype, ref.tensors[disk[n]].shape) for n in names]
     return specs, {n: f"{n}@0" for n in names}, {n: disk[n] for n in names}
 
