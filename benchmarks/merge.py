@@ -1,18 +1,27 @@
-"""Peak memory, time and bytes of `moeconsol merge` on four Mixtral-shaped checkpoints of > 1 GB.
+"""Time, peak memory and bytes of `moeconsol merge` and `analyze` on four Mixtral-shaped
+checkpoints of > 1 GB, against the I/O floor and mergekit, measured in the same run.
 
 Builds four synthetic checkpoints with real Mixtral proportions (hidden 1024, intermediate
 3584, 8 experts, bf16, two layers per shard plus an index), written directly with
 safetensors one shard at a time. Experts 0..SHARED-1 of every layer are bit-identical in all
 four models; the others are the base's plus a small perturbation (cosine about 0.9997), like
-fine-tunes. Then, for each mode (lossless, threshold, budget), it runs `moeconsol merge` in
-a subprocess, polling its RSS with psutil, and reports:
+fine-tunes. Then it runs, each in a subprocess polled for RSS and followed by `sync`:
 
-- peak RSS vs. the bytes of one MoE layer of all four models (what the plan pass holds);
-- wall time vs. a plain read-and-write copy of the same input bytes, timed in the same run;
-- artifact bytes vs. input bytes; for lossless, asserts that the bank is exactly the
-  identical share: SHARED + 4 * (8 - SHARED) experts per layer.
+- `moeconsol merge` in each mode (lossless, threshold, budget) and `moeconsol analyze
+  --metric cosine`;
+- the I/O floor (benchmarks/peer.py): `cat` of the inputs + `cp -r` of the lossless
+  artifact + `sync`;
+- mergekit's linear merge of the same four models, when mergekit is installed (peer.py).
 
-Usage: python benchmarks/merge.py [--layers 6] [--shared 4] [--keep DIR] [--json]
+It prints each time as a ratio to the floor and to mergekit, peak RSS against one MoE layer
+of all four models, and artifact bytes; for lossless it asserts that the bank is exactly the
+identical share: SHARED + 4 * (8 - SHARED) experts per layer. Inputs are page-cached (read
+once before timing), so the floor is memory and disk-write bandwidth, not disk reads.
+
+Usage: python benchmarks/merge.py [--layers 6] [--shared 4] [--keep DIR] [--mergekit PATH]
+       [--code DIR] [--json OUT.json]
+`--code DIR` runs moeconsol from another source tree (e.g. a worktree of an older commit),
+for before/after comparisons in one run.
 """
 
 from __future__ import annotations
@@ -23,13 +32,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
-import time
+import os
 from pathlib import Path
 
-import psutil
 import torch
 from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+import peer  # noqa: E402
 
 HIDDEN, INTERMEDIATE, EXPERTS, HEADS, KV_HEADS, VOCAB = 1024, 3584, 8, 8, 2, 32000
 MODELS = 4
@@ -93,99 +103,82 @@ def build_family(root: Path, layers: int, shared: int) -> list[Path]:
     return dirs
 
 
-def run_measured(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes, polled every 20 ms) of a subprocess."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ps = psutil.Process(proc.pid)
-    peak = 0
-    done = threading.Event()
-
-    def poll():
-        nonlocal peak
-        while not done.is_set():
-            try:
-                peak = max(peak, ps.memory_info().rss)
-            except psutil.Error:
-                break
-            time.sleep(0.02)
-
-    t = threading.Thread(target=poll)
-    t.start()
-    _, err = proc.communicate()
-    done.set()
-    t.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {err}")
-    return time.perf_counter() - start, peak
-
-
-def plain_copy(dirs: list[Path], target: Path) -> float:
-    """Read and write the same input bytes (no moeconsol), for a time reference."""
-    start = time.perf_counter()
-    for d in dirs:
-        (target / d.name).mkdir(parents=True)
-        for f in d.glob("*.safetensors"):
-            with open(f, "rb") as src, open(target / d.name / f.name, "wb") as dst:
-                shutil.copyfileobj(src, dst, 16 * MiB)
-    elapsed = time.perf_counter() - start
-    shutil.rmtree(target)
-    return elapsed
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--shared", type=int, default=4, help="experts per layer identical in all four models")
-    ap.add_argument("--keep", type=Path, help="build the family here and keep it")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--keep", type=Path, help="build the family here and keep it (reused when present)")
+    ap.add_argument("--mergekit", help="path of mergekit-yaml (default: $MERGEKIT_YAML or PATH)")
+    ap.add_argument("--code", type=Path, help="run moeconsol from this source tree")
+    ap.add_argument("--modes", default="lossless,threshold,budget,analyze")
+    ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="moeconsol-merge-bench-"))
+    cwd = str(args.code.resolve()) if args.code else None
     try:
-        dirs = build_family(root / "family", args.layers, args.shared) if not (root / "family").exists() else sorted((root / "family").iterdir())
+        family = root / "family"
+        dirs = sorted(family.iterdir()) if family.exists() else build_family(family, args.layers, args.shared)
+        layers = json.loads((dirs[0] / "config.json").read_text())["num_hidden_layers"]
         input_bytes = sum(f.stat().st_size for d in dirs for f in d.iterdir())
-        expert_bytes = 3 * HIDDEN * INTERMEDIATE * 2
-        one_layer = MODELS * EXPERTS * expert_bytes
-        copy_s = plain_copy(dirs, root / "copy")
-        total_bank = args.layers * MODELS * EXPERTS
+        subprocess.run(["sh", "-c", 'cat "$@" > /dev/null', "cat", *map(str, (f for d in dirs for f in d.iterdir()))], check=True)
+        one_layer = MODELS * EXPERTS * 3 * HIDDEN * INTERMEDIATE * 2
+        total_bank = layers * MODELS * EXPERTS
         modes = {
-            "lossless": [],
-            "threshold": ["--mode", "threshold", "--metric", "cosine", "--threshold", "0.999"],
-            "budget": ["--mode", "budget", "--budget", "0.375"],
+            "lossless": ["merge"],
+            "threshold": ["merge", "--mode", "threshold", "--metric", "cosine", "--threshold", "0.999"],
+            "budget": ["merge", "--mode", "budget", "--budget", "0.375"],
+            "analyze": ["analyze", "--metric", "cosine"],
         }
+        wanted = args.modes.split(",")
         rows = []
-        for mode, extra in modes.items():
+        floor = None
+        for mode in wanted:
             out = root / f"art-{mode}"
             shutil.rmtree(out, ignore_errors=True)
-            cmd = [sys.executable, "-m", "moeconsol", "merge", *map(str, dirs), "-o", str(out), *extra]
-            seconds, peak = run_measured(cmd)
-            manifest = json.loads((out / "manifest.json").read_text())
-            bank = sum(len(entry["bank"]) for entry in manifest["layers"])
-            art_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-            if mode == "lossless":
-                expected = args.layers * (args.shared + MODELS * (EXPERTS - args.shared))
-                assert bank == expected, f"lossless bank {bank} != identical share {expected}"
-            if mode == "budget":
-                assert bank <= int(0.375 * total_bank)
-            rows.append({
-                "mode": mode, "seconds": round(seconds, 1), "plain_copy_seconds": round(copy_s, 1),
-                "peak_rss_mib": round(peak / MiB), "one_layer_all_models_mib": round(one_layer / MiB),
-                "bank_experts": bank, "experts_in": total_bank,
-                "artifact_bytes": art_bytes, "input_bytes": input_bytes,
-            })
-            shutil.rmtree(out)
+            cmd = [sys.executable, "-m", "moeconsol", modes[mode][0], *map(str, dirs)]
+            cmd += ["--json", str(root / "report.json")] if mode == "analyze" else ["-o", str(out)]
+            seconds, peak = peer.measured(cmd + modes[mode][1:], cwd=cwd)
+            row = {"mode": mode, "seconds": round(seconds, 2), "peak_rss_mib": round(peak / MiB),
+                   "one_layer_all_models_mib": round(one_layer / MiB), "input_bytes": input_bytes}
+            if mode != "analyze":
+                manifest = json.loads((out / "manifest.json").read_text())
+                bank = sum(len(entry["bank"]) for entry in manifest["layers"])
+                row.update(bank_experts=bank, experts_in=total_bank,
+                           artifact_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()))
+                if mode == "lossless":
+                    expected = layers * (args.shared + MODELS * (EXPERTS - args.shared))
+                    assert bank == expected, f"lossless bank {bank} != identical share {expected}"
+                    floor = peer.io_floor(dirs, out)
+                if mode == "budget":
+                    assert bank <= int(0.375 * total_bank)
+                shutil.rmtree(out)
+            rows.append(row)
+        mk = peer.find_mergekit(args.mergekit)
+        mergekit = None
+        if mk:
+            seconds, peak = peer.mergekit_linear(mk, dirs, root / "mergekit-out")
+            mergekit = {"seconds": round(seconds, 2), "peak_rss_mib": round(peak / MiB)}
+        load = os.getloadavg()
+        result = {"inputs": {"models": MODELS, "layers": layers, "experts": EXPERTS, "shared": args.shared, "bytes": input_bytes},
+                  "floor": floor, "mergekit": mergekit, "rows": rows, "load_average": [round(x, 2) for x in load]}
         if args.json:
-            print(json.dumps(rows, indent=2))
-            return
-        print(f"inputs: {MODELS} checkpoints, {input_bytes / 1e9:.2f} GB, {args.layers} layers x {EXPERTS} experts, {args.shared} shared")
-        print("| mode | time | plain copy | peak RSS | one layer, all models | bank experts | artifact / inputs |")
-        print("|---|---|---|---|---|---|---|")
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"inputs: {MODELS} checkpoints, {input_bytes / 1e9:.2f} GB, {layers} layers x {EXPERTS} experts, {args.shared} shared; "
+              f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+        if floor:
+            print(f"I/O floor: cat inputs {floor['read_inputs_seconds']:.2f} s + cp -r artifact + sync "
+                  f"{floor['copy_artifact_seconds']:.2f} s = {floor['floor_seconds']:.2f} s")
+        if mergekit:
+            print(f"mergekit linear merge: {mergekit['seconds']:.2f} s, peak RSS {mergekit['peak_rss_mib']} MiB")
+        print("| run | time | / I/O floor | / mergekit | peak RSS | / one layer, all models | bank experts | artifact / inputs |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(
-                f"| {r['mode']} | {r['seconds']} s | {r['plain_copy_seconds']} s | {r['peak_rss_mib']} MiB | "
-                f"{r['one_layer_all_models_mib']} MiB | {r['bank_experts']} / {r['experts_in']} | "
-                f"{r['artifact_bytes'] / 1e9:.2f} GB / {r['input_bytes'] / 1e9:.2f} GB ({r['artifact_bytes'] / r['input_bytes']:.1%}) |"
-            )
+            f = f"{r['seconds'] / floor['floor_seconds']:.2f}x" if floor else "-"
+            m = f"{r['seconds'] / mergekit['seconds']:.2f}x" if mergekit else "-"
+            bank = f"{r['bank_experts']} / {r['experts_in']}" if "bank_experts" in r else "-"
+            art = f"{r['artifact_bytes'] / r['input_bytes']:.1%}" if "artifact_bytes" in r else "-"
+            print(f"| {r['mode']} | {r['seconds']:.2f} s | {f} | {m} | {r['peak_rss_mib']} MiB | "
+                  f"{r['peak_rss_mib'] / r['one_layer_all_models_mib']:.2f}x | {bank} | {art} |")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -10,6 +10,7 @@ on-disk layout.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from .errors import MoeconsolError
 from .layouts import Layout, detect_layout
-from .safetensors_io import TensorInfo, read_header, read_slice, read_tensor
+from .safetensors_io import DTYPES, TensorInfo, read_header, read_tensor
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Files other than weights that make a checkpoint usable: carried into artifacts and exports.
@@ -209,29 +210,28 @@ class Checkpoint:
         inner = info.shape if e is None else info.shape[1:]
         return (hi - lo, *inner[1:])
 
-    def expert_part(self, layer: str, expert: int, part: str) -> torch.Tensor:
-        """One canonical 2-D expert matrix, read from disk now."""
+    def part_info(self, layer: str, expert: int, part: str) -> TensorInfo:
+        """Where one canonical expert part lives on disk: always one contiguous byte range
+        (a whole per-expert tensor, or rows lo:hi of expert `e`'s slice of a fused tensor)."""
         info, e, lo, hi = self._experts[(layer, expert, part)]
         if e is None:
-            return read_tensor(info)
-        full = read_slice(info, e)
-        return full if (lo, hi) == (0, full.shape[0]) else full[lo:hi].clone()
+            return info
+        row = math.prod(info.shape[2:]) * DTYPES[info.dtype].itemsize
+        start = info.start + (e * info.shape[1] + lo) * row
+        return TensorInfo(info.file, info.dtype, (hi - lo, *info.shape[2:]), start, start + (hi - lo) * row)
+
+    def expert_infos(self, layer: str, expert: int) -> dict[str, TensorInfo]:
+        """Every canonical part of one expert, as byte ranges (nothing is read)."""
+        return {part: self.part_info(layer, expert, part) for part in self.layout.parts}
+
+    def expert_part(self, layer: str, expert: int, part: str) -> torch.Tensor:
+        """One canonical 2-D expert matrix, read from disk now."""
+        return read_tensor(self.part_info(layer, expert, part))
 
     def expert(self, layer: str, expert: int) -> dict[str, torch.Tensor]:
-        """All canonical parts of one expert. A fused tensor's slice is read once and its
-        parts are views into it (w1 and w3 share gate_up_proj's slice)."""
-        out: dict[str, torch.Tensor] = {}
-        slices: dict[tuple[Path, int], torch.Tensor] = {}
-        for part in self.layout.parts:
-            info, e, lo, hi = self._experts[(layer, expert, part)]
-            if e is None:
-                out[part] = read_tensor(info)
-                continue
-            key = (info.file, info.start)
-            if key not in slices:
-                slices[key] = read_slice(info, e)
-            out[part] = slices[key][lo:hi]
-        return out
+        """All canonical parts of one expert, read from disk now (only their bytes: a
+        fused tensor is never read whole)."""
+        return {part: read_tensor(info) for part, info in self.expert_infos(layer, expert).items()}
 
     def router_name(self, layer: str) -> str:
         return self._routers[layer]

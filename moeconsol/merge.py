@@ -18,7 +18,6 @@ see `writer.atomic_directory`. Its format is in docs/artifact.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -48,8 +47,9 @@ from .clustering import (
     to_distance,
 )
 from .errors import MoeconsolError
-from .safetensors_io import DTYPES, read_tensor
-from .similarity import DEFAULT_PROBES, METRICS, expert_digest, gaussian_probes, hidden_size, layer_similarity, read_layer
+from .safetensors_io import DTYPES
+from .digest import range_digest
+from .similarity import DEFAULT_PROBES, METRICS, gaussian_probes, hidden_size, layer_similarity, read_layer
 from .writer import (
     FileRecord,
     ShardedWriter,
@@ -277,15 +277,13 @@ def plan_layers(ckpts: list[Checkpoint], s: MergeSettings, progress: Progress | 
     for i, layer in enumerate(ref.moe_layers):
         if progress:
             progress("plan", i, len(ref.moe_layers))
-        experts = read_layer(ckpts, layer)
-        if s.mode == "lossless":
-            layer_digests = [expert_digest(e) for e in experts.flat]
+        if s.mode == "lossless":  # identity only: hash the bytes on disk, build no tensors
+            layer_digests = [range_digest(c.expert_infos(layer, e)) for c in ckpts for e in range(E)]
             distance = None
         else:
             probes = gaussian_probes(hidden_size(ref), DEFAULT_PROBES, s.seed + i) if s.metric == "cka" else None
-            sim = layer_similarity(ckpts, layer, [s.metric], probes, experts=experts)
+            sim = layer_similarity(ckpts, layer, [s.metric], probes)
             layer_digests, distance = sim.digests, to_distance(sim.matrices[s.metric], s.metric)
-        del experts
         lg = identical_groups(layer, layer_digests, E, distance)
         groups.append(lg)
         digests.append(layer_digests)
@@ -462,10 +460,9 @@ def _weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.T
 
 
 def _tensor_digest(ckpt: Checkpoint, name: str) -> str:
+    """Digest of a stored tensor's dtype, shape and bytes (read through a reused buffer)."""
     info = ckpt.tensors[name]
-    h = hashlib.sha256(f"{info.dtype}{list(info.shape)}".encode())
-    h.update(read_tensor(info).reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
+    return range_digest({f"{info.dtype}{list(info.shape)}": info})
 
 
 def plan_non_experts(ckpts: list[Checkpoint], progress: Progress | None = None) -> NonExpertPlan:
@@ -524,11 +521,9 @@ def _write_bank(
     for p in plans:
         weights = p.weights or [None] * len(p.clusters)
         for k, (members, rep, w) in enumerate(zip(p.clusters, p.representatives, weights)):
-            if rep is not None:
-                expert = ckpts[rep // E].expert(p.layer, rep % E)
-                for part in parts:
-                    writer.write(bank_key(p.layer, k, part), expert[part])
-                del expert
+            if rep is not None:  # a stored expert is a byte range of its source: copy the bytes
+                for part, info in ckpts[rep // E].expert_infos(p.layer, rep % E).items():
+                    writer.copy(bank_key(p.layer, k, part), info)
             else:
                 for part in parts:
                     if p.combine is not None:
@@ -671,7 +666,7 @@ def merge(
                 if progress:
                     progress("write", done[0], total_steps)
         for t in non_experts.stored:
-            tensors.write(t.key, ckpts[t.model].read(t.disk_name))
+            tensors.copy(t.key, ckpts[t.model].tensors[t.disk_name])
             done[0] += 1
             if progress:
                 progress("write", done[0], total_steps)

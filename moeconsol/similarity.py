@@ -10,7 +10,7 @@ its canonical parts concatenated in `Layout.parts` order), accumulated in column
     cosine(i, j)      = G_ij / sqrt(G_ii G_jj)
     l2(i, j)          = sqrt(G_ii + G_jj - 2 G_ij)
     relative-l2(i, j) = l2(i, j) / max(|x_i|, |x_j|)
-Bit-identical experts (same sha256 of their bytes) get exactly cosine 1 and distance 0, and
+Bit-identical experts (same digest of their bytes, `digest.py`) get exactly cosine 1 and distance 0, and
 *only* they do: any other pair is clamped just below 1 / just above 0, so `cosine == 1.0`
 means "bit-identical" and a threshold of 1.0 reproduces lossless sharing. Bit-identical
 experts are measured once and share their row (see `layer_similarity`).
@@ -26,15 +26,14 @@ Probes are the inputs the first model's MoE block actually receives on calibrati
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers.activations import ACT2FN
 
 from .checkpoint import Checkpoint
+from .digest import tensor_digest
 from .errors import MoeconsolError
 
 METRICS = ("cosine", "l2", "relative-l2", "cka")
@@ -65,15 +64,6 @@ class LayerExperts:
 
 def read_layer(ckpts: list[Checkpoint], layer: str) -> LayerExperts:
     return LayerExperts(layer, [[c.expert(layer, e) for e in range(c.num_experts)] for c in ckpts])
-
-
-def expert_digest(parts: dict[str, torch.Tensor]) -> str:
-    """sha256 of an expert's raw bytes, parts in order: equal digests = bit-identical."""
-    h = hashlib.sha256()
-    for name in sorted(parts):
-        h.update(name.encode())
-        h.update(parts[name].contiguous().view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 def gram_matrix(experts: list[dict[str, torch.Tensor]], parts: tuple[str, ...]) -> np.ndarray:
@@ -120,6 +110,8 @@ def weight_metrics(gram: np.ndarray, identical: np.ndarray) -> dict[str, np.ndar
 
 def expert_function(ckpt: Checkpoint) -> Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]:
     """The expert's forward pass (float64), from the layout's kind and the config's activation."""
+    from transformers.activations import ACT2FN  # here, not at import: transformers takes seconds to import
+
     act = ACT2FN[ckpt.config.get(ckpt.layout.activation_key, "silu")]
     if ckpt.layout.expert_kind == "gated":
         return lambda p, x: (act(x @ p["w1"].T) * (x @ p["w3"].T)) @ p["w2"].T
@@ -174,7 +166,7 @@ def layer_similarity(
     """
     experts = experts or read_layer(ckpts, layer)
     flat = experts.flat
-    digests = [expert_digest(e) for e in flat]
+    digests = [tensor_digest(e) for e in flat]
     identical = np.array([[a == b for b in digests] for a in digests])
     first_of = {d: i for i, d in reversed(list(enumerate(digests)))}
     distinct = sorted(set(first_of.values()))

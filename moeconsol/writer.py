@@ -9,12 +9,14 @@ Two rules shape this module:
 - **Never a whole shard in memory.** Every tensor to be written is declared up front (name,
   dtype, shape), so each file's safetensors header is known before its first byte of data:
   the header is written first and each tensor's bytes follow as they are produced, one
-  tensor (or one piece of a tensor) at a time. A file is hashed (sha256) while written.
+  tensor (or one piece of a tensor) at a time; a tensor stored unchanged from an input is
+  copied by the kernel from its byte range. A file is hashed (sha256) while written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -24,14 +26,16 @@ import shutil
 import signal
 import tempfile
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import MoeconsolError
-from .safetensors_io import DTYPE_NAMES, DTYPES
+from .safetensors_io import DTYPE_NAMES, DTYPES, TensorInfo, iter_chunks
 
 _UNITS = {
     "": 1,
@@ -203,19 +207,55 @@ class SafetensorsWriter:
         self.path, self.specs = path, specs
         self._next = 0
         self._hash = hashlib.sha256()
+        # The sha256 is computed on a thread of its own (hashlib and pread release the GIL),
+        # one item behind the writes, in order; its worker exits with this writer.
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeconsol-sha256")
+        self._pending: deque[Future] = deque()
         self._size = 0
-        self._file = open(path, "wb")
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._emit(safetensors_header(specs, metadata))
 
-    def _emit(self, data) -> None:
-        self._file.write(data)
-        self._hash.update(data)
-        self._size += len(data) if isinstance(data, bytes) else memoryview(data).nbytes
+    def _hash_range_later(self, source: TensorInfo) -> None:
+        """Queue a file range for the sha256 (read back and hashed on the hashing thread)."""
+        self._pending.append(self._hasher.submit(self._hash_range, source))
+        while len(self._pending) > 2:
+            self._pending.popleft().result()
 
-    def write(self, name: str, pieces: torch.Tensor | Iterable[torch.Tensor]) -> None:
+    def _hash_range(self, source: TensorInfo) -> None:
+        for chunk in iter_chunks(source):
+            self._hash.update(chunk)
+
+    def _emit(self, data) -> None:
+        """Write bytes from memory; hashed now (after the queued ranges, to keep the order),
+        so the caller may reuse its buffer as soon as this returns."""
+        write_all(self._fd, data)
+        while self._pending:
+            self._pending.popleft().result()
+        self._hash.update(data)
+        self._size += memoryview(data).nbytes
+
+    def _expect(self, name: str) -> TensorSpec:
         spec = self.specs[self._next] if self._next < len(self.specs) else None
         if spec is None or spec.name != name:
             raise RuntimeError(f"{self.path.name}: expected {spec.name if spec else 'no more tensors'}, got {name}")
+        return spec
+
+    def copy(self, name: str, source: TensorInfo) -> None:
+        """Write tensor `name` as the bytes of `source`'s range in another safetensors file.
+
+        The kernel copies the bytes (`copy_range`: no pass through Python, measured several
+        times faster than write() here); the hashing thread reads the same range back
+        through a reused buffer, which page-cached data makes cheap. No tensor is built."""
+        spec = self._expect(name)
+        if source.dtype != spec.dtype or source.nbytes != spec.nbytes:
+            raise RuntimeError(f"{name}: source is {source.dtype} of {source.nbytes} bytes, declared {spec.dtype} of {spec.nbytes}")
+        copy_range(source, self._fd)
+        self._hash_range_later(source)
+        self._size += source.nbytes
+        self._next += 1
+
+    def write(self, name: str, pieces: torch.Tensor | Iterable[torch.Tensor]) -> None:
+        spec = self._expect(name)
         if isinstance(pieces, torch.Tensor):
             if tuple(pieces.shape) != spec.shape:
                 raise RuntimeError(f"{name}: shape {list(pieces.shape)} != declared {list(spec.shape)}")
@@ -234,11 +274,43 @@ class SafetensorsWriter:
     def close(self) -> FileRecord:
         if self._next != len(self.specs):
             raise RuntimeError(f"{self.path.name}: {len(self.specs) - self._next} declared tensors not written")
-        self._file.close()
+        os.close(self._fd)
+        while self._pending:
+            self._pending.popleft().result()
+        self._hasher.shutdown()
         return FileRecord(self._size, self._hash.hexdigest())
 
     def abort(self) -> None:
-        self._file.close()
+        self._hasher.shutdown(cancel_futures=True)
+        os.close(self._fd)
+
+
+def write_all(fd: int, data) -> None:
+    """os.write until every byte of `data` is out (a write may be partial)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def copy_range(source: TensorInfo, fd: int) -> None:
+    """Append `source`'s byte range to the file open as `fd` at its current position, by
+    `os.copy_file_range` where the platform and file systems allow it, else read and write
+    through a reused buffer."""
+    with open(source.file, "rb", buffering=0) as src:
+        pos, end = source.start, source.end
+        while pos < end and hasattr(os, "copy_file_range"):
+            try:
+                n = os.copy_file_range(src.fileno(), fd, end - pos, pos)
+            except OSError as e:
+                if e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    break  # not supported between these files: fall back below
+                raise
+            if n == 0:
+                raise MoeconsolError(f"{source.file}: truncated while reading")
+            pos += n
+    if pos < end:
+        for chunk in iter_chunks(TensorInfo(source.file, source.dtype, (), pos, end)):
+            write_all(fd, chunk)
 
 
 def plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
@@ -273,10 +345,21 @@ class ShardedWriter:
         self._writer: SafetensorsWriter | None = None
 
     def write(self, name: str, pieces: torch.Tensor | Iterable[torch.Tensor]) -> None:
+        self._current().write(name, pieces)
+        self._done_one()
+
+    def copy(self, name: str, source: TensorInfo) -> None:
+        """`SafetensorsWriter.copy` into the current shard."""
+        self._current().copy(name, source)
+        self._done_one()
+
+    def _current(self) -> SafetensorsWriter:
         if self._left == 0:
             self._open_next()
         assert self._writer is not None
-        self._writer.write(name, pieces)
+        return self._writer
+
+    def _done_one(self) -> None:
         self._left -= 1
         if self._left == 0:
             self.records[self.file_names[self._shard]] = self._writer.close()

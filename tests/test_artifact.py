@@ -235,15 +235,17 @@ def test_settings_are_checked(ckpts, tmp_path):
 
 def test_failure_mid_write_leaves_no_output(ckpts, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = writer.SafetensorsWriter.write
+    def failing(real):  # every byte goes out through write_all or copy_range
+        def wrapper(*args):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise OSError(28, "No space left on device")
+            return real(*args)
 
-    def failing(self, name, pieces):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise OSError(28, "No space left on device")
-        return real(self, name, pieces)
+        return wrapper
 
-    monkeypatch.setattr(writer.SafetensorsWriter, "write", failing)
+    monkeypatch.setattr(writer, "write_all", failing(writer.write_all))
+    monkeypatch.setattr(writer, "copy_range", failing(writer.copy_range))
     with pytest.raises(MoeconsolError, match="No space left on device; nothing was written"):
         merge(ckpts, tmp_path / "out", MergeSettings(shard_size=20_000))
     assert calls["n"] == 5
@@ -305,3 +307,35 @@ def test_merge_result_bytes(lossless):
     on_disk = sum(p.stat().st_size for p in lossless.path.rglob("*") if p.is_file())
     assert lossless.artifact_bytes == on_disk
     assert lossless.artifact_bytes < lossless.input_bytes
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "read-write-fallback"])
+def test_copy_writes_the_source_bytes_and_their_sha256(tmp_path, monkeypatch, kernel_copy):
+    """`SafetensorsWriter.copy` (a stored tensor unchanged from an input) writes exactly the
+    source range's bytes, by the kernel or, where the file systems refuse, through a small
+    reused buffer, and the recorded sha256 is the file's."""
+    from safetensors.torch import load_file, save_file
+
+    from moeconsol import safetensors_io
+    from moeconsol.safetensors_io import read_header
+
+    tensors = {"a": torch.randn(300, 7), "b": torch.arange(1000, dtype=torch.int32), "c": torch.randn(5).to(torch.bfloat16)}
+    save_file(tensors, tmp_path / "src.safetensors")
+    infos, _ = read_header(tmp_path / "src.safetensors")
+    if not kernel_copy:
+        def refuse(*args):
+            raise OSError(18, "Invalid cross-device link")  # EXDEV
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+        monkeypatch.setattr(safetensors_io._buffers, "buf", memoryview(bytearray(1000)), raising=False)
+    specs = [writer.TensorSpec(n, infos[n].dtype, infos[n].shape) for n in ("c", "a", "b")]
+    w = writer.SafetensorsWriter(tmp_path / "out.safetensors", specs)
+    w.copy("c", infos["c"])
+    w.write("a", tensors["a"])  # an in-memory tensor between two copies keeps the file position right
+    w.copy("b", infos["b"])
+    record = w.close()
+    out = load_file(tmp_path / "out.safetensors")
+    for n, t in tensors.items():
+        assert torch.equal(out[n].view(torch.uint8), t.view(torch.uint8)), n
+    data = (tmp_path / "out.safetensors").read_bytes()
+    assert record.size == len(data) and record.sha256 == hashlib.sha256(data).hexdigest()

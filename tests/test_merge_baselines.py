@@ -262,7 +262,8 @@ def test_calibrated_floor_keeps_the_cheaper_of_greedy_and_same_index_clusters(fa
     from moeconsol.calibration import substitution_costs
     from moeconsol.clustering import cluster_calibrated, identical_groups
     from moeconsol.merge import calibrated_representatives, same_index_clusters
-    from moeconsol.similarity import expert_digest, layer_similarity, read_layer
+    from moeconsol.digest import tensor_digest as expert_digest
+    from moeconsol.similarity import layer_similarity, read_layer
 
     ckpts = open_checkpoints(models(family))
     N, E = len(ckpts), ckpts[0].num_experts
