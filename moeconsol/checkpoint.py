@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, IncompatibleModelsError, MoeconsolError, SafetensorsError, SettingsError, UnsafePathError
+from .errors import CheckpointError, IncompatibleModelsError, MoeconsolWarning, SettingsError, UnsafePathError
 from .layouts import Layout, detect_layout
 from .safetensors_io import TensorInfo, read_header, read_slice, read_tensor
 from .safety import NAME_RULE, check_relative, is_regular_file, is_safe_name
@@ -401,3 +402,15 @@ def check_config(ckpt: Checkpoint) -> None:
     problems += [f"the weights lack {group[0]}" for group in groups.values() if not any(n in have for n in group)]
     if problems:
         raise CheckpointError(f"{ckpt.path / 'config.json'} disagrees with the weights: {problems[0]}; fix the config or the weights")
+
+
+def warn_unusual_values(model: str, layer: str, expert: int, part: str, tensor: torch.Tensor) -> None:
+    """Warn (MoeconsolWarning) about an expert part holding NaN or infinite values, or only
+    zeros: usable, but almost certainly not what was fine-tuned."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    where = f"model {model!r}: {layer} expert {expert} part {part}"
+    if not bool(torch.isfinite(tensor).all()):
+        warnings.warn(f"{where} holds NaN or infinite values; check the checkpoint", MoeconsolWarning, stacklevel=2)
+    elif not bool(tensor.any()):
+        warnings.warn(f"{where} is all zero; check the checkpoint", MoeconsolWarning, stacklevel=2)

@@ -31,7 +31,7 @@ from . import __version__
 from .artifact import Progress, bank_key
 from .manifest import MANIFEST, BankEntry, FileEntry, LayerEntry, Manifest, ModelEntry, SourceShard, TensorEntry
 from . import baselines
-from .checkpoint import Checkpoint, natural_key, check_compatible, check_config, open_checkpoint, read_json_file
+from .checkpoint import Checkpoint, natural_key, check_compatible, check_config, open_checkpoint, read_json_file, warn_unusual_values
 from .clustering import (
     MODES,
     REPRESENTATIVES,
@@ -535,6 +535,8 @@ def _write_bank(
                 for part in parts:
                     if p.combine is not None:
                         tensors = [ckpts[i // E].expert_part(p.layer, i % E, part) for i in members]
+                        for i, t in zip(members, tensors):
+                            warn_unusual_values(ckpts[i // E].name, p.layer, i % E, part, t)
                         b = base.expert_part(p.layer, members[0] % E, part) if base is not None else None
                         value = combine(p.combine, tensors, b, s)
                     elif w is not None:

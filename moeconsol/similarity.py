@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from transformers.activations import ACT2FN
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, warn_unusual_values
 from .errors import MoeconsolError
 
 METRICS = ("cosine", "l2", "relative-l2", "cka")
@@ -64,7 +64,13 @@ class LayerExperts:
 
 
 def read_layer(ckpts: list[Checkpoint], layer: str) -> LayerExperts:
-    return LayerExperts(layer, [[c.expert(layer, e) for e in range(c.num_experts)] for c in ckpts])
+    """Every expert of one layer of every model; NaN, infinite or all-zero parts are warned about."""
+    experts = [[c.expert(layer, e) for e in range(c.num_experts)] for c in ckpts]
+    for c, per_model in zip(ckpts, experts):
+        for e, parts in enumerate(per_model):
+            for part, tensor in parts.items():
+                warn_unusual_values(c.name, layer, e, part, tensor)
+    return LayerExperts(layer, experts)
 
 
 def expert_digest(parts: dict[str, torch.Tensor]) -> str:

@@ -18,19 +18,12 @@ from moeconsol.artifact import Artifact, export_model, verify_artifact
 from moeconsol.checkpoint import open_checkpoints, parse_model_ref
 from moeconsol.errors import ArtifactError, CheckpointError, OutputError, UnsafePathError
 from moeconsol.merge import merge
-from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
 from cli_helpers import cli, one_error_line, run_main
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sec")
-    tok = tiny_tokenizer()
-    base = tiny_mixtral(seed=3)
-    save_model(base, root / "base", tok, max_shard_size="100KB")
-    save_model(derive_variant(base, 4, [(0, 2)]), root / "ft", tok)
-    merge(open_checkpoints([f"base={root / 'base'}", f"ft={root / 'ft'}"]), root / "art")
-    return root
+def family(small_family):
+    return small_family
 
 
 def tree_digest(path: Path) -> dict[str, str]:
