@@ -86,14 +86,14 @@ def resolve_checkpoint_dir(source: str, revision: str | None = None) -> Path:
                 allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"],
             )
         )
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as e:
         raise CheckpointError(
             f"{source}: not a local directory and not in the Hugging Face cache "
             "(download it first with `hf download`, or check HF_HOME)"
-        ) from None
+        ) from e
     except (HfHubHTTPError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{source}: cannot resolve on the Hugging Face hub: {first}") from None
+        raise CheckpointError(f"{source}: cannot resolve on the Hugging Face hub: {first}") from e
 
 
 def natural_key(name: str) -> tuple:

@@ -187,11 +187,11 @@ def budget_experts(budget: str, ckpts: list[Checkpoint]) -> int:
 
 
 def _refuse(s: MergeSettings, mode: str, *options: str) -> None:
-    given = {"--metric": s.metric, "--threshold": s.threshold, "--budget": s.budget, "--base": s.base,
-             "--calibration": s.calibration}
+    given = {"metric": s.metric, "threshold": s.threshold, "budget": s.budget, "base": s.base,
+             "calibration": s.calibration}
     extra = [o for o in options if given[o] not in (None, {})]
     if extra:
-        raise SettingsError(f"{', '.join(extra)} do(es) not apply to --mode {mode}")
+        raise SettingsError(f"{', '.join(extra)} do(es) not apply to mode {mode}")
 
 
 def calibration_file(s: MergeSettings, name: str) -> str:
@@ -201,7 +201,7 @@ def calibration_file(s: MergeSettings, name: str) -> str:
         return files[name]
     if "*" in files:
         return files["*"]
-    raise SettingsError(f"--mode calibrated needs calibration data for every model; none for {name!r}: add --calibration {name}=FILE")
+    raise SettingsError(f"mode calibrated needs calibration data for every model; none for {name!r}: give calibration {name}=FILE")
 
 
 def check_settings(s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
@@ -214,52 +214,52 @@ def check_settings(s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
     if s.representative not in REPRESENTATIVES:
         raise SettingsError(f"unknown representative {s.representative!r}: choose from {', '.join(REPRESENTATIVES)}")
     if s.representative == "best" and s.mode != "calibrated":
-        raise SettingsError("--representative best needs --mode calibrated (it compares members and the mean on calibration data)")
+        raise SettingsError("representative best needs mode calibrated (it compares members and the mean on calibration data)")
     if s.shard_size <= 0:
         raise SettingsError("shard size must be more than 0 bytes")
     if s.mode in MERGE_MODES:
-        _refuse(s, s.mode, "--metric", "--threshold", "--budget", "--calibration")
+        _refuse(s, s.mode, "metric", "threshold", "budget", "calibration")
         if s.mode in BASE_MODES and s.base is None:
-            raise SettingsError(f"--mode {s.mode} needs --base PATH: the pre-trained checkpoint the models were fine-tuned from")
+            raise SettingsError(f"mode {s.mode} needs a base: the pre-trained checkpoint the models were fine-tuned from")
         if s.mode == "average":
-            _refuse(s, s.mode, "--base")
+            _refuse(s, s.mode, "base")
         if s.mode == "ties" and not 0 < s.density <= 1:
-            raise SettingsError(f"--density must be in (0, 1], got {s.density}")
+            raise SettingsError(f"density must be in (0, 1], got {s.density}")
         return s
     if s.mode == "reference":
-        _refuse(s, s.mode, "--metric", "--threshold", "--base", "--calibration")
+        _refuse(s, s.mode, "metric", "threshold", "base", "calibration")
         if s.budget is None:
-            raise SettingsError("--mode reference needs --budget: bank bytes (40GB) or a fraction of all experts (0.5)")
+            raise SettingsError("mode reference needs a budget: bank bytes (40GB) or a fraction of all experts (0.5)")
         budget_experts(s.budget, ckpts)
         return s
     if s.mode != "calibrated":
-        _refuse(s, s.mode, "--base", "--calibration")
+        _refuse(s, s.mode, "base", "calibration")
     if s.mode == "lossless":
         if s.threshold is not None or s.budget is not None or s.metric is not None:
-            raise SettingsError("--metric, --threshold and --budget apply to --mode threshold or budget, not lossless")
+            raise SettingsError("metric, threshold and budget apply to mode threshold or budget, not lossless")
         return s
     metric = s.metric or "cosine"
     if metric not in METRICS:
         raise SettingsError(f"unknown metric {metric!r}: choose from {', '.join(METRICS)}")
     if s.mode == "threshold":
         if s.threshold is None:
-            raise SettingsError("--mode threshold needs --threshold (e.g. --metric cosine --threshold 0.99)")
+            raise SettingsError("mode threshold needs a threshold (e.g. metric cosine, threshold 0.99)")
         if s.budget is not None:
-            raise SettingsError("--budget applies to --mode budget, not threshold")
+            raise SettingsError("budget applies to mode budget, not threshold")
         threshold_to_distance(metric, s.threshold)
     if s.mode in ("budget", "calibrated"):
         if s.budget is None:
-            raise SettingsError(f"--mode {s.mode} needs --budget: bytes of bank (40GB) or a fraction of all experts (0.5)")
+            raise SettingsError(f"mode {s.mode} needs a budget: bytes of bank (40GB) or a fraction of all experts (0.5)")
         if s.threshold is not None:
-            raise SettingsError(f"--threshold applies to --mode threshold, not {s.mode}")
+            raise SettingsError(f"threshold applies to mode threshold, not {s.mode}")
         budget_experts(s.budget, ckpts)
     if s.mode == "calibrated":
-        _refuse(s, s.mode, "--base")
+        _refuse(s, s.mode, "base")
         for c in ckpts:
             calibration_file(s, c.name)
         unknown = sorted(set(s.calibration or {}) - {c.name for c in ckpts} - {"*"})
         if unknown:
-            raise SettingsError(f"--calibration names unknown model(s) {', '.join(unknown)}; the models are {', '.join(c.name for c in ckpts)}")
+            raise SettingsError(f"calibration names unknown model(s) {', '.join(unknown)}; the models are {', '.join(c.name for c in ckpts)}")
         if s.calibration_tokens < 1:
             raise SettingsError(f"calibration tokens must be at least 1, got {s.calibration_tokens}")
     return replace(s, metric=metric)

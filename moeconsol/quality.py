@@ -47,7 +47,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import MoeconsolError
+from .errors import MoeconsolError, SettingsError
+from .safety import is_regular_file
 
 DEFAULT_CHUNK_LEN = 2048
 """As in the reference system's WikiText-2 evaluation (2048-token chunks)."""
@@ -63,12 +64,12 @@ def _read_nonempty(path: str | Path, what: str) -> tuple[Path, str]:
     p = Path(path)
     if not p.exists():
         raise MoeconsolError(f"{p}: no such file; give the path of a {what}")
-    if not p.is_file():
-        raise MoeconsolError(f"{p}: not a file; give the path of a {what}")
+    if not is_regular_file(p):
+        raise SettingsError(f"{p}: not a file (a directory, FIFO or device); give the path of a {what}")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise MoeconsolError(f"{p}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from None
+        raise SettingsError(f"{p}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from e
     if not text.strip():
         raise MoeconsolError(f"{p}: file is empty; give a {what} with some content")
     return p, text
@@ -93,7 +94,7 @@ def read_seq2seq_data(path: str | Path) -> list[dict]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise MoeconsolError(f"{p}:{n}: invalid JSON ({e.msg}); each line must be one JSON object") from None
+            raise SettingsError(f"{p}:{n}: invalid JSON ({e.msg}); each line must be one JSON object") from e
         if not isinstance(obj, dict):
             raise MoeconsolError(f'{p}:{n}: expected a JSON object with "input" and "target", got {type(obj).__name__}')
         for key in ("input", "target"):

@@ -35,7 +35,7 @@ import torch
 from transformers.activations import ACT2FN
 
 from .checkpoint import Checkpoint, warn_unusual_values
-from .errors import MoeconsolError
+from .errors import CheckpointError, MoeconsolError
 
 METRICS = ("cosine", "l2", "relative-l2", "cka")
 DISTANCE_METRICS = ("l2", "relative-l2")
@@ -229,8 +229,8 @@ def probe_inputs_from_text(ckpt: Checkpoint, text: str, n_probes: int = DEFAULT_
 
     try:
         tok = AutoTokenizer.from_pretrained(ckpt.path)
-    except (OSError, ValueError):
-        raise MoeconsolError(f"{ckpt.path}: no tokenizer to encode the calibration text with") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt.path}: no tokenizer to encode the calibration text with") from e
     ids = tok(text, return_tensors="pt", truncation=True, max_length=n_probes).input_ids
     if ids.shape[1] < 2:
         raise MoeconsolError("calibration text is empty after tokenization")

@@ -233,27 +233,39 @@ def test_unusual_experts_warn(small_family, tmp_path, value, what):
 # -- item 7: FIFOs, overlapping offsets, metadata, config that disagrees with the tensors ----
 
 
+def finishes(fifo: Path, work, timeout: float = 60):
+    """Run `work()` in a thread; if it is still blocked on `fifo` after `timeout`, unblock it
+    (open and close the writing end) and fail: the code under test opened a FIFO."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(value=work()), daemon=True)
+    thread.start()
+    thread.join(timeout=timeout)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(timeout=30)
+        pytest.fail(f"blocked on the FIFO {fifo.name}")
+    return result.get("value")
+
+
 def test_fifo_named_model_safetensors_does_not_hang(small_family, tmp_path):
     ckpt = copy(small_family / "ft", tmp_path / "ft")
     (ckpt / "model.safetensors").unlink()
     os.mkfifo(ckpt / "model.safetensors")
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(r=run_main("merge", small_family / "base", ckpt, "-o", tmp_path / "out")), daemon=True)
-    thread.start()
-    thread.join(timeout=60)
-    if thread.is_alive():  # unblock the reader so the test process can end
-        fd = os.open(ckpt / "model.safetensors", os.O_WRONLY | os.O_NONBLOCK)
-        os.close(fd)
-        pytest.fail("merge blocked on a FIFO")
-    one_error_line(result["r"], "not a regular file")
+    r = finishes(ckpt / "model.safetensors", lambda: run_main("merge", small_family / "base", ckpt, "-o", tmp_path / "out"))
+    one_error_line(r, "not a regular file")
 
 
 def test_fifo_config_does_not_hang(small_family, tmp_path):
     ckpt = copy(small_family / "ft", tmp_path / "ft")
     (ckpt / "config.json").unlink()
     os.mkfifo(ckpt / "config.json")
-    with pytest.raises(CheckpointError, match="not a regular file"):
-        open_checkpoint(str(ckpt))
+
+    def open_it():
+        with pytest.raises(CheckpointError, match="not a regular file"):
+            open_checkpoint(str(ckpt))
+        return True
+
+    assert finishes(ckpt / "config.json", open_it)
 
 
 def test_overlapping_offsets_refused_like_the_safetensors_library(small_family, tmp_path):
@@ -348,3 +360,57 @@ def test_serve_local_refuses_a_flipped_bit(small_family, tmp_path):
     name = _flip_bank_bit(art_path)
     r = run_main("serve-local", art_path, "--prompt", "hello", "--max-new-tokens", "2")
     one_error_line(r, "damaged artifact", name)
+
+
+# -- the error hierarchy -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        MergeSettings(mode="threshold"),
+        MergeSettings(mode="budget"),
+        MergeSettings(mode="reference"),
+        MergeSettings(mode="ties"),
+        MergeSettings(mode="average", base="x"),
+        MergeSettings(threshold=0.5),
+        MergeSettings(mode="budget", budget="0.5", threshold=0.5),
+        MergeSettings(representative="best"),
+        MergeSettings(mode="ties", base="x", density=2.0),
+        MergeSettings(mode="calibrated", budget="0.5"),
+        MergeSettings(mode="task-arithmetic", base="x", scale=float("nan")),
+    ],
+)
+def test_library_settings_errors_name_no_cli_flags(small_family, tmp_path, settings):
+    """A library caller gets a SettingsError whose message speaks of settings, not flags."""
+    from moeconsol.checkpoint import open_checkpoints
+
+    ckpts = open_checkpoints([str(small_family / "base"), str(small_family / "ft")])
+    with pytest.raises(SettingsError) as e:
+        merge(ckpts, tmp_path / "out", settings)
+    assert "--" not in str(e.value)
+
+
+def test_errors_are_told_apart_and_keep_their_cause(small_family, tmp_path):
+    from moeconsol.errors import IncompatibleModelsError, MoeconsolError, OutputError, UnknownModelError
+    from moeconsol.checkpoint import open_checkpoints
+    from moeconsol.testing import save_model, tiny_mixtral
+
+    save_model(tiny_mixtral(seed=0, intermediate_size=48), tmp_path / "wide")
+    with pytest.raises(IncompatibleModelsError, match="shape mismatch"):
+        open_checkpoints([str(small_family / "base"), str(tmp_path / "wide")])
+    with pytest.raises(UnknownModelError, match="no model named 'nope'"):
+        Artifact.open(small_family / "art").config("nope")
+    with pytest.raises(OutputError, match="already exists"):
+        merge(open_checkpoints([str(small_family / "base")]), small_family / "art")
+    bad = copy(small_family / "ft", tmp_path / "ft")
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(str(bad))
+    assert isinstance(e.value.__cause__, ValueError)
+    art = copy(small_family / "art", tmp_path / "art")
+    (art / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError) as e:
+        Artifact.open(art)
+    assert isinstance(e.value.__cause__, ValueError)
+    assert all(issubclass(c, MoeconsolError) for c in (IncompatibleModelsError, UnknownModelError, OutputError, CheckpointError, ArtifactError))
