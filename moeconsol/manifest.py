@@ -169,28 +169,28 @@ class Manifest:
         part_shapes = {p: r.shape(s, f"part_shapes.{p}") for p, s in r.obj(top["part_shapes"], "part_shapes").items()}
         if sorted(part_shapes) != sorted(parts):
             raise r.fail("part_shapes", f"has parts {sorted(part_shapes)}, parts says {list(parts)}")
-        experts = r.int(top["experts_per_layer"], "experts_per_layer")
+        experts = r.integer(top["experts_per_layer"], "experts_per_layer")
         if experts < 1:
             raise r.fail("experts_per_layer", "must be at least 1")
-        models = [_model(r, m, i) for i, m in enumerate(r.list(top["models"], "models"))]
+        models = [_model(r, m, i) for i, m in enumerate(r.array(top["models"], "models"))]
         names = [m.name for m in models]
         if len(set(names)) != len(names):
             raise r.fail("models", "two models have the same name")
         files = {_path(r, k, "files", plain=False): _file(r, v, f"files[{k!r}]") for k, v in r.obj(top["files"], "files").items()}
-        weight_map = {r.str(k, "weight_map key"): _path(r, v, f"weight_map[{k!r}]", plain=True) for k, v in r.obj(top["weight_map"], "weight_map").items()}
+        weight_map = {r.text(k, "weight_map key"): _path(r, v, f"weight_map[{k!r}]", plain=True) for k, v in r.obj(top["weight_map"], "weight_map").items()}
         return cls(
             moeconsol_version=str(top.get("moeconsol_version", "")),
-            architecture=r.str(top["architecture"], "architecture"),
+            architecture=r.text(top["architecture"], "architecture"),
             parts=parts,
             part_shapes=part_shapes,
             dtype=r.dtype(top["dtype"], "dtype"),
             experts_per_layer=experts,
             consolidation=r.obj(top["consolidation"], "consolidation"),
             models=models,
-            layers=[_layer(r, x, i, names) for i, x in enumerate(r.list(top["layers"], "layers"))],
+            layers=[_layer(r, x, i, names) for i, x in enumerate(r.array(top["layers"], "layers"))],
             bytes={k: r.optional_int(v, f"bytes.{k}") for k, v in r.obj(top.get("bytes", {}), "bytes").items()},
             weight_map=weight_map,
-            shapes={r.str(k, "shapes key"): _tensor(r, v, f"shapes[{k!r}]") for k, v in r.obj(top["shapes"], "shapes").items()},
+            shapes={r.text(k, "shapes key"): _tensor(r, v, f"shapes[{k!r}]") for k, v in r.obj(top["shapes"], "shapes").items()},
             files=files,
         )
 
@@ -233,26 +233,26 @@ class _Reader:
             raise self.fail(field, f"is {_kind(v)}, expected an object")
         return v
 
-    def list(self, v: object, field: str) -> list[Any]:
+    def array(self, v: object, field: str) -> list[Any]:
         if not isinstance(v, list):
             raise self.fail(field, f"is {_kind(v)}, expected a list")
         return v
 
-    def str(self, v: object, field: str) -> str:
+    def text(self, v: object, field: str) -> str:
         if not isinstance(v, str):
             raise self.fail(field, f"is {_kind(v)}, expected a string")
         return v
 
     def strings(self, v: object, field: str) -> list[str]:
-        return [self.str(x, field) for x in self.list(v, field)]
+        return [self.text(x, field) for x in self.array(v, field)]
 
-    def int(self, v: object, field: str) -> int:
+    def integer(self, v: object, field: str) -> int:
         if not isinstance(v, int) or isinstance(v, bool):
             raise self.fail(field, f"is {_kind(v)}, expected an integer")
         return v
 
     def optional_int(self, v: object, field: str) -> int | None:
-        return None if v is None else self.int(v, field)
+        return None if v is None else self.integer(v, field)
 
     def number(self, v: object, field: str) -> float:
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
@@ -260,21 +260,21 @@ class _Reader:
         return float(v)
 
     def shape(self, v: object, field: str) -> tuple[int, ...]:
-        dims = tuple(self.int(d, field) for d in self.list(v, field))
+        dims = tuple(self.integer(d, field) for d in self.array(v, field))
         if any(d < 0 for d in dims):
             raise self.fail(field, "has a negative dimension")
         return dims
 
     def dtype(self, v: object, field: str) -> str:
-        if self.str(v, field) not in DTYPES:
+        if self.text(v, field) not in DTYPES:
             raise self.fail(field, f"is {v!r}, not a safetensors dtype ({', '.join(DTYPES)})")
         return v  # type: ignore[return-value]
 
     def pair(self, v: object, field: str) -> tuple[int, int]:
-        items = self.list(v, field)
+        items = self.array(v, field)
         if len(items) != 2:
             raise self.fail(field, "expected [model_index, expert_index]")
-        return self.int(items[0], field), self.int(items[1], field)
+        return self.integer(items[0], field), self.integer(items[1], field)
 
 
 def _kind(v: object) -> str:
@@ -290,7 +290,7 @@ def _path(r: _Reader, v: object, field: str, plain: bool) -> str:
 
 def _file(r: _Reader, v: object, field: str) -> FileEntry:
     d = r.obj(v, field)
-    size, sha = r.int(d.get("size"), f"{field}.size"), r.str(d.get("sha256"), f"{field}.sha256")
+    size, sha = r.integer(d.get("size"), f"{field}.size"), r.text(d.get("sha256"), f"{field}.sha256")
     if size < 0:
         raise r.fail(f"{field}.size", "is negative")
     return FileEntry(size, sha)
@@ -304,10 +304,10 @@ def _tensor(r: _Reader, v: object, field: str) -> TensorEntry:
 def _model(r: _Reader, v: object, i: int) -> ModelEntry:
     f = f"models[{i}]"
     d = r.obj(v, f)
-    name = r.str(d.get("name"), f"{f}.name")
+    name = r.text(d.get("name"), f"{f}.name")
     if not is_safe_name(name):
         raise ArtifactError(f"{r.where}: unsafe model name {name!r} in {f}.name: a name must be {NAME_RULE}")
-    layout = r.str(d.get("layout"), f"{f}.layout")
+    layout = r.text(d.get("layout"), f"{f}.layout")
     if layout not in {x.name for x in LAYOUTS}:
         raise r.fail(f"{f}.layout", f"is {layout!r}, not one of {', '.join(x.name for x in LAYOUTS)}")
     shards = {}
@@ -316,18 +316,18 @@ def _model(r: _Reader, v: object, i: int) -> ModelEntry:
         sd = r.obj(s, f"{f}.source_shards[{file!r}]")
         meta = r.obj(sd.get("metadata"), f"{f}.source_shards[{file!r}].metadata")
         for k, val in meta.items():
-            r.str(val, f"{f}.source_shards[{file!r}].metadata[{k!r}]")
+            r.text(val, f"{f}.source_shards[{file!r}].metadata[{k!r}]")
         shards[file] = SourceShard(meta, r.strings(sd.get("tensors"), f"{f}.source_shards[{file!r}].tensors"))
     index = d.get("index")
     revision = d.get("revision")
     return ModelEntry(
         name=name,
-        source=r.str(d.get("source"), f"{f}.source"),
-        revision=None if revision is None else r.str(revision, f"{f}.revision"),
+        source=r.text(d.get("source"), f"{f}.source"),
+        revision=None if revision is None else r.text(revision, f"{f}.revision"),
         layout=layout,
         config=r.obj(d.get("config"), f"{f}.config"),
-        files=[_path(r, x, f"{f}.files", plain=True) for x in r.list(d.get("files"), f"{f}.files")],
-        tensors={r.str(k, f"{f}.tensors"): r.str(val, f"{f}.tensors[{k!r}]") for k, val in r.obj(d.get("tensors"), f"{f}.tensors").items()},
+        files=[_path(r, x, f"{f}.files", plain=True) for x in r.array(d.get("files"), f"{f}.files")],
+        tensors={r.text(k, f"{f}.tensors"): r.text(val, f"{f}.tensors[{k!r}]") for k, val in r.obj(d.get("tensors"), f"{f}.tensors").items()},
         source_shards=shards,
         index=None if index is None else r.obj(index, f"{f}.index"),
     )
@@ -337,23 +337,23 @@ def _layer(r: _Reader, v: object, i: int, names: list[str]) -> LayerEntry:
     f = f"layers[{i}]"
     d = r.obj(v, f)
     bank = []
-    for k, b in enumerate(r.list(d.get("bank"), f"{f}.bank")):
+    for k, b in enumerate(r.array(d.get("bank"), f"{f}.bank")):
         fb = f"{f}.bank[{k}]"
         bd = r.obj(b, fb)
         rep = bd.get("representative")
         weights = bd.get("weights")
         bank.append(
             BankEntry(
-                members=[r.pair(x, f"{fb}.members") for x in r.list(bd.get("members"), f"{fb}.members")],
+                members=[r.pair(x, f"{fb}.members") for x in r.array(bd.get("members"), f"{fb}.members")],
                 representative=None if rep is None else r.pair(rep, f"{fb}.representative"),
-                weights=None if weights is None else [r.number(w, f"{fb}.weights") for w in r.list(weights, f"{fb}.weights")],
+                weights=None if weights is None else [r.number(w, f"{fb}.weights") for w in r.array(weights, f"{fb}.weights")],
             )
         )
     slots = r.obj(d.get("slot_map"), f"{f}.slot_map")
     if sorted(slots) != sorted(names):
         raise r.fail(f"{f}.slot_map", f"names models {sorted(slots)}, the models are {sorted(names)}")
     return LayerEntry(
-        layer=r.str(d.get("layer"), f"{f}.layer"),
+        layer=r.text(d.get("layer"), f"{f}.layer"),
         bank=bank,
-        slot_map={n: [r.int(x, f"{f}.slot_map[{n!r}]") for x in r.list(s, f"{f}.slot_map[{n!r}]")] for n, s in slots.items()},
+        slot_map={n: [r.integer(x, f"{f}.slot_map[{n!r}]") for x in r.array(s, f"{f}.slot_map[{n!r}]")] for n, s in slots.items()},
     )

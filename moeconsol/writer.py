@@ -81,23 +81,29 @@ def _replaceable(out: Path) -> bool:
     """An empty directory; an artifact (manifest.json, safetensors files, models/); or a
     checkpoint that holds nothing but checkpoint files (config, tokenizer, safetensors,
     index). Anything else in it (notes, code, a subdirectory) makes it irreplaceable."""
-    from .checkpoint import SIDE_FILES
-
     entries = list(out.iterdir())
     names = {p.name for p in entries}
-    if not entries:
-        return True
     if "manifest.json" in names:
-        allowed = lambda p: (p.name == "models" and p.is_dir() and not p.is_symlink()) or (  # noqa: E731
-            p.is_file() and not p.is_symlink() and (p.name == "manifest.json" or p.suffix == ".safetensors")
-        )
-        return all(allowed(p) for p in entries)
+        return all(_artifact_entry(p) for p in entries)
     if "config.json" in names:
-        return all(
-            p.is_file() and not p.is_symlink() and (p.name in SIDE_FILES or p.name in _CHECKPOINT_FILES or p.suffix == ".safetensors")
-            for p in entries
-        )
-    return False
+        return all(_checkpoint_entry(p) for p in entries)
+    return not entries
+
+
+def _plain_file(p: Path) -> bool:
+    return p.is_file() and not p.is_symlink()
+
+
+def _artifact_entry(p: Path) -> bool:
+    if p.name == "models":
+        return p.is_dir() and not p.is_symlink()
+    return _plain_file(p) and (p.name == "manifest.json" or p.suffix == ".safetensors")
+
+
+def _checkpoint_entry(p: Path) -> bool:
+    from .checkpoint import SIDE_FILES
+
+    return _plain_file(p) and (p.name in SIDE_FILES or p.name in _CHECKPOINT_FILES or p.suffix == ".safetensors")
 
 
 def check_destination(out: Path, force: bool, inputs: Sequence[Path] = ()) -> None:

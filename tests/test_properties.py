@@ -161,3 +161,20 @@ def _random_slot(root: dict, data) -> tuple:
         else:
             break
     return node, key
+
+
+def test_manifest_round_trip_and_strict_json(real_manifest):
+    """The reader's type gives back exactly what the writer wrote; NaN is never written."""
+    from moeconsol.errors import MoeconsolError
+
+    m = Manifest.from_json(real_manifest)
+    assert m.to_json() == real_manifest
+    assert json.loads(m.dumps()) == real_manifest
+    bad = json.loads(json.dumps(real_manifest))
+    bad["layers"][0]["bank"][0]["weights"] = [float("nan")] * len(bad["layers"][0]["bank"][0]["members"])
+    with pytest.raises(ArtifactError, match="finite number"):
+        Manifest.from_json(bad)
+    from dataclasses import replace
+
+    with pytest.raises(MoeconsolError, match="NaN"):
+        replace(m, consolidation={**m.consolidation, "scale": float("nan")}).dumps()
