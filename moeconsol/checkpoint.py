@@ -410,6 +410,8 @@ def warn_unusual_values(model: str, layer: str, expert: int, part: str, tensor: 
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return
     where = f"model {model!r}: {layer} expert {expert} part {part}"
+    if tensor.element_size() == 1:  # float8: torch has no isfinite for it; float16 holds every value
+        tensor = tensor.to(torch.float16)
     if not bool(torch.isfinite(tensor).all()):
         warnings.warn(f"{where} holds NaN or infinite values; check the checkpoint", MoeconsolWarning, stacklevel=2)
     elif not bool(tensor.any()):

@@ -230,6 +230,21 @@ def test_unusual_experts_warn(small_family, tmp_path, value, what):
         merge(open_checkpoints([str(small_family / "base"), str(ckpt)]), tmp_path / "out2", MergeSettings(mode="average"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_unusual_values_checked_in_every_float_dtype(dtype):
+    from moeconsol.checkpoint import warn_unusual_values
+
+    with pytest.warns(MoeconsolWarning, match="NaN or infinite"):
+        warn_unusual_values("m", "layer", 0, "w1", torch.full((4, 4), float("nan")).to(dtype))
+    with pytest.warns(MoeconsolWarning, match="all zero"):
+        warn_unusual_values("m", "layer", 0, "w1", torch.zeros(4, 4, dtype=dtype))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_unusual_values("m", "layer", 0, "w1", torch.ones(4, 4).to(dtype))
+
+
 # -- item 7: FIFOs, overlapping offsets, metadata, config that disagrees with the tensors ----
 
 
