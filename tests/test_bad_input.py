@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import struct
-import sys
 import threading
 from pathlib import Path
 

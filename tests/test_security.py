@@ -16,7 +16,7 @@ import pytest
 
 from moeconsol.artifact import Artifact, export_model, verify_artifact
 from moeconsol.checkpoint import open_checkpoints, parse_model_ref
-from moeconsol.errors import ArtifactError, CheckpointError, OutputError, UnsafePathError
+from moeconsol.errors import ArtifactError, OutputError, UnsafePathError
 from moeconsol.merge import merge
 from cli_helpers import cli, one_error_line, run_main
 
