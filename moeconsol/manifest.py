@@ -172,7 +172,16 @@ class Manifest:
         experts = r.integer(top["experts_per_layer"], "experts_per_layer")
         if experts < 1:
             raise r.fail("experts_per_layer", "must be at least 1")
+        architecture = r.text(top["architecture"], "architecture")
+        layouts = {x.name: x for x in LAYOUTS if x.architecture == architecture}
+        if not layouts:
+            raise r.fail("architecture", f"is {architecture!r}, not one of {', '.join(sorted({x.architecture for x in LAYOUTS}))}")
+        if any(len(shape) != 2 for shape in part_shapes.values()):
+            raise r.fail("part_shapes", "must give each expert part as a 2-D shape")
         models = [_model(r, m, i) for i, m in enumerate(r.array(top["models"], "models"))]
+        for i, m in enumerate(models):
+            if m.layout not in layouts or layouts[m.layout].parts != parts:
+                raise r.fail(f"models[{i}].layout", f"is {m.layout!r}, which does not store {architecture} experts with parts {list(parts)}")
         names = [m.name for m in models]
         if len(set(names)) != len(names):
             raise r.fail("models", "two models have the same name")
@@ -180,7 +189,7 @@ class Manifest:
         weight_map = {r.text(k, "weight_map key"): _path(r, v, f"weight_map[{k!r}]", plain=True) for k, v in r.obj(top["weight_map"], "weight_map").items()}
         return cls(
             moeconsol_version=str(top.get("moeconsol_version", "")),
-            architecture=r.text(top["architecture"], "architecture"),
+            architecture=architecture,
             parts=parts,
             part_shapes=part_shapes,
             dtype=r.dtype(top["dtype"], "dtype"),

@@ -126,6 +126,9 @@ def test_non_string_index_entry(small_family, tmp_path, value):
         (lambda m: m.__setitem__("models", {}), "expected a list"),
         (lambda m: m["layers"][0].__setitem__("slot_map", {"base": [0, 1, 2, 3]}), "slot_map names models"),
         (lambda m: m.__setitem__("dtype", "F99"), "not a safetensors dtype"),
+        (lambda m: m["models"][1].__setitem__("layout", "switch"), "does not store mixtral experts"),
+        (lambda m: m.__setitem__("architecture", "llama"), "architecture"),
+        (lambda m: m["part_shapes"].__setitem__("w1", []), "2-D"),
     ],
 )
 def test_manifest_of_wrong_types(small_family, tmp_path, edit, fragment):

@@ -5,13 +5,14 @@ ArtifactError), never hang, and never read outside the file they were given."""
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from moeconsol.errors import ArtifactError, SafetensorsError
@@ -178,3 +179,36 @@ def test_manifest_round_trip_and_strict_json(real_manifest):
 
     with pytest.raises(MoeconsolError, match="NaN"):
         replace(m, consolidation={**m.consolidation, "scale": float("nan")}).dumps()
+
+
+@settings(max_examples=100, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_commands_on_a_mutated_manifest_never_crash_nor_write_outside(real_manifest, small_family, tmp_path_factory, data):
+    """Every reader of an artifact (open, inspect's summary, verify, export, tensor reads)
+    on a real artifact whose manifest had one value replaced: only MoeconsolError, and
+    nothing is written outside the export's own directory."""
+    from moeconsol.artifact import Artifact, export_model, summary, verify_artifact
+    from moeconsol.errors import MoeconsolError
+
+    root = tmp_path_factory.mktemp("mutated")
+    art = Path(shutil.copytree(small_family / "art", root / "art"))
+    manifest = json.loads(json.dumps(real_manifest))
+    node, key = _random_slot(manifest, data)
+    node[key] = data.draw(json_values | st.sampled_from(["../x", "/etc/passwd", "a/../../b", "switch", "F16", [0, 0], [[0, 1]]]))
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    (root / "out").mkdir()
+    before = sorted(p.relative_to(root) for p in root.rglob("*") if p != root / "out")
+    try:
+        a = Artifact.open(art)
+        summary(a)
+        verify_artifact(art)
+        for name in a.model_names:
+            export_model(art, name, root / "out" / name)
+            for key in a.non_expert_keys(name).values():
+                a.read(key)
+        event("accepted and exported")
+    except MoeconsolError as e:
+        event(type(e).__name__)
+    after = sorted(p.relative_to(root) for p in root.rglob("*") if not str(p.relative_to(root)).startswith("out"))
+    assert after == before
+    shutil.rmtree(root)
