@@ -83,8 +83,14 @@ def unsafe_model_name(manifest: dict, art: Path) -> None:
 def test_crafted_manifest_paths_refused_by_every_command(family, tmp_path, edit):
     art = tampered(family, tmp_path, edit)
     out = tmp_path / "a" / "b" / "out"
+    data = tmp_path / "data.txt"
+    data.write_text("some text to score")
     before = tree_digest(tmp_path)
-    for command in (["verify", art], ["inspect", art], ["export", art, "ft", "-o", out], ["export", art, "base", "-o", out]):
+    commands = (
+        ["verify", art], ["inspect", art], ["export", art, "ft", "-o", out], ["export", art, "base", "-o", out],
+        ["serve-local", art, "--prompt", "hello"], ["eval", art, "--data", f"base={data}"],
+    )
+    for command in commands:
         r = run_main(*command)
         one_error_line(r, "unsafe")
     if edit is escape_model_file:  # the console script itself, once
