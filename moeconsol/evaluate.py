@@ -28,7 +28,7 @@ import torch
 
 from .artifact import Artifact
 from .checkpoint import open_checkpoint, open_checkpoints, resolve_checkpoint_dir
-from .errors import IncompatibleModelsError, MoeconsolError, SettingsError, UnknownModelError
+from .errors import CheckpointError, IncompatibleModelsError, MoeconsolError, SettingsError, UnknownModelError
 from .quality import DEFAULT_CHUNK_LEN, perplexity, read_seq2seq_data, read_text_data, retained_gain, seq2seq_accuracy
 
 Progress = Callable[[str, int, int], None]
@@ -47,13 +47,13 @@ def parse_named_files(items: list[str], option: str, allow_unnamed: bool = True)
         if "=" in item and not Path(item).exists():
             name, _, file = item.partition("=")
             if not name or not file:
-                raise MoeconsolError(f"bad {option} value {item!r}: expected NAME=FILE")
+                raise SettingsError(f"bad {option} value {item!r}: expected NAME=FILE")
         elif allow_unnamed:
             name, file = "*", item
         else:
-            raise MoeconsolError(f"bad {option} value {item!r}: expected NAME=FILE (the variant's name, then its data file)")
+            raise SettingsError(f"bad {option} value {item!r}: expected NAME=FILE (the variant's name, then its data file)")
         if name in out:
-            raise MoeconsolError(f"{option} names {name!r} twice")
+            raise SettingsError(f"{option} names {name!r} twice")
         out[name] = file
     return out
 
@@ -123,7 +123,7 @@ def score_checkpoint(path: str | Path, architecture: str, data: dict[str, str | 
         for name, d in data.items():
             t = tok or (tokenizers or {}).get(name)
             if t is None:
-                raise MoeconsolError(f"{path}: no tokenizer to score it with; save the tokenizer with the model")
+                raise CheckpointError(f"{path}: no tokenizer to score it with; save the tokenizer with the model")
             out[name] = score(model, t, d, settings)
     del model
     return out
@@ -326,7 +326,7 @@ def sweep(
     methods = methods or sweep_methods(base, calibration)
     unknown = [m for m in methods if m not in (*BUDGET_METHODS, *MERGE_METHODS)]
     if unknown:
-        raise MoeconsolError(f"unknown method {unknown[0]!r}: choose from {', '.join((*BUDGET_METHODS, *MERGE_METHODS))}")
+        raise SettingsError(f"unknown method {unknown[0]!r}: choose from {', '.join((*BUDGET_METHODS, *MERGE_METHODS))}")
     if "calibrated" in methods and not calibration:
         raise SettingsError("method calibrated needs calibration data NAME=FILE (each variant's own text)")
     if any(m in ("task-arithmetic", "ties") for m in methods) and not base:

@@ -47,7 +47,7 @@ from .clustering import (
     threshold_to_distance,
     to_distance,
 )
-from .errors import MoeconsolError, SettingsError
+from .errors import IncompatibleModelsError, SettingsError
 from .safetensors_io import DTYPES, read_tensor
 from .similarity import DEFAULT_PROBES, METRICS, expert_digest, gaussian_probes, hidden_size, layer_similarity, read_layer
 from .writer import (
@@ -445,7 +445,7 @@ def combine(mode: str, tensors: list[torch.Tensor], base: torch.Tensor | None, s
     """One tensor of a merging baseline (formulas in moeconsol.baselines and docs/quality.md)."""
     if not tensors[0].is_floating_point():
         if any(not torch.equal(t, tensors[0]) for t in tensors[1:]):
-            raise MoeconsolError(f"cannot merge integer tensors that differ between models (mode {mode})")
+            raise IncompatibleModelsError(f"cannot merge integer tensors that differ between models (mode {mode})")
         return tensors[0]
     if mode == "average":
         return baselines.uniform_average(tensors)

@@ -25,7 +25,7 @@ import torch
 
 from . import __version__
 from .checkpoint import Checkpoint
-from .errors import MoeconsolError, SettingsError
+from .errors import OutputError, SettingsError
 from .safety import is_regular_file
 from .similarity import (
     DEFAULT_PROBES,
@@ -95,7 +95,7 @@ def read_calibration(path: str | Path) -> str:
     except OSError as e:
         raise SettingsError(f"{path}: cannot read calibration file: {e.strerror}") from e
     if not text.strip():
-        raise MoeconsolError(f"{path}: calibration file is empty")
+        raise SettingsError(f"{path}: calibration file is empty")
     return text
 
 
@@ -258,12 +258,12 @@ def write_heatmap(report: AnalysisReport, path: str | Path, metric: str | None =
 
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise MoeconsolError(f"{path}: the heatmap is written as PNG; give a file name ending in .png")
+        raise SettingsError(f"{path}: the heatmap is written as PNG; give a file name ending in .png")
     if not path.parent.is_dir():
-        raise MoeconsolError(f"{path}: directory {path.parent} does not exist")
+        raise OutputError(f"{path}: directory {path.parent} does not exist")
     metric = metric or report.metrics[0]
     if metric not in report.metrics:
-        raise MoeconsolError(f"heatmap metric {metric!r} was not measured: choose from {', '.join(report.metrics)}")
+        raise SettingsError(f"heatmap metric {metric!r} was not measured: choose from {', '.join(report.metrics)}")
     matrices = [s.matrices[metric] for s in report.layers]
     n, e = len(report.models), report.experts_per_layer
     size = n * e

@@ -35,7 +35,7 @@ import torch
 from transformers.activations import ACT2FN
 
 from .checkpoint import Checkpoint, warn_unusual_values
-from .errors import CheckpointError, MoeconsolError
+from .errors import CheckpointError, SettingsError
 
 METRICS = ("cosine", "l2", "relative-l2", "cka")
 DISTANCE_METRICS = ("l2", "relative-l2")
@@ -47,7 +47,7 @@ _CHUNK_ELEMENTS = 1 << 22
 def check_metrics(metrics: list[str]) -> list[str]:
     for m in metrics:
         if m not in METRICS:
-            raise MoeconsolError(f"unknown metric {m!r}: choose from {', '.join(METRICS)}")
+            raise SettingsError(f"unknown metric {m!r}: choose from {', '.join(METRICS)}")
     return list(dict.fromkeys(metrics))
 
 
@@ -233,7 +233,7 @@ def probe_inputs_from_text(ckpt: Checkpoint, text: str, n_probes: int = DEFAULT_
         raise CheckpointError(f"{ckpt.path}: no tokenizer to encode the calibration text with") from e
     ids = tok(text, return_tensors="pt", truncation=True, max_length=n_probes).input_ids
     if ids.shape[1] < 2:
-        raise MoeconsolError("calibration text is empty after tokenization")
+        raise SettingsError("calibration text is empty after tokenization")
     seq2seq = ckpt.layout.architecture == "switch_transformers"
     cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
