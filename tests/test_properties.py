@@ -212,3 +212,15 @@ def test_commands_on_a_mutated_manifest_never_crash_nor_write_outside(real_manif
     after = sorted(p.relative_to(root) for p in root.rglob("*") if not str(p.relative_to(root)).startswith("out"))
     assert after == before
     shutil.rmtree(root)
+
+
+def test_deeply_nested_json_is_refused_not_a_crash(tmp_path):
+    """The edge a generator rarely reaches: JSON nested deeper than Python's recursion limit."""
+    deep = b"[" * 200_000 + b"]" * 200_000
+    with pytest.raises(SafetensorsError, match="not JSON"):
+        read_header(header_file(deep, b"", tmp_path / "x.safetensors"))
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "manifest.json").write_bytes(deep)
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        Manifest.read(art / "manifest.json")
