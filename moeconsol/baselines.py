@@ -24,16 +24,16 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from .errors import MoeconsolError
+from .errors import IncompatibleModelsError, SettingsError
 
 
 def _check(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Size:
     if len(tensors) == 0:
-        raise MoeconsolError("nothing to merge: give at least one tensor")
+        raise SettingsError("nothing to merge: give at least one tensor")
     shape = base.shape if base is not None else tensors[0].shape
     for i, t in enumerate(tensors):
         if t.shape != shape:
-            raise MoeconsolError(f"cannot merge tensors of different shapes: {tuple(t.shape)} (tensor {i}) vs {tuple(shape)}")
+            raise IncompatibleModelsError(f"cannot merge tensors of different shapes: {tuple(t.shape)} (tensor {i}) vs {tuple(shape)}")
     return shape
 
 
@@ -94,7 +94,7 @@ def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], density: float = 0
         result   = base + scale * merged
     """
     if not 0 < density <= 1:
-        raise MoeconsolError(f"TIES density must be in (0, 1], got {density}")
+        raise SettingsError(f"TIES density must be in (0, 1], got {density}")
     _check(tensors, base)
     dtype = _work_dtype(base)
     b = base.to(dtype)
@@ -126,11 +126,11 @@ def reference_distances(layer_experts: Sequence[Sequence[Mapping[str, torch.Tens
     """
     n_models = len(layer_experts)
     if n_models == 0:
-        raise MoeconsolError("no models given")
+        raise SettingsError("no models given")
     n_experts = len(layer_experts[0])
     for m, experts in enumerate(layer_experts):
         if len(experts) != n_experts:
-            raise MoeconsolError(f"model {m} has {len(experts)} experts in this layer, model 0 has {n_experts}")
+            raise IncompatibleModelsError(f"model {m} has {len(experts)} experts in this layer, model 0 has {n_experts}")
     dist = np.zeros(n_experts, dtype=np.float64)
     for e in range(n_experts):
         parts = sorted(layer_experts[0][e])
@@ -138,11 +138,11 @@ def reference_distances(layer_experts: Sequence[Sequence[Mapping[str, torch.Tens
             for m2 in range(m + 1, n_models):
                 a, b = layer_experts[m][e], layer_experts[m2][e]
                 if sorted(a) != parts or sorted(b) != parts:
-                    raise MoeconsolError(f"expert {e}: models {m} and {m2} have different parts")
+                    raise IncompatibleModelsError(f"expert {e}: models {m} and {m2} have different parts")
                 sq = 0.0
                 for p in parts:
                     if a[p].shape != b[p].shape:
-                        raise MoeconsolError(f"expert {e} part {p}: shapes differ between models {m} and {m2}")
+                        raise IncompatibleModelsError(f"expert {e} part {p}: shapes differ between models {m} and {m2}")
                     sq += float(torch.sum((a[p].to(torch.float64) - b[p].to(torch.float64)) ** 2))
                 dist[e] += math.sqrt(sq)
     return dist
@@ -152,7 +152,7 @@ def reference_budget_positions(available_bytes: int, expert_bytes: int) -> int:
     """How many expert positions fit: floor(available_bytes / expert_bytes), as the reference
     system computes it from the GPU memory left after the non-expert layers."""
     if expert_bytes <= 0:
-        raise MoeconsolError(f"expert size must be positive, got {expert_bytes} bytes")
+        raise SettingsError(f"expert size must be positive, got {expert_bytes} bytes")
     return max(0, int(available_bytes // expert_bytes))
 
 
@@ -164,11 +164,11 @@ def reference_shared_positions(distances: np.ndarray, budget_positions: int) -> 
     """
     d = np.asarray(distances, dtype=np.float64)
     if d.ndim != 2:
-        raise MoeconsolError(f"distances must be a [layers, experts] array, got shape {d.shape}")
+        raise SettingsError(f"distances must be a [layers, experts] array, got shape {d.shape}")
     if np.isnan(d).any():
-        raise MoeconsolError("distances contain NaN")
+        raise SettingsError("distances contain NaN")
     if budget_positions < 0:
-        raise MoeconsolError(f"budget must be a non-negative number of positions, got {budget_positions}")
+        raise SettingsError(f"budget must be a non-negative number of positions, got {budget_positions}")
     order = np.argsort(d.reshape(-1), kind="stable")[:budget_positions]
     n_experts = d.shape[1]
     return [(int(i) // n_experts, int(i) % n_experts) for i in order]
@@ -185,14 +185,14 @@ def reference_plan(
     copied from host memory when routed to). Every layer appears, possibly with {}.
     """
     if n_models < 1:
-        raise MoeconsolError(f"need at least one model, got {n_models}")
+        raise SettingsError(f"need at least one model, got {n_models}")
     layers = list(distances_per_layer)
     if not layers:
         return {}
     rows = [np.asarray(distances_per_layer[name], dtype=np.float64) for name in layers]
     for name, row in zip(layers, rows):
         if row.shape != rows[0].shape or row.ndim != 1:
-            raise MoeconsolError(f"layer {name}: expected {rows[0].shape[0]} expert distances, got shape {row.shape}")
+            raise SettingsError(f"layer {name}: expected {rows[0].shape[0]} expert distances, got shape {row.shape}")
     plan: dict[str, dict[int, int]] = {name: {} for name in layers}
     for k, (li, e) in enumerate(reference_shared_positions(np.stack(rows), shared_positions)):
         plan[layers[li]][e] = k % n_models

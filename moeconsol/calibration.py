@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
-from .errors import MoeconsolError
+from .errors import CheckpointError, SettingsError
 from .quality import read_seq2seq_data, read_text_data
 from .similarity import expert_function
 
@@ -94,7 +94,7 @@ def load_tokenizer(ckpt: Checkpoint):
     try:
         return AutoTokenizer.from_pretrained(str(ckpt.path))
     except (OSError, ValueError) as e:
-        raise MoeconsolError(f"{ckpt.path}: no usable tokenizer for calibration ({e}); save the tokenizer with the model") from None
+        raise CheckpointError(f"{ckpt.path}: no usable tokenizer for calibration ({e}); save the tokenizer with the model") from e
 
 
 def calibration_batches(path: str, tokenizer, decoder_start: int | None, chunk_len: int, max_chunks: int) -> list[dict]:
@@ -121,7 +121,7 @@ def calibration_batches(path: str, tokenizer, decoder_start: int | None, chunk_l
         t = torch.tensor([chunk])
         batches.append({"input_ids": t, "decoder_input_ids": t} if encoder_decoder else {"input_ids": t})
     if not batches:
-        raise MoeconsolError(f"{path}: too little calibration text (fewer than 2 tokens)")
+        raise SettingsError(f"{path}: too little calibration text (fewer than 2 tokens)")
     return batches
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MoeconsolError
+from .errors import SettingsError
 from .similarity import DISTANCE_METRICS, METRICS
 
 MODES = ("lossless", "threshold", "budget")
@@ -42,17 +42,17 @@ def to_distance(matrix: np.ndarray, metric: str) -> np.ndarray:
 def threshold_to_distance(metric: str, threshold: float) -> float:
     """The distance cut for a threshold, refusing one outside the metric's range."""
     if metric not in METRICS:
-        raise MoeconsolError(f"unknown metric {metric!r}: choose from {', '.join(METRICS)}")
+        raise SettingsError(f"unknown metric {metric!r}: choose from {', '.join(METRICS)}")
     if metric in DISTANCE_METRICS:
         high = 2.0 if metric == "relative-l2" else float("inf")
         if not 0.0 <= threshold <= high:
-            raise MoeconsolError(
+            raise SettingsError(
                 f"threshold {threshold} out of range for {metric}: a distance, give a value from 0 "
                 f"{'to 2' if metric == 'relative-l2' else 'up'} (0 = share only bit-identical experts)"
             )
         return float(threshold)
     if not -1.0 <= threshold <= 1.0:
-        raise MoeconsolError(
+        raise SettingsError(
             f"threshold {threshold} out of range for {metric}: a similarity, give a value from -1 to 1 "
             "(1.0 = share only bit-identical experts)"
         )
@@ -141,7 +141,7 @@ def choose_representative(cluster: list[int], rule: str, digests: list[str], dis
     members are all bit-identical always stores its first member, whatever the rule.
     """
     if rule not in REPRESENTATIVES:
-        raise MoeconsolError(f"unknown representative rule {rule!r}: choose from {', '.join(REPRESENTATIVES)}")
+        raise SettingsError(f"unknown representative rule {rule!r}: choose from {', '.join(REPRESENTATIVES)}")
     if len({digests[i] for i in cluster}) == 1 or rule == "first":
         return cluster[0]
     if rule == "mean":
@@ -393,7 +393,7 @@ def reduce_to_budget(layers: list[LayerGroups], linkages: list[Linkage], max_ban
             if best is None or per_expert < best[0]:
                 best = (per_expert, li, packed)
         if best is None:
-            raise MoeconsolError(
+            raise SettingsError(
                 f"budget cannot be met: sharing stops at {total} bank experts, because two different experts "
                 f"of the same model never share; give a budget of at least {total} experts"
             )

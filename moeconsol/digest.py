@@ -8,14 +8,20 @@ expert byte of every input. The manifest's file checksums stay sha256 (docs/arti
 An expert's digest covers its canonical parts in name order, each preceded by its name, so
 it is the same whether the bytes come from tensors in memory (`tensor_digest`) or straight
 from their byte ranges on disk (`range_digest`, no tensor allocated).
+
+`range_digest` can also say, from the same bytes in the same pass, whether each part's
+values are all finite and whether any is non-zero (`value_flags`), so a lossless merge warns
+about NaN or all-zero experts without reading them twice.
 """
 
 from __future__ import annotations
 
+import math
+
 import blake3
 import torch
 
-from .safetensors_io import TensorInfo, iter_chunks
+from .safetensors_io import DTYPES, TensorInfo, iter_chunks
 
 
 def tensor_digest(parts: dict[str, torch.Tensor]) -> str:
@@ -27,11 +33,33 @@ def tensor_digest(parts: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def range_digest(parts: dict[str, TensorInfo]) -> str:
-    """The same digest as `tensor_digest`, read from disk through one reused buffer."""
+def value_flags(tensor: torch.Tensor) -> tuple[bool, bool]:
+    """(every value finite, some value non-zero) of a floating tensor, in one cheap pass:
+    the L1 norm is NaN or infinite iff some value is (then checked value by value, since a
+    huge finite tensor can overflow it), and 0 iff every value is 0. Non-floating: (True, True)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True, True
+    if tensor.element_size() == 1:  # float8: no reductions in torch; float16 holds every value
+        tensor = tensor.to(torch.float16)
+    norm = float(torch.linalg.vector_norm(tensor.reshape(-1), ord=1))
+    if math.isfinite(norm):
+        return True, norm > 0
+    return bool(torch.isfinite(tensor).all()), bool(tensor.any())
+
+
+def range_digest(parts: dict[str, TensorInfo], flags: dict[str, tuple[bool, bool]] | None = None) -> str:
+    """The same digest as `tensor_digest`, read from disk through one reused buffer. Given a
+    dict, `flags`, it also receives `value_flags` of each part, from the same chunks."""
     h = blake3.blake3()
     for name in sorted(parts):
+        info = parts[name]
         h.update(name.encode())
-        for chunk in iter_chunks(parts[name]):
+        finite, nonzero = True, False
+        for chunk in iter_chunks(info):
             h.update(chunk)
+            if flags is not None and info.dtype in DTYPES:
+                f, nz = value_flags(torch.frombuffer(chunk, dtype=DTYPES[info.dtype]))
+                finite, nonzero = finite and f, nonzero or nz
+        if flags is not None:
+            flags[name] = (finite, nonzero)
     return h.hexdigest()

@@ -28,7 +28,7 @@ import torch
 
 from .artifact import Artifact
 from .checkpoint import open_checkpoint, open_checkpoints, resolve_checkpoint_dir
-from .errors import MoeconsolError
+from .errors import CheckpointError, IncompatibleModelsError, MoeconsolError, SettingsError, UnknownModelError
 from .quality import DEFAULT_CHUNK_LEN, perplexity, read_seq2seq_data, read_text_data, retained_gain, seq2seq_accuracy
 
 Progress = Callable[[str, int, int], None]
@@ -47,13 +47,13 @@ def parse_named_files(items: list[str], option: str, allow_unnamed: bool = True)
         if "=" in item and not Path(item).exists():
             name, _, file = item.partition("=")
             if not name or not file:
-                raise MoeconsolError(f"bad {option} value {item!r}: expected NAME=FILE")
+                raise SettingsError(f"bad {option} value {item!r}: expected NAME=FILE")
         elif allow_unnamed:
             name, file = "*", item
         else:
-            raise MoeconsolError(f"bad {option} value {item!r}: expected NAME=FILE (the variant's name, then its data file)")
+            raise SettingsError(f"bad {option} value {item!r}: expected NAME=FILE (the variant's name, then its data file)")
         if name in out:
-            raise MoeconsolError(f"{option} names {name!r} twice")
+            raise SettingsError(f"{option} names {name!r} twice")
         out[name] = file
     return out
 
@@ -123,7 +123,7 @@ def score_checkpoint(path: str | Path, architecture: str, data: dict[str, str | 
         for name, d in data.items():
             t = tok or (tokenizers or {}).get(name)
             if t is None:
-                raise MoeconsolError(f"{path}: no tokenizer to score it with; save the tokenizer with the model")
+                raise CheckpointError(f"{path}: no tokenizer to score it with; save the tokenizer with the model")
             out[name] = score(model, t, d, settings)
     del model
     return out
@@ -191,15 +191,15 @@ def _json_safe(obj):
 def _check_variants(names: list[str], data: dict[str, str], variants: list[str] | None, where: str) -> list[str]:
     unknown = [n for n in data if n not in names]
     if unknown:
-        raise MoeconsolError(f"unknown variant {unknown[0]!r} in --data: {where} holds {', '.join(names)}")
+        raise UnknownModelError(f"unknown variant {unknown[0]!r} in the data: {where} holds {', '.join(names)}")
     if not data:
-        raise MoeconsolError("no data given: add --data NAME=FILE for the variants to score")
+        raise SettingsError("no data given: give data NAME=FILE for the variants to score")
     chosen = list(variants) if variants else [n for n in names if n in data]
     for n in chosen:
         if n not in names:
-            raise MoeconsolError(f"unknown variant {n!r}: {where} holds {', '.join(names)}")
+            raise UnknownModelError(f"unknown variant {n!r}: {where} holds {', '.join(names)}")
         if n not in data:
-            raise MoeconsolError(f"no data for variant {n!r}: add --data {n}=FILE")
+            raise SettingsError(f"no data for variant {n!r}: give data {n}=FILE")
     return chosen
 
 
@@ -216,13 +216,13 @@ def eval_artifact(
     chosen = _check_variants(art.model_names, data, variants, str(art.path))
     enc_dec = art.architecture == "switch_transformers"
     loaded = {n: load_data(data[n], enc_dec) for n in chosen}
-    models = {m["name"]: m for m in art.manifest["models"]}
+    models = {m.name: m for m in art.spec.models}
     originals: dict[str, Score] = {}
     art_tokenizers = None
     for i, n in enumerate(chosen):
         if progress:
             progress("originals", i, len(chosen))
-        src = resolve_checkpoint_dir(models[n]["source"], models[n].get("revision"))
+        src = resolve_checkpoint_dir(models[n].source, models[n].revision)
         originals.update(score_checkpoint(src, art.architecture, {n: loaded[n]}, settings))
     if progress:
         progress("originals", len(chosen), len(chosen))
@@ -231,7 +231,7 @@ def eval_artifact(
     if base is not None:
         b = open_checkpoint(base)
         if b.layout.architecture != art.architecture:
-            raise MoeconsolError(f"--base {base} is {b.layout.architecture}, the artifact is {art.architecture}")
+            raise IncompatibleModelsError(f"base {base} is {b.layout.architecture}, the artifact is {art.architecture}")
         art_tokenizers = {n: _artifact_tokenizer(art, n) for n in chosen}
         base_scores = score_checkpoint(b.path, art.architecture, loaded, settings, art_tokenizers)
     rows = []
@@ -239,7 +239,7 @@ def eval_artifact(
         o, c, b_ = originals[n], consolidated[n], base_scores.get(n)
         rows.append(VariantEval(n, c.metric, c.lower_is_better, o.value, c.value, None if b_ is None else b_.value, _gain(b_, c, o),
                                 {"original": o.details, "consolidated": c.details, "base": None if b_ is None else b_.details}))
-    return EvalReport(str(art.path), art.manifest["consolidation"], base, rows)
+    return EvalReport(str(art.path), art.spec.consolidation, base, rows)
 
 
 def _artifact_tokenizer(art: Artifact, name: str):
@@ -298,10 +298,10 @@ def sweep_methods(base: str | None, calibration: dict[str, str] | None) -> list[
 def parse_budgets(text: str) -> list[float]:
     try:
         budgets = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise MoeconsolError(f"--budgets {text!r}: give fractions of all experts separated by commas, e.g. 1.0,0.75,0.5,0.25") from None
+    except ValueError as e:
+        raise SettingsError(f"budgets {text!r}: give fractions of all experts separated by commas, e.g. 1.0,0.75,0.5,0.25") from e
     if not budgets or any(not 0 < b <= 1 for b in budgets):
-        raise MoeconsolError(f"--budgets {text!r}: every budget must be a fraction in (0, 1]")
+        raise SettingsError(f"budgets {text!r}: every budget must be a fraction in (0, 1]")
     return budgets
 
 
@@ -326,11 +326,11 @@ def sweep(
     methods = methods or sweep_methods(base, calibration)
     unknown = [m for m in methods if m not in (*BUDGET_METHODS, *MERGE_METHODS)]
     if unknown:
-        raise MoeconsolError(f"unknown method {unknown[0]!r}: choose from {', '.join((*BUDGET_METHODS, *MERGE_METHODS))}")
+        raise SettingsError(f"unknown method {unknown[0]!r}: choose from {', '.join((*BUDGET_METHODS, *MERGE_METHODS))}")
     if "calibrated" in methods and not calibration:
-        raise MoeconsolError("method calibrated needs --calibration NAME=FILE (each variant's own text)")
+        raise SettingsError("method calibrated needs calibration data NAME=FILE (each variant's own text)")
     if any(m in ("task-arithmetic", "ties") for m in methods) and not base:
-        raise MoeconsolError("methods task-arithmetic and ties need --base PATH")
+        raise SettingsError("methods task-arithmetic and ties need a base checkpoint PATH")
     ref = ckpts[0]
     arch = ref.layout.architecture
     enc_dec = arch == "switch_transformers"

@@ -18,7 +18,6 @@ see `writer.atomic_directory`. Its format is in docs/artifact.md.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -28,9 +27,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import __version__
-from .artifact import FORMAT, FORMAT_VERSION, MANIFEST, Progress, bank_key
+from .artifact import Progress, bank_key
+from .manifest import MANIFEST, BankEntry, FileEntry, LayerEntry, Manifest, ModelEntry, SourceShard, TensorEntry
 from . import baselines
-from .checkpoint import Checkpoint, natural_key, check_compatible, open_checkpoint
+from .checkpoint import Checkpoint, natural_key, check_compatible, check_config, open_checkpoint, read_json_file, warn_unusual, warn_unusual_values
 from .clustering import (
     MODES,
     REPRESENTATIVES,
@@ -46,9 +46,9 @@ from .clustering import (
     threshold_to_distance,
     to_distance,
 )
-from .errors import MoeconsolError
-from .safetensors_io import DTYPES
 from .digest import range_digest
+from .errors import IncompatibleModelsError, SettingsError
+from .safetensors_io import DTYPES
 from .similarity import DEFAULT_PROBES, METRICS, gaussian_probes, hidden_size, layer_similarity, read_layer
 from .writer import (
     FileRecord,
@@ -60,7 +60,6 @@ from .writer import (
     copy_file,
     format_bytes,
     parse_size,
-    write_json,
 )
 
 if TYPE_CHECKING:
@@ -171,7 +170,7 @@ def budget_experts(budget: str, ckpts: list[Checkpoint]) -> int:
         fraction = None
     if fraction is not None and fraction <= 1.0:
         if fraction <= 0:
-            raise MoeconsolError(f"budget {text!r} must be more than 0: a fraction of all experts (0.5) or bytes (40GB)")
+            raise SettingsError(f"budget {text!r} must be more than 0: a fraction of all experts (0.5) or bytes (40GB)")
         slots = int(fraction * total + 1e-9)
         what = f"{fraction:g} of {total} experts"
     else:
@@ -180,7 +179,7 @@ def budget_experts(budget: str, ckpts: list[Checkpoint]) -> int:
         what = format_bytes(nbytes)
     floor = layers * experts
     if slots < floor:
-        raise MoeconsolError(
+        raise SettingsError(
             f"budget too small: {what} holds {slots} experts, but the bank needs at least one model's worth: "
             f"{floor} experts ({format_bytes(floor * one)}, or a fraction of {floor / total:.4g})"
         )
@@ -188,11 +187,11 @@ def budget_experts(budget: str, ckpts: list[Checkpoint]) -> int:
 
 
 def _refuse(s: MergeSettings, mode: str, *options: str) -> None:
-    given = {"--metric": s.metric, "--threshold": s.threshold, "--budget": s.budget, "--base": s.base,
-             "--calibration": s.calibration}
+    given = {"metric": s.metric, "threshold": s.threshold, "budget": s.budget, "base": s.base,
+             "calibration": s.calibration}
     extra = [o for o in options if given[o] not in (None, {})]
     if extra:
-        raise MoeconsolError(f"{', '.join(extra)} do(es) not apply to --mode {mode}")
+        raise SettingsError(f"{', '.join(extra)} do(es) not apply to mode {mode}")
 
 
 def calibration_file(s: MergeSettings, name: str) -> str:
@@ -202,64 +201,67 @@ def calibration_file(s: MergeSettings, name: str) -> str:
         return files[name]
     if "*" in files:
         return files["*"]
-    raise MoeconsolError(f"--mode calibrated needs calibration data for every model; none for {name!r}: add --calibration {name}=FILE")
+    raise SettingsError(f"mode calibrated needs calibration data for every model; none for {name!r}: give calibration {name}=FILE")
 
 
 def check_settings(s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
     """Refuse inconsistent or out-of-range settings; fill the default metric."""
     if s.mode not in ALL_MODES:
-        raise MoeconsolError(f"unknown mode {s.mode!r}: choose from {', '.join(ALL_MODES)}")
+        raise SettingsError(f"unknown mode {s.mode!r}: choose from {', '.join(ALL_MODES)}")
+    for option, value in (("scale", s.scale), ("density", s.density), ("threshold", s.threshold)):
+        if value is not None and not math.isfinite(value):
+            raise SettingsError(f"{option} must be a finite number, got {value}")
     if s.representative not in REPRESENTATIVES:
-        raise MoeconsolError(f"unknown representative {s.representative!r}: choose from {', '.join(REPRESENTATIVES)}")
+        raise SettingsError(f"unknown representative {s.representative!r}: choose from {', '.join(REPRESENTATIVES)}")
     if s.representative == "best" and s.mode != "calibrated":
-        raise MoeconsolError("--representative best needs --mode calibrated (it compares members and the mean on calibration data)")
+        raise SettingsError("representative best needs mode calibrated (it compares members and the mean on calibration data)")
     if s.shard_size <= 0:
-        raise MoeconsolError("shard size must be more than 0 bytes")
+        raise SettingsError("shard size must be more than 0 bytes")
     if s.mode in MERGE_MODES:
-        _refuse(s, s.mode, "--metric", "--threshold", "--budget", "--calibration")
+        _refuse(s, s.mode, "metric", "threshold", "budget", "calibration")
         if s.mode in BASE_MODES and s.base is None:
-            raise MoeconsolError(f"--mode {s.mode} needs --base PATH: the pre-trained checkpoint the models were fine-tuned from")
+            raise SettingsError(f"mode {s.mode} needs a base: the pre-trained checkpoint the models were fine-tuned from")
         if s.mode == "average":
-            _refuse(s, s.mode, "--base")
+            _refuse(s, s.mode, "base")
         if s.mode == "ties" and not 0 < s.density <= 1:
-            raise MoeconsolError(f"--density must be in (0, 1], got {s.density}")
+            raise SettingsError(f"density must be in (0, 1], got {s.density}")
         return s
     if s.mode == "reference":
-        _refuse(s, s.mode, "--metric", "--threshold", "--base", "--calibration")
+        _refuse(s, s.mode, "metric", "threshold", "base", "calibration")
         if s.budget is None:
-            raise MoeconsolError("--mode reference needs --budget: bank bytes (40GB) or a fraction of all experts (0.5)")
+            raise SettingsError("mode reference needs a budget: bank bytes (40GB) or a fraction of all experts (0.5)")
         budget_experts(s.budget, ckpts)
         return s
     if s.mode != "calibrated":
-        _refuse(s, s.mode, "--base", "--calibration")
+        _refuse(s, s.mode, "base", "calibration")
     if s.mode == "lossless":
         if s.threshold is not None or s.budget is not None or s.metric is not None:
-            raise MoeconsolError("--metric, --threshold and --budget apply to --mode threshold or budget, not lossless")
+            raise SettingsError("metric, threshold and budget apply to mode threshold or budget, not lossless")
         return s
     metric = s.metric or "cosine"
     if metric not in METRICS:
-        raise MoeconsolError(f"unknown metric {metric!r}: choose from {', '.join(METRICS)}")
+        raise SettingsError(f"unknown metric {metric!r}: choose from {', '.join(METRICS)}")
     if s.mode == "threshold":
         if s.threshold is None:
-            raise MoeconsolError("--mode threshold needs --threshold (e.g. --metric cosine --threshold 0.99)")
+            raise SettingsError("mode threshold needs a threshold (e.g. metric cosine, threshold 0.99)")
         if s.budget is not None:
-            raise MoeconsolError("--budget applies to --mode budget, not threshold")
+            raise SettingsError("budget applies to mode budget, not threshold")
         threshold_to_distance(metric, s.threshold)
     if s.mode in ("budget", "calibrated"):
         if s.budget is None:
-            raise MoeconsolError(f"--mode {s.mode} needs --budget: bytes of bank (40GB) or a fraction of all experts (0.5)")
+            raise SettingsError(f"mode {s.mode} needs a budget: bytes of bank (40GB) or a fraction of all experts (0.5)")
         if s.threshold is not None:
-            raise MoeconsolError(f"--threshold applies to --mode threshold, not {s.mode}")
+            raise SettingsError(f"threshold applies to mode threshold, not {s.mode}")
         budget_experts(s.budget, ckpts)
     if s.mode == "calibrated":
-        _refuse(s, s.mode, "--base")
+        _refuse(s, s.mode, "base")
         for c in ckpts:
             calibration_file(s, c.name)
         unknown = sorted(set(s.calibration or {}) - {c.name for c in ckpts} - {"*"})
         if unknown:
-            raise MoeconsolError(f"--calibration names unknown model(s) {', '.join(unknown)}; the models are {', '.join(c.name for c in ckpts)}")
+            raise SettingsError(f"calibration names unknown model(s) {', '.join(unknown)}; the models are {', '.join(c.name for c in ckpts)}")
         if s.calibration_tokens < 1:
-            raise MoeconsolError(f"calibration tokens must be at least 1, got {s.calibration_tokens}")
+            raise SettingsError(f"calibration tokens must be at least 1, got {s.calibration_tokens}")
     return replace(s, metric=metric)
 
 
@@ -278,7 +280,7 @@ def plan_layers(ckpts: list[Checkpoint], s: MergeSettings, progress: Progress | 
         if progress:
             progress("plan", i, len(ref.moe_layers))
         if s.mode == "lossless":  # identity only: hash the bytes on disk, build no tensors
-            layer_digests = [range_digest(c.expert_infos(layer, e)) for c in ckpts for e in range(E)]
+            layer_digests = [_scanned_digest(c, layer, e) for c in ckpts for e in range(E)]
             distance = None
         else:
             probes = gaussian_probes(hidden_size(ref), DEFAULT_PROBES, s.seed + i) if s.metric == "cka" else None
@@ -299,6 +301,16 @@ def plan_layers(ckpts: list[Checkpoint], s: MergeSettings, progress: Progress | 
         LayerPlan(lg.layer, cs, [choose_representative(c, s.representative, d, lg.distance) for c in cs])
         for lg, d, cs in zip(groups, digests, clusters)
     ]
+
+
+def _scanned_digest(ckpt: Checkpoint, layer: str, expert: int) -> str:
+    """An expert's identity digest from its bytes on disk, warning (as `read_layer` does)
+    about NaN, infinite or all-zero parts seen in the same pass."""
+    flags: dict[str, tuple[bool, bool]] = {}
+    digest = range_digest(ckpt.expert_infos(layer, expert), flags)
+    for part, (finite, nonzero) in flags.items():
+        warn_unusual(ckpt.name, layer, expert, part, finite, nonzero)
+    return digest
 
 
 def plan_reference(ckpts: list[Checkpoint], s: MergeSettings, progress: Progress | None = None) -> list[LayerPlan]:
@@ -441,7 +453,7 @@ def combine(mode: str, tensors: list[torch.Tensor], base: torch.Tensor | None, s
     """One tensor of a merging baseline (formulas in moeconsol.baselines and docs/quality.md)."""
     if not tensors[0].is_floating_point():
         if any(not torch.equal(t, tensors[0]) for t in tensors[1:]):
-            raise MoeconsolError(f"cannot merge integer tensors that differ between models (mode {mode})")
+            raise IncompatibleModelsError(f"cannot merge integer tensors that differ between models (mode {mode})")
         return tensors[0]
     if mode == "average":
         return baselines.uniform_average(tensors)
@@ -528,6 +540,8 @@ def _write_bank(
                 for part in parts:
                     if p.combine is not None:
                         tensors = [ckpts[i // E].expert_part(p.layer, i % E, part) for i in members]
+                        for i, t in zip(members, tensors):
+                            warn_unusual_values(ckpts[i // E].name, p.layer, i % E, part, t)
                         b = base.expert_part(p.layer, members[0] % E, part) if base is not None else None
                         value = combine(p.combine, tensors, b, s)
                     elif w is not None:
@@ -563,12 +577,12 @@ def _merged_non_expert(ckpts: list[Checkpoint], base: Checkpoint | None, name: s
     return combine(s.mode, tensors, b, s)
 
 
-def _source_shards(ckpt: Checkpoint) -> dict[str, dict]:
+def _source_shards(ckpt: Checkpoint) -> dict[str, SourceShard]:
     """Each source file: its __metadata__ and its tensors in file order (on-disk names)."""
     out = {}
     for file, meta in ckpt.shard_metadata.items():
         names = sorted((n for n, f in ckpt.weight_map.items() if f == file), key=lambda n: ckpt.tensors[n].start)
-        out[file] = {"metadata": meta, "tensors": names}
+        out[file] = SourceShard(meta, names)
     return out
 
 
@@ -576,7 +590,9 @@ def _source_index(ckpt: Checkpoint) -> dict | None:
     index = ckpt.path / "model.safetensors.index.json"
     if not index.exists():
         return None
-    return {k: v for k, v in json.loads(index.read_text()).items() if k != "weight_map"}
+    data = read_json_file(index, "index")
+    assert isinstance(data, dict)  # Checkpoint._index checked it
+    return {k: v for k, v in data.items() if k != "weight_map"}
 
 
 def input_bytes(ckpts: list[Checkpoint]) -> int:
@@ -622,12 +638,16 @@ def merge(
     """Consolidate `ckpts` (from `checkpoint.open_checkpoints`) into an artifact at `out`."""
     s = check_settings(settings or MergeSettings(), ckpts)
     out = Path(out).absolute()
-    check_destination(out, force)
     ref = ckpts[0]
     base = None
     if s.mode in BASE_MODES:
         base = open_checkpoint(s.base)
         check_compatible([*ckpts, base])
+    for c in [*ckpts, *([base] if base is not None else [])]:
+        check_config(c)
+    inputs = [c.path for c in ckpts] + ([base.path] if base is not None else [])
+    inputs += [Path(f) for f in (s.calibration or {}).values()]
+    check_destination(out, force, inputs)
     one_model = sum(info.nbytes for info in ref.tensors.values())
     check_free_space(out, one_model)
 
@@ -654,7 +674,7 @@ def merge(
     files: dict[str, FileRecord] = {}
     total_steps = sum(len(p.clusters) for p in plans) + len(tensor_specs)
     done = [0]
-    with atomic_directory(out, force=force) as tmp:
+    with atomic_directory(out, force=force, inputs=inputs) as tmp:
         bank = ShardedWriter(tmp, "bank", bank_specs, s.shard_size)
         _write_bank(bank, ckpts, plans, progress, done, total_steps, s, base)
         files.update(bank.close())
@@ -675,62 +695,56 @@ def merge(
             (tmp / "models" / c.name).mkdir(parents=True)
             for p in side[c.name]:
                 files[f"models/{c.name}/{p.name}"] = copy_file(p, tmp / "models" / c.name / p.name)
-        shapes = {x.name: {"dtype": x.dtype, "shape": list(x.shape)} for x in bank_specs + tensor_specs}
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "moeconsol_version": __version__,
-            "architecture": ref.layout.architecture,
-            "parts": list(ref.layout.parts),
-            "part_shapes": {p: list(ref.expert_shape(p)) for p in ref.layout.parts},
-            "dtype": ref.dtype,
-            "experts_per_layer": E,
-            "consolidation": _consolidation(s, ckpts, base),
-            "models": [
-                {
-                    "name": c.name,
-                    "source": c.source,
-                    "revision": c.revision,
-                    "layout": c.layout.name,
-                    "config": c.config,
-                    "files": [p.name for p in side[c.name]],
-                    "tensors": non_experts.keys[m],
-                    "source_shards": _source_shards(c),
-                    "index": _source_index(c),
-                }
+        manifest = Manifest(
+            moeconsol_version=__version__,
+            architecture=ref.layout.architecture,
+            parts=tuple(ref.layout.parts),
+            part_shapes={p: tuple(ref.expert_shape(p)) for p in ref.layout.parts},
+            dtype=ref.dtype,
+            experts_per_layer=E,
+            consolidation=_consolidation(s, ckpts, base),
+            models=[
+                ModelEntry(
+                    name=c.name,
+                    source=c.source,
+                    revision=c.revision,
+                    layout=c.layout.name,
+                    config=c.config,
+                    files=[p.name for p in side[c.name]],
+                    tensors=non_experts.keys[m],
+                    source_shards=_source_shards(c),
+                    index=_source_index(c),
+                )
                 for m, c in enumerate(ckpts)
             ],
-            "layers": [
-                {
-                    "layer": p.layer,
-                    "bank": [
-                        {
-                            "members": [[i // E, i % E] for i in members],
-                            "representative": None if rep is None else [rep // E, rep % E],
-                            **({"weights": w} if w is not None else {}),
-                        }
+            layers=[
+                LayerEntry(
+                    layer=p.layer,
+                    bank=[
+                        BankEntry([(i // E, i % E) for i in members], None if rep is None else (rep // E, rep % E), w)
                         for members, rep, w in zip(p.clusters, p.representatives, p.weights or [None] * len(p.clusters))
                     ],
-                    "slot_map": {c.name: sm for c, sm in zip(ckpts, slot_maps(p.clusters, len(ckpts), E))},
-                }
+                    slot_map={c.name: sm for c, sm in zip(ckpts, slot_maps(p.clusters, len(ckpts), E))},
+                )
                 for p in plans
             ],
-            "bytes": {
+            bytes={
                 "inputs": input_bytes(ckpts),
                 "experts_in": len(ckpts) * len(plans) * E * expert_nbytes(ref),
                 "bank": sum(len(p.clusters) for p in plans) * expert_nbytes(ref),
             },
-            "weight_map": {**bank.weight_map, **tensors.weight_map},
-            "shapes": shapes,
-            "files": {name: {"size": r.size, "sha256": r.sha256} for name, r in sorted(files.items())},
-        }
-        manifest_record = write_json(tmp / MANIFEST, manifest)
-    b = manifest["bytes"]
+            weight_map={**bank.weight_map, **tensors.weight_map},
+            shapes={x.name: TensorEntry(x.dtype, tuple(x.shape)) for x in bank_specs + tensor_specs},
+            files={name: FileEntry(r.size, r.sha256) for name, r in sorted(files.items())},
+        )
+        text = manifest.dumps().encode()
+        (tmp / MANIFEST).write_bytes(text)
+    b = manifest.bytes
     return MergeResult(
         path=out,
-        manifest=manifest,
+        manifest=manifest.to_json(),
         input_bytes=b["inputs"],
-        artifact_bytes=sum(r.size for r in files.values()) + manifest_record.size,
+        artifact_bytes=sum(r.size for r in files.values()) + len(text),
         expert_bytes_in=b["experts_in"],
         bank_bytes=b["bank"],
         bank_sizes={p.layer: len(p.clusters) for p in plans},

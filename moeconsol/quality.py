@@ -47,7 +47,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import MoeconsolError
+from .errors import CheckpointError, SettingsError
+from .safety import is_regular_file
 
 DEFAULT_CHUNK_LEN = 2048
 """As in the reference system's WikiText-2 evaluation (2048-token chunks)."""
@@ -62,15 +63,15 @@ Progress = Callable[[int, int], None]
 def _read_nonempty(path: str | Path, what: str) -> tuple[Path, str]:
     p = Path(path)
     if not p.exists():
-        raise MoeconsolError(f"{p}: no such file; give the path of a {what}")
-    if not p.is_file():
-        raise MoeconsolError(f"{p}: not a file; give the path of a {what}")
+        raise SettingsError(f"{p}: no such file; give the path of a {what}")
+    if not is_regular_file(p):
+        raise SettingsError(f"{p}: not a file (a directory, FIFO or device); give the path of a {what}")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise MoeconsolError(f"{p}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from None
+        raise SettingsError(f"{p}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from e
     if not text.strip():
-        raise MoeconsolError(f"{p}: file is empty; give a {what} with some content")
+        raise SettingsError(f"{p}: file is empty; give a {what} with some content")
     return p, text
 
 
@@ -93,14 +94,14 @@ def read_seq2seq_data(path: str | Path) -> list[dict]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise MoeconsolError(f"{p}:{n}: invalid JSON ({e.msg}); each line must be one JSON object") from None
+            raise SettingsError(f"{p}:{n}: invalid JSON ({e.msg}); each line must be one JSON object") from e
         if not isinstance(obj, dict):
-            raise MoeconsolError(f'{p}:{n}: expected a JSON object with "input" and "target", got {type(obj).__name__}')
+            raise SettingsError(f'{p}:{n}: expected a JSON object with "input" and "target", got {type(obj).__name__}')
         for key in ("input", "target"):
             if key not in obj:
-                raise MoeconsolError(f'{p}:{n}: missing field "{key}"; each line needs "input" and "target" strings')
+                raise SettingsError(f'{p}:{n}: missing field "{key}"; each line needs "input" and "target" strings')
             if not isinstance(obj[key], str):
-                raise MoeconsolError(f'{p}:{n}: field "{key}" must be a string, got {type(obj[key]).__name__}')
+                raise SettingsError(f'{p}:{n}: field "{key}" must be a string, got {type(obj[key]).__name__}')
         examples.append(obj)
     return examples
 
@@ -133,10 +134,10 @@ def chunk_spans(n_tokens: int, chunk_len: int, stride: int | None = None) -> lis
     Targets first_scored .. end-1 are predicted in that window (see the module docstring).
     """
     if chunk_len < 2:
-        raise MoeconsolError(f"chunk length must be at least 2 tokens, got {chunk_len}")
+        raise SettingsError(f"chunk length must be at least 2 tokens, got {chunk_len}")
     stride = chunk_len if stride is None else stride
     if not 1 <= stride <= chunk_len:
-        raise MoeconsolError(f"stride must be between 1 and the chunk length ({chunk_len}), got {stride}")
+        raise SettingsError(f"stride must be between 1 and the chunk length ({chunk_len}), got {stride}")
     spans = []
     scored_until = 0  # every position below this is scored or is t_0
     start = 0
@@ -155,7 +156,7 @@ def chunk_spans(n_tokens: int, chunk_len: int, stride: int | None = None) -> lis
 def _same_length_batches(spans: list[tuple[int, int, int]], batch_size: int) -> list[list[tuple[int, int, int]]]:
     """Consecutive spans grouped into batches of at most `batch_size` windows of one length."""
     if batch_size < 1:
-        raise MoeconsolError(f"batch size must be at least 1, got {batch_size}")
+        raise SettingsError(f"batch size must be at least 1, got {batch_size}")
     batches: list[list[tuple[int, int, int]]] = []
     for span in spans:
         last = batches[-1] if batches else None
@@ -185,14 +186,14 @@ def perplexity(
     sequence: no padding, no attention across windows), which only changes the speed.
     """
     if getattr(model.config, "is_encoder_decoder", False):
-        raise MoeconsolError(
+        raise SettingsError(
             f"perplexity needs a causal language model; {model.config.model_type} is an encoder-decoder: "
             "measure it with seq2seq accuracy instead"
         )
     ids = tokenizer(text, verbose=False)["input_ids"]
     spans = chunk_spans(len(ids), chunk_len, stride)
     if not spans:
-        raise MoeconsolError(f"the text has {len(ids)} token(s); perplexity needs at least 2")
+        raise SettingsError(f"the text has {len(ids)} token(s); perplexity needs at least 2")
     device = _device(model)
     all_ids = torch.tensor(ids, dtype=torch.long)
     nll = 0.0
@@ -267,7 +268,7 @@ def _teacher_forced_correct(model, input_ids: torch.Tensor, target: list[int]) -
     if _encoder_decoder(model):
         start = model.config.decoder_start_token_id
         if start is None:
-            raise MoeconsolError(f"{model.config.model_type}: config has no decoder_start_token_id; set it in config.json")
+            raise CheckpointError(f"{model.config.model_type}: config has no decoder_start_token_id; set it in config.json")
         decoder_in = torch.cat([torch.tensor([[start]], device=device), labels[:, :-1]], dim=1)
         logits = model(input_ids=input_ids, decoder_input_ids=decoder_in, use_cache=False).logits[0]
         predicted = logits.argmax(-1)
@@ -293,9 +294,9 @@ def seq2seq_accuracy(
     Generation also stops at the model's EOS.
     """
     if not examples:
-        raise MoeconsolError("no examples to score; give at least one {\"input\", \"target\"} line")
+        raise SettingsError("no examples to score; give at least one {\"input\", \"target\"} line")
     if max_new_tokens is not None and max_new_tokens < 1:
-        raise MoeconsolError(f"max new tokens must be at least 1, got {max_new_tokens}")
+        raise SettingsError(f"max new tokens must be at least 1, got {max_new_tokens}")
     enc_dec = _encoder_decoder(model)
     device = _device(model)
     exact = correct = total = 0
@@ -304,7 +305,7 @@ def seq2seq_accuracy(
         for i, ex in enumerate(examples):
             input_ids = torch.tensor([tokenizer(ex["input"])["input_ids"]], dtype=torch.long, device=device)
             if input_ids.shape[1] == 0:
-                raise MoeconsolError(f"example {i + 1}: the input is empty after tokenization")
+                raise SettingsError(f"example {i + 1}: the input is empty after tokenization")
             target = _target_ids(tokenizer, ex["target"], enc_dec)
             prediction = _greedy(model, tokenizer, input_ids, max_new_tokens or max(1, len(target)))
             predictions.append(prediction)

@@ -25,7 +25,8 @@ import torch
 
 from . import __version__
 from .checkpoint import Checkpoint
-from .errors import MoeconsolError
+from .errors import OutputError, SettingsError
+from .safety import is_regular_file
 from .similarity import (
     DEFAULT_PROBES,
     DISTANCE_METRICS,
@@ -81,18 +82,20 @@ class AnalysisReport:
 def read_calibration(path: str | Path) -> str:
     """The text of a calibration file, refused clearly if it cannot be used."""
     p = Path(path)
+    if p.exists() and not p.is_dir() and not is_regular_file(p):
+        raise SettingsError(f"{path}: calibration file is not a regular file (a FIFO or device?)")
     try:
         text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MoeconsolError(f"{path}: calibration file not found") from None
-    except IsADirectoryError:
-        raise MoeconsolError(f"{path}: calibration file is a directory") from None
-    except UnicodeDecodeError:
-        raise MoeconsolError(f"{path}: calibration file is not UTF-8 text") from None
+    except FileNotFoundError as e:
+        raise SettingsError(f"{path}: calibration file not found") from e
+    except IsADirectoryError as e:
+        raise SettingsError(f"{path}: calibration file is a directory") from e
+    except UnicodeDecodeError as e:
+        raise SettingsError(f"{path}: calibration file is not UTF-8 text") from e
     except OSError as e:
-        raise MoeconsolError(f"{path}: cannot read calibration file: {e.strerror}") from None
+        raise SettingsError(f"{path}: cannot read calibration file: {e.strerror}") from e
     if not text.strip():
-        raise MoeconsolError(f"{path}: calibration file is empty")
+        raise SettingsError(f"{path}: calibration file is empty")
     return text
 
 
@@ -112,7 +115,7 @@ def analyze_models(
     """
     metrics = check_metrics(metrics)
     if n_probes < 2:
-        raise MoeconsolError(f"--probes must be at least 2 (CKA centres over probes), got {n_probes}")
+        raise SettingsError(f"probes must be at least 2 (CKA centres over probes), got {n_probes}")
     first = ckpts[0]
     report = AnalysisReport(
         models=[c.name for c in ckpts],
@@ -255,12 +258,12 @@ def write_heatmap(report: AnalysisReport, path: str | Path, metric: str | None =
 
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise MoeconsolError(f"{path}: the heatmap is written as PNG; give a file name ending in .png")
+        raise SettingsError(f"{path}: the heatmap is written as PNG; give a file name ending in .png")
     if not path.parent.is_dir():
-        raise MoeconsolError(f"{path}: directory {path.parent} does not exist")
+        raise OutputError(f"{path}: directory {path.parent} does not exist")
     metric = metric or report.metrics[0]
     if metric not in report.metrics:
-        raise MoeconsolError(f"heatmap metric {metric!r} was not measured: choose from {', '.join(report.metrics)}")
+        raise SettingsError(f"heatmap metric {metric!r} was not measured: choose from {', '.join(report.metrics)}")
     matrices = [s.matrices[metric] for s in report.layers]
     n, e = len(report.models), report.experts_per_layer
     size = n * e

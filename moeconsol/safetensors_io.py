@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import MoeconsolError
+from .errors import SafetensorsError
+from .safety import is_regular_file
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -62,42 +63,96 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header: (tensors by name, `__metadata__`)."""
+    """Parse and validate a safetensors header: (tensors by name, `__metadata__`).
+
+    Refused as the safetensors library refuses them: a file that is not a regular file
+    (a FIFO would block), a header longer than the file or not a JSON object, an entry
+    without a known dtype, a shape of non-negative integers and two integer offsets, a size
+    that does not match the shape, tensors that overlap, leave gaps or do not end exactly
+    at the end of the file, and a `__metadata__` that is not an object of strings.
+    """
+    if not is_regular_file(path):
+        raise SafetensorsError(f"{path}: not a regular file (a FIFO, device or directory); expected a safetensors file")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             raw_len = f.read(8)
             if len(raw_len) < 8:
-                raise MoeconsolError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+                raise SafetensorsError(f"{path}: not a safetensors file (shorter than 8 bytes)")
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > min(_MAX_HEADER, size - 8):
-                raise MoeconsolError(f"{path}: not a safetensors file or truncated (header length {header_len} > file)")
+                raise SafetensorsError(f"{path}: not a safetensors file or truncated (header length {header_len} > file)")
             raw = f.read(header_len)
     except OSError as e:
-        raise MoeconsolError(f"{path}: cannot read: {e.strerror}") from None
+        raise SafetensorsError(f"{path}: cannot read: {e.strerror or e}") from e
     try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError
-    except (ValueError, UnicodeDecodeError):
-        raise MoeconsolError(f"{path}: corrupt safetensors header (not JSON)") from None
-    metadata = header.pop("__metadata__", None) or {}
+        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise SafetensorsError(f"{path}: corrupt safetensors header (not JSON)") from e
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = _metadata(path, header.pop("__metadata__", None))
     base = 8 + header_len
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        try:
-            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
-        except (KeyError, TypeError, ValueError):
-            raise MoeconsolError(f"{path}: corrupt safetensors header entry for {name!r}") from None
-        if end - start != math.prod(shape) * itemsize or start < 0:
-            raise MoeconsolError(f"{path}: corrupt safetensors header: {name!r} has {end - start} bytes for shape {list(shape)}")
+        dtype, shape, start, end = _entry(path, name, entry)
+        if end - start != math.prod(shape) * _ITEMSIZE[dtype]:
+            raise SafetensorsError(f"{path}: corrupt safetensors header: {name!r} has {end - start} bytes for shape {list(shape)}")
         if base + end > size:
-            raise MoeconsolError(
-                f"{path}: truncated: tensor {name!r} ends at byte {base + end} but the file has {size} bytes"
-            )
+            raise SafetensorsError(f"{path}: truncated: tensor {name!r} ends at byte {base + end} but the file has {size} bytes")
         tensors[name] = TensorInfo(path, dtype, shape, base + start, base + end)
+    _check_layout(path, tensors, base, size)
     return tensors, metadata
+
+
+_ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
+
+
+def _no_constant(token: str) -> None:
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _entry(path: Path, name: str, entry: object) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, start, end) of one header entry, types checked."""
+    bad = SafetensorsError(
+        f"{path}: corrupt safetensors header entry for {name!r}: expected "
+        '{"dtype": one of ' + ", ".join(DTYPES) + ', "shape": [non-negative integers], "data_offsets": [start, end]}'
+    )
+    if not isinstance(entry, dict):
+        raise bad
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES or not isinstance(shape, list) or not isinstance(offsets, list):
+        raise bad
+    if not all(_is_int(d) and d >= 0 for d in shape) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets):
+        raise bad
+    start, end = offsets
+    if end < start:
+        raise bad
+    return dtype, tuple(shape), start, end
+
+
+def _metadata(path: Path, value: object) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise SafetensorsError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings")
+    return value
+
+
+def _check_layout(path: Path, tensors: dict[str, TensorInfo], base: int, size: int) -> None:
+    """Tensors in offset order must tile the data exactly: no overlap, no gap, no trailing bytes."""
+    position = base
+    for name, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if info.start != position:
+            what = "overlaps the tensor before it" if info.start < position else "leaves a gap before it"
+            raise SafetensorsError(f"{path}: corrupt safetensors header: tensor {name!r} {what} (offsets must tile the data)")
+        position = info.end
+    if position != size:
+        raise SafetensorsError(f"{path}: corrupt safetensors file: {size - position} bytes after the last tensor")
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
@@ -110,7 +165,7 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
         while done < info.nbytes:
             n = os.preadv(fd, [view[done:]], info.start + done)
             if n == 0:
-                raise MoeconsolError(f"{info.file}: truncated while reading")
+                raise SafetensorsError(f"{info.file}: truncated while reading")
             done += n
     finally:
         os.close(fd)
@@ -141,7 +196,7 @@ def iter_chunks(info: TensorInfo) -> Iterator[memoryview]:
         while pos < info.end:
             n = os.preadv(fd, [buf[: min(len(buf), info.end - pos)]], pos)
             if n == 0:
-                raise MoeconsolError(f"{info.file}: truncated while reading")
+                raise SafetensorsError(f"{info.file}: truncated while reading")
             yield buf[:n]
             pos += n
     finally:

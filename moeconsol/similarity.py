@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, warn_unusual_values
 from .digest import tensor_digest
-from .errors import MoeconsolError
+from .errors import CheckpointError, SettingsError
 
 METRICS = ("cosine", "l2", "relative-l2", "cka")
 DISTANCE_METRICS = ("l2", "relative-l2")
@@ -46,7 +46,7 @@ _CHUNK_ELEMENTS = 1 << 22
 def check_metrics(metrics: list[str]) -> list[str]:
     for m in metrics:
         if m not in METRICS:
-            raise MoeconsolError(f"unknown metric {m!r}: choose from {', '.join(METRICS)}")
+            raise SettingsError(f"unknown metric {m!r}: choose from {', '.join(METRICS)}")
     return list(dict.fromkeys(metrics))
 
 
@@ -63,7 +63,13 @@ class LayerExperts:
 
 
 def read_layer(ckpts: list[Checkpoint], layer: str) -> LayerExperts:
-    return LayerExperts(layer, [[c.expert(layer, e) for e in range(c.num_experts)] for c in ckpts])
+    """Every expert of one layer of every model; NaN, infinite or all-zero parts are warned about."""
+    experts = [[c.expert(layer, e) for e in range(c.num_experts)] for c in ckpts]
+    for c, per_model in zip(ckpts, experts):
+        for e, parts in enumerate(per_model):
+            for part, tensor in parts.items():
+                warn_unusual_values(c.name, layer, e, part, tensor)
+    return LayerExperts(layer, experts)
 
 
 def gram_matrix(experts: list[dict[str, torch.Tensor]], parts: tuple[str, ...]) -> np.ndarray:
@@ -215,11 +221,11 @@ def probe_inputs_from_text(ckpt: Checkpoint, text: str, n_probes: int = DEFAULT_
 
     try:
         tok = AutoTokenizer.from_pretrained(ckpt.path)
-    except (OSError, ValueError):
-        raise MoeconsolError(f"{ckpt.path}: no tokenizer to encode the calibration text with") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt.path}: no tokenizer to encode the calibration text with") from e
     ids = tok(text, return_tensors="pt", truncation=True, max_length=n_probes).input_ids
     if ids.shape[1] < 2:
-        raise MoeconsolError("calibration text is empty after tokenization")
+        raise SettingsError("calibration text is empty after tokenization")
     seq2seq = ckpt.layout.architecture == "switch_transformers"
     cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     from transformers.utils import logging as hf_logging

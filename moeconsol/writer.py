@@ -27,15 +27,16 @@ import signal
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import MoeconsolError
+from .errors import OutputError, SafetensorsError, SettingsError
 from .safetensors_io import DTYPE_NAMES, DTYPES, TensorInfo, iter_chunks
+from .safety import within
 
 _UNITS = {
     "": 1,
@@ -58,10 +59,10 @@ def parse_size(text: str | int) -> int:
         return text
     m = _SIZE.match(str(text))
     if not m or m[2].upper() not in _UNITS:
-        raise MoeconsolError(f"bad size {text!r}: give bytes like 5GB, 500MB, 2GiB or 1000000")
+        raise SettingsError(f"bad size {text!r}: give bytes like 5GB, 500MB, 2GiB or 1000000")
     value = int(float(m[1]) * _UNITS[m[2].upper()])
     if value <= 0:
-        raise MoeconsolError(f"bad size {text!r}: must be more than 0 bytes")
+        raise SettingsError(f"bad size {text!r}: must be more than 0 bytes")
     return value
 
 
@@ -76,31 +77,70 @@ def format_bytes(n: float) -> str:
 # -- atomic directories -------------------------------------------------------------------
 
 
-_REPLACEABLE_MARKERS = ("manifest.json", "config.json")
-"""--force replaces only what moeconsol could have written: an artifact or a checkpoint (or an empty dir)."""
+_CHECKPOINT_FILES = ("model.safetensors.index.json",)
+"""Besides SIDE_FILES and *.safetensors, the files a checkpoint directory may hold."""
 
 
-def check_destination(out: Path, force: bool) -> None:
-    """Refuse an existing OUT without `force`, one that `force` must not delete (a directory
-    that is neither an artifact nor a checkpoint), and an OUT whose parent does not exist."""
+def _replaceable(out: Path) -> bool:
+    """An empty directory; an artifact (manifest.json, safetensors files, models/); or a
+    checkpoint that holds nothing but checkpoint files (config, tokenizer, safetensors,
+    index). Anything else in it (notes, code, a subdirectory) makes it irreplaceable."""
+    entries = list(out.iterdir())
+    names = {p.name for p in entries}
+    if "manifest.json" in names:
+        return all(_artifact_entry(p) for p in entries)
+    if "config.json" in names:
+        return all(_checkpoint_entry(p) for p in entries)
+    return not entries
+
+
+def _plain_file(p: Path) -> bool:
+    return p.is_file() and not p.is_symlink()
+
+
+def _artifact_entry(p: Path) -> bool:
+    if p.name == "models":
+        return p.is_dir() and not p.is_symlink()
+    return _plain_file(p) and (p.name == "manifest.json" or p.suffix == ".safetensors")
+
+
+def _checkpoint_entry(p: Path) -> bool:
+    from .checkpoint import SIDE_FILES
+
+    return _plain_file(p) and (p.name in SIDE_FILES or p.name in _CHECKPOINT_FILES or p.suffix == ".safetensors")
+
+
+def check_destination(out: Path, force: bool, inputs: Sequence[Path] = ()) -> None:
+    """Refuse an OUT that is, lies inside or contains one of the command's `inputs` (even
+    with `force`); an existing OUT without `force`; one that `force` must not delete (see
+    `_replaceable`); a symbolic link; and an OUT whose parent does not exist."""
+    for source in inputs:
+        if within(out, source) or within(source, out):
+            what = "is" if out.resolve() == Path(source).resolve() else "lies inside" if within(out, source) else "contains"
+            raise OutputError(
+                f"{out} {what} {source}, an input of this command: writing there would replace or damage the input; "
+                "choose an output path outside every input"
+            )
+    if out.is_symlink():
+        raise OutputError(f"{out} is a symbolic link: give the real path of the output directory")
     if out.exists() and not force:
-        raise MoeconsolError(f"{out} already exists: choose another path or pass --force to replace it")
+        raise OutputError(f"{out} already exists: choose another path, or replace it (force)")
     if out.exists() and not out.is_dir():
-        raise MoeconsolError(f"{out} exists and is not a directory: remove it first")
-    if out.is_dir() and any(out.iterdir()) and not any((out / f).is_file() for f in _REPLACEABLE_MARKERS):
-        raise MoeconsolError(
-            f"{out} is a directory that is neither a moeconsol artifact nor a checkpoint: "
-            "not replacing it even with --force; choose another path or remove it yourself"
+        raise OutputError(f"{out} exists and is not a directory: remove it first")
+    if out.is_dir() and not _replaceable(out):
+        raise OutputError(
+            f"{out} is a directory that is neither a moeconsol artifact nor a checkpoint (or holds other files too): "
+            "not replacing it even with force; choose another path or remove it yourself"
         )
     if not out.parent.is_dir():
-        raise MoeconsolError(f"{out.parent}: no such directory to write {out.name} into")
+        raise OutputError(f"{out.parent}: no such directory to write {out.name} into")
 
 
 def check_free_space(out: Path, needed: int) -> None:
     """Refuse to start when the file system holding OUT has less than `needed` bytes free."""
     free = shutil.disk_usage(out.parent).free
     if free < needed:
-        raise MoeconsolError(
+        raise OutputError(
             f"not enough disk space for {out}: it needs about {format_bytes(needed)} but "
             f"{format_bytes(free)} is free on {out.parent}; free space or choose another location"
         )
@@ -124,24 +164,25 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_directory(out: str | Path, force: bool = False) -> Iterator[Path]:
+def atomic_directory(out: str | Path, force: bool = False, inputs: Sequence[Path] = ()) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; on success it becomes `out`.
 
     On any exception, Ctrl-C or SIGTERM the temporary directory is removed and `out` is
     left as it was. With `force`, an existing `out` is replaced only after the new one is
-    complete. An OSError while writing (a full disk) becomes a MoeconsolError.
+    complete; `inputs` are never replaced (see `check_destination`). An OSError while
+    writing (a full disk) becomes an OutputError.
     """
     out = Path(out).absolute()
-    check_destination(out, force)
+    check_destination(out, force, inputs)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         with _sigterm_as_interrupt():
             try:
                 yield tmp
             except OSError as e:
-                raise MoeconsolError(f"cannot write {out}: {e.strerror or e}; nothing was written") from None
-            if out.exists():
-                check_destination(out, force)
+                raise OutputError(f"cannot write {out}: {e.strerror or e}; nothing was written") from e
+            if out.exists() or out.is_symlink():
+                check_destination(out, force, inputs)
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
                 os.rename(out, old / "previous")
                 os.rename(tmp, out)
@@ -306,7 +347,7 @@ def copy_range(source: TensorInfo, fd: int) -> None:
                     break  # not supported between these files: fall back below
                 raise
             if n == 0:
-                raise MoeconsolError(f"{source.file}: truncated while reading")
+                raise SafetensorsError(f"{source.file}: truncated while reading")
             pos += n
     if pos < end:
         for chunk in iter_chunks(TensorInfo(source.file, source.dtype, (), pos, end)):
@@ -392,7 +433,11 @@ def copy_file(source: Path, target: Path) -> FileRecord:
 
 
 def write_json(path: Path, obj: object) -> FileRecord:
-    data = (json.dumps(obj, indent=2) + "\n").encode()
+    """Strict JSON (a NaN or infinity is refused: no JSON reader could parse it)."""
+    try:
+        data = (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode()
+    except ValueError as e:
+        raise SettingsError(f"{path.name} would hold a NaN or infinite number; check the inputs and options for NaN") from e
     path.write_bytes(data)
     return FileRecord(len(data), hashlib.sha256(data).hexdigest())
 

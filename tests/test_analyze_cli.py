@@ -201,7 +201,7 @@ def test_errors_in_a_subprocess(models, tmp_path, case, message):
         ("experts", "expert count mismatch: 'eight' vs 'base': 8 vs 4"),
         ("shapes", "shape mismatch: 'wide' vs 'base': expert part w1 is [48, 32] vs [64, 32]"),
         ("heatmap-ext", "give a file name ending in .png"),
-        ("probes", "--probes must be at least 2"),
+        ("probes", "probes must be at least 2"),
         ("calibration", "calibration file not found"),
         ("json-dir", "does not exist"),
     ],

@@ -222,7 +222,7 @@ def test_budget_bytes_and_too_small(family, ckpts, tmp_path):
 
 
 def test_settings_are_checked(ckpts, tmp_path):
-    with pytest.raises(MoeconsolError, match="needs --threshold"):
+    with pytest.raises(MoeconsolError, match="needs a threshold"):
         merge(ckpts, tmp_path / "x", MergeSettings(mode="threshold"))
     with pytest.raises(MoeconsolError, match="out of range"):
         merge(ckpts, tmp_path / "x", MergeSettings(mode="threshold", threshold=1.2))
@@ -260,7 +260,7 @@ def test_no_room_on_disk_is_refused_up_front(ckpts, tmp_path, monkeypatch):
 
 
 def test_existing_output_refused_without_force(ckpts, lossless):
-    with pytest.raises(MoeconsolError, match="already exists.*--force"):
+    with pytest.raises(MoeconsolError, match="already exists.*force"):
         merge(ckpts, lossless.path)
 
 

@@ -152,5 +152,5 @@ def test_sweep_cli_table_json_plot_and_cleanup(mixtral_family, tmp_path):
 def test_sweep_library_refuses_calibrated_without_calibration(mixtral_family):
     from moeconsol.errors import MoeconsolError
 
-    with pytest.raises(MoeconsolError, match="calibrated needs --calibration"):
+    with pytest.raises(MoeconsolError, match="calibrated needs calibration"):
         sweep([f"a={mixtral_family / 'a'}"], {"a": str(mixtral_family / "a.txt")}, [1.0], methods=["calibrated"])

@@ -88,7 +88,7 @@ def test_task_arithmetic_without_base_is_refused(family, tmp_path):
     for mode in ("task-arithmetic", "ties"):
         r = cli("merge", *models(family), "-o", tmp_path / "x", "--mode", mode)
         assert r.returncode == 2
-        one_error_line(r.stderr, f"--mode {mode} needs --base")
+        one_error_line(r.stderr, f"mode {mode} needs a base")
         assert not (tmp_path / "x").exists()
 
 
@@ -170,7 +170,7 @@ def test_calibrated_needs_calibration_for_every_model(family, tmp_path):
     r = cli("merge", *models(family), "-o", tmp_path / "x", "--mode", "calibrated", "--budget", "0.5",
             "--calibration", f"a={family / 'text.txt'}")
     assert r.returncode == 2
-    one_error_line(r.stderr, "none for 'b'", "--calibration b=FILE")
+    one_error_line(r.stderr, "none for 'b'", "calibration b=FILE")
 
 
 @pytest.mark.parametrize("mode", ["budget", "calibrated"])

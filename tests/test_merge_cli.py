@@ -75,7 +75,7 @@ def test_merge_inspect_verify_export(family, tmp_path, monkeypatch, capsys):
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
     code, _, err = run(monkeypatch, capsys, "export", out, "ft", "-o", tmp_path / "ft")
     assert code == 2
-    one_error_line(err, "already exists", "--force")
+    one_error_line(err, "already exists", "force")
     code, _, err = run(monkeypatch, capsys, "export", out, "nope", "-o", tmp_path / "x")
     assert code == 2
     one_error_line(err, "no model named 'nope'")
@@ -98,7 +98,7 @@ def test_merge_inspect_verify_export(family, tmp_path, monkeypatch, capsys):
         (["--mode", "budget", "--budget", "0.25"], ["budget too small", "8 experts"]),
         (["--mode", "budget", "--budget", "10KB"], ["budget too small"]),
         (["--mode", "budget", "--budget", "lots"], ["bad size 'lots'"]),
-        (["--mode", "budget"], ["needs --budget"]),
+        (["--mode", "budget"], ["needs a budget"]),
         (["--shard-size", "5XB"], ["bad size"]),
         (["--representative", "median"], ["unknown representative"]),
     ],

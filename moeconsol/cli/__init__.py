@@ -7,11 +7,13 @@ code 2; Ctrl-C exits 130 without a traceback.
 
 from __future__ import annotations
 
+import importlib
 import sys
+import warnings
 
 import typer
 
-from ..errors import MoeconsolError
+from ..errors import MoeconsolError, MoeconsolWarning
 
 app = typer.Typer(
     name="moeconsol",
@@ -33,7 +35,35 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage-error classes, abort classes) of whichever click typer raises: typer >= 0.20
+    vendors its own (`typer._click`, with Abort in `typer.exceptions`), older typer uses
+    click. Looked up by name so that a class one of them lacks is skipped, never fatal."""
+    usage: list[type] = []
+    aborts: list[type] = []
+    for module in ("typer._click.exceptions", "typer.exceptions", "click.exceptions"):
+        try:
+            m = importlib.import_module(module)
+        except ImportError:
+            continue
+        usage += [c for c in (getattr(m, "ClickException", None),) if isinstance(c, type)]
+        aborts += [c for c in (getattr(m, "Abort", None),) if isinstance(c, type)]
+    return tuple(usage), tuple(aborts)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """MoeconsolWarning as one `moeconsol: warning:` line; other warnings as Python shows them."""
+    if issubclass(category, MoeconsolWarning):
+        print(f"moeconsol: warning: {message}", file=sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main() -> None:
+    warnings.showwarning = _show_warning
     try:
         code = app(standalone_mode=False)  # a raised typer.Exit comes back as its code here
         if isinstance(code, int) and code:
@@ -46,16 +76,12 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors and aborts
-        try:  # typer >= 0.20 raises its own vendored click's exceptions
-            from typer._click import exceptions as click_exceptions
-        except ImportError:
-            from click import exceptions as click_exceptions
-
-        if isinstance(e, click_exceptions.ClickException):
+    except Exception as e:  # click usage errors and aborts; anything else is a bug: its traceback
+        usage, aborts = _click_exceptions()
+        if isinstance(e, usage):
             e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click_exceptions.Abort):
+            sys.exit(getattr(e, "exit_code", 2))
+        if isinstance(e, aborts):
             print("moeconsol: aborted", file=sys.stderr)
             sys.exit(130)
         raise

@@ -121,7 +121,7 @@ def verify(
         for p in problems:
             print(f"damaged: {p}")
     else:
-        n = len(Artifact.open(artifact).manifest["files"])
+        n = len(Artifact.open(artifact).spec.files)
         Console().print(f"ok: {artifact}: {n} files, sizes, sha256 and tensor shapes all as the manifest says")
     if problems:
         raise typer.Exit(1)
