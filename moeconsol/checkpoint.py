@@ -20,7 +20,7 @@ import torch
 
 from .digest import value_flags
 from .errors import CheckpointError, IncompatibleModelsError, MoeconsolWarning, SettingsError, UnsafePathError
-from .layouts import Layout, detect_layout
+from .layouts import Layout, detect_layout, supported
 from .safetensors_io import DTYPES, TensorInfo, read_header, read_tensor
 from .safety import NAME_RULE, check_relative, is_regular_file, is_safe_name
 
@@ -148,7 +148,7 @@ class Checkpoint:
         if layout is None:
             raise CheckpointError(
                 f"{path}: no MoE expert tensors of a known layout (model_type {model_type!r}); "
-                "supported: Mixtral (per-expert or fused) and Switch Transformers"
+                f"supported: {supported()}"
             )
         self.layout: Layout = layout
         self._experts: dict[tuple[str, int, str], tuple[TensorInfo, int | None, int, int]] = {}
@@ -343,12 +343,6 @@ def check_compatible(ckpts: list[Checkpoint]) -> None:
                 raise IncompatibleModelsError(f"shape mismatch: {pair}: {name} is {list(tensors[name])} vs {list(ref_tensors[name])}")
 
 
-_MODEL_CLASSES = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
-    "switch_transformers": ("SwitchTransformersConfig", "SwitchTransformersForConditionalGeneration"),
-}
-
-
 def check_config(ckpt: Checkpoint) -> None:
     """Refuse a config.json that disagrees with the checkpoint's tensors (layer count, expert
     count, sizes): the model transformers builds from the config, on the meta device (no
@@ -356,12 +350,8 @@ def check_config(ckpt: Checkpoint) -> None:
     artifact would be written that no runtime can load."""
     import transformers
 
-    from .layouts import LAYOUTS
-
-    names = _MODEL_CLASSES.get(ckpt.layout.architecture)
-    if names is None:
-        return
-    config_class, model_class = (getattr(transformers, n) for n in names)
+    record = ckpt.layout.record
+    config_class, model_class = getattr(transformers, record.config_class), getattr(transformers, record.model_class)
     try:
         config = config_class(**{k: v for k, v in ckpt.config.items() if k not in ("architectures", "transformers_version")})
         with torch.device("meta"):
@@ -369,7 +359,7 @@ def check_config(ckpt: Checkpoint) -> None:
     except Exception as e:  # transformers raises many kinds of errors for bad config values
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{ckpt.path / 'config.json'}: transformers cannot build a model from it: {first}") from e
-    layouts = [x for x in LAYOUTS if x.architecture == ckpt.layout.architecture]
+    layouts = record.layouts
     have = {ckpt.layout.canonical_name(n): ckpt.tensors[n].shape for n in ckpt.non_expert_names}
     groups: dict[int, list[str]] = {}
     problems: list[str] = []
