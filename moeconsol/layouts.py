@@ -34,6 +34,9 @@ from functools import cache
 class ExpertKind(str, Enum):
     GATED = "gated"
     """down(act(gate x) * up x): roles gate, up, down"""
+    CLAMPED_SWIGLU = "clamped-swiglu"
+    """gpt-oss: g = clamp(gate x + b_g, max=L), u = clamp(up x + b_u, -L, L),
+    down(((u + 1) * g * sigmoid(alpha g)) + b_d; alpha, L from config `swiglu_alpha`, `swiglu_limit`"""
     DENSE = "dense"
     """out(act(in x)): roles in, out"""
 
@@ -43,6 +46,62 @@ class RouterFormat(str, Enum):
     """the experts module receives (hidden [T, H], expert index [T, k], weight [T, k])"""
     ONE_HOT = "one-hot"
     """Switch: (hidden, capacity-masked one-hot [T, 1, E], probability [T, 1])"""
+
+
+class FusedCodec(str, Enum):
+    """How one expert's slice of a fused tensor (all experts of a layer, expert index first)
+    holds its canonical parts."""
+
+    ROWS = "rows"
+    """Parts concatenated along the slice's first dim (Mixtral `gate_up_proj` [E, 2I, H] =
+    cat(w1, w3)): every canonical part is one contiguous byte range on disk."""
+    INTERLEAVED_T = "interleaved-transposed"
+    """gpt-oss: the slice is the transposed matrix [in, n*out] with the n parts interleaved
+    on its last dim (gate_up_proj[e][:, 0::2] = gate.T, [:, 1::2] = up.T); a bias slice
+    [n*out] interleaves the same way and its canonical part is [1, out]. Parts are strided:
+    they are read as tensors, never as byte ranges."""
+
+
+def part_shape(codec: FusedCodec, slice_shape: tuple[int, ...], n: int) -> tuple[int, ...]:
+    """Canonical shape of one of the n parts in an expert slice of this shape."""
+    if codec is FusedCodec.ROWS:
+        return (slice_shape[0] // n, *slice_shape[1:])
+    return (slice_shape[1] // n, slice_shape[0]) if len(slice_shape) == 2 else (1, slice_shape[0] // n)
+
+
+def fused_shape(codec: FusedCodec, parts: list[tuple[int, ...]], experts: int) -> tuple[int, ...]:
+    """Shape of the fused tensor holding these canonical parts for every expert."""
+    if codec is FusedCodec.ROWS:
+        return (experts, sum(p[0] for p in parts), *parts[0][1:])
+    rows, cols = parts[0]
+    return (experts, len(parts) * cols) if rows == 1 else (experts, cols, len(parts) * rows)
+
+
+def slice_ok(codec: FusedCodec, shape: tuple[int, ...], n: int) -> bool:
+    """Whether a fused tensor of this shape can hold n parts per expert."""
+    if codec is FusedCodec.ROWS:
+        return len(shape) == 3 and shape[1] % n == 0
+    return len(shape) in (2, 3) and shape[-1] % n == 0
+
+
+def split(codec: FusedCodec, piece, n: int) -> list:
+    """One expert's slice -> its n canonical parts (views)."""
+    if codec is FusedCodec.ROWS:
+        return list(piece.chunk(n, dim=0))
+    if piece.dim() == 1:
+        return [piece[k::n].unsqueeze(0) for k in range(n)]
+    return [piece[:, k::n].T for k in range(n)]
+
+
+def join(codec: FusedCodec, parts: list):
+    """Inverse of `split`: canonical parts -> one expert's slice (a new tensor)."""
+    import torch
+
+    if codec is FusedCodec.ROWS:
+        return torch.cat(parts, dim=0)
+    if parts[0].shape[0] == 1:
+        return torch.stack([p[0] for p in parts], dim=-1).reshape(-1)
+    return torch.stack([p.T for p in parts], dim=-1).reshape(parts[0].shape[1], -1)
 
 
 class BankKind(str, Enum):
@@ -67,11 +126,19 @@ class Layout:
     """Regex of a fused tensor holding all experts of a layer, groups `layer`, `fused`."""
     fused_template: str | None = None
     fused_parts: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    """Fused tensor name -> canonical parts concatenated along its dim 1."""
+    """Fused tensor name -> the canonical parts each expert's slice holds, in order."""
+    fused_codec: FusedCodec = FusedCodec.ROWS
+    """How a slice holds its parts."""
     router_pattern: str = ""
     """Regex of a router weight, group `layer`."""
     renames: tuple[tuple[str, str], ...] = ()
     """(on-disk template, in-memory template): names transformers 5 uses for non-expert tensors."""
+
+    @property
+    def contiguous(self) -> bool:
+        """Every canonical part is one contiguous byte range of its file (`Checkpoint.part_info`);
+        otherwise parts are read as tensors and hashed and written from memory."""
+        return self.fused_codec is FusedCodec.ROWS
 
     @property
     def record(self) -> "Architecture":
@@ -153,6 +220,12 @@ class Architecture:
     def parts(self) -> tuple[str, ...]:
         return self.layouts[0].parts
 
+    @property
+    def memory_layout(self) -> Layout | None:
+        """The fused layout whose tensor names are the in-memory parameters of transformers'
+        experts module (None for `BankKind.MODULES`)."""
+        return next((x for x in self.layouts if x.fused_parts), None)
+
     def part(self, role: str) -> str:
         return self.roles[role]
 
@@ -202,6 +275,10 @@ def _derived_layouts(name: str) -> tuple[Layout, ...]:
 
 
 _QWEN_ROLES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+_GPT_OSS_ROLES = {
+    "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
+    "gate_bias": "gate_proj_bias", "up_bias": "up_proj_bias", "down_bias": "down_proj_bias",
+}
 _SWITCH_LAYER = r"(?P<layer>(?:encoder|decoder)\.block\.\d+\.layer\.\d+)"
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -215,6 +292,26 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  shared_experts="shared_experts"),
     Architecture("deepseek_v3", "DeepSeek-V3", "DeepseekV3Config", "DeepseekV3ForCausalLM", ExpertKind.GATED, _QWEN_ROLES,
                  shared_experts="shared_experts"),
+    Architecture(
+        "gpt_oss", "gpt-oss", "GptOssConfig", "GptOssForCausalLM", ExpertKind.CLAMPED_SWIGLU, _GPT_OSS_ROLES, router="router",
+        explicit_layouts=(
+            Layout(
+                name="gpt_oss",
+                architecture="gpt_oss",
+                parts=("gate_proj", "down_proj", "up_proj", "gate_proj_bias", "down_proj_bias", "up_proj_bias"),
+                fused_pattern=r"(?P<layer>model\.layers\.\d+)\.mlp\.experts\.(?P<fused>gate_up_proj|gate_up_proj_bias|down_proj|down_proj_bias)",
+                fused_template="{layer}.mlp.experts.{fused}",
+                fused_parts={
+                    "gate_up_proj": ("gate_proj", "up_proj"),
+                    "gate_up_proj_bias": ("gate_proj_bias", "up_proj_bias"),
+                    "down_proj": ("down_proj",),
+                    "down_proj_bias": ("down_proj_bias",),
+                },
+                fused_codec=FusedCodec.INTERLEAVED_T,
+                router_pattern=r"(?P<layer>model\.layers\.\d+)\.mlp\.router\.weight",
+            ),
+        ),
+    ),
     Architecture(
         "switch_transformers", "Switch Transformers", "SwitchTransformersConfig", "SwitchTransformersForConditionalGeneration",
         ExpertKind.DENSE, {"in": "wi", "out": "wo"}, activation_key="dense_act_fn", bank=BankKind.MODULES,

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .errors import MoeconsolError
-from .layouts import Architecture, BankKind, architecture, supported
+from .layouts import Architecture, BankKind, architecture, join, split, supported
 
 # Config keys that may differ between variants without changing what the model computes.
 _IGNORED_CONFIG_KEYS = {
@@ -82,11 +82,11 @@ class BankExperts:
 
 def _fused_bank_class(experts_class: type, record: Architecture) -> type:
     """A bank over any experts class of transformers 5's experts interface (Mixtral, Qwen2/3-MoE,
-    OLMoE, DeepSeek-V2/V3): `gate_up_proj` [K, 2I, H] = cat(gate, up), `down_proj` [K, H, I]
-    (and any other per-expert parameter, first dim E) resized to K entries. The router's expert
-    indices go through the slot map, then transformers' own experts implementation
-    (config._experts_implementation) runs on the bank."""
-    gate, up, down = (record.part(r) for r in ("gate", "up", "down"))
+    OLMoE, DeepSeek-V2/V3, gpt-oss): its per-expert parameters (`gate_up_proj`, `down_proj`,
+    gpt-oss' biases: first dim E) resized to K entries. The router's expert indices go through
+    the slot map, then transformers' own experts implementation runs on the bank. Which
+    canonical parts each parameter holds, and how, is the record's in-memory layout."""
+    layout = record.memory_layout
 
     class FusedBankExperts(BankExperts, experts_class):
         def __init__(self, config, bank_size: int):
@@ -103,10 +103,8 @@ def _fused_bank_class(experts_class: type, record: Architecture) -> type:
 
         @torch.no_grad()
         def load_expert(self, k: int, parts: dict[str, torch.Tensor]) -> None:
-            inter = self.gate_up_proj.shape[1] // 2
-            self.gate_up_proj[k, :inter].copy_(parts[gate])
-            self.gate_up_proj[k, inter:].copy_(parts[up])
-            self.down_proj[k].copy_(parts[down])
+            for name, names in layout.fused_parts.items():
+                getattr(self, name)[k].copy_(join(layout.fused_codec, [parts[p] for p in names]))
 
     FusedBankExperts.__name__ = FusedBankExperts.__qualname__ = f"{experts_class.__name__}Bank"
     return FusedBankExperts
@@ -157,12 +155,12 @@ def canonical_experts(record: Architecture, experts: nn.Module) -> list[dict[str
     if record.bank is BankKind.MODULES:
         w_in, w_out = record.part("in"), record.part("out")
         return [{w_in: experts[f"expert_{e}"].wi.weight, w_out: experts[f"expert_{e}"].wo.weight} for e in range(len(experts))]
-    gate, up, down = (record.part(r) for r in ("gate", "up", "down"))
-    inter = experts.gate_up_proj.shape[1] // 2
-    return [
-        {gate: experts.gate_up_proj[e, :inter], down: experts.down_proj[e], up: experts.gate_up_proj[e, inter:]}
-        for e in range(experts.gate_up_proj.shape[0])
-    ]
+    layout = record.memory_layout
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(experts.num_experts)]
+    for name, names in layout.fused_parts.items():
+        for e, slice_ in enumerate(getattr(experts, name)):
+            out[e].update(zip(names, split(layout.fused_codec, slice_, len(names))))
+    return [{p: parts[p] for p in layout.parts} for parts in out]
 
 
 def _record(name: str) -> Architecture:

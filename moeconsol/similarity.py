@@ -124,6 +124,16 @@ def expert_function(ckpt: Checkpoint) -> Callable[[dict[str, torch.Tensor], torc
     if record.kind is ExpertKind.GATED:
         gate, up, down = (record.part(r) for r in ("gate", "up", "down"))
         return lambda p, x: (act(x @ p[gate].T) * (x @ p[up].T)) @ p[down].T
+    if record.kind is ExpertKind.CLAMPED_SWIGLU:
+        gate, up, down, b_gate, b_up, b_down = (record.part(r) for r in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"))
+        alpha, limit = ckpt.config.get("swiglu_alpha", 1.702), ckpt.config.get("swiglu_limit", 7.0)
+
+        def clamped_swiglu(p, x):
+            g = (x @ p[gate].T + p[b_gate]).clamp(max=limit)
+            u = (x @ p[up].T + p[b_up]).clamp(min=-limit, max=limit)
+            return ((u + 1) * g * torch.sigmoid(g * alpha)) @ p[down].T + p[b_down]
+
+        return clamped_swiglu
     w_in, w_out = record.part("in"), record.part("out")
     return lambda p, x: act(x @ p[w_in].T) @ p[w_out].T
 

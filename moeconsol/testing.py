@@ -64,6 +64,7 @@ TINY_CONFIGS: dict[str, dict] = {
     "olmoe": dict(**_TOKENS, **_ATTENTION, intermediate_size=16, num_experts=4, num_experts_per_tok=2),
     "deepseek_v2": dict(**_TOKENS, **_DEEPSEEK, num_hidden_layers=3),
     "deepseek_v3": dict(**_TOKENS, **_DEEPSEEK, num_hidden_layers=3),
+    "gpt_oss": dict(**_TOKENS, **_ATTENTION, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, head_dim=8),
     "switch_transformers": dict(
         d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, num_experts=4, encoder_sparse_step=2,
         decoder_sparse_step=2, expert_capacity=64, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0,
@@ -90,7 +91,13 @@ def tiny_model(architecture: str, seed: int = 0, **overrides):
     from .layouts import architecture as record
 
     torch.manual_seed(seed)
-    return getattr(transformers, record(architecture).model_class)(tiny_config(architecture, **overrides)).eval()
+    model = getattr(transformers, record(architecture).model_class)(tiny_config(architecture, **overrides)).eval()
+    with torch.no_grad():  # transformers initialises expert biases (gpt-oss) to 0; trained ones are not
+        for experts in experts_modules(model).values():
+            for name, p in experts.named_parameters(recurse=False):
+                if name.endswith("_bias"):
+                    p.normal_(0.0, 0.02)
+    return model
 
 
 def tiny_mixtral_config(vocab_size: int = 320, **overrides):

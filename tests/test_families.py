@@ -37,6 +37,7 @@ FAMILIES = [
     ("olmoe", [(0, 3)], [(0, 3), (1, 0)]),
     ("deepseek_v2", [(0, 1)], [(1, 2)]),
     ("deepseek_v3", [(0, 0)], [(1, 3)]),
+    ("gpt_oss", [(0, 1)], [(0, 1), (1, 2)]),
 ]
 IDS = [row[0] for row in FAMILIES]
 
