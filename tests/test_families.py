@@ -202,3 +202,32 @@ def test_serve_local_completion_equals_transformers(family):
             out = ref.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False)
             new = out[0, 1:] if architecture(arch).encoder_decoder else out[0, x.shape[1]:]
             assert r.json()["choices"][0]["text"] == tok.decode(new.tolist(), skip_special_tokens=True)
+
+
+def test_report_at_real_expert_counts_is_a_per_layer_summary(tmp_path):
+    """Qwen3-30B-A3B's 128 experts per layer (2 layers, tiny sizes): the JSON and the picture
+    summarise per layer (same-index profile, shareable counts) unless full matrices are asked for."""
+    import matplotlib.image
+
+    kw = dict(num_experts=128, num_experts_per_tok=8, hidden_size=16, moe_intermediate_size=4, num_attention_heads=2,
+              num_key_value_heads=1, head_dim=8)
+    base = tiny_model("qwen3_moe", seed=0, **kw)
+    changed = [(0, e) for e in range(0, 128, 4)] + [(1, 5)]
+    save_model(base, tmp_path / "base")
+    save_model(derive_variant(base, 1, changed, scale=0.05), tmp_path / "ft")
+    models = [f"base={tmp_path / 'base'}", f"ft={tmp_path / 'ft'}"]
+    r = run_main("analyze", *models, "--json", tmp_path / "r.json", "--heatmap", tmp_path / "h.png")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert [x["matrix"] for x in doc["metrics"]["cosine"]["layers"]] == [None, None]
+    for li, summary in enumerate(doc["summary"]):
+        profile = summary["same_index"]["cosine"]
+        edited = {e for c_li, e in changed if c_li == li}
+        assert len(profile) == 128 and [e for e, v in enumerate(profile) if v != 1.0] == sorted(edited)
+        assert summary["shared"][0] == {"rule": "identical", "experts": 128 - len(edited)}
+    height, width = matplotlib.image.imread(tmp_path / "h.png").shape[:2]
+    assert width <= 1600 and height <= 1600
+    r = run_main("analyze", *models, "--json", tmp_path / "full.json", "--full-matrices")
+    assert r.returncode == 0, r.stderr
+    matrix = json.loads((tmp_path / "full.json").read_text())["metrics"]["cosine"]["layers"][0]["matrix"]
+    assert len(matrix) == 256 and len(matrix[0]) == 256
