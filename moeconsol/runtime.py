@@ -1,7 +1,8 @@
 """Serve N consolidated variants from one resident model: the bank stays, the rest swaps.
 
-The runtime builds one transformers model (MixtralForCausalLM or
-SwitchTransformersForConditionalGeneration) whose MoE blocks run a shared **expert bank**
+The runtime builds one transformers model (the record's model class: MixtralForCausalLM,
+Qwen3MoeForCausalLM, ... SwitchTransformersForConditionalGeneration) whose MoE blocks run a
+shared **expert bank**
 through a per-layer **slot map** (expert index -> bank index). Every variant's non-expert
 tensors (attention, norms, embeddings, LM head, routers) wait in host memory (pinned on
 CUDA); activating a variant copies the tensors that differ into the resident parameters in
