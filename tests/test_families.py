@@ -231,3 +231,14 @@ def test_report_at_real_expert_counts_is_a_per_layer_summary(tmp_path):
     assert r.returncode == 0, r.stderr
     matrix = json.loads((tmp_path / "full.json").read_text())["metrics"]["cosine"]["layers"][0]["matrix"]
     assert len(matrix) == 256 and len(matrix[0]) == 256
+
+
+def test_unsupported_message_names_every_family_of_the_registry(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
+    r = run_main("analyze", tmp_path, tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    for a in ARCHITECTURES:
+        assert a.label in r.stderr
