@@ -242,6 +242,8 @@ class Engine:
         self.model = runtime.model
         self.encoder_decoder = bool(self.model.config.is_encoder_decoder)
         self.batches: dict[str, _Batch] = {}
+        self.peak_batch_size = 0
+        """the most requests one decode step has served (for tests and benchmarks)"""
 
     # -- what is running ----------------------------------------------------------------------
     def running(self, model: str | None = None) -> int:
@@ -312,6 +314,7 @@ class Engine:
         batch = self.batches.get(self.runtime.active)
         if batch is None:
             return done
+        self.peak_batch_size = max(self.peak_batch_size, len(batch.requests))
         last = torch.tensor([[r.token_ids[-1]] for r in batch.requests], device=self.runtime.device)
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.requests), 1)], dim=1)
         if self.encoder_decoder:
@@ -379,7 +382,10 @@ class Engine:
                 return
             ready -= max((len(s) - 1 for s in r.settings.stop), default=0)
         if ready > r._sent:
-            r.on_text(text[r._sent:ready])
+            try:
+                r.on_text(text[r._sent:ready])
+            except Exception:  # nobody left to hear it (a closed event loop): stop generating for nobody
+                r.cancel()
             r._sent = ready
 
 

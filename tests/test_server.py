@@ -7,7 +7,12 @@ checkpoints (greedy), not from the runtime under test.
 from __future__ import annotations
 
 import json
+import math
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,11 +22,12 @@ import pytest
 import torch
 import transformers
 from fastapi.testclient import TestClient
+from concurrent.futures import ThreadPoolExecutor
 
 from moeconsol.checkpoint import open_checkpoints
 from moeconsol.merge import merge
 from moeconsol.runtime import GenerationSettings, Runtime
-from moeconsol.server import Job, Scheduler, create_app, pick_next
+from moeconsol.server import Job, Scheduler, create_app, pick_model
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
 
 PROMPT = "Once upon a time"
@@ -109,29 +115,43 @@ def test_streaming_sends_the_same_text_as_events(client):
     assert streamed == again["choices"][0]["message"]["content"]
 
 
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text -> {(metric, labels): value}, parsed here, independently of prometheus_client."""
+    out = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r'(\w+)(?:\{(.*)\})? (\S+)', line)
+        if m and not line.startswith("#"):
+            labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+            out[(m.group(1), labels)] = float(m.group(3))
+    return out
+
+
 def test_metrics_count_swaps_and_tokens_per_model(client, served):
     out, runtime, refs, tok = served
-    before = client.get("/metrics").text
+    before = samples(client.get("/metrics").text)
     tokens = 0
     for model in ("base", "ft", "ft"):
         tokens += client.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 4}).json()["usage"]["completion_tokens"]
-    after = client.get("/metrics")
-    assert after.status_code == 200 and after.headers["content-type"].startswith("text/plain")
+    after_r = client.get("/metrics")
+    assert after_r.status_code == 200 and after_r.headers["content-type"].startswith("text/plain")
+    after = samples(after_r.text)
 
-    def value(text: str, series: str) -> float:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series + " "))
+    def delta(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after[key] - before.get(key, 0.0)
 
-    def delta(series: str) -> float:
-        return value(after.text, series) - value(before, series)
-
-    assert delta('moeconsol_requests_total{model="ft"}') == 2 and delta('moeconsol_requests_total{model="base"}') == 1
-    assert delta('moeconsol_generated_tokens_total{model="ft"}') + delta('moeconsol_generated_tokens_total{model="base"}') == tokens
-    swaps_to_ft = delta('moeconsol_swaps_total{model="ft"}')
-    assert swaps_to_ft == 1 and delta('moeconsol_swap_seconds_count{model="ft"}') == 1
-    assert delta('moeconsol_swap_seconds_sum{model="ft"}') > 0
-    assert delta('moeconsol_time_to_first_token_seconds_count{model="ft"}') == 2
-    assert delta('moeconsol_time_to_first_token_seconds_bucket{model="ft",le="+Inf"}') == 2
-    assert f'moeconsol_resident_bytes{{part="total"}} {runtime.resident_bytes().total}' in after.text
+    assert delta("moeconsol_requests_total", model="ft") == 2 and delta("moeconsol_requests_total", model="base") == 1
+    assert delta("moeconsol_generated_tokens_total", model="ft") + delta("moeconsol_generated_tokens_total", model="base") == tokens
+    assert delta("moeconsol_swaps_total", model="ft") == 1 and delta("moeconsol_swap_seconds_count", model="ft") == 1
+    assert delta("moeconsol_swap_bytes_total", model="ft") == runtime.swaps[-1].bytes_moved > 0
+    assert delta("moeconsol_swap_seconds_sum", model="ft") > 0
+    assert delta("moeconsol_time_to_first_token_seconds_count", model="ft") == 2
+    assert delta("moeconsol_time_to_first_token_seconds_bucket", model="ft", le="+Inf") == 2
+    assert after[("moeconsol_resident_bytes", frozenset({("part", "total")}))] == runtime.resident_bytes().total
+    # the new gauges: nothing runs or waits between requests
+    for m in ("base", "ft"):
+        assert after[("moeconsol_batch_size", frozenset({("model", m)}))] == 0
+        assert after[("moeconsol_queue_length", frozenset({("model", m)}))] == 0
 
 
 @pytest.mark.parametrize(
@@ -167,21 +187,41 @@ def test_errors_answer_openai_style_and_the_server_keeps_serving(client, path, p
 # -- scheduling ------------------------------------------------------------------------------
 
 
-def _job(model: str, arrival: float) -> Job:
-    return Job(model, [1], GenerationSettings(1), arrival=arrival)
+def test_pick_model_prefers_the_active_model_within_the_wait_bound():
+    waiting = [("a", 0.0), ("b", 1.0), ("a", 2.0)]
+    assert pick_model("b", False, waiting, now=3.0, max_wait=10.0) == "b"  # active model first
+    assert pick_model("b", True, [("a", 0.0)], now=3.0, max_wait=10.0) == "b"  # its running batch goes on
+    assert pick_model("c", False, waiting, now=3.0, max_wait=10.0) == "a"  # else the oldest
+    assert pick_model("b", True, waiting, now=10.5, max_wait=10.0) == "a"  # 'a' waited too long: it goes first
+    assert pick_model("a", True, [("b", 0.0), ("c", 1.0)], now=11.5, max_wait=10.0) == "b"  # overdue: oldest first
+    assert pick_model("a", True, waiting, now=3.0, max_wait=0.0) == "b"  # max_wait 0: first come, first served
+    assert pick_model("a", False, [], now=3.0, max_wait=1.0) is None
 
 
-def test_pick_next_prefers_the_active_model_within_the_wait_bound():
-    pending = [_job("a", 0.0), _job("b", 1.0), _job("a", 2.0)]
-    assert pick_next(pending, active="b", now=3.0, max_wait=10.0) == 1  # active model first
-    assert pick_next(pending, active="c", now=3.0, max_wait=10.0) == 0  # else oldest
-    assert pick_next(pending, active="b", now=10.5, max_wait=10.0) == 0  # 'a' waited too long: it goes first
-    assert pick_next(pending, active="a", now=11.5, max_wait=10.0) == 0  # overdue ones in arrival order
-    assert pick_next(pending, active="a", now=3.0, max_wait=0.0) == 0  # max_wait 0 is FIFO
+@pytest.mark.parametrize("n_models, max_wait", [(2, 5.0), (3, 5.0), (4, 2.0), (3, 0.0)])
+def test_pick_model_bounds_every_wait(n_models, max_wait):
+    """Every model always has work (a request arrives for each model at every step); each step
+    takes 1 time unit and so does each swap. No model waits longer than the documented bound
+    max_wait + (N - 1) x (one step + one swap), plus the step it is served in."""
+    models = [f"m{i}" for i in range(n_models)]
+    since = {m: 0.0 for m in models}  # oldest waiting item of each model
+    active, now, worst = models[0], 0.0, 0.0
+    for _ in range(400):
+        waiting = [(m, since[m]) for m in models if m != active]
+        model = pick_model(active, True, waiting, now, max_wait)
+        if model != active:
+            since[active] = now  # the old batch is parked now
+            now += 1.0  # the swap
+            active = model
+        worst = max(worst, now - since[active])
+        now += 1.0  # the step
+        since[active] = now  # the active model has no one waiting behind the step
+    bound = max_wait + (n_models - 1) * 2.0 + 1.0
+    assert worst <= bound, (worst, bound)
 
 
-@pytest.mark.parametrize("max_wait, expect_swaps", [(60.0, 1), (0.0, 6)])
-def test_scheduler_groups_requests_of_the_active_model(served, max_wait, expect_swaps):
+@pytest.mark.parametrize("max_wait, expect_swaps, expect_served", [(60.0, 1, ["base"] * 3 + ["ft"] * 3), (0.0, 2, ["ft"] * 3 + ["base"] * 3)])
+def test_scheduler_groups_requests_of_the_active_model(served, max_wait, expect_swaps, expect_served):
     out, runtime, refs, tok = served
     runtime.activate("base")
     swaps_before = len(runtime.swaps)
@@ -195,12 +235,39 @@ def test_scheduler_groups_requests_of_the_active_model(served, max_wait, expect_
         scheduler.stop()
     assert [r.model for r in results] == ["ft", "base"] * 3  # each request got its own model
     assert len(runtime.swaps) - swaps_before == expect_swaps
-    if max_wait > 0:
-        assert scheduler.served == ["base"] * 3 + ["ft"] * 3
-    else:
-        assert scheduler.served == ["ft", "base"] * 3
+    assert list(scheduler.served) == expect_served  # a model's requests are admitted together, as one batch
+    assert scheduler.engine.peak_batch_size == 3
     for r in results:
         assert r.token_ids == greedy(refs[r.model], ids, 2)
+
+
+def test_concurrent_requests_decode_together_and_answer_as_alone(served):
+    """Requests of two models and different lengths, all queued at once: each answer equals
+    transformers' greedy answer for that prompt alone, and the engine really batched them."""
+    out, runtime, refs, tok = served
+    prompts = ["Once upon a time", "The quick brown fox jumps", "def add(a, b):", "0123456789 + -", "Experts are small"]
+    scheduler = Scheduler(runtime, max_wait=0.5, max_batch_size=4)
+    jobs = [Job(m, tok(p)["input_ids"], GenerationSettings(3 + 2 * i)) for i, p in enumerate(prompts) for m in ("base", "ft")]
+    futures = [scheduler.submit(j) for j in jobs]
+    scheduler.start()
+    try:
+        results = [f.result(timeout=300) for f in futures]
+    finally:
+        scheduler.stop()
+    for job, r in zip(jobs, results):
+        assert r.token_ids == greedy(refs[job.model], job.prompt_ids, job.settings.max_new_tokens), job
+    assert scheduler.engine.peak_batch_size == 4  # the bound holds and is reached
+
+
+def test_seeded_sampling_through_the_server_equals_alone(client, served):
+    out, runtime, refs, tok = served
+    req = {"model": "ft", "prompt": PROMPT, "max_tokens": 12, "temperature": 1.3, "top_p": 0.9, "seed": 11}
+    want = runtime.complete("ft", PROMPT, GenerationSettings(12, 1.3, 0.9, 11)).text  # alone, in this process
+    with ThreadPoolExecutor(8) as pool:  # the same request among others, batched
+        others = [pool.submit(client.post, "/v1/completions", json={**req, "seed": s}) for s in range(6)]
+        mine = pool.submit(client.post, "/v1/completions", json=req)
+        assert mine.result().json()["choices"][0]["text"] == want
+        assert all(o.result().status_code == 200 for o in others)
 
 
 def test_scheduler_keeps_serving_after_a_failed_request(served):
@@ -215,6 +282,25 @@ def test_scheduler_keeps_serving_after_a_failed_request(served):
         assert len(good.result(timeout=60).token_ids) == 2
     finally:
         scheduler.stop()
+    assert scheduler.served.maxlen is not None  # the record of served models is bounded
+
+
+def test_a_cancelled_job_leaves_the_batch_at_the_next_step(served):
+    out, runtime, refs, tok = served
+    scheduler = Scheduler(runtime, max_wait=1.0)
+    ids = tok(PROMPT)["input_ids"]
+    gone = Job("base", ids, GenerationSettings(200))
+    gone.on_text = lambda piece: scheduler.cancel(gone)  # the client goes away at its first piece of text
+    keep = Job("base", ids, GenerationSettings(6))
+    futures = [scheduler.submit(gone), scheduler.submit(keep)]
+    scheduler.start()
+    try:
+        g, k = (f.result(timeout=120) for f in futures)
+    finally:
+        scheduler.stop()
+    assert g.finish_reason == "cancelled" and len(g.token_ids) <= 2 + len(tok.encode(g.text))
+    assert k.token_ids == greedy(refs["base"], ids, 6)
+    assert scheduler.engine.running() == 0
 
 
 # -- a real socket ---------------------------------------------------------------------------
