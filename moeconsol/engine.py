@@ -35,7 +35,7 @@ from .errors import MoeconsolError
 if TYPE_CHECKING:
     from .runtime import Runtime, SwapReport
 
-DEFAULT_MAX_BATCH_SIZE = 16
+DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_TOKENS_IN_FLIGHT = 32768
 MAX_SEED = 2**63 - 1
 
