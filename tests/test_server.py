@@ -29,6 +29,7 @@ from moeconsol.merge import merge
 from moeconsol.runtime import GenerationSettings, Runtime
 from moeconsol.server import Job, Scheduler, create_app, pick_model
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
+from cli_helpers import cli, one_error_line
 
 PROMPT = "Once upon a time"
 
@@ -334,3 +335,181 @@ def test_real_socket_server_on_loopback(served):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+# -- hardening: every parameter checked, named, and nothing silently ignored -------------------
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", b'{"model": "ft", "prompt": "hi", "temperature": NaN}', "temperature"),
+        ("/v1/completions", b'{"model": "ft", "prompt": "hi", "temperature": Infinity}', "temperature"),
+        ("/v1/completions", b'{"model": "ft", "prompt": "hi", "top_p": NaN}', "top_p"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "seed": 2**63}, "seed"),
+        ("/v1/completions", b'{"model": "ft", "prompt": "a\\ud800b"}', "prompt"),
+        ("/v1/chat/completions", b'{"model": "ft", "messages": [{"role": "user", "content": "\\udfff"}]}', "messages"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "logprobs": 2}, "logprobs"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "best_of": 3}, "best_of"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "suffix": "x"}, "suffix"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "logit_bias": {"5": 10}}, "logit_bias"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "frequency_penalty": 1}, "frequency_penalty"),
+        ("/v1/chat/completions", {"model": "ft", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+        ("/v1/chat/completions", {"model": "ft", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/chat/completions", {"model": "ft", "messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+        ("/v1/chat/completions", {"model": "ft", "messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "echo": "yes"}, "echo"),
+    ],
+)
+def test_bad_parameters_are_refused_by_name(client, path, body, param):
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = client.post(path, **kw)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error" and f"'{param}'" in err["message"]
+
+
+def test_neutral_values_of_unsupported_parameters_are_accepted(client):
+    r = client.post("/v1/completions", json={"model": "ft", "prompt": "hi", "max_tokens": 2, "logprobs": None, "best_of": 1,
+                                             "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "echo": False})
+    assert r.status_code == 200, r.text
+
+
+def test_a_body_over_the_limit_is_413_and_the_server_keeps_serving(served):
+    out, runtime, refs, tok = served
+    with TestClient(create_app(runtime, max_body_bytes=1000)) as c:
+        r = c.post("/v1/completions", json={"model": "ft", "prompt": "x" * 2000})
+        assert r.status_code == 413 and "1000" in r.json()["error"]["message"]
+        assert c.get("/v1/models").status_code == 200
+        assert c.post("/v1/completions", json={"model": "ft", "prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_echo_and_usage_in_the_stream(client, served):
+    out, runtime, refs, tok = served
+    ids = tok(PROMPT)["input_ids"]
+    want = tok.decode(greedy(refs["ft"], ids, 6), skip_special_tokens=True)
+    r = client.post("/v1/completions", json={"model": "ft", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "echo": True})
+    assert r.json()["choices"][0]["text"] == PROMPT + want
+    r = client.post("/v1/completions", json={"model": "ft", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "stream": True,
+                                             "stream_options": {"include_usage": True}})
+    chunks = _sse(r.text)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(greedy(refs["ft"], ids, 6))
+    assert chunks[-1]["usage"]["prompt_tokens"] == len(ids)
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == want
+
+
+def test_stop_strings_over_http(client, served):
+    out, runtime, refs, tok = served
+    full = tok.decode(greedy(refs["base"], tok(PROMPT)["input_ids"], 10), skip_special_tokens=True)
+    stop = full[4:6]
+    r = client.post("/v1/completions", json={"model": "base", "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "stop": stop})
+    choice = r.json()["choices"][0]
+    assert choice["text"] == full[: full.index(stop)] and choice["finish_reason"] == "stop"
+
+
+def test_a_model_without_a_context_limit_still_bounds_max_tokens():
+    from moeconsol.runtime import Family
+    from moeconsol.testing import tiny_switch
+
+    tok = tiny_tokenizer()
+    runtime = Runtime(Family.from_models({"s": tiny_switch(0)}, {"s": tok}))
+    assert runtime.max_context("s") is None
+    with TestClient(create_app(runtime, max_tokens_in_flight=4096)) as c:
+        r = c.post("/v1/completions", json={"model": "s", "prompt": "hi", "max_tokens": 10**12})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        assert c.post("/v1/completions", json={"model": "s", "prompt": "hi", "max_tokens": 3}).status_code == 200
+
+
+# -- clients that go away ------------------------------------------------------------------------
+
+
+def _metric(base_url: str, name: str, model: str) -> float:
+    return samples(httpx.get(f"{base_url}/metrics").text).get((name, frozenset({("model", model)})), 0.0)
+
+
+def test_a_client_that_disconnects_frees_its_slot(served, monkeypatch):
+    """Streaming and not: the client goes away mid-generation; its request is cancelled and
+    leaves the batch, so nothing keeps generating for nobody and the next request is served."""
+    import uvicorn
+
+    out, runtime, refs, tok = served
+    forward = runtime.model.forward
+
+    def slow_forward(*args, **kwargs):  # 20 ms a step: 200 tokens would take 4 s
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(runtime.model, "forward", slow_forward)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(runtime)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{port}"
+        long = {"model": "base", "prompt": "hi", "max_tokens": 200, "temperature": 1.0, "seed": 1}
+        with httpx.stream("POST", f"{url}/v1/completions", json={**long, "stream": True}, timeout=60) as r:
+            next(r.iter_lines())  # the first event, then the client goes away
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json=long, timeout=1.0)
+        deadline = time.time() + 30
+        while _metric(url, "moeconsol_cancelled_requests_total", "base") < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        assert _metric(url, "moeconsol_cancelled_requests_total", "base") == 2
+        assert _metric(url, "moeconsol_batch_size", "base") == 0  # the slots are free
+        assert app.state.scheduler.engine.running() == 0
+        r = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+def test_cli_refuses_a_port_in_use_and_nan_in_one_line(served):
+    out, runtime, refs, tok = served
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        r = cli("serve-local", out, "--port", port)
+        one_error_line(r, f"127.0.0.1:{port}")
+    one_error_line(cli("serve-local", out, "--port", port, "--temperature", "nan"), "temperature")
+    one_error_line(cli("serve-local", out, "--prompt", "hi", "--top-p", "nan"), "top_p")
+    one_error_line(cli("serve-local", out, "--port", port, "--max-batch-size", "0"), "--max-batch-size")
+
+
+def test_cli_server_stops_on_ctrl_c_with_one_line(served):
+    out, runtime, refs, tok = served
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moeconsol", "serve-local", str(out), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).raise_for_status()
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith("moeconsol: interrupted") and f"{port}" in last, stderr
