@@ -195,10 +195,10 @@ class _Batch:
     encoder-decoder model `enc` [B, S, D] and `enc_mask` [B, S] hold the encoder outputs, and
     the cache's cross-attention part is padded like them."""
 
-    def __init__(self, request: Request, cache, mask: torch.Tensor, enc: torch.Tensor | None = None):
-        self.requests = [request]
-        self.cache, self.mask, self.enc = cache, mask, enc
-        self.enc_mask = None if enc is None else torch.ones(enc.shape[:2], dtype=torch.long, device=enc.device)
+    def __init__(self, requests: list[Request], cache, mask: torch.Tensor, enc: torch.Tensor | None = None,
+                 enc_mask: torch.Tensor | None = None):
+        self.requests = requests
+        self.cache, self.mask, self.enc, self.enc_mask = cache, mask, enc, enc_mask
 
     def join(self, other: "_Batch") -> None:
         length = max(self.mask.shape[1], other.mask.shape[1])
@@ -258,52 +258,73 @@ class Engine:
         return self.max_batch_size - self.running(self.runtime.active)
 
     # -- admission: prefill alone, then join the variant's batch -------------------------------
-    @torch.no_grad()
     def admit(self, request: Request, swap: "SwapReport | None" = None) -> bool:
-        """Prefill `request` (its model must be active) and add it to its variant's batch.
-        Returns False if it finished at once (first token was the last)."""
-        rt = self.runtime
-        if request.model != rt.active:
-            raise MoeconsolError(f"request for {request.model!r} admitted while {rt.active!r} is active")
-        check_settings(request.settings)
-        if not request.prompt_ids:
-            raise MoeconsolError("the prompt is empty")
-        request.swap = swap if swap is not None else rt.activate(rt.active)
-        request.admitted_at = time.perf_counter()
-        config = self.model.generation_config
-        request._eos = frozenset(_eos_ids(config))
-        request._tokenizer = rt.tokenizer(request.model)
-        if request.settings.temperature > 0:
-            request._generator = torch.Generator(device=rt.device)
-            if request.settings.seed is not None:
-                request._generator.manual_seed(request.settings.seed)
-            else:
-                request._generator.seed()
-        ids = torch.tensor([request.prompt_ids], device=rt.device)
-        ones = torch.ones_like(ids)
+        """Prefill `request` alone (its model must be active) and add it to its variant's
+        batch. Returns False if it finished at once (its first token was its last)."""
+        return not self.admit_all([request], swap)
+
+    @torch.no_grad()
+    def admit_all(self, requests: list[Request], swap: "SwapReport | None" = None) -> list[Request]:
+        """Prefill `requests` of the active variant together (left-padded, one forward) and add
+        them to its batch. Returns those that finished at once. Raises MoeconsolError for a
+        bad request before anything runs (check each with `check_request` to admit the rest)."""
+        for r in requests:
+            self.check_request(r)
+        if not requests:
+            return []
+        rt, config = self.runtime, self.model.generation_config
+        for r in requests:
+            r.swap, swap = (swap if swap is not None else rt.activate(rt.active)), None  # the first one reports the swap
+            r.admitted_at = time.perf_counter()
+            r._eos = frozenset(_eos_ids(config))
+            r._tokenizer = rt.tokenizer(r.model)
+            if r.settings.temperature > 0:
+                r._generator = torch.Generator(device=rt.device)
+                if r.settings.seed is not None:
+                    r._generator.manual_seed(r.settings.seed)
+                else:
+                    r._generator.seed()
+        length = max(len(r.prompt_ids) for r in requests)
+        pad = config.pad_token_id if config.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (length - len(r.prompt_ids)) + r.prompt_ids for r in requests], device=rt.device)
+        mask = torch.tensor([[0] * (length - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests], device=rt.device)
         if self.encoder_decoder:
             from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-            encoded = self.model.get_encoder()(input_ids=ids, attention_mask=ones)
+            encoded = self.model.get_encoder()(input_ids=ids, attention_mask=mask)
             self._encoder_output = type(encoded)
-            start = torch.tensor([[config.decoder_start_token_id]], device=rt.device)
+            start = torch.full((len(requests), 1), config.decoder_start_token_id, device=rt.device)
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-            out = self.model(encoder_outputs=encoded, attention_mask=ones, decoder_input_ids=start, cache=cache, use_cache=True)
-            batch = _Batch(request, cache, torch.ones_like(start), encoded.last_hidden_state)
+            out = self.model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=start, cache=cache, use_cache=True)
+            batch = _Batch(list(requests), cache, torch.ones_like(start), encoded.last_hidden_state, mask)
         else:
             from transformers.cache_utils import DynamicCache
 
             cache = DynamicCache(config=self.model.config)
-            out = self.model(input_ids=ids, attention_mask=ones, cache=cache, use_cache=True, logits_to_keep=1)
-            batch = _Batch(request, cache, ones)
-        self._advance(request, out.logits[0, -1])
-        if request.finish is not None:
-            return False
-        if request.model in self.batches:
-            self.batches[request.model].join(batch)
-        else:
-            self.batches[request.model] = batch
-        return True
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                             logits_to_keep=1)
+            batch = _Batch(list(requests), cache, mask)
+        logits = out.logits[:, -1]
+        for i, r in enumerate(requests):
+            self._advance(r, logits[i])
+        done = [r for r in requests if r.finish is not None]
+        if len(done) < len(requests):
+            if done:
+                batch.keep([i for i, r in enumerate(requests) if r.finish is None])
+            if requests[0].model in self.batches:
+                self.batches[requests[0].model].join(batch)
+            else:
+                self.batches[requests[0].model] = batch
+        return done
+
+    def check_request(self, request: Request) -> None:
+        """MoeconsolError if `request` cannot be admitted now."""
+        if request.model != self.runtime.active:
+            raise MoeconsolError(f"request for {request.model!r} admitted while {self.runtime.active!r} is active")
+        check_settings(request.settings)
+        if not request.prompt_ids:
+            raise MoeconsolError("the prompt is empty")
 
     # -- one decode step ------------------------------------------------------------------------
     @torch.no_grad()

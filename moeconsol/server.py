@@ -149,18 +149,25 @@ class Scheduler:
                 swap = rt.activate(model)
                 self._parked.pop(model, None)
                 self.metrics.swap(swap)
+            ready = []
             for job in admit:
                 if not job.future.set_running_or_notify_cancel():
                     continue
                 try:
-                    alive = engine.admit(job, swap)
+                    engine.check_request(job)
                 except Exception as e:  # delivered to the request; the worker keeps serving
                     job.future.set_exception(e)
                     continue
-                swap = None  # the swap is reported by the first request it admitted
-                self.served.append(job.model)
-                if not alive:
-                    self._finish(job)
+                ready.append(job)
+            try:
+                at_once = engine.admit_all(ready, swap)  # one prefill for the requests admitted together
+            except Exception as e:
+                for job in ready:
+                    job.future.set_exception(e)
+                ready, at_once = [], []
+            self.served.extend(job.model for job in ready)
+            for job in at_once:
+                self._finish(job)
             try:
                 finished = engine.step()
             except Exception as e:  # a failed step fails its batch, not the server

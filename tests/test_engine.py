@@ -162,3 +162,21 @@ def test_bad_requests_are_refused(family):
     with pytest.raises(MoeconsolError, match="max-batch-size"):
         Engine(rt, max_batch_size=0)
     assert engine.running() == 0
+
+
+def test_requests_prefilled_together_equal_transformers_alone(family):
+    """admit_all: prompts of different lengths prefilled in one left-padded forward, then
+    joined by more requests prefilled together while the batch runs."""
+    arch, models, rt, tok = family
+    rt.activate("ft")
+    engine = Engine(rt)
+    first = [Request("ft", tok(p)["input_ids"], GenerationSettings(max_new_tokens=9)) for p in PROMPTS[:3]]
+    later = [Request("ft", tok(p)["input_ids"], GenerationSettings(max_new_tokens=1 + 4 * i)) for i, p in enumerate(PROMPTS[2:])]
+    assert engine.admit_all(first) == []
+    engine.step()
+    done = engine.admit_all(later)
+    assert done == [later[0]]  # max_new_tokens 1: finished at its prefill
+    while engine.running():
+        engine.step()
+    for r in first + later:
+        assert r.token_ids == alone(models["ft"], r.prompt_ids, r.settings.max_new_tokens), r.prompt_ids
