@@ -136,17 +136,33 @@ class Scheduler:
                 waiting += [(m, t) for m, t in self._parked.items() if m != active]
                 model = pick_model(active, engine.running(active) > 0, waiting, now, self.max_wait)
                 admit = self._take(model) if model is not None else []
+                pause = None
+                if model is not None and not admit and not engine.running(model):
+                    # the bound on tokens in flight keeps `model` out for now
+                    if engine.running(active):
+                        model = active  # the active batch goes on
+                    else:  # parked batches hold the bound: wait until the oldest is due
+                        oldest = min((t for m, t in waiting if m != model), default=None)
+                        pause = 0.05 if oldest is None else max(self.max_wait - (now - oldest), 0.001)
             for job in dropped:
                 self._finish(job)
-            if model is None:
+            if model is None or pause is not None:
                 with self._cond:
                     self._gauges()
+                    if pause is not None:
+                        self._cond.wait(timeout=pause)
                 continue
             swap = None
             if model != active:
                 if engine.running(active):
                     self._parked[active] = now
-                swap = rt.activate(model)
+                try:
+                    swap = rt.activate(model)
+                except Exception as e:  # delivered to the requests it was for; the worker keeps serving
+                    for job in admit:
+                        if job.future.set_running_or_notify_cancel():
+                            job.future.set_exception(e)
+                    continue
                 self._parked.pop(model, None)
                 self.metrics.swap(swap)
             ready = []

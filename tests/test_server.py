@@ -513,3 +513,29 @@ def test_cli_server_stops_on_ctrl_c_with_one_line(served):
     assert proc.returncode == 130, stderr
     last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
     assert last.startswith("moeconsol: interrupted") and f"{port}" in last, stderr
+
+
+def test_the_bound_on_tokens_in_flight_holds_and_everyone_is_served(served):
+    """Each request reserves prompt + max_tokens; with room for two at a time, six requests of
+    two models are all served, never more than two admitted at once, each as alone."""
+    out, runtime, refs, tok = served
+    ids = tok(PROMPT)["input_ids"]
+    per_request = len(ids) + 4
+    scheduler = Scheduler(runtime, max_wait=0.05, max_tokens_in_flight=2 * per_request)
+    seen: list[int] = []
+    step = scheduler.engine.step
+
+    def watched_step():
+        seen.append(scheduler.engine.tokens_in_flight())
+        return step()
+
+    scheduler.engine.step = watched_step
+    futures = [scheduler.submit(Job(m, ids, GenerationSettings(4))) for m in ["ft", "base"] * 3]
+    scheduler.start()
+    try:
+        results = [f.result(timeout=120) for f in futures]
+    finally:
+        scheduler.stop()
+    assert max(seen) <= 2 * per_request
+    for r in results:
+        assert r.token_ids == greedy(refs[r.model], ids, 4)
