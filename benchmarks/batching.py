@@ -9,7 +9,7 @@ few steps, up to `--batch` rows). Differences can only come from last-bit roundi
 kernels (other shapes, padded positions); the script counts the answers that differ and the
 first token where they do.
 
-    python benchmarks/batching.py --family FAMILY [--prompts 64] [--tokens 32] [--json]
+    python benchmarks/batching.py --family FAMILY [--arch mixtral|switch] [--prompts 64] [--tokens 32] [--json]
 """
 
 from __future__ import annotations
@@ -85,11 +85,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--arch", action="append", choices=["mixtral", "switch"], help="default: every one the family has")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results = [measure(args.family, arch, args.prompts, args.tokens, args.batch, args.seed)
-               for arch in ("mixtral", "switch_transformers", "switch") if (args.family / arch).is_dir()]
+               for arch in args.arch or ["mixtral", "switch"] if (args.family / arch).is_dir()]
     if args.json:
         print(json.dumps(results, indent=1))
         return

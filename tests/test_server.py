@@ -539,3 +539,17 @@ def test_the_bound_on_tokens_in_flight_holds_and_everyone_is_served(served):
     assert max(seen) <= 2 * per_request
     for r in results:
         assert r.token_ids == greedy(refs[r.model], ids, 4)
+
+
+def test_streams_inside_one_batch_each_get_their_own_text(client, served):
+    out, runtime, refs, tok = served
+    prompts = ["Once upon a time", "def add(a, b):", "The quick brown fox", "0123456789"]
+
+    def stream(p: str) -> str:
+        r = client.post("/v1/completions", json={"model": "base", "prompt": p, "max_tokens": 12, "temperature": 0, "stream": True})
+        return "".join(c["choices"][0]["text"] for c in _sse(r.text))
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        texts = list(pool.map(stream, prompts))
+    for p, text in zip(prompts, texts):
+        assert text == tok.decode(greedy(refs["base"], tok(p)["input_ids"], 12), skip_special_tokens=True)
