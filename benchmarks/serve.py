@@ -40,7 +40,7 @@ from moeconsol.checkpoint import open_checkpoints
 from moeconsol.merge import merge
 from moeconsol.engine import DEFAULT_MAX_BATCH_SIZE, Engine, Request
 from moeconsol.runtime import GenerationSettings, Runtime, parse_device
-from moeconsol.server import Job, Scheduler
+from moeconsol.server import DEFAULT_MAX_WAIT, Job, Scheduler
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
 
 PROMPT = "Once upon a time there was a model that served many fine-tunes"
@@ -151,7 +151,7 @@ def interleaved(rt: Runtime, models: list[str], requests: int, max_wait: float, 
     }
 
 
-def _server(artifact: Path, max_batch_size: int, threads: int | None):
+def _server(artifact: Path, max_batch_size: int, threads: int | None, max_wait: float):
     """`moeconsol serve-local ARTIFACT --port P` in a subprocess (as it is deployed: the
     clients' threads do not share its interpreter); returns (base url, stop function)."""
     import httpx
@@ -161,7 +161,7 @@ def _server(artifact: Path, max_batch_size: int, threads: int | None):
         port = s.getsockname()[1]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     proc = subprocess.Popen([sys.executable, "-m", "moeconsol", "serve-local", str(artifact), "--port", str(port),
-                             "--max-batch-size", str(max_batch_size)], env=env,
+                             "--max-batch-size", str(max_batch_size), "--max-wait", str(max_wait)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop() -> None:
@@ -186,7 +186,7 @@ def _server(artifact: Path, max_batch_size: int, threads: int | None):
 
 
 def concurrency(rt: Runtime, artifact: Path, models: list[str], tokens: int, requests: int, levels: list[int],
-                max_batch_size: int, prompt: str = PROMPT, threads: int | None = None) -> dict:
+                max_batch_size: int, prompt: str = PROMPT, threads: int | None = None, max_wait: float = DEFAULT_MAX_WAIT) -> dict:
     """Throughput of `requests` greedy requests (alternating models) at each concurrency level
     against one-at-a-time decoding of the same requests, measured in the same run."""
     import httpx
@@ -202,7 +202,7 @@ def concurrency(rt: Runtime, artifact: Path, models: list[str], tokens: int, req
         return answers, sum(len(c.token_ids) for c in answers) / (time.perf_counter() - t)
 
     alone, before = one_at_a_time()
-    base_url, stop = _server(artifact, max_batch_size, threads)
+    base_url, stop = _server(artifact, max_batch_size, threads, max_wait)
     rows = []
     try:
         with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
@@ -227,7 +227,7 @@ def concurrency(rt: Runtime, artifact: Path, models: list[str], tokens: int, req
     bound = max(before, after)  # the machine is shared: the faster of two one-at-a-time runs, before and after
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / bound
-    return {"requests": requests, "tokens": tokens, "models": models, "max_batch_size": max_batch_size,
+    return {"requests": requests, "tokens": tokens, "models": models, "max_batch_size": max_batch_size, "max_wait": max_wait,
             "one_at_a_time_tokens_per_s": bound, "one_at_a_time_runs_tokens_per_s": [before, after], "levels": rows}
 
 
@@ -257,6 +257,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=12)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE)
+    ap.add_argument("--max-wait", type=float, action="append", help=f"serve-local --max-wait (repeatable; default {DEFAULT_MAX_WAIT})")
     ap.add_argument("--concurrent-requests", type=int, default=32)
     ap.add_argument("--size", choices=["benchmark", "example"], default="benchmark",
                     help="model shapes: this benchmark's (hidden 256) or the example family's (hidden 64)")
@@ -264,6 +265,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's own); on a shared machine 1 avoids spin-waiting for busy cores")
     args = ap.parse_args()
+    args.max_wait = args.max_wait or [DEFAULT_MAX_WAIT]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = parse_device(args.device)
@@ -280,21 +282,21 @@ def main() -> None:
                           interleaved=[interleaved(rt, ["base", "code"], args.requests, w, 8) for w in (30.0, 0.0)])
         prompt = PROMPT if size is SIZE else SHORT_PROMPT
         result["batch_sweep"] = batch_sweep(rt, "base", args.tokens, [1, 2, 4, 8, 16, 32, 64], prompt)
-        result["concurrency"] = concurrency(rt, paths["out"], ["base", "code"], args.tokens, args.concurrent_requests,
-                                            [1, 2, 4, 8, 16], args.max_batch_size, PROMPT if size is SIZE else SHORT_PROMPT,
-                                            args.threads)
+        result["concurrency"] = [
+            concurrency(rt, paths["out"], ["base", "code"], args.tokens, args.concurrent_requests, [1, 2, 4, 8, 16],
+                        args.max_batch_size, prompt, args.threads, w) for w in args.max_wait]
     if args.json:
         print(json.dumps(result, indent=1))
         return
     print("engine alone, requests decoded together: " + ", ".join(
         f"{r['batch_size']}: {r['tokens_per_s']:.0f} tok/s" for r in result["batch_sweep"]))
-    c = result["concurrency"]
-    print(f"concurrency: {c['requests']} greedy requests of {c['tokens']} tokens over {', '.join(c['models'])}, "
-          f"max batch size {c['max_batch_size']}; one at a time {c['one_at_a_time_tokens_per_s']:.1f} tok/s "
-          f"(best of {', '.join(f'{v:.1f}' for v in c['one_at_a_time_runs_tokens_per_s'])})")
-    for row in c["levels"]:
-        print(f"  {row['concurrency']:>2} concurrent: {row['tokens_per_s']:7.1f} tok/s  x{row['speedup']:.2f} one-at-a-time  "
-              f"({row['same_as_alone']}/{c['requests']} answers equal to one-at-a-time)")
+    for c in result["concurrency"]:
+        print(f"concurrency: {c['requests']} greedy requests of {c['tokens']} tokens over {', '.join(c['models'])}, "
+              f"max batch size {c['max_batch_size']}, max wait {c['max_wait']} s; one at a time "
+              f"{c['one_at_a_time_tokens_per_s']:.1f} tok/s (best of {', '.join(f'{v:.1f}' for v in c['one_at_a_time_runs_tokens_per_s'])})")
+        for row in c["levels"]:
+            print(f"  {row['concurrency']:>2} concurrent: {row['tokens_per_s']:7.1f} tok/s  x{row['speedup']:.2f} one-at-a-time  "
+                  f"({row['same_as_alone']}/{c['requests']} answers equal to one-at-a-time)")
     if args.only is not None:
         return
     s, g = result["swap"], result["generation"]
