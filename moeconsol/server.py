@@ -651,8 +651,10 @@ def bind(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise MoeconsolError(f"--host {host}: cannot resolve it ({e.strerror})") from None
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, proto, _, address = infos[0]
+    # the protocol matters: asyncio sets TCP_NODELAY only on sockets whose proto is TCP; without
+    # it a response's two writes (headers, body) wait 40 ms for the client's delayed ACK
+    sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)

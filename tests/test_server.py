@@ -553,3 +553,15 @@ def test_streams_inside_one_batch_each_get_their_own_text(client, served):
         texts = list(pool.map(stream, prompts))
     for p, text in zip(prompts, texts):
         assert text == tok.decode(greedy(refs["base"], tok(p)["input_ids"], 12), skip_special_tokens=True)
+
+
+def test_bind_gives_a_tcp_socket_so_responses_are_not_delayed():
+    """asyncio sets TCP_NODELAY only on accepted sockets whose protocol is TCP; a socket made
+    with proto 0 made every keep-alive response wait 40 ms for the client's delayed ACK."""
+    from moeconsol.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP and sock.getsockname()[0] == "127.0.0.1"
+    finally:
+        sock.close()
