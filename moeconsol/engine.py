@@ -4,9 +4,9 @@ The runtime (`runtime.py`) owns the weights: the bank, every variant's non-exper
 and `activate(name)`. The engine owns generation, as vLLM keeps its LoRA manager apart from
 its engine: requests, their KV caches, decode steps and sampling. It never touches a weight.
 
-A `Request` is admitted while its variant is active: its prompt is prefilled alone (batch 1,
-so its cache and first token are what it would get alone), then its cache rows join the
-variant's running batch (left padding, an attention mask, position ids from the mask).
+A `Request` is admitted while its variant is active: the requests admitted together are
+prefilled in one forward (left padding, an attention mask, position ids from the mask), then
+their cache rows join the variant's running batch, padded the same way.
 `step()` decodes one token for every request of the active variant's batch at once; a
 finished or cancelled request leaves the batch between steps and its slot is free at once.
 Each variant keeps its own batch: a batch whose variant is swapped out is parked, and its
