@@ -565,3 +565,25 @@ def test_bind_gives_a_tcp_socket_so_responses_are_not_delayed():
         assert sock.proto == socket.IPPROTO_TCP and sock.getsockname()[0] == "127.0.0.1"
     finally:
         sock.close()
+
+
+def test_tokenization_runs_off_the_event_loop(served, monkeypatch):
+    """A prompt that takes long to tokenize must not hold other requests: while one request's
+    tokenization is blocked, /v1/models answers (it could not if tokenization ran on the loop)."""
+    out, runtime, refs, tok = served
+    blocked, released = threading.Event(), threading.Event()
+    encode = runtime.encode
+
+    def slow_encode(name, prompt):
+        if prompt == "slow":
+            blocked.set()
+            assert released.wait(timeout=20), "the event loop was held while tokenizing"
+        return encode(name, prompt)
+
+    monkeypatch.setattr(runtime, "encode", slow_encode)
+    with TestClient(create_app(runtime)) as c, ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(c.post, "/v1/completions", json={"model": "ft", "prompt": "slow", "max_tokens": 2})
+        assert blocked.wait(timeout=60)
+        assert c.get("/v1/models").status_code == 200  # answered while "slow" is being tokenized
+        released.set()
+        assert slow.result().status_code == 200
