@@ -9,18 +9,29 @@ fine-tunes with some experts changed), merges it losslessly with the library, an
    checkpoint, same prompt, same greedy settings;
 3. interleaved requests for two variants through the server's scheduler: swaps per
    request and time to first token with and without a swap, for active-first scheduling
-   (`--max-wait` large) and plain FIFO (`max_wait` 0).
+   (`--max-wait` large) and plain FIFO (`max_wait` 0);
+4. concurrency: the same greedy requests over two variants sent to the HTTP server (uvicorn
+   on loopback, in this process) by 1, 2, 4, 8, 16 concurrent clients; throughput (generated
+   tokens / wall time) next to one-at-a-time decoding (`Runtime.complete`, one request after
+   another) run just before each (the median ratio of 3 pairs), and each answer checked
+   against the one-at-a-time one.
 
-    python benchmarks/serve.py [--device cuda] [--json]
+    python benchmarks/serve.py [--device cuda] [--json] [--only concurrency]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,18 +39,24 @@ import transformers
 
 from moeconsol.checkpoint import open_checkpoints
 from moeconsol.merge import merge
+from moeconsol.engine import DEFAULT_MAX_BATCH_SIZE, Engine, Request
 from moeconsol.runtime import GenerationSettings, Runtime, parse_device
-from moeconsol.server import Job, Scheduler
+from moeconsol.server import DEFAULT_MAX_WAIT, Job, Scheduler
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
 
 PROMPT = "Once upon a time there was a model that served many fine-tunes"
+SHORT_PROMPT = "Once upon a time"  # 12 tokens with a number: + 32 new tokens fit the example family's context of 64
 SIZE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512)
+# The shapes of examples/build_family.py's demo family (FULL), with random weights: the issue's
+# bound (16 concurrent requests >= 4x one-at-a-time on CPU) is stated for these tiny models.
+EXAMPLE_SIZE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=64)
 
 
-def build(root: Path) -> dict[str, Path]:
+def build(root: Path, size: dict = SIZE) -> dict[str, Path]:
     tok = tiny_tokenizer()
-    base = tiny_mixtral(0, **SIZE)
+    base = tiny_mixtral(0, **size)
     models = {
         "base": base,
         "code": derive_variant(base, 1, changed_experts=[(i, e) for i in range(4) for e in (0, 3)]),
@@ -135,6 +152,109 @@ def interleaved(rt: Runtime, models: list[str], requests: int, max_wait: float, 
     }
 
 
+def _server(artifact: Path, max_batch_size: int, threads: int | None, max_wait: float):
+    """`moeconsol serve-local ARTIFACT --port P` in a subprocess (as it is deployed: the
+    clients' threads do not share its interpreter); returns (base url, stop function)."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    proc = subprocess.Popen([sys.executable, "-m", "moeconsol", "serve-local", str(artifact), "--port", str(port),
+                             "--max-batch-size", str(max_batch_size), "--max-wait", str(max_wait)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop() -> None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            httpx.get(f"{url}/v1/models", timeout=5).raise_for_status()
+            return url, stop
+        except httpx.HTTPError:
+            if proc.poll() is not None or time.time() > deadline:
+                stop()
+                raise RuntimeError("serve-local did not start") from None
+            time.sleep(0.2)
+
+
+def concurrency(rt: Runtime, artifact: Path, models: list[str], tokens: int, requests: int, levels: list[int],
+                max_batch_size: int, prompt: str = PROMPT, threads: int | None = None, max_wait: float = DEFAULT_MAX_WAIT,
+                repeats: int = 3) -> dict:
+    """Throughput of `requests` greedy requests (alternating models) at each concurrency level
+    against one-at-a-time decoding of the same requests. The machine is shared and its load
+    moves, so each concurrent run is paired with a one-at-a-time run just before it, `repeats`
+    times; the speedup is the median of the pairs' ratios."""
+    import httpx
+
+    prompts = [f"{prompt} {i}" for i in range(requests)]
+    order = [(models[i % len(models)], p) for i, p in enumerate(prompts)]
+    settings = GenerationSettings(max_new_tokens=tokens)
+    rt.complete(models[0], prompts[0], settings)  # warm up
+
+    def one_at_a_time() -> tuple[list, float]:
+        t = time.perf_counter()
+        answers = [rt.complete(m, p, settings) for m, p in order]
+        return answers, sum(len(c.token_ids) for c in answers) / (time.perf_counter() - t)
+
+    alone, _ = one_at_a_time()
+    base_url, stop = _server(artifact, max_batch_size, threads, max_wait)
+    rows = []
+    try:
+        with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+            def post(item):
+                m, p = item
+                r = client.post(f"{base_url}/v1/completions", json={"model": m, "prompt": p, "max_tokens": tokens, "temperature": 0})
+                r.raise_for_status()
+                return r.json()
+
+            post(order[0])  # warm up the server
+            for level in levels:
+                pairs, same = [], requests
+                for _ in range(repeats):
+                    _, single = one_at_a_time()
+                    with ThreadPoolExecutor(level) as pool:
+                        t = time.perf_counter()
+                        answers = list(pool.map(post, order))
+                        seconds = time.perf_counter() - t
+                    generated = sum(a["usage"]["completion_tokens"] for a in answers)
+                    same = min(same, sum(a["choices"][0]["text"] == c.text for a, c in zip(answers, alone)))
+                    pairs.append((generated / seconds, single))
+                rows.append({"concurrency": level, "tokens_per_s": statistics.median(p[0] for p in pairs),
+                             "one_at_a_time_tokens_per_s": statistics.median(p[1] for p in pairs),
+                             "speedup": statistics.median(p[0] / p[1] for p in pairs), "same_as_alone": same})
+    finally:
+        stop()
+    return {"requests": requests, "tokens": tokens, "models": models, "max_batch_size": max_batch_size, "max_wait": max_wait,
+            "repeats": repeats, "levels": rows}
+
+
+def batch_sweep(rt: Runtime, model: str, tokens: int, sizes: list[int], prompt: str) -> list[dict]:
+    """Tokens/s of the engine alone (no HTTP) decoding `size` requests together: what decides
+    the default --max-batch-size."""
+    rt.activate(model)
+    rows = []
+    for size in sizes:
+        engine = Engine(rt, max_batch_size=size)
+        requests = [Request(model, rt.encode(model, f"{prompt} {i}"), GenerationSettings(max_new_tokens=tokens)) for i in range(size)]
+        t = time.perf_counter()
+        for r in requests:
+            engine.admit(r)
+        while engine.running():
+            engine.step()
+        seconds = time.perf_counter() - t
+        rows.append({"batch_size": size, "tokens_per_s": sum(len(r.token_ids) for r in requests) / seconds})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -142,21 +262,50 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--requests", type=int, default=12)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE)
+    ap.add_argument("--max-wait", type=float, action="append", help=f"serve-local --max-wait (repeatable; default {DEFAULT_MAX_WAIT})")
+    ap.add_argument("--concurrent-requests", type=int, default=16,
+                    help="requests per concurrency level (16: the issue's setup, one wave at 16 clients)")
+    ap.add_argument("--size", choices=["benchmark", "example"], default="benchmark",
+                    help="model shapes: this benchmark's (hidden 256) or the example family's (hidden 64)")
+    ap.add_argument("--only", choices=["concurrency"], default=None, help="run only this part")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's own); on a shared machine 1 avoids spin-waiting for busy cores")
     args = ap.parse_args()
+    args.max_wait = args.max_wait or [DEFAULT_MAX_WAIT]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = parse_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = build(Path(tmp))
+        size = SIZE if args.size == "benchmark" else EXAMPLE_SIZE
+        paths = build(Path(tmp), size)
         rt = Runtime.from_artifact(paths["out"], device=device)
         rb = rt.resident_bytes()
-        result = {
-            "device": str(device), "dtype": str(rt.dtype), "threads": torch.get_num_threads(),
-            "model": SIZE, "bank_sizes": rt.family.bank_sizes, "resident_bytes": rb.to_dict(),
-            "swap": swap_cost(rt, "base", "code", args.repeats),
-            "generation": generation_speed(rt, paths, "code", args.tokens, args.repeats),
-            "interleaved": [interleaved(rt, ["base", "code"], args.requests, w, 8) for w in (30.0, 0.0)],
-        }
+        result = {"device": str(device), "dtype": str(rt.dtype), "threads": torch.get_num_threads(),
+                  "model": size, "bank_sizes": rt.family.bank_sizes, "resident_bytes": rb.to_dict()}
+        if args.only is None:
+            result.update(swap=swap_cost(rt, "base", "code", args.repeats),
+                          generation=generation_speed(rt, paths, "code", args.tokens, args.repeats),
+                          interleaved=[interleaved(rt, ["base", "code"], args.requests, w, 8) for w in (30.0, 0.0)])
+        prompt = PROMPT if size is SIZE else SHORT_PROMPT
+        result["batch_sweep"] = batch_sweep(rt, "base", args.tokens, [1, 2, 4, 8, 16, 32, 64], prompt)
+        result["concurrency"] = [
+            concurrency(rt, paths["out"], ["base", "code"], args.tokens, args.concurrent_requests, [1, 2, 4, 8, 16],
+                        args.max_batch_size, prompt, args.threads, w) for w in args.max_wait]
     if args.json:
         print(json.dumps(result, indent=1))
+        return
+    print("engine alone, requests decoded together: " + ", ".join(
+        f"{r['batch_size']}: {r['tokens_per_s']:.0f} tok/s" for r in result["batch_sweep"]))
+    for c in result["concurrency"]:
+        print(f"concurrency: {c['requests']} greedy requests of {c['tokens']} tokens over {', '.join(c['models'])}, "
+              f"max batch size {c['max_batch_size']}, max wait {c['max_wait']} s; each level {c['repeats']} times, "
+              f"each time after one-at-a-time decoding of the same requests (median of the ratios)")
+        for row in c["levels"]:
+            print(f"  {row['concurrency']:>2} concurrent: {row['tokens_per_s']:7.1f} tok/s vs one at a time "
+                  f"{row['one_at_a_time_tokens_per_s']:6.1f}: x{row['speedup']:.2f}  "
+                  f"({row['same_as_alone']}/{c['requests']} answers equal to one-at-a-time)")
+    if args.only is not None:
         return
     s, g = result["swap"], result["generation"]
     print(f"device {result['device']} ({result['dtype']}, {result['threads']} threads); resident {rb.total / 2**20:.1f} MiB "

@@ -335,42 +335,8 @@ class ResidentBytes:
         return {"bank": self.bank, "non_expert": self.non_expert, "total": self.total, "host": self.host}
 
 
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    """0 means greedy"""
-    top_p: float = 1.0
-    seed: int | None = None
-
-
-@dataclass
-class Completion:
-    model: str
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    finish_reason: str
-    """"stop" (end-of-sequence token) or "length" (max_new_tokens reached)"""
-    swap: SwapReport
-    time_to_first_token: float
-    """seconds from the request's start (swap included) to the first generated token"""
-    generation_seconds: float
-    """seconds from the start of generation (after the swap) to the last token"""
-    queued_seconds: float = 0.0
-    """seconds between `started` (arrival) and the call that served it"""
-
-    @property
-    def tokens_per_second(self) -> float:
-        return len(self.token_ids) / self.generation_seconds if self.generation_seconds > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        return {
-            "model": self.model, "text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
-            "finish_reason": self.finish_reason, "swap": self.swap.to_dict(),
-            "time_to_first_token": self.time_to_first_token, "generation_seconds": self.generation_seconds,
-            "tokens_per_second": self.tokens_per_second, "queued_seconds": self.queued_seconds,
-        }
+# Generation lives in engine.py; these names stay importable from here.
+from .engine import Completion, GenerationSettings, check_settings  # noqa: E402,F401
 
 
 # -- the runtime ------------------------------------------------------------------------------
@@ -536,11 +502,12 @@ class Runtime:
         limit = config.get("max_position_embeddings")
         return int(limit) if limit else None
 
-    # -- generation -------------------------------------------------------------------------
+    # -- generation (engine.py) ------------------------------------------------------------
     def encode(self, name: str, prompt: str) -> list[int]:
-        return list(self.tokenizer(name)(prompt, add_special_tokens=True)["input_ids"])
+        from .engine import encode
 
-    @torch.no_grad()
+        return encode(self, name, prompt)
+
     def complete(
         self,
         name: str,
@@ -549,45 +516,12 @@ class Runtime:
         on_text: Callable[[str], None] | None = None,
         started: float | None = None,
     ) -> Completion:
-        """Activate `name` and generate with transformers' `generate` (greedy when
-        temperature is 0). `on_text` receives each new piece of text as it is decoded;
-        `started` (a time.perf_counter() value) is when the request arrived."""
-        settings = settings or GenerationSettings()
-        check_settings(settings)
-        called = time.perf_counter()
-        started = called if started is None else started
-        swap = self.activate(name)
-        tok = self.tokenizer(name)
-        ids = self.encode(name, prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise MoeconsolError("the prompt is empty")
-        config = copy.deepcopy(self.model.generation_config)
-        config.max_new_tokens, config.max_length = settings.max_new_tokens, None
-        config.do_sample = settings.temperature > 0
-        if config.do_sample:
-            config.temperature, config.top_p = settings.temperature, settings.top_p
-        else:
-            config.temperature = config.top_p = config.top_k = None
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
-        streamer = _Streamer(tok, on_text)
-        input_ids = torch.tensor([ids], device=self.device)
-        gen_start = time.perf_counter()
-        out = self.model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-            generation_config=config,
-        )
-        end = time.perf_counter()
-        new = out[0, 1:] if self.model.config.is_encoder_decoder else out[0, len(ids):]
-        token_ids = new.tolist()
-        eos = _eos_ids(self.model.generation_config)
-        finish = "stop" if token_ids and token_ids[-1] in eos else "length"
-        first = streamer.first_token_at or end
-        return Completion(
-            model=name, text=tok.decode(token_ids, skip_special_tokens=True), token_ids=token_ids, prompt_tokens=len(ids),
-            finish_reason=finish, swap=swap, time_to_first_token=first - started, generation_seconds=end - gen_start,
-            queued_seconds=called - started,
-        )
+        """Activate `name` and generate one completion alone (engine.complete: greedy when
+        temperature is 0). `on_text` receives each new piece of text; `started` (a
+        time.perf_counter() value) is when the request arrived."""
+        from .engine import complete
+
+        return complete(self, name, prompt, settings, on_text, started)
 
     # -- helpers ----------------------------------------------------------------------------
     def check_model(self, name: str) -> None:
@@ -595,54 +529,13 @@ class Runtime:
             raise MoeconsolError(f"unknown model {name!r}: this artifact serves {', '.join(self.names)}")
 
     def _set_generation_config(self, name: str) -> None:
-        variant = self.family.variants[name]
-        if variant.generation_config is None:
-            from transformers import GenerationConfig
+        from .engine import generation_config
 
-            path = variant.model_dir
-            if path is not None and (path / "generation_config.json").is_file():
-                variant.generation_config = GenerationConfig.from_pretrained(str(path))
-            else:
-                variant.generation_config = GenerationConfig.from_model_config(self.model.config)
-        self.model.generation_config = variant.generation_config
+        self.model.generation_config = generation_config(self, name)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-class _Streamer:
-    """A transformers streamer that times the first generated token and, if asked, hands
-    out the new text piece by piece (holding back an incomplete multi-byte character)."""
-
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
-        self.tokenizer, self.on_text = tokenizer, on_text
-        self.first_token_at: float | None = None
-        self._prompt_seen = False
-        self._ids: list[int] = []
-        self._sent = ""
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() first hands over the prompt (or decoder start)
-            self._prompt_seen = True
-            return
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        if self.on_text is not None:
-            self._ids.extend(value.reshape(-1).tolist())
-            self._emit(final=False)
-
-    def end(self) -> None:
-        if self.on_text is not None:
-            self._emit(final=True)
-
-    def _emit(self, final: bool) -> None:
-        text = self.tokenizer.decode(self._ids, skip_special_tokens=True)
-        if not final and text.endswith("\ufffd"):
-            return
-        if text.startswith(self._sent) and len(text) > len(self._sent):
-            self.on_text(text[len(self._sent):])
-            self._sent = text
 
 
 # -- construction helpers ---------------------------------------------------------------------
@@ -661,15 +554,6 @@ def _check_configs(family: Family) -> None:
                     f"models {names[0]!r} and {name!r} differ in config key {key!r} "
                     f"({ref.get(key)!r} vs {cfg.get(key)!r}): one runtime serves variants of one configuration"
                 )
-
-
-def check_settings(s: GenerationSettings) -> None:
-    if s.max_new_tokens < 1:
-        raise MoeconsolError(f"max_new_tokens must be at least 1, got {s.max_new_tokens}")
-    if s.temperature < 0:
-        raise MoeconsolError(f"temperature must be >= 0, got {s.temperature}")
-    if not 0 < s.top_p <= 1:
-        raise MoeconsolError(f"top_p must be in (0, 1], got {s.top_p}")
 
 
 def _build_resident(family: Family, config_class, model_class, bank_class, active: str, device, dtype) -> nn.Module:
@@ -768,13 +652,6 @@ def _single_threaded_copies(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def _eos_ids(generation_config) -> set[int]:
-    eos = generation_config.eos_token_id
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
 
 
 def _nbytes(t: torch.Tensor) -> int:
