@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import MoeconsolError
+from .errors import MoeconsolError, SettingsError
 
 if TYPE_CHECKING:
     from .runtime import Runtime, SwapReport
@@ -61,17 +61,17 @@ class GenerationSettings:
 
 
 def check_settings(s: GenerationSettings) -> None:
-    """Bad settings -> MoeconsolError naming the setting (NaN and infinities included)."""
+    """Bad settings -> SettingsError naming the setting (NaN and infinities included)."""
     if isinstance(s.max_new_tokens, bool) or not isinstance(s.max_new_tokens, int) or s.max_new_tokens < 1:
-        raise MoeconsolError(f"max_new_tokens must be an integer of at least 1, got {s.max_new_tokens}")
+        raise SettingsError(f"max_new_tokens must be an integer of at least 1, got {s.max_new_tokens}")
     if not math.isfinite(s.temperature) or s.temperature < 0:
-        raise MoeconsolError(f"temperature must be a finite number >= 0, got {s.temperature}")
+        raise SettingsError(f"temperature must be a finite number >= 0, got {s.temperature}")
     if not math.isfinite(s.top_p) or not 0 < s.top_p <= 1:
-        raise MoeconsolError(f"top_p must be in (0, 1], got {s.top_p}")
+        raise SettingsError(f"top_p must be in (0, 1], got {s.top_p}")
     if s.seed is not None and not 0 <= s.seed <= MAX_SEED:
-        raise MoeconsolError(f"seed must be in [0, 2^63 - 1], got {s.seed}")
+        raise SettingsError(f"seed must be in [0, 2^63 - 1], got {s.seed}")
     if any(not isinstance(x, str) or not x for x in s.stop):
-        raise MoeconsolError("stop strings must be non-empty strings")
+        raise SettingsError("stop strings must be non-empty strings")
 
 
 @dataclass
@@ -237,7 +237,7 @@ class Engine:
 
     def __init__(self, runtime: "Runtime", max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
         if max_batch_size < 1:
-            raise MoeconsolError(f"--max-batch-size must be at least 1, got {max_batch_size}")
+            raise SettingsError(f"max batch size must be at least 1, got {max_batch_size}")
         self.runtime, self.max_batch_size = runtime, max_batch_size
         self.model = runtime.model
         self.encoder_decoder = bool(self.model.config.is_encoder_decoder)
@@ -324,7 +324,7 @@ class Engine:
             raise MoeconsolError(f"request for {request.model!r} admitted while {self.runtime.active!r} is active")
         check_settings(request.settings)
         if not request.prompt_ids:
-            raise MoeconsolError("the prompt is empty")
+            raise SettingsError("the prompt is empty")
 
     # -- one decode step ------------------------------------------------------------------------
     @torch.no_grad()

@@ -38,7 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from .engine import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TOKENS_IN_FLIGHT, MAX_SEED, Completion, Engine, FinishReason,
                      GenerationSettings, Request)
-from .errors import MoeconsolError
+from .errors import MoeconsolError, OutputError, SettingsError
 from .runtime import Runtime, SwapReport
 
 DEFAULT_MAX_WAIT = 2.0
@@ -85,9 +85,9 @@ class Scheduler:
     def __init__(self, runtime: Runtime, max_wait: float = DEFAULT_MAX_WAIT, metrics: "Metrics | None" = None,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_tokens_in_flight: int = DEFAULT_MAX_TOKENS_IN_FLIGHT):
         if not max_wait >= 0 or not math.isfinite(max_wait):
-            raise MoeconsolError(f"--max-wait must be a finite number of seconds >= 0, got {max_wait}")
+            raise SettingsError(f"max wait must be a finite number of seconds >= 0, got {max_wait}")
         if max_tokens_in_flight < 1:
-            raise MoeconsolError(f"--max-tokens-in-flight must be at least 1, got {max_tokens_in_flight}")
+            raise SettingsError(f"max tokens in flight must be at least 1, got {max_tokens_in_flight}")
         self.runtime, self.max_wait, self.max_tokens_in_flight = runtime, max_wait, max_tokens_in_flight
         self.engine = Engine(runtime, max_batch_size)
         self.metrics = metrics or Metrics(runtime.names)
@@ -650,7 +650,7 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-        raise MoeconsolError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+        raise OutputError(f"host {host}: cannot resolve it ({e.strerror})") from None
     family, kind, proto, _, address = infos[0]
     # the protocol matters: asyncio sets TCP_NODELAY only on sockets whose proto is TCP; without
     # it a response's two writes (headers, body) wait 40 ms for the client's delayed ACK
@@ -660,7 +660,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as e:
         sock.close()
-        raise MoeconsolError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise OutputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

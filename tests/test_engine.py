@@ -159,7 +159,7 @@ def test_bad_requests_are_refused(family):
         engine.admit(Request("base", [5], GenerationSettings(temperature=1.0, seed=2**63)))
     with pytest.raises(MoeconsolError, match="while 'base' is active"):
         engine.admit(Request("ft", [5], GenerationSettings()))
-    with pytest.raises(MoeconsolError, match="max-batch-size"):
+    with pytest.raises(MoeconsolError, match="max batch size"):
         Engine(rt, max_batch_size=0)
     assert engine.running() == 0
 
