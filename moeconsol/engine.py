@@ -239,11 +239,16 @@ class Engine:
         if max_batch_size < 1:
             raise SettingsError(f"max batch size must be at least 1, got {max_batch_size}")
         self.runtime, self.max_batch_size = runtime, max_batch_size
-        self.model = runtime.model
         self.encoder_decoder = bool(self.model.config.is_encoder_decoder)
         self.batches: dict[str, _Batch] = {}
         self.peak_batch_size = 0
         """the most requests one decode step has served (for tests and benchmarks)"""
+
+    @property
+    def model(self):
+        """The runtime's model as it is now (a runtime may hold one model object per variant:
+        benchmarks/turnaround.py serves plain transformers models through this engine)."""
+        return self.runtime.model
 
     # -- what is running ----------------------------------------------------------------------
     def running(self, model: str | None = None) -> int:
