@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+from collections import Counter
 import sys
 from pathlib import Path
 
@@ -204,6 +205,24 @@ def test_a_swap_is_one_copy_per_dtype_plus_the_slot_maps(family, monkeypatch):
         assert report.tensors_copied == (len(rt._targets) if region in want else 0)  # base/ft: every tensor differs
     assert threads == []  # no process-wide thread setting touched
     assert flat.swap_numel == flat.buffer.numel()
+
+
+@pytest.mark.parametrize("family", ["mixtral"], indirect=True)
+@torch.no_grad()
+def test_forward_runs_transformers_own_operations_plus_one_slot_map_gather_per_layer(family):
+    """The bank module adds nothing to transformers' model but mapping the router's choice
+    through the slot map. This pins, for one, the resident parameters' requires_grad to
+    from_pretrained's: with a weight that does not require grad, torch's matmul runs the
+    prefill's last-token LM head as an expand + bmm that copies the whole weight."""
+    arch, paths, refs, rt = family
+    rt.activate("ft")
+    inputs = _inputs(arch, rt.tokenizer("ft"))
+    with _CountOps() as ours:
+        rt.model(**inputs, logits_to_keep=1)
+    with _CountOps() as theirs:
+        refs["ft"](**inputs, logits_to_keep=1)
+    extra, missing = Counter(ours.ops) - Counter(theirs.ops), Counter(theirs.ops) - Counter(ours.ops)
+    assert (dict(extra), dict(missing)) == ({"aten.index": len(rt.family.layers)}, {})
 
 
 def test_tensors_every_variant_shares_stay_out_of_the_swap():
