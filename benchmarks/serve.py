@@ -218,7 +218,7 @@ def main() -> None:
             result["wide"] = {
                 "model": WIDE, "dtype": str(rt.dtype), "resident_bytes": rt.resident_bytes().to_dict(),
                 "swap": swap_cost(rt, "base", "ft", args.repeats),
-                "generation": generation_speed(rt, wide, "ft", args.tokens, max(3, args.repeats // 2)),
+                "generation": generation_speed(rt, wide, "ft", args.tokens, args.repeats),
             }
             del rt
     result["load_average"] = [load, os.getloadavg()[0]]

@@ -426,13 +426,7 @@ class Runtime:
         config_class, model_class, bank_class = _model_classes(family.architecture)
         self.model = _build_skeleton(family, config_class, model_class, bank_class, active, self.dtype)
         self._banks: dict[str, nn.Module] = {layer: self.model.get_submodule(f"{layer}.mlp.experts") for layer in family.layers}
-        targets = _swap_targets(self.model, self._banks)
-        self._keys = {name: _resolve_keys(self.model, targets, v) for name, v in family.variants.items()}
-        self._flats = _plan_flats(targets, self._keys, self.device)
-        self._slot_table = torch.empty(len(family.layers), len(family.variants[active].slot_maps[family.layers[0]]), dtype=torch.long, device=self.device)
-        views = {id(t): self._flats[t.dtype].view(name, t.shape) for name, t in targets.items()}
-        views.update({id(m.slot_map): self._slot_table[i] for i, m in enumerate(self._banks.values())})
-        _materialize(self.model, self.device, views)
+        self._allocate()
         _finish_resident(self.model, bank_class)
         self._targets = _swap_targets(self.model, self._banks)
         self._slot_maps = _slot_map_tensors(family, self.device)
@@ -448,6 +442,21 @@ class Runtime:
         return cls(Family.from_artifact(path), device=device, dtype=dtype, active=active, progress=progress)
 
     # -- loading ----------------------------------------------------------------------------
+    def _allocate(self) -> None:
+        """Lay out the skeleton's non-expert tensors in one flat buffer per dtype (the ones
+        that differ between variants first), then give every meta tensor its storage on the
+        device: non-expert tensors become views into their flat buffer, the slot maps rows of
+        one [layers, experts] table, the bank and the rest fresh tensors. Nothing is
+        allocated twice."""
+        targets = _swap_targets(self.model, self._banks)
+        self._keys = {name: _resolve_keys(self.model, targets, v) for name, v in self.family.variants.items()}
+        self._flats = _plan_flats(targets, self._keys, self.device)
+        experts = len(next(iter(self._banks.values())).slot_map)
+        self._slot_table = torch.empty(len(self._banks), experts, dtype=torch.long, device=self.device)
+        views = {id(t): self._flats[t.dtype].view(name, t.shape) for name, t in targets.items()}
+        views.update({id(m.slot_map): self._slot_table[i] for i, m in enumerate(self._banks.values())})
+        _materialize(self.model, self.device, views)
+
     @torch.no_grad()
     def _load_host_tensors(self, progress) -> dict[str, dict[torch.dtype, torch.Tensor]]:
         """Each variant's swappable tensors in one flat host buffer per dtype (pinned on CUDA),
@@ -455,7 +464,12 @@ class Runtime:
         swappable tensors all have the same stored keys share one buffer. The tensors every
         variant shares are read once, straight into the device buffer."""
         pin = self.device.type == "cuda"
-        total = sum(len(f.swappable) for f in self._flats.values()) * len(self.names) + sum(len(f.shared) for f in self._flats.values())
+        signatures = {  # (variant, dtype) -> what its host buffer holds
+            (name, dtype): (dtype, *(self._keys[name][t] for t in flat.swappable))
+            for dtype, flat in self._flats.items() for name in self.names
+        }
+        total = sum(len(self._flats[sig[0]].swappable) for sig in set(signatures.values()))
+        total += sum(len(f.shared) for f in self._flats.values())
         done = 0
 
         def fill(buffer: torch.Tensor, flat: _Flat, tensor_names: list[str], variant: str) -> None:
@@ -475,11 +489,10 @@ class Runtime:
         built: dict[tuple, torch.Tensor] = {}
         for dtype, flat in self._flats.items():
             for name in self.names:
-                signature = (dtype, *(self._keys[name][t] for t in flat.swappable))
+                signature = signatures[name, dtype]
                 if signature not in built:
-                    buffer = torch.zeros(flat.swap_numel, dtype=dtype, pin_memory=pin)
-                    fill(buffer, flat, flat.swappable, name)
-                    built[signature] = buffer
+                    built[signature] = torch.zeros(flat.swap_numel, dtype=dtype, pin_memory=pin)
+                    fill(built[signature], flat, flat.swappable, name)
                 host[name][dtype] = built[signature]
             fill(flat.buffer, flat, flat.shared, self.names[0])
         return host

@@ -231,7 +231,10 @@ def test_tensors_every_variant_shares_stay_out_of_the_swap():
     with torch.no_grad():
         ft.lm_head.weight.add_(0.5)
         ft.model.layers[1].self_attn.q_proj.weight.mul_(2.0)
-    rt = Runtime(Family.from_models({"base": base, "ft": ft}))
+    calls: dict[str, tuple[int, int]] = {}
+    rt = Runtime(Family.from_models({"base": base, "ft": ft}), progress=lambda stage, done, total: calls.update({stage: (done, total)}))
+    shared = len(rt._targets) - 2
+    assert calls["non-expert tensors"] == (2 * 2 + shared,) * 2  # each variant's 2 differing tensors, the others once
     (flat,) = rt._flats.values()
     assert flat.swappable == ["model.layers.1.self_attn.q_proj.weight", "lm_head.weight"]
     changed = ft.lm_head.weight.numel() + ft.model.layers[1].self_attn.q_proj.weight.numel()
