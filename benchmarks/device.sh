@@ -12,31 +12,40 @@
 # ${WHEELS:-.device-wheels} (made on a connected machine with
 # `pip download -d .device-wheels transformers safetensors tokenizers typer rich fastapi uvicorn scipy psutil pytest httpx`)
 # are installed with --no-index.
+# DEVICE=cpu REPEATS=2 KEEP=/tmp/wide runs the same steps on a CPU machine, to check the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
 PY=${PYTHON:-python3}
 WHEELS=${WHEELS:-.device-wheels}
+DEVICE=${DEVICE:-cuda}
+REPEATS=${REPEATS:-9}
 mkdir -p "$OUT"
 
-"$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device visible to torch")'
+if [ "$DEVICE" = cuda ]; then
+  "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device visible to torch")'
+fi
 if ! "$PY" -c 'import transformers, safetensors, tokenizers, typer, fastapi, scipy, pytest' 2>/dev/null; then
   test -d "$WHEELS" || { echo "moeconsol's dependencies are missing and no $WHEELS to install them from" >&2; exit 1; }
   "$PY" -m pip install -q --no-index --find-links "$WHEELS" transformers safetensors tokenizers typer rich fastapi uvicorn scipy psutil pytest httpx
 fi
 "$PY" -c 'import moeconsol' 2>/dev/null || "$PY" -m pip install -q -e . --no-deps
 "$PY" - > "$OUT/device.json" <<'PY'
-import json, torch, transformers
-p = torch.cuda.get_device_properties(0)
-print(json.dumps({"gpu": p.name, "memory_bytes": p.total_memory, "torch": torch.__version__,
-                  "cuda": torch.version.cuda, "transformers": transformers.__version__}))
+import json, os, torch, transformers
+gpu = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+print(json.dumps({"gpu": gpu and gpu.name, "gpu_memory_bytes": gpu and gpu.total_memory, "cpus": os.cpu_count(),
+                  "load_average": os.getloadavg(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                  "transformers": transformers.__version__}))
 PY
 
 status=0
 timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_runtime.py -k device \
-  --junitxml "$OUT/tests-cuda.xml" > "$OUT/tests-cuda.txt" 2>&1 || status=$?
-tail -n 3 "$OUT/tests-cuda.txt"
-timeout 300 "$PY" benchmarks/serve.py --device cuda --wide --json > "$OUT/serve-cuda.json" 2> "$OUT/serve-cuda.log" || status=$?
-tail -n 3 "$OUT/serve-cuda.log"
-test -s "$OUT/serve-cuda.json" && "$PY" -c 'import json,sys; r=json.load(open(sys.argv[1])); print(json.dumps({k: r[k] for k in ("swap", "generation")}), json.dumps({k: r["wide"][k] for k in ("swap", "generation")}))' "$OUT/serve-cuda.json"
+  --junitxml "$OUT/tests-$DEVICE.xml" > "$OUT/tests-$DEVICE.txt" 2>&1 || status=$?
+tail -n 3 "$OUT/tests-$DEVICE.txt"
+timeout 300 "$PY" benchmarks/serve.py --device "$DEVICE" --wide ${KEEP:+--keep "$KEEP"} --repeats "$REPEATS" --json \
+  > "$OUT/serve-$DEVICE.json" 2> "$OUT/serve-$DEVICE.log" || status=$?
+tail -n 3 "$OUT/serve-$DEVICE.log"
+if [ -s "$OUT/serve-$DEVICE.json" ]; then
+  "$PY" -c 'import json, sys; r = json.load(open(sys.argv[1])); print(json.dumps({f"{size} {part}": {k: v for k, v in s[part].items() if k in ("bytes", "swap_s", "plain_copy_s", "ratio", "runtime_tokens_per_s", "transformers_tokens_per_s")} for size, s in (("tiny", r), ("wide", r["wide"])) for part in ("swap", "generation")}, indent=1))' "$OUT/serve-$DEVICE.json"
+fi
 exit $status
