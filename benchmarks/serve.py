@@ -90,26 +90,41 @@ def _sync(device: torch.device) -> None:
 
 def swap_cost(rt: Runtime, a: str, b: str, repeats: int) -> dict:
     """Median swap a -> b next to the fastest plain copy of the same bytes into a device buffer,
-    each repeat measuring the swap and every plain copy one after the other (so a change of the
-    machine's load hits both): from pinned memory on CUDA; on CPU torch's copy with its default
-    thread pool, with one thread, and one numpy memcpy (what the runtime's CPU swap uses)."""
+    in the same pattern: each repeat first copies from one source (untimed, as activate(a)),
+    then times the copy from another (as activate(b)). The swap and the single-threaded plain
+    copies alternate within each repeat, so a change of the machine's load hits all of them:
+    on CUDA one copy from pinned memory; on CPU one numpy memcpy (what the runtime's CPU swap
+    uses) and torch's copy with one thread. torch's CPU copy with its default thread pool is
+    measured after the loop: its idle threads keep spinning for a while after each parallel
+    region, which would slow whatever is measured next on a 2-core machine."""
     nbytes = rt.swap_bytes(a, b)
     pin = rt.device.type == "cuda"
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-    src.fill_(1)
+    sources = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin).fill_(k) for k in (1, 2)]
     dst = torch.empty(nbytes, dtype=torch.uint8, device=rt.device)
     threads = torch.get_num_threads()
 
-    def one_thread_copy() -> None:  # the benchmark's own bound; the runtime never changes threads
+    def torch_copy(src: torch.Tensor) -> None:
+        dst.copy_(src, non_blocking=True)
+
+    def one_thread_copy(src: torch.Tensor) -> None:  # the benchmark's own bound; the runtime never changes threads
         torch.set_num_threads(1)
         try:
             dst.copy_(src)
         finally:
             torch.set_num_threads(threads)
 
-    copies = {"torch": lambda: dst.copy_(src, non_blocking=True)}
-    if not pin:
-        copies.update(torch_1_thread=one_thread_copy, memcpy=lambda: np.copyto(dst.numpy(), src.numpy()))
+    def memcpy(src: torch.Tensor) -> None:
+        np.copyto(dst.numpy(), src.numpy())
+
+    def timed(copy) -> float:
+        copy(sources[0])
+        _sync(rt.device)
+        t = time.perf_counter()
+        copy(sources[1])
+        _sync(rt.device)
+        return time.perf_counter() - t
+
+    copies = {"torch": torch_copy} if pin else {"memcpy": memcpy, "torch_1_thread": one_thread_copy}
     times: dict[str, list[float]] = {"swap": [], **{k: [] for k in copies}}
     report = None
     for _ in range(repeats):
@@ -117,46 +132,49 @@ def swap_cost(rt: Runtime, a: str, b: str, repeats: int) -> dict:
         report = rt.activate(b)
         times["swap"].append(report.seconds)
         for kind, copy in copies.items():
-            _sync(rt.device)
-            t = time.perf_counter()
-            copy()
-            _sync(rt.device)
-            times[kind].append(time.perf_counter() - t)
+            times[kind].append(timed(copy))
+    if not pin:
+        times["torch"] = [timed(torch_copy) for _ in range(repeats)]
     assert report.bytes_moved == nbytes
     medians = {k: statistics.median(v) for k, v in times.items()}
     swap = medians.pop("swap")
     bound = min(medians.values())
+    same = medians["torch" if pin else "memcpy"]  # the plain copy the swap itself issues
     return {"bytes": nbytes, "tensors_copied": report.tensors_copied, "tensors_skipped": report.tensors_skipped,
-            "swap_s": swap, "plain_copy_s": bound, "plain_copies_s": medians, "ratio": swap / bound if bound else float("inf")}
+            "swap_s": swap, "plain_copy_s": bound, "plain_copies_s": medians, "ratio": swap / bound,
+            "ratio_to_same_copy": swap / same}
 
 
 def generation_speed(rt: Runtime, paths: dict[str, Path], name: str, tokens: int, repeats: int) -> dict:
     """Greedy tokens/s of the runtime's model and of transformers' own model loaded from the
-    original checkpoint: the same `generate` call on both, alternated, same tokens checked."""
+    original checkpoint: the same `generate` call on both, alternated, same tokens checked.
+    Wall time, and the process's CPU time (less sensitive to other jobs on a shared machine)."""
     ref = transformers.MixtralForCausalLM.from_pretrained(paths[name], dtype=rt.dtype).to(rt.device).eval()
     ids = rt.tokenizer(name)(PROMPT)["input_ids"]
     x = torch.tensor([ids], device=rt.device)
     rt.activate(name)
     kw = dict(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
 
-    def timed(model) -> tuple[float, list[int]]:
+    def timed(model) -> tuple[float, float, list[int]]:
         _sync(rt.device)
-        t = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         out = model.generate(**kw)
         _sync(rt.device)
-        return tokens / (time.perf_counter() - t), out[0, len(ids):].tolist()
+        return time.perf_counter() - wall, time.process_time() - cpu, out[0, len(ids):].tolist()
 
     timed(rt.model), timed(ref)  # warm up both
-    ours, theirs = [], []
+    runs: dict[str, list[tuple[float, float]]] = {"runtime": [], "transformers": []}
     for _ in range(repeats):
-        (a, got), (b, want) = timed(rt.model), timed(ref)
+        (wall_a, cpu_a, got), (wall_b, cpu_b, want) = timed(rt.model), timed(ref)
         assert got == want, "runtime and transformers disagree"
-        ours.append(a)
-        theirs.append(b)
+        runs["runtime"].append((wall_a, cpu_a))
+        runs["transformers"].append((wall_b, cpu_b))
     del ref
-    ratios = [a / b for a, b in zip(ours, theirs)]
-    return {"runtime_tokens_per_s": statistics.median(ours), "transformers_tokens_per_s": statistics.median(theirs),
-            "ratio": statistics.median(ratios), "tokens": tokens}
+    wall = {k: statistics.median(w for w, _ in v) for k, v in runs.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in runs.items()}
+    return {"runtime_tokens_per_s": tokens / wall["runtime"], "transformers_tokens_per_s": tokens / wall["transformers"],
+            "ratio": wall["transformers"] / wall["runtime"], "cpu_ratio": cpu["transformers"] / cpu["runtime"],
+            "tokens": tokens}
 
 
 def interleaved(rt: Runtime, models: list[str], requests: int, max_wait: float, tokens: int) -> dict:
@@ -246,9 +264,11 @@ def _print_swap_and_speed(label: str, pair: str, result: dict) -> None:
     s, g = result["swap"], result["generation"]
     print(f"{label} swap {pair}: {s['bytes'] / 2**20:.2f} MiB, {s['tensors_copied']} tensors in one copy per dtype "
           f"({s['tensors_skipped']} shared, not copied): {s['swap_s'] * 1e3:.3f} ms; "
-          f"one plain copy of the same bytes {s['plain_copy_s'] * 1e3:.3f} ms (x{s['ratio']:.2f})")
+          f"the fastest plain copy of the same bytes {s['plain_copy_s'] * 1e3:.3f} ms (x{s['ratio']:.2f}; "
+          f"x{s['ratio_to_same_copy']:.2f} the same kind of copy; each kind: "
+          + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in s["plain_copies_s"].items()) + ")")
     print(f"{label} greedy {g['tokens']} tokens: runtime {g['runtime_tokens_per_s']:.2f} tok/s, "
-          f"transformers {g['transformers_tokens_per_s']:.2f} tok/s (x{g['ratio']:.3f}, median of per-run ratios)")
+          f"transformers {g['transformers_tokens_per_s']:.2f} tok/s (x{g['ratio']:.3f}; by CPU time x{g['cpu_ratio']:.3f})")
 
 
 if __name__ == "__main__":
