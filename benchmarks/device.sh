@@ -46,6 +46,6 @@ timeout 300 "$PY" benchmarks/serve.py --device "$DEVICE" --wide ${KEEP:+--keep "
   > "$OUT/serve-$DEVICE.json" 2> "$OUT/serve-$DEVICE.log" || status=$?
 tail -n 3 "$OUT/serve-$DEVICE.log"
 if [ -s "$OUT/serve-$DEVICE.json" ]; then
-  "$PY" -c 'import json, sys; r = json.load(open(sys.argv[1])); print(json.dumps({f"{size} {part}": {k: v for k, v in s[part].items() if k in ("bytes", "swap_s", "plain_copy_s", "ratio", "runtime_tokens_per_s", "transformers_tokens_per_s")} for size, s in (("tiny", r), ("wide", r["wide"])) for part in ("swap", "generation")}, indent=1))' "$OUT/serve-$DEVICE.json"
+  "$PY" -c 'import json, sys; r = json.load(open(sys.argv[1])); print(json.dumps({f"{size} {part}": {k: v for k, v in s[part].items() if k in ("bytes", "swap_s", "plain_copy_s", "ratio", "ratio_to_same_copy", "runtime_tokens_per_s", "transformers_tokens_per_s", "best_ratio")} for size, s in (("tiny", r), ("wide", r["wide"])) for part in ("swap", "generation")}, indent=1))' "$OUT/serve-$DEVICE.json"
 fi
 exit $status
