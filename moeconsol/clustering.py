@@ -2,7 +2,7 @@
 
 Every expert of one MoE layer is an *item*: flat index `model_index * E + expert_index`,
 the same numbering as `similarity.layer_similarity`. Clustering works on *groups*:
-bit-identical items (equal sha256) are collapsed first, because they may always share.
+bit-identical items (equal digests, `digest.py`) are collapsed first, because they may always share.
 Two groups that hold experts of the same model never join one cluster in the lossy modes:
 that model's router must still be able to tell its experts apart.
 

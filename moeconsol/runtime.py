@@ -20,16 +20,16 @@ from __future__ import annotations
 import copy
 import functools
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from .errors import MoeconsolError
+from .errors import ArtifactError, SettingsError, UnknownModelError
 from .layouts import Architecture, BankKind, architecture, join, split, supported
 
 # Config keys that may differ between variants without changing what the model computes.
@@ -52,7 +52,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     try:
         return _DTYPES[name.lower()]
     except KeyError:
-        raise MoeconsolError(f"unknown dtype {name!r}: use float32, bfloat16 or float16") from None
+        raise SettingsError(f"unknown dtype {name!r}: use float32, bfloat16 or float16") from None
 
 
 def parse_device(name: str) -> torch.device:
@@ -60,14 +60,14 @@ def parse_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise MoeconsolError(f"unknown device {name!r}: use cpu or cuda (cuda:N)") from None
+        raise SettingsError(f"unknown device {name!r}: use cpu or cuda (cuda:N)") from None
     if device.type not in ("cpu", "cuda"):
-        raise MoeconsolError(f"unsupported device {name!r}: use cpu or cuda")
+        raise SettingsError(f"unsupported device {name!r}: use cpu or cuda")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise MoeconsolError(f"--device {name}: no CUDA device is available on this machine; use --device cpu")
+            raise SettingsError(f"device {name}: no CUDA device is available on this machine; use cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise MoeconsolError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+            raise SettingsError(f"device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
     return device
 
 
@@ -168,7 +168,7 @@ def _record(name: str) -> Architecture:
     try:
         return architecture(name)
     except KeyError:
-        raise MoeconsolError(f"the runtime serves {supported()}, not {name!r}") from None
+        raise ArtifactError(f"the runtime serves {supported()}, not {name!r}") from None
 
 
 def _model_classes(name: str):
@@ -245,7 +245,7 @@ class Family:
         """Consolidate in-memory transformers models losslessly: bit-identical experts share
         one bank entry, bit-identical non-expert tensors share one key."""
         if not models:
-            raise MoeconsolError("no models given")
+            raise SettingsError("no models given")
         first = next(iter(models.values()))
         architecture = first.config.model_type
         record = _record(architecture)
@@ -300,7 +300,7 @@ class Family:
 def _stored_dtype(name: str | None) -> torch.dtype:
     table = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
     if name not in table:
-        raise MoeconsolError(f"artifact manifest has expert dtype {name!r}; the runtime serves F32, BF16 and F16")
+        raise ArtifactError(f"artifact manifest has expert dtype {name!r}; the runtime serves F32, BF16 and F16")
     return table[name]
 
 
@@ -343,45 +343,38 @@ class ResidentBytes:
         return {"bank": self.bank, "non_expert": self.non_expert, "total": self.total, "host": self.host}
 
 
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    """0 means greedy"""
-    top_p: float = 1.0
-    seed: int | None = None
-
-
-@dataclass
-class Completion:
-    model: str
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    finish_reason: str
-    """"stop" (end-of-sequence token) or "length" (max_new_tokens reached)"""
-    swap: SwapReport
-    time_to_first_token: float
-    """seconds from the request's start (swap included) to the first generated token"""
-    generation_seconds: float
-    """seconds from the start of generation (after the swap) to the last token"""
-    queued_seconds: float = 0.0
-    """seconds between `started` (arrival) and the call that served it"""
-
-    @property
-    def tokens_per_second(self) -> float:
-        return len(self.token_ids) / self.generation_seconds if self.generation_seconds > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        return {
-            "model": self.model, "text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
-            "finish_reason": self.finish_reason, "swap": self.swap.to_dict(),
-            "time_to_first_token": self.time_to_first_token, "generation_seconds": self.generation_seconds,
-            "tokens_per_second": self.tokens_per_second, "queued_seconds": self.queued_seconds,
-        }
+# Generation lives in engine.py; these names stay importable from here.
+from .engine import Completion, GenerationSettings, check_settings  # noqa: E402,F401
 
 
 # -- the runtime ------------------------------------------------------------------------------
+
+
+_ALIGN_BYTES = 64
+"""each resident tensor starts on a 64-byte boundary of its flat buffer"""
+
+
+@dataclass
+class _Flat:
+    """The resident non-expert tensors of one dtype: views into one flat device buffer. The
+    tensors whose stored key is not the same in every variant come first, in
+    `buffer[:swap_numel]`; a swap copies that region with one copy. The tensors every variant
+    shares follow; they are loaded once and never move."""
+
+    buffer: torch.Tensor
+    offsets: dict[str, int]
+    """target name -> element offset in `buffer`"""
+    swappable: list[str]
+    shared: list[str]
+    swap_numel: int
+
+    def __post_init__(self) -> None:
+        # what a swap overwrites, sliced once: a swap issues nothing but its copies
+        self.swap_region = self.buffer[: self.swap_numel]
+
+    def view(self, name: str, shape: torch.Size) -> torch.Tensor:
+        offset = self.offsets[name]
+        return self.buffer[offset : offset + shape.numel()].view(shape)
 
 
 class Runtime:
@@ -396,7 +389,7 @@ class Runtime:
         progress: Callable[[str, int, int], None] | None = None,
     ):
         if not family.variants:
-            raise MoeconsolError("the artifact holds no models")
+            raise ArtifactError("the artifact holds no models")
         self.family = family
         self.device = parse_device(str(device)) if not isinstance(device, torch.device) else device
         self.dtype = dtype or family.dtype
@@ -405,18 +398,17 @@ class Runtime:
         self.check_model(active)
         _check_configs(family)
         config_class, model_class = _model_classes(family.architecture)
-        self.model = _build_resident(family, config_class, model_class, active, self.device, self.dtype)
+        self.model = _build_skeleton(family, config_class, model_class, active, self.dtype)
         self._banks: dict[str, nn.Module] = {layer: self.model.get_submodule(f"{layer}.mlp.experts") for layer in family.layers}
+        self._allocate()
+        _finish_resident(self.model)
         self._targets = _swap_targets(self.model, self._banks)
-        self._keys = {name: _resolve_keys(self.model, self._targets, v) for name, v in family.variants.items()}
-        self._slot_maps = {name: _slot_map_tensors(family, v, self.device) for name, v in family.variants.items()}
+        self._slot_maps = _slot_map_tensors(family, self.device)
         self._host = self._load_host_tensors(progress)
-        self._check_shapes()
         self._load_bank(progress)
         self._tokenizers: dict[str, Any] = {}
         self.swaps: list[SwapReport] = []
         self.active = ""
-        self._active_keys: dict[str, str] = {}
         self._install(active)
 
     @classmethod
@@ -424,24 +416,60 @@ class Runtime:
         return cls(Family.from_artifact(path), device=device, dtype=dtype, active=active, progress=progress)
 
     # -- loading ----------------------------------------------------------------------------
-    def _load_host_tensors(self, progress) -> dict[str, torch.Tensor]:
-        keys = sorted({k for keys in self._keys.values() for k in keys.values()})
-        pin = self.device.type == "cuda"
-        host: dict[str, torch.Tensor] = {}
-        for i, key in enumerate(keys):
-            t = self.family.read(key)
-            t = t.to(self.dtype) if t.is_floating_point() else t
-            host[key] = t.pin_memory() if pin else t.contiguous()
-            if progress:
-                progress("non-expert tensors", i + 1, len(keys))
-        return host
+    def _allocate(self) -> None:
+        """Lay out the skeleton's non-expert tensors in one flat buffer per dtype (the ones
+        that differ between variants first), then give every meta tensor its storage on the
+        device: non-expert tensors become views into their flat buffer, the slot maps rows of
+        one [layers, experts] table, the bank and the rest fresh tensors. Nothing is
+        allocated twice."""
+        targets = _swap_targets(self.model, self._banks)
+        self._keys = {name: _resolve_keys(self.model, targets, v) for name, v in self.family.variants.items()}
+        self._flats = _plan_flats(targets, self._keys, self.device)
+        experts = len(next(iter(self._banks.values())).slot_map)
+        self._slot_table = torch.empty(len(self._banks), experts, dtype=torch.long, device=self.device)
+        views = {id(t): self._flats[t.dtype].view(name, t.shape) for name, t in targets.items()}
+        views.update({id(m.slot_map): self._slot_table[i] for i, m in enumerate(self._banks.values())})
+        _materialize(self.model, self.device, views)
 
-    def _check_shapes(self) -> None:
-        for name, keys in self._keys.items():
-            for pname, target in self._targets.items():
-                if self._host[keys[pname]].shape != target.shape:
-                    shape = list(self._host[keys[pname]].shape)
-                    raise MoeconsolError(f"model {name!r}: {pname} is {shape}, the model needs {list(target.shape)}")
+    @torch.no_grad()
+    def _load_host_tensors(self, progress) -> dict[str, dict[torch.dtype, torch.Tensor]]:
+        """Each variant's swappable tensors in one flat host buffer per dtype (pinned on CUDA),
+        laid out as the device buffer's swap region and filled tensor by tensor; variants whose
+        swappable tensors all have the same stored keys share one buffer. The tensors every
+        variant shares are read once, straight into the device buffer."""
+        pin = self.device.type == "cuda"
+        signatures = {  # (variant, dtype) -> what its host buffer holds
+            (name, dtype): (dtype, *(self._keys[name][t] for t in flat.swappable))
+            for dtype, flat in self._flats.items() for name in self.names
+        }
+        total = sum(len(self._flats[sig[0]].swappable) for sig in set(signatures.values()))
+        total += sum(len(f.shared) for f in self._flats.values())
+        done = 0
+
+        def fill(buffer: torch.Tensor, flat: _Flat, tensor_names: list[str], variant: str) -> None:
+            nonlocal done
+            for tname in tensor_names:
+                target = self._targets[tname]
+                stored = self.family.read(self._keys[variant][tname])
+                if stored.shape != target.shape:
+                    raise ArtifactError(f"model {variant!r}: {tname} is {list(stored.shape)}, the model needs {list(target.shape)}")
+                offset = flat.offsets[tname]
+                buffer[offset : offset + target.numel()].view(target.shape).copy_(stored)
+                done += 1
+                if progress:
+                    progress("non-expert tensors", done, total)
+
+        host: dict[str, dict[torch.dtype, torch.Tensor]] = {name: {} for name in self.names}
+        built: dict[tuple, torch.Tensor] = {}
+        for dtype, flat in self._flats.items():
+            for name in self.names:
+                signature = signatures[name, dtype]
+                if signature not in built:
+                    built[signature] = torch.zeros(flat.swap_numel, dtype=dtype, pin_memory=pin)
+                    fill(built[signature], flat, flat.swappable, name)
+                host[name][dtype] = built[signature]
+            fill(flat.buffer, flat, flat.shared, self.names[0])
+        return host
 
     @torch.no_grad()
     def _load_bank(self, progress) -> None:
@@ -456,61 +484,59 @@ class Runtime:
 
     @torch.no_grad()
     def _install(self, name: str) -> None:
-        """Copy every non-expert tensor of `name` (first activation: nothing is resident yet)."""
-        for pname, target in self._targets.items():
-            target.copy_(self._host[self._keys[name][pname]])
-        for layer, module in self._banks.items():
-            module.slot_map.copy_(self._slot_maps[name][layer])
+        """First activation: copy every swap region and the slot maps of `name`."""
+        for dtype, flat in self._flats.items():
+            flat.swap_region.copy_(self._host[name][dtype])
+        self._slot_table.copy_(self._slot_maps[name])
         self._set_generation_config(name)
-        self.active, self._active_keys = name, self._keys[name]
+        self.active = name
         self._sync()
 
     # -- swapping ---------------------------------------------------------------------------
     @torch.no_grad()
     def activate(self, name: str) -> SwapReport:
-        """Make `name` the served model: copy in place the non-expert tensors whose stored key
-        differs from the active model's, and the slot maps that differ. Free if already active."""
+        """Make `name` the served model: one copy per dtype of its swappable tensors into the
+        resident buffer's swap region (none when its host buffer is the active model's) and one
+        copy of the slot-map table if it differs. Free if already active."""
         self.check_model(name)
         previous = self.active
         if name == previous:
             return SwapReport(name, previous, 0.0, 0, 0, len(self._targets), 0)
         self._sync()
         start = time.perf_counter()
-        moved = copied = skipped = maps = 0
-        keys = self._keys[name]
-        with _single_threaded_copies(self.device):
-            for pname, target in self._targets.items():
-                if keys[pname] == self._active_keys[pname]:
-                    skipped += 1
-                    continue
-                source = self._host[keys[pname]]
-                target.copy_(source, non_blocking=True)
-                moved += source.numel() * source.element_size()
-                copied += 1
-            for layer, module in self._banks.items():
-                new, old = self._slot_maps[name][layer], self._slot_maps[previous][layer]
-                if not torch.equal(new, old):
-                    module.slot_map.copy_(new, non_blocking=True)
-                    moved += new.numel() * new.element_size()
-                    maps += 1
+        moved = copied = 0
+        for dtype, flat in self._flats.items():
+            source = self._host[name][dtype]
+            if source is not self._host[previous][dtype]:
+                _copy_into(flat.swap_region, source)
+                moved += _nbytes(source)
+                copied += len(flat.swappable)
+        maps = self._slot_maps[name]
+        if maps is not self._slot_maps[previous]:
+            _copy_into(self._slot_table, maps)
+            moved += _nbytes(maps)
         self._sync()
         seconds = time.perf_counter() - start
+        old, new = self.family.variants[previous].slot_maps, self.family.variants[name].slot_maps
+        changed = sum(old[layer] != new[layer] for layer in self.family.layers)
         self._set_generation_config(name)
-        self.active, self._active_keys = name, keys
-        report = SwapReport(name, previous, seconds, moved, copied, skipped, maps)
+        self.active = name
+        report = SwapReport(name, previous, seconds, moved, copied, len(self._targets) - copied, changed)
         self.swaps.append(report)
         return report
 
     def swap_bytes(self, a: str, b: str) -> int:
-        """Bytes a swap from `a` to `b` copies (non-expert tensors whose keys differ)."""
-        ka, kb = self._keys[a], self._keys[b]
-        return sum(self._host[kb[p]].numel() * self._host[kb[p]].element_size() for p in self._targets if ka[p] != kb[p])
+        """Bytes a swap from `a` to `b` copies (what `activate` reports as bytes_moved)."""
+        if a == b:
+            return 0
+        moved = sum(_nbytes(self._host[b][d]) for d in self._flats if self._host[b][d] is not self._host[a][d])
+        return moved + (_nbytes(self._slot_maps[b]) if self._slot_maps[b] is not self._slot_maps[a] else 0)
 
     # -- inspection -------------------------------------------------------------------------
     def resident_bytes(self) -> ResidentBytes:
         bank = sum(_nbytes(p) for m in self._banks.values() for p in m.parameters())
-        non_expert = sum(_nbytes(t) for t in self._targets.values())
-        host = sum(_nbytes(t) for t in self._host.values())
+        non_expert = sum(_nbytes(f.buffer) for f in self._flats.values())
+        host = sum(_nbytes(t) for t in {id(t): t for buffers in self._host.values() for t in buffers.values()}.values())
         return ResidentBytes(bank, non_expert, host)
 
     def bank_tensors(self) -> dict[str, torch.Tensor]:
@@ -533,9 +559,9 @@ class Runtime:
                 try:
                     self._tokenizers[name] = AutoTokenizer.from_pretrained(str(variant.model_dir))
                 except (OSError, ValueError) as e:
-                    raise MoeconsolError(f"model {name!r} has no usable tokenizer in {variant.model_dir}: {e}") from None
+                    raise ArtifactError(f"model {name!r} has no usable tokenizer in {variant.model_dir}: {e}") from None
             else:
-                raise MoeconsolError(f"model {name!r} has no tokenizer")
+                raise ArtifactError(f"model {name!r} has no tokenizer")
         return self._tokenizers[name]
 
     def max_context(self, name: str | None = None) -> int | None:
@@ -544,11 +570,12 @@ class Runtime:
         limit = config.get("max_position_embeddings")
         return int(limit) if limit else None
 
-    # -- generation -------------------------------------------------------------------------
+    # -- generation (engine.py) ------------------------------------------------------------
     def encode(self, name: str, prompt: str) -> list[int]:
-        return list(self.tokenizer(name)(prompt, add_special_tokens=True)["input_ids"])
+        from .engine import encode
 
-    @torch.no_grad()
+        return encode(self, name, prompt)
+
     def complete(
         self,
         name: str,
@@ -557,100 +584,26 @@ class Runtime:
         on_text: Callable[[str], None] | None = None,
         started: float | None = None,
     ) -> Completion:
-        """Activate `name` and generate with transformers' `generate` (greedy when
-        temperature is 0). `on_text` receives each new piece of text as it is decoded;
-        `started` (a time.perf_counter() value) is when the request arrived."""
-        settings = settings or GenerationSettings()
-        check_settings(settings)
-        called = time.perf_counter()
-        started = called if started is None else started
-        swap = self.activate(name)
-        tok = self.tokenizer(name)
-        ids = self.encode(name, prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise MoeconsolError("the prompt is empty")
-        config = copy.deepcopy(self.model.generation_config)
-        config.max_new_tokens, config.max_length = settings.max_new_tokens, None
-        config.do_sample = settings.temperature > 0
-        if config.do_sample:
-            config.temperature, config.top_p = settings.temperature, settings.top_p
-        else:
-            config.temperature = config.top_p = config.top_k = None
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
-        streamer = _Streamer(tok, on_text)
-        input_ids = torch.tensor([ids], device=self.device)
-        gen_start = time.perf_counter()
-        out = self.model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-            generation_config=config,
-        )
-        end = time.perf_counter()
-        new = out[0, 1:] if self.model.config.is_encoder_decoder else out[0, len(ids):]
-        token_ids = new.tolist()
-        eos = _eos_ids(self.model.generation_config)
-        finish = "stop" if token_ids and token_ids[-1] in eos else "length"
-        first = streamer.first_token_at or end
-        return Completion(
-            model=name, text=tok.decode(token_ids, skip_special_tokens=True), token_ids=token_ids, prompt_tokens=len(ids),
-            finish_reason=finish, swap=swap, time_to_first_token=first - started, generation_seconds=end - gen_start,
-            queued_seconds=called - started,
-        )
+        """Activate `name` and generate one completion alone (engine.complete: greedy when
+        temperature is 0). `on_text` receives each new piece of text; `started` (a
+        time.perf_counter() value) is when the request arrived."""
+        from .engine import complete
+
+        return complete(self, name, prompt, settings, on_text, started)
 
     # -- helpers ----------------------------------------------------------------------------
     def check_model(self, name: str) -> None:
         if name not in self.family.variants:
-            raise MoeconsolError(f"unknown model {name!r}: this artifact serves {', '.join(self.names)}")
+            raise UnknownModelError(f"unknown model {name!r}: this artifact serves {', '.join(self.names)}")
 
     def _set_generation_config(self, name: str) -> None:
-        variant = self.family.variants[name]
-        if variant.generation_config is None:
-            from transformers import GenerationConfig
+        from .engine import generation_config
 
-            path = variant.model_dir
-            if path is not None and (path / "generation_config.json").is_file():
-                variant.generation_config = GenerationConfig.from_pretrained(str(path))
-            else:
-                variant.generation_config = GenerationConfig.from_model_config(self.model.config)
-        self.model.generation_config = variant.generation_config
+        self.model.generation_config = generation_config(self, name)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-class _Streamer:
-    """A transformers streamer that times the first generated token and, if asked, hands
-    out the new text piece by piece (holding back an incomplete multi-byte character)."""
-
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
-        self.tokenizer, self.on_text = tokenizer, on_text
-        self.first_token_at: float | None = None
-        self._prompt_seen = False
-        self._ids: list[int] = []
-        self._sent = ""
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() first hands over the prompt (or decoder start)
-            self._prompt_seen = True
-            return
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        if self.on_text is not None:
-            self._ids.extend(value.reshape(-1).tolist())
-            self._emit(final=False)
-
-    def end(self) -> None:
-        if self.on_text is not None:
-            self._emit(final=True)
-
-    def _emit(self, final: bool) -> None:
-        text = self.tokenizer.decode(self._ids, skip_special_tokens=True)
-        if not final and text.endswith("\ufffd"):
-            return
-        if text.startswith(self._sent) and len(text) > len(self._sent):
-            self.on_text(text[len(self._sent):])
-            self._sent = text
 
 
 # -- construction helpers ---------------------------------------------------------------------
@@ -665,26 +618,16 @@ def _check_configs(family: Family) -> None:
             if key in _IGNORED_CONFIG_KEYS:
                 continue
             if ref.get(key) != cfg.get(key):
-                raise MoeconsolError(
+                raise ArtifactError(
                     f"models {names[0]!r} and {name!r} differ in config key {key!r} "
                     f"({ref.get(key)!r} vs {cfg.get(key)!r}): one runtime serves variants of one configuration"
                 )
 
 
-def check_settings(s: GenerationSettings) -> None:
-    if s.max_new_tokens < 1:
-        raise MoeconsolError(f"max_new_tokens must be at least 1, got {s.max_new_tokens}")
-    if s.temperature < 0:
-        raise MoeconsolError(f"temperature must be >= 0, got {s.temperature}")
-    if not 0 < s.top_p <= 1:
-        raise MoeconsolError(f"top_p must be in (0, 1], got {s.top_p}")
-
-
-def _build_resident(family: Family, config_class, model_class, active: str, device, dtype) -> nn.Module:
-    """The transformers model on `device`: its skeleton is built on the meta device (the
-    original experts are never allocated), each MoE block's experts replaced by a bank module,
-    then materialized; tied weights are re-tied and non-persistent buffers (rotary inv_freq)
-    computed by transformers' own initializer, as from_pretrained does."""
+def _build_skeleton(family: Family, config_class, model_class, active: str, dtype) -> nn.Module:
+    """The transformers model on the meta device (nothing allocated), in `dtype`, from the
+    active variant's config, each MoE block's experts replaced by a bank module (the class
+    for its architecture and experts class, `bank_class`)."""
     config = config_class.from_dict(family.variants[active].config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -695,32 +638,59 @@ def _build_resident(family: Family, config_class, model_class, active: str, devi
                 try:
                     block = model.get_submodule(f"{layer}.mlp")
                 except AttributeError:
-                    raise MoeconsolError(f"MoE layer {layer} does not exist in a {model_class.__name__}") from None
+                    raise ArtifactError(f"MoE layer {layer} does not exist in a {model_class.__name__}") from None
                 bank = bank_class(family.architecture, type(block.experts))(config, family.bank_sizes[layer])
                 block.experts = bank
                 _check_slot_maps(family, layer, len(bank.slot_map))
     finally:
         torch.set_default_dtype(previous)
-    model.to_empty(device=device)
+    return model
+
+
+def _materialize(model: nn.Module, device: torch.device, views: dict[int, torch.Tensor]) -> None:
+    """Give every meta parameter and buffer storage on `device`, as `to_empty` does, except
+    that the tensors named in `views` (id of the meta tensor -> a view into a flat buffer)
+    become those views. A parameter several modules share (tied weights) stays one Parameter."""
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (meta tensor kept alive, new tensor)
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, t in table.items():
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in made:
+                    data = views.get(id(t))
+                    data = torch.empty_like(t, device=device) if data is None else data
+                    made[id(t)] = (t, nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data)
+                table[key] = made[id(t)][1]
+
+
+def _finish_resident(model: nn.Module) -> None:
+    """As from_pretrained does: re-tie tied weights, compute non-persistent buffers (rotary
+    inv_freq) with transformers' own initializer, and leave requires_grad as it is (True, as
+    from_pretrained does; generation runs under no_grad). Not a detail: for a weight that does
+    not require grad, torch's matmul runs a 3-D input such as the prefill's last token through
+    the LM head as expand + bmm, copying the whole weight (65 MB at vocab 32000 and hidden
+    1024, 0.36 s on one core, once per request)."""
     model.tie_weights()
     with torch.no_grad():
         for module in model.modules():
             if module._non_persistent_buffers_set and not isinstance(module, BankExperts):
                 model._init_weights(module)
-    return model.eval().requires_grad_(False)
+    model.eval()
 
 
 def _check_slot_maps(family: Family, layer: str, experts_per_layer: int) -> None:
     for name, variant in family.variants.items():
         slots = variant.slot_maps.get(layer)
         if slots is None or len(slots) != experts_per_layer:
-            raise MoeconsolError(f"model {name!r}: layer {layer} needs a slot map of {experts_per_layer} entries")
+            raise ArtifactError(f"model {name!r}: layer {layer} needs a slot map of {experts_per_layer} entries")
         if not all(0 <= s < family.bank_sizes[layer] for s in slots):
-            raise MoeconsolError(f"model {name!r}: layer {layer} slot map points outside its bank of {family.bank_sizes[layer]}")
+            raise ArtifactError(f"model {name!r}: layer {layer} slot map points outside its bank of {family.bank_sizes[layer]}")
 
 
 def _swap_targets(model: nn.Module, banks: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers outside the bank, each tensor once."""
+    """Parameters and persistent buffers outside the bank, each tensor once (the first of its
+    tied names)."""
     bank_ids = {id(t) for m in banks.values() for t in [*m.parameters(), *m.buffers()]}
     targets: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -728,7 +698,7 @@ def _swap_targets(model: nn.Module, banks: dict[str, nn.Module]) -> dict[str, to
         if id(tensor) in bank_ids or id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        targets[name] = tensor.data if isinstance(tensor, nn.Parameter) else tensor
+        targets[name] = tensor
     return targets
 
 
@@ -736,56 +706,70 @@ def _resolve_keys(model: nn.Module, targets: dict[str, torch.Tensor], variant: V
     """Target name -> the variant's stored key, looking through tied aliases (lm_head/embeddings)."""
     aliases: dict[int, list[str]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        aliases.setdefault(id(tensor.data if isinstance(tensor, nn.Parameter) else tensor), []).append(name)
+        aliases.setdefault(id(tensor), []).append(name)
     by_target = {}
     known = set()
     for name, target in targets.items():
-        names = aliases.get(id(target), [name])
-        if name not in names:
-            names = [name, *names]
+        names = aliases[id(target)]
         known.update(names)
         key = next((variant.tensors[n] for n in names if n in variant.tensors), None)
         if key is None:
-            raise MoeconsolError(f"model {variant.name!r} lacks tensor {name}: the artifact is incomplete; re-run merge")
+            raise ArtifactError(f"model {variant.name!r} lacks tensor {name}: the artifact is incomplete; re-run merge")
         by_target[name] = key
-    state = set(model.state_dict())
-    unknown = sorted(n for n in variant.tensors if n not in known and n not in state)
+    unknown = sorted(n for n in variant.tensors if n not in known and n not in aliases)
     if unknown:
-        raise MoeconsolError(f"model {variant.name!r} has tensors the model does not: {', '.join(unknown[:3])}")
+        raise ArtifactError(f"model {variant.name!r} has tensors the model does not: {', '.join(unknown[:3])}")
     return by_target
 
 
-def _slot_map_tensors(family: Family, variant: Variant, device) -> dict[str, torch.Tensor]:
+def _plan_flats(targets: dict[str, torch.Tensor], keys: dict[str, dict[str, str]], device: torch.device) -> dict[torch.dtype, _Flat]:
+    """One flat device buffer per dtype: first the tensors whose stored key differs between
+    some variants (the swap region), then those every variant shares."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, t in targets.items():
+        by_dtype.setdefault(t.dtype, []).append(name)
+    flats = {}
+    for dtype, names in by_dtype.items():
+        differs = {n: len({k[n] for k in keys.values()}) > 1 for n in names}
+        swappable = [n for n in names if differs[n]]
+        shared = [n for n in names if not differs[n]]
+        align = max(1, _ALIGN_BYTES // targets[names[0]].element_size())
+        offsets: dict[str, int] = {}
+        end = 0
+        for name in swappable + shared:
+            offsets[name] = end
+            end += -(-targets[name].numel() // align) * align
+        swap_numel = offsets[shared[0]] if shared else end
+        flats[dtype] = _Flat(torch.zeros(end, dtype=dtype, device=device), offsets, swappable, shared, swap_numel)
+    return flats
+
+
+def _slot_map_tensors(family: Family, device: torch.device) -> dict[str, torch.Tensor]:
+    """Each variant's slot maps as one [layers, experts] table (pinned on CUDA); variants whose
+    maps are all equal share one table."""
     pin = device.type == "cuda"
-    maps = {}
-    for layer in family.layers:
-        t = torch.tensor(variant.slot_maps[layer], dtype=torch.long)
-        maps[layer] = t.pin_memory() if pin else t
-    return maps
+    tables: dict[str, torch.Tensor] = {}
+    built: dict[tuple, torch.Tensor] = {}
+    for name, variant in family.variants.items():
+        rows = tuple(tuple(variant.slot_maps[layer]) for layer in family.layers)
+        if rows not in built:
+            table = torch.tensor(rows, dtype=torch.long)
+            built[rows] = table.pin_memory() if pin else table
+        tables[name] = built[rows]
+    return tables
 
 
-@contextmanager
-def _single_threaded_copies(device: torch.device) -> Iterator[None]:
-    """On CPU, run the swap's copies on one thread. They are memory-bound and many are small;
-    waking torch's intra-op thread pool for each costs more than it saves, and on a busy
-    machine far more (measured: 30 copies of 3.7 MB took 60-110 ms with 2 threads under
-    load, 0.2 ms with one)."""
-    if device.type != "cpu":
-        yield
+def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
+    """One copy of a contiguous host buffer into a same-sized resident one: asynchronous from
+    pinned memory on CUDA; on CPU one memcpy (numpy's copy of the bytes) on the calling thread.
+    torch's own CPU copy splits a large copy over its intra-op thread pool, and on a busy
+    machine waiting for those threads costs far more than the copy (measured: 3.7 MB took
+    7-23 ms through the pool under load, 0.3-1.2 ms as one memcpy; 155 MB 42-47 ms through the
+    pool, 22-28 ms as one memcpy)."""
+    if target.device.type == "cuda":
+        target.copy_(source, non_blocking=True)
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _eos_ids(generation_config) -> set[int]:
-    eos = generation_config.eos_token_id
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+    np.copyto(target.view(torch.uint8).numpy(), source.view(torch.uint8).numpy())
 
 
 def _nbytes(t: torch.Tensor) -> int:

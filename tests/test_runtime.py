@@ -6,17 +6,21 @@ from_pretrained: an independent path from the artifact, the bank and the slot ma
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
+from collections import Counter
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeconsol.checkpoint import open_checkpoints
 from moeconsol.errors import MoeconsolError
+from moeconsol import runtime
 from moeconsol.merge import merge
 from moeconsol.runtime import Family, GenerationSettings, Runtime, parse_device, parse_dtype
 from moeconsol.layouts import architecture
@@ -119,20 +123,155 @@ def test_swap_reports_bytes_actually_moved_and_same_model_is_free(family):
     rt.activate("base")
     again = rt.activate("base")
     assert (again.seconds, again.bytes_moved, again.tensors_copied) == (0.0, 0, 0)
-    # 'same' shares every non-expert tensor with base: only a slot map moves
+    table = len(rt.family.layers) * len(rt.slot_map(rt.family.layers[0])) * 8  # every layer's slot map, int64
+    # 'same' shares every non-expert tensor with base: only the slot-map table moves (one layer differs)
+    assert rt.swap_bytes("base", "same") == table
     report = rt.activate("same")
     assert report.tensors_copied == 0 and report.slot_maps_changed == 1
-    assert report.bytes_moved == rt.family.variants["same"].slot_maps[rt.family.layers[1]].__len__() * 8
+    assert report.bytes_moved == table
     # base -> ft: every non-expert tensor differs; bytes = their sizes, counted from the reference
     rt.activate("base")
+    assert rt.swap_bytes("base", "ft") == rt.swap_bytes("ft", "base")
     report = rt.activate("ft")
     seen, want = set(), 0
     for name, p in refs["ft"].named_parameters():
         if "experts" not in name and p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             want += p.numel() * p.element_size()
-    assert report.bytes_moved == want + 2 * len(rt.slot_map(rt.family.layers[0])) * 8
+    assert report.bytes_moved == want + table == rt.swap_bytes("base", "ft")
+    assert report.slot_maps_changed == 2
     assert report.seconds > 0 and rt.swaps[-1] == report
+
+
+class _CountOps(TorchDispatchMode):
+    """Records every aten operation run while active (copies included, whatever calls them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def test_resident_non_expert_tensors_are_views_into_one_flat_buffer_per_dtype(family):
+    arch, paths, refs, rt = family
+    flats = {dtype: _storage(f.buffer) for dtype, f in rt._flats.items()}
+    assert len(flats) == 1  # float32 only
+    bank = {id(t) for t in rt.bank_tensors().values()}
+    outside = [(n, t) for n, t in [*rt.model.named_parameters(remove_duplicate=False), *rt.model.named_buffers()]
+               if id(t) not in bank and not n.endswith(("slot_map", "inv_freq"))]
+    assert len(outside) > len(rt._targets) - 1
+    for name, t in outside:
+        assert _storage(t) == flats[t.dtype], f"{name} is not a view into the flat buffer"
+    # the swap region holds exactly the tensors whose stored key differs between variants
+    flat = next(iter(rt._flats.values()))
+    start = flat.buffer.data_ptr()
+    for name, t in rt._targets.items():
+        inside = (t.data_ptr() - start) // t.element_size() < flat.swap_numel
+        assert inside == (len({rt._keys[v][name] for v in rt.names}) > 1), name
+    # the slot maps are rows of one table
+    assert len({_storage(m.slot_map) for m in rt._banks.values()}) == 1
+    if arch == "switch":  # tied embeddings: one Parameter, as in transformers' own model
+        m = rt.model
+        assert m.lm_head.weight is m.shared.weight is m.encoder.embed_tokens.weight is m.decoder.embed_tokens.weight
+    for name in ("ft", "base"):  # and the views see every swap
+        rt.activate(name)
+        for pname, t in refs[name].state_dict().items():
+            if "experts" not in pname:
+                assert torch.equal(rt.model.get_parameter(pname), t), pname
+
+
+def test_a_swap_is_one_copy_per_dtype_plus_the_slot_maps(family, monkeypatch):
+    arch, paths, refs, rt = family
+    copies: list[tuple[int, int]] = []
+    copy_into = runtime._copy_into
+    monkeypatch.setattr(runtime, "_copy_into", lambda dst, src: (copies.append((dst.data_ptr(), dst.numel())), copy_into(dst, src)))
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    (flat,) = rt._flats.values()
+    region, table = (flat.buffer.data_ptr(), flat.swap_numel), (rt._slot_table.data_ptr(), rt._slot_table.numel())
+    rt.activate("base")
+    # base and same share their non-expert tensors (one host buffer) but not their slot maps
+    for name, want in (("ft", [region, table]), ("same", [region, table]), ("base", [table]), ("same", [table]), ("same", []), ("ft", [region, table])):
+        copies.clear()
+        with _CountOps() as counted:
+            report = rt.activate(name)
+        assert copies == want, name
+        assert set(counted.ops) <= {"aten.view", "aten.detach"}, counted.ops  # besides the copies: byte views, no kernel
+        assert report.tensors_copied == (len(rt._targets) if region in want else 0)  # base/ft: every tensor differs
+    assert threads == []  # no process-wide thread setting touched
+    assert flat.swap_numel == flat.buffer.numel()
+
+
+@pytest.mark.parametrize("family", ["mixtral"], indirect=True)
+@torch.no_grad()
+def test_forward_runs_transformers_own_operations_plus_one_slot_map_gather_per_layer(family):
+    """The bank module adds nothing to transformers' model but mapping the router's choice
+    through the slot map. This pins, for one, the resident parameters' requires_grad to
+    from_pretrained's: with a weight that does not require grad, torch's matmul runs the
+    prefill's last-token LM head as an expand + bmm that copies the whole weight."""
+    arch, paths, refs, rt = family
+    rt.activate("ft")
+    inputs = _inputs(arch, rt.tokenizer("ft"))
+    with _CountOps() as ours:
+        rt.model(**inputs, logits_to_keep=1)
+    with _CountOps() as theirs:
+        refs["ft"](**inputs, logits_to_keep=1)
+    extra, missing = Counter(ours.ops) - Counter(theirs.ops), Counter(theirs.ops) - Counter(ours.ops)
+    assert (dict(extra), dict(missing)) == ({"aten.index": len(rt.family.layers)}, {})
+
+
+def test_tensors_every_variant_shares_stay_out_of_the_swap():
+    base = tiny_mixtral(5)
+    ft = derive_variant(base, 6, changed_experts=[(1, 1)], change_non_experts=False)
+    with torch.no_grad():
+        ft.lm_head.weight.add_(0.5)
+        ft.model.layers[1].self_attn.q_proj.weight.mul_(2.0)
+    calls: dict[str, tuple[int, int]] = {}
+    rt = Runtime(Family.from_models({"base": base, "ft": ft}), progress=lambda stage, done, total: calls.update({stage: (done, total)}))
+    shared = len(rt._targets) - 2
+    assert calls["non-expert tensors"] == (2 * 2 + shared,) * 2  # each variant's 2 differing tensors, the others once
+    (flat,) = rt._flats.values()
+    assert flat.swappable == ["model.layers.1.self_attn.q_proj.weight", "lm_head.weight"]
+    changed = ft.lm_head.weight.numel() + ft.model.layers[1].self_attn.q_proj.weight.numel()
+    assert flat.swap_numel == changed
+    report = rt.activate("ft")
+    assert report.tensors_copied == 2 and report.tensors_skipped == len(rt._targets) - 2
+    assert report.bytes_moved == changed * 4 + 2 * 4 * 8  # the two tensors + the slot-map table
+    assert rt.resident_bytes().host == 2 * changed * 4  # only the swap regions wait in host memory
+    ids = torch.tensor([[5, 9, 40, 7, 3]])
+    with torch.no_grad():
+        for name, m in (("ft", ft), ("base", base), ("ft", ft)):
+            rt.activate(name)
+            assert torch.equal(rt.model(input_ids=ids).logits, m(input_ids=ids).logits)
+
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@torch.no_grad()
+def test_on_device_logits_equal_transformers_and_swaps_stay_in_place(family, device):
+    """The same checks on every device this machine has (benchmarks/device.sh runs it on CUDA):
+    host buffers pinned on CUDA, the bank and the flat buffers never re-allocated, logits equal
+    to transformers' model from the original checkpoint after every swap."""
+    arch, paths, refs, _ = family
+    rt = Runtime.from_artifact(paths["out"], device=device)
+    host = [t for buffers in rt._host.values() for t in buffers.values()] + list(rt._slot_maps.values())
+    assert all(t.is_pinned() == (device == "cuda") for t in host)
+    where = {n: t.data_ptr() for n, t in [*rt.bank_tensors().items(), *rt._targets.items()]}
+    inputs = {k: v.to(device) for k, v in _inputs(arch, rt.tokenizer("base")).items()}
+    for name in ("ft", "same", "base", "ft"):
+        rt.activate(name)
+        ref = copy.deepcopy(refs[name]).to(device)
+        torch.testing.assert_close(rt.model(**inputs).logits, ref(**inputs).logits, rtol=1e-5, atol=1e-5)
+        assert {n: t.data_ptr() for n, t in [*rt.bank_tensors().items(), *rt._targets.items()]} == where
 
 
 def test_resident_bytes(family):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,9 +11,10 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from ..engine import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TOKENS_IN_FLIGHT, GenerationSettings, check_settings
 from ..errors import MoeconsolError
-from ..runtime import GenerationSettings, Runtime, check_settings, parse_device, parse_dtype
-from ..server import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_WAIT, serve
+from ..runtime import Runtime, parse_device, parse_dtype
+from ..server import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_WAIT, bind, serve
 from . import app
 from .progress import stage_progress
 
@@ -38,6 +40,8 @@ def serve_local(
     host: Annotated[str, typer.Option(help="Address the server listens on.")] = "127.0.0.1",
     max_wait: Annotated[float, typer.Option(help="Seconds a request may wait before it is served ahead of the active model's.")] = DEFAULT_MAX_WAIT,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt the server accepts, in tokens.")] = DEFAULT_MAX_PROMPT_TOKENS,
+    max_batch_size: Annotated[int, typer.Option(help="Most requests of one model decoded together.")] = DEFAULT_MAX_BATCH_SIZE,
+    max_tokens_in_flight: Annotated[int, typer.Option(help="Bound on prompt + max_tokens of all admitted requests.")] = DEFAULT_MAX_TOKENS_IN_FLIGHT,
     device: Annotated[str, typer.Option(help="cpu or cuda (cuda:N).")] = "cpu",
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (default: the checkpoints' own).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One-shot: print the results as JSON.")] = False,
@@ -47,14 +51,16 @@ def serve_local(
         raise MoeconsolError("give either --prompt (one-shot) or --port (HTTP server)")
     if port is not None and not 0 < port < 65536:
         raise MoeconsolError(f"--port must be in 1..65535, got {port}")
-    if max_wait < 0:
-        raise MoeconsolError(f"--max-wait must be >= 0 seconds, got {max_wait}")
-    if max_prompt_tokens < 1:
-        raise MoeconsolError(f"--max-prompt-tokens must be at least 1, got {max_prompt_tokens}")
+    if not (max_wait >= 0 and math.isfinite(max_wait)):
+        raise MoeconsolError(f"--max-wait must be a finite number of seconds >= 0, got {max_wait}")
+    for option, value in (("--max-prompt-tokens", max_prompt_tokens), ("--max-batch-size", max_batch_size),
+                          ("--max-tokens-in-flight", max_tokens_in_flight)):
+        if value < 1:
+            raise MoeconsolError(f"{option} must be at least 1, got {value}")
     settings = GenerationSettings(max_new_tokens, temperature, top_p, seed)
-    if prompt is not None:
-        check_settings(settings)
+    check_settings(settings)
     torch_device, torch_dtype = parse_device(device), parse_dtype(dtype)
+    sock = bind(host, port) if port is not None else None  # a port in use fails now, in one line
 
     err = Console(stderr=True)
     first = model[0] if model else None
@@ -70,8 +76,13 @@ def serve_local(
     )
 
     if port is not None:
-        err.print(f"serving on http://{host}:{port}/v1 (max wait {max_wait} s)")
-        serve(runtime, host=host, port=port, max_wait=max_wait, max_prompt_tokens=max_prompt_tokens)
+        err.print(f"serving on http://{host}:{port}/v1 (max wait {max_wait} s, max batch size {max_batch_size})")
+        try:
+            serve(runtime, host=host, port=port, max_wait=max_wait, max_prompt_tokens=max_prompt_tokens,
+                  max_batch_size=max_batch_size, max_tokens_in_flight=max_tokens_in_flight, sock=sock)
+        except KeyboardInterrupt:
+            print(f"moeconsol: interrupted: the server on {host}:{port} stopped", file=sys.stderr)
+            raise typer.Exit(130) from None
         return
 
     results = []

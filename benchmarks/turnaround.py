@@ -1,0 +1,368 @@
+"""The paper's experiment on CPU: turnaround of a multi-model request trace, four ways of serving.
+
+A trace of requests over N variants (Poisson arrivals; uniform or skewed popularity; a few
+request rates up to saturation; 25 new tokens, greedy, streamed, as in the reference system's
+measurements) is replayed in real time against four systems, each an OpenAI-compatible HTTP
+server on loopback with the same engine (continuous batching, the same scheduler and
+`--max-wait`), so that only the way the variants are held differs:
+
+1. **moeconsol**: `moeconsol serve-local ARTIFACT --port` on one lossless artifact: the bank
+   resident once, a partial reconfiguration (one copy per dtype) when the variant changes.
+2. **whole-model switching**: one variant resident; when another is requested, its whole
+   checkpoint is loaded from disk (`from_pretrained`), as a server without moeconsol does.
+3. **static partition**: each variant in its own server process pinned to an equal share of
+   the cores (the CPU stand-in for the paper's MIG instances).
+4. **all resident**: every variant its own transformers model in one process (N times the
+   memory, no swap cost): the speed bound.
+
+For each system, popularity and rate it reports mean and p95 turnaround (arrival to last
+token), mean time to first token, generated tokens per second and the bytes the system keeps
+resident (from each server's /metrics), as a table and a plot, and writes JSON.
+
+    python benchmarks/turnaround.py [--variants 4] [--requests 24] [--rates 2,4,8] [--json OUT] [--plot OUT.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import torch
+
+PROMPTS = [
+    "Once upon a time there was a model",
+    "The experts of a mixture agree on",
+    "def add(a, b):",
+    "A shared bank of experts serves",
+    "In the morning the server",
+    "Several fine-tunes of one base",
+]
+SIZE = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256)
+NEW_TOKENS = 25
+SKEWED = (0.55, 0.25, 0.12, 0.08)
+SYSTEMS = ("moeconsol", "whole-model switching", "static partition", "all resident")
+
+
+# -- the family -----------------------------------------------------------------------------------
+
+
+def build_family(root: Path, n: int) -> tuple[dict[str, Path], Path]:
+    """N tiny Mixtral variants (a base and fine-tunes that changed some experts and every
+    non-expert tensor) saved with transformers, and their lossless artifact."""
+    from moeconsol.checkpoint import open_checkpoints
+    from moeconsol.merge import merge
+    from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    base = tiny_mixtral(0, **SIZE)
+    paths = {"v0": save_model(base, root / "v0", tok)}
+    for k in range(1, n):
+        changed = [(layer, e) for layer in range(SIZE["num_hidden_layers"]) for e in range(k % 8, 8, 3)]
+        paths[f"v{k}"] = save_model(derive_variant(base, k, changed_experts=changed), root / f"v{k}", tok)
+    merge(open_checkpoints([f"{name}={p}" for name, p in paths.items()]), root / "artifact")
+    return paths, root / "artifact"
+
+
+# -- plain transformers models behind the engine's runtime interface -------------------------------
+
+
+class PlainModels:
+    """What the engine and server use of a `Runtime`, over plain transformers models loaded
+    with `from_pretrained` from the original checkpoints. `resident=True` keeps every variant
+    (N times the memory, activation free); `resident=False` holds one and loads the requested
+    variant's whole checkpoint when it changes (whole-model switching)."""
+
+    def __init__(self, paths: dict[str, Path], resident: bool):
+        from transformers import AutoTokenizer
+
+        self.paths, self.names, self.resident = paths, list(paths), resident
+        self.device = torch.device("cpu")
+        self.family = SimpleNamespace(variants={n: SimpleNamespace(generation_config=None, model_dir=p) for n, p in paths.items()})
+        self._tokenizers = {n: AutoTokenizer.from_pretrained(str(p)) for n, p in paths.items()}
+        self._models = {n: self._load(n) for n in (self.names if resident else self.names[:1])}
+        self.active = self.names[0]
+
+    def _load(self, name: str):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(self.paths[name])).eval()
+
+    @property
+    def model(self):
+        return self._models[self.active]
+
+    def activate(self, name: str):
+        from moeconsol.runtime import SwapReport
+
+        if name == self.active:
+            return SwapReport(name, name, 0.0, 0, 0, 0, 0)
+        start = time.perf_counter()
+        moved = 0
+        if not self.resident:
+            self._models = {name: self._load(name)}  # the old model is dropped: one resident
+            moved = sum(f.stat().st_size for f in self.paths[name].glob("*.safetensors"))
+        previous, self.active = self.active, name
+        return SwapReport(name, previous, time.perf_counter() - start, moved, 0, 0, 0)
+
+    def check_model(self, name: str) -> None:
+        if name not in self.paths:
+            from moeconsol.errors import UnknownModelError
+
+            raise UnknownModelError(f"unknown model {name!r}")
+
+    def tokenizer(self, name: str | None = None):
+        return self._tokenizers[name or self.active]
+
+    def encode(self, name: str, prompt: str) -> list[int]:
+        return list(self.tokenizer(name)(prompt, add_special_tokens=True)["input_ids"])
+
+    def max_context(self, name: str | None = None) -> int | None:
+        return int(self.model.config.max_position_embeddings)
+
+    def resident_bytes(self):
+        from moeconsol.runtime import ResidentBytes
+
+        held = sum(p.numel() * p.element_size() for m in self._models.values() for p in m.parameters())
+        return ResidentBytes(0, held, 0)
+
+
+def serve_plain(args: argparse.Namespace) -> None:
+    """Child process: one server over PlainModels (whole-model switching or resident)."""
+    from moeconsol.server import serve
+
+    if args.cores:
+        cores = [int(c) for c in args.cores.split(",")]
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(len(cores))
+    paths = dict(item.split("=", 1) for item in args.models)
+    runtime = PlainModels({n: Path(p) for n, p in paths.items()}, resident=args.serve == "resident")
+    serve(runtime, port=args.port, max_wait=args.max_wait, log_level="warning")
+
+
+# -- the servers ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class System:
+    name: str
+    route: dict[str, int]
+    """variant -> port of the server that serves it"""
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+
+def start(name: str, paths: dict[str, Path], artifact: Path, max_wait: float) -> System:
+    me = [sys.executable, str(Path(__file__).resolve())]
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    models = [f"{n}={p}" for n, p in paths.items()]
+    if name == "moeconsol":
+        port = free_port()
+        cmd = [sys.executable, "-m", "moeconsol", "serve-local", str(artifact), "--port", str(port), "--max-wait", str(max_wait)]
+        return System(name, {n: port for n in paths}, [subprocess.Popen(cmd, **quiet)])
+    if name in ("whole-model switching", "all resident"):
+        port = free_port()
+        kind = "switching" if name.startswith("whole") else "resident"
+        cmd = [*me, "--serve", kind, "--port", str(port), "--max-wait", str(max_wait), *models]
+        return System(name, {n: port for n in paths}, [subprocess.Popen(cmd, **quiet)])
+    cores = sorted(os.sched_getaffinity(0))
+    system = System(name, {})
+    for k, (n, p) in enumerate(paths.items()):  # equal shares: variant k on core k mod C
+        port = free_port()
+        share = [cores[k % len(cores)]] if len(paths) >= len(cores) else cores[k * len(cores) // len(paths):(k + 1) * len(cores) // len(paths)]
+        cmd = [*me, "--serve", "resident", "--port", str(port), "--max-wait", str(max_wait), "--cores", ",".join(map(str, share)), f"{n}={p}"]
+        system.procs.append(subprocess.Popen(cmd, **quiet))
+        system.route[n] = port
+    return system
+
+
+def wait_ready(system: System, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    for port in set(system.route.values()):
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline or any(p.poll() is not None for p in system.procs):
+                stop(system)
+                raise SystemExit(f"{system.name}: server on port {port} did not start")
+            time.sleep(0.3)
+
+
+def stop(system: System) -> None:
+    for p in system.procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    for p in system.procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def resident_bytes(system: System) -> int:
+    total = 0
+    for port in set(system.route.values()):
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        m = re.search(r'^moeconsol_resident_bytes\{part="total"\} (\S+)$', text, re.M)
+        total += int(float(m.group(1))) if m else 0
+    return total
+
+
+# -- the trace and its replay ---------------------------------------------------------------------
+
+
+def make_trace(names: list[str], popularity: tuple[float, ...], rate: float, count: int, seed: int) -> list[tuple[float, str, str]]:
+    """(arrival second, variant, prompt): Poisson arrivals at `rate` per second."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for i in range(count):
+        t += rng.expovariate(rate)
+        out.append((t, rng.choices(names, weights=popularity[: len(names)])[0], PROMPTS[i % len(PROMPTS)]))
+    return out
+
+
+async def one_request(client: httpx.AsyncClient, port: int, arrival: float, model: str, prompt: str, t0: float) -> dict:
+    await asyncio.sleep(max(0.0, t0 + arrival - time.perf_counter()))
+    sent = time.perf_counter()
+    first = None
+    tokens = 0
+    body = {"model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and chunk["choices"] and chunk["choices"][0].get("text"):
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return {"turnaround": end - sent, "ttft": (first or end) - sent, "tokens": tokens, "model": model}
+
+
+async def replay(system: System, trace: list[tuple[float, str, str]]) -> dict:
+    limits = httpx.Limits(max_connections=len(trace) + 8, max_keepalive_connections=len(trace) + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter() + 0.2
+        results = await asyncio.gather(*(one_request(client, system.route[m], a, m, p, t0) for a, m, p in trace))
+        wall = time.perf_counter() - t0
+    turnaround = sorted(r["turnaround"] for r in results)
+    return {
+        "mean_turnaround": statistics.fmean(turnaround),
+        "p95_turnaround": turnaround[min(len(turnaround) - 1, int(0.95 * len(turnaround)))],
+        "mean_ttft": statistics.fmean(r["ttft"] for r in results),
+        "tokens_per_second": sum(r["tokens"] for r in results) / wall,
+    }
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pops = sorted({r["popularity"] for r in rows})
+    fig, axes = plt.subplots(1, len(pops), figsize=(5.5 * len(pops), 4), squeeze=False)
+    for ax, pop in zip(axes[0], pops):
+        for system in SYSTEMS:
+            pts = sorted((r["rate"], r["mean_turnaround"]) for r in rows if r["system"] == system and r["popularity"] == pop)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
+        ax.set_title(f"{pop} popularity")
+        ax.set_xlabel("request rate (requests/s)")
+        ax.set_ylabel("mean turnaround (s)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=24, help="requests per trace")
+    ap.add_argument("--rates", default="2,4,8", help="request rates (per second), comma-separated")
+    ap.add_argument("--max-wait", type=float, default=0.5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot", type=Path)
+    ap.add_argument("--serve", choices=["switching", "resident"], help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--cores", help=argparse.SUPPRESS)
+    ap.add_argument("models", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        serve_plain(args)
+        return
+    rates = [float(r) for r in args.rates.split(",")]
+    with tempfile.TemporaryDirectory(prefix="moeconsol-turnaround-") as tmp:
+        paths, artifact = build_family(Path(tmp), args.variants)
+        names = list(paths)
+        popularity = {"uniform": tuple(1.0 for _ in names), "skewed": SKEWED}
+        rows = []
+        for name in SYSTEMS:
+            system = start(name, paths, artifact, args.max_wait)
+            try:
+                wait_ready(system)
+                held = resident_bytes(system)
+                for pop, weights in popularity.items():
+                    for rate in rates:
+                        trace = make_trace(names, weights, rate, args.requests, args.seed)
+                        result = asyncio.run(replay(system, trace))
+                        rows.append({"system": name, "popularity": pop, "rate": rate, **result, "resident_bytes": held})
+                        print(f"{name:22s} {pop:8s} {rate:5.1f}/s  mean {result['mean_turnaround']:.2f} s  "
+                              f"p95 {result['p95_turnaround']:.2f} s  ttft {result['mean_ttft']:.2f} s  "
+                              f"{result['tokens_per_second']:.0f} tok/s", file=sys.stderr, flush=True)
+            finally:
+                stop(system)
+    load = os.getloadavg()
+    result = {"variants": args.variants, "requests": args.requests, "new_tokens": NEW_TOKENS, "size": SIZE,
+              "max_wait": args.max_wait, "load_average": [round(x, 2) for x in load], "rows": rows}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        plot(rows, args.plot)
+    print(f"{args.variants} variants, {args.requests} requests per trace, {NEW_TOKENS} new tokens, greedy; load average {load[0]:.2f}")
+    print("| popularity | rate | system | mean turnaround | p95 | mean TTFT | tokens/s | resident | mean vs static partition | mean vs all resident |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        same = {x["system"]: x for x in rows if x["popularity"] == r["popularity"] and x["rate"] == r["rate"]}
+        vs_static = r["mean_turnaround"] / same["static partition"]["mean_turnaround"] if "static partition" in same else float("nan")
+        vs_all = r["mean_turnaround"] / same["all resident"]["mean_turnaround"] if "all resident" in same else float("nan")
+        print(f"| {r['popularity']} | {r['rate']:g}/s | {r['system']} | {r['mean_turnaround']:.2f} s | {r['p95_turnaround']:.2f} s | "
+              f"{r['mean_ttft']:.2f} s | {r['tokens_per_second']:.0f} | {r['resident_bytes'] / 2**20:.1f} MiB | "
+              f"{vs_static:.2f}x | {vs_all:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
