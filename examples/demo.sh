@@ -86,5 +86,17 @@ mkdir -p "$FAMILY/artifacts"
     --data math="$FAMILY/data/eval/mixtral-math.txt" --data story="$FAMILY/data/eval/mixtral-story.txt" \
     --json "$REPORTS/mixtral-eval.json"
 
+# --- 5. a modern family: Qwen3-MoE (random tiny weights; every family of the registry works the same) --
+# Built with transformers' own classes; variant b is saved in transformers 5's fused layout.
+PYTHON=${PYTHON:-.venv/bin/python}
+step "Qwen3-MoE: build a tiny base and two variants, analyze, merge losslessly, verify, serve"
+"$PYTHON" examples/build_tiny_family.py qwen3_moe "$FAMILY/qwen3_moe"
+QWEN3=(base="$FAMILY/qwen3_moe/base" a="$FAMILY/qwen3_moe/a" b="$FAMILY/qwen3_moe/b")
+"$MOECONSOL" analyze "${QWEN3[@]}" --metric cosine --metric cka --json "$REPORTS/qwen3_moe-analyze.json" \
+    --heatmap "$REPORTS/qwen3_moe-heatmap.png"
+"$MOECONSOL" merge "${QWEN3[@]}" -o "$ARTIFACTS/qwen3_moe-lossless" --force
+"$MOECONSOL" verify "$ARTIFACTS/qwen3_moe-lossless"
+"$MOECONSOL" serve-local "$ARTIFACTS/qwen3_moe-lossless" --model b --prompt "Once upon a time" --max-new-tokens 8
+
 step "done: reports in $REPORTS"
 ls -l "$REPORTS"

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import ArtifactError, DamagedArtifactError, MoeconsolError, UnknownModelError, UnsafePathError
-from .layouts import layout_by_name
+from .layouts import fused_shape, join, layout_by_name
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, Manifest, ModelEntry
 from .safetensors_io import TensorInfo, read_header, read_tensor
 from .safety import inside, is_regular_file
@@ -284,14 +284,13 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
         elif hit := layout.match_fused(name):
             layer, fused = hit
             parts = layout.fused_parts[fused]
-            rows = sum(part_shapes[p][0] for p in parts)
-            spec = TensorSpec(name, dtype, (art.experts_per_layer, rows, part_shapes[parts[0]][1]))
+            shape = fused_shape(layout.fused_codec, [tuple(part_shapes[p]) for p in parts], art.experts_per_layer)
+            spec = TensorSpec(name, dtype, shape)
             slots = art.slot_map(model.name, layer)
 
-            def pieces(layer=layer, parts=parts, slots=slots) -> Iterator[torch.Tensor]:
+            def pieces(layer=layer, parts=parts, slots=slots, codec=layout.fused_codec) -> Iterator[torch.Tensor]:
                 for k in slots:
-                    for p in parts:
-                        yield art.read(bank_key(layer, k, p))
+                    yield join(codec, [art.read(bank_key(layer, k, p)) for p in parts])
 
             out.append((spec, pieces))
         else:

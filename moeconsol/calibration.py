@@ -34,6 +34,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, SettingsError
+from .layouts import RouterFormat
 from .quality import read_seq2seq_data, read_text_data
 from .similarity import expert_function
 
@@ -125,11 +126,11 @@ def calibration_batches(path: str, tokenizer, decoder_start: int | None, chunk_l
     return batches
 
 
-def _routing(args: tuple, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _routing(args: tuple, num_experts: int, router: RouterFormat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden [T, H], expert index [T, k], weight [T, k]) from the experts module's inputs;
     index -1 marks a token a Switch router dropped (over capacity)."""
     hidden, choice, weights = args[:3]
-    if choice.dim() == 3:  # Switch: one-hot [T, 1, E] (all zero when dropped), weights [T, 1]
+    if router is RouterFormat.ONE_HOT:  # one-hot [T, 1, E] (all zero when dropped), weights [T, 1]
         onehot = choice.reshape(choice.shape[0], num_experts)
         index = torch.where(onehot.sum(-1) > 0, onehot.argmax(-1), -1).unsqueeze(1)
         return hidden, index, weights.reshape(-1, 1)
@@ -159,7 +160,7 @@ def capture(
         def hook(module, args, kwargs):
             if len(args) < 3:
                 args = tuple(args) + tuple(kwargs.values())
-            hidden, index, weights = _routing(args, E)
+            hidden, index, weights = _routing(args, E, ckpt.layout.record.router_format)
             hidden = hidden.reshape(-1, hidden.shape[-1]).detach().float()
             for e in range(E):
                 rows, cols = torch.where(index == e)

@@ -20,7 +20,7 @@ import torch
 
 from .digest import value_flags
 from .errors import CheckpointError, IncompatibleModelsError, MoeconsolWarning, SettingsError, UnsafePathError
-from .layouts import Layout, detect_layout
+from .layouts import Layout, detect_layout, fused_shape, part_shape, slice_ok, split, supported
 from .safetensors_io import DTYPES, TensorInfo, read_header, read_tensor
 from .safety import NAME_RULE, check_relative, is_regular_file, is_safe_name
 
@@ -148,7 +148,7 @@ class Checkpoint:
         if layout is None:
             raise CheckpointError(
                 f"{path}: no MoE expert tensors of a known layout (model_type {model_type!r}); "
-                "supported: Mixtral (per-expert or fused) and Switch Transformers"
+                f"supported: {supported()}"
             )
         self.layout: Layout = layout
         self._experts: dict[tuple[str, int, str], tuple[TensorInfo, int | None, int, int]] = {}
@@ -160,21 +160,20 @@ class Checkpoint:
                 layer, e, part = hit
                 if len(info.shape) != 2:
                     raise CheckpointError(f"{path}: expert tensor {tname} has shape {list(info.shape)}; an expert part must be a 2-D matrix")
-                self._experts[(layer, e, part)] = (info, None, 0, info.shape[0])
+                self._experts[(layer, e, part)] = (info, None, 0, 1)
                 counts.setdefault(layer, set()).add(e)
                 self.expert_tensor_names.append(tname)
             elif hit := layout.match_fused(tname):
                 layer, fused = hit
                 parts = layout.fused_parts[fused]
-                if len(info.shape) != 3 or info.shape[1] % len(parts):
+                if not slice_ok(layout.fused_codec, info.shape, len(parts)):
                     raise CheckpointError(
-                        f"{path}: fused expert tensor {tname} has shape {list(info.shape)}; expected [experts, rows, columns] "
-                        f"with rows holding {len(parts)} equal parts"
+                        f"{path}: fused expert tensor {tname} has shape {list(info.shape)}; expected experts first, "
+                        f"then {len(parts)} equal parts ({layout.fused_codec.value})"
                     )
-                rows = info.shape[1] // len(parts)
                 for e in range(info.shape[0]):
                     for k, part in enumerate(parts):
-                        self._experts[(layer, e, part)] = (info, e, k * rows, (k + 1) * rows)
+                        self._experts[(layer, e, part)] = (info, e, k, len(parts))
                     counts.setdefault(layer, set()).add(e)
                 self.expert_tensor_names.append(tname)
             elif (layer := layout.match_router(tname)) is not None:
@@ -254,19 +253,28 @@ class Checkpoint:
         return next(iter(self._experts.values()))[0].dtype
 
     def expert_shape(self, part: str) -> tuple[int, ...]:
-        info, e, lo, hi = self._experts[(self.moe_layers[0], 0, part)]
-        inner = info.shape if e is None else info.shape[1:]
-        return (hi - lo, *inner[1:])
+        info, e, k, n = self._experts[(self.moe_layers[0], 0, part)]
+        return info.shape if e is None else part_shape(self.layout.fused_codec, info.shape[1:], n)
+
+    def _slice(self, info: TensorInfo, e: int) -> TensorInfo:
+        """Expert e's slice of a fused tensor: one contiguous byte range."""
+        size = math.prod(info.shape[1:]) * DTYPES[info.dtype].itemsize
+        start = info.start + e * size
+        return TensorInfo(info.file, info.dtype, info.shape[1:], start, start + size)
 
     def part_info(self, layer: str, expert: int, part: str) -> TensorInfo:
-        """Where one canonical expert part lives on disk: always one contiguous byte range
-        (a whole per-expert tensor, or rows lo:hi of expert `e`'s slice of a fused tensor)."""
-        info, e, lo, hi = self._experts[(layer, expert, part)]
+        """Where one canonical expert part lives on disk, for a `layout.contiguous` layout: one
+        contiguous byte range (a whole per-expert tensor, or part k of expert e's slice of a
+        fused tensor)."""
+        info, e, k, n = self._experts[(layer, expert, part)]
         if e is None:
             return info
-        row = math.prod(info.shape[2:]) * DTYPES[info.dtype].itemsize
-        start = info.start + (e * info.shape[1] + lo) * row
-        return TensorInfo(info.file, info.dtype, (hi - lo, *info.shape[2:]), start, start + (hi - lo) * row)
+        if not self.layout.contiguous:
+            raise ValueError(f"{self.layout.name}: expert parts are not byte ranges; read them with expert()")
+        piece = self._slice(info, e)
+        size = (piece.end - piece.start) // n
+        shape = part_shape(self.layout.fused_codec, piece.shape, n)
+        return TensorInfo(info.file, info.dtype, shape, piece.start + k * size, piece.start + (k + 1) * size)
 
     def expert_infos(self, layer: str, expert: int) -> dict[str, TensorInfo]:
         """Every canonical part of one expert, as byte ranges (nothing is read)."""
@@ -274,12 +282,24 @@ class Checkpoint:
 
     def expert_part(self, layer: str, expert: int, part: str) -> torch.Tensor:
         """One canonical 2-D expert matrix, read from disk now."""
+        if not self.layout.contiguous:
+            return self.expert(layer, expert)[part]
         return read_tensor(self.part_info(layer, expert, part))
 
     def expert(self, layer: str, expert: int) -> dict[str, torch.Tensor]:
         """All canonical parts of one expert, read from disk now (only their bytes: a
         fused tensor is never read whole)."""
-        return {part: read_tensor(info) for part, info in self.expert_infos(layer, expert).items()}
+        if self.layout.contiguous:
+            return {part: read_tensor(info) for part, info in self.expert_infos(layer, expert).items()}
+        out: dict[str, torch.Tensor] = {}
+        for part in self.layout.parts:
+            if part in out:
+                continue
+            info, e, _, n = self._experts[(layer, expert, part)]
+            fused = next(ps for ps in self.layout.fused_parts.values() if part in ps)
+            pieces = split(self.layout.fused_codec, read_tensor(self._slice(info, e)), n)
+            out.update({p: t.contiguous() for p, t in zip(fused, pieces)})
+        return {part: out[part] for part in self.layout.parts}
 
     def router_name(self, layer: str) -> str:
         return self._routers[layer]
@@ -343,12 +363,6 @@ def check_compatible(ckpts: list[Checkpoint]) -> None:
                 raise IncompatibleModelsError(f"shape mismatch: {pair}: {name} is {list(tensors[name])} vs {list(ref_tensors[name])}")
 
 
-_MODEL_CLASSES = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
-    "switch_transformers": ("SwitchTransformersConfig", "SwitchTransformersForConditionalGeneration"),
-}
-
-
 def check_config(ckpt: Checkpoint) -> None:
     """Refuse a config.json that disagrees with the checkpoint's tensors (layer count, expert
     count, sizes): the model transformers builds from the config, on the meta device (no
@@ -356,12 +370,8 @@ def check_config(ckpt: Checkpoint) -> None:
     artifact would be written that no runtime can load."""
     import transformers
 
-    from .layouts import LAYOUTS
-
-    names = _MODEL_CLASSES.get(ckpt.layout.architecture)
-    if names is None:
-        return
-    config_class, model_class = (getattr(transformers, n) for n in names)
+    record = ckpt.layout.record
+    config_class, model_class = getattr(transformers, record.config_class), getattr(transformers, record.model_class)
     try:
         config = config_class(**{k: v for k, v in ckpt.config.items() if k not in ("architectures", "transformers_version")})
         with torch.device("meta"):
@@ -369,7 +379,7 @@ def check_config(ckpt: Checkpoint) -> None:
     except Exception as e:  # transformers raises many kinds of errors for bad config values
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{ckpt.path / 'config.json'}: transformers cannot build a model from it: {first}") from e
-    layouts = [x for x in LAYOUTS if x.architecture == ckpt.layout.architecture]
+    layouts = record.layouts
     have = {ckpt.layout.canonical_name(n): ckpt.tensors[n].shape for n in ckpt.non_expert_names}
     groups: dict[int, list[str]] = {}
     problems: list[str] = []
@@ -380,8 +390,9 @@ def check_config(ckpt: Checkpoint) -> None:
         expert = next((hit for x in layouts if (hit := x.match_expert(name))), None)
         if fused is not None:
             layer, kind = fused
-            parts = next(x.fused_parts[kind] for x in layouts if kind in x.fused_parts)
-            want = (ckpt.num_experts, sum(ckpt.expert_shape(p)[0] for p in parts), ckpt.expert_shape(parts[0])[1])
+            fused_layout = next(x for x in layouts if kind in x.fused_parts)
+            parts = fused_layout.fused_parts[kind]
+            want = fused_shape(fused_layout.fused_codec, [ckpt.expert_shape(p) for p in parts], ckpt.num_experts)
             moe_layers.add(layer)
         elif expert is not None:
             layer, e, part = expert

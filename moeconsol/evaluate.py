@@ -29,6 +29,7 @@ import torch
 from .artifact import Artifact
 from .checkpoint import open_checkpoint, open_checkpoints, resolve_checkpoint_dir
 from .errors import CheckpointError, IncompatibleModelsError, MoeconsolError, SettingsError, UnknownModelError
+from .layouts import architecture
 from .quality import DEFAULT_CHUNK_LEN, perplexity, read_seq2seq_data, read_text_data, retained_gain, seq2seq_accuracy
 
 Progress = Callable[[str, int, int], None]
@@ -214,7 +215,7 @@ def eval_artifact(
     """Score every chosen variant as original, consolidated and (with `base`) base."""
     art = Artifact.open(path)
     chosen = _check_variants(art.model_names, data, variants, str(art.path))
-    enc_dec = art.architecture == "switch_transformers"
+    enc_dec = architecture(art.architecture).encoder_decoder
     loaded = {n: load_data(data[n], enc_dec) for n in chosen}
     models = {m.name: m for m in art.spec.models}
     originals: dict[str, Score] = {}
@@ -333,7 +334,7 @@ def sweep(
         raise SettingsError("methods task-arithmetic and ties need a base checkpoint PATH")
     ref = ckpts[0]
     arch = ref.layout.architecture
-    enc_dec = arch == "switch_transformers"
+    enc_dec = architecture(arch).encoder_decoder
     loaded = {n: load_data(data[n], enc_dec) for n in chosen}
     base_ckpt = open_checkpoint(base) if base else None
     total_expert_bytes = len(ckpts) * len(ref.moe_layers) * ref.num_experts * expert_nbytes(ref)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError, MoeconsolError
-from .layouts import LAYOUTS
+from .layouts import all_layouts
 from .safetensors_io import DTYPES
 from .safety import NAME_RULE, is_safe_name, relative_path_problem
 
@@ -173,9 +173,9 @@ class Manifest:
         if experts < 1:
             raise r.fail("experts_per_layer", "must be at least 1")
         architecture = r.text(top["architecture"], "architecture")
-        layouts = {x.name: x for x in LAYOUTS if x.architecture == architecture}
+        layouts = {x.name: x for x in all_layouts() if x.architecture == architecture}
         if not layouts:
-            raise r.fail("architecture", f"is {architecture!r}, not one of {', '.join(sorted({x.architecture for x in LAYOUTS}))}")
+            raise r.fail("architecture", f"is {architecture!r}, not one of {', '.join(sorted({x.architecture for x in all_layouts()}))}")
         if any(len(shape) != 2 for shape in part_shapes.values()):
             raise r.fail("part_shapes", "must give each expert part as a 2-D shape")
         models = [_model(r, m, i) for i, m in enumerate(r.array(top["models"], "models"))]
@@ -317,8 +317,8 @@ def _model(r: _Reader, v: object, i: int) -> ModelEntry:
     if not is_safe_name(name):
         raise ArtifactError(f"{r.where}: unsafe model name {name!r} in {f}.name: a name must be {NAME_RULE}")
     layout = r.text(d.get("layout"), f"{f}.layout")
-    if layout not in {x.name for x in LAYOUTS}:
-        raise r.fail(f"{f}.layout", f"is {layout!r}, not one of {', '.join(x.name for x in LAYOUTS)}")
+    if layout not in {x.name for x in all_layouts()}:
+        raise r.fail(f"{f}.layout", f"is {layout!r}, not one of {', '.join(x.name for x in all_layouts())}")
     shards = {}
     for file, s in r.obj(d.get("source_shards"), f"{f}.source_shards").items():
         _path(r, file, f"{f}.source_shards", plain=True)

@@ -46,7 +46,7 @@ from .clustering import (
     threshold_to_distance,
     to_distance,
 )
-from .digest import range_digest
+from .digest import range_digest, tensor_digest, value_flags
 from .errors import IncompatibleModelsError, SettingsError
 from .safetensors_io import DTYPES
 from .similarity import DEFAULT_PROBES, METRICS, gaussian_probes, hidden_size, layer_similarity, read_layer
@@ -307,7 +307,12 @@ def _scanned_digest(ckpt: Checkpoint, layer: str, expert: int) -> str:
     """An expert's identity digest from its bytes on disk, warning (as `read_layer` does)
     about NaN, infinite or all-zero parts seen in the same pass."""
     flags: dict[str, tuple[bool, bool]] = {}
-    digest = range_digest(ckpt.expert_infos(layer, expert), flags)
+    if ckpt.layout.contiguous:
+        digest = range_digest(ckpt.expert_infos(layer, expert), flags)
+    else:  # strided parts (gpt-oss): read as tensors; the same digest (digest.py)
+        parts = ckpt.expert(layer, expert)
+        digest = tensor_digest(parts)
+        flags = {part: value_flags(t) for part, t in parts.items()}
     for part, (finite, nonzero) in flags.items():
         warn_unusual(ckpt.name, layer, expert, part, finite, nonzero)
     return digest
@@ -533,9 +538,12 @@ def _write_bank(
     for p in plans:
         weights = p.weights or [None] * len(p.clusters)
         for k, (members, rep, w) in enumerate(zip(p.clusters, p.representatives, weights)):
-            if rep is not None:  # a stored expert is a byte range of its source: copy the bytes
+            if rep is not None and ckpts[rep // E].layout.contiguous:  # byte ranges of the source: copy the bytes
                 for part, info in ckpts[rep // E].expert_infos(p.layer, rep % E).items():
                     writer.copy(bank_key(p.layer, k, part), info)
+            elif rep is not None:  # strided parts (gpt-oss): the same bytes, through memory
+                for part, tensor in ckpts[rep // E].expert(p.layer, rep % E).items():
+                    writer.write(bank_key(p.layer, k, part), tensor)
             else:
                 for part in parts:
                     if p.combine is not None:

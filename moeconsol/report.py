@@ -36,6 +36,8 @@ from .similarity import (
     probe_inputs_from_text,
 )
 
+FULL_MATRIX_LIMIT = 64
+"""Largest N*E for which the JSON and the heatmap give full matrices unless told otherwise."""
 THRESHOLDS: dict[str, tuple[float, ...]] = {
     "cosine": (0.99, 0.95, 0.9),
     "cka": (0.99, 0.95, 0.9),
@@ -202,6 +204,7 @@ def same_index_summary(report: AnalysisReport, sim: LayerSimilarity) -> dict:
             if len(values)
             else {"mean": None, "min": None, "max": None}
         )
+    out["same_index"] = {m: same_index_profile(report, matrix) for m, matrix in sim.matrices.items()}
     out["identical_pairs"] = int(sim.identical[rows, cols].sum()) if pairs else 0
     out["shared"].append({"rule": "identical", "experts": _shared_count(sim.identical, n, e)})
     for m, matrix in sim.matrices.items():
@@ -211,14 +214,33 @@ def same_index_summary(report: AnalysisReport, sim: LayerSimilarity) -> dict:
     return out
 
 
+def same_index_profile(report: AnalysisReport, matrix: np.ndarray) -> list[float | None]:
+    """Per expert index e: the mean of the metric over the same-index pairs (a:e, b:e), a < b
+    (None with one model)."""
+    n, e = len(report.models), report.experts_per_layer
+    if n < 2:
+        return [None] * e
+    return [float(np.mean([matrix[a * e + i, b * e + i] for a in range(n) for b in range(a + 1, n)])) for i in range(e)]
+
+
+def full_matrices_by_default(report: AnalysisReport) -> bool:
+    """Whether the JSON and the heatmap show the full (N*E)^2 matrices unless told: only
+    when they stay readable (N*E <= FULL_MATRIX_LIMIT). Qwen3-30B-A3B (128 experts) or
+    DeepSeek-V3 (256) get the per-layer same-index summary instead."""
+    return len(report.models) * report.experts_per_layer <= FULL_MATRIX_LIMIT
+
+
 def identical_pairs(sim: LayerSimilarity) -> list[list[int]]:
     """All [i, j] (i < j, flat indices) of bit-identical experts in a layer."""
     i, j = np.nonzero(np.triu(sim.identical, k=1))
     return [[int(a), int(b)] for a, b in zip(i, j)]
 
 
-def report_json(report: AnalysisReport) -> dict:
-    """The JSON document of `moeconsol analyze --json` (schema: docs/analyze.md)."""
+def report_json(report: AnalysisReport, full: bool | None = None) -> dict:
+    """The JSON document of `moeconsol analyze --json` (schema: docs/analyze.md). With
+    `full` False (default: `full_matrices_by_default`) each layer's "matrix" is null and the
+    summary's "same_index" profiles and "shared" counts carry the report."""
+    full = full_matrices_by_default(report) if full is None else full
     return {
         "moeconsol_version": __version__,
         "models": report.models,
@@ -232,7 +254,7 @@ def report_json(report: AnalysisReport) -> dict:
         "metrics": {
             m: {
                 "higher_is_more_alike": m not in DISTANCE_METRICS,
-                "layers": [{"layer": s.layer, "matrix": s.matrices[m].tolist()} for s in report.layers],
+                "layers": [{"layer": s.layer, "matrix": s.matrices[m].tolist() if full else None} for s in report.layers],
             }
             for m in report.metrics
         },
@@ -244,8 +266,10 @@ def report_json(report: AnalysisReport) -> dict:
 # -- heatmap --------------------------------------------------------------------------------
 
 
-def write_heatmap(report: AnalysisReport, path: str | Path, metric: str | None = None) -> Path:
-    """One heatmap per MoE layer of `metric` (default: the first measured), in a grid.
+def write_heatmap(report: AnalysisReport, path: str | Path, metric: str | None = None, full: bool | None = None) -> Path:
+    """One heatmap per MoE layer of `metric` (default: the first measured), in a grid; or,
+    with `full` False (default: `full_matrices_by_default`), the per-layer summary
+    (`write_summary_plot`).
 
     Rows and columns are experts `model:e`, model blocks separated by white lines; colours
     share one scale across layers and are oriented so that bright always means alike (the
@@ -264,6 +288,8 @@ def write_heatmap(report: AnalysisReport, path: str | Path, metric: str | None =
     metric = metric or report.metrics[0]
     if metric not in report.metrics:
         raise SettingsError(f"heatmap metric {metric!r} was not measured: choose from {', '.join(report.metrics)}")
+    if not (full_matrices_by_default(report) if full is None else full):
+        return write_summary_plot(report, path, metric)
     matrices = [s.matrices[metric] for s in report.layers]
     n, e = len(report.models), report.experts_per_layer
     size = n * e
@@ -302,6 +328,52 @@ def write_heatmap(report: AnalysisReport, path: str | Path, metric: str | None =
     fig.tight_layout(rect=(0, 0, 0.88, 0.96))
     bar_ax = fig.add_axes((0.9, 0.15, 0.015, 0.7))
     fig.colorbar(image, cax=bar_ax, label=metric)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_summary_plot(report: AnalysisReport, path: Path, metric: str) -> Path:
+    """The picture for many experts (any size): left, layers x expert index, the same-index
+    `metric` (mean over model pairs), bright = alike, a dot where every model kept that
+    expert bit-identical; right, per layer, how many expert copies could be shared at each
+    rule of the table (identical, and `THRESHOLDS` of the metric), out of (N-1)*E."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    e = report.experts_per_layer
+    n_layers = len(report.layers)
+    if len(report.models) < 2:
+        raise SettingsError("the same-index summary compares models: give at least two")
+    summaries = [same_index_summary(report, s) for s in report.layers]
+    profile = np.array([s["same_index"][metric] for s in summaries], dtype=float)
+    kept = np.array([[bool(all(sim.identical[i, m * e + i] for m in range(len(report.models)))) for i in range(e)] for sim in report.layers])
+    height = min(max(3.0, 0.12 * n_layers + 1.5), 14.0)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, height), gridspec_kw={"width_ratios": [3, 1]})
+    cmap = "viridis_r" if metric in DISTANCE_METRICS else "viridis"
+    image = ax.imshow(profile, cmap=cmap, aspect="auto", interpolation="nearest")
+    ys, xs = np.nonzero(kept)
+    ax.scatter(xs, ys, s=max(1.0, 200.0 / max(e, n_layers)), c="black", marker="o", linewidths=0)
+    ax.set_xlabel("expert index")
+    ax.set_ylabel("MoE layer")
+    step = max(1, math.ceil(n_layers / 40))
+    ax.set_yticks(range(0, n_layers, step))
+    ax.set_yticklabels([report.layers[i].layer for i in range(0, n_layers, step)], fontsize=6)
+    ax.set_title(f"same-index {metric} (mean over model pairs); dot = bit-identical in every model", fontsize=9)
+    fig.colorbar(image, ax=ax, label=metric, fraction=0.04)
+    rules = [r["rule"] for r in summaries[0]["shared"] if r["rule"] == "identical" or r["rule"].startswith(metric + " ")]
+    for rule in rules:
+        counts = [next(r["experts"] for r in s["shared"] if r["rule"] == rule) for s in summaries]
+        ax2.plot(counts, range(n_layers), marker=".", label=rule)
+    ax2.set_xlim(0, (len(report.models) - 1) * e)
+    ax2.invert_yaxis()
+    ax2.set_xlabel(f"shareable expert copies (of {(len(report.models) - 1) * e})")
+    ax2.set_yticks([])
+    ax2.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{report.architecture}: {', '.join(report.models)}; {n_layers} MoE layers x {e} experts", fontsize=11)
+    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -1,7 +1,8 @@
 """Serve N consolidated variants from one resident model: the bank stays, the rest swaps.
 
-The runtime builds one transformers model (MixtralForCausalLM or
-SwitchTransformersForConditionalGeneration) whose MoE blocks run a shared **expert bank**
+The runtime builds one transformers model (the record's model class: MixtralForCausalLM,
+Qwen3MoeForCausalLM, ... SwitchTransformersForConditionalGeneration) whose MoE blocks run a
+shared **expert bank**
 through a per-layer **slot map** (expert index -> bank index). Every variant's non-expert
 tensors (attention, norms, embeddings, LM head, routers) wait in host memory (pinned on
 CUDA); activating a variant copies the tensors that differ into the resident parameters in
@@ -17,6 +18,7 @@ variant's slot maps and tensor keys). `Family.from_artifact` adapts a merged art
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import ArtifactError, SettingsError, UnknownModelError
+from .layouts import Architecture, BankKind, architecture, join, split, supported
 
 # Config keys that may differ between variants without changing what the model computes.
 _IGNORED_CONFIG_KEYS = {
@@ -71,57 +74,53 @@ def parse_device(name: str) -> torch.device:
 # -- the bank modules: transformers' experts, fed bank indices -------------------------------
 
 
-def _bank_config(config, attr: str, bank_size: int):
-    cfg = copy.copy(config)
-    setattr(cfg, attr, bank_size)
-    return cfg
+class BankExperts:
+    """Mixin of every bank module: an experts module of transformers' own class holding K
+    bank experts instead of E, plus a `slot_map` buffer [E] (expert index -> bank index)."""
+
+    slot_map: torch.Tensor
 
 
-def _mixtral_bank_class():
-    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+def _fused_bank_class(experts_class: type, record: Architecture) -> type:
+    """A bank over any experts class of transformers 5's experts interface (Mixtral, Qwen2/3-MoE,
+    OLMoE, DeepSeek-V2/V3, gpt-oss): its per-expert parameters (`gate_up_proj`, `down_proj`,
+    gpt-oss' biases: first dim E) resized to K entries. The router's expert indices go through
+    the slot map, then transformers' own experts implementation runs on the bank. Which
+    canonical parts each parameter holds, and how, is the record's in-memory layout."""
+    layout = record.memory_layout
 
-    class MixtralBankExperts(MixtralExperts):
-        """MixtralExperts over a bank of K experts: `gate_up_proj` [K, 2I, H] = cat(w1, w3),
-        `down_proj` [K, H, I] = w2, plus a `slot_map` buffer [E] (expert index -> bank index).
-        The router's expert indices are mapped through the slot map, then transformers' own
-        experts implementation (config._experts_implementation) runs on the bank."""
-
+    class FusedBankExperts(BankExperts, experts_class):
         def __init__(self, config, bank_size: int):
-            super().__init__(_bank_config(config, "num_local_experts", bank_size))
-            self.register_buffer("slot_map", torch.arange(config.num_local_experts), persistent=False)
+            super().__init__(config)
+            experts = self.num_experts
+            for name, p in list(self.named_parameters(recurse=False)):
+                if p.shape[0] == experts:
+                    setattr(self, name, nn.Parameter(p.new_empty(bank_size, *p.shape[1:])))
+            self.num_experts = bank_size
+            self.register_buffer("slot_map", torch.arange(experts), persistent=False)
 
         def forward(self, hidden_states, top_k_index, top_k_weights):
             return super().forward(hidden_states, self.slot_map[top_k_index], top_k_weights)
 
         @torch.no_grad()
         def load_expert(self, k: int, parts: dict[str, torch.Tensor]) -> None:
-            inter = self.intermediate_dim
-            self.gate_up_proj[k, :inter].copy_(parts["w1"])
-            self.gate_up_proj[k, inter:].copy_(parts["w3"])
-            self.down_proj[k].copy_(parts["w2"])
+            for name, names in layout.fused_parts.items():
+                getattr(self, name)[k].copy_(join(layout.fused_codec, [parts[p] for p in names]))
 
-        @staticmethod
-        def canonical_experts(experts) -> list[dict[str, torch.Tensor]]:
-            inter = experts.gate_up_proj.shape[1] // 2
-            return [
-                {"w1": experts.gate_up_proj[e, :inter], "w2": experts.down_proj[e], "w3": experts.gate_up_proj[e, inter:]}
-                for e in range(experts.gate_up_proj.shape[0])
-            ]
-
-    return MixtralBankExperts
+    FusedBankExperts.__name__ = FusedBankExperts.__qualname__ = f"{experts_class.__name__}Bank"
+    return FusedBankExperts
 
 
-def _switch_bank_class():
-    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersExperts
-
-    class SwitchBankExperts(SwitchTransformersExperts):
+def _switch_bank_class(experts_class: type, record: Architecture) -> type:
+    class SwitchBankExperts(BankExperts, experts_class):
         """SwitchTransformersExperts holding K bank experts (`expert_{k}`: wi, wo) plus a
         `slot_map` buffer [E]. The router's one-hot choice over E experts is folded onto the
         K bank entries (a token routed to expert e goes to bank entry slot_map[e])."""
 
         def __init__(self, config, bank_size: int):
+            experts = config.num_experts
             super().__init__(_bank_config(config, "num_experts", bank_size))
-            self.register_buffer("slot_map", torch.arange(config.num_experts), persistent=False)
+            self.register_buffer("slot_map", torch.arange(experts), persistent=False)
 
         def forward(self, hidden_states, selected_experts, routing_weights):
             folded = selected_experts.new_zeros(*selected_experts.shape[:-1], self.num_experts)
@@ -133,42 +132,51 @@ def _switch_bank_class():
             self[f"expert_{k}"].wi.weight.copy_(parts["wi"])
             self[f"expert_{k}"].wo.weight.copy_(parts["wo"])
 
-        @staticmethod
-        def canonical_experts(experts) -> list[dict[str, torch.Tensor]]:
-            return [{"wi": experts[f"expert_{e}"].wi.weight, "wo": experts[f"expert_{e}"].wo.weight} for e in range(len(experts))]
-
     return SwitchBankExperts
 
 
-@dataclass(frozen=True)
-class _Arch:
-    config_class: str
-    model_class: str
-    bank_class: Callable[[], type]
-    experts_key: str
-    """config attribute holding the number of experts per layer"""
+def _bank_config(config, attr: str, bank_size: int):
+    cfg = copy.copy(config)
+    setattr(cfg, attr, bank_size)
+    return cfg
 
 
-_ARCHITECTURES = {
-    "mixtral": _Arch("MixtralConfig", "MixtralForCausalLM", _mixtral_bank_class, "num_local_experts"),
-    "switch_transformers": _Arch(
-        "SwitchTransformersConfig", "SwitchTransformersForConditionalGeneration", _switch_bank_class, "num_experts"
-    ),
-}
+_BANK_CLASSES = {BankKind.FUSED: _fused_bank_class, BankKind.MODULES: _switch_bank_class}
 
 
-def _arch(architecture: str) -> _Arch:
+@functools.cache
+def bank_class(architecture_name: str, experts_class: type) -> type:
+    """The bank module class for one experts class of one architecture (made once)."""
+    record = architecture(architecture_name)
+    return _BANK_CLASSES[record.bank](experts_class, record)
+
+
+def canonical_experts(record: Architecture, experts: nn.Module) -> list[dict[str, torch.Tensor]]:
+    """Every expert of a transformers experts module in canonical per-part form (views)."""
+    if record.bank is BankKind.MODULES:
+        w_in, w_out = record.part("in"), record.part("out")
+        return [{w_in: experts[f"expert_{e}"].wi.weight, w_out: experts[f"expert_{e}"].wo.weight} for e in range(len(experts))]
+    layout = record.memory_layout
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(experts.num_experts)]
+    for name, names in layout.fused_parts.items():
+        for e, slice_ in enumerate(getattr(experts, name)):
+            out[e].update(zip(names, split(layout.fused_codec, slice_, len(names))))
+    return [{p: parts[p] for p in layout.parts} for parts in out]
+
+
+def _record(name: str) -> Architecture:
     try:
-        return _ARCHITECTURES[architecture]
+        return architecture(name)
     except KeyError:
-        raise ArtifactError(f"the runtime serves mixtral and switch_transformers, not {architecture!r}") from None
+        raise ArtifactError(f"the runtime serves {supported()}, not {name!r}") from None
 
 
-def _model_classes(architecture: str):
+def _model_classes(name: str):
+    """(config class, model class) of an architecture, from transformers."""
     import transformers
 
-    arch = _arch(architecture)
-    return getattr(transformers, arch.config_class), getattr(transformers, arch.model_class), arch.bank_class()
+    record = _record(name)
+    return getattr(transformers, record.config_class), getattr(transformers, record.model_class)
 
 
 # -- what the runtime serves, independent of the file format ---------------------------------
@@ -240,7 +248,7 @@ class Family:
             raise SettingsError("no models given")
         first = next(iter(models.values()))
         architecture = first.config.model_type
-        bank_class = _model_classes(architecture)[2]
+        record = _record(architecture)
         layers = moe_layers(first)
         bank: dict[str, list[dict[str, torch.Tensor]]] = {layer: [] for layer in layers}
         stored: dict[str, torch.Tensor] = {}
@@ -251,7 +259,7 @@ class Family:
             for layer in layers:
                 experts = model.get_submodule(f"{layer}.mlp.experts")
                 slots = []
-                for parts in bank_class.canonical_experts(experts):
+                for parts in canonical_experts(record, experts):
                     parts = {p: t.detach() for p, t in parts.items()}
                     hit = next((k for k, b in enumerate(bank[layer]) if all(torch.equal(b[p], parts[p]) for p in parts)), None)
                     if hit is None:
@@ -389,11 +397,11 @@ class Runtime:
         active = active or self.names[0]
         self.check_model(active)
         _check_configs(family)
-        config_class, model_class, bank_class = _model_classes(family.architecture)
-        self.model = _build_skeleton(family, config_class, model_class, bank_class, active, self.dtype)
+        config_class, model_class = _model_classes(family.architecture)
+        self.model = _build_skeleton(family, config_class, model_class, active, self.dtype)
         self._banks: dict[str, nn.Module] = {layer: self.model.get_submodule(f"{layer}.mlp.experts") for layer in family.layers}
         self._allocate()
-        _finish_resident(self.model, bank_class)
+        _finish_resident(self.model)
         self._targets = _swap_targets(self.model, self._banks)
         self._slot_maps = _slot_map_tensors(family, self.device)
         self._host = self._load_host_tensors(progress)
@@ -616,18 +624,11 @@ def _check_configs(family: Family) -> None:
                 )
 
 
-def _build_skeleton(family: Family, config_class, model_class, bank_class, active: str, dtype) -> nn.Module:
+def _build_skeleton(family: Family, config_class, model_class, active: str, dtype) -> nn.Module:
     """The transformers model on the meta device (nothing allocated), in `dtype`, from the
-    active variant's config, each MoE block's experts replaced by a bank module."""
+    active variant's config, each MoE block's experts replaced by a bank module (the class
+    for its architecture and experts class, `bank_class`)."""
     config = config_class.from_dict(family.variants[active].config)
-    experts_per_layer = getattr(config, _arch(family.architecture).experts_key)
-    for name, variant in family.variants.items():
-        for layer in family.layers:
-            slots = variant.slot_maps.get(layer)
-            if slots is None or len(slots) != experts_per_layer:
-                raise ArtifactError(f"model {name!r}: layer {layer} needs a slot map of {experts_per_layer} entries")
-            if not all(0 <= s < family.bank_sizes[layer] for s in slots):
-                raise ArtifactError(f"model {name!r}: layer {layer} slot map points outside its bank of {family.bank_sizes[layer]}")
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -638,7 +639,9 @@ def _build_skeleton(family: Family, config_class, model_class, bank_class, activ
                     block = model.get_submodule(f"{layer}.mlp")
                 except AttributeError:
                     raise ArtifactError(f"MoE layer {layer} does not exist in a {model_class.__name__}") from None
-                block.experts = bank_class(config, family.bank_sizes[layer])
+                bank = bank_class(family.architecture, type(block.experts))(config, family.bank_sizes[layer])
+                block.experts = bank
+                _check_slot_maps(family, layer, len(bank.slot_map))
     finally:
         torch.set_default_dtype(previous)
     return model
@@ -661,7 +664,7 @@ def _materialize(model: nn.Module, device: torch.device, views: dict[int, torch.
                 table[key] = made[id(t)][1]
 
 
-def _finish_resident(model: nn.Module, bank_class) -> None:
+def _finish_resident(model: nn.Module) -> None:
     """As from_pretrained does: re-tie tied weights, compute non-persistent buffers (rotary
     inv_freq) with transformers' own initializer, and leave requires_grad as it is (True, as
     from_pretrained does; generation runs under no_grad). Not a detail: for a weight that does
@@ -671,9 +674,18 @@ def _finish_resident(model: nn.Module, bank_class) -> None:
     model.tie_weights()
     with torch.no_grad():
         for module in model.modules():
-            if module._non_persistent_buffers_set and not isinstance(module, bank_class):
+            if module._non_persistent_buffers_set and not isinstance(module, BankExperts):
                 model._init_weights(module)
     model.eval()
+
+
+def _check_slot_maps(family: Family, layer: str, experts_per_layer: int) -> None:
+    for name, variant in family.variants.items():
+        slots = variant.slot_maps.get(layer)
+        if slots is None or len(slots) != experts_per_layer:
+            raise ArtifactError(f"model {name!r}: layer {layer} needs a slot map of {experts_per_layer} entries")
+        if not all(0 <= s < family.bank_sizes[layer] for s in slots):
+            raise ArtifactError(f"model {name!r}: layer {layer} slot map points outside its bank of {family.bank_sizes[layer]}")
 
 
 def _swap_targets(model: nn.Module, banks: dict[str, nn.Module]) -> dict[str, torch.Tensor]:

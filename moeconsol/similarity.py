@@ -35,6 +35,7 @@ import torch
 from .checkpoint import Checkpoint, warn_unusual_values
 from .digest import tensor_digest
 from .errors import CheckpointError, SettingsError
+from .layouts import ExpertKind
 
 METRICS = ("cosine", "l2", "relative-l2", "cka")
 DISTANCE_METRICS = ("l2", "relative-l2")
@@ -118,10 +119,23 @@ def expert_function(ckpt: Checkpoint) -> Callable[[dict[str, torch.Tensor], torc
     """The expert's forward pass (float64), from the layout's kind and the config's activation."""
     from transformers.activations import ACT2FN  # here, not at import: transformers takes seconds to import
 
-    act = ACT2FN[ckpt.config.get(ckpt.layout.activation_key, "silu")]
-    if ckpt.layout.expert_kind == "gated":
-        return lambda p, x: (act(x @ p["w1"].T) * (x @ p["w3"].T)) @ p["w2"].T
-    return lambda p, x: act(x @ p["wi"].T) @ p["wo"].T
+    record = ckpt.layout.record
+    act = ACT2FN[ckpt.config.get(record.activation_key, "silu")]
+    if record.kind is ExpertKind.GATED:
+        gate, up, down = (record.part(r) for r in ("gate", "up", "down"))
+        return lambda p, x: (act(x @ p[gate].T) * (x @ p[up].T)) @ p[down].T
+    if record.kind is ExpertKind.CLAMPED_SWIGLU:
+        gate, up, down, b_gate, b_up, b_down = (record.part(r) for r in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"))
+        alpha, limit = ckpt.config.get("swiglu_alpha", 1.702), ckpt.config.get("swiglu_limit", 7.0)
+
+        def clamped_swiglu(p, x):
+            g = (x @ p[gate].T + p[b_gate]).clamp(max=limit)
+            u = (x @ p[up].T + p[b_up]).clamp(min=-limit, max=limit)
+            return ((u + 1) * g * torch.sigmoid(g * alpha)) @ p[down].T + p[b_down]
+
+        return clamped_swiglu
+    w_in, w_out = record.part("in"), record.part("out")
+    return lambda p, x: act(x @ p[w_in].T) @ p[w_out].T
 
 
 def cka_matrix(experts: list[dict[str, torch.Tensor]], probes: torch.Tensor, fn) -> np.ndarray:
@@ -226,7 +240,7 @@ def probe_inputs_from_text(ckpt: Checkpoint, text: str, n_probes: int = DEFAULT_
     ids = tok(text, return_tensors="pt", truncation=True, max_length=n_probes).input_ids
     if ids.shape[1] < 2:
         raise SettingsError("calibration text is empty after tokenization")
-    seq2seq = ckpt.layout.architecture == "switch_transformers"
+    seq2seq = ckpt.layout.record.encoder_decoder
     cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 

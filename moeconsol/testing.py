@@ -1,7 +1,7 @@
 """Tiny real models for tests, examples and benchmarks (like `numpy.testing`).
 
-Everything here builds with transformers' own classes (MixtralConfig,
-SwitchTransformersConfig) and a small byte-level BPE tokenizer trained on the spot, so no
+Everything here builds with transformers' own classes (every architecture of
+`layouts.ARCHITECTURES`, from `TINY_CONFIGS`) and a small byte-level BPE tokenizer trained on the spot, so no
 download is ever needed. `derive_variant` makes a "fine-tune" whose chosen experts and
 non-expert tensors differ from the base and whose other experts stay bit-identical, which
 is what tests of sharing need; `examples/build_family.py` makes real fine-tunes by training.
@@ -47,73 +47,86 @@ def tiny_tokenizer(text: str = SAMPLE_TEXT, vocab_size: int = 320):
     return fast
 
 
-def tiny_mixtral_config(vocab_size: int = 320, **overrides):
-    from transformers import MixtralConfig
+_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+_ATTENTION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+_DEEPSEEK = dict(
+    {k: v for k, v in _ATTENTION.items() if k not in ("num_hidden_layers", "num_key_value_heads")}, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+    first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+    v_head_dim=8,
+)
+TINY_CONFIGS: dict[str, dict] = {
+    "mixtral": dict(**_TOKENS, **_ATTENTION, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        **_TOKENS, **_ATTENTION, intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+        num_experts=4, num_experts_per_tok=2,
+    ),
+    "qwen3_moe": dict(**_TOKENS, **_ATTENTION, intermediate_size=64, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, head_dim=8),
+    "olmoe": dict(**_TOKENS, **_ATTENTION, intermediate_size=16, num_experts=4, num_experts_per_tok=2),
+    "deepseek_v2": dict(**_TOKENS, **_DEEPSEEK, num_hidden_layers=3),
+    "deepseek_v3": dict(**_TOKENS, **_DEEPSEEK, num_hidden_layers=3),
+    "gpt_oss": dict(**_TOKENS, **_ATTENTION, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, head_dim=8),
+    "switch_transformers": dict(
+        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, num_experts=4, encoder_sparse_step=2,
+        decoder_sparse_step=2, expert_capacity=64, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+    ),
+}
+"""Tiny configs of every architecture in `layouts.ARCHITECTURES` (4 experts, hidden size 32)."""
 
-    kw = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
+
+def tiny_config(architecture: str, vocab_size: int = 320, **overrides):
+    """A tiny transformers config of `architecture` (a `layouts.ARCHITECTURES` name)."""
+    import transformers
+
+    from .layouts import architecture as record
+
+    kw = dict(TINY_CONFIGS[architecture], vocab_size=vocab_size)
     kw.update(overrides)
-    return MixtralConfig(**kw)
+    return getattr(transformers, record(architecture).config_class)(**kw)
+
+
+def tiny_model(architecture: str, seed: int = 0, **overrides):
+    """A tiny randomly initialised model of `architecture` (float32, eval mode)."""
+    import transformers
+
+    from .layouts import architecture as record
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, record(architecture).model_class)(tiny_config(architecture, **overrides)).eval()
+    with torch.no_grad():  # transformers initialises expert biases (gpt-oss) to 0; trained ones are not
+        for experts in experts_modules(model).values():
+            for name, p in experts.named_parameters(recurse=False):
+                if name.endswith("_bias"):
+                    p.normal_(0.0, 0.02)
+    return model
+
+
+def tiny_mixtral_config(vocab_size: int = 320, **overrides):
+    return tiny_config("mixtral", vocab_size, **overrides)
 
 
 def tiny_switch_config(vocab_size: int = 320, **overrides):
-    from transformers import SwitchTransformersConfig
-
-    kw = dict(
-        vocab_size=vocab_size,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        num_experts=4,
-        encoder_sparse_step=2,
-        decoder_sparse_step=2,
-        expert_capacity=64,
-        pad_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=0,
-    )
-    kw.update(overrides)
-    return SwitchTransformersConfig(**kw)
+    return tiny_config("switch_transformers", vocab_size, **overrides)
 
 
 def tiny_mixtral(seed: int = 0, **overrides):
-    from transformers import MixtralForCausalLM
-
-    torch.manual_seed(seed)
-    return MixtralForCausalLM(tiny_mixtral_config(**overrides)).eval()
+    return tiny_model("mixtral", seed, **overrides)
 
 
 def tiny_switch(seed: int = 0, **overrides):
-    from transformers import SwitchTransformersForConditionalGeneration
+    return tiny_model("switch_transformers", seed, **overrides)
 
-    torch.manual_seed(seed)
-    return SwitchTransformersForConditionalGeneration(tiny_switch_config(**overrides)).eval()
+
+def experts_modules(model) -> dict[str, torch.nn.Module]:
+    """Each MoE layer's experts module, by name (shared experts are not among them)."""
+    return {n: m for n, m in model.named_modules() if n.endswith(".mlp.experts")}
 
 
 def expert_parameters(model, layer: int, expert: int) -> list[torch.nn.Parameter]:
-    """The parameters holding one expert, for either architecture (3-D fused tensors included)."""
-    name = type(model).__name__
-    if name.startswith("Mixtral"):
-        experts = model.model.layers[layer].mlp.experts
-        return [experts.gate_up_proj, experts.down_proj]
-    blocks = [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
-    return list(blocks[layer][f"expert_{expert}"].parameters())
+    """The parameters holding one expert, for any architecture (3-D fused tensors included)."""
+    experts = list(experts_modules(model).values())[layer]
+    if hasattr(experts, f"expert_{expert}"):
+        return list(experts[f"expert_{expert}"].parameters())
+    return list(experts.parameters(recurse=False))
 
 
 def derive_variant(
@@ -124,30 +137,32 @@ def derive_variant(
     scale: float = 0.02,
 ):
     """A copy of `base` with noise added to the chosen (moe_layer_index, expert) experts and,
-    optionally, to every non-expert tensor; all other experts stay bit-identical."""
+    optionally, to every non-expert tensor (shared experts and persistent float buffers such
+    as DeepSeek-V3's `e_score_correction_bias` included); all other experts stay bit-identical."""
     model = copy.deepcopy(base)
     g = torch.Generator().manual_seed(seed)
     changed = set(changed_experts)
-    is_mixtral = type(model).__name__.startswith("Mixtral")
+    modules = experts_modules(model)
     with torch.no_grad():
-        if is_mixtral:
-            for li, layer in enumerate(model.model.layers):
-                ex = layer.mlp.experts
-                for e in range(ex.gate_up_proj.shape[0]):
-                    if (li, e) in changed:
-                        ex.gate_up_proj[e] += scale * torch.randn(ex.gate_up_proj[e].shape, generator=g)
-                        ex.down_proj[e] += scale * torch.randn(ex.down_proj[e].shape, generator=g)
-        else:
-            blocks = [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
-            for li, block in enumerate(blocks):
-                for e in range(len(block)):
-                    if (li, e) in changed:
-                        for p in block[f"expert_{e}"].parameters():
-                            p += scale * torch.randn(p.shape, generator=g)
+        for li, experts in enumerate(modules.values()):
+            for e in range(experts.num_experts):
+                if (li, e) not in changed:
+                    continue
+                if hasattr(experts, f"expert_{e}"):
+                    for p in experts[f"expert_{e}"].parameters():
+                        p += scale * torch.randn(p.shape, generator=g)
+                else:
+                    for p in experts.parameters(recurse=False):
+                        p[e] += scale * torch.randn(p[e].shape, generator=g)
         if change_non_experts:
+            inside = tuple(f"{n}." for n in modules)
             for name, p in model.named_parameters():
-                if "experts" not in name:
+                if not name.startswith(inside):
                     p += scale * torch.randn(p.shape, generator=g)
+            params = dict(model.named_parameters())
+            for name, t in model.state_dict(keep_vars=True).items():
+                if name not in params and not name.startswith(inside) and t.is_floating_point():
+                    t += scale * torch.randn(t.shape, generator=g)
     return model
 
 

@@ -226,7 +226,7 @@ def test_cli_rejects_a_missing_out_option():
 
 
 def _demo(*args: str) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "MOECONSOL": str(Path(sys.executable).parent / "moeconsol")}
+    env = {"PATH": "/usr/bin:/bin", "MOECONSOL": str(Path(sys.executable).parent / "moeconsol"), "PYTHON": sys.executable}
     return subprocess.run(["bash", str(ROOT / "examples" / "demo.sh"), *args], capture_output=True, text=True,
                           cwd=ROOT, env=env)
 
@@ -236,16 +236,16 @@ def test_demo_script_runs_the_whole_pipeline(family):
     proc = _demo(str(out))
     assert proc.returncode == 0, proc.stderr
     reports = out / "reports"
-    for fam in ["mixtral", "switch"]:
+    for fam in ["mixtral", "switch", "qwen3_moe"]:
         analysis = json.loads((reports / f"{fam}-analyze.json").read_text())
         assert analysis  # written by `moeconsol analyze`, checked in its own tests
         assert (reports / f"{fam}-heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     artifacts = out / "artifacts"
-    for name in ["mixtral-lossless", "mixtral-budget50", "switch-threshold", "mixtral-calibrated"]:
+    for name in ["mixtral-lossless", "mixtral-budget50", "switch-threshold", "mixtral-calibrated", "qwen3_moe-lossless"]:
         assert (artifacts / name / "manifest.json").is_file(), name
     assert "ok: " in proc.stdout  # `moeconsol verify` of the lossless artifact
     assert (artifacts / "math-exported" / "config.json").is_file()
-    assert proc.stdout.count("time to first token") == 3  # serve-local: code, math, upper
+    assert proc.stdout.count("time to first token") == 4  # serve-local: code, math, upper; Qwen3-MoE b
     evaluation = json.loads((reports / "mixtral-eval.json").read_text())
     gains = {v["name"]: v["retained_gain"] for v in evaluation["variants"]}
     assert set(gains) == {"base", "code", "math", "story"}

@@ -23,39 +23,41 @@ from moeconsol.errors import MoeconsolError
 from moeconsol import runtime
 from moeconsol.merge import merge
 from moeconsol.runtime import Family, GenerationSettings, Runtime, parse_device, parse_dtype
-from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_switch, tiny_tokenizer
+from moeconsol.layouts import architecture
+from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_model, tiny_tokenizer
 from cli_helpers import cli
 
 PROMPT = "The quick brown fox"
-CLASSES = {"mixtral": transformers.MixtralForCausalLM, "switch": transformers.SwitchTransformersForConditionalGeneration}
 
 
 def build_family(root: Path, arch: str) -> dict[str, Path]:
     """base, ft (changed experts + non-experts; fused layout for Mixtral), same (only
     experts changed: its non-expert tensors are the base's), merged losslessly into out/."""
     tok = tiny_tokenizer()
-    base = tiny_mixtral(0) if arch == "mixtral" else tiny_switch(0)
+    base = tiny_model(arch, 0)
     models = {
         "base": base,
         "ft": derive_variant(base, 1, changed_experts=[(0, 1), (1, 2)], scale=0.5),
         "same": derive_variant(base, 2, changed_experts=[(1, 0)], change_non_experts=False, scale=0.5),
     }
-    paths = {name: save_model(m, root / name, tok, fused=(arch == "mixtral" and name == "ft")) for name, m in models.items()}
+    fused = len(architecture(arch).layouts) > 1
+    paths = {name: save_model(m, root / name, tok, fused=(fused and name == "ft")) for name, m in models.items()}
     merge(open_checkpoints([f"{n}={p}" for n, p in paths.items()]), root / "out")
     return {**paths, "out": root / "out"}
 
 
-@pytest.fixture(scope="module", params=["mixtral", "switch"])
+@pytest.fixture(scope="module", params=["mixtral", "switch_transformers"])
 def family(request, tmp_path_factory):
     arch = request.param
     paths = build_family(tmp_path_factory.mktemp(arch), arch)
-    refs = {n: CLASSES[arch].from_pretrained(paths[n]).eval() for n in ("base", "ft", "same")}
+    model_class = getattr(transformers, architecture(arch).model_class)
+    refs = {n: model_class.from_pretrained(paths[n]).eval() for n in ("base", "ft", "same")}
     return arch, paths, refs, Runtime.from_artifact(paths["out"])
 
 
 def _inputs(arch: str, tok) -> dict:
     ids = torch.tensor([tok(PROMPT)["input_ids"]])
-    return {"input_ids": ids} if arch == "mixtral" else {"input_ids": ids, "decoder_input_ids": ids[:, :3]}
+    return {"input_ids": ids, "decoder_input_ids": ids[:, :3]} if architecture(arch).encoder_decoder else {"input_ids": ids}
 
 
 @torch.no_grad()
@@ -81,7 +83,7 @@ def test_buffers_and_dtypes_match_a_normally_built_model(family):
         assert got[name].dtype == buf.dtype and torch.equal(got[name], buf), name
     params = {n: p.dtype for n, p in rt.model.named_parameters()}
     assert all(d == torch.float32 for d in params.values())
-    if arch == "switch":  # tied embeddings stay tied, as in transformers' own model
+    if rt.model.config.tie_word_embeddings:  # tied embeddings stay tied, as in transformers' own model
         assert rt.model.lm_head.weight.data_ptr() == rt.model.shared.weight.data_ptr()
 
 
@@ -275,7 +277,7 @@ def test_on_device_logits_equal_transformers_and_swaps_stay_in_place(family, dev
 def test_resident_bytes(family):
     arch, paths, refs, rt = family
     rb = rt.resident_bytes()
-    per_expert = (2 if arch == "switch" else 3) * 32 * 64 * 4  # wi, wo or w1, w2, w3 of 32 x 64, float32
+    per_expert = len(architecture(arch).parts) * 32 * 64 * 4  # wi, wo or w1, w2, w3 of 32 x 64, float32
     assert rb.bank == sum(rt.family.bank_sizes.values()) * per_expert
     non_expert = {p.data_ptr(): p.numel() * 4 for n, p in refs["base"].named_parameters() if "experts" not in n}
     assert rb.non_expert == sum(non_expert.values())
@@ -290,7 +292,7 @@ def test_greedy_generation_equals_transformers(family):
     for name in ("ft", "base"):
         got = rt.complete(name, PROMPT, GenerationSettings(max_new_tokens=10))
         out = refs[name].generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
-        want = out[0, 1:] if arch == "switch" else out[0, ids.shape[1]:]
+        want = out[0, 1:] if architecture(arch).encoder_decoder else out[0, ids.shape[1]:]
         assert got.token_ids == want.tolist()
         assert got.text == tok.decode(want, skip_special_tokens=True)
         assert got.prompt_tokens == ids.shape[1] and got.finish_reason in ("stop", "length")

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ..checkpoint import open_checkpoints
 from ..errors import MoeconsolError
-from ..report import AnalysisReport, analyze_models, report_json, same_index_summary, write_heatmap
+from ..report import FULL_MATRIX_LIMIT, AnalysisReport, analyze_models, report_json, same_index_summary, write_heatmap
 from ..similarity import DEFAULT_PROBES, METRICS, check_metrics
 from . import app
 
@@ -34,6 +34,13 @@ def analyze(
     revision: Annotated[Optional[str], typer.Option(help="Hub revision for models given as repo ids.")] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the full report as JSON to FILE ('-': stdout).")] = None,
     heatmap: Annotated[Optional[Path], typer.Option(help="Write per-layer heatmaps of the first metric to FILE.png.")] = None,
+    full_matrices: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--full-matrices/--summary-only",
+            help=f"Full (N*E)^2 matrices in the JSON and heatmap, or the per-layer same-index summary (default: full up to N*E = {FULL_MATRIX_LIMIT}).",
+        ),
+    ] = None,
 ) -> None:
     """Measure expert similarity across models, per MoE layer; print tables, write JSON/PNG."""
     metrics = check_metrics([m.strip() for arg in (metric or ["cosine"]) for m in arg.split(",") if m.strip()] or ["cosine"])
@@ -57,7 +64,7 @@ def analyze(
     if json_out != "-":
         print_tables(report, Console())
     if json_out is not None:
-        text = json.dumps(report_json(report), allow_nan=False)
+        text = json.dumps(report_json(report, full_matrices), allow_nan=False)
         if json_out == "-":
             sys.stdout.write(text + "\n")
         else:
@@ -67,7 +74,7 @@ def analyze(
                 raise MoeconsolError(f"{json_out}: cannot write: {e.strerror}") from None
             err.print(f"wrote {json_out}")
     if heatmap is not None:
-        write_heatmap(report, heatmap)
+        write_heatmap(report, heatmap, full=full_matrices)
         err.print(f"wrote {heatmap}")
 
 
@@ -80,6 +87,9 @@ def print_tables(report: AnalysisReport, console: Console) -> None:
         p = report.probes
         how = f"seed {p.seed}" if p.kind == "gaussian" else f"from {p.file}"
         console.print(f"CKA probes: {p.count} {p.kind} per layer ({how})")
+    if len(report.layers) > COMPACT_AFTER_LAYERS:
+        print_compact_table(report, console)
+        return
     for sim in report.layers:
         summary = same_index_summary(report, sim)
         table = Table(title=f"{sim.layer}: {summary['pairs']} same-index pairs across {n} models", title_justify="left")
@@ -95,3 +105,25 @@ def print_tables(report: AnalysisReport, console: Console) -> None:
             table.add_row(m, *("-" if stats[k] is None else f"{stats[k]:.6g}" for k in ("mean", "min", "max")), rules or "-")
         table.add_row("bit-identical", "-", "-", "-", f"{shared['identical']}  ({summary['identical_pairs']} pairs)")
         console.print(table)
+
+
+COMPACT_AFTER_LAYERS = 8
+"""More MoE layers than this: one table, a row per layer."""
+
+
+def print_compact_table(report: AnalysisReport, console: Console) -> None:
+    """One row per MoE layer: the same-index mean of each metric and what could be shared."""
+    n, e = len(report.models), report.experts_per_layer
+    summaries = [(sim.layer, same_index_summary(report, sim)) for sim in report.layers]
+    rules = [r["rule"] for r in summaries[0][1]["shared"]]
+    table = Table(title=f"same-index pairs across {n} models (mean); expert copies that could be shared, of {(n - 1) * e}", title_justify="left")
+    table.add_column("layer", no_wrap=True)
+    for m in report.metrics:
+        table.add_column(m, justify="right")
+    for rule in rules:
+        table.add_column(rule.replace(">= ", "≥").replace("<= ", "≤"), justify="right")
+    for layer, summary in summaries:
+        means = [summary["metrics"][m]["mean"] for m in report.metrics]
+        shared = {r["rule"]: r["experts"] for r in summary["shared"]}
+        table.add_row(layer, *("-" if v is None else f"{v:.4g}" for v in means), *(str(shared[r]) for r in rules))
+    console.print(table)
