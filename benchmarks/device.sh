@@ -7,7 +7,8 @@
 #   2. swap time vs one pinned plain host-to-device copy of the same bytes, and greedy tokens/s
 #      vs transformers' own model, on the tiny family and the realistic-width bf16 family;
 #      the interleaved-request trace (time to first token with and without a swap)
-#      (benchmarks/serve.py --device cuda --wide --json).
+#      (benchmarks/serve.py --device cuda --wide --json);
+#   3. a short multi-model trace, turnaround of the four systems (benchmarks/turnaround.py).
 # Python packages: the machine's own; if moeconsol's dependencies are missing, wheels carried in
 # ${WHEELS:-.device-wheels} (made on a connected machine with
 # `pip download -d .device-wheels transformers safetensors tokenizers typer rich fastapi uvicorn scipy psutil pytest httpx`)
@@ -48,4 +49,7 @@ tail -n 3 "$OUT/serve-$DEVICE.log"
 if [ -s "$OUT/serve-$DEVICE.json" ]; then
   "$PY" -c 'import json, sys; r = json.load(open(sys.argv[1])); print(json.dumps({f"{size} {part}": {k: v for k, v in s[part].items() if k in ("bytes", "swap_s", "plain_copy_s", "ratio", "ratio_to_same_copy", "runtime_tokens_per_s", "transformers_tokens_per_s", "best_ratio")} for size, s in (("tiny", r), ("wide", r["wide"])) for part in ("swap", "generation")}, indent=1))' "$OUT/serve-$DEVICE.json"
 fi
+timeout 240 "$PY" benchmarks/turnaround.py --device "$DEVICE" --variants 2 --requests 16 --rates 4,16 \
+  --json "$OUT/turnaround-$DEVICE.json" > "$OUT/turnaround-$DEVICE.txt" 2>&1 || status=$?
+tail -n 12 "$OUT/turnaround-$DEVICE.txt"
 exit $status

@@ -19,7 +19,7 @@ For each system, popularity and rate it reports mean and p95 turnaround (arrival
 token), mean time to first token, generated tokens per second and the bytes the system keeps
 resident (from each server's /metrics), as a table and a plot, and writes JSON.
 
-    python benchmarks/turnaround.py [--variants 4] [--requests 24] [--rates 2,4,8] [--json OUT] [--plot OUT.png]
+    python benchmarks/turnaround.py [--variants 4] [--requests 24] [--rates 2,4,8] [--device cuda] [--json OUT] [--plot OUT.png]
 """
 
 from __future__ import annotations
@@ -88,11 +88,11 @@ class PlainModels:
     (N times the memory, activation free); `resident=False` holds one and loads the requested
     variant's whole checkpoint when it changes (whole-model switching)."""
 
-    def __init__(self, paths: dict[str, Path], resident: bool):
+    def __init__(self, paths: dict[str, Path], resident: bool, device: str = "cpu"):
         from transformers import AutoTokenizer
 
         self.paths, self.names, self.resident = paths, list(paths), resident
-        self.device = torch.device("cpu")
+        self.device = torch.device(device)
         self.family = SimpleNamespace(variants={n: SimpleNamespace(generation_config=None, model_dir=p) for n, p in paths.items()})
         self._tokenizers = {n: AutoTokenizer.from_pretrained(str(p)) for n, p in paths.items()}
         self._models = {n: self._load(n) for n in (self.names if resident else self.names[:1])}
@@ -101,7 +101,7 @@ class PlainModels:
     def _load(self, name: str):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(str(self.paths[name])).eval()
+        return AutoModelForCausalLM.from_pretrained(str(self.paths[name])).to(self.device).eval()
 
     @property
     def model(self):
@@ -151,7 +151,7 @@ def serve_plain(args: argparse.Namespace) -> None:
         os.sched_setaffinity(0, cores)
         torch.set_num_threads(len(cores))
     paths = dict(item.split("=", 1) for item in args.models)
-    runtime = PlainModels({n: Path(p) for n, p in paths.items()}, resident=args.serve == "resident")
+    runtime = PlainModels({n: Path(p) for n, p in paths.items()}, resident=args.serve == "resident", device=args.device)
     serve(runtime, port=args.port, max_wait=args.max_wait, log_level="warning")
 
 
@@ -172,13 +172,14 @@ class System:
     procs: list[subprocess.Popen] = field(default_factory=list)
 
 
-def start(name: str, paths: dict[str, Path], artifact: Path, max_wait: float) -> System:
-    me = [sys.executable, str(Path(__file__).resolve())]
+def start(name: str, paths: dict[str, Path], artifact: Path, max_wait: float, device: str) -> System:
+    me = [sys.executable, str(Path(__file__).resolve()), "--device", device]
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     models = [f"{n}={p}" for n, p in paths.items()]
     if name == "moeconsol":
         port = free_port()
-        cmd = [sys.executable, "-m", "moeconsol", "serve-local", str(artifact), "--port", str(port), "--max-wait", str(max_wait)]
+        cmd = [sys.executable, "-m", "moeconsol", "serve-local", str(artifact), "--port", str(port), "--max-wait", str(max_wait),
+               "--device", device]
         return System(name, {n: port for n in paths}, [subprocess.Popen(cmd, **quiet)])
     if name in ("whole-model switching", "all resident"):
         port = free_port()
@@ -314,6 +315,7 @@ def main() -> None:
     ap.add_argument("--rates", default="2,4,8", help="request rates (per second), comma-separated")
     ap.add_argument("--max-wait", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (on one GPU the static partition's processes share it)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--serve", choices=["switching", "resident"], help=argparse.SUPPRESS)
@@ -331,7 +333,7 @@ def main() -> None:
         popularity = {"uniform": tuple(1.0 for _ in names), "skewed": SKEWED}
         rows = []
         for name in SYSTEMS:
-            system = start(name, paths, artifact, args.max_wait)
+            system = start(name, paths, artifact, args.max_wait, args.device)
             try:
                 wait_ready(system)
                 held = resident_bytes(system)
@@ -346,7 +348,7 @@ def main() -> None:
             finally:
                 stop(system)
     load = os.getloadavg()
-    result = {"variants": args.variants, "requests": args.requests, "new_tokens": NEW_TOKENS, "size": SIZE,
+    result = {"device": args.device, "variants": args.variants, "requests": args.requests, "new_tokens": NEW_TOKENS, "size": SIZE,
               "max_wait": args.max_wait, "load_average": [round(x, 2) for x in load], "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
