@@ -242,6 +242,8 @@ def check_references(art: Artifact) -> list[str]:
                     problems.append(f"{entry.layer}: bank expert {k} part {part} is not stored")
                 elif stored is None or stored.shape != spec.part_shapes[part]:
                     problems.append(f"{key}: shape differs from part_shapes[{part}]")
+                elif stored.dtype != spec.dtype:
+                    problems.append(f"{key}: dtype {stored.dtype} differs from the manifest's expert dtype {spec.dtype}")
         for name, slots in entry.slot_map.items():
             if len(slots) != art.experts_per_layer or not all(0 <= s < size for s in slots):
                 problems.append(f"{entry.layer}: slot map of {name!r} is out of range")

@@ -141,6 +141,20 @@ def test_manifest_of_wrong_types(small_family, tmp_path, edit, fragment):
     assert not (tmp_path / "out").exists()
 
 
+def test_manifest_dtype_that_disagrees_with_the_bank(small_family, tmp_path):
+    """Found by the property test below: a manifest whose expert dtype is not the bank
+    tensors' dtype made export crash in the writer; verify and export now name it."""
+    art = copy(small_family / "art", tmp_path / "art")
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["dtype"] == "F32"
+    manifest["dtype"] = "F16"
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    r = run_main("verify", art)
+    assert r.returncode == 1 and "differs from the manifest's expert dtype F16" in r.stdout + r.stderr, r.stdout + r.stderr
+    one_error_line(run_main("export", art, "base", "-o", tmp_path / "out"), "damaged artifact", "expert dtype F16")
+    assert not (tmp_path / "out").exists()
+
+
 def test_manifest_with_nan_refused(small_family, tmp_path):
     art = copy(small_family / "art", tmp_path / "art")
     text = (art / "manifest.json").read_text().replace('"experts_per_layer": 4', '"experts_per_layer": NaN')
