@@ -158,6 +158,32 @@ def test_runtime_logits_equal_transformers_from_the_source(family):
             assert torch.equal(runtime.model(**_inputs(arch)).logits, ref(**_inputs(arch)).logits), name
 
 
+SWITCH_BF16_SWAP = pytest.mark.xfail(
+    strict=True,
+    reason="known runtime bug, not fixed here: Switch's router runs `self.classifier = self.classifier.to(router_dtype)` "
+    "in its forward; in bfloat16 that replaces the weight's data with a float32 copy, detached from the runtime's flat "
+    "buffer, so later swaps no longer reach the router",
+)
+
+
+@pytest.mark.parametrize("family", [r if r[0] != "switch_transformers" else pytest.param(r, marks=SWITCH_BF16_SWAP) for r in FAMILIES],
+                         ids=IDS, indirect=True)
+def test_bfloat16_runtime_equals_transformers_in_bfloat16(family):
+    """from_pretrained(dtype=bfloat16) keeps some tensors in float32 (DeepSeek-V3's router
+    weight and e_score_correction_bias): so does the runtime, with a float32 flat buffer."""
+    arch, root, models, changed = family
+    runtime = Runtime.from_artifact(root / "lossless", dtype=torch.bfloat16)
+    cls = getattr(transformers, architecture(arch).model_class)
+    for name in ("a", "base"):
+        runtime.activate(name)
+        ref = cls.from_pretrained(str(root / name), dtype=torch.bfloat16).eval()
+        ours = runtime.model.state_dict()
+        kept = [n for n, t in ref.state_dict().items() if t.dtype == torch.float32]  # DeepSeek-V3's router
+        assert all(ours[n].dtype == torch.float32 for n in kept)
+        with torch.no_grad():
+            assert torch.equal(runtime.model(**_inputs(arch)).logits, ref(**_inputs(arch)).logits), name
+
+
 def test_every_merge_mode_serves_and_eval_sweep_score_it(family, tmp_path):
     arch, root, models, changed = family
     refs = [f"{n}={root / n}" for n in ("a", "b")]
