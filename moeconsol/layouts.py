@@ -203,6 +203,10 @@ class Architecture:
     router: str = "gate"
     """in-memory name of the router module inside the MoE block (`{layer}.mlp.{router}`)"""
     router_format: RouterFormat = RouterFormat.TOP_K
+    router_dtype_key: str | None = None
+    """Config key of the dtype the router computes in when it casts its own weights to it at
+    every forward (Switch: `router_dtype`). The runtime holds them in that dtype from the
+    start, so the cast is a no-op and swaps keep reaching them."""
     encoder_decoder: bool = False
     layer_pattern: str = r"model\.layers\.\d+"
     """Regex of a decoder layer prefix that may hold an MoE block (`{layer}.mlp`)."""
@@ -315,7 +319,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         "switch_transformers", "Switch Transformers", "SwitchTransformersConfig", "SwitchTransformersForConditionalGeneration",
         ExpertKind.DENSE, {"in": "wi", "out": "wo"}, activation_key="dense_act_fn", bank=BankKind.MODULES,
-        router="router.classifier", router_format=RouterFormat.ONE_HOT, encoder_decoder=True,
+        router="router.classifier", router_format=RouterFormat.ONE_HOT, router_dtype_key="router_dtype", encoder_decoder=True,
         layer_pattern=r"(?:encoder|decoder)\.block\.\d+\.layer\.\d+",
         explicit_layouts=(
             Layout(

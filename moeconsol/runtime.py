@@ -400,6 +400,7 @@ class Runtime:
         config_class, model_class = _model_classes(family.architecture)
         self.model = _build_skeleton(family, config_class, model_class, active, self.dtype)
         self._banks: dict[str, nn.Module] = {layer: self.model.get_submodule(f"{layer}.mlp.experts") for layer in family.layers}
+        self._through_model_dtype = _self_casting_router_weights(self.model, family)
         self._allocate()
         _finish_resident(self.model)
         self._targets = _swap_targets(self.model, self._banks)
@@ -453,6 +454,8 @@ class Runtime:
                 stored = self.family.read(self._keys[variant][tname])
                 if stored.shape != target.shape:
                     raise ArtifactError(f"model {variant!r}: {tname} is {list(stored.shape)}, the model needs {list(target.shape)}")
+                if tname in self._through_model_dtype and stored.is_floating_point():
+                    stored = stored.to(self.dtype)  # as transformers loads it, before its router casts it
                 offset = flat.offsets[tname]
                 buffer[offset : offset + target.numel()].view(target.shape).copy_(stored)
                 done += 1
@@ -642,9 +645,32 @@ def _build_skeleton(family: Family, config_class, model_class, active: str, dtyp
                 bank = bank_class(family.architecture, type(block.experts))(config, family.bank_sizes[layer])
                 block.experts = bank
                 _check_slot_maps(family, layer, len(bank.slot_map))
+                _keep_router_dtype(model, config, layer, _record(family.architecture))
     finally:
         torch.set_default_dtype(previous)
     return model
+
+
+def _keep_router_dtype(model: nn.Module, config, layer: str, record: Architecture) -> None:
+    """A router that casts its weights to its own dtype at every forward (Switch's
+    `self.classifier = self.classifier.to(router_dtype)`) would, in another model dtype,
+    replace them with a copy outside the runtime's flat buffer, which swaps no longer reach:
+    hold them in that dtype from the start (the same values transformers computes with)."""
+    if record.router_dtype_key is None:
+        return
+    dtype = getattr(torch, str(getattr(config, record.router_dtype_key)))
+    model.get_submodule(f"{layer}.mlp.{record.router}").to(dtype)
+
+
+def _self_casting_router_weights(model: nn.Module, family: Family) -> set[str]:
+    """Names of the router weights `_keep_router_dtype` holds in the router's own dtype: they
+    are loaded through the model's dtype first, as from_pretrained loads them before the
+    router's forward casts them."""
+    record = _record(family.architecture)
+    if record.router_dtype_key is None:
+        return set()
+    return {f"{layer}.mlp.{record.router}.{n}" for layer in family.layers
+            for n, _ in model.get_submodule(f"{layer}.mlp.{record.router}").named_parameters()}
 
 
 def _materialize(model: nn.Module, device: torch.device, views: dict[int, torch.Tensor]) -> None:

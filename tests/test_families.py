@@ -158,16 +158,7 @@ def test_runtime_logits_equal_transformers_from_the_source(family):
             assert torch.equal(runtime.model(**_inputs(arch)).logits, ref(**_inputs(arch)).logits), name
 
 
-SWITCH_BF16_SWAP = pytest.mark.xfail(
-    strict=True,
-    reason="known runtime bug, not fixed here: Switch's router runs `self.classifier = self.classifier.to(router_dtype)` "
-    "in its forward; in bfloat16 that replaces the weight's data with a float32 copy, detached from the runtime's flat "
-    "buffer, so later swaps no longer reach the router",
-)
-
-
-@pytest.mark.parametrize("family", [r if r[0] != "switch_transformers" else pytest.param(r, marks=SWITCH_BF16_SWAP) for r in FAMILIES],
-                         ids=IDS, indirect=True)
+@pytest.mark.parametrize("family", FAMILIES, ids=IDS, indirect=True)
 def test_bfloat16_runtime_equals_transformers_in_bfloat16(family):
     """from_pretrained(dtype=bfloat16) keeps some tensors in float32 (DeepSeek-V3's router
     weight and e_score_correction_bias): so does the runtime, with a float32 flat buffer."""
