@@ -25,6 +25,7 @@ Ray is imported lazily: the rest of moeconsol works without it.
 import asyncio
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,6 +264,16 @@ def build_app(settings: ReplicaSettings, names: Sequence[str], replicas: int, nu
         def __init__(self, replicas: Any, store: Any, max_body_bytes: int, route_by_variant: bool) -> None:
             self.replicas, self.store = replicas, store
             self.max_body_bytes, self.route_by_variant = max_body_bytes, route_by_variant
+            self.in_flight, self.draining = 0, False
+
+        async def drain(self, timeout: float) -> int:
+            """Refuse new requests (503) and wait up to `timeout` seconds for those in flight;
+            return how many are still running."""
+            self.draining = True
+            deadline = time.monotonic() + timeout
+            while self.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return self.in_flight
 
         @ingress.get("/metrics")
         async def metrics(self) -> Response:
@@ -272,6 +283,28 @@ def build_app(settings: ReplicaSettings, names: Sequence[str], replicas: int, nu
 
         @ingress.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
         async def forward(self, request: Request, path: str) -> Response:
+            if self.draining:
+                return ApiError(503, "the server is shutting down").response()
+            self.in_flight += 1
+            streaming = False
+            try:
+                response = await self._forward(request)
+                if isinstance(response, StreamingResponse):
+                    streaming = True
+                    response.body_iterator = self._counted(response.body_iterator)
+                return response
+            finally:
+                if not streaming:
+                    self.in_flight -= 1
+
+        async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                self.in_flight -= 1
+
+        async def _forward(self, request: Request) -> Response:
             try:
                 body = await read_body(request, self.max_body_bytes)
             except ApiError as e:
@@ -349,13 +382,17 @@ def deploy(settings: ReplicaSettings, replicas: int, host: str = "127.0.0.1", po
     return names
 
 
-def stop(local: bool, name: str = APP_NAME) -> None:
+def stop(local: bool, name: str = APP_NAME, drain_timeout: float = 120.0) -> None:
     """Stop serving after the requests in flight finish: a local Ray goes entirely (Serve,
     every Ray process); on a joined cluster only this application goes, the cluster stays."""
     import ray
     from ray import serve
 
     try:
+        try:
+            serve.get_app_handle(name).drain.remote(drain_timeout).result(timeout_s=drain_timeout + 30)
+        except Exception:  # an app that is not running has nothing in flight
+            pass
         if local:
             serve.shutdown()
         else:
