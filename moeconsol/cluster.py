@@ -249,7 +249,10 @@ def build_app(settings: ReplicaSettings, names: Sequence[str], replicas: int, nu
                 async for item in asgi_exchange(self.app, method, path, body):
                     yield item
             finally:
-                await self.report()
+                try:
+                    await self.report()
+                except Exception:  # the counters are reported again after the next request
+                    pass
 
         def __del__(self) -> None:
             scheduler = getattr(self, "scheduler", None)
@@ -358,12 +361,34 @@ def start_ray(address: str | None, num_cpus: float | None = None) -> None:
     """Join the cluster at `address`, or start a local one (no dashboard, logs off the console)."""
     import ray
 
-    if address is not None:
-        ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
-        return
-    cpus = None if num_cpus is None else max(1, int(-(-num_cpus // 1)))
-    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-             log_to_driver=False)
+    try:
+        if address is not None:
+            ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+            return
+        cpus = None if num_cpus is None else max(1, int(-(-num_cpus // 1)))
+        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+                 log_to_driver=False)
+    except Exception as e:
+        ray.shutdown()
+        where = f"join the Ray cluster at {address}" if address is not None else "start a local Ray"
+        raise MoeconsolError(f"cannot {where}: {first_line(e)}") from None
+
+
+def check_resources(replicas: int, num_gpus_per_replica: float) -> None:
+    """Replicas that the local Ray cannot place would wait forever: refuse them now (Ray is
+    stopped first)."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if replicas * num_gpus_per_replica > gpus:
+        ray.shutdown()
+        raise MoeconsolError(f"--replicas {replicas} x --num-gpus-per-replica {num_gpus_per_replica:g} needs "
+                             f"{replicas * num_gpus_per_replica:g} GPUs; this machine has {gpus:g}")
+
+
+def first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 def deploy(settings: ReplicaSettings, replicas: int, host: str = "127.0.0.1", port: int = 8000,

@@ -50,7 +50,7 @@ def serve_cluster(
             raise MoeconsolError(f"{option} must be at least 1, got {count}")
 
     from ..artifact import verify_artifact
-    from ..cluster import ReplicaSettings, artifact_path, check_address, deploy, require_ray, start_ray, stop
+    from ..cluster import ReplicaSettings, artifact_path, check_address, check_resources, deploy, first_line, require_ray, start_ray, stop
     from ..runtime import parse_device, parse_dtype
 
     require_ray()
@@ -71,26 +71,39 @@ def serve_cluster(
     received: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
-        received.append(signum)
-        stopping.set()
+        """The first SIGINT/SIGTERM stops the server (drain, then stop Ray); later ones are
+        ignored so that the drain is not cut short."""
+        if not received:
+            received.append(signum)
+            stopping.set()
+            raise KeyboardInterrupt
 
     local = address is None
     start_ray(address, num_cpus=replicas * num_cpus_per_replica)
+    if local:
+        check_resources(replicas, num_gpus_per_replica)
+    failed: Exception | None = None
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        names = deploy(settings, replicas, host=host, port=port, num_cpus_per_replica=num_cpus_per_replica,
-                       num_gpus_per_replica=num_gpus_per_replica)
+        try:
+            names = deploy(settings, replicas, host=host, port=port, num_cpus_per_replica=num_cpus_per_replica,
+                           num_gpus_per_replica=num_gpus_per_replica)
+        except Exception as e:  # Ray's errors are long; one line, after Ray is stopped
+            failed = e
+            return
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         print(f"serving {', '.join(names)} on http://{host}:{port}/v1 with {replicas} replica(s) on {where}",
               file=sys.stderr, flush=True)
         while not stopping.wait(0.5):
             pass
     except KeyboardInterrupt:
-        received.append(signal.SIGINT)
+        pass
     finally:
         stop(local)
-    for s, handler in previous.items():
-        signal.signal(s, handler)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if failed is not None:
+            raise MoeconsolError(f"deploying on Ray failed: {first_line(failed)}")
     what = "Ray and every Ray process stopped" if local else f"the application left the cluster at {address}"
     print(f"moeconsol: interrupted: the server on {host}:{port} stopped; {what}", file=sys.stderr)
     raise typer.Exit(130 if received and received[0] == signal.SIGINT else 0)
