@@ -11,8 +11,10 @@ the application three times, one after another, on the same Ray:
 
 Each gets the same workload over HTTP: `--requests` greedy completions of `--tokens` tokens,
 variants drawn with `--popularity` weights (fixed seed), sent by `--clients` concurrent
-clients. Requests/s is wall time over the whole workload; swaps come from the summed
-`/metrics`. Every replica reserves one CPU and runs one torch thread.
+clients. Requests/s is wall time over the whole workload (median over `--repeats` runs of
+each configuration, interleaved, since the machine's load drifts); swaps come from the summed
+`/metrics`. Every replica reserves one CPU and runs one torch thread. Ray may print a line of
+its own on stdout before the JSON.
 
     python benchmarks/cluster.py [--requests 48] [--clients 8] [--json]
 """
@@ -25,6 +27,7 @@ import os
 import random
 import re
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -92,6 +95,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--popularity", default="1,1,1", help="weights of base, code, chat")
     ap.add_argument("--size", choices=["benchmark", "example"], default="benchmark")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each configuration, interleaved (median)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -108,27 +112,37 @@ def main() -> None:
                  log_to_driver=False)
         try:
             port = _free_port()  # Serve's proxy keeps the port of its first start
-            rows = [run(paths["out"], n, aware, order, args.tokens, args.clients, port)
-                    for n, aware in ((1, True), (2, True), (2, False))]
+            configs = ((1, True), (2, True), (2, False))
+            runs = [run(paths["out"], n, aware, order, args.tokens, args.clients, port)
+                    for _ in range(args.repeats) for n, aware in configs]  # interleaved: the load drifts
         finally:
             from ray import serve
 
             serve.shutdown()
             ray.shutdown()
-    same = all(r["texts"] == rows[0]["texts"] for r in rows)
-    result = {"workload": {"requests": args.requests, "tokens": args.tokens, "clients": args.clients,
+    same = all(r["texts"] == runs[0]["texts"] for r in runs)
+    rows = []
+    for n, aware in configs:
+        mine = [r for r in runs if r["replicas"] == n and (r["routing"] == "variant-aware") == aware]
+        rows.append({"replicas": n, "routing": mine[0]["routing"],
+                     "requests_per_s": statistics.median(r["requests_per_s"] for r in mine),
+                     "tokens_per_s": statistics.median(r["tokens_per_s"] for r in mine),
+                     "swaps_per_request": sum(r["swaps"] for r in mine) / sum(r["requests"] for r in mine),
+                     "load_average_1m": statistics.mean(r["load_average_1m"] for r in mine),
+                     "requests_per_s_each": [r["requests_per_s"] for r in mine], "swaps_each": [r["swaps"] for r in mine]})
+    result = {"workload": {"requests": args.requests, "tokens": args.tokens, "clients": args.clients, "repeats": args.repeats,
                            "popularity": dict(zip(models, weights)), "size": args.size, "cpus": os.cpu_count()},
-              "runs": [{k: v for k, v in r.items() if k != "texts"} for r in rows], "answers_equal_across_runs": same}
+              "configs": rows, "answers_equal_across_runs": same}
     if args.json:
         print(json.dumps(result, indent=1))
         return
     w = result["workload"]
     print(f"{w['requests']} greedy requests x {w['tokens']} tokens, {w['clients']} clients, popularity {w['popularity']}, "
           f"{w['size']} family, {w['cpus']} CPUs; answers equal across runs: {same}")
-    for r in result["runs"]:
-        print(f"  {r['replicas']} replica(s), {r['routing']:>13}: {r['requests_per_s']:6.2f} req/s "
-              f"({r['tokens_per_s']:6.1f} tok/s), {r['swaps']:.0f} swaps = {r['swaps_per_request']:.2f}/request, "
-              f"load average {r['load_average_1m']:.1f}")
+    for r in rows:
+        each = ", ".join(f"{x:.1f}" for x in r["requests_per_s_each"])
+        print(f"  {r['replicas']} replica(s), {r['routing']:>13}: {r['requests_per_s']:6.2f} req/s median ({each}), "
+              f"{r['tokens_per_s']:6.1f} tok/s, {r['swaps_per_request']:.2f} swaps/request, load average {r['load_average_1m']:.1f}")
 
 
 if __name__ == "__main__":

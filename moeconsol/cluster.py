@@ -375,15 +375,14 @@ def start_ray(address: str | None, num_cpus: float | None = None) -> None:
 
 
 def check_resources(replicas: int, num_gpus_per_replica: float) -> None:
-    """Replicas that the local Ray cannot place would wait forever: refuse them now (Ray is
-    stopped first)."""
-    import ray
+    """Replicas that a local Ray cannot place would wait forever: refuse them before Ray starts
+    (a local Ray sees the GPUs torch sees)."""
+    import torch
 
-    gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = torch.cuda.device_count()
     if replicas * num_gpus_per_replica > gpus:
-        ray.shutdown()
         raise MoeconsolError(f"--replicas {replicas} x --num-gpus-per-replica {num_gpus_per_replica:g} needs "
-                             f"{replicas * num_gpus_per_replica:g} GPUs; this machine has {gpus:g}")
+                             f"{replicas * num_gpus_per_replica:g} GPUs; this machine has {gpus}")
 
 
 def first_line(e: BaseException) -> str:

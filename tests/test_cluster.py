@@ -211,6 +211,7 @@ def test_bad_input_one_line_exit_2_nothing_started(artifact, tmp_path, monkeypat
     data[-1] ^= 0xFF
     bank.write_bytes(bytes(data))
     one_error_line(run_main("serve", damaged, "--replicas", "1"), "damaged")
+    one_error_line(run_main("serve", artifact, "--replicas", "2", "--num-gpus-per-replica", "64"), "GPUs")
     port = _free_port()  # nothing listens there
     one_error_line(run_main("serve", artifact, "--address", f"127.0.0.1:{port}"), f"127.0.0.1:{port}")
     monkeypatch.setitem(sys.modules, "ray", None)

@@ -79,9 +79,9 @@ def serve_cluster(
             raise KeyboardInterrupt
 
     local = address is None
-    start_ray(address, num_cpus=replicas * num_cpus_per_replica)
     if local:
         check_resources(replicas, num_gpus_per_replica)
+    start_ray(address, num_cpus=replicas * num_cpus_per_replica)
     failed: Exception | None = None
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
