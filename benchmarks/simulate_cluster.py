@@ -10,7 +10,8 @@ active one. Two routers:
 - variant-aware (Ray Serve multiplexing as deployed): the replica whose active variant it is
   with the shortest queue, unless that queue holds `--spill` or more requests; then the
   replica with the shortest queue (which swaps);
-- random: any replica, uniformly (what a plain load balancer does).
+- random: two replicas drawn at random, the one with the shorter queue (Ray Serve's
+  power-of-two choice without a multiplexed model id: load-aware, blind to the variant).
 
 The swap, prefill and decode times come from the command line or from the JSON of
 `python benchmarks/serve.py --json` (`--measured FILE`). Memory compares one replica (bank
@@ -66,8 +67,9 @@ def simulate(n_variants: int, popularity: list[float], rate: float, replicas: in
             holders = [r for r in range(replicas) if active[r] == v and len(queue_ends[r]) < spill]
             pool = holders or range(replicas)
             r = min(pool, key=lambda i: (len(queue_ends[i]), free_at[i]))
-        else:
-            r = rng.randrange(replicas)
+        else:  # two replicas at random, the shorter queue: Ray Serve's routing without a model id
+            a, b = rng.randrange(replicas), rng.randrange(replicas)
+            r = min((a, b), key=lambda i: (len(queue_ends[i]), free_at[i]))
         swap = active[r] != v
         swaps += swap
         active[r] = v
