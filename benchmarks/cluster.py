@@ -2,7 +2,7 @@
 request with variant-aware vs random routing, all in one run on one local Ray.
 
 Builds benchmarks/serve.py's family (base + code + chat, hidden 256, 4 layers x 8 experts;
-`--size example` for the tiny one), starts a local Ray (127.0.0.1, no dashboard) and deploys
+`--size example` for the tiny one), starts a local Ray (no dashboard; the API on 127.0.0.1) and deploys
 the application three times, one after another, on the same Ray:
 
 1. 1 replica, variant-aware routing (multiplexing by the `model` field);
@@ -108,8 +108,7 @@ def main() -> None:
     order = [(rng.choices(models, weights)[0], f"{prompt} {i}") for i in range(args.requests)]
     with tempfile.TemporaryDirectory() as tmp:
         paths = build(Path(tmp), SIZE if args.size == "benchmark" else EXAMPLE_SIZE)
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-                 log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
         try:
             port = _free_port()  # Serve's proxy keeps the port of its first start
             configs = ((1, True), (2, True), (2, False))

@@ -190,15 +190,15 @@ def build_app(settings: ReplicaSettings, names: Sequence[str], replicas: int, nu
 
     names = list(names)
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
     class MetricsStore:
         def __init__(self) -> None:
             self.reports: dict[str, Samples] = {}
 
-        def report(self, replica: str, samples: Samples) -> None:
+        async def report(self, replica: str, samples: Samples) -> None:
             self.reports[replica] = samples
 
-        def snapshot(self) -> dict[str, Samples]:
+        async def snapshot(self) -> dict[str, Samples]:
             return dict(self.reports)
 
     @serve.deployment(
@@ -366,8 +366,9 @@ def start_ray(address: str | None, num_cpus: float | None = None) -> None:
             ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
             return
         cpus = None if num_cpus is None else max(1, int(-(-num_cpus // 1)))
-        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-                 log_to_driver=False)
+        # Ray takes the machine's address as node address (it refuses 127.0.0.1) and its internal
+        # gRPC ports listen on every interface, guarded by its token authentication
+        ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     except Exception as e:
         ray.shutdown()
         where = f"join the Ray cluster at {address}" if address is not None else "start a local Ray"
