@@ -60,7 +60,8 @@ def serve_cluster(
         raise MoeconsolError(f"{artifact}: damaged artifact: {problems[0]} (run `moeconsol verify` for the full list)")
     if address is not None:
         check_address(address)
-    bind(host, port).close()  # a port in use fails now, in one line (Serve's proxy listens on it)
+    if address is None:  # a port in use fails now, in one line (Serve's proxy will listen on it);
+        bind(host, port).close()  # on a joined cluster, Serve's proxy may hold it already
 
     settings = ReplicaSettings(
         artifact=artifact_path(artifact), device=device, dtype=dtype, max_wait=max_wait,
