@@ -108,7 +108,7 @@ def main() -> None:
     order = [(rng.choices(models, weights)[0], f"{prompt} {i}") for i in range(args.requests)]
     with tempfile.TemporaryDirectory() as tmp:
         paths = build(Path(tmp), SIZE if args.size == "benchmark" else EXAMPLE_SIZE)
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
         try:
             port = _free_port()  # Serve's proxy keeps the port of its first start
             configs = ((1, True), (2, True), (2, False))

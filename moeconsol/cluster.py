@@ -359,6 +359,11 @@ def check_address(address: str, timeout: float = 5.0) -> None:
 
 def start_ray(address: str | None, num_cpus: float | None = None) -> None:
     """Join the cluster at `address`, or start a local one (no dashboard, logs off the console)."""
+    import logging
+    import os
+
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # Ray's C++ retry warnings stay off stderr
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our own line says where it serves
     import ray
 
     try:
@@ -368,7 +373,7 @@ def start_ray(address: str | None, num_cpus: float | None = None) -> None:
         cpus = None if num_cpus is None else max(1, int(-(-num_cpus // 1)))
         # Ray takes the machine's address as node address (it refuses 127.0.0.1) and its internal
         # gRPC ports listen on every interface, guarded by its token authentication
-        ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     except Exception as e:
         ray.shutdown()
         where = f"join the Ray cluster at {address}" if address is not None else "start a local Ray"
