@@ -393,8 +393,8 @@ def _include_usage(body: dict, stream: bool) -> bool:
     return _flag(options, "include_usage")
 
 
-async def _json_body(request: HttpRequest, limit: int) -> dict:
-    """The body as a JSON object, read up to `limit` bytes (413 past it)."""
+async def read_body(request: HttpRequest, limit: int) -> bytes:
+    """The raw body, read up to `limit` bytes (413 past it)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body is {int(declared)} bytes; this server accepts at most {limit}")
@@ -404,8 +404,14 @@ async def _json_body(request: HttpRequest, limit: int) -> dict:
         if size > limit:
             raise ApiError(413, f"the request body is over {limit} bytes, the most this server accepts")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _json_body(request: HttpRequest, limit: int) -> dict:
+    """The body as a JSON object, read up to `limit` bytes (413 past it)."""
+    raw = await read_body(request, limit)
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "the request body is not valid JSON") from None
     if not isinstance(body, dict):

@@ -92,3 +92,4 @@ from . import analyze  # noqa: E402,F401
 from . import merge  # noqa: E402,F401
 from . import serve  # noqa: E402,F401
 from . import evaluate  # noqa: E402,F401
+from . import cluster  # noqa: E402,F401
