@@ -26,7 +26,7 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,14 +245,24 @@ def build_app(settings: ReplicaSettings, names: Sequence[str], replicas: int, nu
             model = serve.get_multiplexed_model_id()
             if model:
                 await self.hold(model)
+            finished = False
             try:
                 async for item in asgi_exchange(self.app, method, path, body):
                     yield item
+                finished = True
+                await self.report()  # before the response ends: a client reading /metrics next sees it
             finally:
-                try:
-                    await self.report()
-                except Exception:  # the counters are reported again after the next request
-                    pass
+                if not finished:  # cancelled (the client went away): report once the job has left
+                    later = asyncio.ensure_future(self.report_later())
+                    _background.add(later)
+                    later.add_done_callback(_background.discard)
+
+        async def report_later(self, delay: float = 1.0) -> None:
+            await asyncio.sleep(delay)
+            try:
+                await self.report()
+            except Exception:  # reported again after the next request
+                pass
 
         def __del__(self) -> None:
             scheduler = getattr(self, "scheduler", None)
@@ -292,20 +302,14 @@ def build_app(settings: ReplicaSettings, names: Sequence[str], replicas: int, nu
             streaming = False
             try:
                 response = await self._forward(request)
-                if isinstance(response, StreamingResponse):
-                    streaming = True
-                    response.body_iterator = self._counted(response.body_iterator)
+                streaming = isinstance(response, _CountedStream)
                 return response
             finally:
                 if not streaming:
                     self.in_flight -= 1
 
-        async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-            try:
-                async for chunk in chunks:
-                    yield chunk
-            finally:
-                self.in_flight -= 1
+        def _stream_done(self) -> None:
+            self.in_flight -= 1
 
         async def _forward(self, request: Request) -> Response:
             try:
@@ -324,11 +328,27 @@ def build_app(settings: ReplicaSettings, names: Sequence[str], replicas: int, nu
                 return ApiError(503, f"no replica could answer: {type(e).__name__}: {e}").response()
             headers = {k: v for k, v in head["headers"] if k.lower() not in _DROPPED_HEADERS}
             if headers.get("content-type", "").startswith("text/event-stream"):
-                return StreamingResponse(chunks, status_code=head["status"], headers=headers)
+                return _CountedStream(chunks, self._stream_done, status_code=head["status"], headers=headers)
             return Response(b"".join([c async for c in chunks]), status_code=head["status"], headers=headers)
 
     store = MetricsStore.bind()
     return Router.bind(Replica.bind(settings, store), store, settings.max_body_bytes, route_by_variant)
+
+
+class _CountedStream(StreamingResponse):
+    """A replica's event stream, forwarded; `done` runs when it ends however it ends (finished,
+    or the client gone, even before the first event), and the replica's side is cancelled."""
+
+    def __init__(self, chunks: Any, done: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(chunks, **kwargs)
+        self.chunks, self.done = chunks, done
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.done()
+            self.chunks.cancel()  # no-op for a finished stream
 
 
 def _model_of(body: bytes) -> str | None:

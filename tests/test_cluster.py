@@ -197,6 +197,26 @@ def test_errors_are_serve_locals(cluster, local, path, payload, status):
     assert got.json() == want.json()
 
 
+def test_a_client_that_goes_away_is_cancelled_on_its_replica(cluster):
+    def cancelled() -> float:
+        text = httpx.get(cluster.url + "/metrics", timeout=30).text
+        return sum(v for (name, labels), v in samples(text).items()
+                   if name == "moeconsol_cancelled_requests_total" and "replica" not in dict(labels))
+
+    before = cancelled()
+    req = {"model": "ft", "prompt": PROMPT, "max_tokens": 240, "temperature": 0, "stream": True}
+    with httpx.stream("POST", cluster.url + "/v1/completions", json=req, timeout=60) as r:
+        events = 0
+        for line in r.iter_lines():
+            events += line.startswith("data: ")
+            if events == 3:
+                break  # leave: the connection closes
+    deadline = time.time() + 20
+    while cancelled() == before and time.time() < deadline:
+        time.sleep(0.25)
+    assert cancelled() == before + 1
+
+
 def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
