@@ -13,6 +13,7 @@ import typer
 
 from ..engine import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TOKENS_IN_FLIGHT
 from ..errors import MoeconsolError
+from .serve import check_server_options
 from ..server import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_WAIT, bind
 from . import app
 
@@ -37,17 +38,10 @@ def serve_cluster(
     active variant it asks for (model multiplexing). Stops on Ctrl-C or SIGTERM."""
     if replicas < 1:
         raise MoeconsolError(f"--replicas must be at least 1, got {replicas}")
-    if not 0 < port < 65536:
-        raise MoeconsolError(f"--port must be in 1..65535, got {port}")
-    if not (max_wait >= 0 and math.isfinite(max_wait)):
-        raise MoeconsolError(f"--max-wait must be a finite number of seconds >= 0, got {max_wait}")
+    check_server_options(port, max_wait, max_prompt_tokens, max_batch_size, max_tokens_in_flight)
     for option, value in (("--num-gpus-per-replica", num_gpus_per_replica), ("--num-cpus-per-replica", num_cpus_per_replica)):
         if not (value >= 0 and math.isfinite(value)):
             raise MoeconsolError(f"{option} must be a finite number >= 0, got {value}")
-    for option, count in (("--max-prompt-tokens", max_prompt_tokens), ("--max-batch-size", max_batch_size),
-                          ("--max-tokens-in-flight", max_tokens_in_flight)):
-        if count < 1:
-            raise MoeconsolError(f"{option} must be at least 1, got {count}")
 
     from ..artifact import verify_artifact
     from ..cluster import ReplicaSettings, artifact_path, check_address, check_resources, deploy, first_line, require_ray, start_ray, stop

@@ -27,6 +27,19 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def check_server_options(port: int | None, max_wait: float, max_prompt_tokens: int, max_batch_size: int,
+                         max_tokens_in_flight: int) -> None:
+    """The options serve-local and serve share, refused in one line naming the option."""
+    if port is not None and not 0 < port < 65536:
+        raise MoeconsolError(f"--port must be in 1..65535, got {port}")
+    if not (max_wait >= 0 and math.isfinite(max_wait)):
+        raise MoeconsolError(f"--max-wait must be a finite number of seconds >= 0, got {max_wait}")
+    for option, value in (("--max-prompt-tokens", max_prompt_tokens), ("--max-batch-size", max_batch_size),
+                          ("--max-tokens-in-flight", max_tokens_in_flight)):
+        if value < 1:
+            raise MoeconsolError(f"{option} must be at least 1, got {value}")
+
+
 @app.command("serve-local")
 def serve_local(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory written by `moeconsol merge`.")],
@@ -49,14 +62,7 @@ def serve_local(
     """Run a prompt on one or more variants (--prompt), or serve them all over HTTP (--port)."""
     if (prompt is None) == (port is None):
         raise MoeconsolError("give either --prompt (one-shot) or --port (HTTP server)")
-    if port is not None and not 0 < port < 65536:
-        raise MoeconsolError(f"--port must be in 1..65535, got {port}")
-    if not (max_wait >= 0 and math.isfinite(max_wait)):
-        raise MoeconsolError(f"--max-wait must be a finite number of seconds >= 0, got {max_wait}")
-    for option, value in (("--max-prompt-tokens", max_prompt_tokens), ("--max-batch-size", max_batch_size),
-                          ("--max-tokens-in-flight", max_tokens_in_flight)):
-        if value < 1:
-            raise MoeconsolError(f"{option} must be at least 1, got {value}")
+    check_server_options(port, max_wait, max_prompt_tokens, max_batch_size, max_tokens_in_flight)
     settings = GenerationSettings(max_new_tokens, temperature, top_p, seed)
     check_settings(settings)
     torch_device, torch_dtype = parse_device(device), parse_dtype(dtype)
