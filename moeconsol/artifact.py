@@ -271,24 +271,34 @@ def verify_artifact(path: str | Path, progress: Progress | None = None) -> list[
 # -- export -------------------------------------------------------------------------------
 
 
-def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[tuple[TensorSpec, Callable[[], Iterator[torch.Tensor]]]]:
-    """For each on-disk tensor of one source shard: its spec and a producer of its pieces."""
+Source = Callable[[], "Iterator[torch.Tensor] | list[TensorInfo]"]
+
+
+def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[tuple[TensorSpec, Source]]:
+    """For each on-disk tensor of one source shard: its spec and a producer of its bytes:
+    byte ranges of the artifact's files, which the writer copies with the kernel, wherever the
+    tensor is stored unchanged or is a concatenation of stored tensors (every layout whose
+    parts are contiguous); else the pieces as tensors (gpt-oss's interleaved fused experts)."""
     layout = layout_by_name(model.layout)
     part_shapes = art.spec.part_shapes
     dtype = art.spec.dtype
-    out = []
+    out: list[tuple[TensorSpec, Source]] = []
     for name in tensors:
         if hit := layout.match_expert(name):
             layer, e, part = hit
             k = _slot(art, model.name, layer, e)
             spec = TensorSpec(name, dtype, tuple(part_shapes[part]))
-            out.append((spec, lambda key=bank_key(layer, k, part): iter([art.read(key)])))
+            out.append((spec, lambda key=bank_key(layer, k, part): [art.tensor_info(key)]))
         elif hit := layout.match_fused(name):
             layer, fused = hit
             parts = layout.fused_parts[fused]
             shape = fused_shape(layout.fused_codec, [tuple(part_shapes[p]) for p in parts], art.experts_per_layer)
             spec = TensorSpec(name, dtype, shape)
             slots = art.slot_map(model.name, layer)
+            if layout.contiguous:  # expert k's slice is its parts' bytes one after the other
+                out.append((spec, lambda layer=layer, parts=parts, slots=slots: [
+                    art.tensor_info(bank_key(layer, k, p)) for k in slots for p in parts]))
+                continue
 
             def pieces(layer=layer, parts=parts, slots=slots, codec=layout.fused_codec) -> Iterator[torch.Tensor]:
                 for k in slots:
@@ -300,7 +310,7 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
             info = art.spec.shapes.get(key) if key is not None else None
             if info is None:
                 raise ArtifactError(f"{art.path}: model {model.name!r}: source tensor {name} is not stored in the artifact")
-            out.append((TensorSpec(name, info.dtype, tuple(info.shape)), lambda key=key: iter([art.read(key)])))
+            out.append((TensorSpec(name, info.dtype, tuple(info.shape)), lambda key=key: [art.tensor_info(key)]))
     return out
 
 
@@ -352,7 +362,11 @@ def export_model(
             planned = _source_specs(art, model, shard.tensors)
             writer = SafetensorsWriter(tmp / file, [spec for spec, _ in planned], shard.metadata or None)
             for spec, produce in planned:
-                writer.write(spec.name, produce())
+                source = produce()
+                if isinstance(source, list):
+                    writer.copy(spec.name, source)
+                else:
+                    writer.write(spec.name, source)
                 done += 1
                 if progress:
                     progress("export", done, total)

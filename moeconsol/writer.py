@@ -281,18 +281,23 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.path.name}: expected {spec.name if spec else 'no more tensors'}, got {name}")
         return spec
 
-    def copy(self, name: str, source: TensorInfo) -> None:
-        """Write tensor `name` as the bytes of `source`'s range in another safetensors file.
+    def copy(self, name: str, source: TensorInfo | Sequence[TensorInfo]) -> None:
+        """Write tensor `name` as the bytes of `source`'s range in another safetensors file
+        (or of several ranges, concatenated: a fused tensor made of stored experts).
 
         The kernel copies the bytes (`copy_range`: no pass through Python, measured several
-        times faster than write() here); the hashing thread reads the same range back
+        times faster than write() here); the hashing thread reads the same ranges back
         through a reused buffer, which page-cached data makes cheap. No tensor is built."""
         spec = self._expect(name)
-        if source.dtype != spec.dtype or source.nbytes != spec.nbytes:
-            raise RuntimeError(f"{name}: source is {source.dtype} of {source.nbytes} bytes, declared {spec.dtype} of {spec.nbytes}")
-        copy_range(source, self._fd)
-        self._hash_range_later(source)
-        self._size += source.nbytes
+        sources = [source] if isinstance(source, TensorInfo) else list(source)
+        nbytes = sum(s.nbytes for s in sources)
+        if any(s.dtype != spec.dtype for s in sources) or nbytes != spec.nbytes:
+            raise RuntimeError(f"{name}: sources are {sorted({s.dtype for s in sources})} of {nbytes} bytes, "
+                               f"declared {spec.dtype} of {spec.nbytes}")
+        for s in sources:
+            copy_range(s, self._fd)
+            self._hash_range_later(s)
+        self._size += nbytes
         self._next += 1
 
     def write(self, name: str, pieces: torch.Tensor | Iterable[torch.Tensor]) -> None:
@@ -389,7 +394,7 @@ class ShardedWriter:
         self._current().write(name, pieces)
         self._done_one()
 
-    def copy(self, name: str, source: TensorInfo) -> None:
+    def copy(self, name: str, source: TensorInfo | Sequence[TensorInfo]) -> None:
         """`SafetensorsWriter.copy` into the current shard."""
         self._current().copy(name, source)
         self._done_one()
