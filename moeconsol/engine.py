@@ -13,9 +13,10 @@ Each variant keeps its own batch: a batch whose variant is swapped out is parked
 cache stays valid, because it holds activations its own weights computed; it continues
 where it stopped when its variant is active again.
 
-Sampling is per request inside a batch: greedy (temperature 0) or temperature + top-p, each
-request drawing from its own `torch.Generator` seeded from its seed, so a seeded request
-draws the same numbers batched or alone. Stop strings, end-of-sequence and max_new_tokens
+Sampling is per request inside a batch: a repetition penalty, then greedy (temperature 0) or
+temperature, top-k and top-p, each request drawing from its own `torch.Generator` seeded from
+its seed, so a seeded request draws the same numbers batched or alone. Top-k and the
+repetition penalty a request leaves unset come from its variant's generation config. Stop strings, end-of-sequence and max_new_tokens
 end a request; text is streamed per request through `on_text`.
 """
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,20 @@ class GenerationSettings:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     """strings that end the completion (not included in its text)"""
+    top_k: int | None = None
+    """keep the k most likely tokens (before top_p); 0 = all; None = the variant's generation
+    config's top_k, all tokens if it has none"""
+    repetition_penalty: float | None = None
+    """transformers' rule: the logit of a token already in the sequence is divided by it (when
+    positive) or multiplied by it (when negative); 1 = off; None = the variant's, else off"""
+
+
+def with_defaults(s: GenerationSettings, config) -> GenerationSettings:
+    """`s` with top_k and repetition_penalty taken from the generation config `config` where
+    `s` leaves them unset (None), and switched off where neither sets them."""
+    top_k = s.top_k if s.top_k is not None else getattr(config, "top_k", None)
+    penalty = s.repetition_penalty if s.repetition_penalty is not None else getattr(config, "repetition_penalty", None)
+    return replace(s, top_k=top_k or 0, repetition_penalty=1.0 if penalty is None else float(penalty))
 
 
 def check_settings(s: GenerationSettings) -> None:
@@ -72,6 +87,10 @@ def check_settings(s: GenerationSettings) -> None:
         raise SettingsError(f"seed must be in [0, 2^63 - 1], got {s.seed}")
     if any(not isinstance(x, str) or not x for x in s.stop):
         raise SettingsError("stop strings must be non-empty strings")
+    if s.top_k is not None and (isinstance(s.top_k, bool) or not isinstance(s.top_k, int) or s.top_k < 0):
+        raise SettingsError(f"top_k must be an integer >= 0 (0 = all tokens), got {s.top_k}")
+    if s.repetition_penalty is not None and not (math.isfinite(s.repetition_penalty) and s.repetition_penalty > 0):
+        raise SettingsError(f"repetition_penalty must be a finite number > 0, got {s.repetition_penalty}")
 
 
 @dataclass
@@ -126,6 +145,10 @@ class Request:
     _generator: torch.Generator | None = None
     _eos: frozenset[int] = frozenset()
     _tokenizer: Any = None
+    _sampling: GenerationSettings | None = None
+    """`settings` with the variant's defaults filled in (at admission)"""
+    _decoder_start: int | None = None
+    """encoder-decoder: the decoder's first input, part of the sequence a penalty looks at"""
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -150,18 +173,33 @@ class Request:
 
 
 def sample(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> int:
-    """One token from one row of logits: argmax at temperature 0, else temperature then
-    top-p (the smallest set of tokens whose probability reaches top_p), drawn with
-    `generator`."""
+    """One token from one row of logits: argmax at temperature 0, else temperature, then top-k
+    (the k largest scores; ties with the k-th stay), then top-p (the smallest set of tokens
+    whose probability reaches top_p), drawn with `generator`."""
     if settings.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
+    scores = logits.float() / settings.temperature
+    if settings.top_k and settings.top_k < scores.numel():
+        kth = torch.topk(scores, settings.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
     if settings.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
         sorted_probs[before >= settings.top_p] = 0  # the top token always stays (before == 0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def penalize(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty on one row of logits (float32): each token in `seen`
+    has its logit divided by `penalty` if positive, multiplied by it if negative."""
+    scores = logits.float()
+    if penalty == 1.0 or not seen:
+        return scores
+    index = torch.tensor(seen, device=scores.device)
+    picked = scores.gather(-1, index)
+    return scores.scatter(-1, index, torch.where(picked < 0, picked * penalty, picked / penalty))
 
 
 # -- batches: left-padded KV caches of one variant -----------------------------------------------
@@ -283,6 +321,8 @@ class Engine:
             r.admitted_at = time.perf_counter()
             r._eos = frozenset(_eos_ids(config))
             r._tokenizer = rt.tokenizer(r.model)
+            r._sampling = with_defaults(r.settings, config)
+            r._decoder_start = config.decoder_start_token_id if self.encoder_decoder else None
             if r.settings.temperature > 0:
                 r._generator = torch.Generator(device=rt.device)
                 if r.settings.seed is not None:
@@ -379,7 +419,11 @@ class Engine:
 
     def _advance(self, r: Request, logits: torch.Tensor, greedy: int | None = None) -> None:
         """Append one token to `r`, stream its text, and decide whether `r` is finished."""
-        token = greedy if greedy is not None and r.settings.temperature == 0 else sample(logits, r.settings, r._generator)
+        s = r._sampling or r.settings
+        if s.repetition_penalty not in (None, 1.0):  # the sequence so far: what transformers' generate penalizes
+            seen = [r._decoder_start] if r._decoder_start is not None else list(r.prompt_ids)
+            logits, greedy = penalize(logits, seen + r.token_ids, s.repetition_penalty), None
+        token = greedy if greedy is not None and s.temperature == 0 else sample(logits, s, r._generator)
         now = time.perf_counter()
         r.first_token_at = r.first_token_at or now
         r.token_ids.append(token)

@@ -297,7 +297,7 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+def _number(body: dict, name: str, default: float | None, low: float, high: float, low_open: bool = False) -> float | None:
     value = body.get(name)
     if value is None:
         return default
@@ -370,7 +370,15 @@ def parse_settings(body: dict, default_max_tokens: int = 16) -> GenerationSettin
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
         seed=_integer(body, "seed", None, 0, MAX_SEED),
         stop=tuple(_text(x, "stop") for x in stop),
+        top_k=_top_k(body),
+        repetition_penalty=_number(body, "repetition_penalty", None, 0.0, 100.0, low_open=True),
     )
+
+
+def _top_k(body: dict) -> int | None:
+    """vLLM's extra parameter: -1 or 0 = every token; unset = the variant's generation config."""
+    value = _integer(body, "top_k", None, -1)
+    return 0 if value == -1 else value
 
 
 def _flag(body: dict, name: str, default: bool = False) -> bool:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeconsol.engine import Engine, FinishReason, GenerationSettings, Request, sample
+from moeconsol.engine import Engine, FinishReason, GenerationSettings, Request, check_settings, penalize, sample
+from moeconsol.errors import SettingsError
 from moeconsol.errors import MoeconsolError
 from moeconsol.runtime import Family, Runtime
 from moeconsol.testing import derive_variant, tiny_mixtral, tiny_switch, tiny_tokenizer
@@ -26,9 +27,9 @@ def family(request):
     return request.param, models, rt, tok
 
 
-def alone(model, ids: list[int], n: int) -> list[int]:
+def alone(model, ids: list[int], n: int, **generate) -> list[int]:
     x = torch.tensor([ids])
-    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False)
+    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, **generate)
     return out[0, 1:].tolist() if model.config.is_encoder_decoder else out[0, len(ids):].tolist()
 
 
@@ -111,6 +112,58 @@ def test_sample_follows_temperature_and_top_p():
     draws = [sample(logits, GenerationSettings(temperature=1.0), g) for _ in range(4000)]
     freq = torch.bincount(torch.tensor(draws), minlength=4).float() / len(draws)
     torch.testing.assert_close(freq, torch.softmax(logits, -1), atol=0.03, rtol=0)
+
+
+def test_sample_keeps_only_the_top_k():
+    logits = torch.tensor([2.0, 1.0, 1.5, -1.0, 0.0])
+    g = torch.Generator().manual_seed(0)
+    draws = [sample(logits, GenerationSettings(temperature=1.0, top_k=2), g) for _ in range(4000)]
+    freq = torch.bincount(torch.tensor(draws), minlength=5).float() / len(draws)
+    top2 = torch.softmax(torch.tensor([2.0, 1.5]), -1)  # the two largest logits, renormalized
+    torch.testing.assert_close(freq, torch.tensor([top2[0], 0, top2[1], 0, 0]), atol=0.03, rtol=0)
+    assert {sample(logits, GenerationSettings(temperature=5.0, top_k=1), g) for _ in range(50)} == {0}
+    # top_k 0 = every token
+    assert len({sample(logits, GenerationSettings(temperature=5.0, top_k=0), g) for _ in range(400)}) == 5
+
+
+def test_penalize_follows_transformers_rule():
+    logits = torch.tensor([2.0, -1.0, 0.5, -3.0])
+    out = penalize(logits, [0, 1, 1], 2.0)  # a repeated token is penalized once
+    assert out.tolist() == [1.0, -2.0, 0.5, -3.0]
+    assert penalize(logits, [0], 1.0).tolist() == logits.tolist()
+
+
+@pytest.mark.parametrize("bad", [GenerationSettings(top_k=-1), GenerationSettings(top_k=True),
+                                 GenerationSettings(repetition_penalty=0.0), GenerationSettings(repetition_penalty=float("nan"))])
+def test_bad_top_k_and_penalty_are_refused(bad):
+    with pytest.raises(SettingsError, match="top_k|repetition_penalty"):
+        check_settings(bad)
+
+
+def test_repetition_penalty_equals_transformers_generate(family):
+    """Greedy with a repetition penalty, batched, equals transformers' generate alone; a penalty
+    in the variant's generation config applies when the request leaves it unset."""
+    arch, models, rt, tok = family
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    rt.activate("ft")
+    engine = Engine(rt)
+    requests = [Request("ft", ids, GenerationSettings(max_new_tokens=10, repetition_penalty=1.8)) for ids in prompts]
+    run(engine, requests)
+    expected = [alone(models["ft"], ids, 10, repetition_penalty=1.8) for ids in prompts]
+    assert [r.token_ids for r in requests] == expected
+    assert expected != [alone(models["ft"], ids, 10) for ids in prompts]  # the penalty changed something
+    variant = rt.family.variants["base"]
+    variant.generation_config.repetition_penalty = 1.8
+    try:
+        rt.activate("base")
+        defaulted = Request("base", prompts[0], GenerationSettings(max_new_tokens=10))
+        off = Request("base", prompts[0], GenerationSettings(max_new_tokens=10, repetition_penalty=1.0))
+        run(Engine(rt), [defaulted, off])
+        assert defaulted.token_ids == alone(models["base"], prompts[0], 10, repetition_penalty=1.8)
+        assert off.token_ids == alone(models["base"], prompts[0], 10, repetition_penalty=1.0)
+    finally:
+        variant.generation_config.repetition_penalty = None
+        rt.activate("ft")
 
 
 def test_cancel_frees_the_slot_within_one_step(family):

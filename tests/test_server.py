@@ -166,6 +166,9 @@ def test_metrics_count_swaps_and_tokens_per_model(client, served):
         ("/v1/completions", {"model": "ft", "prompt": "hi", "max_tokens": 0}, 400, "'max_tokens'"),
         ("/v1/completions", {"model": "ft", "prompt": "hi", "top_p": "x"}, 400, "'top_p'"),
         ("/v1/completions", {"model": "ft", "prompt": "hi", "n": 2}, 400, "n=1"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "top_k": -2}, 400, "'top_k'"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "top_k": 1.5}, 400, "'top_k'"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "repetition_penalty": 0}, 400, "'repetition_penalty'"),
         ("/v1/completions", {"model": "ft", "prompt": "hi", "stream": "yes"}, 400, "'stream'"),
         ("/v1/chat/completions", {"model": "ft", "messages": "hi"}, 400, "'messages'"),
         ("/v1/completions", {"model": "ft", "prompt": "The quick brown fox " * 60, "max_tokens": 8}, 400, "context is 256 tokens"),
@@ -475,6 +478,14 @@ def test_a_client_that_disconnects_frees_its_slot(served, monkeypatch):
 # -- the command line --------------------------------------------------------------------------
 
 
+def test_top_k_and_repetition_penalty_are_parsed_like_vllm():
+    from moeconsol.server import parse_settings
+
+    assert (parse_settings({}).top_k, parse_settings({}).repetition_penalty) == (None, None)  # the variant's
+    assert parse_settings({"top_k": -1}).top_k == 0 and parse_settings({"top_k": 5}).top_k == 5
+    assert parse_settings({"repetition_penalty": 1.2}).repetition_penalty == 1.2
+
+
 def test_cli_refuses_a_port_in_use_and_nan_in_one_line(served):
     out, runtime, refs, tok = served
     with socket.socket() as s:
@@ -485,6 +496,7 @@ def test_cli_refuses_a_port_in_use_and_nan_in_one_line(served):
         one_error_line(r, f"127.0.0.1:{port}")
     one_error_line(cli("serve-local", out, "--port", port, "--temperature", "nan"), "temperature")
     one_error_line(cli("serve-local", out, "--prompt", "hi", "--top-p", "nan"), "top_p")
+    one_error_line(cli("serve-local", out, "--prompt", "hi", "--repetition-penalty", "-1"), "repetition_penalty")
     one_error_line(cli("serve-local", out, "--port", port, "--max-batch-size", "0"), "--max-batch-size")
 
 

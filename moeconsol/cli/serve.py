@@ -49,6 +49,8 @@ def serve_local(
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy (one-shot).")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (one-shot).")] = 1.0,
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling (one-shot).")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely tokens, 0 = all (one-shot; default: the variant's generation config).")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(help="transformers' repetition penalty, 1 = off (one-shot; default: the variant's generation config).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Run the OpenAI-compatible HTTP server on this port.")] = None,
     host: Annotated[str, typer.Option(help="Address the server listens on.")] = "127.0.0.1",
     max_wait: Annotated[float, typer.Option(help="Seconds a request may wait before it is served ahead of the active model's.")] = DEFAULT_MAX_WAIT,
@@ -63,7 +65,7 @@ def serve_local(
     if (prompt is None) == (port is None):
         raise MoeconsolError("give either --prompt (one-shot) or --port (HTTP server)")
     check_server_options(port, max_wait, max_prompt_tokens, max_batch_size, max_tokens_in_flight)
-    settings = GenerationSettings(max_new_tokens, temperature, top_p, seed)
+    settings = GenerationSettings(max_new_tokens, temperature, top_p, seed, top_k=top_k, repetition_penalty=repetition_penalty)
     check_settings(settings)
     torch_device, torch_dtype = parse_device(device), parse_dtype(dtype)
     sock = bind(host, port) if port is not None else None  # a port in use fails now, in one line
