@@ -57,6 +57,10 @@ class DeltaFormat:
         """Bytes of the stored components of one matrix."""
         return sum(math.prod(s) * torch.empty((), dtype=d).element_size() for d, s in self.components(shape, size, dtype).values())
 
+    def component_names(self) -> list[str]:
+        """The names of the stored components, sorted (the same at every shape and size)."""
+        return sorted(self.components((8, 8), 1, torch.float32))
+
     def encode_many(self, delta: torch.Tensor, sizes: list[int | None], dtype: torch.dtype) -> list[Components]:
         """`encode` at every size of `sizes` (lowrank: one SVD for all ranks)."""
         if self.name == "lowrank":
