@@ -282,3 +282,30 @@ def test_bank_counts_span_floor_to_most():
     assert bank_counts(8, 8) == [8]
     assert bank_counts(8, 9) == [8, 9]
     assert bank_counts(8, 20) == [8, 12, 16, 20]
+
+
+# ---------------------------------------------------------------- sweep
+
+
+def test_sweep_method_deltas_counts_bank_plus_delta_bytes(mixtral, tmp_path):
+    from moeconsol.cli.evaluate import sweep_table
+    from moeconsol.evaluate import EvalSettings, sweep
+    from moeconsol.errors import SettingsError
+
+    root = mixtral["root"]
+    data = {n: mixtral["cal"] for n in ("a", "b", "c")}
+    r = sweep(mixtral["models"], data, [0.4], calibration={"*": mixtral["cal"]}, methods=["deltas"],
+              settings=EvalSettings(chunk_len=32), workdir=tmp_path)
+    [p] = r.points
+    assert p.method == "deltas" and p.error is None and p.delta_bytes > 0
+    assert p.expert_fraction == pytest.approx((p.bank_bytes + p.delta_bytes) / r.expert_bytes)
+    assert p.expert_fraction <= 0.4
+    assert json.loads(json.dumps(r.to_dict()))["points"][0]["delta_bytes"] == p.delta_bytes
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(sweep_table(r))
+    assert f"({p.expert_fraction:.0%})" in console.export_text()
+    with pytest.raises(SettingsError, match="method deltas needs calibration"):
+        sweep(mixtral["models"], data, [0.4], methods=["deltas"])
+    assert root.exists()
