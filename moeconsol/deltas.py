@@ -24,6 +24,10 @@ Formats (size parameter in brackets):
 - `int4` [group size g, or none for one group per row]: absmax quantisation, each group of g
   columns of a row scaled by max|x| / 7 (float32) and rounded to -7..7, stored +8 as 4-bit
   codes, two per uint8 (low nibble = even column).
+- `mixed` [rank r >= 2], after Delta-CoMe: the truncated SVD with balanced factors
+  `U_r sqrt(S_r)` and `sqrt(S_r) Vh_r`; the top h = max(1, r // 4) singular vectors at 8
+  bits (int8, absmax / 127 per vector), the other r - h at 4 bits (absmax / 7 per vector,
+  codes as in int4, each vector a row packed two per uint8), float32 scales.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ class DeltaFormat:
 
     def component_names(self) -> list[str]:
         """The names of the stored components, sorted (the same at every shape and size)."""
-        return sorted(self.components((8, 8), 1, torch.float32))
+        return sorted(self.components((8, 8), 2, torch.float32))
 
     def encode_many(self, delta: torch.Tensor, sizes: list[int | None], dtype: torch.dtype) -> list[Components]:
         """`encode` at every size of `sizes` (lowrank: one SVD for all ranks)."""
@@ -196,12 +200,74 @@ def _int4_decode(c: Components, shape: Shape, size: int | None) -> torch.Tensor:
     return q * per_column
 
 
+# -- mixed (Delta-CoMe-like) ------------------------------------------------------------------
+
+
+def _split_rank(shape: Shape, size: int | None) -> tuple[int, int]:
+    """(vectors at 8 bits, vectors at 4 bits) of a mixed delta."""
+    if size is None or size < 2:
+        raise SettingsError(f"mixed needs a rank of at least 2, got {size!r}")
+    r = min(int(size), *shape)
+    if r < 2:
+        raise SettingsError(f"mixed needs a matrix of at least 2 x 2, got {list(shape)}")
+    high = max(1, r // 4)
+    return high, r - high
+
+
+def _mixed_sizes(shape: Shape) -> list[int | None]:
+    out, inp = shape
+    return [r for r in _POWERS if 2 <= r <= min(shape) and r * (out + inp) < out * inp]
+
+
+def _mixed_components(shape: Shape, size: int | None, dtype: torch.dtype) -> ComponentSpecs:
+    out, inp = shape
+    high, low = _split_rank(shape, size)
+    return {
+        "a8": (torch.int8, (out, high)), "b8": (torch.int8, (high, inp)), "scale8": (torch.float32, (2, high)),
+        "a4": (torch.uint8, (low, -(-out // 2))), "b4": (torch.uint8, (low, -(-inp // 2))), "scale4": (torch.float32, (2, low)),
+    }
+
+
+def _absmax_rows(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of x rounded to -levels..levels after scaling by its max|x| / levels: (codes, scales)."""
+    scale = x.abs().amax(-1) / levels
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(x / safe.unsqueeze(-1)).clamp_(-levels, levels), scale
+
+
+def _mixed_encode(delta: torch.Tensor, size: int | None, dtype: torch.dtype) -> Components:
+    high, low = _split_rank(tuple(delta.shape), size)
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    root = s[: high + low].sqrt()
+    a = (u[:, : high + low] * root).T.float()  # one singular vector per row
+    b = (root.unsqueeze(1) * vh[: high + low]).float()
+    qa8, sa8 = _absmax_rows(a[:high], 127)
+    qb8, sb8 = _absmax_rows(b[:high], 127)
+    qa4, sa4 = _absmax_rows(a[high:], 7)
+    qb4, sb4 = _absmax_rows(b[high:], 7)
+    return {
+        "a8": qa8.T.to(torch.int8).contiguous(), "b8": qb8.to(torch.int8).contiguous(), "scale8": torch.stack([sa8, sb8]),
+        "a4": pack_nibbles((qa4 + 8).to(torch.uint8)), "b4": pack_nibbles((qb4 + 8).to(torch.uint8)), "scale4": torch.stack([sa4, sb4]),
+    }
+
+
+def _mixed_decode(c: Components, shape: Shape, size: int | None) -> torch.Tensor:
+    out, inp = shape
+    s8, s4 = c["scale8"].float(), c["scale4"].float()
+    a8 = c["a8"].float() * s8[0]
+    b8 = c["b8"].float() * s8[1].unsqueeze(1)
+    a4 = (unpack_nibbles(c["a4"], out).float() - 8.0) * s4[0].unsqueeze(1)
+    b4 = (unpack_nibbles(c["b4"], inp).float() - 8.0) * s4[1].unsqueeze(1)
+    return a8 @ b8 + a4.T @ b4
+
+
 FORMATS: dict[str, DeltaFormat] = {
     f.name: f
     for f in (
         DeltaFormat("lowrank", _lowrank_sizes, _lowrank_components, _lowrank_encode, _lowrank_decode),
         DeltaFormat("sign", lambda shape: [None], _sign_components, _sign_encode, _sign_decode),
         DeltaFormat("int4", _int4_sizes, _int4_components, _int4_encode, _int4_decode),
+        DeltaFormat("mixed", _mixed_sizes, _mixed_components, _mixed_encode, _mixed_decode),
     )
 }
 AUTO = "auto"

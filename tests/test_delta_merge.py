@@ -215,7 +215,7 @@ def _first_delta(data) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("damage, fragment", [
-    (lambda e, x: x.update(format="zip"), "is 'zip', not one of lowrank, sign, int4"),
+    (lambda e, x: x.update(format="zip"), "is 'zip', not one of lowrank, sign, int4, mixed"),
     (lambda e, x: x.update(bank=x["bank"] + 1 if x["bank"] + 1 < len(e["bank"]) else x["bank"] - 1), "but the slot map serves"),
     (lambda e, x: x.update(bank=99), "outside the layer's bank"),
     (lambda e, x: x.update(expert=-1), "is -1, outside"),

@@ -125,5 +125,34 @@ def test_corrected_is_bank_plus_decoded_delta_in_the_bank_dtype(dtype):
 
 
 def test_unknown_format_is_refused():
-    with pytest.raises(SettingsError, match="unknown delta format 'zip': choose from auto, lowrank, sign, int4"):
+    with pytest.raises(SettingsError, match="unknown delta format 'zip': choose from auto, lowrank, sign, int4, mixed"):
         delta_format("zip")
+
+
+def test_mixed_is_the_svd_with_top_vectors_at_8_bits_and_the_rest_at_4_by_hand():
+    d = _delta((64, 32), 6)
+    r = 8
+    c = FORMATS["mixed"].encode(d, r, torch.float32)
+    u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
+    a = (u[:, :r] * s[:r].sqrt()).float()      # [out, r]
+    b = (s[:r].sqrt().unsqueeze(1) * vh[:r]).float()  # [r, in]
+    high = r // 4
+
+    def quant(x, levels):  # per vector (row), absmax
+        scale = x.abs().max() / levels
+        return torch.round(x / scale).clamp(-levels, levels) * scale
+
+    want = torch.zeros(64, 32, dtype=torch.float64)
+    for i in range(r):
+        levels = 127 if i < high else 7
+        want += torch.outer(quant(a[:, i], levels).double(), quant(b[i], levels).double())
+    torch.testing.assert_close(decode("mixed", c, (64, 32), r).double(), want, rtol=1e-4, atol=1e-7)
+    assert c["a8"].dtype == torch.int8 and c["a8"].shape == (64, high) and c["a4"].shape == (r - high, 32)
+    # bytes by hand: int8 vectors, nibble-packed vectors, two float32 scales per vector
+    assert FORMATS["mixed"].nbytes((64, 32), r, torch.float32) == high * 96 + (r - high) * (32 + 16) + 8 * r
+    # much closer than the 4-bit-only rounding of all vectors would allow, and a real approximation
+    low_rank = (u[:, :r] * s[:r]) @ vh[:r]
+    err = torch.linalg.norm(decode("mixed", c, (64, 32), r).double() - low_rank) / torch.linalg.norm(low_rank)
+    assert float(err) < 0.15
+    with pytest.raises(SettingsError, match="rank of at least 2"):
+        FORMATS["mixed"].encode(d, 1, torch.float32)

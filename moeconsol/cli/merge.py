@@ -67,7 +67,7 @@ def merge(
     calibration: list[str] = typer.Option([], help="calibrated mode: NAME=FILE (text, or JSONL for seq2seq) per model, or FILE for every model not named; repeat."),
     calibration_tokens: int = typer.Option(512, help="calibrated mode: routed inputs kept per (model, layer, expert)."),
     deltas: bool = typer.Option(False, "--deltas", help="calibrated mode: slots served by a bank expert not their own may carry a compressed correction; the budget counts bank + delta bytes."),
-    delta_format: Optional[str] = typer.Option(None, help="With --deltas: auto (default: every format) | lowrank | sign | int4."),
+    delta_format: Optional[str] = typer.Option(None, help="With --deltas: auto (default: every format) | lowrank | sign | int4 | mixed."),
     shard_size: str = typer.Option(str(DEFAULT_SHARD_SIZE), help="Maximum bytes per safetensors shard (5GB, 500MB)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     revision: Optional[str] = typer.Option(None, help="Hub revision for hub ids."),
