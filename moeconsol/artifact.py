@@ -124,15 +124,18 @@ class Artifact:
         """The stored components of one part of a delta."""
         return {c: self.read(key) for c, key in entry.keys[part].items()}
 
-    def served_expert(self, name: str, layer: str, e: int) -> dict[str, torch.Tensor]:
-        """What model `name` runs for expert `e` of `layer`: its bank entry, corrected by its
-        delta if it has one (`deltas.corrected`), as canonical parts."""
-        k = _slot(self, name, layer, e)
-        bank = self.bank_expert(layer, k)
+    def served_part(self, name: str, layer: str, e: int, part: str) -> torch.Tensor:
+        """What model `name` runs for part `part` of expert `e` of `layer`: its bank entry's,
+        corrected by its delta if it has one (`deltas.corrected`)."""
+        bank = self.read(bank_key(layer, _slot(self, name, layer, e), part))
         entry = next((x for x in self.deltas(name, layer) if x.expert == e), None)
         if entry is None:
             return bank
-        return {p: corrected(bank[p], self.delta_components(entry, p), entry.format, entry.size) for p in self.parts}
+        return corrected(bank, self.delta_components(entry, part), entry.format, entry.size)
+
+    def served_expert(self, name: str, layer: str, e: int) -> dict[str, torch.Tensor]:
+        """`served_part` of every canonical part."""
+        return {p: self.served_part(name, layer, e, p) for p in self.parts}
 
     # -- tensors ----------------------------------------------------------------------------
     def tensor_info(self, key: str) -> TensorInfo:
@@ -331,7 +334,7 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
             k = _slot(art, model.name, layer, e)
             spec = TensorSpec(name, dtype, tuple(part_shapes[part]))
             if _has_delta(art, model.name, layer, e):  # bank + delta, computed
-                out.append((spec, lambda layer=layer, e=e, part=part: iter([art.served_expert(model.name, layer, e)[part]])))
+                out.append((spec, lambda layer=layer, e=e, part=part: iter([art.served_part(model.name, layer, e, part)])))
                 continue
             out.append((spec, lambda key=bank_key(layer, k, part): [art.tensor_info(key)]))
         elif hit := layout.match_fused(name):
@@ -343,8 +346,7 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
             if art.deltas(model.name, layer):  # some experts are bank + delta: computed, one expert at a time
                 def served(layer=layer, parts=parts, codec=layout.fused_codec) -> Iterator[torch.Tensor]:
                     for e in range(art.experts_per_layer):
-                        expert = art.served_expert(model.name, layer, e)
-                        yield join(codec, [expert[p] for p in parts])
+                        yield join(codec, [art.served_part(model.name, layer, e, p) for p in parts])
 
                 out.append((spec, served))
                 continue

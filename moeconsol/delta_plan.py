@@ -117,18 +117,27 @@ def slot_options(
     return options
 
 
-def layer_options(ckpt: Checkpoint, p: LayerPlan, li: int, flat: list[dict[str, torch.Tensor]], inputs: CalibratedInputs, fmts: list[DeltaFormat]) -> list[SlotOptions]:
-    """Options of every slot of one layer plan that its bank entry does not store exactly."""
+def layer_options(
+    ckpt: Checkpoint, p: LayerPlan, li: int, flat: list[dict[str, torch.Tensor]], inputs: CalibratedInputs, fmts: list[DeltaFormat],
+    memo: dict | None = None,
+) -> list[SlotOptions]:
+    """Options of every slot of one layer plan that its bank entry does not store exactly.
+    `memo` keeps them by (slot, bank entry's content) across the bank sizes compared."""
     digests = inputs.digests[li]
+    memo = {} if memo is None else memo
     out = []
     for k, members in enumerate(p.clusters):
         rep = p.representatives[k]
+        weights = p.weights[k] if p.weights else None
+        content = (li, digests[rep]) if rep is not None else (li, tuple(members), None if weights is None else tuple(weights))
         bank = None
         for i in members:
             if rep is not None and digests[i] == digests[rep]:
                 continue  # served by its own expert's bytes
-            bank = bank if bank is not None else bank_value(p, k, flat)
-            out.append(SlotOptions(li, i, slot_options(ckpt, p.layer, flat, inputs, li, i, bank, fmts)))
+            if (i, content) not in memo:
+                bank = bank if bank is not None else bank_value(p, k, flat)
+                memo[i, content] = slot_options(ckpt, p.layer, flat, inputs, li, i, bank, fmts)
+            out.append(SlotOptions(li, i, memo[i, content]))
     return out
 
 
@@ -197,8 +206,9 @@ def plan_with_deltas(ckpts: list[Checkpoint], s: MergeSettings, inputs: Calibrat
         if progress:
             progress("deltas", li, L)
         flat = read_layer(ckpts, layer).flat
+        memo: dict = {}
         for count, plans in candidates.items():
-            slots[count] += layer_options(ref, plans[li], li, flat, inputs, fmts)
+            slots[count] += layer_options(ref, plans[li], li, flat, inputs, fmts, memo)
     if progress:
         progress("deltas", L, L)
     best = None
