@@ -22,8 +22,9 @@ import torch
 
 from .errors import ArtifactError, DamagedArtifactError, MoeconsolError, UnknownModelError, UnsafePathError
 from .layouts import fused_shape, join, layout_by_name
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, Manifest, ModelEntry
-from .safetensors_io import TensorInfo, read_header, read_tensor
+from .deltas import FORMATS, corrected
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, DeltaEntry, Manifest, ModelEntry
+from .safetensors_io import DTYPE_NAMES, DTYPES, TensorInfo, read_header, read_tensor
 from .safety import inside, is_regular_file
 from .writer import SafetensorsWriter, TensorSpec, atomic_directory, copy_file, sha256_file
 
@@ -113,6 +114,29 @@ class Artifact:
             raise ArtifactError(f"{layer}: bank index {k} out of range (bank has {self.bank_size(layer)})")
         return {part: self.read(bank_key(layer, k, part)) for part in self.parts}
 
+    # -- deltas (format version 2) -------------------------------------------------------------
+    def deltas(self, name: str, layer: str) -> list[DeltaEntry]:
+        """Model `name`'s delta slots in `layer` (empty: every slot is its bank entry as stored)."""
+        self._model(name)
+        return list(self._layer(layer).deltas.get(name, []))
+
+    def delta_components(self, entry: DeltaEntry, part: str) -> dict[str, torch.Tensor]:
+        """The stored components of one part of a delta."""
+        return {c: self.read(key) for c, key in entry.keys[part].items()}
+
+    def served_part(self, name: str, layer: str, e: int, part: str) -> torch.Tensor:
+        """What model `name` runs for part `part` of expert `e` of `layer`: its bank entry's,
+        corrected by its delta if it has one (`deltas.corrected`)."""
+        bank = self.read(bank_key(layer, _slot(self, name, layer, e), part))
+        entry = next((x for x in self.deltas(name, layer) if x.expert == e), None)
+        if entry is None:
+            return bank
+        return corrected(bank, self.delta_components(entry, part), entry.format, entry.size)
+
+    def served_expert(self, name: str, layer: str, e: int) -> dict[str, torch.Tensor]:
+        """`served_part` of every canonical part."""
+        return {p: self.served_part(name, layer, e, p) for p in self.parts}
+
     # -- tensors ----------------------------------------------------------------------------
     def tensor_info(self, key: str) -> TensorInfo:
         file = self.spec.weight_map.get(key)
@@ -157,7 +181,9 @@ def summary(art: Artifact) -> dict:
             "artifact": sum(f.size for f in spec.files.values()) + (art.path / MANIFEST).stat().st_size,
             "experts_in": b.get("experts_in"),
             "bank": b.get("bank"),
+            "deltas": b.get("deltas"),
         },
+        "delta_slots": {layer: sum(len(x) for x in art._layer(layer).deltas.values()) for layer in art.layers},
         "files": len(spec.files) + 1,
     }
 
@@ -247,6 +273,7 @@ def check_references(art: Artifact) -> list[str]:
         for name, slots in entry.slot_map.items():
             if len(slots) != art.experts_per_layer or not all(0 <= s < size for s in slots):
                 problems.append(f"{entry.layer}: slot map of {name!r} is out of range")
+        problems += _delta_problems(art, entry.layer, entry.deltas)
     for model in spec.models:
         for tensor, key in model.tensors.items():
             if key not in wm:
@@ -254,6 +281,24 @@ def check_references(art: Artifact) -> list[str]:
     for key, file in wm.items():
         if file not in spec.files:
             problems.append(f"{key}: stored in {file}, which the manifest does not list")
+    return problems
+
+
+def _delta_problems(art: Artifact, layer: str, deltas: dict[str, list[DeltaEntry]]) -> list[str]:
+    """Every delta component stored with the dtype and shape its format gives for its part."""
+    problems = []
+    dtype = DTYPES[art.spec.dtype]
+    for name, items in deltas.items():
+        for x in items:
+            for part, comps in x.keys.items():
+                want = FORMATS[x.format].components(art.spec.part_shapes[part], x.size, dtype)
+                for c, key in comps.items():
+                    stored = art.spec.shapes.get(key)
+                    wdtype, wshape = want[c]
+                    wdtype = DTYPE_NAMES[wdtype]
+                    if stored is None or stored.dtype != wdtype or stored.shape != tuple(wshape):
+                        got = "nothing" if stored is None else f"{stored.dtype} {list(stored.shape)}"
+                        problems.append(f"{key}: {name!r} {layer} expert {x.expert}: {x.format} delta component {c} is {got}, expected {wdtype} {list(wshape)}")
     return problems
 
 
@@ -288,6 +333,9 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
             layer, e, part = hit
             k = _slot(art, model.name, layer, e)
             spec = TensorSpec(name, dtype, tuple(part_shapes[part]))
+            if _has_delta(art, model.name, layer, e):  # bank + delta, computed
+                out.append((spec, lambda layer=layer, e=e, part=part: iter([art.served_part(model.name, layer, e, part)])))
+                continue
             out.append((spec, lambda key=bank_key(layer, k, part): [art.tensor_info(key)]))
         elif hit := layout.match_fused(name):
             layer, fused = hit
@@ -295,6 +343,13 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
             shape = fused_shape(layout.fused_codec, [tuple(part_shapes[p]) for p in parts], art.experts_per_layer)
             spec = TensorSpec(name, dtype, shape)
             slots = art.slot_map(model.name, layer)
+            if art.deltas(model.name, layer):  # some experts are bank + delta: computed, one expert at a time
+                def served(layer=layer, parts=parts, codec=layout.fused_codec) -> Iterator[torch.Tensor]:
+                    for e in range(art.experts_per_layer):
+                        yield join(codec, [art.served_part(model.name, layer, e, p) for p in parts])
+
+                out.append((spec, served))
+                continue
             if layout.contiguous:  # expert k's slice is its parts' bytes one after the other
                 out.append((spec, lambda layer=layer, parts=parts, slots=slots: [
                     art.tensor_info(bank_key(layer, k, p)) for k in slots for p in parts]))
@@ -314,6 +369,10 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
     return out
 
 
+def _has_delta(art: Artifact, name: str, layer: str, e: int) -> bool:
+    return any(x.expert == e for x in art.deltas(name, layer))
+
+
 def _slot(art: Artifact, name: str, layer: str, e: int) -> int:
     slots = art.slot_map(name, layer)
     if not 0 <= e < len(slots):
@@ -327,6 +386,7 @@ def files_of_model(art: Artifact, name: str) -> list[str]:
     wm = art.spec.weight_map
     files = {wm[k] for k in model.tensors.values() if k in wm}
     files |= {wm[bank_key(layer, k, p)] for layer in art.layers for k in set(art.slot_map(name, layer)) for p in art.parts if bank_key(layer, k, p) in wm}
+    files |= {wm[k] for layer in art.layers for x in art.deltas(name, layer) for c in x.keys.values() for k in c.values() if k in wm}
     files |= {f"models/{name}/{f}" for f in model.files}
     return sorted(files)
 

@@ -35,8 +35,11 @@ from .quality import DEFAULT_CHUNK_LEN, perplexity, read_seq2seq_data, read_text
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total)."""
 
-BUDGET_METHODS = ("reference", "budget", "calibrated")
-"""Methods that take a budget (a fraction of all experts)."""
+BUDGET_METHODS = ("reference", "budget", "calibrated", "deltas")
+"""Methods that take a budget (a fraction of all experts). `deltas` is calibrated mode with
+compressed per-slot deltas (every format): the budget counts bank + delta bytes."""
+CALIBRATED_METHODS = ("calibrated", "deltas")
+"""Methods that need calibration data."""
 MERGE_METHODS = ("average", "task-arithmetic", "ties")
 """Methods that merge everything into one model (expert memory of one model)."""
 
@@ -260,12 +263,19 @@ class SweepPoint:
     bank_experts: int | None
     bank_bytes: int | None
     expert_fraction: float | None
-    """bank bytes / expert bytes of all N models."""
+    """(bank + delta bytes) / expert bytes of all N models."""
     quality: dict[str, float] = field(default_factory=dict)
     retained_gain: dict[str, float] = field(default_factory=dict)
     details: dict[str, dict] = field(default_factory=dict)
     error: str | None = None
     """Why this point could not be made (e.g. a budget the method cannot reach)."""
+    delta_bytes: int = 0
+    """Bytes of the compressed expert deltas (method deltas; 0 for the others)."""
+
+    @property
+    def expert_memory(self) -> int | None:
+        """Bytes of expert memory: bank plus deltas."""
+        return None if self.bank_bytes is None else self.bank_bytes + self.delta_bytes
 
 
 @dataclass
@@ -328,8 +338,9 @@ def sweep(
     unknown = [m for m in methods if m not in (*BUDGET_METHODS, *MERGE_METHODS)]
     if unknown:
         raise SettingsError(f"unknown method {unknown[0]!r}: choose from {', '.join((*BUDGET_METHODS, *MERGE_METHODS))}")
-    if "calibrated" in methods and not calibration:
-        raise SettingsError("method calibrated needs calibration data NAME=FILE (each variant's own text)")
+    needs = [m for m in methods if m in CALIBRATED_METHODS]
+    if needs and not calibration:
+        raise SettingsError(f"method {needs[0]} needs calibration data NAME=FILE (each variant's own text)")
     if any(m in ("task-arithmetic", "ties") for m in methods) and not base:
         raise SettingsError("methods task-arithmetic and ties need a base checkpoint PATH")
     ref = ckpts[0]
@@ -370,9 +381,10 @@ def sweep(
     with tempfile.TemporaryDirectory(prefix="moeconsol-sweep-", dir=workdir) as tmp:
         for k, (method, budget) in enumerate(plan):
             out = Path(tmp) / f"artifact-{k}"
-            s = MergeSettings(mode=method, budget=None if budget is None else repr(budget),
+            s = MergeSettings(mode="calibrated" if method == "deltas" else method, budget=None if budget is None else repr(budget),
                               base=base if method in ("task-arithmetic", "ties") else None,
-                              calibration=calibration if method == "calibrated" else None, **options.get(method, {}))
+                              calibration=calibration if method in CALIBRATED_METHODS else None,
+                              deltas=method == "deltas", **options.get(method, {}))
             point = SweepPoint(method, budget, None, None, None)
             try:
                 result = merge(ckpts, out, s)
@@ -382,8 +394,9 @@ def sweep(
                 tick()
                 continue
             point.bank_bytes = result.bank_bytes
+            point.delta_bytes = result.delta_bytes
             point.bank_experts = sum(result.bank_sizes.values())
-            point.expert_fraction = result.bank_bytes / total_expert_bytes
+            point.expert_fraction = (result.bank_bytes + result.delta_bytes) / total_expert_bytes
             scores = score_artifact(out, loaded, settings)
             for n, sc in scores.items():
                 point.quality[n] = sc.value
@@ -420,7 +433,7 @@ def plot_sweep(report: SweepReport, path: str | Path) -> Path:
     methods = list(dict.fromkeys(p.method for p in report.points))
     for ax, n in zip(axes[0], names):
         for m in methods:
-            pts = sorted((p.bank_bytes, p.quality[n]) for p in report.points if p.method == m and p.error is None and n in p.quality)
+            pts = sorted((p.expert_memory, p.quality[n]) for p in report.points if p.method == m and p.error is None and n in p.quality)
             if pts:
                 ax.plot([x / 2**20 for x, _ in pts], [y for _, y in pts], marker="o", label=m)
         ax.axhline(report.original[n], color="black", linestyle="--", linewidth=1, label="original")

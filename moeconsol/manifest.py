@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,9 @@ from .safetensors_io import DTYPES
 from .safety import NAME_RULE, is_safe_name, relative_path_problem
 
 FORMAT = "moeconsol-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
+"""Format versions this moeconsol reads: 2 added per-slot expert deltas (`LayerEntry.deltas`)."""
 MANIFEST = "manifest.json"
 _MAX_MANIFEST = 1 << 30
 """A manifest larger than this (1 GiB) is refused rather than parsed."""
@@ -74,10 +76,25 @@ class BankEntry:
 
 
 @dataclass(frozen=True)
+class DeltaEntry:
+    """A slot served by bank entry `bank` plus a compressed correction (format version 2)."""
+
+    expert: int
+    bank: int
+    format: str
+    """A `deltas.FORMATS` name."""
+    size: int | None
+    keys: dict[str, dict[str, str]]
+    """part -> component -> stored key"""
+
+
+@dataclass(frozen=True)
 class LayerEntry:
     layer: str
     bank: list[BankEntry]
     slot_map: dict[str, list[int]]
+    deltas: dict[str, list[DeltaEntry]] = field(default_factory=dict)
+    """model name -> its delta slots in this layer (absent: none)"""
 
 
 @dataclass(frozen=True)
@@ -134,6 +151,7 @@ class Manifest:
                         for b in entry.bank
                     ],
                     "slot_map": {n: list(s) for n, s in entry.slot_map.items()},
+                    **({"deltas": _deltas_json(entry.deltas)} if entry.deltas else {}),
                 }
                 for entry in self.layers
             ],
@@ -158,9 +176,10 @@ class Manifest:
         top = r.obj(data, "manifest")
         if top.get("format") != FORMAT:
             raise ArtifactError(f"{where}: not a moeconsol artifact manifest")
-        if top.get("format_version") != FORMAT_VERSION:
+        version = top.get("format_version")
+        if version not in READ_VERSIONS or isinstance(version, bool):
             raise ArtifactError(
-                f"{where}: artifact format version {top.get('format_version')!r}; this moeconsol reads version {FORMAT_VERSION}"
+                f"{where}: artifact format version {version!r}; this moeconsol reads versions {', '.join(map(str, READ_VERSIONS))}"
             )
         missing = [k for k in _REQUIRED if k not in top]
         if missing:
@@ -187,6 +206,11 @@ class Manifest:
             raise r.fail("models", "two models have the same name")
         files = {_path(r, k, "files", plain=False): _file(r, v, f"files[{k!r}]") for k, v in r.obj(top["files"], "files").items()}
         weight_map = {r.text(k, "weight_map key"): _path(r, v, f"weight_map[{k!r}]", plain=True) for k, v in r.obj(top["weight_map"], "weight_map").items()}
+        layers = [_layer(r, x, i, names) for i, x in enumerate(r.array(top["layers"], "layers"))]
+        for i, entry in enumerate(layers):
+            if entry.deltas and version < 2:
+                raise r.fail(f"layers[{i}].deltas", "appear in a version-1 manifest (deltas came with version 2)")
+            _check_deltas(r, entry, i, parts, experts, weight_map)
         return cls(
             moeconsol_version=str(top.get("moeconsol_version", "")),
             architecture=architecture,
@@ -196,7 +220,7 @@ class Manifest:
             experts_per_layer=experts,
             consolidation=r.obj(top["consolidation"], "consolidation"),
             models=models,
-            layers=[_layer(r, x, i, names) for i, x in enumerate(r.array(top["layers"], "layers"))],
+            layers=layers,
             bytes={k: r.optional_int(v, f"bytes.{k}") for k, v in r.obj(top.get("bytes", {}), "bytes").items()},
             weight_map=weight_map,
             shapes={r.text(k, "shapes key"): _tensor(r, v, f"shapes[{k!r}]") for k, v in r.obj(top["shapes"], "shapes").items()},
@@ -361,8 +385,67 @@ def _layer(r: _Reader, v: object, i: int, names: list[str]) -> LayerEntry:
     slots = r.obj(d.get("slot_map"), f"{f}.slot_map")
     if sorted(slots) != sorted(names):
         raise r.fail(f"{f}.slot_map", f"names models {sorted(slots)}, the models are {sorted(names)}")
+    deltas = {}
+    for n, items in r.obj(d.get("deltas", {}), f"{f}.deltas").items():
+        if n not in names:
+            raise r.fail(f"{f}.deltas", f"names model {n!r}, the models are {sorted(names)}")
+        deltas[n] = [_delta(r, x, f"{f}.deltas[{n!r}][{j}]") for j, x in enumerate(r.array(items, f"{f}.deltas[{n!r}]"))]
     return LayerEntry(
         layer=r.text(d.get("layer"), f"{f}.layer"),
         bank=bank,
         slot_map={n: [r.integer(x, f"{f}.slot_map[{n!r}]") for x in r.array(s, f"{f}.slot_map[{n!r}]")] for n, s in slots.items()},
+        deltas=deltas,
     )
+
+
+def _delta(r: _Reader, v: object, f: str) -> DeltaEntry:
+    from .deltas import FORMATS
+
+    d = r.obj(v, f)
+    fmt = r.text(d.get("format"), f"{f}.format")
+    if fmt not in FORMATS:
+        raise r.fail(f"{f}.format", f"is {fmt!r}, not one of {', '.join(FORMATS)}")
+    size = r.optional_int(d.get("size"), f"{f}.size")
+    if size is not None and size < 1:
+        raise r.fail(f"{f}.size", "must be at least 1")
+    keys = {
+        r.text(p, f"{f}.keys"): {r.text(c, f"{f}.keys[{p!r}]"): r.text(k, f"{f}.keys[{p!r}][{c!r}]") for c, k in r.obj(comps, f"{f}.keys[{p!r}]").items()}
+        for p, comps in r.obj(d.get("keys"), f"{f}.keys").items()
+    }
+    return DeltaEntry(r.integer(d.get("expert"), f"{f}.expert"), r.integer(d.get("bank"), f"{f}.bank"), fmt, size, keys)
+
+
+def _check_deltas(r: _Reader, entry: LayerEntry, i: int, parts: tuple[str, ...], experts: int, weight_map: dict[str, str]) -> None:
+    """Delta slots in range, pointing where the slot map points, one per expert, every part
+    and component of the format stored."""
+    from .deltas import FORMATS
+
+    for name, items in entry.deltas.items():
+        seen = set()
+        for j, x in enumerate(items):
+            f = f"layers[{i}].deltas[{name!r}][{j}]"
+            if not 0 <= x.expert < experts:
+                raise r.fail(f"{f}.expert", f"is {x.expert}, outside 0..{experts - 1}")
+            if x.expert in seen:
+                raise r.fail(f"{f}.expert", f"{x.expert} has two deltas")
+            seen.add(x.expert)
+            if not 0 <= x.bank < len(entry.bank):
+                raise r.fail(f"{f}.bank", f"is {x.bank}, outside the layer's bank of {len(entry.bank)}")
+            if entry.slot_map[name][x.expert] != x.bank:
+                raise r.fail(f"{f}.bank", f"is {x.bank}, but the slot map serves expert {x.expert} by {entry.slot_map[name][x.expert]}")
+            if sorted(x.keys) != sorted(parts):
+                raise r.fail(f"{f}.keys", f"has parts {sorted(x.keys)}, parts says {list(parts)}")
+            wanted = FORMATS[x.format].component_names()
+            for p, comps in x.keys.items():
+                if sorted(comps) != wanted:
+                    raise r.fail(f"{f}.keys[{p!r}]", f"has components {sorted(comps)}, format {x.format} stores {wanted}")
+                for c, key in comps.items():
+                    if key not in weight_map:
+                        raise r.fail(f"{f}.keys[{p!r}][{c!r}]", f"is {key!r}, which weight_map does not store")
+
+
+def _deltas_json(deltas: dict[str, list[DeltaEntry]]) -> dict[str, list[dict[str, Any]]]:
+    return {
+        n: [{"expert": x.expert, "bank": x.bank, "format": x.format, "size": x.size, "keys": {p: dict(c) for p, c in x.keys.items()}} for x in items]
+        for n, items in deltas.items()
+    }

@@ -28,7 +28,7 @@ import torch
 
 from . import __version__
 from .artifact import Progress, bank_key
-from .manifest import MANIFEST, BankEntry, FileEntry, LayerEntry, Manifest, ModelEntry, SourceShard, TensorEntry
+from .manifest import MANIFEST, BankEntry, DeltaEntry, FileEntry, LayerEntry, Manifest, ModelEntry, SourceShard, TensorEntry
 from . import baselines
 from .checkpoint import Checkpoint, natural_key, check_compatible, check_config, open_checkpoint, read_json_file, warn_unusual, warn_unusual_values
 from .clustering import (
@@ -46,9 +46,10 @@ from .clustering import (
     threshold_to_distance,
     to_distance,
 )
+from .deltas import AUTO, FORMATS, delta_format, delta_key
 from .digest import range_digest, tensor_digest, value_flags
 from .errors import IncompatibleModelsError, SettingsError
-from .safetensors_io import DTYPES
+from .safetensors_io import DTYPE_NAMES, DTYPES
 from .similarity import DEFAULT_PROBES, METRICS, gaussian_probes, hidden_size, layer_similarity, read_layer
 from .writer import (
     FileRecord,
@@ -95,6 +96,11 @@ class MergeSettings:
     the key "*" applies to every model not named."""
     calibration_tokens: int = 512
     """calibrated mode: routed inputs kept per (model, layer, expert)."""
+    deltas: bool = False
+    """calibrated mode: slots served by a bank expert not their own may carry a compressed
+    correction (module deltas); the budget then counts bank plus delta bytes."""
+    delta_format: str | None = None
+    """With deltas: `auto` (every format, the default) or one `deltas.FORMATS` name."""
 
 
 MERGE_MODES = ("average", "task-arithmetic", "ties")
@@ -115,6 +121,18 @@ class LayerPlan:
     mean (None: the plain mean)."""
     combine: str | None = None
     """A merging baseline (MERGE_MODES) that computes every bank expert from its members."""
+    deltas: list[SlotDelta] = field(default_factory=list)
+    """Slots served by their bank entry plus a compressed correction (calibrated + deltas)."""
+
+
+@dataclass(frozen=True)
+class SlotDelta:
+    """Slot (model, expert) of a layer carries a delta of `format` at `size` (deltas.py)."""
+
+    model: int
+    expert: int
+    format: str
+    size: int | None
 
 
 @dataclass
@@ -141,10 +159,12 @@ class MergeResult:
     expert_bytes_in: int
     bank_bytes: int
     bank_sizes: dict[str, int] = field(default_factory=dict)
+    delta_bytes: int = 0
+    """Bytes of the stored delta tensors (calibrated + deltas; else 0)."""
 
     @property
     def expert_bytes_saved(self) -> int:
-        return self.expert_bytes_in - self.bank_bytes
+        return self.expert_bytes_in - self.bank_bytes - self.delta_bytes
 
 
 # -- settings -----------------------------------------------------------------------------
@@ -186,6 +206,21 @@ def budget_experts(budget: str, ckpts: list[Checkpoint]) -> int:
     return min(slots, total)
 
 
+def budget_bytes(budget: str, ckpts: list[Checkpoint]) -> int:
+    """Bytes of expert memory a budget allows (a fraction of all N models' expert bytes, or
+    bytes), at most all of them; the floor is checked by `budget_experts`."""
+    ref = ckpts[0]
+    total = len(ckpts) * len(ref.moe_layers) * ref.num_experts * expert_nbytes(ref)
+    budget_experts(budget, ckpts)
+    text = str(budget).strip()
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = None
+    nbytes = int(fraction * total + 1e-9) if fraction is not None and fraction <= 1.0 else parse_size(text)
+    return min(nbytes, total)
+
+
 def _refuse(s: MergeSettings, mode: str, *options: str) -> None:
     given = {"metric": s.metric, "threshold": s.threshold, "budget": s.budget, "base": s.base,
              "calibration": s.calibration}
@@ -217,6 +252,13 @@ def check_settings(s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
         raise SettingsError("representative best needs mode calibrated (it compares members and the mean on calibration data)")
     if s.shard_size <= 0:
         raise SettingsError("shard size must be more than 0 bytes")
+    if s.deltas and s.mode != "calibrated":
+        raise SettingsError(f"deltas apply to mode calibrated only, not {s.mode} (they are costed on calibration data)")
+    if s.delta_format is not None:
+        if not s.deltas:
+            raise SettingsError(f"a delta format ({s.delta_format}) needs deltas turned on")
+        if s.delta_format != AUTO:
+            delta_format(s.delta_format)
     if s.mode in MERGE_MODES:
         _refuse(s, s.mode, "metric", "threshold", "budget", "calibration")
         if s.mode in BASE_MODES and s.base is None:
@@ -355,7 +397,29 @@ def plan_calibrated(ckpts: list[Checkpoint], s: MergeSettings, progress: Progres
     every model once, cost every substitution per layer, cluster greedily by least added
     cost, then pick each shared expert's representative (s.representative). A layer at the
     floor (E bank experts) may instead take the same-index clusters of uniform averaging,
-    when they cost less on the calibration tokens with their own representatives."""
+    when they cost less on the calibration tokens with their own representatives. With
+    `s.deltas`, the bank size and the slots' deltas share the budget (`delta_plan`)."""
+    inputs = calibrated_inputs(ckpts, s, progress)
+    if s.deltas:
+        from .delta_plan import plan_with_deltas
+
+        return plan_with_deltas(ckpts, s, inputs, progress)
+    return calibrated_plans(ckpts, s, inputs, budget_experts(s.budget, ckpts))
+
+
+@dataclass
+class CalibratedInputs:
+    """What calibrated planning measures once: each model's activations, and per layer the
+    identical groups, the experts' digests and the substitution costs."""
+
+    acts: list["ModelActivations"]
+    groups: list[LayerGroups]
+    digests: list[list[str]]
+    costs: list["LayerCosts"]
+
+
+def calibrated_inputs(ckpts: list[Checkpoint], s: MergeSettings, progress: Progress | None = None) -> CalibratedInputs:
+    """Capture every model's activations and cost every substitution, one layer at a time."""
     from .calibration import capture, substitution_costs
 
     ref = ckpts[0]
@@ -378,9 +442,17 @@ def plan_calibrated(ckpts: list[Checkpoint], s: MergeSettings, progress: Progres
         costs.append(substitution_costs(ref, layer, experts.flat, acts))
     if progress:
         progress("plan", L, L)
-    clusters = cluster_calibrated(groups, [c.cost for c in costs], budget_experts(s.budget, ckpts))
+    return CalibratedInputs(acts, groups, digests, costs)
+
+
+def calibrated_plans(ckpts: list[Checkpoint], s: MergeSettings, inputs: CalibratedInputs, max_bank: int) -> list[LayerPlan]:
+    """The calibrated clustering into at most `max_bank` bank experts, with representatives."""
+    ref = ckpts[0]
+    E = ref.num_experts
+    acts = inputs.acts
+    clusters = cluster_calibrated(inputs.groups, [c.cost for c in inputs.costs], max_bank)
     plans = []
-    for layer, cs, lg, d, lc in zip(ref.moe_layers, clusters, groups, digests, costs):
+    for layer, cs, lg, d, lc in zip(ref.moe_layers, clusters, inputs.groups, inputs.digests, inputs.costs):
         flat: list = []  # the layer's experts, read only when a mean must be costed
 
         def experts() -> list:
@@ -552,14 +624,72 @@ def _write_bank(
                             warn_unusual_values(ckpts[i // E].name, p.layer, i % E, part, t)
                         b = base.expert_part(p.layer, members[0] % E, part) if base is not None else None
                         value = combine(p.combine, tensors, b, s)
-                    elif w is not None:
-                        value = _weighted_mean([ckpts[i // E].expert_part(p.layer, i % E, part) for i in members], w)
                     else:
-                        value = _mean_part(ckpts, p.layer, members, part)
+                        value = stored_bank_part(ckpts, p, k, part)
                     writer.write(bank_key(p.layer, k, part), value)
             done[0] += 1
             if progress:
                 progress("write", done[0], total)
+
+
+def stored_bank_part(ckpts: list[Checkpoint], p: LayerPlan, k: int, part: str) -> torch.Tensor:
+    """The values bank entry `k` of a (non-baseline) plan stores for `part`: its
+    representative's, or its (weighted) mean, as `_write_bank` writes them."""
+    E = ckpts[0].num_experts
+    members, rep = p.clusters[k], p.representatives[k]
+    if rep is not None:
+        return ckpts[rep // E].expert_part(p.layer, rep % E, part)
+    w = p.weights[k] if p.weights else None
+    if w is not None:
+        return _weighted_mean([ckpts[i // E].expert_part(p.layer, i % E, part) for i in members], w)
+    return _mean_part(ckpts, p.layer, members, part)
+
+
+def _bank_index(p: LayerPlan, flat_index: int) -> int:
+    return next(k for k, members in enumerate(p.clusters) if flat_index in members)
+
+
+def _delta_specs(ckpts: list[Checkpoint], plans: list[LayerPlan]) -> list[TensorSpec]:
+    """Every delta component of every plan, in the order `_write_deltas` writes them."""
+    ref = ckpts[0]
+    dtype = DTYPES[ref.dtype]
+    specs = []
+    for p in plans:
+        for d in p.deltas:
+            for part in ref.layout.parts:
+                comps = FORMATS[d.format].components(tuple(ref.expert_shape(part)), d.size, dtype)
+                for c, (cdtype, shape) in comps.items():
+                    specs.append(TensorSpec(delta_key(p.layer, ckpts[d.model].name, d.expert, part, c), DTYPE_NAMES[cdtype], tuple(shape)))
+    return specs
+
+
+def _write_deltas(writer: ShardedWriter, ckpts: list[Checkpoint], plans: list[LayerPlan], progress: Progress | None, done: list[int], total: int) -> None:
+    """Encode each delta slot's parts against its bank entry's stored values, one part in memory."""
+    ref = ckpts[0]
+    E, dtype = ref.num_experts, DTYPES[ref.dtype]
+    for p in plans:
+        for d in p.deltas:
+            k = _bank_index(p, d.model * E + d.expert)
+            for part in ref.layout.parts:
+                own = ckpts[d.model].expert_part(p.layer, d.expert, part)
+                bank = stored_bank_part(ckpts, p, k, part)
+                comps = FORMATS[d.format].encode(own.float() - bank.float(), d.size, dtype)
+                for c, tensor in comps.items():
+                    writer.write(delta_key(p.layer, ckpts[d.model].name, d.expert, part, c), tensor)
+            done[0] += 1
+            if progress:
+                progress("write", done[0], total)
+
+
+def _delta_entries(ckpts: list[Checkpoint], p: LayerPlan) -> dict[str, list[DeltaEntry]]:
+    E = ckpts[0].num_experts
+    parts = ckpts[0].layout.parts
+    out: dict[str, list[DeltaEntry]] = {}
+    for d in p.deltas:
+        name = ckpts[d.model].name
+        keys = {part: {c: delta_key(p.layer, name, d.expert, part, c) for c in FORMATS[d.format].component_names()} for part in parts}
+        out.setdefault(name, []).append(DeltaEntry(d.expert, _bank_index(p, d.model * E + d.expert), d.format, d.size, keys))
+    return out
 
 
 def plan_merged_non_experts(ckpts: list[Checkpoint]) -> tuple[list[TensorSpec], dict[str, str], dict[str, str]]:
@@ -633,6 +763,10 @@ def _consolidation(s: MergeSettings, ckpts: list[Checkpoint], base: Checkpoint |
     if s.mode == "calibrated":
         c["calibration"] = {ck.name: calibration_file(s, ck.name) for ck in ckpts}
         c["calibration_tokens"] = s.calibration_tokens
+    if s.deltas:
+        c["deltas"] = True
+        c["delta_format"] = s.delta_format or AUTO
+        c["budget_bytes"] = budget_bytes(s.budget, ckpts)
     return c
 
 
@@ -673,19 +807,26 @@ def merge(
         non_experts = plan_non_experts(ckpts, progress)
         tensor_specs = [t.spec for t in non_experts.stored]
     bank_specs = _bank_specs(ckpts, plans)
+    delta_specs = _delta_specs(ckpts, plans)
     side = {c.name: c.side_files() for c in ckpts}
-    estimate = sum(x.nbytes + _HEADER_ALLOWANCE for x in bank_specs + tensor_specs)
+    estimate = sum(x.nbytes + _HEADER_ALLOWANCE for x in bank_specs + tensor_specs + delta_specs)
     estimate += sum(p.stat().st_size for files in side.values() for p in files) + (1 << 20)
     check_free_space(out, estimate)
 
     E = ref.num_experts
     files: dict[str, FileRecord] = {}
-    total_steps = sum(len(p.clusters) for p in plans) + len(tensor_specs)
+    total_steps = sum(len(p.clusters) + len(p.deltas) for p in plans) + len(tensor_specs)
     done = [0]
     with atomic_directory(out, force=force, inputs=inputs) as tmp:
         bank = ShardedWriter(tmp, "bank", bank_specs, s.shard_size)
         _write_bank(bank, ckpts, plans, progress, done, total_steps, s, base)
         files.update(bank.close())
+        delta_map: dict[str, str] = {}
+        if delta_specs:
+            deltas = ShardedWriter(tmp, "deltas", delta_specs, s.shard_size)
+            _write_deltas(deltas, ckpts, plans, progress, done, total_steps)
+            files.update(deltas.close())
+            delta_map = deltas.weight_map
         tensors = ShardedWriter(tmp, "tensors", tensor_specs, s.shard_size)
         if s.mode in MERGE_MODES:
             for spec in tensor_specs:
@@ -733,6 +874,7 @@ def merge(
                         for members, rep, w in zip(p.clusters, p.representatives, p.weights or [None] * len(p.clusters))
                     ],
                     slot_map={c.name: sm for c, sm in zip(ckpts, slot_maps(p.clusters, len(ckpts), E))},
+                    deltas=_delta_entries(ckpts, p),
                 )
                 for p in plans
             ],
@@ -740,9 +882,10 @@ def merge(
                 "inputs": input_bytes(ckpts),
                 "experts_in": len(ckpts) * len(plans) * E * expert_nbytes(ref),
                 "bank": sum(len(p.clusters) for p in plans) * expert_nbytes(ref),
+                **({"deltas": sum(x.nbytes for x in delta_specs)} if s.deltas else {}),
             },
-            weight_map={**bank.weight_map, **tensors.weight_map},
-            shapes={x.name: TensorEntry(x.dtype, tuple(x.shape)) for x in bank_specs + tensor_specs},
+            weight_map={**bank.weight_map, **delta_map, **tensors.weight_map},
+            shapes={x.name: TensorEntry(x.dtype, tuple(x.shape)) for x in bank_specs + delta_specs + tensor_specs},
             files={name: FileEntry(r.size, r.sha256) for name, r in sorted(files.items())},
         )
         text = manifest.dumps().encode()
@@ -756,5 +899,6 @@ def merge(
         expert_bytes_in=b["experts_in"],
         bank_bytes=b["bank"],
         bank_sizes={p.layer: len(p.clusters) for p in plans},
+        delta_bytes=sum(x.nbytes for x in delta_specs),
     )
 

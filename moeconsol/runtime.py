@@ -21,7 +21,7 @@ import copy
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .deltas import corrected
 from .errors import ArtifactError, SettingsError, UnknownModelError
+from .manifest import DeltaEntry
 from .layouts import Architecture, BankKind, architecture, join, split, supported
 
 # Config keys that may differ between variants without changing what the model computes.
@@ -196,6 +198,9 @@ class Variant:
     """config, generation config and tokenizer files"""
     tokenizer: Any = None
     generation_config: Any = None
+    deltas: dict[str, list[DeltaEntry]] = field(default_factory=dict)
+    """MoE layer id -> the slots served by their bank entry plus a compressed correction
+    (deltas.py); the components are read by stored key through `Family.read`"""
 
 
 @dataclass
@@ -227,6 +232,7 @@ class Family:
                 slot_maps={layer: list(art.slot_map(name, layer)) for layer in art.layers},
                 tensors=dict(art.non_expert_keys(name)),
                 model_dir=art.model_dir(name),
+                deltas={layer: art.deltas(name, layer) for layer in art.layers if art.deltas(name, layer)},
             )
             for name in art.model_names
         }
@@ -323,6 +329,8 @@ class SwapReport:
     tensors_copied: int
     tensors_skipped: int
     slot_maps_changed: int
+    experts_corrected: int = 0
+    """Private bank entries written with bank + delta for the new variant (computed on the device)."""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -334,13 +342,16 @@ class ResidentBytes:
     non_expert: int
     host: int
     """all variants' non-expert tensors waiting in host memory (each stored key once)"""
+    deltas: int = 0
+    """every variant's compressed delta components, resident on the device (the private
+    bank entries they are applied into count in `bank`)"""
 
     @property
     def total(self) -> int:
-        return self.bank + self.non_expert
+        return self.bank + self.non_expert + self.deltas
 
     def to_dict(self) -> dict:
-        return {"bank": self.bank, "non_expert": self.non_expert, "total": self.total, "host": self.host}
+        return {"bank": self.bank, "non_expert": self.non_expert, "deltas": self.deltas, "total": self.total, "host": self.host}
 
 
 # Generation lives in engine.py; these names stay importable from here.
@@ -398,15 +409,17 @@ class Runtime:
         self.check_model(active)
         _check_configs(family)
         config_class, model_class = _model_classes(family.architecture)
-        self.model = _build_skeleton(family, config_class, model_class, active, self.dtype)
+        self._private = _private_entries(family)
+        self.model = _build_skeleton(family, config_class, model_class, active, self.dtype, self._private)
         self._banks: dict[str, nn.Module] = {layer: self.model.get_submodule(f"{layer}.mlp.experts") for layer in family.layers}
         self._through_model_dtype = _self_casting_router_weights(self.model, family)
         self._allocate()
         _finish_resident(self.model)
         self._targets = _swap_targets(self.model, self._banks)
-        self._slot_maps = _slot_map_tensors(family, self.device)
+        self._slot_maps = _slot_map_tensors(family, self.device, _served_slot_maps(family))
         self._host = self._load_host_tensors(progress)
         self._load_bank(progress)
+        self._deltas = self._load_deltas()
         self._tokenizers: dict[str, Any] = {}
         self.swaps: list[SwapReport] = []
         self.active = ""
@@ -485,12 +498,39 @@ class Runtime:
                 if progress:
                     progress("expert bank", done, total)
 
+    def _load_deltas(self) -> dict[str, dict[str, list[tuple[DeltaEntry, dict[str, dict[str, torch.Tensor]]]]]]:
+        """Every variant's compressed delta components, on the device (they are small)."""
+        out: dict[str, dict[str, list]] = {}
+        for name, variant in self.family.variants.items():
+            out[name] = {
+                layer: [(x, {p: {c: self.family.read(key).to(self.device) for c, key in comps.items()} for p, comps in x.keys.items()}) for x in entries]
+                for layer, entries in variant.deltas.items()
+            }
+        return out
+
+    @torch.no_grad()
+    def _apply_deltas(self, name: str) -> int:
+        """Write `name`'s corrected experts (bank entry + decoded delta, `deltas.corrected`,
+        on the device) into each layer's private bank entries; returns how many."""
+        record = _record(self.family.architecture)
+        done = 0
+        for layer, entries in self._deltas[name].items():
+            module = self._banks[layer]
+            views = canonical_experts(record, module)
+            size = self.family.bank_sizes[layer]
+            for j, (x, comps) in enumerate(entries):
+                bank = views[x.bank]
+                module.load_expert(size + j, {p: corrected(bank[p], comps[p], x.format, x.size) for p in bank})
+                done += 1
+        return done
+
     @torch.no_grad()
     def _install(self, name: str) -> None:
         """First activation: copy every swap region and the slot maps of `name`."""
         for dtype, flat in self._flats.items():
             flat.swap_region.copy_(self._host[name][dtype])
         self._slot_table.copy_(self._slot_maps[name])
+        self._apply_deltas(name)
         self._set_generation_config(name)
         self.active = name
         self._sync()
@@ -518,13 +558,14 @@ class Runtime:
         if maps is not self._slot_maps[previous]:
             _copy_into(self._slot_table, maps)
             moved += _nbytes(maps)
+        corrected_experts = self._apply_deltas(name)
         self._sync()
         seconds = time.perf_counter() - start
         old, new = self.family.variants[previous].slot_maps, self.family.variants[name].slot_maps
         changed = sum(old[layer] != new[layer] for layer in self.family.layers)
         self._set_generation_config(name)
         self.active = name
-        report = SwapReport(name, previous, seconds, moved, copied, len(self._targets) - copied, changed)
+        report = SwapReport(name, previous, seconds, moved, copied, len(self._targets) - copied, changed, corrected_experts)
         self.swaps.append(report)
         return report
 
@@ -540,7 +581,9 @@ class Runtime:
         bank = sum(_nbytes(p) for m in self._banks.values() for p in m.parameters())
         non_expert = sum(_nbytes(f.buffer) for f in self._flats.values())
         host = sum(_nbytes(t) for t in {id(t): t for buffers in self._host.values() for t in buffers.values()}.values())
-        return ResidentBytes(bank, non_expert, host)
+        deltas = sum(_nbytes(t) for layers in self._deltas.values() for entries in layers.values()
+                     for _, parts in entries for comps in parts.values() for t in comps.values())
+        return ResidentBytes(bank, non_expert, host, deltas)
 
     def bank_tensors(self) -> dict[str, torch.Tensor]:
         """The resident bank parameters, by name (for checks that the experts never move)."""
@@ -627,10 +670,32 @@ def _check_configs(family: Family) -> None:
                 )
 
 
-def _build_skeleton(family: Family, config_class, model_class, active: str, dtype) -> nn.Module:
+def _private_entries(family: Family) -> dict[str, int]:
+    """Per MoE layer, the bank entries beyond the stored bank that hold the active variant's
+    corrected experts: the most delta slots any variant has there."""
+    return {layer: max((len(v.deltas.get(layer, [])) for v in family.variants.values()), default=0) for layer in family.layers}
+
+
+def _served_slot_maps(family: Family) -> dict[str, dict[str, list[int]]]:
+    """Each variant's slot maps as the runtime serves them: a delta slot points at its
+    private bank entry (bank size + its position in the layer's delta list)."""
+    out = {}
+    for name, v in family.variants.items():
+        maps = {layer: list(v.slot_maps[layer]) for layer in family.layers}
+        for layer, entries in v.deltas.items():
+            for j, x in enumerate(entries):
+                if maps[layer][x.expert] != x.bank:
+                    raise ArtifactError(f"model {name!r}: layer {layer}: the delta of expert {x.expert} corrects bank entry {x.bank}, the slot map says {maps[layer][x.expert]}")
+                maps[layer][x.expert] = family.bank_sizes[layer] + j
+        out[name] = maps
+    return out
+
+
+def _build_skeleton(family: Family, config_class, model_class, active: str, dtype, private: dict[str, int] | None = None) -> nn.Module:
     """The transformers model on the meta device (nothing allocated), in `dtype`, from the
     active variant's config, each MoE block's experts replaced by a bank module (the class
-    for its architecture and experts class, `bank_class`)."""
+    for its architecture and experts class, `bank_class`) of the bank's entries plus
+    `private[layer]` for corrected experts."""
     config = config_class.from_dict(family.variants[active].config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -642,7 +707,7 @@ def _build_skeleton(family: Family, config_class, model_class, active: str, dtyp
                     block = model.get_submodule(f"{layer}.mlp")
                 except AttributeError:
                     raise ArtifactError(f"MoE layer {layer} does not exist in a {model_class.__name__}") from None
-                bank = bank_class(family.architecture, type(block.experts))(config, family.bank_sizes[layer])
+                bank = bank_class(family.architecture, type(block.experts))(config, family.bank_sizes[layer] + (private or {}).get(layer, 0))
                 block.experts = bank
                 _check_slot_maps(family, layer, len(bank.slot_map))
                 _keep_router_dtype(model, config, layer, _record(family.architecture))
@@ -770,14 +835,15 @@ def _plan_flats(targets: dict[str, torch.Tensor], keys: dict[str, dict[str, str]
     return flats
 
 
-def _slot_map_tensors(family: Family, device: torch.device) -> dict[str, torch.Tensor]:
-    """Each variant's slot maps as one [layers, experts] table (pinned on CUDA); variants whose
-    maps are all equal share one table."""
+def _slot_map_tensors(family: Family, device: torch.device, served: dict[str, dict[str, list[int]]] | None = None) -> dict[str, torch.Tensor]:
+    """Each variant's slot maps (as served: `_served_slot_maps`) as one [layers, experts] table
+    (pinned on CUDA); variants whose maps are all equal share one table."""
     pin = device.type == "cuda"
     tables: dict[str, torch.Tensor] = {}
     built: dict[tuple, torch.Tensor] = {}
     for name, variant in family.variants.items():
-        rows = tuple(tuple(variant.slot_maps[layer]) for layer in family.layers)
+        maps = served[name] if served is not None else variant.slot_maps
+        rows = tuple(tuple(maps[layer]) for layer in family.layers)
         if rows not in built:
             table = torch.tensor(rows, dtype=torch.long)
             built[rows] = table.pin_memory() if pin else table

@@ -49,7 +49,7 @@ def sweep_table(r: SweepReport) -> Table:
         if p.error:
             table.add_row(p.method, budget, "n/a", *(["n/a"] * len(names)))
             continue
-        mem = f"{format_bytes(p.bank_bytes)} ({p.expert_fraction:.0%})"
+        mem = f"{format_bytes(p.expert_memory)} ({p.expert_fraction:.0%})"
         cells = []
         for n in names:
             g = p.retained_gain.get(n, math.nan)
@@ -87,8 +87,8 @@ def sweep_command(
     data: list[str] = typer.Option(..., "--data", help="NAME=FILE per variant to score; repeat."),
     budgets: str = typer.Option("1.0,0.75,0.5,0.25", help="Fractions of all experts, comma-separated."),
     base: Optional[str] = typer.Option(None, help="The pre-trained model: retained gain, task-arithmetic and ties."),
-    calibration: list[str] = typer.Option([], help="NAME=FILE (or FILE for all): adds the calibrated method."),
-    method: list[str] = typer.Option([], "--method", help="Only these methods (default: all that apply)."),
+    calibration: list[str] = typer.Option([], help="NAME=FILE (or FILE for all): adds the calibrated method (and allows --method deltas)."),
+    method: list[str] = typer.Option([], "--method", help="Only these methods (default: all that apply; deltas only when named: calibrated with compressed expert deltas, bank + delta bytes within each budget)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Directory for the results (sweep.json, sweep.png unless --json/--plot say otherwise); the temporary artifacts are made and removed in it."),
     chunk_len: Optional[int] = typer.Option(None, help="Perplexity window in tokens."),
     max_examples: Optional[int] = typer.Option(None, help="Seq2seq: score only the first N examples."),
@@ -105,7 +105,7 @@ def sweep_command(
     with stage_progress() as report:
         r = sweep(models, _named(data, "--data"), parse_budgets(budgets), base,
                   parse_named_files(calibration, "--calibration") or None, method or None, settings, output,
-                  {"calibrated": {"representative": "best"}}, report)
+                  {"calibrated": {"representative": "best"}, "deltas": {"representative": "best"}}, report)
     Console(width=max(Console().width, 140)).print(sweep_table(r))
     if json_file:
         json_file.write_text(json.dumps(r.to_dict(), indent=2, allow_nan=False) + "\n")

@@ -19,7 +19,7 @@ from ..writer import format_bytes, parse_size
 from . import app
 from .progress import stage_progress
 
-_STAGES = {"plan": "measuring experts", "non-expert": "hashing non-expert tensors", "write": "writing", "export": "exporting", "verify": "checking files"}
+_STAGES = {"plan": "measuring experts", "calibrate": "capturing calibration activations", "deltas": "costing deltas", "non-expert": "hashing non-expert tensors", "write": "writing", "export": "exporting", "verify": "checking files"}
 
 
 def _print_summary(s: dict, title: str) -> None:
@@ -36,7 +36,15 @@ def _print_summary(s: dict, title: str) -> None:
     b = s["bytes"]
     if b.get("inputs"):
         console.print(f"inputs: {format_bytes(b['inputs'])}  artifact: {format_bytes(b['artifact'])}  ({b['artifact'] / b['inputs']:.1%} of the inputs)")
-    if b.get("experts_in"):
+    if b.get("experts_in") and b.get("deltas") is not None:
+        kept = b["bank"] + b["deltas"]
+        slots = sum(s.get("delta_slots", {}).values())
+        console.print(
+            f"experts: {format_bytes(b['experts_in'])} in, bank {format_bytes(b['bank'])} + deltas {format_bytes(b['deltas'])} "
+            f"({slots} slots) = {format_bytes(kept)}: {kept / b['experts_in']:.1%} of the expert bytes, "
+            f"{format_bytes(b['experts_in'] - kept)} saved"
+        )
+    elif b.get("experts_in"):
         saved = b["experts_in"] - b["bank"]
         console.print(
             f"experts: {format_bytes(b['experts_in'])} in, bank {format_bytes(b['bank'])}: "
@@ -58,6 +66,8 @@ def merge(
     scale: float = typer.Option(1.0, help="task-arithmetic and ties: factor lambda on the merged task vectors."),
     calibration: list[str] = typer.Option([], help="calibrated mode: NAME=FILE (text, or JSONL for seq2seq) per model, or FILE for every model not named; repeat."),
     calibration_tokens: int = typer.Option(512, help="calibrated mode: routed inputs kept per (model, layer, expert)."),
+    deltas: bool = typer.Option(False, "--deltas", help="calibrated mode: slots served by a bank expert not their own may carry a compressed correction; the budget counts bank + delta bytes."),
+    delta_format: Optional[str] = typer.Option(None, help="With --deltas: auto (default: every format) | lowrank | sign | int4 | mixed."),
     shard_size: str = typer.Option(str(DEFAULT_SHARD_SIZE), help="Maximum bytes per safetensors shard (5GB, 500MB)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     revision: Optional[str] = typer.Option(None, help="Hub revision for hub ids."),
@@ -67,7 +77,7 @@ def merge(
     settings = MergeSettings(
         mode, metric, threshold, budget, representative, parse_size(shard_size), base=base, density=density,
         scale=scale, calibration=parse_named_files(calibration, "--calibration") or None,
-        calibration_tokens=calibration_tokens,
+        calibration_tokens=calibration_tokens, deltas=deltas, delta_format=delta_format,
     )
     ckpts = open_checkpoints(models, revision)
     with stage_progress(as_json, _STAGES) as report:
