@@ -22,12 +22,13 @@ import torch
 
 from .errors import ArtifactError, DamagedArtifactError, MoeconsolError, UnknownModelError, UnsafePathError
 from .layouts import fused_shape, join, layout_by_name
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, Manifest, ModelEntry
+from . import codec
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, Manifest, ModelEntry, TensorEntry
 from .safetensors_io import TensorInfo, read_header, read_tensor
 from .safety import inside, is_regular_file
 from .writer import SafetensorsWriter, TensorSpec, atomic_directory, copy_file, sha256_file
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "Artifact", "bank_key", "export_model", "verify_artifact"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "Artifact", "bank_key", "check_encodings", "export_model", "verify_artifact"]
 
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): called as long work advances."""
@@ -122,8 +123,32 @@ class Artifact:
         return self._headers[file][key]
 
     def read(self, key: str) -> torch.Tensor:
-        """Any stored tensor by its key (bank or non-expert)."""
-        return read_tensor(self.tensor_info(key))
+        """Any stored tensor by its key (bank or non-expert); an encoded one decoded."""
+        if key not in self.spec.encodings:
+            return read_tensor(self.tensor_info(key))
+        blob, reference = self._encoded(key)
+        try:
+            return self._decode(key, blob, reference)
+        except DamagedArtifactError as e:
+            raise DamagedArtifactError(f"{self.path}: damaged artifact: tensor {key}: {e} (run `moeconsol verify` for the full list)") from e
+
+    def _encoded(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """An encoded key's blob and its reference, read (their files checked first)."""
+        return read_tensor(self.tensor_info(key)), read_tensor(self.tensor_info(self.spec.encodings[key].reference))
+
+    def _decode(self, key: str, blob: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        encoding = self.spec.encodings[key]
+        return codec.decode(blob, reference, encoding.dtype, encoding.shape)
+
+    def stored_spec(self, key: str) -> TensorEntry:
+        """dtype and shape of the tensor `read(key)` returns (decoded, if encoded)."""
+        encoding = self.spec.encodings.get(key)
+        if encoding is not None:
+            return TensorEntry(encoding.dtype, encoding.shape)
+        entry = self.spec.shapes.get(key)
+        if entry is None:
+            raise ArtifactError(f"{self.path}: no stored tensor {key!r}")
+        return entry
 
     def _check(self, files: list[str]) -> None:
         """Check files not yet checked (size, sha256 unless disabled, tensors); raise
@@ -157,6 +182,8 @@ def summary(art: Artifact) -> dict:
             "artifact": sum(f.size for f in spec.files.values()) + (art.path / MANIFEST).stat().st_size,
             "experts_in": b.get("experts_in"),
             "bank": b.get("bank"),
+            "non_expert": b.get("non_expert"),
+            "non_expert_whole": b.get("non_expert_whole"),
         },
         "files": len(spec.files) + 1,
     }
@@ -254,6 +281,27 @@ def check_references(art: Artifact) -> list[str]:
     for key, file in wm.items():
         if file not in spec.files:
             problems.append(f"{key}: stored in {file}, which the manifest does not list")
+    for key, encoding in spec.encodings.items():
+        if key not in wm:
+            problems.append(f"{key}: encoded, but not stored")
+        if encoding.reference not in wm:
+            problems.append(f"{key}: its reference {encoding.reference} is not stored")
+    return problems
+
+
+def check_encodings(art: Artifact, progress: Progress | None = None) -> list[str]:
+    """Every encoded tensor decodes (one at a time) to its recorded dtype and shape."""
+    problems = []
+    keys = list(art.spec.encodings)
+    for i, key in enumerate(keys):
+        if progress:
+            progress("decode", i, len(keys))
+        try:
+            art._decode(key, *art._encoded(key))
+        except DamagedArtifactError as e:
+            problems.append(f"tensor {key}: {e}")
+    if progress and keys:
+        progress("decode", len(keys), len(keys))
     return problems
 
 
@@ -265,13 +313,17 @@ def verify_artifact(path: str | Path, progress: Progress | None = None) -> list[
     when `path` is not an artifact at all (missing, no manifest, a manifest that is not
     valid JSON, lacks a field, has a field of the wrong type or an unsafe path)."""
     art = Artifact.open(path)
-    return check_references(art) + check_files(art, progress=progress)
+    problems = check_references(art) + check_files(art, progress=progress)
+    if not problems:  # every file is as written: then every encoded tensor must decode
+        art._checked.update(art.spec.files)
+        problems = check_encodings(art, progress)
+    return problems
 
 
 # -- export -------------------------------------------------------------------------------
 
 
-Source = Callable[[], "Iterator[torch.Tensor] | list[TensorInfo]"]
+Source = Callable[[], "Iterator[torch.Tensor] | list[TensorInfo] | torch.Tensor"]
 
 
 def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[tuple[TensorSpec, Source]]:
@@ -310,6 +362,10 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
             info = art.spec.shapes.get(key) if key is not None else None
             if info is None:
                 raise ArtifactError(f"{art.path}: model {model.name!r}: source tensor {name} is not stored in the artifact")
+            if key in art.spec.encodings:  # decoded in memory, then written
+                decoded = art.stored_spec(key)
+                out.append((TensorSpec(name, decoded.dtype, tuple(decoded.shape)), lambda key=key: art.read(key)))
+                continue
             out.append((TensorSpec(name, info.dtype, tuple(info.shape)), lambda key=key: [art.tensor_info(key)]))
     return out
 
@@ -325,7 +381,9 @@ def files_of_model(art: Artifact, name: str) -> list[str]:
     """The artifact files export reads for model `name`."""
     model = art._model(name)
     wm = art.spec.weight_map
-    files = {wm[k] for k in model.tensors.values() if k in wm}
+    keys = set(model.tensors.values())
+    keys |= {art.spec.encodings[k].reference for k in keys if k in art.spec.encodings}
+    files = {wm[k] for k in keys if k in wm}
     files |= {wm[bank_key(layer, k, p)] for layer in art.layers for k in set(art.slot_map(name, layer)) for p in art.parts if bank_key(layer, k, p) in wm}
     files |= {f"models/{name}/{f}" for f in model.files}
     return sorted(files)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,11 @@ from .safetensors_io import DTYPES
 from .safety import NAME_RULE, is_safe_name, relative_path_problem
 
 FORMAT = "moeconsol-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
+"""Versions this moeconsol reads: 2 added `encodings` (non-expert tensors stored as deltas)."""
+CODECS = ("xor-zstd",)
+"""Codecs `encodings` may name (moeconsol.codec implements them)."""
 MANIFEST = "manifest.json"
 _MAX_MANIFEST = 1 << 30
 """A manifest larger than this (1 GiB) is refused rather than parsed."""
@@ -42,6 +46,18 @@ class FileEntry:
 class TensorEntry:
     dtype: str
     shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """A stored key that holds an encoded tensor (a U8 blob): how to decode it."""
+
+    codec: str
+    reference: str
+    """The stored key of the whole tensor it was encoded against."""
+    dtype: str
+    shape: tuple[int, ...]
+    """What it decodes to."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +111,8 @@ class Manifest:
     weight_map: dict[str, str]
     shapes: dict[str, TensorEntry]
     files: dict[str, FileEntry]
+    encodings: dict[str, Encoding] = field(default_factory=dict)
+    """Stored key -> its encoding, for keys stored encoded (absent: stored whole)."""
 
     # -- writing ------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -141,6 +159,8 @@ class Manifest:
             "weight_map": dict(self.weight_map),
             "shapes": {k: {"dtype": t.dtype, "shape": list(t.shape)} for k, t in self.shapes.items()},
             "files": {k: {"size": f.size, "sha256": f.sha256} for k, f in self.files.items()},
+            "encodings": {k: {"codec": e.codec, "reference": e.reference, "dtype": e.dtype, "shape": list(e.shape)}
+                          for k, e in self.encodings.items()},
         }
 
     def dumps(self) -> str:
@@ -158,9 +178,10 @@ class Manifest:
         top = r.obj(data, "manifest")
         if top.get("format") != FORMAT:
             raise ArtifactError(f"{where}: not a moeconsol artifact manifest")
-        if top.get("format_version") != FORMAT_VERSION:
+        version = top.get("format_version")
+        if isinstance(version, bool) or version not in READ_VERSIONS:
             raise ArtifactError(
-                f"{where}: artifact format version {top.get('format_version')!r}; this moeconsol reads version {FORMAT_VERSION}"
+                f"{where}: artifact format version {version!r}; this moeconsol reads versions {', '.join(map(str, READ_VERSIONS))}"
             )
         missing = [k for k in _REQUIRED if k not in top]
         if missing:
@@ -187,6 +208,10 @@ class Manifest:
             raise r.fail("models", "two models have the same name")
         files = {_path(r, k, "files", plain=False): _file(r, v, f"files[{k!r}]") for k, v in r.obj(top["files"], "files").items()}
         weight_map = {r.text(k, "weight_map key"): _path(r, v, f"weight_map[{k!r}]", plain=True) for k, v in r.obj(top["weight_map"], "weight_map").items()}
+        shapes = {r.text(k, "shapes key"): _tensor(r, v, f"shapes[{k!r}]") for k, v in r.obj(top["shapes"], "shapes").items()}
+        if version < 2 and "encodings" in top:
+            raise r.fail("encodings", "appeared in format version 2; this manifest says version 1")
+        encodings = _encodings(r, top.get("encodings", {}), shapes)
         return cls(
             moeconsol_version=str(top.get("moeconsol_version", "")),
             architecture=architecture,
@@ -199,8 +224,9 @@ class Manifest:
             layers=[_layer(r, x, i, names) for i, x in enumerate(r.array(top["layers"], "layers"))],
             bytes={k: r.optional_int(v, f"bytes.{k}") for k, v in r.obj(top.get("bytes", {}), "bytes").items()},
             weight_map=weight_map,
-            shapes={r.text(k, "shapes key"): _tensor(r, v, f"shapes[{k!r}]") for k, v in r.obj(top["shapes"], "shapes").items()},
+            shapes=shapes,
             files=files,
+            encodings=encodings,
         )
 
     @classmethod
@@ -308,6 +334,30 @@ def _file(r: _Reader, v: object, field: str) -> FileEntry:
 def _tensor(r: _Reader, v: object, field: str) -> TensorEntry:
     d = r.obj(v, field)
     return TensorEntry(r.dtype(d.get("dtype"), f"{field}.dtype"), r.shape(d.get("shape"), f"{field}.shape"))
+
+
+def _encodings(r: _Reader, v: object, shapes: dict[str, TensorEntry]) -> dict[str, Encoding]:
+    """`encodings`: each key stored as a U8 blob, decoding against a reference stored whole
+    to a tensor of the reference's dtype and shape (so the decoded size is the reference's)."""
+    out = {}
+    for key, e in r.obj(v, "encodings").items():
+        f = f"encodings[{key!r}]"
+        d = r.obj(e, f)
+        codec = r.text(d.get("codec"), f"{f}.codec")
+        if codec not in CODECS:
+            raise r.fail(f"{f}.codec", f"is {codec!r}, not one of {', '.join(CODECS)}")
+        enc = Encoding(codec, r.text(d.get("reference"), f"{f}.reference"), r.dtype(d.get("dtype"), f"{f}.dtype"), r.shape(d.get("shape"), f"{f}.shape"))
+        blob, ref = shapes.get(key), shapes.get(enc.reference)
+        if blob is None or blob.dtype != "U8" or len(blob.shape) != 1:
+            raise r.fail(f, "names a key that is not stored as a U8 [bytes] blob in shapes")
+        if ref is None:
+            raise r.fail(f"{f}.reference", f"is {enc.reference!r}, which is not stored")
+        if enc.reference in r.obj(v, "encodings"):
+            raise r.fail(f"{f}.reference", f"is {enc.reference!r}, which is itself encoded; a reference must be stored whole")
+        if (ref.dtype, ref.shape) != (enc.dtype, enc.shape):
+            raise r.fail(f, f"decodes to {enc.dtype} {list(enc.shape)}, its reference is {ref.dtype} {list(ref.shape)}")
+        out[key] = enc
+    return out
 
 
 def _model(r: _Reader, v: object, i: int) -> ModelEntry:

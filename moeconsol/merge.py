@@ -28,8 +28,8 @@ import torch
 
 from . import __version__
 from .artifact import Progress, bank_key
-from .manifest import MANIFEST, BankEntry, FileEntry, LayerEntry, Manifest, ModelEntry, SourceShard, TensorEntry
-from . import baselines
+from .manifest import MANIFEST, BankEntry, Encoding, FileEntry, LayerEntry, Manifest, ModelEntry, SourceShard, TensorEntry
+from . import baselines, codec
 from .checkpoint import Checkpoint, natural_key, check_compatible, check_config, open_checkpoint, read_json_file, warn_unusual, warn_unusual_values
 from .clustering import (
     MODES,
@@ -48,7 +48,7 @@ from .clustering import (
 )
 from .digest import range_digest, tensor_digest, value_flags
 from .errors import IncompatibleModelsError, SettingsError
-from .safetensors_io import DTYPES
+from .safetensors_io import DTYPES, TensorInfo
 from .similarity import DEFAULT_PROBES, METRICS, gaussian_probes, hidden_size, layer_similarity, read_layer
 from .writer import (
     FileRecord,
@@ -95,6 +95,9 @@ class MergeSettings:
     the key "*" applies to every model not named."""
     calibration_tokens: int = 512
     """calibrated mode: routed inputs kept per (model, layer, expert)."""
+    non_expert_codec: str = codec.XOR_ZSTD
+    """How a non-expert tensor's versions after the first are stored: encoded against the
+    first (codec.XOR_ZSTD) where that is smaller, or whole (codec.NONE)."""
 
 
 MERGE_MODES = ("average", "task-arithmetic", "ties")
@@ -123,6 +126,13 @@ class StoredTensor:
     model: int
     disk_name: str
     spec: TensorSpec
+
+
+@dataclass
+class EncodedTensor:
+    blob: TensorInfo
+    """Where the encoded bytes wait to be copied into the artifact."""
+    encoding: Encoding
 
 
 @dataclass
@@ -217,6 +227,8 @@ def check_settings(s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
         raise SettingsError("representative best needs mode calibrated (it compares members and the mean on calibration data)")
     if s.shard_size <= 0:
         raise SettingsError("shard size must be more than 0 bytes")
+    if s.non_expert_codec not in codec.CHOICES:
+        raise SettingsError(f"unknown non-expert codec {s.non_expert_codec!r}: choose from {', '.join(codec.CHOICES)}")
     if s.mode in MERGE_MODES:
         _refuse(s, s.mode, "metric", "threshold", "budget", "calibration")
         if s.mode in BASE_MODES and s.base is None:
@@ -505,6 +517,36 @@ def plan_non_experts(ckpts: list[Checkpoint], progress: Progress | None = None) 
     return NonExpertPlan(stored, keys)
 
 
+def encode_non_experts(ckpts: list[Checkpoint], plan: NonExpertPlan, spill: Path, progress: Progress | None = None) -> dict[str, EncodedTensor]:
+    """Encode each stored version of a tensor after its first (`NAME@0`, the reference) against
+    it with xor-zstd, one tensor and its reference in memory at a time; append each blob smaller
+    than the version stored whole to the file `spill`. Returns stored key -> its blob there."""
+    groups: dict[str, list[StoredTensor]] = {}
+    for t in plan.stored:
+        groups.setdefault(t.key.rsplit("@", 1)[0], []).append(t)
+    encoded: dict[str, EncodedTensor] = {}
+    with open(spill, "wb") as f:
+        for i, versions in enumerate(groups.values()):
+            if progress:
+                progress("encode", i, len(groups))
+            first = versions[0]
+            others = [t for t in versions[1:] if (t.spec.dtype, t.spec.shape) == (first.spec.dtype, first.spec.shape)]
+            if not others:
+                continue
+            reference = ckpts[first.model].read(first.disk_name)
+            for t in others:
+                blob = codec.encode(ckpts[t.model].read(t.disk_name), reference)
+                if len(blob) >= t.spec.nbytes:
+                    continue
+                start = f.tell()
+                f.write(blob)
+                info = TensorInfo(spill, "U8", (len(blob),), start, start + len(blob))
+                encoded[t.key] = EncodedTensor(info, Encoding(codec.XOR_ZSTD, first.key, t.spec.dtype, tuple(t.spec.shape)))
+    if progress:
+        progress("encode", len(groups), len(groups))
+    return encoded
+
+
 # -- pass 2: write ------------------------------------------------------------------------
 
 
@@ -676,6 +718,8 @@ def merge(
     side = {c.name: c.side_files() for c in ckpts}
     estimate = sum(x.nbytes + _HEADER_ALLOWANCE for x in bank_specs + tensor_specs)
     estimate += sum(p.stat().st_size for files in side.values() for p in files) + (1 << 20)
+    if s.non_expert_codec != codec.NONE:  # room for the blobs waiting to be copied in
+        estimate += sum(t.spec.nbytes for t in non_experts.stored if not t.key.endswith("@0"))
     check_free_space(out, estimate)
 
     E = ref.num_experts
@@ -686,6 +730,12 @@ def merge(
         bank = ShardedWriter(tmp, "bank", bank_specs, s.shard_size)
         _write_bank(bank, ckpts, plans, progress, done, total_steps, s, base)
         files.update(bank.close())
+        whole_specs = tensor_specs
+        encoded: dict[str, EncodedTensor] = {}
+        spill = tmp / ".encoded-non-experts"
+        if s.non_expert_codec != codec.NONE and non_experts.stored:
+            encoded = encode_non_experts(ckpts, non_experts, spill, progress)
+            tensor_specs = [TensorSpec(x.name, "U8", encoded[x.name].blob.shape) if x.name in encoded else x for x in tensor_specs]
         tensors = ShardedWriter(tmp, "tensors", tensor_specs, s.shard_size)
         if s.mode in MERGE_MODES:
             for spec in tensor_specs:
@@ -694,11 +744,12 @@ def merge(
                 if progress:
                     progress("write", done[0], total_steps)
         for t in non_experts.stored:
-            tensors.copy(t.key, ckpts[t.model].tensors[t.disk_name])
+            tensors.copy(t.key, encoded[t.key].blob if t.key in encoded else ckpts[t.model].tensors[t.disk_name])
             done[0] += 1
             if progress:
                 progress("write", done[0], total_steps)
         files.update(tensors.close())
+        spill.unlink(missing_ok=True)
         for c in ckpts:
             (tmp / "models" / c.name).mkdir(parents=True)
             for p in side[c.name]:
@@ -740,10 +791,13 @@ def merge(
                 "inputs": input_bytes(ckpts),
                 "experts_in": len(ckpts) * len(plans) * E * expert_nbytes(ref),
                 "bank": sum(len(p.clusters) for p in plans) * expert_nbytes(ref),
+                "non_expert": sum(x.nbytes for x in tensor_specs),
+                "non_expert_whole": sum(x.nbytes for x in whole_specs),
             },
             weight_map={**bank.weight_map, **tensors.weight_map},
             shapes={x.name: TensorEntry(x.dtype, tuple(x.shape)) for x in bank_specs + tensor_specs},
             files={name: FileEntry(r.size, r.sha256) for name, r in sorted(files.items())},
+            encodings={key: e.encoding for key, e in encoded.items()},
         )
         text = manifest.dumps().encode()
         (tmp / MANIFEST).write_bytes(text)
