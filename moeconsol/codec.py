@@ -38,10 +38,11 @@ LEVEL = 1
 """zstd level used to encode (decoding reads any level): see docs/benchmarks.md."""
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    """A tensor's bytes as [numel, element_size] uint8 (a view when contiguous)."""
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as a [numel, element_size] uint8 array (a view when contiguous).
+    numpy, not torch: torch copies a transposed uint8 array 30x slower (measured)."""
     t = t.contiguous().reshape(-1)
-    return t.view(torch.uint8).reshape(t.numel(), t.element_size())
+    return t.view(torch.uint8).numpy().reshape(t.numel(), t.element_size())
 
 
 def _check_pair(tensor: torch.Tensor, reference: torch.Tensor) -> None:
@@ -57,11 +58,16 @@ def encode(tensor: torch.Tensor, reference: torch.Tensor, level: int = LEVEL) ->
     _check_pair(tensor, reference)
     data, ref = _bytes(tensor), _bytes(reference)
     compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
-    stream = compressor.compressobj(size=data.numel())
+    stream = compressor.compressobj(size=data.size)
     out = []
+    xor = np.empty((min(CHUNK_ELEMENTS, data.shape[0]), data.shape[1]), dtype=np.uint8)
+    planes = np.empty((data.shape[1], xor.shape[0]), dtype=np.uint8)
     for start in range(0, data.shape[0], CHUNK_ELEMENTS):
-        chunk = torch.bitwise_xor(data[start : start + CHUNK_ELEMENTS], ref[start : start + CHUNK_ELEMENTS])
-        out.append(stream.compress(chunk.t().contiguous().numpy()))
+        n = min(CHUNK_ELEMENTS, data.shape[0] - start)
+        np.bitwise_xor(data[start : start + n], ref[start : start + n], out=xor[:n])
+        shuffled = planes[:, :n] if n == planes.shape[1] else np.empty((data.shape[1], n), dtype=np.uint8)
+        np.copyto(shuffled, xor[:n].T)
+        out.append(stream.compress(shuffled))
     out.append(stream.flush())
     return b"".join(out)
 
@@ -99,8 +105,8 @@ def decode(blob: bytes | memoryview | torch.Tensor, reference: torch.Tensor, dty
                 chunk[filled : filled + take] = np.frombuffer(produced, dtype=np.uint8, count=take, offset=offset)
                 filled, offset = filled + take, offset + take
                 if filled == n * width:
-                    plane = torch.from_numpy(chunk[: n * width]).reshape(width, n)
-                    torch.bitwise_xor(plane.t(), ref[start : start + n], out=data[start : start + n])
+                    plane = chunk[: n * width].reshape(width, n)
+                    np.bitwise_xor(plane.T, ref[start : start + n], out=data[start : start + n])
                     start, filled = start + n, 0
         if not stream.eof or start < numel or stream.unused_data:
             raise DamagedArtifactError("the encoded blob is truncated or has bytes after its end")
