@@ -330,7 +330,8 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
     """For each on-disk tensor of one source shard: its spec and a producer of its bytes:
     byte ranges of the artifact's files, which the writer copies with the kernel, wherever the
     tensor is stored unchanged or is a concatenation of stored tensors (every layout whose
-    parts are contiguous); else the pieces as tensors (gpt-oss's interleaved fused experts)."""
+    parts are contiguous); else the pieces as tensors (gpt-oss's interleaved fused experts),
+    or the tensor itself, decoded in memory (a non-expert tensor stored encoded)."""
     layout = layout_by_name(model.layout)
     part_shapes = art.spec.part_shapes
     dtype = art.spec.dtype

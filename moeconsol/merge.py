@@ -7,7 +7,8 @@ Two streaming passes, so memory never grows with the number of layers:
    the digests and the small (N*E)^2 distance matrix, then drop the tensors. Lossless and
    threshold modes cluster each layer right away; budget mode clusters all layers at once at
    the end (closest pairs first, over all layers). Non-expert tensors are hashed one at a
-   time: a tensor bit-identical across models is stored once.
+   time: a tensor bit-identical across models is stored once, and (`non_expert_codec`) each
+   version after a tensor's first as a lossless delta against it (`codec.py`) where smaller.
 2. **Write.** With every stored tensor now known by name, dtype and shape, the shard
    writers emit each header first and then each tensor as it is read (or, for a `mean`
    representative, computed one part at a time): one expert in memory, never a shard.
