@@ -22,13 +22,14 @@ import torch
 
 from .errors import ArtifactError, DamagedArtifactError, MoeconsolError, UnknownModelError, UnsafePathError
 from .layouts import fused_shape, join, layout_by_name
+from . import codec
 from .deltas import FORMATS, corrected
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, DeltaEntry, Manifest, ModelEntry
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, DeltaEntry, Manifest, ModelEntry, TensorEntry
 from .safetensors_io import DTYPE_NAMES, DTYPES, TensorInfo, read_header, read_tensor
 from .safety import inside, is_regular_file
 from .writer import SafetensorsWriter, TensorSpec, atomic_directory, copy_file, sha256_file
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "Artifact", "bank_key", "export_model", "verify_artifact"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "Artifact", "bank_key", "check_encodings", "export_model", "verify_artifact"]
 
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): called as long work advances."""
@@ -146,8 +147,32 @@ class Artifact:
         return self._headers[file][key]
 
     def read(self, key: str) -> torch.Tensor:
-        """Any stored tensor by its key (bank or non-expert)."""
-        return read_tensor(self.tensor_info(key))
+        """Any stored tensor by its key (bank or non-expert); an encoded one decoded."""
+        if key not in self.spec.encodings:
+            return read_tensor(self.tensor_info(key))
+        blob, reference = self._encoded(key)
+        try:
+            return self._decode(key, blob, reference)
+        except DamagedArtifactError as e:
+            raise DamagedArtifactError(f"{self.path}: damaged artifact: tensor {key}: {e} (run `moeconsol verify` for the full list)") from e
+
+    def _encoded(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """An encoded key's blob and its reference, read (their files checked first)."""
+        return read_tensor(self.tensor_info(key)), read_tensor(self.tensor_info(self.spec.encodings[key].reference))
+
+    def _decode(self, key: str, blob: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        encoding = self.spec.encodings[key]
+        return codec.decode(blob, reference, encoding.dtype, encoding.shape)
+
+    def stored_spec(self, key: str) -> TensorEntry:
+        """dtype and shape of the tensor `read(key)` returns (decoded, if encoded)."""
+        encoding = self.spec.encodings.get(key)
+        if encoding is not None:
+            return TensorEntry(encoding.dtype, encoding.shape)
+        entry = self.spec.shapes.get(key)
+        if entry is None:
+            raise ArtifactError(f"{self.path}: no stored tensor {key!r}")
+        return entry
 
     def _check(self, files: list[str]) -> None:
         """Check files not yet checked (size, sha256 unless disabled, tensors); raise
@@ -182,6 +207,8 @@ def summary(art: Artifact) -> dict:
             "experts_in": b.get("experts_in"),
             "bank": b.get("bank"),
             "deltas": b.get("deltas"),
+            "non_expert": b.get("non_expert"),
+            "non_expert_whole": b.get("non_expert_whole"),
         },
         "delta_slots": {layer: sum(len(x) for x in art._layer(layer).deltas.values()) for layer in art.layers},
         "files": len(spec.files) + 1,
@@ -281,6 +308,27 @@ def check_references(art: Artifact) -> list[str]:
     for key, file in wm.items():
         if file not in spec.files:
             problems.append(f"{key}: stored in {file}, which the manifest does not list")
+    for key, encoding in spec.encodings.items():
+        if key not in wm:
+            problems.append(f"{key}: encoded, but not stored")
+        if encoding.reference not in wm:
+            problems.append(f"{key}: its reference {encoding.reference} is not stored")
+    return problems
+
+
+def check_encodings(art: Artifact, progress: Progress | None = None) -> list[str]:
+    """Every encoded tensor decodes (one at a time) to its recorded dtype and shape."""
+    problems = []
+    keys = list(art.spec.encodings)
+    for i, key in enumerate(keys):
+        if progress:
+            progress("decode", i, len(keys))
+        try:
+            art._decode(key, *art._encoded(key))
+        except DamagedArtifactError as e:
+            problems.append(f"tensor {key}: {e}")
+    if progress and keys:
+        progress("decode", len(keys), len(keys))
     return problems
 
 
@@ -310,20 +358,25 @@ def verify_artifact(path: str | Path, progress: Progress | None = None) -> list[
     when `path` is not an artifact at all (missing, no manifest, a manifest that is not
     valid JSON, lacks a field, has a field of the wrong type or an unsafe path)."""
     art = Artifact.open(path)
-    return check_references(art) + check_files(art, progress=progress)
+    problems = check_references(art) + check_files(art, progress=progress)
+    if not problems:  # every file is as written: then every encoded tensor must decode
+        art._checked.update(art.spec.files)
+        problems = check_encodings(art, progress)
+    return problems
 
 
 # -- export -------------------------------------------------------------------------------
 
 
-Source = Callable[[], "Iterator[torch.Tensor] | list[TensorInfo]"]
+Source = Callable[[], "Iterator[torch.Tensor] | list[TensorInfo] | torch.Tensor"]
 
 
 def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[tuple[TensorSpec, Source]]:
     """For each on-disk tensor of one source shard: its spec and a producer of its bytes:
     byte ranges of the artifact's files, which the writer copies with the kernel, wherever the
     tensor is stored unchanged or is a concatenation of stored tensors (every layout whose
-    parts are contiguous); else the pieces as tensors (gpt-oss's interleaved fused experts)."""
+    parts are contiguous); else the pieces as tensors (gpt-oss's interleaved fused experts),
+    or the tensor itself, decoded in memory (a non-expert tensor stored encoded)."""
     layout = layout_by_name(model.layout)
     part_shapes = art.spec.part_shapes
     dtype = art.spec.dtype
@@ -365,6 +418,10 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
             info = art.spec.shapes.get(key) if key is not None else None
             if info is None:
                 raise ArtifactError(f"{art.path}: model {model.name!r}: source tensor {name} is not stored in the artifact")
+            if key in art.spec.encodings:  # decoded in memory, then written
+                decoded = art.stored_spec(key)
+                out.append((TensorSpec(name, decoded.dtype, tuple(decoded.shape)), lambda key=key: art.read(key)))
+                continue
             out.append((TensorSpec(name, info.dtype, tuple(info.shape)), lambda key=key: [art.tensor_info(key)]))
     return out
 
@@ -384,7 +441,9 @@ def files_of_model(art: Artifact, name: str) -> list[str]:
     """The artifact files export reads for model `name`."""
     model = art._model(name)
     wm = art.spec.weight_map
-    files = {wm[k] for k in model.tensors.values() if k in wm}
+    keys = set(model.tensors.values())
+    keys |= {art.spec.encodings[k].reference for k in keys if k in art.spec.encodings}
+    files = {wm[k] for k in keys if k in wm}
     files |= {wm[bank_key(layer, k, p)] for layer in art.layers for k in set(art.slot_map(name, layer)) for p in art.parts if bank_key(layer, k, p) in wm}
     files |= {wm[k] for layer in art.layers for x in art.deltas(name, layer) for c in x.keys.values() for k in c.values() if k in wm}
     files |= {f"models/{name}/{f}" for f in model.files}

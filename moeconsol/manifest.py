@@ -28,7 +28,10 @@ from .safety import NAME_RULE, is_safe_name, relative_path_problem
 FORMAT = "moeconsol-artifact"
 FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
-"""Format versions this moeconsol reads: 2 added per-slot expert deltas (`LayerEntry.deltas`)."""
+"""Format versions this moeconsol reads: 2 added per-slot expert deltas (`LayerEntry.deltas`) and
+`encodings` (non-expert tensors stored as lossless deltas)."""
+CODECS = ("xor-zstd",)
+"""Codecs `encodings` may name (moeconsol.codec implements them)."""
 MANIFEST = "manifest.json"
 _MAX_MANIFEST = 1 << 30
 """A manifest larger than this (1 GiB) is refused rather than parsed."""
@@ -44,6 +47,18 @@ class FileEntry:
 class TensorEntry:
     dtype: str
     shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """A stored key that holds an encoded tensor (a U8 blob): how to decode it."""
+
+    codec: str
+    reference: str
+    """The stored key of the whole tensor it was encoded against."""
+    dtype: str
+    shape: tuple[int, ...]
+    """What it decodes to."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +127,8 @@ class Manifest:
     weight_map: dict[str, str]
     shapes: dict[str, TensorEntry]
     files: dict[str, FileEntry]
+    encodings: dict[str, Encoding] = field(default_factory=dict)
+    """Stored key -> its encoding, for keys stored encoded (absent: stored whole)."""
 
     # -- writing ------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -159,6 +176,8 @@ class Manifest:
             "weight_map": dict(self.weight_map),
             "shapes": {k: {"dtype": t.dtype, "shape": list(t.shape)} for k, t in self.shapes.items()},
             "files": {k: {"size": f.size, "sha256": f.sha256} for k, f in self.files.items()},
+            "encodings": {k: {"codec": e.codec, "reference": e.reference, "dtype": e.dtype, "shape": list(e.shape)}
+                          for k, e in self.encodings.items()},
         }
 
     def dumps(self) -> str:
@@ -177,7 +196,7 @@ class Manifest:
         if top.get("format") != FORMAT:
             raise ArtifactError(f"{where}: not a moeconsol artifact manifest")
         version = top.get("format_version")
-        if version not in READ_VERSIONS or isinstance(version, bool):
+        if isinstance(version, bool) or version not in READ_VERSIONS:
             raise ArtifactError(
                 f"{where}: artifact format version {version!r}; this moeconsol reads versions {', '.join(map(str, READ_VERSIONS))}"
             )
@@ -211,6 +230,10 @@ class Manifest:
             if entry.deltas and version < 2:
                 raise r.fail(f"layers[{i}].deltas", "appear in a version-1 manifest (deltas came with version 2)")
             _check_deltas(r, entry, i, parts, experts, weight_map)
+        shapes = {r.text(k, "shapes key"): _tensor(r, v, f"shapes[{k!r}]") for k, v in r.obj(top["shapes"], "shapes").items()}
+        if version < 2 and "encodings" in top:
+            raise r.fail("encodings", "appeared in format version 2; this manifest says version 1")
+        encodings = _encodings(r, top.get("encodings", {}), shapes)
         return cls(
             moeconsol_version=str(top.get("moeconsol_version", "")),
             architecture=architecture,
@@ -223,8 +246,9 @@ class Manifest:
             layers=layers,
             bytes={k: r.optional_int(v, f"bytes.{k}") for k, v in r.obj(top.get("bytes", {}), "bytes").items()},
             weight_map=weight_map,
-            shapes={r.text(k, "shapes key"): _tensor(r, v, f"shapes[{k!r}]") for k, v in r.obj(top["shapes"], "shapes").items()},
+            shapes=shapes,
             files=files,
+            encodings=encodings,
         )
 
     @classmethod
@@ -332,6 +356,30 @@ def _file(r: _Reader, v: object, field: str) -> FileEntry:
 def _tensor(r: _Reader, v: object, field: str) -> TensorEntry:
     d = r.obj(v, field)
     return TensorEntry(r.dtype(d.get("dtype"), f"{field}.dtype"), r.shape(d.get("shape"), f"{field}.shape"))
+
+
+def _encodings(r: _Reader, v: object, shapes: dict[str, TensorEntry]) -> dict[str, Encoding]:
+    """`encodings`: each key stored as a U8 blob, decoding against a reference stored whole
+    to a tensor of the reference's dtype and shape (so the decoded size is the reference's)."""
+    out = {}
+    for key, e in r.obj(v, "encodings").items():
+        f = f"encodings[{key!r}]"
+        d = r.obj(e, f)
+        codec = r.text(d.get("codec"), f"{f}.codec")
+        if codec not in CODECS:
+            raise r.fail(f"{f}.codec", f"is {codec!r}, not one of {', '.join(CODECS)}")
+        enc = Encoding(codec, r.text(d.get("reference"), f"{f}.reference"), r.dtype(d.get("dtype"), f"{f}.dtype"), r.shape(d.get("shape"), f"{f}.shape"))
+        blob, ref = shapes.get(key), shapes.get(enc.reference)
+        if blob is None or blob.dtype != "U8" or len(blob.shape) != 1:
+            raise r.fail(f, "names a key that is not stored as a U8 [bytes] blob in shapes")
+        if ref is None:
+            raise r.fail(f"{f}.reference", f"is {enc.reference!r}, which is not stored")
+        if enc.reference in r.obj(v, "encodings"):
+            raise r.fail(f"{f}.reference", f"is {enc.reference!r}, which is itself encoded; a reference must be stored whole")
+        if (ref.dtype, ref.shape) != (enc.dtype, enc.shape):
+            raise r.fail(f, f"decodes to {enc.dtype} {list(enc.shape)}, its reference is {ref.dtype} {list(ref.shape)}")
+        out[key] = enc
+    return out
 
 
 def _model(r: _Reader, v: object, i: int) -> ModelEntry:

@@ -7,7 +7,8 @@ Two streaming passes, so memory never grows with the number of layers:
    the digests and the small (N*E)^2 distance matrix, then drop the tensors. Lossless and
    threshold modes cluster each layer right away; budget mode clusters all layers at once at
    the end (closest pairs first, over all layers). Non-expert tensors are hashed one at a
-   time: a tensor bit-identical across models is stored once.
+   time: a tensor bit-identical across models is stored once, and (`non_expert_codec`) each
+   version after a tensor's first as a lossless delta against it (`codec.py`) where smaller.
 2. **Write.** With every stored tensor now known by name, dtype and shape, the shard
    writers emit each header first and then each tensor as it is read (or, for a `mean`
    representative, computed one part at a time): one expert in memory, never a shard.
@@ -28,8 +29,8 @@ import torch
 
 from . import __version__
 from .artifact import Progress, bank_key
-from .manifest import MANIFEST, BankEntry, DeltaEntry, FileEntry, LayerEntry, Manifest, ModelEntry, SourceShard, TensorEntry
-from . import baselines
+from .manifest import MANIFEST, BankEntry, DeltaEntry, Encoding, FileEntry, LayerEntry, Manifest, ModelEntry, SourceShard, TensorEntry
+from . import baselines, codec
 from .checkpoint import Checkpoint, natural_key, check_compatible, check_config, open_checkpoint, read_json_file, warn_unusual, warn_unusual_values
 from .clustering import (
     MODES,
@@ -49,7 +50,7 @@ from .clustering import (
 from .deltas import AUTO, FORMATS, delta_format, delta_key
 from .digest import range_digest, tensor_digest, value_flags
 from .errors import IncompatibleModelsError, SettingsError
-from .safetensors_io import DTYPE_NAMES, DTYPES
+from .safetensors_io import DTYPE_NAMES, DTYPES, TensorInfo
 from .similarity import DEFAULT_PROBES, METRICS, gaussian_probes, hidden_size, layer_similarity, read_layer
 from .writer import (
     FileRecord,
@@ -101,6 +102,9 @@ class MergeSettings:
     correction (module deltas); the budget then counts bank plus delta bytes."""
     delta_format: str | None = None
     """With deltas: `auto` (every format, the default) or one `deltas.FORMATS` name."""
+    non_expert_codec: str = codec.XOR_ZSTD
+    """How a non-expert tensor's versions after the first are stored: encoded against the
+    first (codec.XOR_ZSTD) where that is smaller, or whole (codec.NONE)."""
 
 
 MERGE_MODES = ("average", "task-arithmetic", "ties")
@@ -141,6 +145,13 @@ class StoredTensor:
     model: int
     disk_name: str
     spec: TensorSpec
+
+
+@dataclass
+class EncodedTensor:
+    blob: TensorInfo
+    """Where the encoded bytes wait to be copied into the artifact."""
+    encoding: Encoding
 
 
 @dataclass
@@ -259,6 +270,8 @@ def check_settings(s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
             raise SettingsError(f"a delta format ({s.delta_format}) needs deltas turned on")
         if s.delta_format != AUTO:
             delta_format(s.delta_format)
+    if s.non_expert_codec not in codec.CHOICES:
+        raise SettingsError(f"unknown non-expert codec {s.non_expert_codec!r}: choose from {', '.join(codec.CHOICES)}")
     if s.mode in MERGE_MODES:
         _refuse(s, s.mode, "metric", "threshold", "budget", "calibration")
         if s.mode in BASE_MODES and s.base is None:
@@ -577,6 +590,36 @@ def plan_non_experts(ckpts: list[Checkpoint], progress: Progress | None = None) 
     return NonExpertPlan(stored, keys)
 
 
+def encode_non_experts(ckpts: list[Checkpoint], plan: NonExpertPlan, spill: Path, progress: Progress | None = None) -> dict[str, EncodedTensor]:
+    """Encode each stored version of a tensor after its first (`NAME@0`, the reference) against
+    it with xor-zstd, one tensor and its reference in memory at a time; append each blob smaller
+    than the version stored whole to the file `spill`. Returns stored key -> its blob there."""
+    groups: dict[str, list[StoredTensor]] = {}
+    for t in plan.stored:
+        groups.setdefault(t.key.rsplit("@", 1)[0], []).append(t)
+    encoded: dict[str, EncodedTensor] = {}
+    with open(spill, "wb") as f:
+        for i, versions in enumerate(groups.values()):
+            if progress:
+                progress("encode", i, len(groups))
+            first = versions[0]
+            others = [t for t in versions[1:] if (t.spec.dtype, t.spec.shape) == (first.spec.dtype, first.spec.shape)]
+            if not others:
+                continue
+            reference = ckpts[first.model].read(first.disk_name)
+            for t in others:
+                blob = codec.encode(ckpts[t.model].read(t.disk_name), reference)
+                if len(blob) >= t.spec.nbytes:
+                    continue
+                start = f.tell()
+                f.write(blob)
+                info = TensorInfo(spill, "U8", (len(blob),), start, start + len(blob))
+                encoded[t.key] = EncodedTensor(info, Encoding(codec.XOR_ZSTD, first.key, t.spec.dtype, tuple(t.spec.shape)))
+    if progress:
+        progress("encode", len(groups), len(groups))
+    return encoded
+
+
 # -- pass 2: write ------------------------------------------------------------------------
 
 
@@ -811,6 +854,8 @@ def merge(
     side = {c.name: c.side_files() for c in ckpts}
     estimate = sum(x.nbytes + _HEADER_ALLOWANCE for x in bank_specs + tensor_specs + delta_specs)
     estimate += sum(p.stat().st_size for files in side.values() for p in files) + (1 << 20)
+    if s.non_expert_codec != codec.NONE:  # room for the blobs waiting to be copied in
+        estimate += sum(t.spec.nbytes for t in non_experts.stored if not t.key.endswith("@0"))
     check_free_space(out, estimate)
 
     E = ref.num_experts
@@ -827,6 +872,12 @@ def merge(
             _write_deltas(deltas, ckpts, plans, progress, done, total_steps)
             files.update(deltas.close())
             delta_map = deltas.weight_map
+        whole_specs = tensor_specs
+        encoded: dict[str, EncodedTensor] = {}
+        spill = tmp / ".encoded-non-experts"
+        if s.non_expert_codec != codec.NONE and non_experts.stored:
+            encoded = encode_non_experts(ckpts, non_experts, spill, progress)
+            tensor_specs = [TensorSpec(x.name, "U8", encoded[x.name].blob.shape) if x.name in encoded else x for x in tensor_specs]
         tensors = ShardedWriter(tmp, "tensors", tensor_specs, s.shard_size)
         if s.mode in MERGE_MODES:
             for spec in tensor_specs:
@@ -835,11 +886,12 @@ def merge(
                 if progress:
                     progress("write", done[0], total_steps)
         for t in non_experts.stored:
-            tensors.copy(t.key, ckpts[t.model].tensors[t.disk_name])
+            tensors.copy(t.key, encoded[t.key].blob if t.key in encoded else ckpts[t.model].tensors[t.disk_name])
             done[0] += 1
             if progress:
                 progress("write", done[0], total_steps)
         files.update(tensors.close())
+        spill.unlink(missing_ok=True)
         for c in ckpts:
             (tmp / "models" / c.name).mkdir(parents=True)
             for p in side[c.name]:
@@ -883,10 +935,13 @@ def merge(
                 "experts_in": len(ckpts) * len(plans) * E * expert_nbytes(ref),
                 "bank": sum(len(p.clusters) for p in plans) * expert_nbytes(ref),
                 **({"deltas": sum(x.nbytes for x in delta_specs)} if s.deltas else {}),
+                "non_expert": sum(x.nbytes for x in tensor_specs),
+                "non_expert_whole": sum(x.nbytes for x in whole_specs),
             },
             weight_map={**bank.weight_map, **delta_map, **tensors.weight_map},
             shapes={x.name: TensorEntry(x.dtype, tuple(x.shape)) for x in bank_specs + delta_specs + tensor_specs},
             files={name: FileEntry(r.size, r.sha256) for name, r in sorted(files.items())},
+            encodings={key: e.encoding for key, e in encoded.items()},
         )
         text = manifest.dumps().encode()
         (tmp / MANIFEST).write_bytes(text)

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..artifact import Artifact, export_model, summary, verify_artifact
 from ..checkpoint import open_checkpoints
+from ..codec import XOR_ZSTD
 from ..evaluate import parse_named_files
 from ..merge import DEFAULT_SHARD_SIZE, MergeSettings
 from ..merge import merge as run_merge
@@ -19,7 +20,9 @@ from ..writer import format_bytes, parse_size
 from . import app
 from .progress import stage_progress
 
-_STAGES = {"plan": "measuring experts", "calibrate": "capturing calibration activations", "deltas": "costing deltas", "non-expert": "hashing non-expert tensors", "write": "writing", "export": "exporting", "verify": "checking files"}
+_STAGES = {"plan": "measuring experts", "calibrate": "capturing calibration activations", "deltas": "costing deltas",
+           "non-expert": "hashing non-expert tensors", "write": "writing", "export": "exporting", "verify": "checking files",
+           "encode": "encoding non-expert tensors", "decode": "decoding non-expert tensors"}
 
 
 def _print_summary(s: dict, title: str) -> None:
@@ -50,6 +53,8 @@ def _print_summary(s: dict, title: str) -> None:
             f"experts: {format_bytes(b['experts_in'])} in, bank {format_bytes(b['bank'])}: "
             f"{format_bytes(saved)} of expert memory saved ({saved / b['experts_in']:.1%})"
         )
+    if b.get("non_expert_whole"):
+        console.print(f"non-expert tensors: {format_bytes(b['non_expert'])} stored, {format_bytes(b['non_expert_whole'])} whole ({b['non_expert'] / b['non_expert_whole']:.1%})")
 
 
 @app.command()
@@ -69,6 +74,7 @@ def merge(
     deltas: bool = typer.Option(False, "--deltas", help="calibrated mode: slots served by a bank expert not their own may carry a compressed correction; the budget counts bank + delta bytes."),
     delta_format: Optional[str] = typer.Option(None, help="With --deltas: auto (default: every format) | lowrank | sign | int4 | mixed."),
     shard_size: str = typer.Option(str(DEFAULT_SHARD_SIZE), help="Maximum bytes per safetensors shard (5GB, 500MB)."),
+    non_expert_codec: str = typer.Option(XOR_ZSTD, help="xor-zstd | none: store a non-expert tensor's versions after the first as lossless deltas against it (where smaller), or whole."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     revision: Optional[str] = typer.Option(None, help="Hub revision for hub ids."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -77,7 +83,7 @@ def merge(
     settings = MergeSettings(
         mode, metric, threshold, budget, representative, parse_size(shard_size), base=base, density=density,
         scale=scale, calibration=parse_named_files(calibration, "--calibration") or None,
-        calibration_tokens=calibration_tokens, deltas=deltas, delta_format=delta_format,
+        calibration_tokens=calibration_tokens, deltas=deltas, delta_format=delta_format, non_expert_codec=non_expert_codec,
     )
     ckpts = open_checkpoints(models, revision)
     with stage_progress(as_json, _STAGES) as report:
