@@ -176,8 +176,8 @@ class Manifest:
             "weight_map": dict(self.weight_map),
             "shapes": {k: {"dtype": t.dtype, "shape": list(t.shape)} for k, t in self.shapes.items()},
             "files": {k: {"size": f.size, "sha256": f.sha256} for k, f in self.files.items()},
-            "encodings": {k: {"codec": e.codec, "reference": e.reference, "dtype": e.dtype, "shape": list(e.shape)}
-                          for k, e in self.encodings.items()},
+            **({"encodings": {k: {"codec": e.codec, "reference": e.reference, "dtype": e.dtype, "shape": list(e.shape)}
+                                for k, e in self.encodings.items()}} if self.encodings else {}),
         }
 
     def dumps(self) -> str:
