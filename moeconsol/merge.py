@@ -68,6 +68,10 @@ if TYPE_CHECKING:
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 _HEADER_ALLOWANCE = 256
+MAX_DELTA_RATIO = 0.5
+"""A non-expert version is stored encoded only when that takes at most this fraction of its
+whole bytes: a smaller saving is not worth decoding it at every load, nor encoding it
+(docs/benchmarks.md: a fine-tune's bf16 deltas take 25%, unrelated tensors 70%)."""
 """Bytes of safetensors header per tensor assumed when estimating the artifact's size."""
 
 
@@ -98,7 +102,8 @@ class MergeSettings:
     """calibrated mode: routed inputs kept per (model, layer, expert)."""
     non_expert_codec: str = codec.XOR_ZSTD
     """How a non-expert tensor's versions after the first are stored: encoded against the
-    first (codec.XOR_ZSTD) where that is smaller, or whole (codec.NONE)."""
+    first (codec.XOR_ZSTD) where that takes at most MAX_DELTA_RATIO of whole, or whole
+    (codec.NONE)."""
 
 
 MERGE_MODES = ("average", "task-arithmetic", "ties")
@@ -520,8 +525,9 @@ def plan_non_experts(ckpts: list[Checkpoint], progress: Progress | None = None) 
 
 def encode_non_experts(ckpts: list[Checkpoint], plan: NonExpertPlan, spill: Path, progress: Progress | None = None) -> dict[str, EncodedTensor]:
     """Encode each stored version of a tensor after its first (`NAME@0`, the reference) against
-    it with xor-zstd, one tensor and its reference in memory at a time; append each blob smaller
-    than the version stored whole to the file `spill`. Returns stored key -> its blob there."""
+    it with xor-zstd, one tensor and its reference in memory at a time; append each blob of at
+    most MAX_DELTA_RATIO of the version's whole bytes to the file `spill` (a version whose
+    probe says otherwise is not encoded at all). Returns stored key -> its blob there."""
     groups: dict[str, list[StoredTensor]] = {}
     for t in plan.stored:
         groups.setdefault(t.key.rsplit("@", 1)[0], []).append(t)
@@ -536,8 +542,11 @@ def encode_non_experts(ckpts: list[Checkpoint], plan: NonExpertPlan, spill: Path
                 continue
             reference = ckpts[first.model].read(first.disk_name)
             for t in others:
-                blob = codec.encode(ckpts[t.model].read(t.disk_name), reference)
-                if len(blob) >= t.spec.nbytes:
+                tensor = ckpts[t.model].read(t.disk_name)
+                if tensor.numel() > codec.PROBE_ELEMENTS and codec.probe(tensor, reference) > MAX_DELTA_RATIO:
+                    continue
+                blob = codec.encode(tensor, reference)
+                if len(blob) > MAX_DELTA_RATIO * t.spec.nbytes:
                     continue
                 start = f.tell()
                 f.write(blob)
