@@ -17,8 +17,6 @@ chunk. Bit-exact for every dtype (NaN payloads and -0.0 included): only bytes ar
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import zstandard
@@ -138,8 +136,3 @@ def _pieces(blob) -> list[memoryview]:
     """The blob in pieces of 1 MiB, so the decompressor's output stays about one chunk."""
     view = memoryview(blob).cast("B")
     return [view[i : i + _PIECE] for i in range(0, len(view), _PIECE)] or [view]
-
-
-def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    """Bytes of a tensor stored whole."""
-    return math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()

@@ -49,7 +49,7 @@ from .clustering import (
 )
 from .digest import range_digest, tensor_digest, value_flags
 from .errors import IncompatibleModelsError, SettingsError
-from .safetensors_io import DTYPES, TensorInfo
+from .safetensors_io import DTYPES, TensorInfo, read_tensor
 from .similarity import DEFAULT_PROBES, METRICS, gaussian_probes, hidden_size, layer_similarity, read_layer
 from .writer import (
     FileRecord,
@@ -540,12 +540,15 @@ def encode_non_experts(ckpts: list[Checkpoint], plan: NonExpertPlan, spill: Path
             others = [t for t in versions[1:] if (t.spec.dtype, t.spec.shape) == (first.spec.dtype, first.spec.shape)]
             if not others:
                 continue
-            reference = ckpts[first.model].read(first.disk_name)
+            reference = None  # read once a version is worth encoding
             for t in others:
-                tensor = ckpts[t.model].read(t.disk_name)
-                if tensor.numel() > codec.PROBE_ELEMENTS and codec.probe(tensor, reference) > MAX_DELTA_RATIO:
-                    continue
-                blob = codec.encode(tensor, reference)
+                if math.prod(t.spec.shape) > codec.PROBE_ELEMENTS:  # probe the first elements, read from disk
+                    heads = [_head(ckpts[x.model].tensors[x.disk_name], codec.PROBE_ELEMENTS) for x in (t, first)]
+                    if codec.probe(*heads) > MAX_DELTA_RATIO:
+                        continue
+                if reference is None:
+                    reference = ckpts[first.model].read(first.disk_name)
+                blob = codec.encode(ckpts[t.model].read(t.disk_name), reference)
                 if len(blob) > MAX_DELTA_RATIO * t.spec.nbytes:
                     continue
                 start = f.tell()
@@ -555,6 +558,12 @@ def encode_non_experts(ckpts: list[Checkpoint], plan: NonExpertPlan, spill: Path
     if progress:
         progress("encode", len(groups), len(groups))
     return encoded
+
+
+def _head(info: TensorInfo, n: int) -> torch.Tensor:
+    """The first `n` elements of a stored tensor, flat, read from its file."""
+    size = torch.empty((), dtype=DTYPES[info.dtype]).element_size()
+    return read_tensor(TensorInfo(info.file, info.dtype, (n,), info.start, info.start + n * size))
 
 
 # -- pass 2: write ------------------------------------------------------------------------

@@ -261,3 +261,20 @@ def test_float32_deltas_that_save_less_than_half_stay_whole(tmp_path):
     assert "model.embed_tokens.weight@1" in m["encodings"] and len(m["encodings"]) < len(changed) // 2
     out = export_model(tmp_path / "art", "ft", tmp_path / "exp")
     assert filecmp.cmp(tmp_path / "ft" / "model.safetensors", out / "model.safetensors", shallow=False)
+
+
+def test_a_large_unrelated_version_is_refused_on_its_probe_alone(tmp_path, monkeypatch):
+    """A version far from the reference (noise as large as the weights) is not worth a delta:
+    only its first PROBE_ELEMENTS elements are encoded, then it is stored whole."""
+    monkeypatch.setattr(codec, "PROBE_ELEMENTS", 64)
+    encoded_sizes = []
+    encode = codec.encode
+    monkeypatch.setattr(codec, "encode", lambda t, r, *a: encoded_sizes.append(t.numel()) or encode(t, r, *a))
+    base = tiny_mixtral(seed=8)
+    save_model(base, tmp_path / "base")
+    save_model(derive_variant(base, 3, [], scale=0.05), tmp_path / "far")
+    result = merge(open_checkpoints([f"base={tmp_path / 'base'}", f"far={tmp_path / 'far'}"]), tmp_path / "art")
+    assert result.manifest["encodings"] == {}
+    assert encoded_sizes and max(encoded_sizes) <= 64
+    b = result.manifest["bytes"]
+    assert b["non_expert"] == b["non_expert_whole"]
