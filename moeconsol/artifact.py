@@ -24,7 +24,7 @@ from .errors import ArtifactError, DamagedArtifactError, MoeconsolError, Unknown
 from .layouts import fused_shape, join, layout_by_name
 from . import codec
 from .deltas import FORMATS, corrected
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, DeltaEntry, Manifest, ModelEntry, TensorEntry
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, DeltaEntry, Manifest, ModelEntry
 from .safetensors_io import DTYPE_NAMES, DTYPES, TensorInfo, read_header, read_tensor
 from .safety import inside, is_regular_file
 from .writer import SafetensorsWriter, TensorSpec, atomic_directory, copy_file, sha256_file
@@ -163,16 +163,6 @@ class Artifact:
     def _decode(self, key: str, blob: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         encoding = self.spec.encodings[key]
         return codec.decode(blob, reference, encoding.dtype, encoding.shape)
-
-    def stored_spec(self, key: str) -> TensorEntry:
-        """dtype and shape of the tensor `read(key)` returns (decoded, if encoded)."""
-        encoding = self.spec.encodings.get(key)
-        if encoding is not None:
-            return TensorEntry(encoding.dtype, encoding.shape)
-        entry = self.spec.shapes.get(key)
-        if entry is None:
-            raise ArtifactError(f"{self.path}: no stored tensor {key!r}")
-        return entry
 
     def _check(self, files: list[str]) -> None:
         """Check files not yet checked (size, sha256 unless disabled, tensors); raise
@@ -418,9 +408,8 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
             info = art.spec.shapes.get(key) if key is not None else None
             if info is None:
                 raise ArtifactError(f"{art.path}: model {model.name!r}: source tensor {name} is not stored in the artifact")
-            if key in art.spec.encodings:  # decoded in memory, then written
-                decoded = art.stored_spec(key)
-                out.append((TensorSpec(name, decoded.dtype, tuple(decoded.shape)), lambda key=key: art.read(key)))
+            if (encoding := art.spec.encodings.get(key)) is not None:  # decoded in memory, then written
+                out.append((TensorSpec(name, encoding.dtype, tuple(encoding.shape)), lambda key=key: art.read(key)))
                 continue
             out.append((TensorSpec(name, info.dtype, tuple(info.shape)), lambda key=key: [art.tensor_info(key)]))
     return out

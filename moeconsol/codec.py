@@ -17,8 +17,6 @@ chunk. Bit-exact for every dtype (NaN payloads and -0.0 included): only bytes ar
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import zstandard
@@ -34,6 +32,8 @@ CHOICES = (XOR_ZSTD, NONE)
 """What merge accepts: a codec, or none (every version stored whole)."""
 CHUNK_ELEMENTS = 1 << 22
 """Elements per shuffled chunk (4 Mi: 8 MiB of bf16): part of the blob format."""
+PROBE_ELEMENTS = 1 << 18
+"""Elements `probe` encodes to estimate a tensor's ratio (512 KiB of bf16)."""
 LEVEL = 1
 """zstd level used to encode (decoding reads any level): see docs/benchmarks.md. zstd
 compresses on every core (`threads=-1`: measured 1.6-2.2x one core's speed on 2 busy cores)."""
@@ -73,6 +73,17 @@ def encode(tensor: torch.Tensor, reference: torch.Tensor, level: int = LEVEL) ->
     return b"".join(out)
 
 
+def probe(tensor: torch.Tensor, reference: torch.Tensor) -> float:
+    """Estimated encoded / whole bytes of `encode(tensor, reference)`: that of its first
+    PROBE_ELEMENTS elements (all of a smaller tensor), at a fraction of the cost."""
+    _check_pair(tensor, reference)
+    n = min(PROBE_ELEMENTS, tensor.numel())
+    if n == 0:
+        return 0.0
+    head = encode(tensor.reshape(-1)[:n], reference.reshape(-1)[:n])
+    return len(head) / (n * tensor.element_size())
+
+
 def decode(blob: bytes | memoryview | torch.Tensor, reference: torch.Tensor, dtype: str | torch.dtype, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
     """The tensor `encode` made from `reference`: dtype (a safetensors name or a torch dtype)
     and shape as recorded. A blob that is damaged, or decodes to another size, raises
@@ -106,8 +117,10 @@ def decode(blob: bytes | memoryview | torch.Tensor, reference: torch.Tensor, dty
                 chunk[filled : filled + take] = np.frombuffer(produced, dtype=np.uint8, count=take, offset=offset)
                 filled, offset = filled + take, offset + take
                 if filled == n * width:
-                    plane = chunk[: n * width].reshape(width, n)
-                    np.bitwise_xor(plane.T, ref[start : start + n], out=data[start : start + n])
+                    target, planes = data[start : start + n], chunk[: n * width].reshape(width, n)
+                    for byte in range(width):  # one plane at a time: 18x faster than one transposed copy (measured)
+                        np.copyto(target[:, byte], planes[byte])
+                    np.bitwise_xor(target, ref[start : start + n], out=target)
                     start, filled = start + n, 0
         if not stream.eof or start < numel or stream.unused_data:
             raise DamagedArtifactError("the encoded blob is truncated or has bytes after its end")
@@ -123,8 +136,3 @@ def _pieces(blob) -> list[memoryview]:
     """The blob in pieces of 1 MiB, so the decompressor's output stays about one chunk."""
     view = memoryview(blob).cast("B")
     return [view[i : i + _PIECE] for i in range(0, len(view), _PIECE)] or [view]
-
-
-def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    """Bytes of a tensor stored whole."""
-    return math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .codec import CODECS
 from .errors import ArtifactError, MoeconsolError
 from .layouts import all_layouts
 from .safetensors_io import DTYPES
@@ -30,8 +31,6 @@ FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
 """Format versions this moeconsol reads: 2 added per-slot expert deltas (`LayerEntry.deltas`) and
 `encodings` (non-expert tensors stored as lossless deltas)."""
-CODECS = ("xor-zstd",)
-"""Codecs `encodings` may name (moeconsol.codec implements them)."""
 MANIFEST = "manifest.json"
 _MAX_MANIFEST = 1 << 30
 """A manifest larger than this (1 GiB) is refused rather than parsed."""

@@ -50,7 +50,7 @@ from .clustering import (
 from .deltas import AUTO, FORMATS, delta_format, delta_key
 from .digest import range_digest, tensor_digest, value_flags
 from .errors import IncompatibleModelsError, SettingsError
-from .safetensors_io import DTYPE_NAMES, DTYPES, TensorInfo
+from .safetensors_io import DTYPE_NAMES, DTYPES, TensorInfo, read_tensor
 from .similarity import DEFAULT_PROBES, METRICS, gaussian_probes, hidden_size, layer_similarity, read_layer
 from .writer import (
     FileRecord,
@@ -69,6 +69,10 @@ if TYPE_CHECKING:
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 _HEADER_ALLOWANCE = 256
+MAX_DELTA_RATIO = 0.5
+"""A non-expert version is stored encoded only when that takes at most this fraction of its
+whole bytes: a smaller saving is not worth decoding it at every load, nor encoding it
+(docs/benchmarks.md: a fine-tune's bf16 deltas take 25%, unrelated tensors 70%)."""
 """Bytes of safetensors header per tensor assumed when estimating the artifact's size."""
 
 
@@ -104,7 +108,8 @@ class MergeSettings:
     """With deltas: `auto` (every format, the default) or one `deltas.FORMATS` name."""
     non_expert_codec: str = codec.XOR_ZSTD
     """How a non-expert tensor's versions after the first are stored: encoded against the
-    first (codec.XOR_ZSTD) where that is smaller, or whole (codec.NONE)."""
+    first (codec.XOR_ZSTD) where that takes at most MAX_DELTA_RATIO of whole, or whole
+    (codec.NONE)."""
 
 
 MERGE_MODES = ("average", "task-arithmetic", "ties")
@@ -592,8 +597,9 @@ def plan_non_experts(ckpts: list[Checkpoint], progress: Progress | None = None) 
 
 def encode_non_experts(ckpts: list[Checkpoint], plan: NonExpertPlan, spill: Path, progress: Progress | None = None) -> dict[str, EncodedTensor]:
     """Encode each stored version of a tensor after its first (`NAME@0`, the reference) against
-    it with xor-zstd, one tensor and its reference in memory at a time; append each blob smaller
-    than the version stored whole to the file `spill`. Returns stored key -> its blob there."""
+    it with xor-zstd, one tensor and its reference in memory at a time; append each blob of at
+    most MAX_DELTA_RATIO of the version's whole bytes to the file `spill` (a version whose
+    probe says otherwise is not encoded at all). Returns stored key -> its blob there."""
     groups: dict[str, list[StoredTensor]] = {}
     for t in plan.stored:
         groups.setdefault(t.key.rsplit("@", 1)[0], []).append(t)
@@ -606,10 +612,16 @@ def encode_non_experts(ckpts: list[Checkpoint], plan: NonExpertPlan, spill: Path
             others = [t for t in versions[1:] if (t.spec.dtype, t.spec.shape) == (first.spec.dtype, first.spec.shape)]
             if not others:
                 continue
-            reference = ckpts[first.model].read(first.disk_name)
+            reference = None  # read once a version is worth encoding
             for t in others:
+                if math.prod(t.spec.shape) > codec.PROBE_ELEMENTS:  # probe the first elements, read from disk
+                    heads = [_head(ckpts[x.model].tensors[x.disk_name], codec.PROBE_ELEMENTS) for x in (t, first)]
+                    if codec.probe(*heads) > MAX_DELTA_RATIO:
+                        continue
+                if reference is None:
+                    reference = ckpts[first.model].read(first.disk_name)
                 blob = codec.encode(ckpts[t.model].read(t.disk_name), reference)
-                if len(blob) >= t.spec.nbytes:
+                if len(blob) > MAX_DELTA_RATIO * t.spec.nbytes:
                     continue
                 start = f.tell()
                 f.write(blob)
@@ -618,6 +630,12 @@ def encode_non_experts(ckpts: list[Checkpoint], plan: NonExpertPlan, spill: Path
     if progress:
         progress("encode", len(groups), len(groups))
     return encoded
+
+
+def _head(info: TensorInfo, n: int) -> torch.Tensor:
+    """The first `n` elements of a stored tensor, flat, read from its file."""
+    size = torch.empty((), dtype=DTYPES[info.dtype]).element_size()
+    return read_tensor(TensorInfo(info.file, info.dtype, (n,), info.start, info.start + n * size))
 
 
 # -- pass 2: write ------------------------------------------------------------------------
