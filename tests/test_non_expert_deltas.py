@@ -274,7 +274,7 @@ def test_a_large_unrelated_version_is_refused_on_its_probe_alone(tmp_path, monke
     save_model(base, tmp_path / "base")
     save_model(derive_variant(base, 3, [], scale=0.05), tmp_path / "far")
     result = merge(open_checkpoints([f"base={tmp_path / 'base'}", f"far={tmp_path / 'far'}"]), tmp_path / "art")
-    assert result.manifest["encodings"] == {}
+    assert result.manifest.get("encodings", {}) == {}
     assert encoded_sizes and max(encoded_sizes) <= 64
     b = result.manifest["bytes"]
     assert b["non_expert"] == b["non_expert_whole"]
