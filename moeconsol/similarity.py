@@ -6,7 +6,9 @@ the order given. Work is done one layer at a time: the layer's experts of all N 
 read, measured, and dropped before the next layer is read.
 
 Weight metrics come from one float64 Gram matrix of the flattened experts (each expert is
-its canonical parts concatenated in `Layout.parts` order), accumulated in column chunks:
+its canonical parts concatenated in `Layout.parts` order), accumulated over column slices
+of a few MiB, each slice a task for a pool of single-threaded workers; read straight from
+the byte ranges on disk when no tensor of the layer is needed otherwise (`_weight_layer`):
     cosine(i, j)      = G_ij / sqrt(G_ii G_jj)
     l2(i, j)          = sqrt(G_ii + G_jj - 2 G_ij)
     relative-l2(i, j) = l2(i, j) / max(|x_i|, |x_j|)
