@@ -31,12 +31,14 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import blake3
 import numpy as np
 import torch
 
@@ -266,6 +268,9 @@ class LayerSimilarity:
     identical: np.ndarray
     """identical[i, j]: experts i and j are bit-identical."""
     digests: list[str] = field(default_factory=list)
+    """One identity key per expert, equal exactly for bit-identical experts: the expert's
+    digest (`digest.py`), or, streamed from disk, for an expert that no other expert of the
+    layer could equal, its fingerprint (`_identity_keys`). Compare them within a layer."""
 
 
 def layer_similarity(
@@ -320,17 +325,18 @@ def _deduplicate(digests: list[str]) -> tuple[np.ndarray, list[int], list[int]]:
 def _weight_layer(ckpts: list[Checkpoint], layer: str, metrics: list[str]) -> LayerSimilarity:
     """cosine / l2 / relative-l2 of one layer straight from the byte ranges on disk.
 
-    Two passes over the layer's bytes, both spread over the worker pool: every expert's
-    digest (`range_digest`, one reused 8 MiB buffer per worker), then the Gram matrix of the
-    distinct experts, column slice by column slice (a few MiB per worker). Memory does not
-    depend on the expert size; the second pass re-reads only distinct experts, from the page
-    cache when the layer was just hashed.
+    Two passes, both spread over the worker pool: identity (`_identity_keys`: a fingerprint
+    of every expert, then the full digest of those whose fingerprint another shares; one
+    reused 8 MiB buffer per worker), then the Gram matrix of the distinct experts, column
+    slice by column slice (a few MiB per worker). Memory does not depend on the expert
+    size; the second pass reads each distinct expert once more at most, from the page cache
+    when the first pass just hashed it.
     """
     positions = [(c, e) for c in ckpts for e in range(c.num_experts)]
     infos = [c.expert_infos(layer, e) for c, e in positions]
     parts = ckpts[0].layout.parts
     with _workers() as pool:
-        digests = list(pool.map(range_digest, infos))
+        digests = _identity_keys(infos, pool)
         identical, distinct, where = _deduplicate(digests)
         reps = [infos[i] for i in distinct]
         files = sorted({info.file for e in reps for info in e.values()})
@@ -346,6 +352,40 @@ def _weight_layer(ckpts: list[Checkpoint], layer: str, metrics: list[str]) -> La
     _warn_unusual_parts(positions, layer, where, reps, grams)
     weights = weight_metrics(sum(grams.values()).numpy()[np.ix_(where, where)], identical)
     return LayerSimilarity(layer, {m: weights[m] for m in metrics}, identical, digests)
+
+
+_WINDOW = 4096
+"""Bytes read from each end of each part for an expert's fingerprint."""
+
+
+def _fingerprint(parts: dict[str, TensorInfo]) -> str:
+    """BLAKE3 of each part's name, dtype, shape and first and last `_WINDOW` bytes: experts
+    whose fingerprints differ are different; equal fingerprints decide nothing."""
+    h = blake3.blake3()
+    for name in sorted(parts):
+        info = parts[name]
+        h.update(f"{name}\0{info.dtype}\0{list(info.shape)}\0".encode())
+        with open(info.file, "rb", buffering=0) as f:
+            for lo in sorted({info.start, max(info.start, info.end - _WINDOW)}):
+                view = memoryview(bytearray(min(_WINDOW, info.end - lo)))
+                read_into(f.fileno(), view, lo, info.file)
+                h.update(view)
+    return h.hexdigest()
+
+
+def _identity_keys(infos: list[dict[str, TensorInfo]], pool: ThreadPoolExecutor) -> list[str]:
+    """One key per expert, equal exactly for bit-identical experts.
+
+    An expert whose fingerprint no other expert of the layer shares cannot be bit-identical
+    to any of them: its key is its fingerprint, and its bytes are not hashed. The others
+    (fine-tunes leave many experts untouched, and those all share one) are told apart by
+    their full digest (`range_digest`). So the identity pass reads about the experts that
+    are shared, not every expert: a fine-tuned expert is read once, by the Gram matrix."""
+    prints = list(pool.map(_fingerprint, infos))
+    counts = Counter(prints)
+    todo = [i for i, p in enumerate(prints) if counts[p] > 1]
+    full = dict(zip(todo, pool.map(range_digest, [infos[i] for i in todo])))
+    return [full[i] if i in full else f"fingerprint:{p}" for i, p in enumerate(prints)]
 
 
 def _warn_unusual_parts(positions: list[tuple[Checkpoint, int]], layer: str, where: list[int],

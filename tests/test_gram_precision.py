@@ -167,3 +167,31 @@ def test_unusual_parts_warn_once_per_position(family, tmp_path, value, what):
     assert len(messages) == 2, messages
     assert all(what in m and "expert 1 part w3" in m for m in messages)
     assert {m.split("'")[1] for m in messages} == {"a", "b"}
+
+
+def test_identity_keys_are_equal_exactly_for_identical_experts(tmp_path):
+    """Fingerprints (ends of each part) only spare the full digest of experts no other can
+    equal: experts differing only in the middle of a part share a fingerprint and are told
+    apart by their full digests; identical ones get the same full digest."""
+    from moeconsol.digest import range_digest
+    from moeconsol.safetensors_io import read_header
+
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(3, 64, 256, generator=g) * 0.02).to(torch.bfloat16)  # 32 KiB per part: the windows miss the middle
+    middle = base.clone()
+    middle[1, 32, 7] += 0.5  # differs from base only in the middle of expert 1's part
+    tail = base.clone()
+    tail[2, -1, -1] += 0.5  # differs in the last bytes of expert 2's part
+    save_file({f"m{k}.e{e}.w": t[e].contiguous() for k, t in enumerate((base, middle, tail)) for e in range(3)}, tmp_path / "x.safetensors")
+    tensors, _ = read_header(tmp_path / "x.safetensors")
+    infos = [{"w": tensors[f"m{k}.e{e}.w"]} for k in range(3) for e in range(3)]
+    with S._workers() as pool:
+        keys = S._identity_keys(infos, pool)
+    raw = [bytes(t[e].contiguous().view(torch.uint8).numpy()) for t in (base, middle, tail) for e in range(3)]
+    for i in range(9):
+        for j in range(9):
+            assert (keys[i] == keys[j]) == (raw[i] == raw[j]), (i, j)
+    full = [i for i, k in enumerate(keys) if not k.startswith("fingerprint:")]
+    assert 4 in full and 1 in full  # base's and middle's expert 1: same ends, so hashed in full
+    assert all(keys[i] == range_digest(infos[i]) for i in full)
+    assert 8 not in full  # tail's expert 2 differs at its end: no other can equal it
