@@ -10,9 +10,13 @@ psutil, and compares:
 - peak RSS with the bytes of one MoE layer of all four models (what analyze must hold),
   and with the RSS of the same command's `--help` (Python + torch + transformers imports);
 - wall time with a plain `os.preadv` loop over the same expert bytes (page-cached; the
-  loop runs twice and the second pass is timed).
+  loop runs twice and the second pass is timed);
+- wall time with mergekit's linear merge of the same four models, run after analyze in the
+  same run when mergekit is installed (`benchmarks/peer.py`; `--mergekit PATH`,
+  `$MERGEKIT_YAML` or PATH), with the machine's load average.
 
 Usage: python benchmarks/analyze_memory.py [--layers 6] [--metric cosine ...] [--keep DIR]
+       [--mergekit PATH] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from pathlib import Path
 import psutil
 import torch
 from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+import peer  # noqa: E402
 
 HIDDEN, INTERMEDIATE, EXPERTS, HEADS, KV_HEADS, VOCAB = 1024, 3584, 8, 8, 2, 32000
 MODELS = 4
@@ -193,6 +200,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=6, help="MoE layers per model (6 gives about 1.2 GB per model)")
     ap.add_argument("--metric", action="append", help="metric(s) to run analyze with (default: cosine, then all four)")
     ap.add_argument("--keep", type=Path, help="build the checkpoints in this directory and keep them")
+    ap.add_argument("--mergekit", help="path of mergekit-yaml (default: $MERGEKIT_YAML or PATH)")
+    ap.add_argument("--json", type=Path, help="also write the results here (e.g. benchmarks/results/merge-analyze.json)")
     args = ap.parse_args()
 
     root = args.keep or Path(tempfile.mkdtemp(prefix="moeconsol-bench-"))
@@ -219,19 +228,41 @@ def main() -> None:
               f"({read_bytes / GiB / read_s:.2f} GiB/s)")
         print(f"RSS of `moeconsol analyze --help` (imports only): {base_rss / MiB:.0f} MiB\n")
         runs = [[m] for m in args.metric] if args.metric else [["cosine"], ["cosine", "l2", "relative-l2", "cka"]]
+        rows = []
         with tempfile.TemporaryDirectory() as tmp:
             for metrics in runs:
                 cmd = [*cli, "analyze", *map(str, dirs), "--json", f"{tmp}/report.json"]
                 for m in metrics:
                     cmd += ["--metric", m]
+                load = os.getloadavg()[0]
                 peak, seconds, cpu, rc = run_measured(cmd)
                 if rc != 0:
                     raise SystemExit(f"analyze failed with exit code {rc}")
-                print(f"analyze --metric {','.join(metrics)}:")
+                rows.append({"metrics": metrics, "peak_rss_mib": round(peak / MiB), "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
+                             "load_average": round(load, 2)})
+                print(f"analyze --metric {','.join(metrics)} (load average {load:.2f}):")
                 print(f"  peak RSS {peak / MiB:.0f} MiB = {peak / layer_bytes:.2f} x one layer of all models; "
                       f"above imports {(peak - base_rss) / MiB:.0f} MiB = {(peak - base_rss) / layer_bytes:.2f} x")
                 print(f"  time {seconds:.2f} s wall = {seconds / read_s:.1f} x the plain read loop; "
                       f"{cpu:.2f} s CPU = {cpu / read_cpu:.1f} x its CPU")
+        mk = peer.find_mergekit(args.mergekit)
+        mergekit = None
+        if mk:
+            load = os.getloadavg()[0]
+            seconds, peak = peer.mergekit_linear(mk, dirs, root / "mergekit-out")
+            mergekit = {"seconds": round(seconds, 2), "peak_rss_mib": round(peak / MiB), "load_average": round(load, 2)}
+            print(f"mergekit linear merge of the same models (load average {load:.2f}): {seconds:.2f} s, peak RSS {peak / MiB:.0f} MiB")
+            for r in rows:
+                r["over_mergekit"] = round(r["seconds"] / seconds, 3)
+                print(f"  analyze --metric {','.join(r['metrics'])}: {r['over_mergekit']:.2f}x mergekit's time")
+        else:
+            print("mergekit not found (--mergekit PATH): no peer ratio")
+        if args.json:
+            args.json.write_text(json.dumps({
+                "inputs": {"models": MODELS, "layers": layers, "experts": EXPERTS, "bytes": sum(model_bytes)},
+                "one_layer_all_models_mib": round(layer_bytes / MiB), "imports_rss_mib": round(base_rss / MiB),
+                "plain_read": {"seconds": round(read_s, 3), "cpu_seconds": round(read_cpu, 3)},
+                "rows": rows, "mergekit": mergekit, "cpus": os.cpu_count()}, indent=2) + "\n")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

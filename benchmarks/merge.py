@@ -19,7 +19,10 @@ identical share: SHARED + 4 * (8 - SHARED) experts per layer. Inputs are page-ca
 once before timing), so the floor is memory and disk-write bandwidth, not disk reads.
 
 Usage: python benchmarks/merge.py [--layers 6] [--shared 4] [--keep DIR] [--mergekit PATH]
-       [--code DIR] [--json OUT.json]
+       [--code DIR] [--modes lossless,threshold,budget,analyze] [--repeats 3] [--json OUT.json]
+`--repeats N` runs everything N times (each run: every mode, the floor, mergekit) and reports
+per mode the median time and the median of each run's own ratios: the machine's load moves
+from run to run, the ratios within a run much less. The load average is recorded per run.
 `--code DIR` runs moeconsol from another source tree (e.g. a worktree of an older commit),
 for before/after comparisons in one run.
 """
@@ -28,11 +31,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
-import os
 from pathlib import Path
 
 import torch
@@ -103,6 +107,67 @@ def build_family(root: Path, layers: int, shared: int) -> list[Path]:
     return dirs
 
 
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def run_once(dirs: list[Path], root: Path, modes: dict, wanted: list[str], shared: int, layers: int,
+             cwd: str | None, mk: str | None) -> dict:
+    """One run of every wanted mode, the I/O floor (after lossless) and mergekit, in this order."""
+    input_bytes = sum(f.stat().st_size for d in dirs for f in d.iterdir())
+    one_layer = MODELS * EXPERTS * 3 * HIDDEN * INTERMEDIATE * 2
+    total_bank = layers * MODELS * EXPERTS
+    rows, floor = [], None
+    load_before = os.getloadavg()
+    for mode in wanted:
+        out = root / f"art-{mode}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "moeconsol", modes[mode][0], *map(str, dirs)]
+        cmd += ["--json", str(root / "report.json")] if mode == "analyze" else ["-o", str(out)]
+        seconds, peak = peer.measured(cmd + modes[mode][1:], cwd=cwd)
+        row = {"mode": mode, "seconds": round(seconds, 2), "peak_rss_mib": round(peak / MiB),
+               "one_layer_all_models_mib": round(one_layer / MiB), "input_bytes": input_bytes}
+        if mode != "analyze":
+            manifest = json.loads((out / "manifest.json").read_text())
+            bank = sum(len(entry["bank"]) for entry in manifest["layers"])
+            row.update(bank_experts=bank, experts_in=total_bank,
+                       artifact_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()))
+            if mode == "lossless":
+                expected = layers * (shared + MODELS * (EXPERTS - shared))
+                assert bank == expected, f"lossless bank {bank} != identical share {expected}"
+                floor = peer.io_floor(dirs, out)
+            if mode == "budget":
+                assert bank <= int(0.375 * total_bank)
+            shutil.rmtree(out)
+        rows.append(row)
+    mergekit = None
+    if mk:
+        seconds, peak = peer.mergekit_linear(mk, dirs, root / "mergekit-out")
+        mergekit = {"seconds": round(seconds, 2), "peak_rss_mib": round(peak / MiB)}
+    load_after = os.getloadavg()
+    return {"floor": floor, "mergekit": mergekit, "rows": rows,
+            "load_average_before": [round(x, 2) for x in load_before], "load_average_after": [round(x, 2) for x in load_after]}
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Per mode: median time and peak RSS over the runs, and the median of each run's own
+    ratios to that run's floor and mergekit (ratios are taken within a run, not across)."""
+    out = []
+    for i, row in enumerate(runs[0]["rows"]):
+        same = [r["rows"][i] for r in runs]
+        s = {"mode": row["mode"], "seconds": [r["seconds"] for r in same], "median_seconds": round(median([r["seconds"] for r in same]), 2),
+             "median_peak_rss_mib": round(median([r["peak_rss_mib"] for r in same])), "one_layer_all_models_mib": row["one_layer_all_models_mib"]}
+        if all(r["floor"] for r in runs):
+            s["median_over_floor"] = round(median([x["seconds"] / r["floor"]["floor_seconds"] for x, r in zip(same, runs)]), 3)
+        if all(r["mergekit"] for r in runs):
+            s["median_over_mergekit"] = round(median([x["seconds"] / r["mergekit"]["seconds"] for x, r in zip(same, runs)]), 3)
+        for k in ("bank_experts", "experts_in", "artifact_bytes", "input_bytes"):
+            if k in row:
+                s[k] = row[k]
+        out.append(s)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=6)
@@ -111,74 +176,54 @@ def main() -> None:
     ap.add_argument("--mergekit", help="path of mergekit-yaml (default: $MERGEKIT_YAML or PATH)")
     ap.add_argument("--code", type=Path, help="run moeconsol from this source tree")
     ap.add_argument("--modes", default="lossless,threshold,budget,analyze")
-    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of everything; medians are reported")
+    ap.add_argument("--json", type=Path, help="also write the results here (e.g. benchmarks/results/merge-io.json)")
     args = ap.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="moeconsol-merge-bench-"))
     cwd = str(args.code.resolve()) if args.code else None
+    modes = {
+        "lossless": ["merge"],
+        "threshold": ["merge", "--mode", "threshold", "--metric", "cosine", "--threshold", "0.999"],
+        "budget": ["merge", "--mode", "budget", "--budget", "0.375"],
+        "analyze": ["analyze", "--metric", "cosine"],
+    }
     try:
         family = root / "family"
         dirs = sorted(family.iterdir()) if family.exists() else build_family(family, args.layers, args.shared)
         layers = json.loads((dirs[0] / "config.json").read_text())["num_hidden_layers"]
         input_bytes = sum(f.stat().st_size for d in dirs for f in d.iterdir())
         subprocess.run(["sh", "-c", 'cat "$@" > /dev/null', "cat", *map(str, (f for d in dirs for f in d.iterdir()))], check=True)
-        one_layer = MODELS * EXPERTS * 3 * HIDDEN * INTERMEDIATE * 2
-        total_bank = layers * MODELS * EXPERTS
-        modes = {
-            "lossless": ["merge"],
-            "threshold": ["merge", "--mode", "threshold", "--metric", "cosine", "--threshold", "0.999"],
-            "budget": ["merge", "--mode", "budget", "--budget", "0.375"],
-            "analyze": ["analyze", "--metric", "cosine"],
-        }
         wanted = args.modes.split(",")
-        rows = []
-        floor = None
-        for mode in wanted:
-            out = root / f"art-{mode}"
-            shutil.rmtree(out, ignore_errors=True)
-            cmd = [sys.executable, "-m", "moeconsol", modes[mode][0], *map(str, dirs)]
-            cmd += ["--json", str(root / "report.json")] if mode == "analyze" else ["-o", str(out)]
-            seconds, peak = peer.measured(cmd + modes[mode][1:], cwd=cwd)
-            row = {"mode": mode, "seconds": round(seconds, 2), "peak_rss_mib": round(peak / MiB),
-                   "one_layer_all_models_mib": round(one_layer / MiB), "input_bytes": input_bytes}
-            if mode != "analyze":
-                manifest = json.loads((out / "manifest.json").read_text())
-                bank = sum(len(entry["bank"]) for entry in manifest["layers"])
-                row.update(bank_experts=bank, experts_in=total_bank,
-                           artifact_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()))
-                if mode == "lossless":
-                    expected = layers * (args.shared + MODELS * (EXPERTS - args.shared))
-                    assert bank == expected, f"lossless bank {bank} != identical share {expected}"
-                    floor = peer.io_floor(dirs, out)
-                if mode == "budget":
-                    assert bank <= int(0.375 * total_bank)
-                shutil.rmtree(out)
-            rows.append(row)
         mk = peer.find_mergekit(args.mergekit)
-        mergekit = None
-        if mk:
-            seconds, peak = peer.mergekit_linear(mk, dirs, root / "mergekit-out")
-            mergekit = {"seconds": round(seconds, 2), "peak_rss_mib": round(peak / MiB)}
-        load = os.getloadavg()
+        runs = []
+        for r in range(args.repeats):
+            runs.append(run_once(dirs, root, modes, wanted, args.shared, layers, cwd, mk))
+            print(f"run {r + 1}/{args.repeats} done, load average {runs[-1]['load_average_after'][0]:.2f}", file=sys.stderr)
+        summary = summarize(runs)
         result = {"inputs": {"models": MODELS, "layers": layers, "experts": EXPERTS, "shared": args.shared, "bytes": input_bytes},
-                  "floor": floor, "mergekit": mergekit, "rows": rows, "load_average": [round(x, 2) for x in load]}
+                  "cpus": os.cpu_count(), "runs": runs, "summary": summary}
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
+        loads = [x for r in runs for x in (r["load_average_before"][0], r["load_average_after"][0])]
         print(f"inputs: {MODELS} checkpoints, {input_bytes / 1e9:.2f} GB, {layers} layers x {EXPERTS} experts, {args.shared} shared; "
-              f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-        if floor:
-            print(f"I/O floor: cat inputs {floor['read_inputs_seconds']:.2f} s + cp -r artifact + sync "
-                  f"{floor['copy_artifact_seconds']:.2f} s = {floor['floor_seconds']:.2f} s")
-        if mergekit:
-            print(f"mergekit linear merge: {mergekit['seconds']:.2f} s, peak RSS {mergekit['peak_rss_mib']} MiB")
-        print("| run | time | / I/O floor | / mergekit | peak RSS | / one layer, all models | bank experts | artifact / inputs |")
+              f"{len(runs)} run(s); 1-minute load average {min(loads):.2f}-{max(loads):.2f} on {os.cpu_count()} CPUs")
+        floors = [r["floor"]["floor_seconds"] for r in runs if r["floor"]]
+        if floors:
+            print(f"I/O floor (cat inputs + cp -r artifact + sync): median {median(floors):.2f} s ({', '.join(f'{x:.2f}' for x in floors)})")
+        kits = [r["mergekit"]["seconds"] for r in runs if r["mergekit"]]
+        if kits:
+            print(f"mergekit linear merge: median {median(kits):.2f} s ({', '.join(f'{x:.2f}' for x in kits)}), "
+                  f"peak RSS {runs[0]['mergekit']['peak_rss_mib']} MiB")
+        print("| run | median time (each run) | / I/O floor | / mergekit | peak RSS | / one layer, all models | bank experts | artifact / inputs |")
         print("|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            f = f"{r['seconds'] / floor['floor_seconds']:.2f}x" if floor else "-"
-            m = f"{r['seconds'] / mergekit['seconds']:.2f}x" if mergekit else "-"
-            bank = f"{r['bank_experts']} / {r['experts_in']}" if "bank_experts" in r else "-"
-            art = f"{r['artifact_bytes'] / r['input_bytes']:.1%}" if "artifact_bytes" in r else "-"
-            print(f"| {r['mode']} | {r['seconds']:.2f} s | {f} | {m} | {r['peak_rss_mib']} MiB | "
-                  f"{r['peak_rss_mib'] / r['one_layer_all_models_mib']:.2f}x | {bank} | {art} |")
+        for s in summary:
+            f = f"{s['median_over_floor']:.2f}x" if "median_over_floor" in s else "-"
+            m = f"{s['median_over_mergekit']:.2f}x" if "median_over_mergekit" in s else "-"
+            bank = f"{s['bank_experts']} / {s['experts_in']}" if "bank_experts" in s else "-"
+            art = f"{s['artifact_bytes'] / s['input_bytes']:.1%}" if "artifact_bytes" in s else "-"
+            each = ", ".join(f"{x:.2f}" for x in s["seconds"])
+            print(f"| {s['mode']} | {s['median_seconds']:.2f} s ({each}) | {f} | {m} | {s['median_peak_rss_mib']} MiB | "
+                  f"{s['median_peak_rss_mib'] / s['one_layer_all_models_mib']:.2f}x | {bank} | {art} |")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -155,24 +155,31 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], base: int, size: i
         raise SafetensorsError(f"{path}: corrupt safetensors file: {size - position} bytes after the last tensor")
 
 
+def read_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """Fill `view` with the bytes of the open file `fd` from `offset` on (pread, no mmap)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise SafetensorsError(f"{path}: truncated while reading")
+        done += n
+
+
 def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read one tensor into a new CPU tensor (owns its memory; no mmap)."""
-    buf = bytearray(info.nbytes)
-    view = memoryview(buf)
-    fd = os.open(info.file, os.O_RDONLY)
-    try:
-        done = 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], info.start + done)
-            if n == 0:
-                raise SafetensorsError(f"{info.file}: truncated while reading")
-            done += n
-    finally:
-        os.close(fd)
+    """Read one tensor into a new CPU tensor (owns its memory; no mmap).
+
+    The memory is allocated uninitialized (`torch.empty`) and filled by the read: no pass
+    zeroing it first (a `bytearray` would memset every byte before the read overwrites it)."""
     dtype = DTYPES[info.dtype]
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+    raw = torch.empty(info.nbytes, dtype=torch.uint8)
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        read_into(fd, memoryview(raw.numpy()), info.start, info.file)
+    finally:
+        os.close(fd)
+    return raw.view(dtype).reshape(info.shape)
 
 
 def _chunk_buffer() -> memoryview:
