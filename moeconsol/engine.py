@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_TOKENS_IN_FLIGHT = 32768
+DEFAULT_MAX_WAIT = 2.0
+"""seconds a request of another variant may wait before the scheduler swaps to it (server.pick_model)"""
+DEFAULT_MAX_PROMPT_TOKENS = 2048
+"""the longest prompt the server accepts, in tokens"""
 MAX_SEED = 2**63 - 1
 
 

@@ -36,13 +36,11 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
 
-from .engine import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TOKENS_IN_FLIGHT, MAX_SEED, Completion, Engine, FinishReason,
+from .engine import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TOKENS_IN_FLIGHT, DEFAULT_MAX_WAIT, MAX_SEED, Completion, Engine, FinishReason,
                      GenerationSettings, Request)
 from .errors import MoeconsolError, OutputError, SettingsError
 from .runtime import Runtime, SwapReport
 
-DEFAULT_MAX_WAIT = 2.0
-DEFAULT_MAX_PROMPT_TOKENS = 2048
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _SERVED_KEPT = 1024

@@ -11,10 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..engine import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TOKENS_IN_FLIGHT
+from ..engine import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TOKENS_IN_FLIGHT, DEFAULT_MAX_WAIT
 from ..errors import MoeconsolError
 from .serve import check_server_options
-from ..server import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_WAIT, bind
 from . import app
 
 
@@ -54,6 +53,8 @@ def serve_cluster(
         raise MoeconsolError(f"{artifact}: damaged artifact: {problems[0]} (run `moeconsol verify` for the full list)")
     if address is not None:
         check_address(address)
+    from ..server import bind  # fastapi: imported only by the commands that serve
+
     if address is None:  # a port in use fails now, in one line (Serve's proxy will listen on it);
         bind(host, port).close()  # on a joined cluster, Serve's proxy may hold it already
 
