@@ -228,7 +228,7 @@ class Manifest:
         for i, entry in enumerate(layers):
             if entry.deltas and version < 2:
                 raise r.fail(f"layers[{i}].deltas", "appear in a version-1 manifest (deltas came with version 2)")
-            _check_deltas(r, entry, i, parts, experts, weight_map)
+            _check_deltas(r, entry, i, part_shapes, experts, weight_map)
         shapes = {r.text(k, "shapes key"): _tensor(r, v, f"shapes[{k!r}]") for k, v in r.obj(top["shapes"], "shapes").items()}
         if version < 2 and "encodings" in top:
             raise r.fail("encodings", "appeared in format version 2; this manifest says version 1")
@@ -462,11 +462,13 @@ def _delta(r: _Reader, v: object, f: str) -> DeltaEntry:
     return DeltaEntry(r.integer(d.get("expert"), f"{f}.expert"), r.integer(d.get("bank"), f"{f}.bank"), fmt, size, keys)
 
 
-def _check_deltas(r: _Reader, entry: LayerEntry, i: int, parts: tuple[str, ...], experts: int, weight_map: dict[str, str]) -> None:
-    """Delta slots in range, pointing where the slot map points, one per expert, every part
-    and component of the format stored."""
+def _check_deltas(r: _Reader, entry: LayerEntry, i: int, part_shapes: dict[str, tuple[int, ...]], experts: int, weight_map: dict[str, str]) -> None:
+    """Delta slots in range, pointing where the slot map points, one per expert, a size the
+    format takes, every part and component of the format stored."""
     from .deltas import FORMATS
+    from .errors import SettingsError
 
+    parts = tuple(part_shapes)
     for name, items in entry.deltas.items():
         seen = set()
         for j, x in enumerate(items):
@@ -482,6 +484,11 @@ def _check_deltas(r: _Reader, entry: LayerEntry, i: int, parts: tuple[str, ...],
                 raise r.fail(f"{f}.bank", f"is {x.bank}, but the slot map serves expert {x.expert} by {entry.slot_map[name][x.expert]}")
             if sorted(x.keys) != sorted(parts):
                 raise r.fail(f"{f}.keys", f"has parts {sorted(x.keys)}, parts says {list(parts)}")
+            try:
+                for shape in part_shapes.values():
+                    FORMATS[x.format].components(shape, x.size, _F32)
+            except SettingsError as e:
+                raise r.fail(f"{f}.size", f"is {x.size!r}: {e}") from e
             wanted = FORMATS[x.format].component_names()
             for p, comps in x.keys.items():
                 if sorted(comps) != wanted:
@@ -489,6 +496,9 @@ def _check_deltas(r: _Reader, entry: LayerEntry, i: int, parts: tuple[str, ...],
                 for c, key in comps.items():
                     if key not in weight_map:
                         raise r.fail(f"{f}.keys[{p!r}][{c!r}]", f"is {key!r}, which weight_map does not store")
+
+
+_F32 = DTYPES["F32"]
 
 
 def _deltas_json(deltas: dict[str, list[DeltaEntry]]) -> dict[str, list[dict[str, Any]]]:

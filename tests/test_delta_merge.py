@@ -220,6 +220,7 @@ def _first_delta(data) -> tuple[dict, dict]:
     (lambda e, x: x.update(bank=99), "outside the layer's bank"),
     (lambda e, x: x.update(expert=-1), "is -1, outside"),
     (lambda e, x: x.update(size="4"), "expected an integer"),
+    (lambda e, x: x.update(size=None), "lowrank needs a rank of at least 1"),
     (lambda e, x: next(iter(x["keys"].values())).update(a="delta.nowhere"), "which weight_map does not store"),
     (lambda e, x: next(iter(x["keys"].values())).pop("a"), "has components"),
     (lambda e, x: e["deltas"].update(nobody=[]), "names model 'nobody'"),
