@@ -38,6 +38,7 @@ from .clustering import (
     choose_representative,
     cluster_budget,
     cluster_calibrated,
+    fair_weights,
     cluster_cost,
     cluster_lossless,
     cluster_threshold,
@@ -378,6 +379,8 @@ def plan_calibrated(ckpts: list[Checkpoint], s: MergeSettings, progress: Progres
         costs.append(substitution_costs(ref, layer, experts.flat, acts))
     if progress:
         progress("plan", L, L)
+    weights = fair_weights(groups, [c.cost for c in costs], budget_experts(s.budget, ckpts))  # clustering.fair_weights
+    costs = [c.weighted(weights) for c in costs]
     clusters = cluster_calibrated(groups, [c.cost for c in costs], budget_experts(s.budget, ckpts))
     plans = []
     for layer, cs, lg, d, lc in zip(ref.moe_layers, clusters, groups, digests, costs):
