@@ -315,6 +315,9 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--only", choices=list(ARCHS), help="run one architecture only")
     parser.add_argument("--write-docs", action="store_true", help="write the tables into docs/benchmarks.md")
+    parser.add_argument("--docs-only", action="store_true",
+                        help="run nothing: write the docs section from the tables saved under --out by earlier runs "
+                        "(e.g. one run per family and architecture, in parallel)")
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -324,25 +327,33 @@ def main() -> int:
     hf_logging.set_verbosity_error()
     torch.set_num_threads(1)  # tiny models: threads only add overhead
     families = [parse_family(f) for f in args.family or DEFAULT_FAMILIES]
-    for name, path in families:
-        ensure_family(name, path)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    budgets = parse_budgets(args.budgets)
-    parts, verdicts = [], []
-    for name, path in families:
-        for arch in [args.only] if args.only else list(ARCHS):
-            start = time.perf_counter()
-            report = run_family(path, arch, budgets)
-            seconds = time.perf_counter() - start
-            stem = f"quality-{name}-{arch}"
-            (out / f"{stem}.json").write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
-            plot_gains(report, f"{name} ({path.name}) / {arch}", out / f"{stem}.png")
-            parts.append(markdown(f"{name} / {arch}", report, seconds))
-            reached = not check_bar(report)[0]
-            verdicts.append(f"{name}/{arch}: bar {'reached' if reached else 'NOT reached'}")
-            print(parts[-1], flush=True)
-    if args.write_docs:
+    archs = [args.only] if args.only else list(ARCHS)
+    verdicts = []
+    if not args.docs_only:
+        for name, path in families:
+            ensure_family(name, path)
+        budgets = parse_budgets(args.budgets)
+        for name, path in families:
+            for arch in archs:
+                start = time.perf_counter()
+                report = run_family(path, arch, budgets)
+                seconds = time.perf_counter() - start
+                stem = f"quality-{name}-{arch}"
+                (out / f"{stem}.json").write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+                plot_gains(report, f"{name} ({path.name}) / {arch}", out / f"{stem}.png")
+                (out / f"{stem}.md").write_text(markdown(f"{name} / {arch}", report, seconds) + "\n")
+                print((out / f"{stem}.md").read_text(), flush=True)
+                verdicts.append(f"{name}/{arch}: bar {'reached' if not check_bar(report)[0] else 'NOT reached'}")
+    if args.write_docs or args.docs_only:
+        parts = []
+        for name, _ in families:
+            for arch in archs:
+                part = out / f"quality-{name}-{arch}.md"
+                if not part.is_file():
+                    raise SystemExit(f"quality.py: error: {part} not found: run the benchmark for {name} / {arch} first")
+                parts.append(part.read_text().rstrip())
         write_docs(_preamble(families) + "\n\n".join(parts) + "\n")
     print("\n" + "\n".join(verdicts))
     return 0

@@ -147,9 +147,9 @@ FULL = replace(bf.FULL, base_steps=800, variant_steps=250)
 SMALL = bf.SMALL
 
 
-def build(out: str | Path, small: bool = False, force: bool = False, log=print):
+def build(out: str | Path, small: bool = False, force: bool = False, log=print, size=None):
     """Build (or reuse) the second family under `out` (build_family.build with this family's data)."""
-    return bf.build(out, force=force, size=SMALL if small else FULL, log=log, text=MIXTRAL_FAMILY,
+    return bf.build(out, force=force, size=size or (SMALL if small else FULL), log=log, text=MIXTRAL_FAMILY,
                     seq2seq=SWITCH_FAMILY)
 
 

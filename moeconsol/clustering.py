@@ -186,7 +186,7 @@ def cluster_calibrated(layers: list[LayerGroups], costs: list[np.ndarray], max_b
 
 # -- fairness between models -----------------------------------------------------------------
 
-FAIRNESS_ROUNDS = 4
+FAIRNESS_ROUNDS = 6
 """Rounds of reweighting in `fair_weights` (1: every model weighs 1, the least total cost)."""
 
 
@@ -218,8 +218,9 @@ def fair_weights(layers: list[LayerGroups], costs: list[np.ndarray], max_bank: i
     Why: `cluster_calibrated` minimises the total cost over models, which may all fall on
     one of them; measured on the first example family, the variant with the largest summed
     cost is the one that keeps the least of its gain. The weights are found by rerunning
-    the clustering with each model's cost rows scaled by its share of the cost in the
-    previous round (damped: 0.5 + 0.5 x cost / mean cost); the weights of the round whose
+    the clustering with each model's cost rows scaled by its weight, multiplied after each
+    round by a damped share of the cost that model carried (0.5 + 0.5 x cost / mean cost;
+    multiplicative weights, normalised to mean 1); the weights of the round whose
     clustering has the least sum of squared per-model costs (`model_costs`, unscaled) are
     returned: the total when costs are even, more the more one model carries. Round 1 has
     every weight 1, so the result is never worse than least total cost in that measure.
@@ -236,7 +237,8 @@ def fair_weights(layers: list[LayerGroups], costs: list[np.ndarray], max_bank: i
         mean = float(per_model.mean())
         if mean <= 0:
             break
-        weights = 0.5 + 0.5 * per_model / mean
+        weights = weights * (0.5 + 0.5 * per_model / mean)  # multiplicative: a model that keeps carrying gains
+        weights = weights / weights.mean()
     assert best is not None
     return best[1]
 

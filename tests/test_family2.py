@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -35,10 +36,15 @@ bf = _load("build_family", "build_family.py")
 bf2 = _load("build_family2", "build_family2.py")
 
 
+SIZE = replace(bf.SMALL, base_steps=24, variant_steps=24, switch_base_steps=24, switch_variant_steps=24, train_docs=60,
+               eval_docs=12, train_pairs=300, eval_pairs=24)
+"""Smaller than the first family's test build: this file checks the family's data and recipe."""
+
+
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     out = tmp_path_factory.mktemp("family2")
-    report = bf2.build(out, small=True, log=lambda _: None)
+    report = bf2.build(out, size=SIZE, log=lambda _: None)
     return out, report
 
 
@@ -55,9 +61,9 @@ def test_same_shape_as_the_first_family_with_other_data(family):
     assert not set(bf2.TEXT_DOMAINS) & set(bf.TEXT_DOMAINS)
     assert not set(bf2.SEQ2SEQ_TASKS) & set(bf.SEQ2SEQ_TASKS)
     sql = (out / "data" / "eval" / "mixtral-sql.txt").read_text().rstrip("\n").split("\n\n")
-    assert sql == bf.text_docs("sql", bf.SMALL.eval_docs, bf2.SEED + 1, bf2.TEXT_DOMAINS)
+    assert sql == bf.text_docs("sql", SIZE.eval_docs, bf2.SEED + 1, bf2.TEXT_DOMAINS)
     examples = [json.loads(line) for line in (out / "data" / "train" / "switch-rot13.jsonl").read_text().splitlines()]
-    assert len(examples) == bf.SMALL.train_pairs
+    assert len(examples) == SIZE.train_pairs
     for ex in examples[:20]:  # rot13 checked against the standard library's codec
         import codecs
 
@@ -104,8 +110,8 @@ def test_each_variant_gains_on_its_own_held_out_data(family):
                 ids = tok(path.read_text())["input_ids"]
                 nll = count = 0.0
                 with torch.no_grad():
-                    for start in range(0, len(ids), bf.SMALL.seq_len):
-                        w = torch.tensor([ids[start : start + bf.SMALL.seq_len]])
+                    for start in range(0, len(ids), SIZE.seq_len):
+                        w = torch.tensor([ids[start : start + SIZE.seq_len]])
                         if w.shape[1] >= 2:
                             nll += float(model(input_ids=w, labels=w).loss) * (w.shape[1] - 1)
                             count += w.shape[1] - 1
