@@ -251,8 +251,21 @@ def markdown(title: str, report, seconds: float) -> str:
     return "\n".join(lines)
 
 
-PLOTTED = (OWN, DELTAS, REFERENCE, "budget")
-"""Methods drawn as lines (bytes vs. retained gain); the merging baselines are single points."""
+PLOTTED = {OWN: "tab:blue", DELTAS: "tab:purple", REFERENCE: "tab:orange", "budget": "tab:green"}
+"""Methods drawn as lines (bytes vs. retained gain), and their colours; the merging
+baselines are single points (BASELINE_MARKERS)."""
+BASELINE_MARKERS = {"average": ("x", "black"), "task-arithmetic": ("^", "tab:red"), "ties": ("s", "tab:brown")}
+
+
+def report_from_dict(d: dict):
+    """A SweepReport from its saved JSON (`SweepReport.to_dict`; NaN was saved as null)."""
+    from moeconsol.evaluate import SweepPoint, SweepReport
+
+    def nan(x):
+        return math.nan if x is None else x
+
+    points = [SweepPoint(**{**p, "retained_gain": {k: nan(v) for k, v in p["retained_gain"].items()}}) for p in d["points"]]
+    return SweepReport(**{**d, "points": points})
 
 
 def plot_gains(report, title: str, path: Path) -> Path:
@@ -273,13 +286,15 @@ def plot_gains(report, title: str, path: Path) -> Path:
         return mean_gain(p, fine_tuned) if n == "mean" else p.retained_gain[n]
 
     for ax, n in zip(axes[0], panels):
-        for m in PLOTTED:
+        for m, colour in PLOTTED.items():
             pts = sorted((p.expert_fraction, gain(p, n)) for p in ok if p.method == m)
             if pts:
-                ax.plot([100 * x for x, _ in pts], [100 * y for _, y in pts], marker="o", label=m)
+                ax.plot([100 * x for x, _ in pts], [100 * y for _, y in pts], marker="o", color=colour, label=m)
         for p in ok:
             if p.budget is None:
-                ax.scatter([100 * p.expert_fraction], [100 * max(gain(p, n), -0.5)], marker="x", label=p.method)
+                marker, colour = BASELINE_MARKERS.get(p.method, ("D", "gray"))
+                ax.scatter([100 * p.expert_fraction], [100 * max(gain(p, n), -0.5)], marker=marker, color=colour,
+                           label=p.method)
         ax.axhline(100, color="black", linestyle="--", linewidth=1)
         ax.axhline(90, color="gray", linestyle=":", linewidth=1)
         ax.set_ylim(-50, 110)
@@ -342,7 +357,7 @@ def main() -> int:
                 seconds = time.perf_counter() - start
                 stem = f"quality-{name}-{arch}"
                 (out / f"{stem}.json").write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
-                plot_gains(report, f"{name} ({path.name}) / {arch}", out / f"{stem}.png")
+                plot_gains(report, f"{name} / {arch}", out / f"{stem}.png")
                 (out / f"{stem}.md").write_text(markdown(f"{name} / {arch}", report, seconds) + "\n")
                 print((out / f"{stem}.md").read_text(), flush=True)
                 verdicts.append(f"{name}/{arch}: bar {'reached' if not check_bar(report)[0] else 'NOT reached'}")
@@ -354,6 +369,9 @@ def main() -> int:
                 if not part.is_file():
                     raise SystemExit(f"quality.py: error: {part} not found: run the benchmark for {name} / {arch} first")
                 parts.append(part.read_text().rstrip())
+                saved = out / f"quality-{name}-{arch}.json"
+                if saved.is_file():  # redraw the plot from the saved sweep
+                    plot_gains(report_from_dict(json.loads(saved.read_text())), f"{name} / {arch}", saved.with_suffix(".png"))
         write_docs(_preamble(families) + "\n\n".join(parts) + "\n")
     print("\n" + "\n".join(verdicts))
     return 0
