@@ -53,6 +53,12 @@ BUILDERS = {"family1": "build_family.py", "family2": "build_family2.py"}
 SECTION = "## quality: bytes vs. quality"
 
 
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, exit code 2."""
+    print(f"quality.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_family(text: str) -> tuple[str, Path]:
     """NAME=DIR (or DIR: named after the directory)."""
     name, sep, path = text.partition("=")
@@ -65,8 +71,7 @@ def ensure_family(name: str, path: Path) -> None:
         return
     builder = BUILDERS.get(name, "build_family2.py")
     if name != "family1":
-        raise SystemExit(f"quality.py: error: {path}/family.json not found: build the family first with "
-                         f"python examples/{builder} --out {path}")
+        fail(f"{path}/family.json not found: build the family first with python examples/{builder} --out {path}")
     spec = importlib.util.spec_from_file_location("build_family", ROOT / "examples" / builder)
     module = importlib.util.module_from_spec(spec)
     sys.modules["build_family"] = module
@@ -367,7 +372,7 @@ def main() -> int:
             for arch in archs:
                 part = out / f"quality-{name}-{arch}.md"
                 if not part.is_file():
-                    raise SystemExit(f"quality.py: error: {part} not found: run the benchmark for {name} / {arch} first")
+                    fail(f"{part} not found: run the benchmark for {name} / {arch} first")
                 parts.append(part.read_text().rstrip())
                 saved = out / f"quality-{name}-{arch}.json"
                 if saved.is_file():  # redraw the plot from the saved sweep
