@@ -37,6 +37,7 @@ import argparse
 import importlib.util
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -97,8 +98,11 @@ def methods_known() -> list[str]:
     return methods + list(evaluate.MERGE_METHODS)
 
 
-def run_family(path: Path, arch: str, budgets: list[float]):
-    from moeconsol.evaluate import sweep
+def run_family(path: Path, arch: str, budgets: list[float], methods: list[str] | None = None,
+               max_examples: int | None = None):
+    """`evaluate.sweep` of one family and architecture (methods: `methods_known()` by default;
+    `max_examples`: score only the first N held-out examples of a seq2seq file)."""
+    from moeconsol.evaluate import EvalSettings, sweep
 
     models = family_models(path, arch)
     return sweep(
@@ -107,7 +111,8 @@ def run_family(path: Path, arch: str, budgets: list[float]):
         budgets,
         base=next(m["path"] for m in models if m["name"] == "base"),
         calibration={m["name"]: m["train_file"] for m in models},
-        methods=methods_known(),
+        methods=methods or methods_known(),
+        settings=EvalSettings(max_examples=max_examples),
         merge_options={OWN: {"representative": "best"}},
     )
 
@@ -223,7 +228,9 @@ def summary(report) -> list[str]:
 def markdown(title: str, report, seconds: float) -> str:
     names = list(report.original)
     metric = report.metric + (" (lower is better)" if report.lower_is_better else " (higher is better)")
-    lines = [f"### {title}: {metric}; retained gain in brackets", "",
+    shown = (report.settings.get("eval") or {}).get("max_examples")
+    scope = f" (first {shown} held-out examples per variant)" if shown and report.metric == "token_accuracy" else ""
+    lines = [f"### {title}: {metric}; retained gain in brackets{scope}", "",
              "| method | budget | expert memory | " + " | ".join(names) + " |",
              "|---|---|---|" + "---|" * len(names)]
     lines.append("| original | | 100% | " + " | ".join(f"{report.original[n]:.4g}" for n in names) + " |")
@@ -334,6 +341,9 @@ def main() -> int:
     parser.add_argument("--budgets", default="1.0,0.75,0.5,0.3,0.25")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--only", choices=list(ARCHS), help="run one architecture only")
+    parser.add_argument("--methods", help="comma-separated methods (default: every method this moeconsol knows)")
+    parser.add_argument("--max-examples", type=int, help="score only the first N held-out examples of a seq2seq file "
+                        "(a shorter run on a busy machine; say so where the figures are reported)")
     parser.add_argument("--write-docs", action="store_true", help="write the tables into docs/benchmarks.md")
     parser.add_argument("--docs-only", action="store_true",
                         help="run nothing: write the docs section from the tables saved under --out by earlier runs "
@@ -358,7 +368,8 @@ def main() -> int:
         for name, path in families:
             for arch in archs:
                 start = time.perf_counter()
-                report = run_family(path, arch, budgets)
+                methods = args.methods.split(",") if args.methods else None
+                report = run_family(path, arch, budgets, methods, args.max_examples if arch == "switch" else None)
                 seconds = time.perf_counter() - start
                 stem = f"quality-{name}-{arch}"
                 (out / f"{stem}.json").write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
@@ -373,10 +384,14 @@ def main() -> int:
                 part = out / f"quality-{name}-{arch}.md"
                 if not part.is_file():
                     fail(f"{part} not found: run the benchmark for {name} / {arch} first")
-                parts.append(part.read_text().rstrip())
+                text = part.read_text()
                 saved = out / f"quality-{name}-{arch}.json"
-                if saved.is_file():  # redraw the plot from the saved sweep
-                    plot_gains(report_from_dict(json.loads(saved.read_text())), f"{name} / {arch}", saved.with_suffix(".png"))
+                if saved.is_file():  # tables and plot again from the saved sweep, with this version's formatting
+                    report = report_from_dict(json.loads(saved.read_text()))
+                    took = re.search(r"^Bar: .*\((\d+) s\)\.$", text, re.M)
+                    text = markdown(f"{name} / {arch}", report, float(took.group(1)) if took else math.nan)
+                    plot_gains(report, f"{name} / {arch}", saved.with_suffix(".png"))
+                parts.append(text.rstrip())
         write_docs(_preamble(families) + "\n\n".join(parts) + "\n")
     print("\n" + "\n".join(verdicts))
     return 0
