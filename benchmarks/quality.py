@@ -383,7 +383,8 @@ def main() -> int:
             for arch in archs:
                 part = out / f"quality-{name}-{arch}.md"
                 if not part.is_file():  # say so in the docs rather than leave the family out silently
-                    parts.append(f"### {name} / {arch}: not run\n\nNo saved run under {out}: "
+                    where = out.resolve().relative_to(ROOT) if out.resolve().is_relative_to(ROOT) else out
+                    parts.append(f"### {name} / {arch}: not run\n\nNo saved run under {where}: "
                                  f"`python benchmarks/quality.py --family {name}=DIR --only {arch}` makes it.")
                     continue
                 text = part.read_text()
