@@ -1,23 +1,34 @@
-"""Bytes vs. quality on the example family: every consolidation method at every budget.
+"""Bytes vs. quality on the example families: every consolidation method at every budget.
 
-    python benchmarks/quality.py [--family examples/family] [--budgets 1.0,0.75,0.5,0.25]
-                                 [--out benchmarks/results] [--write-docs]
+    python benchmarks/quality.py [--family NAME=DIR ...] [--budgets 1.0,0.75,0.5,0.3,0.25]
+                                 [--only mixtral|switch] [--out benchmarks/results] [--write-docs]
 
-Builds the family with examples/build_family.py if it is absent. For each family (Mixtral:
-base, code, math, story; Switch: base, reverse, upper, prefix) it runs `evaluate.sweep`:
-methods reference, budget, calibrated, average, task-arithmetic and ties, each variant
-scored on its own HELD-OUT data (data/eval/), calibration on its own TRAINING data
-(data/train/), the base for retained gain. Every setting is a documented default: nothing is
-tuned on the evaluation data.
+Default families: `family1=examples/family` (examples/build_family.py; built here if absent)
+and `family2=examples/family2`, the second family, built differently and never used to tune
+any default: build it first with
 
-The bar (issue 5): at 50% of the expert memory of all variants, every fine-tuned variant
-keeps at least 90% of its gain (per variant), and at every budget moeconsol's own method
-(calibrated) is at least as good as the reference method and better than uniform averaging,
-compared by the mean retained gain over the fine-tuned variants (the base has no gain to
-keep and is left out). Worst-variant gains are printed too, per-variant losses are listed
-as notes, and averaging is also compared at matched memory (docs/quality.md says why). The result is printed,
-saved as JSON and PNG under --out, and with --write-docs written into the "## quality: bytes
-vs. quality" section of docs/benchmarks.md.
+    python examples/build_family2.py --out examples/family2
+
+(a --family whose directory has no family.json is refused with that command). Every family
+directory has the same shape (OUT/mixtral, OUT/switch, OUT/data, OUT/family.json), and its
+family.json says which models, which held-out file and which training file each has.
+
+For each family and architecture it runs `evaluate.sweep`: methods reference, budget,
+calibrated, `deltas` when `moeconsol.evaluate` knows it (checked at run time), average,
+task-arithmetic and ties, each variant scored on its own HELD-OUT data (data/eval/),
+calibration on its own TRAINING data (data/train/), the base for retained gain. Every
+setting is a documented default: nothing is tuned on the evaluation data.
+
+The bar (issue 5, and issue 12 per family): at 50% of the expert memory of all variants,
+every fine-tuned variant keeps at least 90% of its gain (per variant), and at every budget
+moeconsol's own method (calibrated, sharing only) is at least as good as the reference
+method and better than uniform averaging, compared by the mean retained gain over the
+fine-tuned variants (the base has no gain to keep and is left out). Printed beside it, not
+part of it: the delta goals (method deltas: every variant >= 90% at 0.3, >= 97% at 0.5).
+Worst-variant gains are printed too, per-variant losses are listed as notes, and averaging
+is also compared at matched memory (docs/quality.md says why). The result is printed, saved
+as JSON and PNG under --out (quality-NAME-ARCH.*), and with --write-docs written into the
+"## quality: bytes vs. quality" section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import argparse
 import importlib.util
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,40 +45,74 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = {
-    "mixtral": {"variants": ["base", "code", "math", "story"], "ext": "txt"},
-    "switch": {"variants": ["base", "reverse", "upper", "prefix"], "ext": "jsonl"},
-}
-OWN, REFERENCE, AVERAGE = "calibrated", "reference", "average"
+ARCHS = {"mixtral": "txt", "switch": "jsonl"}
+OWN, REFERENCE, AVERAGE, DELTAS = "calibrated", "reference", "average", "deltas"
+DELTA_GOALS = ((0.3, 0.9), (0.5, 0.97))
+"""Issue 12's goals for sharing + deltas: (budget, retained gain every variant keeps)."""
+DEFAULT_FAMILIES = ("family1=" + str(ROOT / "examples" / "family"), "family2=" + str(ROOT / "examples" / "family2"))
+BUILDERS = {"family1": "build_family.py", "family2": "build_family2.py"}
 SECTION = "## quality: bytes vs. quality"
 
 
-def ensure_family(path: Path) -> None:
-    if all((path / fam / v / "config.json").is_file() for fam, f in FAMILIES.items() for v in f["variants"]):
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, exit code 2."""
+    print(f"quality.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def parse_family(text: str) -> tuple[str, Path]:
+    """NAME=DIR (or DIR: named after the directory)."""
+    name, sep, path = text.partition("=")
+    return (name, Path(path)) if sep else (Path(text).name, Path(text))
+
+
+def ensure_family(name: str, path: Path) -> None:
+    """Build the first family if absent (its builder is fast enough); refuse any other missing one."""
+    if (path / "family.json").is_file():
         return
-    spec = importlib.util.spec_from_file_location("build_family", ROOT / "examples" / "build_family.py")
+    builder = BUILDERS.get(name, "build_family2.py")
+    if name != "family1":
+        fail(f"{path}/family.json not found: build the family first with python examples/{builder} --out {path}")
+    spec = importlib.util.spec_from_file_location("build_family", ROOT / "examples" / builder)
     module = importlib.util.module_from_spec(spec)
     sys.modules["build_family"] = module
     spec.loader.exec_module(module)
     module.build(path)
 
 
-def data_file(family: Path, fam: str, split: str, variant: str) -> str:
-    domain = "mixed" if variant == "base" else variant
-    return str(family / "data" / split / f"{fam}-{domain}.{FAMILIES[fam]['ext']}")
+def family_models(path: Path, arch: str) -> list[dict]:
+    """family.json's models of one architecture, base first: name, path, eval_file, train_file."""
+    models = [m for m in json.loads((path / "family.json").read_text())["models"] if m["family"] == arch]
+    for m in models:  # a family.json written before train_file was recorded
+        m["train_file"] = m.get("train_file") or str(path / "data" / "train" / f"{arch}-{m['data']}.{ARCHS[arch]}")
+    return sorted(models, key=lambda m: m["name"] != "base")
 
 
-def run_family(family: Path, fam: str, budgets: list[float]):
-    from moeconsol.evaluate import sweep
+def methods_known() -> list[str]:
+    """The sweep's methods, with deltas when this moeconsol's evaluate knows it."""
+    from moeconsol import evaluate
 
-    names = FAMILIES[fam]["variants"]
-    models = [f"{n}={family / fam / n}" for n in names]
+    methods = ["reference", "budget", OWN]
+    if DELTAS in (*evaluate.BUDGET_METHODS, *getattr(evaluate, "METHODS", ())):
+        methods.append(DELTAS)
+    return methods + list(evaluate.MERGE_METHODS)
+
+
+def run_family(path: Path, arch: str, budgets: list[float], methods: list[str] | None = None,
+               max_examples: int | None = None):
+    """`evaluate.sweep` of one family and architecture (methods: `methods_known()` by default;
+    `max_examples`: score only the first N held-out examples of a seq2seq file)."""
+    from moeconsol.evaluate import EvalSettings, sweep
+
+    models = family_models(path, arch)
     return sweep(
-        models,
-        {n: data_file(family, fam, "eval", n) for n in names},
+        [f"{m['name']}={m['path']}" for m in models],
+        {m["name"]: m["eval_file"] for m in models},
         budgets,
-        base=str(family / fam / "base"),
-        calibration={n: data_file(family, fam, "train", n) for n in names},
+        base=next(m["path"] for m in models if m["name"] == "base"),
+        calibration={m["name"]: m["train_file"] for m in models},
+        methods=methods or methods_known(),
+        settings=EvalSettings(max_examples=max_examples),
         merge_options={OWN: {"representative": "best"}},
     )
 
@@ -137,6 +183,25 @@ def check_bar(report, at: float = 0.5, keep: float = 0.9) -> tuple[list[str], li
     return misses, notes
 
 
+def check_delta_goals(report) -> list[str]:
+    """Issue 12's goals for method deltas, one line each ("met" or "missed" and why);
+    empty when the sweep has no deltas points. Printed beside the bar, not part of it."""
+    fine_tuned = [n for n in report.original if n != "base"]
+    points = {(p.method, p.budget): p for p in report.points if p.method == DELTAS}
+    lines = []
+    for budget, keep in DELTA_GOALS if points else ():
+        p = points.get((DELTAS, budget))
+        if p is None:
+            lines.append(f"{DELTAS} at {budget:g}: not run")
+        elif p.error:
+            lines.append(f"{DELTAS} at {budget:g}: missed, no artifact ({p.error})")
+        else:
+            short = [f"{n} {p.retained_gain[n]:.1%}" for n in fine_tuned if not p.retained_gain[n] >= keep]
+            lines.append(f"{DELTAS} at {budget:g}: every variant >= {keep:.0%}: "
+                         + ("met" if not short else "missed (" + ", ".join(short) + ")"))
+    return lines
+
+
 def summary(report) -> list[str]:
     """Markdown table: mean and worst-variant retained gain per method and budget, and the
     comparison with uniform averaging at matched memory."""
@@ -160,10 +225,12 @@ def summary(report) -> list[str]:
     return lines
 
 
-def markdown(fam: str, report, seconds: float) -> str:
+def markdown(title: str, report, seconds: float) -> str:
     names = list(report.original)
     metric = report.metric + (" (lower is better)" if report.lower_is_better else " (higher is better)")
-    lines = [f"### {fam}: {metric}; retained gain in brackets", "",
+    shown = (report.settings.get("eval") or {}).get("max_examples")
+    scope = f" (first {shown} held-out examples per variant)" if shown and report.metric == "token_accuracy" else ""
+    lines = [f"### {title}: {metric}; retained gain in brackets{scope}", "",
              "| method | budget | expert memory | " + " | ".join(names) + " |",
              "|---|---|---|" + "---|" * len(names)]
     lines.append("| original | | 100% | " + " | ".join(f"{report.original[n]:.4g}" for n in names) + " |")
@@ -188,9 +255,70 @@ def markdown(fam: str, report, seconds: float) -> str:
     lines += summary(report)
     lines += ["", f"Bar: {'reached' if not misses else 'NOT reached'} ({seconds:.0f} s)."]
     lines += [f"- {m}" for m in misses]
+    goals = check_delta_goals(report)
+    if goals:
+        lines += ["", "Delta goals (beside the bar): " + "; ".join(goals) + "."]
     if notes:
         lines += ["", "Per-variant notes (not part of the bar): " + "; ".join(notes) + "."]
     return "\n".join(lines)
+
+
+PLOTTED = {OWN: "tab:blue", DELTAS: "tab:purple", REFERENCE: "tab:orange", "budget": "tab:green"}
+"""Methods drawn as lines (bytes vs. retained gain), and their colours; the merging
+baselines are single points (BASELINE_MARKERS)."""
+BASELINE_MARKERS = {"average": ("x", "black"), "task-arithmetic": ("^", "tab:red"), "ties": ("s", "tab:brown")}
+
+
+def report_from_dict(d: dict):
+    """A SweepReport from its saved JSON (`SweepReport.to_dict`; NaN was saved as null)."""
+    from moeconsol.evaluate import SweepPoint, SweepReport
+
+    def nan(x):
+        return math.nan if x is None else x
+
+    points = [SweepPoint(**{**p, "retained_gain": {k: nan(v) for k, v in p["retained_gain"].items()}}) for p in d["points"]]
+    return SweepReport(**{**d, "points": points})
+
+
+def plot_gains(report, title: str, path: Path) -> Path:
+    """Expert memory on x, retained gain on y: one subplot per fine-tuned variant and one for
+    the mean; lines for sharing only (calibrated), sharing + deltas, the reference method and
+    budget mode, markers for the merging baselines (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fine_tuned = [n for n in report.original if n != "base"]
+    panels = [*fine_tuned, "mean"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.4), squeeze=False, sharey=True)
+    ok = [p for p in report.points if p.error is None]
+
+    def gain(p, n: str) -> float:
+        return mean_gain(p, fine_tuned) if n == "mean" else p.retained_gain[n]
+
+    for ax, n in zip(axes[0], panels):
+        for m, colour in PLOTTED.items():
+            pts = sorted((p.expert_fraction, gain(p, n)) for p in ok if p.method == m)
+            if pts:
+                ax.plot([100 * x for x, _ in pts], [100 * y for _, y in pts], marker="o", color=colour, label=m)
+        for p in ok:
+            if p.budget is None:
+                marker, colour = BASELINE_MARKERS.get(p.method, ("D", "gray"))
+                ax.scatter([100 * p.expert_fraction], [100 * max(gain(p, n), -0.5)], marker=marker, color=colour,
+                           label=p.method)
+        ax.axhline(100, color="black", linestyle="--", linewidth=1)
+        ax.axhline(90, color="gray", linestyle=":", linewidth=1)
+        ax.set_ylim(-50, 110)
+        ax.set_title(n)
+        ax.set_xlabel("expert memory (% of all variants')")
+    axes[0][0].set_ylabel("retained gain (%; floored at -50)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_docs(body: str) -> None:
@@ -208,53 +336,86 @@ def write_docs(body: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", default=str(ROOT / "examples" / "family"))
-    parser.add_argument("--budgets", default="1.0,0.75,0.5,0.25")
+    parser.add_argument("--family", action="append", metavar="NAME=DIR",
+                        help="a family directory (repeatable); default: family1=examples/family family2=examples/family2")
+    parser.add_argument("--budgets", default="1.0,0.75,0.5,0.3,0.25")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--only", choices=list(FAMILIES), help="run one family only")
+    parser.add_argument("--only", choices=list(ARCHS), help="run one architecture only")
+    parser.add_argument("--methods", help="comma-separated methods (default: every method this moeconsol knows)")
+    parser.add_argument("--max-examples", type=int, help="score only the first N held-out examples of a seq2seq file "
+                        "(a shorter run on a busy machine; say so where the figures are reported)")
     parser.add_argument("--write-docs", action="store_true", help="write the tables into docs/benchmarks.md")
+    parser.add_argument("--docs-only", action="store_true",
+                        help="run nothing: write the docs section from the tables saved under --out by earlier runs "
+                        "(e.g. one run per family and architecture, in parallel)")
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
-    from moeconsol.evaluate import parse_budgets, plot_sweep
+    from moeconsol.evaluate import parse_budgets
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     torch.set_num_threads(1)  # tiny models: threads only add overhead
-    family = Path(args.family)
-    ensure_family(family)
+    families = [parse_family(f) for f in args.family or DEFAULT_FAMILIES]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    budgets = parse_budgets(args.budgets)
-    parts, reached = [], True
-    for fam in [args.only] if args.only else list(FAMILIES):
-        start = time.perf_counter()
-        report = run_family(family, fam, budgets)
-        seconds = time.perf_counter() - start
-        (out / f"quality-{fam}.json").write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
-        plot_sweep(report, out / f"quality-{fam}.png")
-        parts.append(markdown(fam, report, seconds))
-        reached &= not check_bar(report)[0]
-        print(parts[-1], flush=True)
-    if args.write_docs:
-        write_docs(_preamble() + "\n\n".join(parts) + "\n")
-    print(f"\nbar {'reached' if reached else 'NOT reached'}")
+    archs = [args.only] if args.only else list(ARCHS)
+    verdicts = []
+    if not args.docs_only:
+        for name, path in families:
+            ensure_family(name, path)
+        budgets = parse_budgets(args.budgets)
+        for name, path in families:
+            for arch in archs:
+                start = time.perf_counter()
+                methods = args.methods.split(",") if args.methods else None
+                report = run_family(path, arch, budgets, methods, args.max_examples if arch == "switch" else None)
+                seconds = time.perf_counter() - start
+                stem = f"quality-{name}-{arch}"
+                (out / f"{stem}.json").write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+                plot_gains(report, f"{name} / {arch}", out / f"{stem}.png")
+                (out / f"{stem}.md").write_text(markdown(f"{name} / {arch}", report, seconds) + "\n")
+                print((out / f"{stem}.md").read_text(), flush=True)
+                verdicts.append(f"{name}/{arch}: bar {'reached' if not check_bar(report)[0] else 'NOT reached'}")
+    if args.write_docs or args.docs_only:
+        parts = []
+        for name, _ in families:
+            for arch in archs:
+                part = out / f"quality-{name}-{arch}.md"
+                if not part.is_file():  # say so in the docs rather than leave the family out silently
+                    where = out.resolve().relative_to(ROOT) if out.resolve().is_relative_to(ROOT) else out
+                    parts.append(f"### {name} / {arch}: not run\n\nNo saved run under {where}: "
+                                 f"`python benchmarks/quality.py --family {name}=DIR --only {arch}` makes it.")
+                    continue
+                text = part.read_text()
+                saved = out / f"quality-{name}-{arch}.json"
+                if saved.is_file():  # tables and plot again from the saved sweep, with this version's formatting
+                    report = report_from_dict(json.loads(saved.read_text()))
+                    took = re.search(r"^Bar: .*\((\d+) s\)\.$", text, re.M)
+                    text = markdown(f"{name} / {arch}", report, float(took.group(1)) if took else math.nan)
+                    plot_gains(report, f"{name} / {arch}", saved.with_suffix(".png"))
+                parts.append(text.rstrip())
+        write_docs(_preamble(families) + "\n\n".join(parts) + "\n")
+    print("\n" + "\n".join(verdicts))
     return 0
 
 
-def _preamble() -> str:
+def _preamble(families: list[tuple[str, Path]]) -> str:
     return (
-        "`python benchmarks/quality.py --write-docs` on the example family (examples/build_family.py, FULL size). "
+        "`python benchmarks/quality.py --write-docs` on the example families ("
+        + ", ".join(f"{n} = {BUILDERS.get(n, 'build_family2.py')} (FULL size)" for n, _ in families)
+        + "; family2 was never used to choose any default). "
         "Each variant is scored on its own held-out data (perplexity: Mixtral; teacher-forced token accuracy: Switch), "
         "calibrated mode calibrates on each variant's own *training* data, the base model gives the retained gain "
         "(base - consolidated) / (base - original). Expert memory = bank bytes / expert bytes of all four models. "
         "Merging baselines use their documented defaults (task arithmetic lambda 1, TIES density 0.2, lambda 1); "
-        "nothing is tuned on the evaluation data. The bar is checked for calibrated (moeconsol's own method): "
-        "at 0.5, every fine-tuned variant keeps >= 90% of its gain; at every budget, its mean retained gain over the "
-        "fine-tuned variants is >= the reference method's and > uniform averaging's. Per-variant comparisons are notes, "
-        "not bar failures: a variant can gain from being served another variant's experts (the reference's round-robin "
-        "gives a variant whose experts are frozen copies of the base's the other variants' experts), and such a transfer "
-        "is luck, not preserved function (docs/quality.md, \"Reading the bar\").\n\n"
+        "nothing is tuned on the evaluation data. The bar is checked per family for calibrated (moeconsol's own method, "
+        "sharing only): at 0.5, every fine-tuned variant keeps >= 90% of its gain; at every budget, its mean retained gain "
+        "over the fine-tuned variants is >= the reference method's and > uniform averaging's. The delta goals (method "
+        "deltas, when present: every variant >= 90% at 0.3, >= 97% at 0.5) are printed beside it. Per-variant comparisons "
+        "are notes, not bar failures: a variant can gain from being served another variant's experts, and such a transfer "
+        "is luck, not preserved function (docs/quality.md, \"Reading the bar\"). Plots: "
+        "benchmarks/results/quality-NAME-ARCH.png (expert memory vs. retained gain).\n\n"
     )
 
 

@@ -162,23 +162,25 @@ def code_doc(rng: random.Random) -> str:
     return rng.choice(forms).rstrip("\n")
 
 
-TEXT_DOMAINS: dict[str, Callable[[random.Random], str]] = {"code": code_doc, "math": math_doc, "story": story_doc}
+TextDomains = dict[str, Callable[[random.Random], str]]
+TEXT_DOMAINS: TextDomains = {"code": code_doc, "math": math_doc, "story": story_doc}
 
 
-def text_docs(domain: str, n: int, seed: int) -> list[str]:
-    """`n` documents of one domain ("code", "math", "story") or of all of them in turn ("mixed")."""
+def text_docs(domain: str, n: int, seed: int, domains: TextDomains = TEXT_DOMAINS) -> list[str]:
+    """`n` documents of one domain (a key of `domains`) or of all of them in turn ("mixed")."""
     rng = random.Random(f"{domain}-{seed}")
     if domain == "mixed":
-        gens = list(TEXT_DOMAINS.values())
+        gens = list(domains.values())
         return [gens[i % len(gens)](rng) for i in range(n)]
-    return [TEXT_DOMAINS[domain](rng) for _ in range(n)]
+    return [domains[domain](rng) for _ in range(n)]
 
 
-def _words(rng: random.Random) -> list[str]:
-    return rng.sample(_WORDS, rng.randint(2, 5))
+def _words(rng: random.Random, vocabulary: Sequence[str] = _WORDS) -> list[str]:
+    return rng.sample(list(vocabulary), rng.randint(2, 5))
 
 
-SEQ2SEQ_TASKS: dict[str, Callable[[list[str]], tuple[str, str]]] = {
+Seq2SeqTasks = dict[str, Callable[[list[str]], tuple[str, str]]]
+SEQ2SEQ_TASKS: Seq2SeqTasks = {
     "copy": lambda w: ("copy: " + " ".join(w), " ".join(w)),
     "reverse": lambda w: ("reverse: " + " ".join(w), " ".join(reversed(w))),
     "upper": lambda w: ("upper: " + " ".join(w), " ".join(w).upper()),
@@ -190,13 +192,14 @@ tasks are new to the base, so each fine-tune has a clear gain to keep (or lose) 
 consolidation; a base trained on them too would leave the variants little to gain."""
 
 
-def seq2seq_pairs(task: str, n: int, seed: int) -> list[dict[str, str]]:
+def seq2seq_pairs(task: str, n: int, seed: int, tasks: Seq2SeqTasks = SEQ2SEQ_TASKS,
+                  base_tasks: Sequence[str] = BASE_TASKS, vocabulary: Sequence[str] = _WORDS) -> list[dict[str, str]]:
     """`n` {"input", "target"} examples of one task, or of the base's tasks in turn ("mixed")."""
     rng = random.Random(f"{task}-{seed}")
-    tasks = list(BASE_TASKS) if task == "mixed" else [task]
+    chosen = list(base_tasks) if task == "mixed" else [task]
     pairs = []
     for i in range(n):
-        source, target = SEQ2SEQ_TASKS[tasks[i % len(tasks)]](_words(rng))
+        source, target = tasks[chosen[i % len(chosen)]](_words(rng, vocabulary))
         pairs.append({"input": source, "target": target})
     return pairs
 
@@ -300,6 +303,7 @@ TRAINABLE: dict[str, Callable[[str], bool]] = {
     "all": lambda name: True,
     "non-experts": lambda name: ".experts." not in name,
     "experts+routers": lambda name: ".experts." in name or ".mlp.gate." in name or ".router." in name,
+    "experts": lambda name: ".experts." in name,
 }
 """What a fine-tune trains, by parameter name (Mixtral and Switch names alike)."""
 
@@ -351,6 +355,10 @@ class Variant:
     """Key of TRAINABLE."""
     save: str = "per-expert"
     """"per-expert", "fused" or "sharded"."""
+    step_factor: float = 1.0
+    """Fine-tuning steps as a multiple of the Size's variant steps."""
+    lr: float | None = None
+    """Learning rate (None: the Size's)."""
 
 
 MIXTRAL_VARIANTS = (
@@ -363,6 +371,30 @@ SWITCH_VARIANTS = (
     Variant("upper", "upper", "non-experts"),
     Variant("prefix", "prefix", "experts+routers", save="sharded"),
 )
+
+
+@dataclass(frozen=True)
+class TextFamily:
+    """A causal-LM family as data: its text domains, its fine-tunes and its seed."""
+
+    domains: TextDomains
+    variants: tuple[Variant, ...]
+    seed: int = SEED
+
+
+@dataclass(frozen=True)
+class Seq2SeqFamily:
+    """A seq2seq family as data: its tasks, what the base learns, its words, fine-tunes and seed."""
+
+    tasks: Seq2SeqTasks
+    base_tasks: tuple[str, ...]
+    variants: tuple[Variant, ...]
+    vocabulary: tuple[str, ...] = tuple(_WORDS)
+    seed: int = SEED
+
+
+MIXTRAL_FAMILY = TextFamily(TEXT_DOMAINS, MIXTRAL_VARIANTS)
+SWITCH_FAMILY = Seq2SeqFamily(SEQ2SEQ_TASKS, BASE_TASKS, SWITCH_VARIANTS)
 
 
 @dataclass
@@ -389,6 +421,9 @@ class ModelReport:
     """Seq2seq only: the base model's teacher-forced token accuracy on this model's held-out data."""
     eval_accuracy: float | None = None
     """Seq2seq only: this model's token accuracy on its own held-out data."""
+    train_file: str = ""
+    """The data it was trained on (calibration reads it)."""
+    lr: float | None = None
 
 
 @dataclass
@@ -414,16 +449,16 @@ def _built(path: Path) -> bool:
 
 
 def build_text_family(out: Path, size: Size, force: bool = False,
-                      log: Callable[[str], None] = print) -> list[ModelReport]:
-    """The Mixtral family in OUT/mixtral, data in OUT/data; returns one report per model."""
+                      log: Callable[[str], None] = print, spec: TextFamily = MIXTRAL_FAMILY) -> list[ModelReport]:
+    """The Mixtral family `spec` in OUT/mixtral, data in OUT/data; returns one report per model."""
     from transformers import MixtralForCausalLM, PreTrainedTokenizerFast
 
     root = out / "mixtral"
-    train_docs = {d: text_docs(d, size.train_docs * (len(TEXT_DOMAINS) if d == "mixed" else 1), SEED)
-                  for d in ["mixed", *TEXT_DOMAINS]}
-    eval_docs = {d: text_docs(d, size.eval_docs, SEED + 1) for d in ["mixed", *TEXT_DOMAINS]}
-    for d in train_docs:
-        write_text(out / "data" / "train" / f"mixtral-{d}.txt", train_docs[d])
+    seed, domains = spec.seed, spec.domains
+    train_docs = {d: text_docs(d, size.train_docs * (len(domains) if d == "mixed" else 1), seed, domains)
+                  for d in ["mixed", *domains]}
+    eval_docs = {d: text_docs(d, size.eval_docs, seed + 1, domains) for d in ["mixed", *domains]}
+    train_files = {d: write_text(out / "data" / "train" / f"mixtral-{d}.txt", train_docs[d]) for d in train_docs}
     eval_files = {d: write_text(out / "data" / "eval" / f"mixtral-{d}.txt", eval_docs[d]) for d in eval_docs}
 
     base_dir = root / "base"
@@ -435,11 +470,11 @@ def build_text_family(out: Path, size: Size, force: bool = False,
         config = tiny_mixtral_config(vocab_size=len(tokenizer), hidden_size=size.hidden,
                                      intermediate_size=size.intermediate, num_hidden_layers=size.layers,
                                      num_local_experts=size.experts, max_position_embeddings=size.seq_len)
-        torch.manual_seed(SEED)
+        torch.manual_seed(seed)
         base = MixtralForCausalLM(config)
         stream = token_stream(tokenizer, train_docs["mixed"], size.seq_len)
         loss = train(base, lambda idx: causal_loss(base, windows(stream, idx, size.seq_len)),
-                     len(stream) - size.seq_len + 1, size.batch, size.lr, size.base_steps, "all", SEED)
+                     len(stream) - size.seq_len + 1, size.batch, size.lr, size.base_steps, "all", seed)
         _save(base, base_dir, tokenizer, "per-expert")
     else:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
@@ -447,39 +482,45 @@ def build_text_family(out: Path, size: Size, force: bool = False,
         loss = None
     base_mixed = eval_causal(base, tokenizer, eval_docs["mixed"], size.seq_len)
     reports.append(ModelReport("mixtral", "base", str(base_dir), "built" if rebuild_base else "reused", "mixed", "all",
-                               "per-expert", size.base_steps, loss, str(eval_files["mixed"]), base_mixed, base_mixed))
+                               "per-expert", size.base_steps, loss, str(eval_files["mixed"]), base_mixed, base_mixed,
+                               train_file=str(train_files["mixed"]), lr=size.lr))
 
-    for i, v in enumerate(MIXTRAL_VARIANTS):
+    for i, v in enumerate(spec.variants):
         path = root / v.name
+        steps, lr = round(v.step_factor * size.variant_steps), v.lr or size.lr
         base_loss = eval_causal(base, tokenizer, eval_docs[v.data], size.seq_len)
         if rebuild_base or not _built(path):
             log(f"mixtral/{v.name}: fine-tuning {v.trainable} on {v.data}")
             model = MixtralForCausalLM.from_pretrained(base_dir)
             stream = token_stream(tokenizer, train_docs[v.data], size.seq_len)
             loss = train(model, lambda idx: causal_loss(model, windows(stream, idx, size.seq_len)),
-                         len(stream) - size.seq_len + 1, size.batch, size.lr, size.variant_steps, v.trainable,
-                         SEED + 10 + i)
+                         len(stream) - size.seq_len + 1, size.batch, lr, steps, v.trainable, seed + 10 + i)
             _save(model, path, tokenizer, v.save)
             status = "built"
         else:
             model, loss, status = MixtralForCausalLM.from_pretrained(path).eval(), None, "reused"
         own = eval_causal(model, tokenizer, eval_docs[v.data], size.seq_len)
         reports.append(ModelReport("mixtral", v.name, str(path), status, v.data, v.trainable, v.save,
-                                   size.variant_steps, loss, str(eval_files[v.data]), base_loss, own))
+                                   steps, loss, str(eval_files[v.data]), base_loss, own,
+                                   train_file=str(train_files[v.data]), lr=lr))
     return reports
 
 
 def build_seq2seq_family(out: Path, size: Size, force: bool = False,
-                         log: Callable[[str], None] = print) -> list[ModelReport]:
-    """The Switch Transformers family in OUT/switch, data in OUT/data; one report per model."""
+                         log: Callable[[str], None] = print, spec: Seq2SeqFamily = SWITCH_FAMILY) -> list[ModelReport]:
+    """The Switch Transformers family `spec` in OUT/switch, data in OUT/data; one report per model."""
     from transformers import PreTrainedTokenizerFast, SwitchTransformersForConditionalGeneration as Switch
 
     root = out / "switch"
-    tasks = ["mixed", *(v.data for v in SWITCH_VARIANTS)]
-    train_pairs = {t: seq2seq_pairs(t, size.train_pairs, SEED) for t in tasks}
-    eval_pairs = {t: seq2seq_pairs(t, size.eval_pairs, SEED + 1) for t in tasks}
-    for t in tasks:
-        write_jsonl(out / "data" / "train" / f"switch-{t}.jsonl", train_pairs[t])
+    seed = spec.seed
+    tasks = ["mixed", *(v.data for v in spec.variants)]
+
+    def pairs_of(task: str, n: int, s: int) -> list[dict[str, str]]:
+        return seq2seq_pairs(task, n, s, spec.tasks, spec.base_tasks, spec.vocabulary)
+
+    train_pairs = {t: pairs_of(t, size.train_pairs, seed) for t in tasks}
+    eval_pairs = {t: pairs_of(t, size.eval_pairs, seed + 1) for t in tasks}
+    train_files = {t: write_jsonl(out / "data" / "train" / f"switch-{t}.jsonl", train_pairs[t]) for t in tasks}
     eval_files = {t: write_jsonl(out / "data" / "eval" / f"switch-{t}.jsonl", eval_pairs[t]) for t in tasks}
 
     base_dir = root / "base"
@@ -493,11 +534,11 @@ def build_seq2seq_family(out: Path, size: Size, force: bool = False,
                                     d_kv=size.hidden // 4, num_layers=size.layers, num_decoder_layers=size.layers,
                                     num_experts=size.experts, dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id,
                                     eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
-        torch.manual_seed(SEED)
+        torch.manual_seed(seed)
         base = Switch(config)
         pairs = train_pairs["mixed"]
         loss = train(base, lambda idx: seq2seq_loss(base, encode_seq2seq(tokenizer, [pairs[j] for j in idx])),
-                     len(pairs), size.pairs, size.lr, size.switch_base_steps, "all", SEED)
+                     len(pairs), size.pairs, size.lr, size.switch_base_steps, "all", seed)
         _save(base, base_dir, tokenizer, "per-expert")
     else:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
@@ -505,31 +546,34 @@ def build_seq2seq_family(out: Path, size: Size, force: bool = False,
     base_mixed, base_acc = eval_seq2seq(base, tokenizer, eval_pairs["mixed"])
     reports.append(ModelReport("switch", "base", str(base_dir), "built" if rebuild_base else "reused", "mixed", "all",
                                "per-expert", size.switch_base_steps, loss, str(eval_files["mixed"]), base_mixed,
-                               base_mixed, base_acc, base_acc))
+                               base_mixed, base_acc, base_acc, train_file=str(train_files["mixed"]), lr=size.lr))
 
-    for i, v in enumerate(SWITCH_VARIANTS):
+    for i, v in enumerate(spec.variants):
         path = root / v.name
+        steps, lr = round(v.step_factor * size.switch_variant_steps), v.lr or size.lr
         base_loss, base_acc = eval_seq2seq(base, tokenizer, eval_pairs[v.data])
         if rebuild_base or not _built(path):
             log(f"switch/{v.name}: fine-tuning {v.trainable} on {v.data}")
             model = Switch.from_pretrained(base_dir)
             pairs = train_pairs[v.data]
             loss = train(model, lambda idx: seq2seq_loss(model, encode_seq2seq(tokenizer, [pairs[j] for j in idx])),
-                         len(pairs), size.pairs, size.lr, size.switch_variant_steps, v.trainable, SEED + 10 + i)
+                         len(pairs), size.pairs, lr, steps, v.trainable, seed + 10 + i)
             _save(model, path, tokenizer, v.save)
             status = "built"
         else:
             model, loss, status = Switch.from_pretrained(path).eval(), None, "reused"
         own, own_acc = eval_seq2seq(model, tokenizer, eval_pairs[v.data])
         reports.append(ModelReport("switch", v.name, str(path), status, v.data, v.trainable, v.save,
-                                   size.switch_variant_steps, loss, str(eval_files[v.data]), base_loss, own,
-                                   base_acc, own_acc))
+                                   steps, loss, str(eval_files[v.data]), base_loss, own,
+                                   base_acc, own_acc, train_file=str(train_files[v.data]), lr=lr))
     return reports
 
 
 def build(out: str | Path, small: bool = False, force: bool = False, size: Size | None = None,
-          log: Callable[[str], None] = print) -> FamilyReport:
-    """Build (or reuse) both families under `out`; write OUT/family.json; return the report."""
+          log: Callable[[str], None] = print, text: TextFamily = MIXTRAL_FAMILY,
+          seq2seq: Seq2SeqFamily = SWITCH_FAMILY) -> FamilyReport:
+    """Build (or reuse) both families (`text`, `seq2seq`) under `out`; write OUT/family.json;
+    return the report."""
     out = Path(out)
     size = size or (SMALL if small else FULL)
     out.mkdir(parents=True, exist_ok=True)
@@ -539,7 +583,7 @@ def build(out: str | Path, small: bool = False, force: bool = False, size: Size 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        models = build_text_family(out, size, force, log) + build_seq2seq_family(out, size, force, log)
+        models = build_text_family(out, size, force, log, text) + build_seq2seq_family(out, size, force, log, seq2seq)
     finally:
         torch.set_num_threads(threads)
     report = FamilyReport(str(out), asdict(size), time.perf_counter() - start, models)

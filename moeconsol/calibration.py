@@ -42,8 +42,11 @@ DEFAULT_MAX_TOKENS = 512
 """Routed inputs kept per (layer, expert) of each model."""
 DEFAULT_CHUNK_LEN = 128
 """Tokens per forward pass over calibration text (capped by the model's context)."""
-DEFAULT_MAX_CHUNKS = 64
-"""At most this many chunks or examples of calibration data are run per model."""
+DEFAULT_RUN_TOKENS = 16384
+"""Calibration data is run until every slot holds `max_tokens` inputs, or the data ends, or
+this many tokens (input ids) have been run per model: a budget in tokens, not in forward
+passes, so that a family of short examples (seq2seq) gets as many routed inputs per slot as
+one of long text windows."""
 
 
 @dataclass
@@ -98,7 +101,7 @@ def load_tokenizer(ckpt: Checkpoint):
         raise CheckpointError(f"{ckpt.path}: no usable tokenizer for calibration ({e}); save the tokenizer with the model") from e
 
 
-def calibration_batches(path: str, tokenizer, decoder_start: int | None, chunk_len: int, max_chunks: int) -> list[dict]:
+def calibration_batches(path: str, tokenizer, decoder_start: int | None, chunk_len: int, max_chunks: int | None = None) -> list[dict]:
     """Model inputs for a calibration file: JSONL examples (input, teacher-forced target) or
     fixed-length chunks of the tokenized text (as both encoder and decoder input for a
     seq2seq model). `decoder_start` is None for a causal LM."""
@@ -142,10 +145,13 @@ def capture(
     data_path: str,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     chunk_len: int = DEFAULT_CHUNK_LEN,
-    max_chunks: int = DEFAULT_MAX_CHUNKS,
+    max_chunks: int | None = None,
+    max_run_tokens: int = DEFAULT_RUN_TOKENS,
     progress: Callable[[int, int], None] | None = None,
 ) -> ModelActivations:
-    """Run `ckpt`'s original model over its calibration data and keep its routed inputs."""
+    """Run `ckpt`'s original model over its calibration data (at most `max_chunks` chunks or
+    examples, None: all) and keep its routed inputs; stop early once every slot holds
+    `max_tokens` inputs or `max_run_tokens` tokens have been run."""
     model = load_model(ckpt)
     tokenizer = load_tokenizer(ckpt)
     enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -188,6 +194,9 @@ def capture(
                 tokens += int(batch["input_ids"].numel())
                 if progress:
                     progress(i + 1, len(batches))
+                full = all(s.kept >= max_tokens for layer in slots.values() for s in layer)
+                if full or tokens >= max_run_tokens:
+                    break
     finally:
         for h in handles:
             h.remove()
@@ -201,6 +210,13 @@ class LayerCosts:
     cost: np.ndarray
     usage: np.ndarray
     energy: np.ndarray
+
+    def weighted(self, weights: np.ndarray) -> "LayerCosts":
+        """The same costs with model m's rows scaled by weights[m] (> 0): its energy divided
+        by it, so that a candidate costed later (`candidate_cost`) is scaled alike."""
+        E = self.cost.shape[0] // len(self.energy)
+        rows = np.repeat(np.asarray(weights, dtype=np.float64), E)
+        return LayerCosts(self.cost * rows[:, None], self.usage, self.energy / np.asarray(weights, dtype=np.float64))
 
 
 def _slot_error(fn, own_params: dict, candidate: dict, x: torch.Tensor, w2: torch.Tensor, own: torch.Tensor | None = None) -> float:

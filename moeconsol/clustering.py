@@ -184,6 +184,65 @@ def cluster_calibrated(layers: list[LayerGroups], costs: list[np.ndarray], max_b
     return reduce_to_budget(layers, [CalibratedLinkage(lg, c, tie_weight) for lg, c in zip(layers, costs)], max_bank)
 
 
+# -- fairness between models -----------------------------------------------------------------
+
+FAIRNESS_ROUNDS = 6
+"""Rounds of reweighting in `fair_weights` (1: every model weighs 1, the least total cost)."""
+
+
+def _owners(lg: LayerGroups, cost: np.ndarray) -> np.ndarray:
+    return np.arange(cost.shape[0]) // lg.num_experts
+
+
+def model_costs(layers: list[LayerGroups], costs: list[np.ndarray], clusters: list[list[list[int]]],
+                weights: np.ndarray | None = None) -> np.ndarray:
+    """Each model's summed substitution cost over all layers when every cluster (of item
+    indices) is served by its least-cost member: least under the cost rows scaled by
+    `weights` (one per model) if given; the costs summed are the unscaled ones."""
+    n_models = max(i for lg in layers for g in lg.groups for i in g) // layers[0].num_experts + 1
+    total = np.zeros(n_models)
+    for lg, cost, cs in zip(layers, costs, clusters):
+        owner = _owners(lg, cost)
+        scaled = cost if weights is None else cost * weights[owner][:, None]
+        for c in cs:
+            r = cluster_cost(c, scaled)[1]
+            np.add.at(total, owner[c], cost[c, r])
+    return total
+
+
+def fair_weights(layers: list[LayerGroups], costs: list[np.ndarray], max_bank: int,
+                 rounds: int = FAIRNESS_ROUNDS) -> np.ndarray:
+    """One weight per model for its substitution costs, so that calibrated clustering does
+    not put most of the cost on one model.
+
+    Why: `cluster_calibrated` minimises the total cost over models, which may all fall on
+    one of them; measured on the first example family, the variant with the largest summed
+    cost is the one that keeps the least of its gain. The weights are found by rerunning
+    the clustering with each model's cost rows scaled by its weight, multiplied after each
+    round by a damped share of the cost that model carried (0.5 + 0.5 x cost / mean cost;
+    multiplicative weights, normalised to mean 1); the weights of the round whose
+    clustering has the least sum of squared per-model costs (`model_costs`, unscaled) are
+    returned: the total when costs are even, more the more one model carries. Round 1 has
+    every weight 1, so the result is never worse than least total cost in that measure.
+    """
+    n_models = max(i for lg in layers for g in lg.groups for i in g) // layers[0].num_experts + 1
+    weights = np.ones(n_models)
+    best: tuple[float, np.ndarray] | None = None
+    for _ in range(max(1, rounds)):
+        scaled = [c * weights[_owners(lg, c)][:, None] for lg, c in zip(layers, costs)]
+        per_model = model_costs(layers, costs, cluster_calibrated(layers, scaled, max_bank), weights)
+        score = float((per_model**2).sum())
+        if best is None or score < best[0]:
+            best = (score, weights)
+        mean = float(per_model.mean())
+        if mean <= 0:
+            break
+        weights = weights * (0.5 + 0.5 * per_model / mean)  # multiplicative: a model that keeps carrying gains
+        weights = weights / weights.mean()
+    assert best is not None
+    return best[1]
+
+
 # -- one mechanism for both budgeted modes: greedy merging, and packing when it is stuck ----
 
 

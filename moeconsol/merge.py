@@ -39,6 +39,7 @@ from .clustering import (
     choose_representative,
     cluster_budget,
     cluster_calibrated,
+    fair_weights,
     cluster_cost,
     cluster_lossless,
     cluster_threshold,
@@ -464,13 +465,17 @@ def calibrated_inputs(ckpts: list[Checkpoint], s: MergeSettings, progress: Progr
 
 
 def calibrated_plans(ckpts: list[Checkpoint], s: MergeSettings, inputs: CalibratedInputs, max_bank: int) -> list[LayerPlan]:
-    """The calibrated clustering into at most `max_bank` bank experts, with representatives."""
+    """The calibrated clustering into at most `max_bank` bank experts, with representatives;
+    each model's costs weighted by `clustering.fair_weights`, so that no model carries most
+    of the cost."""
     ref = ckpts[0]
     E = ref.num_experts
     acts = inputs.acts
-    clusters = cluster_calibrated(inputs.groups, [c.cost for c in inputs.costs], max_bank)
+    weights = fair_weights(inputs.groups, [c.cost for c in inputs.costs], max_bank)
+    costs = [c.weighted(weights) for c in inputs.costs]
+    clusters = cluster_calibrated(inputs.groups, [c.cost for c in costs], max_bank)
     plans = []
-    for layer, cs, lg, d, lc in zip(ref.moe_layers, clusters, inputs.groups, inputs.digests, inputs.costs):
+    for layer, cs, lg, d, lc in zip(ref.moe_layers, clusters, inputs.groups, inputs.digests, costs):
         flat: list = []  # the layer's experts, read only when a mean must be costed
 
         def experts() -> list:
