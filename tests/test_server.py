@@ -505,8 +505,11 @@ def test_cli_server_stops_on_ctrl_c_with_one_line(served):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # a server in a terminal's foreground: SIGINT at its default, whatever this test runner inherited
+    # (a shell starts background jobs with SIGINT ignored, and an ignored signal stays ignored across exec)
     proc = subprocess.Popen([sys.executable, "-m", "moeconsol", "serve-local", str(out), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while True:
