@@ -72,12 +72,14 @@ step "serve-local: a Switch variant"
 "$MOECONSOL" serve-local "$ARTIFACTS/switch-threshold" --model upper --prompt "hello world" --max-new-tokens 12
 
 # --- 4. eval: what consolidation costs in quality ----------------------------------------------
-# A calibrated artifact at half the expert memory of the four Mixtral variants (each variant's
-# own training text decides which experts share), then every variant's perplexity on its own
-# held-out text: original vs. consolidated vs. base, and the share of its fine-tuning gain kept.
-step "eval: Mixtral family at 50% of the expert memory (calibrated), perplexity on held-out text"
+# A calibrated artifact at 30% of the expert memory of the four Mixtral variants (each variant's
+# own training text decides which experts share; a slot served by another model's expert may
+# carry a compressed correction towards its own, and the budget counts bank + delta bytes),
+# then every variant's perplexity on its own held-out text: original vs. consolidated vs. base,
+# and the share of its fine-tuning gain kept.
+step "eval: Mixtral family at 30% of the expert memory (calibrated + expert deltas), perplexity on held-out text"
 mkdir -p "$FAMILY/artifacts"
-"$MOECONSOL" merge "${MIXTRAL[@]}" -o "$FAMILY/artifacts/mixtral-calibrated" --force --mode calibrated --budget 0.5 \
+"$MOECONSOL" merge "${MIXTRAL[@]}" -o "$FAMILY/artifacts/mixtral-calibrated" --force --mode calibrated --budget 0.3 --deltas \
     --representative best --calibration base="$FAMILY/data/train/mixtral-mixed.txt" \
     --calibration code="$FAMILY/data/train/mixtral-code.txt" --calibration math="$FAMILY/data/train/mixtral-math.txt" \
     --calibration story="$FAMILY/data/train/mixtral-story.txt" --json > "$REPORTS/mixtral-calibrated-merge.json"

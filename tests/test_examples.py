@@ -246,6 +246,9 @@ def test_demo_script_runs_the_whole_pipeline(family):
     assert "ok: " in proc.stdout  # `moeconsol verify` of the lossless artifact
     assert (artifacts / "math-exported" / "config.json").is_file()
     assert proc.stdout.count("time to first token") == 4  # serve-local: code, math, upper; Qwen3-MoE b
+    merged = json.loads((reports / "mixtral-calibrated-merge.json").read_text())
+    b = merged["bytes"]
+    assert b["deltas"] > 0 and b["bank"] + b["deltas"] <= 0.3 * b["experts_in"]  # --deltas at 30%, honestly counted
     evaluation = json.loads((reports / "mixtral-eval.json").read_text())
     gains = {v["name"]: v["retained_gain"] for v in evaluation["variants"]}
     assert set(gains) == {"base", "code", "math", "story"}
