@@ -78,15 +78,10 @@ def candidate_sizes(fmt: DeltaFormat, shapes: list[tuple[int, int]]) -> list[int
 
 
 def bank_value(p: LayerPlan, k: int, flat: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Bank entry `k`'s stored tensors, from the layer's experts (as merge writes them)."""
-    from .merge import _weighted_mean
+    """Bank entry `k`'s stored tensors, from the layer's experts (`merge.stored_bank_part`)."""
+    from .merge import stored_bank_part
 
-    rep = p.representatives[k]
-    if rep is not None:
-        return flat[rep]
-    members = p.clusters[k]
-    w = (p.weights[k] if p.weights else None) or [1.0] * len(members)
-    return {part: _weighted_mean([flat[i][part] for i in members], w) for part in flat[members[0]]}
+    return {part: stored_bank_part(lambda i: flat[i][part], p, k) for part in flat[p.clusters[k][0]]}
 
 
 def slot_options(

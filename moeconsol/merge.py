@@ -20,7 +20,7 @@ see `writer.atomic_directory`. Its format is in docs/artifact.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -563,12 +563,16 @@ def combine(mode: str, tensors: list[torch.Tensor], base: torch.Tensor | None, s
     return baselines.ties(base, tensors, s.density, s.scale)
 
 
-def _weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """sum_i w_i t_i / sum_i w_i, accumulated in float64, cast to the inputs' dtype."""
-    acc = torch.zeros(tensors[0].shape, dtype=torch.float64)
+def _weighted_mean(tensors: Iterable[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """sum_i w_i t_i / sum_i w_i, accumulated in float64 one tensor at a time (an iterator is
+    read lazily), cast to the inputs' dtype."""
+    acc, dtype = None, None
     for t, w in zip(tensors, weights):
+        if acc is None:
+            acc, dtype = torch.zeros(t.shape, dtype=torch.float64), t.dtype
         acc.add_(t.to(torch.float64), alpha=w)
-    return acc.div_(sum(weights)).to(tensors[0].dtype)
+    assert acc is not None and dtype is not None
+    return acc.div_(sum(weights)).to(dtype)
 
 
 def _tensor_digest(ckpt: Checkpoint, name: str) -> str:
@@ -656,17 +660,6 @@ def _bank_specs(ckpts: list[Checkpoint], plans: list[LayerPlan]) -> list[TensorS
     ]
 
 
-def _mean_part(ckpts: list[Checkpoint], layer: str, members: list[int], part: str) -> torch.Tensor:
-    """Element-wise mean of one part over the members, accumulated in float64."""
-    E = ckpts[0].num_experts
-    acc = None
-    for i in members:
-        x = ckpts[i // E].expert_part(layer, i % E, part).to(torch.float64)
-        acc = x if acc is None else acc.add_(x)
-    assert acc is not None
-    return acc.div_(len(members)).to(DTYPES[ckpts[0].dtype])
-
-
 def _write_bank(
     writer: ShardedWriter, ckpts: list[Checkpoint], plans: list[LayerPlan], progress: Progress | None, done: list[int], total: int,
     s: MergeSettings | None = None, base: Checkpoint | None = None,
@@ -674,8 +667,7 @@ def _write_bank(
     E = ckpts[0].num_experts
     parts = ckpts[0].layout.parts
     for p in plans:
-        weights = p.weights or [None] * len(p.clusters)
-        for k, (members, rep, w) in enumerate(zip(p.clusters, p.representatives, weights)):
+        for k, (members, rep) in enumerate(zip(p.clusters, p.representatives)):
             if rep is not None and ckpts[rep // E].layout.contiguous:  # byte ranges of the source: copy the bytes
                 for part, info in ckpts[rep // E].expert_infos(p.layer, rep % E).items():
                     writer.copy(bank_key(p.layer, k, part), info)
@@ -691,24 +683,29 @@ def _write_bank(
                         b = base.expert_part(p.layer, members[0] % E, part) if base is not None else None
                         value = combine(p.combine, tensors, b, s)
                     else:
-                        value = stored_bank_part(ckpts, p, k, part)
+                        value = stored_bank_part(_part_reader(ckpts, p.layer, part), p, k)
                     writer.write(bank_key(p.layer, k, part), value)
             done[0] += 1
             if progress:
                 progress("write", done[0], total)
 
 
-def stored_bank_part(ckpts: list[Checkpoint], p: LayerPlan, k: int, part: str) -> torch.Tensor:
-    """The values bank entry `k` of a (non-baseline) plan stores for `part`: its
-    representative's, or its (weighted) mean, as `_write_bank` writes them."""
-    E = ckpts[0].num_experts
+def stored_bank_part(part_of: Callable[[int], torch.Tensor], p: LayerPlan, k: int) -> torch.Tensor:
+    """The values bank entry `k` of a (non-baseline) plan stores for one part, given that
+    part of each expert by flat index (`part_of`): its representative's, or the (weighted)
+    mean of its members. The one definition: `_write_bank` writes it, deltas are taken
+    against it (`_write_deltas`, `delta_plan`)."""
     members, rep = p.clusters[k], p.representatives[k]
     if rep is not None:
-        return ckpts[rep // E].expert_part(p.layer, rep % E, part)
-    w = p.weights[k] if p.weights else None
-    if w is not None:
-        return _weighted_mean([ckpts[i // E].expert_part(p.layer, i % E, part) for i in members], w)
-    return _mean_part(ckpts, p.layer, members, part)
+        return part_of(rep)
+    w = (p.weights[k] if p.weights else None) or [1.0] * len(members)
+    return _weighted_mean((part_of(i) for i in members), w)
+
+
+def _part_reader(ckpts: list[Checkpoint], layer: str, part: str) -> Callable[[int], torch.Tensor]:
+    """Flat index (model * E + expert) -> that expert's `part` in `layer`, read now."""
+    E = ckpts[0].num_experts
+    return lambda i: ckpts[i // E].expert_part(layer, i % E, part)
 
 
 def _bank_index(p: LayerPlan, flat_index: int) -> int:
@@ -738,7 +735,7 @@ def _write_deltas(writer: ShardedWriter, ckpts: list[Checkpoint], plans: list[La
             k = _bank_index(p, d.model * E + d.expert)
             for part in ref.layout.parts:
                 own = ckpts[d.model].expert_part(p.layer, d.expert, part)
-                bank = stored_bank_part(ckpts, p, k, part)
+                bank = stored_bank_part(_part_reader(ckpts, p.layer, part), p, k)
                 comps = FORMATS[d.format].encode(own.float() - bank.float(), d.size, dtype)
                 for c, tensor in comps.items():
                     writer.write(delta_key(p.layer, ckpts[d.model].name, d.expert, part, c), tensor)
