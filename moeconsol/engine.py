@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .crossvariant import ServingMode
 from .errors import MoeconsolError, SettingsError
 
 if TYPE_CHECKING:
@@ -43,6 +45,8 @@ DEFAULT_MAX_WAIT = 2.0
 DEFAULT_MAX_PROMPT_TOKENS = 2048
 """the longest prompt the server accepts, in tokens"""
 MAX_SEED = 2**63 - 1
+ALL_VARIANTS = "*"
+"""the key of the one batch of a cross-variant engine (not a model name: NAME_RULE refuses it)"""
 
 
 class FinishReason(str, Enum):
@@ -282,7 +286,10 @@ class Engine:
             raise SettingsError(f"max batch size must be at least 1, got {max_batch_size}")
         self.runtime, self.max_batch_size = runtime, max_batch_size
         self.encoder_decoder = bool(self.model.config.is_encoder_decoder)
+        self.cross_variant = getattr(runtime, "mode", None) is ServingMode.CROSS_VARIANT
+        """one batch holds requests of every variant (the runtime serves any mix per forward)"""
         self.batches: dict[str, _Batch] = {}
+        """variant -> its batch; cross-variant: one batch under `ALL_VARIANTS`"""
         self.peak_batch_size = 0
         """the most requests one decode step has served (for tests and benchmarks)"""
 
@@ -293,16 +300,24 @@ class Engine:
         return self.runtime.model
 
     # -- what is running ----------------------------------------------------------------------
+    def _key(self, model: str) -> str:
+        """The batch a request of `model` runs in."""
+        return ALL_VARIANTS if self.cross_variant else model
+
     def running(self, model: str | None = None) -> int:
-        if model is not None:
-            return len(self.batches[model].requests) if model in self.batches else 0
-        return sum(len(b.requests) for b in self.batches.values())
+        """Requests running or parked (of `model`, if given)."""
+        if model is None:
+            return sum(len(b.requests) for b in self.batches.values())
+        batch = self.batches.get(self._key(model))
+        return sum(r.model == model for r in batch.requests) if batch else 0
 
     def tokens_in_flight(self) -> int:
         return sum(r.reserved_tokens for b in self.batches.values() for r in b.requests)
 
     def free_slots(self) -> int:
-        return self.max_batch_size - self.running(self.runtime.active)
+        """Rows the next step may still take: the active variant's batch (cross-variant: the one batch)."""
+        batch = self.batches.get(self._key(self.runtime.active))
+        return self.max_batch_size - (len(batch.requests) if batch else 0)
 
     # -- admission: prefill alone, then join the variant's batch -------------------------------
     def admit(self, request: Request, swap: "SwapReport | None" = None) -> bool:
@@ -319,8 +334,9 @@ class Engine:
             self.check_request(r)
         if not requests:
             return []
-        rt, config = self.runtime, self.model.generation_config
+        rt = self.runtime
         for r in requests:
+            config = generation_config(rt, r.model)  # the request's own variant's, whichever is active
             r.swap, swap = (swap if swap is not None else rt.activate(rt.active)), None  # the first one reports the swap
             r.admitted_at = time.perf_counter()
             r._eos = frozenset(_eos_ids(config))
@@ -334,7 +350,7 @@ class Engine:
                 else:
                     r._generator.seed()
         length = max(len(r.prompt_ids) for r in requests)
-        pad = config.pad_token_id if config.pad_token_id is not None else 0
+        pad = self.model.config.pad_token_id or 0  # any id: padded positions are masked out
         ids = torch.tensor([[pad] * (length - len(r.prompt_ids)) + r.prompt_ids for r in requests], device=rt.device)
         mask = torch.tensor([[0] * (length - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests], device=rt.device)
         if self.encoder_decoder:
@@ -342,7 +358,7 @@ class Engine:
 
             encoded = self.model.get_encoder()(input_ids=ids, attention_mask=mask)
             self._encoder_output = type(encoded)
-            start = torch.full((len(requests), 1), config.decoder_start_token_id, device=rt.device)
+            start = torch.tensor([[r._decoder_start] for r in requests], device=rt.device)
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
             out = self.model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=start, cache=cache, use_cache=True)
             batch = _Batch(list(requests), cache, torch.ones_like(start), encoded.last_hidden_state, mask)
@@ -351,8 +367,9 @@ class Engine:
 
             cache = DynamicCache(config=self.model.config)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                             logits_to_keep=1)
+            with self._rows(requests):
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                                 logits_to_keep=1)
             batch = _Batch(list(requests), cache, mask)
         logits = out.logits[:, -1]
         for i, r in enumerate(requests):
@@ -361,15 +378,18 @@ class Engine:
         if len(done) < len(requests):
             if done:
                 batch.keep([i for i, r in enumerate(requests) if r.finish is None])
-            if requests[0].model in self.batches:
-                self.batches[requests[0].model].join(batch)
+            key = self._key(requests[0].model)
+            if key in self.batches:
+                self.batches[key].join(batch)
             else:
-                self.batches[requests[0].model] = batch
+                self.batches[key] = batch
         return done
 
     def check_request(self, request: Request) -> None:
         """MoeconsolError if `request` cannot be admitted now."""
-        if request.model != self.runtime.active:
+        if self.cross_variant:
+            self.runtime.check_model(request.model)
+        elif request.model != self.runtime.active:
             raise MoeconsolError(f"request for {request.model!r} admitted while {self.runtime.active!r} is active")
         check_settings(request.settings)
         if not request.prompt_ids:
@@ -379,9 +399,10 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[Request]:
         """Drop cancelled requests (of every batch), then decode one token for each request of
-        the active variant's batch. Returns the requests that finished (cancelled included)."""
+        the active variant's batch (cross-variant: of the one batch, every variant). Returns
+        the requests that finished (cancelled included)."""
         done = self._drop_cancelled()
-        batch = self.batches.get(self.runtime.active)
+        batch = self.batches.get(self._key(self.runtime.active))
         if batch is None:
             return done
         self.peak_batch_size = max(self.peak_batch_size, len(batch.requests))
@@ -393,8 +414,9 @@ class Engine:
                              decoder_input_ids=last, decoder_attention_mask=batch.mask, cache=batch.cache, use_cache=True)
         else:
             positions = batch.mask.sum(1, keepdim=True) - 1
-            out = self.model(input_ids=last, attention_mask=batch.mask, position_ids=positions, cache=batch.cache,
-                             use_cache=True)
+            with self._rows(batch.requests):
+                out = self.model(input_ids=last, attention_mask=batch.mask, position_ids=positions, cache=batch.cache,
+                                 use_cache=True)
         logits = out.logits[:, -1]
         greedy = logits.argmax(-1).tolist()
         for i, r in enumerate(batch.requests):
@@ -415,11 +437,15 @@ class Engine:
                 done += gone
         return done
 
+    def _rows(self, requests: list[Request]):
+        """Tell a cross-variant runtime which variant each row of the next forward is."""
+        return self.runtime.variant_rows([r.model for r in requests]) if self.cross_variant else nullcontext()
+
     def _keep(self, batch: _Batch, rows: list[int]) -> None:
         if rows:
             batch.keep(rows)
         else:
-            del self.batches[batch.requests[0].model]
+            del self.batches[self._key(batch.requests[0].model)]
 
     def _advance(self, r: Request, logits: torch.Tensor, greedy: int | None = None) -> None:
         """Append one token to `r`, stream its text, and decide whether `r` is finished."""

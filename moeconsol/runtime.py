@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 import time
+from contextlib import contextmanager
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .crossvariant import ServingMode, VariantRows, cross_bank_class, per_variant_class, row_wise
 from .deltas import corrected
-from .errors import ArtifactError, SettingsError, UnknownModelError
+from .errors import ArtifactError, MoeconsolError, SettingsError, UnknownModelError
 from .manifest import DeltaEntry
 from .layouts import Architecture, BankKind, architecture, join, split, supported
 
@@ -398,10 +400,12 @@ class Runtime:
         dtype: torch.dtype | None = None,
         active: str | None = None,
         progress: Callable[[str, int, int], None] | None = None,
+        mode: ServingMode = ServingMode.SWAP,
     ):
         if not family.variants:
             raise ArtifactError("the artifact holds no models")
         self.family = family
+        self.mode = ServingMode(mode)
         self.device = parse_device(str(device)) if not isinstance(device, torch.device) else device
         self.dtype = dtype or family.dtype
         self.names = list(family.variants)
@@ -409,14 +413,19 @@ class Runtime:
         self.check_model(active)
         _check_configs(family)
         config_class, model_class = _model_classes(family.architecture)
-        self._private = _private_entries(family)
+        if self.mode is ServingMode.CROSS_VARIANT and _record(family.architecture).encoder_decoder:
+            raise SettingsError(
+                f"cross-variant batching serves decoder-only models, not {family.architecture} (an encoder-decoder): "
+                "serve it one variant at a time (the default swap mode)")
+        self._delta_offsets = _delta_offsets(family, self.mode)
+        self._private = _private_entries(family, self._delta_offsets)
         self.model = _build_skeleton(family, config_class, model_class, active, self.dtype, self._private)
         self._banks: dict[str, nn.Module] = {layer: self.model.get_submodule(f"{layer}.mlp.experts") for layer in family.layers}
         self._through_model_dtype = _self_casting_router_weights(self.model, family)
         self._allocate()
         _finish_resident(self.model)
         self._targets = _swap_targets(self.model, self._banks)
-        self._slot_maps = _slot_map_tensors(family, self.device, _served_slot_maps(family))
+        self._slot_maps = _slot_map_tensors(family, self.device, _served_slot_maps(family, self._delta_offsets))
         self._host = self._load_host_tensors(progress)
         self._load_bank(progress)
         self._deltas = self._load_deltas()
@@ -424,10 +433,15 @@ class Runtime:
         self.swaps: list[SwapReport] = []
         self.active = ""
         self._install(active)
+        self._rows: VariantRows | None = None
+        self._set_buffers: list[dict[torch.dtype, torch.Tensor]] = []
+        if self.mode is ServingMode.CROSS_VARIANT:
+            self._make_all_resident()
 
     @classmethod
-    def from_artifact(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, active: str | None = None, progress=None) -> "Runtime":
-        return cls(Family.from_artifact(path), device=device, dtype=dtype, active=active, progress=progress)
+    def from_artifact(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, active: str | None = None, progress=None,
+                      mode: ServingMode = ServingMode.SWAP) -> "Runtime":
+        return cls(Family.from_artifact(path), device=device, dtype=dtype, active=active, progress=progress, mode=mode)
 
     # -- loading ----------------------------------------------------------------------------
     def _allocate(self) -> None:
@@ -517,7 +531,7 @@ class Runtime:
         for layer, entries in self._deltas[name].items():
             module = self._banks[layer]
             views = canonical_experts(record, module)
-            size = self.family.bank_sizes[layer]
+            size = self.family.bank_sizes[layer] + self._delta_offsets[name].get(layer, 0)
             for j, (x, comps) in enumerate(entries):
                 bank = views[x.bank]
                 module.load_expert(size + j, {p: corrected(bank[p], comps[p], x.format, x.size) for p in bank})
@@ -530,10 +544,86 @@ class Runtime:
         for dtype, flat in self._flats.items():
             flat.swap_region.copy_(self._host[name][dtype])
         self._slot_table.copy_(self._slot_maps[name])
-        self._apply_deltas(name)
+        for other in (self.names if self.mode is ServingMode.CROSS_VARIANT else [name]):
+            self._apply_deltas(other)  # cross-variant: every variant's corrected experts, each in its own entries
         self._set_generation_config(name)
         self.active = name
         self._sync()
+
+    # -- cross-variant batching (crossvariant.py) ---------------------------------------------
+    @torch.no_grad()
+    def _make_all_resident(self) -> None:
+        """Every variant's swap regions on the device, each distinct one once (the installed
+        variant's is the flat buffer's own swap region), and every module that owns a
+        differing tensor made per-variant; the bank looks slot maps up per token in one
+        table [V, E] per layer. The host buffers are not needed any more."""
+        installed = self.active
+        signature = {n: tuple(id(self._host[n][d]) for d in self._flats) for n in self.names}
+        sets: dict[tuple, int] = {}
+        for n in [installed, *self.names]:
+            sets.setdefault(signature[n], len(sets))
+        self._set_of = {n: sets[signature[n]] for n in self.names}
+        first = {s: next(n for n in self.names if self._set_of[n] == s) for s in range(len(sets))}
+        self._set_buffers = [
+            {d: flat.swap_region if s == 0 else self._host[first[s]][d].to(self.device)
+             for d, flat in self._flats.items()}
+            for s in range(len(sets))
+        ]
+        self._host = {}
+        self._rows = VariantRows(self.device, resident_set=0)
+        self._rows.set_default(self.names.index(installed), 0)
+        # one view per (tensor, set); a tensor several modules share (tied weights) stays one object per set
+        swappable = {id(self._targets[t]): t for flat in self._flats.values() for t in flat.swappable}
+        per_set: dict[int, list[torch.Tensor]] = {}
+        for tid, tname in swappable.items():
+            target = self._targets[tname]
+            flat = self._flats[target.dtype]
+            views = [target]
+            for buffers in self._set_buffers[1:]:
+                offset = flat.offsets[tname]
+                view = buffers[target.dtype][offset : offset + target.numel()].view(target.shape)
+                views.append(nn.Parameter(view, requires_grad=target.requires_grad) if isinstance(target, nn.Parameter) else view)
+            per_set[tid] = views
+        for mname, module in self.model.named_modules():
+            if isinstance(module, BankExperts):
+                continue
+            own = [(table, attr, t) for table in ("_parameters", "_buffers") for attr, t in getattr(module, table).items()
+                   if t is not None and id(t) in per_set]
+            if not own:
+                continue
+            if not row_wise(module):
+                raise SettingsError(
+                    f"cross-variant batching cannot serve {type(module).__name__} ({mname}): it owns a tensor that differs "
+                    f"between variants ({own[0][1]}) and takes more than one input; serve this artifact in swap mode")
+            module.__class__ = per_variant_class(type(module))
+            module._xv_rows = self._rows
+            module._xv_tensors = [[(table, attr, per_set[id(t)][s]) for table, attr, t in own] for s in range(len(sets))]
+        tables = torch.tensor([[self._slot_maps[n][i].tolist() for n in self.names] for i in range(len(self.family.layers))],
+                              dtype=torch.long, device=self.device)
+        self._variant_slots = tables
+        for i, bank in enumerate(self._banks.values()):
+            bank.__class__ = cross_bank_class(type(bank))
+            bank._xv_rows = self._rows
+            bank.variant_slots = tables[i]
+
+    @contextmanager
+    def variant_rows(self, names: list[str]):
+        """The next forwards' sequence i is of variant `names[i]`. Swap mode: every name must be
+        the active variant's (one forward serves one variant); cross-variant: any mix."""
+        if self._rows is None:
+            wrong = next((n for n in names if n != self.active), None)
+            if wrong is not None:
+                raise MoeconsolError(f"a batch row of {wrong!r} while {self.active!r} is active: mixing variants in one "
+                                     "forward needs cross-variant batching")
+            yield
+            return
+        for n in names:
+            self.check_model(n)
+        self._rows.set([self.names.index(n) for n in names], [self._set_of[n] for n in names])
+        try:
+            yield
+        finally:
+            self._rows.clear()
 
     # -- swapping ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -544,6 +634,11 @@ class Runtime:
         self.check_model(name)
         previous = self.active
         if name == previous:
+            return SwapReport(name, previous, 0.0, 0, 0, len(self._targets), 0)
+        if self._rows is not None:  # cross-variant: everything is resident; `name` becomes the default rows' variant
+            self._rows.set_default(self.names.index(name), self._set_of[name])
+            self._set_generation_config(name)
+            self.active = name
             return SwapReport(name, previous, 0.0, 0, 0, len(self._targets), 0)
         self._sync()
         start = time.perf_counter()
@@ -571,7 +666,7 @@ class Runtime:
 
     def swap_bytes(self, a: str, b: str) -> int:
         """Bytes a swap from `a` to `b` copies (what `activate` reports as bytes_moved)."""
-        if a == b:
+        if a == b or self._rows is not None:
             return 0
         moved = sum(_nbytes(self._host[b][d]) for d in self._flats if self._host[b][d] is not self._host[a][d])
         return moved + (_nbytes(self._slot_maps[b]) if self._slot_maps[b] is not self._slot_maps[a] else 0)
@@ -580,6 +675,8 @@ class Runtime:
     def resident_bytes(self) -> ResidentBytes:
         bank = sum(_nbytes(p) for m in self._banks.values() for p in m.parameters())
         non_expert = sum(_nbytes(f.buffer) for f in self._flats.values())
+        non_expert += sum(_nbytes(t) for buffers in self._set_buffers for dtype, t in buffers.items()
+                          if t is not self._flats[dtype].swap_region)
         host = sum(_nbytes(t) for t in {id(t): t for buffers in self._host.values() for t in buffers.values()}.values())
         deltas = sum(_nbytes(t) for layers in self._deltas.values() for entries in layers.values()
                      for _, parts in entries for comps in parts.values() for t in comps.values())
@@ -590,6 +687,9 @@ class Runtime:
         return {f"{layer}.{n}": p for layer, m in self._banks.items() for n, p in m.named_parameters()}
 
     def slot_map(self, layer: str) -> list[int]:
+        """The active variant's slot map of `layer` as served (delta slots at private entries)."""
+        if self._rows is not None:
+            return self._banks[layer].variant_slots[self.names.index(self.active)].tolist()
         return self._banks[layer].slot_map.tolist()
 
     def tokenizer(self, name: str | None = None):
@@ -670,15 +770,31 @@ def _check_configs(family: Family) -> None:
                 )
 
 
-def _private_entries(family: Family) -> dict[str, int]:
-    """Per MoE layer, the bank entries beyond the stored bank that hold the active variant's
-    corrected experts: the most delta slots any variant has there."""
-    return {layer: max((len(v.deltas.get(layer, [])) for v in family.variants.values()), default=0) for layer in family.layers}
+def _delta_offsets(family: Family, mode: ServingMode) -> dict[str, dict[str, int]]:
+    """Per variant and MoE layer, where its private bank entries start after the stored bank:
+    0 for every variant in swap mode (they take turns in the same entries); one after the
+    other in cross-variant mode (all are resident at once)."""
+    out: dict[str, dict[str, int]] = {}
+    ends = {layer: 0 for layer in family.layers}
+    for name, v in family.variants.items():
+        out[name] = {layer: ends[layer] if mode is ServingMode.CROSS_VARIANT else 0 for layer in family.layers}
+        for layer in family.layers:
+            ends[layer] = out[name][layer] + len(v.deltas.get(layer, []))
+    return out
 
 
-def _served_slot_maps(family: Family) -> dict[str, dict[str, list[int]]]:
+def _private_entries(family: Family, offsets: dict[str, dict[str, int]]) -> dict[str, int]:
+    """Per MoE layer, the bank entries beyond the stored bank that hold corrected experts:
+    the most any variant's entries reach there (swap mode: the active variant's, in entries
+    all variants share; cross-variant: every variant's, one after the other)."""
+    return {layer: max((offsets[n][layer] + len(v.deltas.get(layer, [])) for n, v in family.variants.items()), default=0)
+            for layer in family.layers}
+
+
+def _served_slot_maps(family: Family, offsets: dict[str, dict[str, int]]) -> dict[str, dict[str, list[int]]]:
     """Each variant's slot maps as the runtime serves them: a delta slot points at its
-    private bank entry (bank size + its position in the layer's delta list)."""
+    private bank entry (bank size + the variant's offset + its position in the layer's delta
+    list)."""
     out = {}
     for name, v in family.variants.items():
         maps = {layer: list(v.slot_maps[layer]) for layer in family.layers}
@@ -686,7 +802,7 @@ def _served_slot_maps(family: Family) -> dict[str, dict[str, list[int]]]:
             for j, x in enumerate(entries):
                 if maps[layer][x.expert] != x.bank:
                     raise ArtifactError(f"model {name!r}: layer {layer}: the delta of expert {x.expert} corrects bank entry {x.bank}, the slot map says {maps[layer][x.expert]}")
-                maps[layer][x.expert] = family.bank_sizes[layer] + j
+                maps[layer][x.expert] = family.bank_sizes[layer] + offsets[name][layer] + j
         out[name] = maps
     return out
 

@@ -1,0 +1,178 @@
+"""Cross-variant batching: one forward serves rows of different variants.
+
+The bank is shared; only the non-expert tensors (attention, norms, embeddings, LM head,
+routers) and the slot maps differ between variants. In `ServingMode.CROSS_VARIANT` every
+variant's differing tensors stay resident, and:
+
+- each module that owns a differing tensor becomes an instance of a subclass of its own
+  class (`per_variant_class`, made once per class, as the bank classes are) whose forward
+  runs once per variant group present in the batch, with its parameters pointed at views of
+  that group's resident buffer (no copy), on the group's rows, and writes the rows back in
+  order; parameter names, state_dict and the module tree stay transformers' own;
+- each bank module looks an expert index up in its layer's table [V, E] at the row of the
+  token's variant (`cross_bank_class`), so the bank runs once for all tokens.
+
+Which variant each row is comes from `VariantRows`, which the engine sets before each
+forward (one entry per sequence). A module that sees flattened tokens [B*T, H] (Mixtral's
+router) maps row r to sequence r // T.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from enum import Enum
+
+import torch
+from torch import nn
+
+
+class ServingMode(str, Enum):
+    SWAP = "swap"
+    """one variant resident at a time; a swap copies its non-expert tensors in (the default)"""
+    CROSS_VARIANT = "cross-variant"
+    """every variant's differing non-expert tensors resident; one forward serves any mix"""
+
+
+class VariantRows:
+    """Which variant each sequence of the next forward belongs to.
+
+    Two indices per variant: its position among the runtime's variants (the row of the
+    slot-map tables) and its non-expert tensor set (variants whose differing tensors are all
+    equal share one set, so they run as one group). With no rows set, every row is the
+    default variant (the runtime's active one)."""
+
+    def __init__(self, device: torch.device, resident_set: int):
+        self.device = device
+        self.resident_set = resident_set
+        """the tensor set the modules' own parameters hold between forwards"""
+        self.default_variant, self.default_set = 0, resident_set
+        self._variants: list[int] | None = None
+        self._sets: list[int] = []
+        self._groups: dict[int, list[tuple[int, torch.Tensor | None]]] = {}
+        self._tokens: dict[int, torch.Tensor | int] = {}
+
+    def set_default(self, variant: int, tensor_set: int) -> None:
+        self.default_variant, self.default_set = variant, tensor_set
+
+    def set(self, variants: list[int], sets: list[int]) -> None:
+        self._variants, self._sets = list(variants), list(sets)
+        self._groups, self._tokens = {}, {}
+
+    def clear(self) -> None:
+        self._variants, self._sets, self._groups, self._tokens = None, [], {}, {}
+
+    def _per_row(self, n: int, what: str) -> int:
+        """Rows per sequence for a tensor of `n` rows (1: one row per sequence; T: flattened)."""
+        b = len(self._sets)
+        if n % b:
+            raise RuntimeError(f"cross-variant batching: a module saw {n} rows for {b} sequences ({what})")
+        return n // b
+
+    def groups(self, n: int) -> list[tuple[int, torch.Tensor | None]]:
+        """(tensor set, row indices on the device) for a tensor of `n` rows; one group with
+        rows None when every row is of one set."""
+        if self._variants is None:
+            return [(self.default_set, None)]
+        if len(set(self._sets)) == 1:
+            return [(self._sets[0], None)]
+        if n not in self._groups:
+            per = self._per_row(n, "grouping rows")
+            out = []
+            for s in dict.fromkeys(self._sets):
+                seqs = torch.tensor([i for i, x in enumerate(self._sets) if x == s], device=self.device)
+                rows = seqs if per == 1 else (seqs[:, None] * per + torch.arange(per, device=self.device)).flatten()
+                out.append((s, rows))
+            self._groups[n] = out
+        return self._groups[n]
+
+    def token_variants(self, n: int) -> torch.Tensor | int:
+        """The variant of each of `n` tokens (a [n] tensor), or one int when all are one variant."""
+        if self._variants is None:
+            return self.default_variant
+        if len(set(self._variants)) == 1:
+            return self._variants[0]
+        if n not in self._tokens:
+            per = self._per_row(n, "looking up slot maps")
+            seq = torch.tensor(self._variants, device=self.device)
+            self._tokens[n] = seq.repeat_interleave(per) if per > 1 else seq
+        return self._tokens[n]
+
+
+# -- modules that own a differing tensor ---------------------------------------------------------
+
+
+def row_wise(module: nn.Module) -> bool:
+    """True if `module`'s forward takes one required input whose first dim is rows (a Linear,
+    an Embedding, a norm, a router): what a per-variant module can split by rows. An
+    attention module that owns a tensor itself (gpt-oss' `sinks`) also takes the cache and
+    the mask, which cannot be split that way."""
+    params = inspect.signature(module.forward).parameters.values()
+    required = [p for p in params if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(required) == 1
+
+
+@functools.cache
+def per_variant_class(cls: type) -> type:
+    """A subclass of `cls` whose forward runs once per variant group on the group's rows,
+    with that group's tensors, and writes each output's rows back in order."""
+
+    class PerVariant(cls):
+        _xv_rows: VariantRows
+        _xv_tensors: list[list[tuple[str, str, torch.Tensor]]]
+        """per tensor set: (table "_parameters" or "_buffers", attribute, tensor)"""
+
+        def _xv_use(self, tensor_set: int) -> None:
+            for table, attr, t in self._xv_tensors[tensor_set]:
+                getattr(self, table)[attr] = t
+
+        def forward(self, x, *args, **kwargs):
+            rows = self._xv_rows
+            groups = rows.groups(x.shape[0])
+            try:
+                if len(groups) == 1:
+                    self._xv_use(groups[0][0])
+                    return super().forward(x, *args, **kwargs)
+                parts = []
+                for tensor_set, index in groups:
+                    self._xv_use(tensor_set)
+                    parts.append((index, super().forward(x.index_select(0, index), *args, **kwargs)))
+                return _scatter(parts, x.shape[0])
+            finally:
+                self._xv_use(rows.resident_set)
+
+    PerVariant.__name__ = PerVariant.__qualname__ = f"PerVariant{cls.__name__}"
+    return PerVariant
+
+
+def _scatter(parts: list[tuple[torch.Tensor, object]], n: int):
+    """The groups' outputs (a tensor or a tuple of tensors each) put back at their rows."""
+    first = parts[0][1]
+    if isinstance(first, torch.Tensor):
+        out = first.new_empty(n, *first.shape[1:])
+        for index, part in parts:
+            out.index_copy_(0, index, part)
+        return out
+    return type(first)(_scatter([(index, part[i]) for index, part in parts], n) for i in range(len(first)))
+
+
+@functools.cache
+def cross_bank_class(bank_cls: type) -> type:
+    """A subclass of a fused bank class that looks each token's expert index up in the slot
+    map of the token's variant (`variant_slots` [V, E], one row per variant)."""
+
+    class CrossVariantBank(bank_cls):
+        _xv_rows: VariantRows
+        variant_slots: torch.Tensor
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            variants = self._xv_rows.token_variants(top_k_index.shape[0])
+            if isinstance(variants, int):
+                index = self.variant_slots[variants][top_k_index]
+            else:
+                index = self.variant_slots[variants[:, None], top_k_index]
+            return super(bank_cls, self).forward(hidden_states, index, top_k_weights)
+
+    CrossVariantBank.__name__ = CrossVariantBank.__qualname__ = f"CrossVariant{bank_cls.__name__}"
+    return CrossVariantBank

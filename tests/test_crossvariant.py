@@ -1,0 +1,243 @@
+"""Cross-variant batching: one forward, and one decode step, for rows of any variant.
+
+References are the same artifact served in swap mode, one variant activated at a time and
+one prompt at a time (itself tested against transformers' models from the original
+checkpoints in test_runtime.py), so a mixed batch is checked against an independent path:
+other module classes, no per-row tensors, no per-token slot-map lookup.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeconsol.checkpoint import open_checkpoints
+from moeconsol.crossvariant import ServingMode
+from moeconsol.engine import Engine, FinishReason, GenerationSettings, Request
+from moeconsol.errors import MoeconsolError, SettingsError
+from moeconsol.merge import MergeSettings, merge
+from moeconsol.runtime import Family, Runtime
+from moeconsol.testing import derive_variant, save_model, tiny_model, tiny_switch, tiny_tokenizer
+from test_delta_merge import _build as build_delta_family, _merge as merge_with_deltas
+
+CROSS = ServingMode.CROSS_VARIANT
+PROMPTS = ["The quick brown fox", "Once upon a time there was a model", "def add(a, b):", "0123",
+           "Experts are small feed-forward networks", "a router picks two"]
+# Float32 rows computed in a batch of another size than alone may round differently in the
+# last bits (a matmul of another shape may block its sums another way): the bound the runtime
+# tests use against transformers' own models, far below the variants' own differences (>1e-3).
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _variants(root):
+    """base; ft (experts and every non-expert tensor changed); same (experts only: its
+    non-expert tensors are the base's, so it shares base's tensor set)."""
+    tok = tiny_tokenizer()
+    base = tiny_model("mixtral", 0)
+    models = {
+        "base": base,
+        "ft": derive_variant(base, 1, changed_experts=[(0, 1), (1, 2)], scale=0.5),
+        "same": derive_variant(base, 2, changed_experts=[(1, 0), (0, 3)], change_non_experts=False, scale=0.5),
+    }
+    return [f"{n}={save_model(m, root / n, tok)}" for n, m in models.items()]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """name -> artifact: lossless, budget-merged (approximate sharing: the slot maps differ
+    more), and calibrated with expert deltas (private bank entries per variant)."""
+    root = tmp_path_factory.mktemp("xvariant")
+    models = _variants(root)
+    merge(open_checkpoints(models), root / "lossless")
+    merge(open_checkpoints(models), root / "budget", MergeSettings(mode="budget", budget="0.375"))
+    fam = build_delta_family(tmp_path_factory.mktemp("xvariant-deltas"), "mixtral")
+    merge_with_deltas(fam, fam["root"] / "out")
+    return {"lossless": root / "lossless", "budget": root / "budget", "deltas": fam["root"] / "out"}
+
+
+@pytest.fixture(scope="module")
+def runtimes(artifacts):
+    """name -> (swap-mode runtime, cross-variant runtime) of the same artifact."""
+    return {k: (Runtime.from_artifact(p), Runtime.from_artifact(p, mode=CROSS)) for k, p in artifacts.items()}
+
+
+def _ids(tok, texts):
+    return [tok(t)["input_ids"] for t in texts]
+
+
+@pytest.mark.parametrize("kind", ["lossless", "budget", "deltas"])
+@torch.no_grad()
+def test_one_mixed_forward_equals_each_row_alone(runtimes, kind):
+    swap, cross = runtimes[kind]
+    names = swap.names
+    order = [names[i % len(names)] for i in (1, 0, 2, 1, 2, 0)]  # every variant, interleaved
+    ids = torch.tensor([_ids(swap.tokenizer(names[0]), ["The quick brown fox jumps"])[0]] * len(order))
+    with cross.variant_rows(order):
+        mixed = cross.model(input_ids=ids).logits
+    alone = {}
+    for i, name in enumerate(order):
+        swap.activate(name)
+        alone[name] = swap.model(input_ids=ids[i : i + 1]).logits[0]
+        torch.testing.assert_close(mixed[i], alone[name], **TOL)
+    # not vacuous: the variants' logits differ, and so do the slot maps the bank looks up
+    assert not torch.allclose(alone[names[0]], alone[names[1]], atol=1e-3)
+    maps = {n: tuple(tuple(swap.family.variants[n].slot_maps[layer]) for layer in swap.family.layers) for n in names}
+    assert len(set(maps.values())) > 1
+    if kind == "deltas":
+        assert any(v.deltas for v in swap.family.variants.values())
+
+
+@pytest.mark.parametrize("kind", ["lossless", "budget", "deltas"])
+def test_every_variants_differing_tensors_are_resident_once(runtimes, kind):
+    swap, cross = runtimes[kind]
+    s, c = swap.resident_bytes(), cross.resident_bytes()
+    distinct = len({tuple(id(t) for t in swap._host[n].values()) for n in swap.names})
+    swap_region = sum(t.numel() * t.element_size() for t in next(iter(swap._host.values())).values())
+    assert c.non_expert == s.non_expert + (distinct - 1) * swap_region  # + (N - 1) x the swap region
+    assert c.host == 0  # nothing waits in host memory
+    private = sum(len(v.deltas.get(layer, [])) for v in swap.family.variants.values() for layer in swap.family.layers)
+    expert = s.bank // (sum(swap.family.bank_sizes.values()) + sum(swap._private.values()))
+    assert c.bank - s.bank == (private - sum(swap._private.values())) * expert  # each variant's own corrected entries
+    assert distinct >= 2
+
+
+@torch.no_grad()
+def test_activate_is_free_and_sets_the_default_rows(runtimes):
+    swap, cross = runtimes["lossless"]
+    tok = swap.tokenizer("base")
+    ids = torch.tensor(_ids(tok, [PROMPTS[0]]))
+    for name in ("ft", "base", "same", "ft"):
+        report = cross.activate(name)
+        assert report.bytes_moved == 0 and cross.active == name
+        swap.activate(name)
+        torch.testing.assert_close(cross.model(input_ids=ids).logits, swap.model(input_ids=ids).logits, **TOL)
+        assert cross.slot_map(cross.family.layers[0]) == swap.slot_map(swap.family.layers[0])
+    # between forwards the modules hold the resident set's own tensors (state_dict names unchanged)
+    assert set(cross.model.state_dict()) == set(swap.model.state_dict())
+
+
+def _alone(rt: Runtime, name: str, ids: list[int], settings: GenerationSettings) -> list[int]:
+    return rt.complete(name, list(ids), settings).token_ids
+
+
+def _run(engine: Engine, requests: list[Request], join_every: int = 1) -> int:
+    """Admit one request every `join_every` steps, step to the end; the most rows of one step."""
+    waiting, steps = list(requests), 0
+    while waiting or engine.running():
+        if waiting and steps % join_every == 0:
+            engine.admit(waiting.pop(0))
+        engine.step()
+        steps += 1
+    return engine.peak_batch_size
+
+
+@pytest.mark.parametrize("kind", ["lossless", "budget", "deltas"])
+def test_greedy_answers_of_a_mixed_batch_equal_each_prompt_alone(runtimes, kind):
+    swap, cross = runtimes[kind]
+    names = swap.names
+    tok = swap.tokenizer(names[0])
+    requests = [Request(names[i % len(names)], ids, GenerationSettings(max_new_tokens=5 + 2 * i))
+                for i, ids in enumerate(_ids(tok, PROMPTS))]
+    cross.activate(names[0])
+    engine = Engine(cross, max_batch_size=8)
+    peak = _run(engine, requests, join_every=2)  # requests of every variant join and leave one running batch
+    assert peak >= 3 and not engine.batches
+    for r in requests:
+        assert r.token_ids == _alone(swap, r.model, r.prompt_ids, r.settings), (r.model, r.prompt_ids)
+        assert r.finish in (FinishReason.STOP, FinishReason.LENGTH)
+    assert cross.active == names[0] and len(cross.swaps) == 0  # nothing was swapped
+
+
+def test_prefill_of_mixed_variants_in_one_forward(runtimes):
+    swap, cross = runtimes["budget"]
+    tok = swap.tokenizer("base")
+    names = ["ft", "base", "same", "ft", "same"]
+    requests = [Request(n, ids, GenerationSettings(max_new_tokens=7)) for n, ids in zip(names, _ids(tok, PROMPTS))]
+    engine = Engine(cross)
+    assert engine.admit_all(requests) == []  # prompts of every variant and length, one left-padded prefill
+    assert engine.running() == 5 and engine.running("ft") == 2 and engine.running("base") == 1
+    while engine.running():
+        engine.step()
+    for r in requests:
+        assert r.token_ids == _alone(swap, r.model, r.prompt_ids, r.settings)
+
+
+def test_seeded_sampling_gives_the_same_text_mixed_or_alone(runtimes):
+    swap, cross = runtimes["lossless"]
+    tok = swap.tokenizer("base")
+    cases = [("ft", 1.0, 1.0, 1), ("base", 1.5, 0.9, 2), ("ft", 0.7, 0.5, 3), ("same", 1.2, 1.0, 2**63 - 1), ("base", 0.0, 1.0, None)]
+    requests = [Request(n, ids, GenerationSettings(max_new_tokens=10, temperature=t, top_p=p, seed=s))
+                for (n, t, p, s), ids in zip(cases, _ids(tok, PROMPTS))]
+    _run(Engine(cross), requests)
+    alone = [_alone(swap, r.model, r.prompt_ids, r.settings) for r in requests]
+    assert [r.token_ids for r in requests] == alone
+    assert len({tuple(t) for t in alone}) > 1
+
+
+def test_sampling_defaults_and_eos_are_the_requests_own_variants(runtimes):
+    """A request that leaves the repetition penalty unset gets its own variant's, not the
+    active variant's."""
+    swap, cross = runtimes["lossless"]
+    tok = swap.tokenizer("base")
+    ids = _ids(tok, PROMPTS[:2])
+    for rt in (swap, cross):
+        rt.family.variants["ft"].generation_config.repetition_penalty = 1.8
+    try:
+        cross.activate("base")
+        defaulted = Request("ft", ids[0], GenerationSettings(max_new_tokens=10))
+        plain = Request("base", ids[1], GenerationSettings(max_new_tokens=10))
+        _run(Engine(cross), [defaulted, plain])
+        want = _alone(swap, "ft", ids[0], GenerationSettings(max_new_tokens=10))
+        assert defaulted.token_ids == want
+        assert want != _alone(swap, "ft", ids[0], GenerationSettings(max_new_tokens=10, repetition_penalty=1.0))
+        assert plain.token_ids == _alone(swap, "base", ids[1], GenerationSettings(max_new_tokens=10))
+    finally:
+        for rt in (swap, cross):
+            rt.family.variants["ft"].generation_config.repetition_penalty = None
+
+
+def test_cancel_frees_the_row_within_one_step(runtimes):
+    swap, cross = runtimes["lossless"]
+    tok = swap.tokenizer("base")
+    ids = _ids(tok, PROMPTS[:1])[0]
+    engine = Engine(cross, max_batch_size=2)
+    keep = Request("ft", ids, GenerationSettings(max_new_tokens=8))
+    gone = Request("base", ids, GenerationSettings(max_new_tokens=200))
+    engine.admit_all([keep, gone])
+    engine.step()
+    assert engine.free_slots() == 0
+    gone.cancel()
+    produced = len(gone.token_ids)
+    assert gone in engine.step() and gone.finish is FinishReason.CANCELLED
+    assert len(gone.token_ids) == produced and engine.running() == 1 and engine.free_slots() == 1
+    while engine.running():
+        engine.step()
+    assert keep.token_ids == _alone(swap, "ft", ids, keep.settings)
+
+
+def test_swap_mode_refuses_a_mixed_forward_and_bad_models_are_refused(runtimes):
+    swap, cross = runtimes["lossless"]
+    swap.activate("base")
+    with pytest.raises(MoeconsolError, match="needs cross-variant batching"):
+        with swap.variant_rows(["base", "ft"]):
+            pass
+    with pytest.raises(MoeconsolError, match="unknown model 'nope'"):
+        Engine(cross).admit(Request("nope", [5], GenerationSettings()))
+
+
+def test_an_encoder_decoder_is_refused_in_one_line():
+    tok = tiny_tokenizer()
+    base = tiny_switch(0)
+    family = Family.from_models({"a": base, "b": derive_variant(base, 1)}, {"a": tok, "b": tok})
+    with pytest.raises(SettingsError, match="decoder-only.*swap mode"):
+        Runtime(family, mode=CROSS)
+
+
+def test_a_module_that_is_not_row_wise_is_refused():
+    """gpt-oss' attention owns `sinks` itself and takes the cache and mask too: its rows
+    cannot be split by variant, so an artifact whose sinks differ is refused, naming it."""
+    tok = tiny_tokenizer()
+    base = tiny_model("gpt_oss", 0)
+    family = Family.from_models({"a": base, "b": derive_variant(base, 1)}, {"a": tok, "b": tok})
+    with pytest.raises(SettingsError, match=r"GptOssAttention \(model.layers.0.self_attn\).*sinks.*swap mode"):
+        Runtime(family, mode=CROSS)
