@@ -147,11 +147,16 @@ def per_variant_class(cls: type) -> type:
 
 
 def _scatter(parts: list[tuple[torch.Tensor, object]], n: int):
-    """The groups' outputs (a tensor or a tuple of tensors each) put back at their rows."""
+    """The groups' outputs (a tensor or a tuple of tensors each) put back at their rows. An
+    output may flatten its input's rows (DeepSeek-V2's router: [B, T, H] in, [B*T, k] out):
+    each input row then owns `per` consecutive output rows."""
     first = parts[0][1]
     if isinstance(first, torch.Tensor):
-        out = first.new_empty(n, *first.shape[1:])
+        per = first.shape[0] // len(parts[0][0])
+        out = first.new_empty(n * per, *first.shape[1:])
         for index, part in parts:
+            if per > 1:
+                index = (index[:, None] * per + torch.arange(per, device=index.device)).flatten()
             out.index_copy_(0, index, part)
         return out
     return type(first)(_scatter([(index, part[i]) for index, part in parts], n) for i in range(len(first)))

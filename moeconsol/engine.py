@@ -300,7 +300,7 @@ class Engine:
         return self.runtime.model
 
     # -- what is running ----------------------------------------------------------------------
-    def _key(self, model: str) -> str:
+    def batch_key(self, model: str) -> str:
         """The batch a request of `model` runs in."""
         return ALL_VARIANTS if self.cross_variant else model
 
@@ -308,7 +308,7 @@ class Engine:
         """Requests running or parked (of `model`, if given)."""
         if model is None:
             return sum(len(b.requests) for b in self.batches.values())
-        batch = self.batches.get(self._key(model))
+        batch = self.batches.get(self.batch_key(model))
         return sum(r.model == model for r in batch.requests) if batch else 0
 
     def tokens_in_flight(self) -> int:
@@ -316,7 +316,7 @@ class Engine:
 
     def free_slots(self) -> int:
         """Rows the next step may still take: the active variant's batch (cross-variant: the one batch)."""
-        batch = self.batches.get(self._key(self.runtime.active))
+        batch = self.batches.get(self.batch_key(self.runtime.active))
         return self.max_batch_size - (len(batch.requests) if batch else 0)
 
     # -- admission: prefill alone, then join the variant's batch -------------------------------
@@ -378,7 +378,7 @@ class Engine:
         if len(done) < len(requests):
             if done:
                 batch.keep([i for i, r in enumerate(requests) if r.finish is None])
-            key = self._key(requests[0].model)
+            key = self.batch_key(requests[0].model)
             if key in self.batches:
                 self.batches[key].join(batch)
             else:
@@ -402,7 +402,7 @@ class Engine:
         the active variant's batch (cross-variant: of the one batch, every variant). Returns
         the requests that finished (cancelled included)."""
         done = self._drop_cancelled()
-        batch = self.batches.get(self._key(self.runtime.active))
+        batch = self.batches.get(self.batch_key(self.runtime.active))
         if batch is None:
             return done
         self.peak_batch_size = max(self.peak_batch_size, len(batch.requests))
@@ -445,7 +445,7 @@ class Engine:
         if rows:
             batch.keep(rows)
         else:
-            del self.batches[self._key(batch.requests[0].model)]
+            del self.batches[self.batch_key(batch.requests[0].model)]
 
     def _advance(self, r: Request, logits: torch.Tensor, greedy: int | None = None) -> None:
         """Append one token to `r`, stream its text, and decide whether `r` is finished."""

@@ -130,12 +130,15 @@ class Scheduler:
                 dropped = [j for j in self._pending if j.cancelled]
                 self._pending = [j for j in self._pending if not j.cancelled]
                 now, active = time.perf_counter(), rt.active
-                waiting = [(j.model, j.arrival) for j in self._pending]
-                waiting += [(m, t) for m, t in self._parked.items() if m != active]
-                model = pick_model(active, engine.running(active) > 0, waiting, now, self.max_wait)
-                admit = self._take(model) if model is not None else []
                 pause = None
-                if model is not None and not admit and not engine.running(model):
+                if engine.cross_variant:  # one step serves every variant: admit in arrival order, never swap
+                    model, admit = active, self._take(None)
+                else:
+                    waiting = [(j.model, j.arrival) for j in self._pending]
+                    waiting += [(m, t) for m, t in self._parked.items() if m != active]
+                    model = pick_model(active, engine.running(active) > 0, waiting, now, self.max_wait)
+                    admit = self._take(model) if model is not None else []
+                if not engine.cross_variant and model is not None and not admit and not engine.running(model):
                     # the bound on tokens in flight keeps `model` out for now
                     if engine.running(active):
                         model = active  # the active batch goes on
@@ -185,7 +188,7 @@ class Scheduler:
             try:
                 finished = engine.step()
             except Exception as e:  # a failed step fails its batch, not the server
-                batch = engine.batches.pop(rt.active, None)
+                batch = engine.batches.pop(engine.batch_key(rt.active), None)
                 for job in batch.requests if batch else []:
                     job.future.set_exception(e)
                 continue
@@ -194,17 +197,17 @@ class Scheduler:
             for job in finished:
                 self._finish(job)
 
-    def _take(self, model: str) -> list[Job]:
-        """Queued jobs of `model` that fit: free batch slots and the bound on tokens in flight
-        (prompt + max_tokens of every admitted request; one job is admitted into an empty engine
-        whatever its size)."""
+    def _take(self, model: str | None) -> list[Job]:
+        """Queued jobs of `model` (None: of any model, cross-variant) that fit: free batch slots
+        and the bound on tokens in flight (prompt + max_tokens of every admitted request; one job
+        is admitted into an empty engine whatever its size)."""
         free = self.engine.max_batch_size - self.engine.running(model)
         budget = self.max_tokens_in_flight - self.engine.tokens_in_flight()
         taken: list[Job] = []
         for job in self._pending:
             if len(taken) >= free:
                 break
-            if job.model != model:
+            if model is not None and job.model != model:
                 continue
             if job.reserved_tokens > budget and (taken or self.engine.running()):
                 break

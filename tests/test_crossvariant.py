@@ -241,3 +241,23 @@ def test_a_module_that_is_not_row_wise_is_refused():
     family = Family.from_models({"a": base, "b": derive_variant(base, 1)}, {"a": tok, "b": tok})
     with pytest.raises(SettingsError, match=r"GptOssAttention \(model.layers.0.self_attn\).*sinks.*swap mode"):
         Runtime(family, mode=CROSS)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"])
+@torch.no_grad()
+def test_other_decoder_only_families_serve_a_mixed_forward(arch):
+    """The generic fused bank's families: routers that see [B*T, H] or [B, T, H], q/k norms
+    of [B, T, heads, d], shared experts and their gates, DeepSeek's correction-bias buffer."""
+    tok = tiny_tokenizer()
+    base = tiny_model(arch, 0)
+    models = {"a": base, "b": derive_variant(base, 1, changed_experts=[(0, 1)], scale=0.5)}
+    family = Family.from_models(models, {n: tok for n in models})
+    swap, cross = Runtime(family), Runtime(family, mode=CROSS)
+    ids = torch.tensor(_ids(tok, ["The quick brown fox jumps"]) * 3)
+    order = ["b", "a", "b"]
+    with cross.variant_rows(order):
+        mixed = cross.model(input_ids=ids).logits
+    for i, name in enumerate(order):
+        swap.activate(name)
+        torch.testing.assert_close(mixed[i], swap.model(input_ids=ids[i : i + 1]).logits[0], **TOL)
+    assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from ..engine import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TOKENS_IN_FLIGHT, DEFAULT_MAX_WAIT,
                       GenerationSettings, check_settings)
+from ..crossvariant import ServingMode
 from ..errors import MoeconsolError
 from ..runtime import Runtime, parse_device, parse_dtype
 from . import app
@@ -57,6 +58,10 @@ def serve_local(
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt the server accepts, in tokens.")] = DEFAULT_MAX_PROMPT_TOKENS,
     max_batch_size: Annotated[int, typer.Option(help="Most requests of one model decoded together.")] = DEFAULT_MAX_BATCH_SIZE,
     max_tokens_in_flight: Annotated[int, typer.Option(help="Bound on prompt + max_tokens of all admitted requests.")] = DEFAULT_MAX_TOKENS_IN_FLIGHT,
+    cross_variant_batching: Annotated[bool, typer.Option(
+        "--cross-variant-batching",
+        help="Keep every variant's differing non-expert tensors resident (+ (N-1) x the swap region) and decode "
+             "requests of all variants in one step, without swaps (decoder-only families).")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda (cuda:N).")] = "cpu",
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (default: the checkpoints' own).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One-shot: print the results as JSON.")] = False,
@@ -75,7 +80,8 @@ def serve_local(
     err = Console(stderr=True)
     first = model[0] if model else None
     with stage_progress(labels={"non-expert tensors": "load non-expert tensors", "expert bank": "load expert bank"}) as advance:
-        runtime = Runtime.from_artifact(artifact, device=torch_device, dtype=torch_dtype, active=first, progress=advance)
+        runtime = Runtime.from_artifact(artifact, device=torch_device, dtype=torch_dtype, active=first, progress=advance,
+                                        mode=ServingMode.CROSS_VARIANT if cross_variant_batching else ServingMode.SWAP)
     for name in model or []:
         runtime.check_model(name)
     rb = runtime.resident_bytes()
@@ -83,10 +89,12 @@ def serve_local(
         f"loaded {artifact} on {torch_device} ({str(runtime.dtype).removeprefix('torch.')}): resident "
         f"{_size(rb.total)} = bank {_size(rb.bank)} + non-expert {_size(rb.non_expert)}; "
         f"host {_size(rb.host)} for {len(runtime.names)} models ({', '.join(runtime.names)})"
+        + ("; every variant resident (cross-variant batching)" if cross_variant_batching else "")
     )
 
     if port is not None:
-        err.print(f"serving on http://{host}:{port}/v1 (max wait {max_wait} s, max batch size {max_batch_size})")
+        policy = "one step for all variants" if cross_variant_batching else f"max wait {max_wait} s"
+        err.print(f"serving on http://{host}:{port}/v1 ({policy}, max batch size {max_batch_size})")
         try:
             serve(runtime, host=host, port=port, max_wait=max_wait, max_prompt_tokens=max_prompt_tokens,
                   max_batch_size=max_batch_size, max_tokens_in_flight=max_tokens_in_flight, sock=sock)

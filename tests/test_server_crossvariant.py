@@ -1,0 +1,130 @@
+"""The server with cross-variant batching: requests of every variant in one decode step.
+
+Expected completions come from transformers' own models loaded from the original
+checkpoints (greedy), not from the runtime under test.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from fastapi.testclient import TestClient
+
+from moeconsol.checkpoint import open_checkpoints
+from moeconsol.crossvariant import ServingMode
+from moeconsol.merge import merge
+from moeconsol.runtime import GenerationSettings, Runtime
+from moeconsol.server import Job, Scheduler, create_app
+from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_switch, tiny_tokenizer
+from cli_helpers import cli, one_error_line
+from test_server import samples
+
+PROMPTS = ["Once upon a time", "The quick brown fox jumps", "def add(a, b):", "0123456789 + -", "Experts are small", "a router"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root: Path = tmp_path_factory.mktemp("serve-xv")
+    tok = tiny_tokenizer()
+    base = tiny_mixtral(0)
+    models = {"base": base, "ft": derive_variant(base, 1, changed_experts=[(0, 1), (1, 2)], scale=0.5)}
+    paths = {n: save_model(m, root / n, tok) for n, m in models.items()}
+    merge(open_checkpoints([f"{n}={p}" for n, p in paths.items()]), root / "out")
+    refs = {n: transformers.MixtralForCausalLM.from_pretrained(p).eval() for n, p in paths.items()}
+    runtime = Runtime.from_artifact(root / "out", mode=ServingMode.CROSS_VARIANT)
+    return root / "out", runtime, refs, tok
+
+
+def greedy(ref, ids: list[int], n: int) -> list[int]:
+    x = torch.tensor([ids])
+    return ref.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
+
+
+def _serve(scheduler: Scheduler, jobs: list[Job], timeout: float = 120):
+    futures = [scheduler.submit(j) for j in jobs]
+    scheduler.start()  # the queue is full before the worker looks at it
+    try:
+        return [f.result(timeout=timeout) for f in futures]
+    finally:
+        scheduler.stop()
+
+
+def test_requests_of_every_variant_run_in_one_batch_without_swaps(served):
+    out, runtime, refs, tok = served
+    runtime.activate("base")
+    jobs = [Job(m, tok(p)["input_ids"], GenerationSettings(3 + 2 * i)) for i, p in enumerate(PROMPTS) for m in ("ft", "base")]
+    scheduler = Scheduler(runtime, max_wait=60.0, max_batch_size=8)
+    results = _serve(scheduler, jobs)
+    assert runtime.swaps == [] and runtime.active == "base"
+    assert list(scheduler.served)[:8] == ["ft", "base"] * 4  # admitted in arrival order, whatever the variant
+    assert scheduler.engine.peak_batch_size == 8  # --max-batch-size counts the rows of every variant
+    for job, r in zip(jobs, results):
+        assert r.model == job.model and r.swap.bytes_moved == 0
+        assert r.token_ids == greedy(refs[job.model], job.prompt_ids, job.settings.max_new_tokens), job
+
+
+def test_the_bound_on_tokens_in_flight_counts_every_variant(served):
+    out, runtime, refs, tok = served
+    ids = tok(PROMPTS[0])["input_ids"]
+    per_request = len(ids) + 4
+    scheduler = Scheduler(runtime, max_tokens_in_flight=2 * per_request)
+    seen: list[tuple[int, int]] = []
+    step = scheduler.engine.step
+
+    def watched_step():
+        seen.append((scheduler.engine.tokens_in_flight(), scheduler.engine.running()))
+        return step()
+
+    scheduler.engine.step = watched_step
+    results = _serve(scheduler, [Job(m, ids, GenerationSettings(4)) for m in ["ft", "base"] * 3])
+    assert max(t for t, _ in seen) <= 2 * per_request and max(n for _, n in seen) == 2
+    for r in results:
+        assert r.token_ids == greedy(refs[r.model], ids, 4)
+
+
+def test_a_cancelled_job_leaves_the_mixed_batch_at_the_next_step(served):
+    out, runtime, refs, tok = served
+    scheduler = Scheduler(runtime)
+    ids = tok(PROMPTS[0])["input_ids"]
+    gone = Job("base", ids, GenerationSettings(200))
+    gone.on_text = lambda piece: scheduler.cancel(gone)  # the client goes away at its first piece of text
+    keep = Job("ft", ids, GenerationSettings(6))
+    g, k = _serve(scheduler, [gone, keep])
+    assert g.finish_reason == "cancelled" and len(g.token_ids) <= 2 + len(tok.encode(g.text))
+    assert k.token_ids == greedy(refs["ft"], ids, 6)
+    assert scheduler.engine.running() == 0
+
+
+def test_metrics_count_the_extra_resident_buffers_and_no_swaps(served):
+    out, runtime, refs, tok = served
+    swap_mode = Runtime.from_artifact(out).resident_bytes()
+    with TestClient(create_app(runtime)) as c:
+        for model in ("ft", "base", "ft"):
+            r = c.post("/v1/completions", json={"model": model, "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
+            assert r.json()["choices"][0]["text"] == tok.decode(greedy(refs[model], tok(PROMPTS[0])["input_ids"], 4), skip_special_tokens=True)
+        m = samples(c.get("/metrics").text)
+    total = m[("moeconsol_resident_bytes", frozenset({("part", "total")}))]
+    region = swap_mode.host // 2  # two variants, each its own swap region
+    assert total == runtime.resident_bytes().total == swap_mode.total + region
+    assert m[("moeconsol_resident_bytes", frozenset({("part", "host")}))] == 0
+    assert sum(v for (name, _), v in m.items() if name == "moeconsol_swaps_total") == 0
+
+
+def test_cli_serves_with_cross_variant_batching_and_refuses_an_encoder_decoder(served, tmp_path):
+    out, runtime, refs, tok = served
+    r = cli("serve-local", out, "--prompt", PROMPTS[0], "--model", "ft", "--model", "base", "--max-new-tokens", "5",
+            "--cross-variant-batching", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    ids = tok(PROMPTS[0])["input_ids"]
+    assert [c["token_ids"] for c in got["completions"]] == [greedy(refs[m], ids, 5) for m in ("ft", "base")]
+    assert all(c["swap"]["bytes_moved"] == 0 for c in got["completions"])
+    assert got["resident_bytes"]["total"] == runtime.resident_bytes().total
+    base = tiny_switch(0)
+    paths = {n: save_model(m, tmp_path / n, tok) for n, m in {"a": base, "b": derive_variant(base, 1)}.items()}
+    merge(open_checkpoints([f"{n}={p}" for n, p in paths.items()]), tmp_path / "sw")
+    one_error_line(cli("serve-local", tmp_path / "sw", "--prompt", "hi", "--cross-variant-batching"), "decoder-only")
