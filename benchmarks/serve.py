@@ -14,7 +14,11 @@ fine-tunes with some experts changed), merges it losslessly with the library, an
    on loopback, in this process) by 1, 2, 4, 8, 16 concurrent clients; throughput (generated
    tokens / wall time) next to one-at-a-time decoding (`Runtime.complete`, one request after
    another) run just before each (the median ratio of 3 pairs), and each answer checked
-   against the one-at-a-time one.
+   against the one-at-a-time one; in swap mode (one variant per step) and with
+   `--cross-variant-batching` (one step for all variants; `--modes`);
+5. the engine alone (no HTTP), B requests decoded together: one variant's batch in swap mode
+   vs. a batch of two variants alternating row by row in cross-variant mode (what grouping
+   rows by variant costs per step).
 
 With `--wide`, also a Mixtral-shaped model of realistic width (hidden 1024, experts
 1024 x 3584, 6 layers x 8 experts, vocab 32000, bf16, 1.2 GB per checkpoint; base + a
@@ -47,6 +51,7 @@ import transformers
 from moeconsol.checkpoint import open_checkpoints
 from moeconsol.merge import merge
 from moeconsol.engine import DEFAULT_MAX_BATCH_SIZE, Engine, Request
+from moeconsol.crossvariant import ServingMode
 from moeconsol.runtime import GenerationSettings, Runtime, parse_device
 from moeconsol.server import DEFAULT_MAX_WAIT, Job, Scheduler
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
@@ -224,7 +229,7 @@ def interleaved(rt: Runtime, models: list[str], requests: int, max_wait: float, 
     }
 
 
-def _server(artifact: Path, max_batch_size: int, threads: int | None, max_wait: float):
+def _server(artifact: Path, max_batch_size: int, threads: int | None, max_wait: float, cross_variant: bool = False):
     """`moeconsol serve-local ARTIFACT --port P` in a subprocess (as it is deployed: the
     clients' threads do not share its interpreter); returns (base url, stop function)."""
     import httpx
@@ -234,7 +239,8 @@ def _server(artifact: Path, max_batch_size: int, threads: int | None, max_wait: 
         port = s.getsockname()[1]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     proc = subprocess.Popen([sys.executable, "-m", "moeconsol", "serve-local", str(artifact), "--port", str(port),
-                             "--max-batch-size", str(max_batch_size), "--max-wait", str(max_wait)], env=env,
+                             "--max-batch-size", str(max_batch_size), "--max-wait", str(max_wait),
+                             *(["--cross-variant-batching"] if cross_variant else [])], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop() -> None:
@@ -260,7 +266,7 @@ def _server(artifact: Path, max_batch_size: int, threads: int | None, max_wait: 
 
 def concurrency(rt: Runtime, artifact: Path, models: list[str], tokens: int, requests: int, levels: list[int],
                 max_batch_size: int, prompt: str = PROMPT, threads: int | None = None, max_wait: float = DEFAULT_MAX_WAIT,
-                repeats: int = 3) -> dict:
+                repeats: int = 3, cross_variant: bool = False) -> dict:
     """Throughput of `requests` greedy requests (alternating models) at each concurrency level
     against one-at-a-time decoding of the same requests. The machine is shared and its load
     moves, so each concurrent run is paired with a one-at-a-time run just before it, `repeats`
@@ -278,7 +284,7 @@ def concurrency(rt: Runtime, artifact: Path, models: list[str], tokens: int, req
         return answers, sum(len(c.token_ids) for c in answers) / (time.perf_counter() - t)
 
     alone, _ = one_at_a_time()
-    base_url, stop = _server(artifact, max_batch_size, threads, max_wait)
+    base_url, stop = _server(artifact, max_batch_size, threads, max_wait, cross_variant)
     rows = []
     try:
         with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
@@ -306,7 +312,7 @@ def concurrency(rt: Runtime, artifact: Path, models: list[str], tokens: int, req
     finally:
         stop()
     return {"requests": requests, "tokens": tokens, "models": models, "max_batch_size": max_batch_size, "max_wait": max_wait,
-            "repeats": repeats, "levels": rows}
+            "repeats": repeats, "levels": rows, "mode": "cross-variant" if cross_variant else "swap"}
 
 
 def batch_sweep(rt: Runtime, model: str, tokens: int, sizes: list[int], prompt: str) -> list[dict]:
@@ -327,6 +333,36 @@ def batch_sweep(rt: Runtime, model: str, tokens: int, sizes: list[int], prompt: 
     return rows
 
 
+def mixed_sweep(artifact: Path, device: torch.device, models: list[str], tokens: int, sizes: list[int], prompt: str,
+                repeats: int = 3) -> list[dict]:
+    """Tokens/s of the engine alone decoding `size` requests together: one variant's batch in
+    swap mode, and the same prompts alternating `models` row by row in one cross-variant batch
+    (best of `repeats`, the two interleaved so that both see the same load)."""
+    swap = Runtime.from_artifact(artifact, device=device)
+    cross = Runtime.from_artifact(artifact, device=device, mode=ServingMode.CROSS_VARIANT)
+
+    def run(rt: Runtime, names: list[str]) -> float:
+        rt.activate(names[0])
+        engine = Engine(rt, max_batch_size=len(names))
+        requests = [Request(n, rt.encode(n, f"{prompt} {i}"), GenerationSettings(max_new_tokens=tokens)) for i, n in enumerate(names)]
+        t = time.perf_counter()
+        engine.admit_all(requests)
+        while engine.running():
+            engine.step()
+        return sum(len(r.token_ids) for r in requests) / (time.perf_counter() - t)
+
+    rows = []
+    for size in sizes:
+        one = [models[0]] * size
+        mixed = [models[i % len(models)] for i in range(size)]
+        run(swap, one), run(cross, mixed)  # warm up
+        pairs = [(run(swap, one), run(cross, mixed)) for _ in range(repeats)]
+        rows.append({"batch_size": size, "swap_one_variant_tokens_per_s": max(p[0] for p in pairs),
+                     "cross_variant_mixed_tokens_per_s": max(p[1] for p in pairs),
+                     "ratio": statistics.median(p[1] / p[0] for p in pairs)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -342,7 +378,10 @@ def main() -> None:
                     help="requests per concurrency level (16: the issue's setup, one wave at 16 clients)")
     ap.add_argument("--size", choices=["benchmark", "example"], default="benchmark",
                     help="model shapes: this benchmark's (hidden 256) or the example family's (hidden 64)")
-    ap.add_argument("--only", choices=["concurrency"], default=None, help="run only this part")
+    ap.add_argument("--only", choices=["concurrency", "mixed"], default=None, help="run only this part")
+    ap.add_argument("--modes", default="swap,cross-variant",
+                    help="concurrency: serve-local in these modes (swap: one variant per step, repeated per --max-wait; "
+                         "cross-variant: --cross-variant-batching)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's own); on a shared machine 1 avoids spin-waiting for busy cores")
     args = ap.parse_args()
@@ -363,10 +402,18 @@ def main() -> None:
                           generation=generation_speed(rt, paths, "code", args.tokens, args.repeats),
                           interleaved=[interleaved(rt, ["base", "code"], args.requests, w, 8) for w in (30.0, 0.0)])
         prompt = PROMPT if size is SIZE else SHORT_PROMPT
-        result["batch_sweep"] = batch_sweep(rt, "base", args.tokens, [1, 2, 4, 8, 16, 32, 64], prompt)
-        result["concurrency"] = [
-            concurrency(rt, paths["out"], ["base", "code"], args.tokens, args.concurrent_requests, [1, 2, 4, 8, 16],
-                        args.max_batch_size, prompt, args.threads, w) for w in args.max_wait]
+        modes = args.modes.split(",")
+        if args.only in (None, "mixed"):
+            result["mixed_sweep"] = mixed_sweep(paths["out"], device, ["base", "code"], args.tokens, [2, 4, 8, 16, 32], prompt)
+        if args.only != "mixed":
+            result["batch_sweep"] = batch_sweep(rt, "base", args.tokens, [1, 2, 4, 8, 16, 32, 64], prompt)
+            result["concurrency"] = [
+                concurrency(rt, paths["out"], ["base", "code"], args.tokens, args.concurrent_requests, [1, 2, 4, 8, 16],
+                            args.max_batch_size, prompt, args.threads, w) for w in (args.max_wait if "swap" in modes else [])]
+            if "cross-variant" in modes:
+                result["concurrency"].append(
+                    concurrency(rt, paths["out"], ["base", "code"], args.tokens, args.concurrent_requests, [1, 2, 4, 8, 16],
+                                args.max_batch_size, prompt, args.threads, args.max_wait[0], cross_variant=True))
         del rt
         if args.wide and args.only is None:
             wide = build_wide(args.keep or Path(tmp) / "wide")
@@ -382,11 +429,16 @@ def main() -> None:
         print(json.dumps(result, indent=1))
         return
     print(f"device {result['device']} ({result['dtype']}, {result['threads']} threads); load average {load:.1f} -> {os.getloadavg()[0]:.1f}")
-    print("engine alone, requests decoded together: " + ", ".join(
-        f"{r['batch_size']}: {r['tokens_per_s']:.0f} tok/s" for r in result["batch_sweep"]))
-    for c in result["concurrency"]:
+    for r in result.get("mixed_sweep", []):
+        print(f"engine alone, {r['batch_size']:>2} rows: one variant (swap mode) {r['swap_one_variant_tokens_per_s']:7.1f} tok/s, "
+              f"two variants alternating (cross-variant) {r['cross_variant_mixed_tokens_per_s']:7.1f} tok/s: x{r['ratio']:.2f}")
+    if "batch_sweep" in result:
+        print("engine alone, requests decoded together: " + ", ".join(
+            f"{r['batch_size']}: {r['tokens_per_s']:.0f} tok/s" for r in result["batch_sweep"]))
+    for c in result.get("concurrency", []):
+        policy = "one step for all variants" if c["mode"] == "cross-variant" else f"swap mode, max wait {c['max_wait']} s"
         print(f"concurrency: {c['requests']} greedy requests of {c['tokens']} tokens over {', '.join(c['models'])}, "
-              f"max batch size {c['max_batch_size']}, max wait {c['max_wait']} s; each level {c['repeats']} times, "
+              f"max batch size {c['max_batch_size']}, {policy}; each level {c['repeats']} times, "
               f"each time after one-at-a-time decoding of the same requests (median of the ratios)")
         for row in c["levels"]:
             print(f"  {row['concurrency']:>2} concurrent: {row['tokens_per_s']:7.1f} tok/s vs one at a time "

@@ -8,6 +8,9 @@ server on loopback with the same engine (continuous batching, the same scheduler
 
 1. **moeconsol**: `moeconsol serve-local ARTIFACT --port` on one lossless artifact: the bank
    resident once, a partial reconfiguration (one copy per dtype) when the variant changes.
+1b. **moeconsol, one step for all variants**: the same with `--cross-variant-batching`: every
+   variant's non-expert tensors resident (+ (N-1) x the swap region), no swaps, requests of
+   every variant decoded in one step (the scheduler admits in arrival order).
 2. **whole-model switching**: one variant resident; when another is requested, its whole
    checkpoint is loaded from disk (`from_pretrained`), as a server without moeconsol does.
 3. **static partition**: each variant in its own server process pinned to an equal share of
@@ -20,6 +23,7 @@ token), mean time to first token, generated tokens per second and the bytes the 
 resident (from each server's /metrics), as a table and a plot, and writes JSON.
 
     python benchmarks/turnaround.py [--variants 4] [--requests 24] [--rates 2,4,8] [--device cuda] [--json OUT] [--plot OUT.png]
+        [--systems "moeconsol, one step for all variants,static partition"]
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ SIZE = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_att
             num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256)
 NEW_TOKENS = 25
 SKEWED = (0.55, 0.25, 0.12, 0.08)
-SYSTEMS = ("moeconsol", "whole-model switching", "static partition", "all resident")
+CROSS_VARIANT = "moeconsol, one step for all variants"
+SYSTEMS = ("moeconsol", CROSS_VARIANT, "whole-model switching", "static partition", "all resident")
 
 
 # -- the family -----------------------------------------------------------------------------------
@@ -176,10 +181,10 @@ def start(name: str, paths: dict[str, Path], artifact: Path, max_wait: float, de
     me = [sys.executable, str(Path(__file__).resolve()), "--device", device]
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     models = [f"{n}={p}" for n, p in paths.items()]
-    if name == "moeconsol":
+    if name in ("moeconsol", CROSS_VARIANT):
         port = free_port()
         cmd = [sys.executable, "-m", "moeconsol", "serve-local", str(artifact), "--port", str(port), "--max-wait", str(max_wait),
-               "--device", device]
+               "--device", device, *(["--cross-variant-batching"] if name == CROSS_VARIANT else [])]
         return System(name, {n: port for n in paths}, [subprocess.Popen(cmd, **quiet)])
     if name in ("whole-model switching", "all resident"):
         port = free_port()
@@ -308,6 +313,19 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
+def _systems(text: str) -> list[str]:
+    """The --systems value as SYSTEMS names (in SYSTEMS' order); one names a system that
+    itself holds a comma, so match the known names rather than split blindly."""
+    rest, found = text, set()
+    for name in sorted(SYSTEMS, key=len, reverse=True):  # "moeconsol, one step ..." before "moeconsol"
+        if name in rest:
+            found.add(name)
+            rest = rest.replace(name, "")
+    if rest.strip(", ") or not found:
+        raise SystemExit(f"--systems: unknown system in {text!r}; known: {'; '.join(SYSTEMS)}")
+    return [name for name in SYSTEMS if name in found]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", type=int, default=4)
@@ -317,6 +335,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on one GPU the static partition's processes share it)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--systems", default=",".join(SYSTEMS),
+                    help="comma-separated systems to run (default all: " + ", ".join(SYSTEMS) + ")")
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--serve", choices=["switching", "resident"], help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -332,7 +352,8 @@ def main() -> None:
         names = list(paths)
         popularity = {"uniform": tuple(1.0 for _ in names), "skewed": SKEWED}
         rows = []
-        for name in SYSTEMS:
+        chosen = _systems(args.systems)
+        for name in chosen:
             system = start(name, paths, artifact, args.max_wait, args.device)
             try:
                 wait_ready(system)

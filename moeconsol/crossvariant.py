@@ -69,20 +69,26 @@ class VariantRows:
             raise RuntimeError(f"cross-variant batching: a module saw {n} rows for {b} sequences ({what})")
         return n // b
 
-    def groups(self, n: int) -> list[tuple[int, torch.Tensor | None]]:
-        """(tensor set, row indices on the device) for a tensor of `n` rows; one group with
-        rows None when every row is of one set."""
+    def groups(self, n: int) -> list[tuple[int, slice | torch.Tensor | None]]:
+        """(tensor set, its rows) for a tensor of `n` rows: one group with rows None when every
+        row is of one set; slices when each set's sequences are consecutive (the engine keeps
+        its batch so: no gather, no scatter); else row indices on the device."""
         if self._variants is None:
             return [(self.default_set, None)]
         if len(set(self._sets)) == 1:
             return [(self._sets[0], None)]
         if n not in self._groups:
             per = self._per_row(n, "grouping rows")
-            out = []
-            for s in dict.fromkeys(self._sets):
-                seqs = torch.tensor([i for i, x in enumerate(self._sets) if x == s], device=self.device)
-                rows = seqs if per == 1 else (seqs[:, None] * per + torch.arange(per, device=self.device)).flatten()
-                out.append((s, rows))
+            runs = [i for i in range(len(self._sets)) if i == 0 or self._sets[i] != self._sets[i - 1]]
+            out: list[tuple[int, slice | torch.Tensor | None]] = []
+            if len(runs) == len(set(self._sets)):
+                for start, stop in zip(runs, runs[1:] + [len(self._sets)]):
+                    out.append((self._sets[start], slice(start * per, stop * per)))
+            else:
+                for s in dict.fromkeys(self._sets):
+                    seqs = torch.tensor([i for i, x in enumerate(self._sets) if x == s], device=self.device)
+                    rows = seqs if per == 1 else (seqs[:, None] * per + torch.arange(per, device=self.device)).flatten()
+                    out.append((s, rows))
             self._groups[n] = out
         return self._groups[n]
 
@@ -137,7 +143,8 @@ def per_variant_class(cls: type) -> type:
                 parts = []
                 for tensor_set, index in groups:
                     self._xv_use(tensor_set)
-                    parts.append((index, super().forward(x.index_select(0, index), *args, **kwargs)))
+                    part = x[index] if isinstance(index, slice) else x.index_select(0, index)
+                    parts.append((index, super().forward(part, *args, **kwargs)))
                 return _scatter(parts, x.shape[0])
             finally:
                 self._xv_use(rows.resident_set)
@@ -146,11 +153,14 @@ def per_variant_class(cls: type) -> type:
     return PerVariant
 
 
-def _scatter(parts: list[tuple[torch.Tensor, object]], n: int):
-    """The groups' outputs (a tensor or a tuple of tensors each) put back at their rows. An
-    output may flatten its input's rows (DeepSeek-V2's router: [B, T, H] in, [B*T, k] out):
-    each input row then owns `per` consecutive output rows."""
+def _scatter(parts: list[tuple[slice | torch.Tensor, object]], n: int):
+    """The groups' outputs (a tensor or a tuple of tensors each) put back at their rows
+    (consecutive slices in order: one concatenation). An output may flatten its input's rows
+    (DeepSeek-V2's router: [B, T, H] in, [B*T, k] out): each input row then owns `per`
+    consecutive output rows."""
     first = parts[0][1]
+    if isinstance(first, torch.Tensor) and isinstance(parts[0][0], slice):
+        return torch.cat([part for _, part in parts])
     if isinstance(first, torch.Tensor):
         per = first.shape[0] // len(parts[0][0])
         out = first.new_empty(n * per, *first.shape[1:])

@@ -335,6 +335,8 @@ class Engine:
         if not requests:
             return []
         rt = self.runtime
+        if self.cross_variant:  # each variant group's rows consecutive: the per-variant modules slice, not gather
+            requests = sorted(requests, key=lambda r: rt.variant_group(r.model))
         for r in requests:
             config = generation_config(rt, r.model)  # the request's own variant's, whichever is active
             r.swap, swap = (swap if swap is not None else rt.activate(rt.active)), None  # the first one reports the swap
@@ -383,7 +385,17 @@ class Engine:
                 self.batches[key].join(batch)
             else:
                 self.batches[key] = batch
+            if self.cross_variant:
+                self._group_rows(self.batches[key])
         return done
+
+    def _group_rows(self, batch: _Batch) -> None:
+        """Reorder a cross-variant batch's rows (cache included) so that each variant group's
+        rows are consecutive; leaving keeps the order, so only a join can break it."""
+        groups = [self.runtime.variant_group(r.model) for r in batch.requests]
+        order = sorted(range(len(groups)), key=groups.__getitem__)
+        if order != list(range(len(groups))):
+            batch.keep(order)
 
     def check_request(self, request: Request) -> None:
         """MoeconsolError if `request` cannot be admitted now."""

@@ -606,6 +606,11 @@ class Runtime:
             bank._xv_rows = self._rows
             bank.variant_slots = tables[i]
 
+    def variant_group(self, name: str) -> int:
+        """Cross-variant: the group `name`'s rows run in (variants whose differing non-expert
+        tensors are all equal share one); swap mode: 0."""
+        return self._set_of[name] if self._rows is not None else 0
+
     @contextmanager
     def variant_rows(self, names: list[str]):
         """The next forwards' sequence i is of variant `names[i]`. Swap mode: every name must be
