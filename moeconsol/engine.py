@@ -11,7 +11,10 @@ their cache rows join the variant's running batch, padded the same way.
 finished or cancelled request leaves the batch between steps and its slot is free at once.
 Each variant keeps its own batch: a batch whose variant is swapped out is parked, and its
 cache stays valid, because it holds activations its own weights computed; it continues
-where it stopped when its variant is active again.
+where it stopped when its variant is active again. On a runtime with cross-variant batching
+(`ServingMode.CROSS_VARIANT`, crossvariant.py) there is one batch for every variant instead:
+requests of any variant are prefilled together and decoded in one step, the runtime told
+which variant each row is (`Runtime.variant_rows`), each variant group's rows kept consecutive.
 
 Sampling is per request inside a batch: a repetition penalty, then greedy (temperature 0) or
 temperature, top-k and top-p, each request drawing from its own `torch.Generator` seeded from

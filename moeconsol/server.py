@@ -7,7 +7,9 @@ decode one step for the whole batch, hand out finished requests. Swaps happen on
 decode steps; a batch whose variant is swapped out is parked with its KV cache and goes on
 when its variant is back. A request waits at most `max_wait` plus (N - 1) decode steps and
 swaps for N variants (see `pick_model`); a client that goes away is cancelled and leaves
-the batch at the next step.
+the batch at the next step. On a runtime with cross-variant batching
+(`ServingMode.CROSS_VARIANT`) there is nothing to pick: queued requests of any variant are
+admitted in arrival order into one batch and every step decodes all of them, without swaps.
 
 Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both with
 `stream`: server-sent events), `GET /metrics` (Prometheus, through prometheus_client).
