@@ -266,11 +266,13 @@ def _server(artifact: Path, max_batch_size: int, threads: int | None, max_wait: 
 
 def concurrency(rt: Runtime, artifact: Path, models: list[str], tokens: int, requests: int, levels: list[int],
                 max_batch_size: int, prompt: str = PROMPT, threads: int | None = None, max_wait: float = DEFAULT_MAX_WAIT,
-                repeats: int = 3, cross_variant: bool = False) -> dict:
+                repeats: int = 3, modes: tuple[str, ...] = ("swap",)) -> dict:
     """Throughput of `requests` greedy requests (alternating models) at each concurrency level
-    against one-at-a-time decoding of the same requests. The machine is shared and its load
-    moves, so each concurrent run is paired with a one-at-a-time run just before it, `repeats`
-    times; the speedup is the median of the pairs' ratios."""
+    against one-at-a-time decoding of the same requests, for a serve-local per mode ("swap",
+    "cross-variant"), all started up front. The machine is shared and its load moves, so at
+    each level one-at-a-time decoding and then every mode's concurrent run are repeated
+    `repeats` times in turn; a speedup is the median of the ratios within a repeat (and
+    cross-variant vs swap the median of their ratios)."""
     import httpx
 
     prompts = [f"{prompt} {i}" for i in range(requests)]
@@ -284,35 +286,44 @@ def concurrency(rt: Runtime, artifact: Path, models: list[str], tokens: int, req
         return answers, sum(len(c.token_ids) for c in answers) / (time.perf_counter() - t)
 
     alone, _ = one_at_a_time()
-    base_url, stop = _server(artifact, max_batch_size, threads, max_wait, cross_variant)
+    servers = {}
     rows = []
     try:
+        for mode in modes:
+            servers[mode] = _server(artifact, max_batch_size, threads, max_wait, cross_variant=mode == "cross-variant")
         with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
-            def post(item):
+            def post(url, item):
                 m, p = item
-                r = client.post(f"{base_url}/v1/completions", json={"model": m, "prompt": p, "max_tokens": tokens, "temperature": 0})
+                r = client.post(f"{url}/v1/completions", json={"model": m, "prompt": p, "max_tokens": tokens, "temperature": 0})
                 r.raise_for_status()
                 return r.json()
 
-            post(order[0])  # warm up the server
+            for url, _ in servers.values():
+                post(url, order[0])  # warm up the server
             for level in levels:
-                pairs, same = [], requests
+                runs: dict[str, list[float]] = {mode: [] for mode in modes}
+                singles, same = [], {mode: requests for mode in modes}
                 for _ in range(repeats):
-                    _, single = one_at_a_time()
-                    with ThreadPoolExecutor(level) as pool:
-                        t = time.perf_counter()
-                        answers = list(pool.map(post, order))
-                        seconds = time.perf_counter() - t
-                    generated = sum(a["usage"]["completion_tokens"] for a in answers)
-                    same = min(same, sum(a["choices"][0]["text"] == c.text for a, c in zip(answers, alone)))
-                    pairs.append((generated / seconds, single))
-                rows.append({"concurrency": level, "tokens_per_s": statistics.median(p[0] for p in pairs),
-                             "one_at_a_time_tokens_per_s": statistics.median(p[1] for p in pairs),
-                             "speedup": statistics.median(p[0] / p[1] for p in pairs), "same_as_alone": same})
+                    singles.append(one_at_a_time()[1])
+                    for mode, (url, _) in servers.items():
+                        with ThreadPoolExecutor(level) as pool:
+                            t = time.perf_counter()
+                            answers = list(pool.map(lambda item: post(url, item), order))
+                            seconds = time.perf_counter() - t
+                        runs[mode].append(sum(a["usage"]["completion_tokens"] for a in answers) / seconds)
+                        same[mode] = min(same[mode], sum(a["choices"][0]["text"] == c.text for a, c in zip(answers, alone)))
+                row = {"concurrency": level, "one_at_a_time_tokens_per_s": statistics.median(singles)}
+                for mode in modes:
+                    row[mode] = {"tokens_per_s": statistics.median(runs[mode]),
+                                 "speedup": statistics.median(x / y for x, y in zip(runs[mode], singles)), "same_as_alone": same[mode]}
+                if len(modes) > 1 and "swap" in modes and "cross-variant" in modes:
+                    row["cross_variant_vs_swap"] = statistics.median(x / y for x, y in zip(runs["cross-variant"], runs["swap"]))
+                rows.append(row)
     finally:
-        stop()
+        for _, stop in servers.values():
+            stop()
     return {"requests": requests, "tokens": tokens, "models": models, "max_batch_size": max_batch_size, "max_wait": max_wait,
-            "repeats": repeats, "levels": rows, "mode": "cross-variant" if cross_variant else "swap"}
+            "repeats": repeats, "modes": list(modes), "levels": rows}
 
 
 def batch_sweep(rt: Runtime, model: str, tokens: int, sizes: list[int], prompt: str) -> list[dict]:
@@ -409,11 +420,7 @@ def main() -> None:
             result["batch_sweep"] = batch_sweep(rt, "base", args.tokens, [1, 2, 4, 8, 16, 32, 64], prompt)
             result["concurrency"] = [
                 concurrency(rt, paths["out"], ["base", "code"], args.tokens, args.concurrent_requests, [1, 2, 4, 8, 16],
-                            args.max_batch_size, prompt, args.threads, w) for w in (args.max_wait if "swap" in modes else [])]
-            if "cross-variant" in modes:
-                result["concurrency"].append(
-                    concurrency(rt, paths["out"], ["base", "code"], args.tokens, args.concurrent_requests, [1, 2, 4, 8, 16],
-                                args.max_batch_size, prompt, args.threads, args.max_wait[0], cross_variant=True))
+                            args.max_batch_size, prompt, args.threads, w, modes=tuple(modes)) for w in args.max_wait]
         del rt
         if args.wide and args.only is None:
             wide = build_wide(args.keep or Path(tmp) / "wide")
@@ -436,14 +443,15 @@ def main() -> None:
         print("engine alone, requests decoded together: " + ", ".join(
             f"{r['batch_size']}: {r['tokens_per_s']:.0f} tok/s" for r in result["batch_sweep"]))
     for c in result.get("concurrency", []):
-        policy = "one step for all variants" if c["mode"] == "cross-variant" else f"swap mode, max wait {c['max_wait']} s"
         print(f"concurrency: {c['requests']} greedy requests of {c['tokens']} tokens over {', '.join(c['models'])}, "
-              f"max batch size {c['max_batch_size']}, {policy}; each level {c['repeats']} times, "
-              f"each time after one-at-a-time decoding of the same requests (median of the ratios)")
+              f"max batch size {c['max_batch_size']}, swap mode's max wait {c['max_wait']} s; each level {c['repeats']} times: "
+              f"one-at-a-time decoding, then each mode (speedups: medians of the ratios within a repeat)")
         for row in c["levels"]:
-            print(f"  {row['concurrency']:>2} concurrent: {row['tokens_per_s']:7.1f} tok/s vs one at a time "
-                  f"{row['one_at_a_time_tokens_per_s']:6.1f}: x{row['speedup']:.2f}  "
-                  f"({row['same_as_alone']}/{c['requests']} answers equal to one-at-a-time)")
+            cells = [f"{mode} {row[mode]['tokens_per_s']:7.1f} tok/s x{row[mode]['speedup']:.2f} "
+                     f"({row[mode]['same_as_alone']}/{c['requests']} as alone)" for mode in c["modes"]]
+            vs = f"; cross-variant / swap x{row['cross_variant_vs_swap']:.2f}" if "cross_variant_vs_swap" in row else ""
+            print(f"  {row['concurrency']:>2} concurrent: one at a time {row['one_at_a_time_tokens_per_s']:6.1f} tok/s; "
+                  + "; ".join(cells) + vs)
     if args.only is not None:
         return
     print(f"tiny: resident {rb.total / 2**20:.1f} MiB (bank {rb.bank / 2**20:.1f} MiB + non-expert {rb.non_expert / 2**20:.1f} MiB), "
