@@ -102,6 +102,8 @@ class PlainModels:
         self._tokenizers = {n: AutoTokenizer.from_pretrained(str(p)) for n, p in paths.items()}
         self._models = {n: self._load(n) for n in (self.names if resident else self.names[:1])}
         self.active = self.names[0]
+        # read once: the HTTP threads ask while the worker may be replacing the model (a KeyError, a 500)
+        self._context = int(self.model.config.max_position_embeddings)
 
     def _load(self, name: str):
         from transformers import AutoModelForCausalLM
@@ -138,7 +140,7 @@ class PlainModels:
         return list(self.tokenizer(name)(prompt, add_special_tokens=True)["input_ids"])
 
     def max_context(self, name: str | None = None) -> int | None:
-        return int(self.model.config.max_position_embeddings)
+        return self._context
 
     def resident_bytes(self):
         from moeconsol.runtime import ResidentBytes
