@@ -18,6 +18,8 @@ server on loopback with the same engine (continuous batching, the same scheduler
 4. **all resident**: every variant its own transformers model in one process (N times the
    memory, no swap cost): the speed bound.
 
+All systems are started first and stay idle between traces; each trace is replayed on each
+system in turn (`--repeats` times, medians reported), so that they share the machine's load.
 For each system, popularity and rate it reports mean and p95 turnaround (arrival to last
 token), mean time to first token, generated tokens per second and the bytes the system keeps
 resident (from each server's /metrics), as a table and a plot, and writes JSON.
@@ -337,6 +339,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on one GPU the static partition's processes share it)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--repeats", type=int, default=1, help="replays of each trace per system (medians reported)")
     ap.add_argument("--systems", default=",".join(SYSTEMS),
                     help="comma-separated systems to run (default all: " + ", ".join(SYSTEMS) + ")")
     ap.add_argument("--plot", type=Path)
@@ -349,35 +352,45 @@ def main() -> None:
         serve_plain(args)
         return
     rates = [float(r) for r in args.rates.split(",")]
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="moeconsol-turnaround-") as tmp:
         paths, artifact = build_family(Path(tmp), args.variants)
         names = list(paths)
         popularity = {"uniform": tuple(1.0 for _ in names), "skewed": SKEWED}
         rows = []
         chosen = _systems(args.systems)
-        for name in chosen:
-            system = start(name, paths, artifact, args.max_wait, args.device)
-            try:
+        systems: dict[str, System] = {}
+        try:  # every system started up front and idle between its traces: each trace runs on each in turn, under the same load
+            for name in chosen:
+                systems[name] = start(name, paths, artifact, args.max_wait, args.device)
+            for system in systems.values():
                 wait_ready(system)
-                held = resident_bytes(system)
-                for pop, weights in popularity.items():
-                    for rate in rates:
-                        trace = make_trace(names, weights, rate, args.requests, args.seed)
-                        result = asyncio.run(replay(system, trace))
-                        rows.append({"system": name, "popularity": pop, "rate": rate, **result, "resident_bytes": held})
+            held = {name: resident_bytes(system) for name, system in systems.items()}
+            for pop, weights in popularity.items():
+                for rate in rates:
+                    trace = make_trace(names, weights, rate, args.requests, args.seed)
+                    runs: dict[str, list[dict]] = {name: [] for name in chosen}
+                    for _ in range(args.repeats):
+                        for name, system in systems.items():
+                            runs[name].append(asyncio.run(replay(system, trace)))
+                    for name in chosen:
+                        result = {k: statistics.median(r[k] for r in runs[name]) for k in runs[name][0]}
+                        rows.append({"system": name, "popularity": pop, "rate": rate, **result, "resident_bytes": held[name]})
                         print(f"{name:22s} {pop:8s} {rate:5.1f}/s  mean {result['mean_turnaround']:.2f} s  "
                               f"p95 {result['p95_turnaround']:.2f} s  ttft {result['mean_ttft']:.2f} s  "
                               f"{result['tokens_per_second']:.0f} tok/s", file=sys.stderr, flush=True)
-            finally:
+        finally:
+            for system in systems.values():
                 stop(system)
     load = os.getloadavg()
     result = {"device": args.device, "variants": args.variants, "requests": args.requests, "new_tokens": NEW_TOKENS, "size": SIZE,
-              "max_wait": args.max_wait, "load_average": [round(x, 2) for x in load], "rows": rows}
+              "max_wait": args.max_wait, "repeats": args.repeats, "load_average_start": [round(x, 2) for x in load_start], "load_average": [round(x, 2) for x in load], "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:
         plot(rows, args.plot)
-    print(f"{args.variants} variants, {args.requests} requests per trace, {NEW_TOKENS} new tokens, greedy; load average {load[0]:.2f}")
+    print(f"{args.variants} variants, {args.requests} requests per trace, {NEW_TOKENS} new tokens, greedy, {args.repeats} replay(s) per system (medians); "
+          f"load average {load_start[0]:.2f} -> {load[0]:.2f}")
     print("| popularity | rate | system | mean turnaround | p95 | mean TTFT | tokens/s | resident | mean vs static partition | mean vs all resident |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
