@@ -58,6 +58,8 @@ class VariantRows:
     def set(self, variants: list[int], sets: list[int]) -> None:
         self._variants, self._sets = list(variants), list(sets)
         self._groups, self._tokens = {}, {}
+        self._one_set = sets[0] if len(set(sets)) == 1 else None
+        self._one_variant = variants[0] if len(set(variants)) == 1 else None
 
     def clear(self) -> None:
         self._variants, self._sets, self._groups, self._tokens = None, [], {}, {}
@@ -75,8 +77,8 @@ class VariantRows:
         its batch so: no gather, no scatter); else row indices on the device."""
         if self._variants is None:
             return [(self.default_set, None)]
-        if len(set(self._sets)) == 1:
-            return [(self._sets[0], None)]
+        if self._one_set is not None:
+            return [(self._one_set, None)]
         if n not in self._groups:
             per = self._per_row(n, "grouping rows")
             runs = [i for i in range(len(self._sets)) if i == 0 or self._sets[i] != self._sets[i - 1]]
@@ -96,8 +98,8 @@ class VariantRows:
         """The variant of each of `n` tokens (a [n] tensor), or one int when all are one variant."""
         if self._variants is None:
             return self.default_variant
-        if len(set(self._variants)) == 1:
-            return self._variants[0]
+        if self._one_variant is not None:
+            return self._one_variant
         if n not in self._tokens:
             per = self._per_row(n, "looking up slot maps")
             seq = torch.tensor(self._variants, device=self.device)
