@@ -9,7 +9,7 @@ probability). Per (layer, expert) it keeps the first `max_tokens` routed inputs 
 their routing weights w, the number of routed tokens and their routing mass (sum of w).
 
 Memory: the whole original model (one at a time), plus at most
-layers x experts x max_tokens x hidden x 4 bytes of kept inputs per model (Mixtral-8x7B,
+layers x experts x max_tokens x (hidden + 3) x 4 bytes of kept inputs, weights and norms per model (Mixtral-8x7B,
 512 tokens: 32 x 8 x 512 x 4096 x 4 B = 2 GiB).
 
 `capture` also hooks the MoE layer itself (`layer`, the module holding `.mlp`): its output is
