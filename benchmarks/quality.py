@@ -423,6 +423,7 @@ def main() -> int:
                     took = re.search(r"^Bar: .*\((\d+) s\)\.$", text, re.M)
                     text = markdown(f"{name} / {arch}", report, float(took.group(1)) if took else math.nan)
                     plot_gains(report, f"{name} / {arch}", saved.with_suffix(".png"))
+                    part.write_text(text + "\n")  # the saved table agrees with the saved sweep
                 parts.append(text.rstrip())
         write_docs(_preamble(families) + "\n\n".join(parts) + "\n")
     print("\n" + "\n".join(verdicts))
