@@ -71,7 +71,7 @@ def profile(family: Path, fam: str, budgets: list[float], tokens: int) -> dict:
                     else:
                         ws = w or [1.0] * len(c)
                         mean = {p: sum(wt * flat[j][p].float() for wt, j in zip(ws, c)) / sum(ws) for p in ref.layout.parts}
-                        layer_cost[m] += candidate_cost(ref, plan.layer, flat, [i], mean, acts, lc.energy)
+                        layer_cost[m] += candidate_cost(ref, plan.layer, flat, [i], mean, acts, lc.norm)
                         cross[m] += int(len({j % E for j in c}) > 1)
             per_model += layer_cost
             layers.append({"layer": plan.layer, "bank": len(plan.clusters), "same_index": aligned,

@@ -321,6 +321,29 @@ def plot_gains(report, title: str, path: Path) -> Path:
     return path
 
 
+def merge_runs(saved: dict, new: dict) -> dict:
+    """The saved sweep (JSON) with a new run's points added: a point of the same method and
+    budget is replaced in place, others are appended. Refused (exit 2) unless both score the
+    same models with the same originals and base, i.e. the same family build and examples."""
+    for key in ("models", "metric", "original", "base", "expert_bytes"):
+        if saved.get(key) != new.get(key):
+            fail(f"cannot merge into the saved run: its {key} differs from this run's (another family build or "
+                 "other examples?); run without --merge to replace it")
+    merged = {**saved, "points": list(saved["points"])}
+    where = {(p["method"], p["budget"]): k for k, p in enumerate(merged["points"])}
+    for point in new["points"]:
+        k = where.get((point["method"], point["budget"]))
+        if k is None:
+            merged["points"].append(point)
+        else:
+            merged["points"][k] = point
+    settings = dict(saved.get("settings") or {})
+    for key in ("methods", "budgets"):
+        settings[key] = list(dict.fromkeys([*(settings.get(key) or []), *((new.get("settings") or {}).get(key) or [])]))
+    merged["settings"] = settings
+    return merged
+
+
 def write_docs(body: str) -> None:
     path = ROOT / "docs" / "benchmarks.md"
     text = path.read_text()
@@ -344,6 +367,9 @@ def main() -> int:
     parser.add_argument("--methods", help="comma-separated methods (default: every method this moeconsol knows)")
     parser.add_argument("--max-examples", type=int, help="score only the first N held-out examples of a seq2seq file "
                         "(a shorter run on a busy machine; say so where the figures are reported)")
+    parser.add_argument("--merge", action="store_true",
+                        help="add this run's points to the saved run under --out (same method and budget: replaced) "
+                        "instead of replacing the whole file; refused if the originals or base differ")
     parser.add_argument("--write-docs", action="store_true", help="write the tables into docs/benchmarks.md")
     parser.add_argument("--docs-only", action="store_true",
                         help="run nothing: write the docs section from the tables saved under --out by earlier runs "
@@ -372,7 +398,10 @@ def main() -> int:
                 report = run_family(path, arch, budgets, methods, args.max_examples if arch == "switch" else None)
                 seconds = time.perf_counter() - start
                 stem = f"quality-{name}-{arch}"
-                (out / f"{stem}.json").write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+                saved = out / f"{stem}.json"
+                if args.merge and saved.is_file():
+                    report = report_from_dict(merge_runs(json.loads(saved.read_text()), json.loads(json.dumps(report.to_dict()))))
+                saved.write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
                 plot_gains(report, f"{name} / {arch}", out / f"{stem}.png")
                 (out / f"{stem}.md").write_text(markdown(f"{name} / {arch}", report, seconds) + "\n")
                 print((out / f"{stem}.md").read_text(), flush=True)
@@ -394,6 +423,7 @@ def main() -> int:
                     took = re.search(r"^Bar: .*\((\d+) s\)\.$", text, re.M)
                     text = markdown(f"{name} / {arch}", report, float(took.group(1)) if took else math.nan)
                     plot_gains(report, f"{name} / {arch}", saved.with_suffix(".png"))
+                    part.write_text(text + "\n")  # the saved table agrees with the saved sweep
                 parts.append(text.rstrip())
         write_docs(_preamble(families) + "\n\n".join(parts) + "\n")
     print("\n" + "\n".join(verdicts))

@@ -9,19 +9,26 @@ probability). Per (layer, expert) it keeps the first `max_tokens` routed inputs 
 their routing weights w, the number of routed tokens and their routing mass (sum of w).
 
 Memory: the whole original model (one at a time), plus at most
-layers x experts x max_tokens x hidden x 4 bytes of kept inputs per model (Mixtral-8x7B,
+layers x experts x max_tokens x (hidden + 3) x 4 bytes of kept inputs, weights and norms per model (Mixtral-8x7B,
 512 tokens: 32 x 8 x 512 x 4096 x 4 B = 2 GiB).
+
+`capture` also hooks the MoE layer itself (`layer`, the module holding `.mlp`): its output is
+the hidden state the layer passes on (residual stream plus the MoE block's output), and for
+each kept token it keeps that state's squared norm ||h_t||^2, and per layer the number of
+tokens T_m that passed through it.
 
 `substitution_costs` turns this into the cost of serving slot i (model m, expert e) with
 expert j, for one layer:
 
-    cost[i, j] = (count_i / kept_i) * sum_{t kept for i} w_t^2 ||f_j(x_t) - f_i(x_t)||^2 / energy_m
+    cost[i, j] = (count_i / kept_i) * sum_{t kept for i} w_t^2 ||f_j(x_t) - f_i(x_t)||^2 / ||h_t||^2 / T_m
 
-    energy_m   = sum over the slots i' of model m of (count_i' / kept_i') * sum_t w_t^2 ||f_i'(x_t)||^2
-
-i.e. the share of model m's routed expert-output energy in this layer that the swap
-perturbs: a routing-weighted relative output error, weighted by how much the slot is used.
-A slot no calibration token reached costs 0 to replace.
+i.e. the mean over model m's tokens of the squared *relative* perturbation of what the layer
+passes on (the next layer normalises that state, so a relative error is what it sees),
+weighted by how much the slot is used. Why the layer's output and not the experts' own output
+energy: a variant whose fine-tune grew its expert outputs (they then dominate the residual
+stream) looked cheap to perturb in shares of its own expert-output energy, yet its expert
+errors reach the next layer almost whole; measured on the first example family's Switch
+(docs/quality.md, "issue 12, last goal"). A slot no calibration token reached costs 0.
 """
 
 from __future__ import annotations
@@ -61,6 +68,9 @@ class SlotActivations:
     """Tokens routed here in all (kept or not)."""
     mass: float = 0.0
     """Sum of the routing weights of all routed tokens."""
+    h2: list[torch.Tensor] = field(default_factory=list)
+    """Squared norm of the layer's output (residual stream after the MoE block) for each
+    kept token, [n] blocks (float64)."""
 
     @property
     def kept(self) -> int:
@@ -71,6 +81,13 @@ class SlotActivations:
             return torch.zeros(0, 0), torch.zeros(0)
         return torch.cat(self.x), torch.cat(self.w)
 
+    def token_weights(self) -> torch.Tensor:
+        """w_t^2 / ||h_t||^2 per kept token, [n, 1] (float64): what a squared output error
+        of the slot is multiplied by in the costs."""
+        _, w = self.inputs()
+        h2 = torch.cat(self.h2) if self.h2 else torch.zeros(0, dtype=torch.float64)
+        return (w.double() ** 2 / h2.clamp_min(torch.finfo(torch.float64).tiny)).unsqueeze(1)
+
 
 @dataclass
 class ModelActivations:
@@ -79,6 +96,10 @@ class ModelActivations:
     name: str
     slots: dict[str, list[SlotActivations]]
     tokens: int
+    """Input ids run (the budget `max_run_tokens` counts)."""
+    layer_tokens: dict[str, int] = field(default_factory=dict)
+    """Tokens that passed through each MoE layer (T_m; an encoder-decoder's decoder layers
+    see the target tokens, its encoder layers the input tokens)."""
 
 
 def load_model(ckpt: Checkpoint):
@@ -160,6 +181,9 @@ def capture(
     batches = calibration_batches(data_path, tokenizer, start, min(chunk_len, int(limit)), max_chunks)
     E = ckpt.num_experts
     slots = {layer: [SlotActivations() for _ in range(E)] for layer in ckpt.moe_layers}
+
+    layer_tokens = dict.fromkeys(ckpt.moe_layers, 0)
+    pending: dict[str, list[tuple[int, torch.Tensor]]] = {layer: [] for layer in ckpt.moe_layers}
     handles = []
 
     def hook_for(layer: str):
@@ -168,6 +192,7 @@ def capture(
                 args = tuple(args) + tuple(kwargs.values())
             hidden, index, weights = _routing(args, E, ckpt.layout.record.router_format)
             hidden = hidden.reshape(-1, hidden.shape[-1]).detach().float()
+            layer_tokens[layer] += int(hidden.shape[0])
             for e in range(E):
                 rows, cols = torch.where(index == e)
                 if rows.numel() == 0:
@@ -180,6 +205,17 @@ def capture(
                 if room > 0:
                     s.x.append(hidden[rows[:room]].clone())
                     s.w.append(w[:room].clone())
+                    pending[layer].append((e, rows[:room].clone()))
+
+        return hook
+
+    def output_hook_for(layer: str):
+        def hook(module, args, output):  # the layer's output: what it passes on, per token
+            out = output[0] if isinstance(output, tuple) else output
+            h2 = out.detach().double().pow(2).sum(-1).reshape(-1)
+            for e, rows in pending[layer]:
+                slots[layer][e].h2.append(h2[rows])
+            pending[layer].clear()
 
         return hook
 
@@ -187,6 +223,7 @@ def capture(
         for layer in ckpt.moe_layers:
             module = model.get_submodule(f"{layer}.mlp.experts")
             handles.append(module.register_forward_pre_hook(hook_for(layer), with_kwargs=True))
+            handles.append(model.get_submodule(layer).register_forward_hook(output_hook_for(layer)))
         tokens = 0
         with torch.no_grad():
             for i, batch in enumerate(batches):
@@ -200,29 +237,37 @@ def capture(
     finally:
         for h in handles:
             h.remove()
-    return ModelActivations(ckpt.name, slots, tokens)
+    return ModelActivations(ckpt.name, slots, tokens, layer_tokens)
 
 
 @dataclass
 class LayerCosts:
-    """One layer's calibrated costs: cost[i, j], usage[i], and each model's routed energy."""
+    """One layer's calibrated costs: cost[i, j], usage[i], and each model's normaliser."""
 
     cost: np.ndarray
     usage: np.ndarray
-    energy: np.ndarray
+    norm: np.ndarray
+    """Per model, what its summed slot errors are divided by: T_m, the tokens that passed
+    through the layer (divided by the model's weight in `weighted`)."""
 
     def weighted(self, weights: np.ndarray) -> "LayerCosts":
-        """The same costs with model m's rows scaled by weights[m] (> 0): its energy divided
-        by it, so that a candidate costed later (`candidate_cost`) is scaled alike."""
-        E = self.cost.shape[0] // len(self.energy)
+        """The same costs with model m's rows scaled by weights[m] (> 0): its normaliser
+        divided by it, so that a candidate costed later (`candidate_cost`) is scaled alike."""
+        E = self.cost.shape[0] // len(self.norm)
         rows = np.repeat(np.asarray(weights, dtype=np.float64), E)
-        return LayerCosts(self.cost * rows[:, None], self.usage, self.energy / np.asarray(weights, dtype=np.float64))
+        return LayerCosts(self.cost * rows[:, None], self.usage, self.norm / np.asarray(weights, dtype=np.float64))
 
 
-def _slot_error(fn, own_params: dict, candidate: dict, x: torch.Tensor, w2: torch.Tensor, own: torch.Tensor | None = None) -> float:
+def _slot_error(fn, own_params: dict, candidate: dict, x: torch.Tensor, tw: torch.Tensor, own: torch.Tensor | None = None) -> float:
+    """sum_t tw_t ||f_candidate(x_t) - f_own(x_t)||^2 (tw: `SlotActivations.token_weights`)."""
     own = fn(own_params, x).double() if own is None else own
     diff = fn(candidate, x).double() - own
-    return float((w2 * diff**2).sum())
+    return float((tw * diff**2).sum())
+
+
+def layer_norms(layer: str, activations: list[ModelActivations]) -> np.ndarray:
+    """Each model's normaliser for one layer: T_m, the tokens that passed through it."""
+    return np.array([float(a.layer_tokens.get(layer, 0)) for a in activations])
 
 
 def substitution_costs(
@@ -239,28 +284,23 @@ def substitution_costs(
     n = len(experts)
     params = [{p: t.float() for p, t in ex.items()} for ex in experts]
     usage = np.zeros(n, dtype=np.float64)
-    energy = np.zeros(len(activations), dtype=np.float64)
-    raw = np.zeros((n, n), dtype=np.float64)
+    norm = layer_norms(layer, activations)
+    cost = np.zeros((n, n), dtype=np.float64)
     with torch.no_grad():
         for i in range(n):
             m, e = divmod(i, E)
             slot = activations[m].slots[layer][e]
             usage[i] = slot.mass / max(1, activations[m].tokens)
-            if slot.kept == 0:
+            if slot.kept == 0 or norm[m] <= 0:
                 continue
-            x, w = slot.inputs()
-            scale = slot.count / slot.kept
-            w2 = (w.double() ** 2).unsqueeze(1)
+            x, _ = slot.inputs()
+            scale = slot.count / slot.kept / norm[m]
+            tw = slot.token_weights()
             own = fn(params[i], x).double()
-            energy[m] += scale * float((w2 * own**2).sum())
             for j in range(n):
                 if j != i:
-                    raw[i, j] = scale * _slot_error(fn, params[i], params[j], x, w2, own)
-    cost = np.zeros((n, n), dtype=np.float64)
-    for i in range(n):
-        if energy[i // E] > 0:
-            cost[i] = raw[i] / energy[i // E]
-    return LayerCosts(cost, usage, energy)
+                    cost[i, j] = scale * _slot_error(fn, params[i], params[j], x, tw, own)
+    return LayerCosts(cost, usage, norm)
 
 
 def candidate_cost(
@@ -270,10 +310,10 @@ def candidate_cost(
     members: list[int],
     candidate: dict[str, torch.Tensor],
     activations: list[ModelActivations],
-    energy: np.ndarray,
+    norm: np.ndarray,
 ) -> float:
     """Sum over `members` of the cost of serving that slot by `candidate` (any expert, e.g. a
-    weighted mean), in the units of `substitution_costs`."""
+    weighted mean), in the units of `substitution_costs` (`norm`: `LayerCosts.norm`)."""
     fn = expert_function(ckpt)
     E = ckpt.num_experts
     cand = {p: t.float() for p, t in candidate.items()}
@@ -282,10 +322,9 @@ def candidate_cost(
         for i in members:
             m, e = divmod(i, E)
             slot = activations[m].slots[layer][e]
-            if slot.kept == 0 or energy[m] <= 0:
+            if slot.kept == 0 or norm[m] <= 0:
                 continue
-            x, w = slot.inputs()
-            w2 = (w.double() ** 2).unsqueeze(1)
+            x, _ = slot.inputs()
             own = {p: t.float() for p, t in experts[i].items()}
-            total += slot.count / slot.kept * _slot_error(fn, own, cand, x, w2) / energy[m]
+            total += slot.count / slot.kept * _slot_error(fn, own, cand, x, slot.token_weights()) / norm[m]
     return total

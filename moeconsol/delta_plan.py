@@ -91,8 +91,8 @@ def slot_options(
     """Share, or each format at each size, with its calibrated cost and bytes."""
     from .calibration import candidate_cost
 
-    energy = inputs.costs[li].energy
-    share = candidate_cost(ckpt, layer, flat, [item], bank, inputs.acts, energy)
+    norm = inputs.costs[li].norm
+    share = candidate_cost(ckpt, layer, flat, [item], bank, inputs.acts, norm)
     options = [Option(0, share)]
     if share <= 0:  # no calibration token reached the slot: nothing to correct
         return options
@@ -108,7 +108,7 @@ def slot_options(
         for j, size in enumerate(sizes):
             candidate = {p: corrected(bank[p], encoded[p][j], fmt, size) for p in own}
             nbytes = sum(fmt.nbytes(shapes[p], size, dtype) for p in own)
-            options.append(Option(nbytes, candidate_cost(ckpt, layer, flat, [item], candidate, inputs.acts, energy), fmt.name, size))
+            options.append(Option(nbytes, candidate_cost(ckpt, layer, flat, [item], candidate, inputs.acts, norm), fmt.name, size))
     return options
 
 

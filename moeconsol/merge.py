@@ -529,7 +529,7 @@ def calibrated_representatives(
             continue
         flat = experts()
         mean = {p: _weighted_mean([flat[i][p] for i in members], w) for p in ref.layout.parts}
-        mean_cost = candidate_cost(ref, layer, flat, members, mean, acts, lc.energy)
+        mean_cost = candidate_cost(ref, layer, flat, members, mean, acts, lc.norm)
         if rule == "mean" or mean_cost < best_cost:
             reps.append(None), weights.append(w)
             total += mean_cost

@@ -57,14 +57,14 @@ def test_fair_weights_never_do_worse_than_least_total_cost_in_their_own_measure(
         assert (fair**2).sum() <= (plain**2).sum() + 1e-12
 
 
-def test_weighted_layer_costs_scale_rows_and_energy_alike():
+def test_weighted_layer_costs_scale_rows_and_norm_alike():
     from moeconsol.calibration import LayerCosts
 
     cost = np.arange(36, dtype=float).reshape(6, 6)
     lc = LayerCosts(cost, np.ones(6), np.array([2.0, 4.0, 8.0]))
     w = lc.weighted(np.array([1.0, 3.0, 0.5]))
     assert w.cost.tolist() == (cost * np.array([1, 1, 3, 3, 0.5, 0.5])[:, None]).tolist()
-    assert w.energy.tolist() == [2.0, 4.0 / 3.0, 16.0]  # a cost divided by energy scales by the weight
+    assert w.norm.tolist() == [2.0, 4.0 / 3.0, 16.0]  # a cost divided by the norm scales by the weight
     assert w.usage.tolist() == lc.usage.tolist()
 
 
