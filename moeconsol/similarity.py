@@ -37,16 +37,19 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import blake3
 import numpy as np
-import torch
 
 from .checkpoint import Checkpoint, warn_unusual, warn_unusual_values
 from .digest import range_digest, tensor_digest, value_flags
 from .errors import CheckpointError, SettingsError
 from .layouts import ExpertKind
-from .safetensors_io import DTYPES, TensorInfo, read_into, read_tensor
+from .safetensors_io import ITEMSIZE, TensorInfo, read_into, read_tensor, torch_dtypes
+
+if TYPE_CHECKING:
+    import torch
 
 METRICS = ("cosine", "l2", "relative-l2", "cka")
 WEIGHT_METRICS = ("cosine", "l2", "relative-l2")
@@ -105,6 +108,8 @@ def _workers() -> Iterator[ThreadPoolExecutor]:
     `torch.set_num_threads` also stores the count every thread starts from: the workers
     set it all together, then it is restored before any task runs, so no other thread
     (this one or a thread that has not used torch yet) runs with it."""
+    import torch
+
     threads = torch.get_num_threads()  # also settles this thread's own count first
     ready = threading.Barrier(WORKERS)
 
@@ -127,6 +132,8 @@ _local = threading.local()
 
 def _thread_buffer(name: str, nbytes: int) -> torch.Tensor:
     """This thread's reused uint8 buffer of at least `nbytes` (faulted in once, not per slice)."""
+    import torch
+
     buf = getattr(_local, name, None)
     if buf is None or buf.numel() < nbytes:
         buf = torch.empty(nbytes, dtype=torch.uint8)
@@ -134,12 +141,14 @@ def _thread_buffer(name: str, nbytes: int) -> torch.Tensor:
     return buf
 
 
-Fill = Callable[[torch.Tensor, str, int, int], None]
+Fill = Callable[["torch.Tensor", str, int, int], None]
 """fill(out [n, hi - lo] float64, part, lo, hi): columns lo:hi of part `part` of every expert."""
 
 
 def _slice_gram(fill: Fill, n: int, part: str, lo: int, hi: int) -> torch.Tensor:
     """<x_i, x_j> over columns lo:hi of one part, float64: the slice converted once, one GEMM."""
+    import torch
+
     out = _thread_buffer("f64", n * (hi - lo) * 8)[: n * (hi - lo) * 8].view(torch.float64).view(n, hi - lo)
     fill(out, part, lo, hi)
     return out @ out.T
@@ -151,6 +160,8 @@ def part_grams(fill: Fill, n: int, sizes: dict[str, int], pool: ThreadPoolExecut
     Columns are cut in slices of about `_CHUNK_ELEMENTS` elements over all n experts, each
     a task for the pool; the slices' results are added in column order (not in the order
     they finish), so the result does not depend on scheduling."""
+    import torch
+
     width = max(1, _CHUNK_ELEMENTS // max(n, 1))
     tasks = [(part, pool.submit(_slice_gram, fill, n, part, lo, min(lo + width, total)))
              for part, total in sizes.items() for lo in range(0, total, width)]
@@ -180,17 +191,18 @@ def _disk_fill(experts: list[dict[str, TensorInfo]], fds: dict[Path, int]) -> Fi
     def fill(out: torch.Tensor, part: str, lo: int, hi: int) -> None:
         n, w = out.shape
         infos = [e[part] for e in experts]
-        dtypes = [DTYPES[i.dtype] for i in infos]
-        size = max(d.itemsize for d in dtypes)
+        dtypes = [torch_dtypes()[i.dtype] for i in infos]
+        size = max(ITEMSIZE[i.dtype] for i in infos)
         raw = _thread_buffer("staging", n * w * size)
         view = memoryview(raw.numpy())
-        for j, (info, dtype) in enumerate(zip(infos, dtypes)):
-            read_into(fds[info.file], view[j * w * size : j * w * size + w * dtype.itemsize], info.start + lo * dtype.itemsize, info.file)
+        for j, info in enumerate(infos):
+            itemsize = ITEMSIZE[info.dtype]
+            read_into(fds[info.file], view[j * w * size : j * w * size + w * itemsize], info.start + lo * itemsize, info.file)
         if all(d == dtypes[0] for d in dtypes):
             out.copy_(raw[: n * w * size].view(dtypes[0]).view(n, w))
         else:
-            for j, (row, dtype) in enumerate(zip(out, dtypes)):
-                row.copy_(raw[j * w * size : j * w * size + w * dtype.itemsize].view(dtype))
+            for j, (row, dtype, info) in enumerate(zip(out, dtypes, infos)):
+                row.copy_(raw[j * w * size : j * w * size + w * ITEMSIZE[info.dtype]].view(dtype))
 
     return fill
 
@@ -216,6 +228,7 @@ def weight_metrics(gram: np.ndarray, identical: np.ndarray) -> dict[str, np.ndar
 
 def expert_function(ckpt: Checkpoint) -> Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]:
     """The expert's forward pass (float64), from the layout's kind and the config's activation."""
+    import torch
     from transformers.activations import ACT2FN  # here, not at import: transformers takes seconds to import
 
     record = ckpt.layout.record
@@ -239,6 +252,8 @@ def expert_function(ckpt: Checkpoint) -> Callable[[dict[str, torch.Tensor], torc
 
 def cka_matrix(experts: list[dict[str, torch.Tensor]], probes: torch.Tensor, fn) -> np.ndarray:
     """Linear CKA between every pair of experts' outputs on `probes` [n, H]."""
+    import torch
+
     x = probes.to(torch.float64)
     kernels = []
     for e in experts:
@@ -253,6 +268,8 @@ def cka_matrix(experts: list[dict[str, torch.Tensor]], probes: torch.Tensor, fn)
 
 
 def gaussian_probes(hidden_size: int, n: int = DEFAULT_PROBES, seed: int = 0) -> torch.Tensor:
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, hidden_size, generator=g, dtype=torch.float64)
 
@@ -399,7 +416,7 @@ def _warn_unusual_parts(positions: list[tuple[Checkpoint, int]], layer: str, whe
     """
     flags: dict[tuple[int, str], tuple[bool, bool]] = {}
     for part, g in grams.items():
-        for r, sq in enumerate(torch.diagonal(g).tolist()):
+        for r, sq in enumerate(g.diagonal().tolist()):
             if not (math.isfinite(sq) and sq > 0):
                 flags[(r, part)] = value_flags(read_tensor(reps[r][part]))
     for (c, e), r in zip(positions, where):
@@ -433,6 +450,7 @@ def probe_inputs_from_text(ckpt: Checkpoint, text: str, n_probes: int = DEFAULT_
 
     Loads this one model with transformers (float32, CPU) for a single forward pass.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     try:
