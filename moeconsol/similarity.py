@@ -28,8 +28,10 @@ Probes are the inputs the first model's MoE block actually receives on calibrati
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -308,7 +310,7 @@ def layer_similarity(
     through the Gram matrix slice by slice (`_weight_layer`), and NaN, infinite or all-zero
     parts are found from the Gram matrix's diagonal.
     """
-    if experts is None and "cka" not in metrics and all(c.layout.contiguous for c in ckpts):
+    if experts is None and _streams(ckpts, metrics):
         return _weight_layer(ckpts, layer, metrics)
     experts = experts or read_layer(ckpts, layer)
     flat = experts.flat
@@ -329,6 +331,11 @@ def layer_similarity(
     return LayerSimilarity(layer, {m: out[m] for m in metrics}, identical, digests)
 
 
+def _streams(ckpts: list[Checkpoint], metrics: list[str]) -> bool:
+    """Whether `layer_similarity` measures straight from the byte ranges on disk (`_weight_layer`)."""
+    return "cka" not in metrics and all(c.layout.contiguous for c in ckpts)
+
+
 def _deduplicate(digests: list[str]) -> tuple[np.ndarray, list[int], list[int]]:
     """(identical[i, j], the first position of each distinct digest, each position's index
     among those: `m[np.ix_(where, where)]` spreads a matrix of the distinct experts back)."""
@@ -339,7 +346,7 @@ def _deduplicate(digests: list[str]) -> tuple[np.ndarray, list[int], list[int]]:
     return identical, distinct, where
 
 
-def _weight_layer(ckpts: list[Checkpoint], layer: str, metrics: list[str]) -> LayerSimilarity:
+def _weight_layer(ckpts: list[Checkpoint], layer: str, metrics: list[str], keys: list[str] | None = None) -> LayerSimilarity:
     """cosine / l2 / relative-l2 of one layer straight from the byte ranges on disk.
 
     Two passes, both spread over the worker pool: identity (`_identity_keys`: a fingerprint
@@ -347,13 +354,14 @@ def _weight_layer(ckpts: list[Checkpoint], layer: str, metrics: list[str]) -> La
     reused 8 MiB buffer per worker), then the Gram matrix of the distinct experts, column
     slice by column slice (a few MiB per worker). Memory does not depend on the expert
     size; the second pass reads each distinct expert once more at most, from the page cache
-    when the first pass just hashed it.
+    when the first pass just hashed it. `keys`: the identity keys, if already computed
+    (`_identity_ahead`).
     """
     positions = [(c, e) for c in ckpts for e in range(c.num_experts)]
     infos = [c.expert_infos(layer, e) for c, e in positions]
     parts = ckpts[0].layout.parts
     with _workers() as pool:
-        digests = _identity_keys(infos, pool)
+        digests = keys if keys is not None else _identity_keys(infos, pool)
         identical, distinct, where = _deduplicate(digests)
         reps = [infos[i] for i in distinct]
         files = sorted({info.file for e in reps for info in e.values()})
@@ -405,6 +413,29 @@ def _identity_keys(infos: list[dict[str, TensorInfo]], pool: ThreadPoolExecutor)
     return [full[i] if i in full else f"fingerprint:{p}" for i, p in enumerate(prints)]
 
 
+def _identity_ahead(ckpts: list[Checkpoint]) -> dict[str, list[str]]:
+    """Identity keys (`_identity_keys`) of the first layers, hashed while torch is imported
+    on another thread: hashing needs no torch (BLAKE3 and pread run without the GIL), the
+    Gram matrix does, and importing torch takes about a second. Stops after the layer during
+    which the import ends, so hashing runs at most about that second ahead of the Gram
+    matrix (whose re-reads of those layers still find them in the page cache). Nothing is
+    hashed ahead when torch is already imported."""
+    if "torch" in sys.modules:
+        return {}
+    importer = threading.Thread(target=importlib.import_module, args=("torch",), name="import torch")
+    importer.start()
+    keys: dict[str, list[str]] = {}
+    try:
+        with ThreadPoolExecutor(WORKERS) as pool:
+            for layer in ckpts[0].moe_layers:
+                keys[layer] = _identity_keys([c.expert_infos(layer, e) for c in ckpts for e in range(c.num_experts)], pool)
+                if not importer.is_alive():
+                    break
+    finally:
+        importer.join()
+    return keys
+
+
 def _warn_unusual_parts(positions: list[tuple[Checkpoint, int]], layer: str, where: list[int],
                         reps: list[dict[str, TensorInfo]], grams: dict[str, torch.Tensor]) -> None:
     """Warn, as `read_layer` does, about parts holding NaN or infinite values or only zeros.
@@ -438,6 +469,11 @@ def analyze(
     entry use seeded Gaussian probes (seed + layer position) when CKA is asked for.
     """
     metrics = check_metrics(metrics)
+    if _streams(ckpts, metrics):
+        ahead = _identity_ahead(ckpts)
+        for layer in ckpts[0].moe_layers:
+            yield _weight_layer(ckpts, layer, metrics, ahead.pop(layer, None))
+        return
     for i, layer in enumerate(ckpts[0].moe_layers):
         layer_probes = (probes or {}).get(layer)
         if layer_probes is None and "cka" in metrics:
