@@ -423,6 +423,8 @@ def _identity_ahead(ckpts: list[Checkpoint]) -> dict[str, list[str]]:
     if "torch" in sys.modules:
         return {}
     importer = threading.Thread(target=importlib.import_module, args=("torch",), name="import torch")
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0002)
     importer.start()
     keys: dict[str, list[str]] = {}
     try:
@@ -433,6 +435,7 @@ def _identity_ahead(ckpts: list[Checkpoint]) -> dict[str, list[str]]:
                     break
     finally:
         importer.join()
+        sys.setswitchinterval(interval)
     return keys
 
 

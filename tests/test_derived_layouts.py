@@ -21,7 +21,7 @@ def test_shipped_facts_are_what_the_installed_transformers_gives(tmp_path):
 
 
 def test_every_family_without_written_layouts_is_shipped():
-    assert set(layouts.derived_families()) == set(derived_layouts.FACTS)
+    assert set(layouts.derived_families()) == set(derived_layouts.FACTS), f"run `{REGENERATE}`"
     assert {"mixtral", "qwen2_moe", "deepseek_v3"} <= set(derived_layouts.FACTS)
 
 
