@@ -205,7 +205,7 @@ def main() -> None:
             print(f"run {r + 1}/{args.repeats} done, load average {runs[-1]['load_average_after'][0]:.2f}", file=sys.stderr)
         summary = summarize(runs)
         result = {"inputs": {"models": MODELS, "layers": layers, "experts": EXPERTS, "shared": args.shared, "bytes": input_bytes},
-                  "cpus": os.cpu_count(), "runs": runs, "summary": summary}
+                  "cpus": os.cpu_count(), "code": cwd, "baseline": baseline, "runs": runs, "summary": summary}
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
         loads = [x for r in runs for x in (r["load_average_before"][0], r["load_average_after"][0])]
