@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from functools import cache
 from pathlib import Path
+from typing import TypedDict
 
 
 class ExpertKind(str, Enum):
@@ -236,10 +237,13 @@ class Architecture:
         return self.roles[role]
 
 
-ConversionFacts = dict
-"""What `_derived_layouts` reads from transformers' conversion mapping for one model_type:
-{"module": on-disk name of the MoE block ("mlp", Mixtral's "block_sparse_moe"),
- "fused": {fused tensor: the per-expert parts concatenated into it, in order}}."""
+class ConversionFacts(TypedDict):
+    """What `_derived_layouts` reads from transformers' conversion mapping for one model_type."""
+
+    module: str
+    """On-disk name of the MoE block module: "mlp", Mixtral's "block_sparse_moe"."""
+    fused: dict[str, tuple[str, ...]]
+    """Fused tensor -> the per-expert parts concatenated into it, in order."""
 
 
 def derive_facts(name: str) -> ConversionFacts:

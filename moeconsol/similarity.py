@@ -48,7 +48,7 @@ from .checkpoint import Checkpoint, warn_unusual, warn_unusual_values
 from .digest import range_digest, tensor_digest, value_flags
 from .errors import CheckpointError, SettingsError
 from .layouts import ExpertKind
-from .safetensors_io import ITEMSIZE, TensorInfo, read_into, read_tensor, torch_dtypes
+from .safetensors_io import TensorInfo, read_into, read_tensor, torch_dtypes
 
 if TYPE_CHECKING:
     import torch
@@ -194,17 +194,16 @@ def _disk_fill(experts: list[dict[str, TensorInfo]], fds: dict[Path, int]) -> Fi
         n, w = out.shape
         infos = [e[part] for e in experts]
         dtypes = [torch_dtypes()[i.dtype] for i in infos]
-        size = max(ITEMSIZE[i.dtype] for i in infos)
+        size = max(d.itemsize for d in dtypes)
         raw = _thread_buffer("staging", n * w * size)
         view = memoryview(raw.numpy())
-        for j, info in enumerate(infos):
-            itemsize = ITEMSIZE[info.dtype]
-            read_into(fds[info.file], view[j * w * size : j * w * size + w * itemsize], info.start + lo * itemsize, info.file)
+        for j, (info, dtype) in enumerate(zip(infos, dtypes)):
+            read_into(fds[info.file], view[j * w * size : j * w * size + w * dtype.itemsize], info.start + lo * dtype.itemsize, info.file)
         if all(d == dtypes[0] for d in dtypes):
             out.copy_(raw[: n * w * size].view(dtypes[0]).view(n, w))
         else:
-            for j, (row, dtype, info) in enumerate(zip(out, dtypes, infos)):
-                row.copy_(raw[j * w * size : j * w * size + w * ITEMSIZE[info.dtype]].view(dtype))
+            for j, (row, dtype) in enumerate(zip(out, dtypes)):
+                row.copy_(raw[j * w * size : j * w * size + w * dtype.itemsize].view(dtype))
 
     return fill
 
