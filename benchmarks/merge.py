@@ -19,12 +19,13 @@ identical share: SHARED + 4 * (8 - SHARED) experts per layer. Inputs are page-ca
 once before timing), so the floor is memory and disk-write bandwidth, not disk reads.
 
 Usage: python benchmarks/merge.py [--layers 6] [--shared 4] [--keep DIR] [--mergekit PATH]
-       [--code DIR] [--modes lossless,threshold,budget,analyze] [--repeats 3] [--json OUT.json]
+       [--code DIR] [--baseline DIR] [--modes lossless,threshold,budget,analyze] [--repeats 3] [--json OUT.json]
 `--repeats N` runs everything N times (each run: every mode, the floor, mergekit) and reports
 per mode the median time and the median of each run's own ratios: the machine's load moves
 from run to run, the ratios within a run much less. The load average is recorded per run.
 `--code DIR` runs moeconsol from another source tree (e.g. a worktree of an older commit),
-for before/after comparisons in one run.
+for before/after comparisons; `--baseline DIR` runs each mode from DIR too, right after
+this tree's, in the same run (rows `MODE@baseline`).
 """
 
 from __future__ import annotations
@@ -112,20 +113,21 @@ def median(values: list[float]) -> float:
 
 
 def run_once(dirs: list[Path], root: Path, modes: dict, wanted: list[str], shared: int, layers: int,
-             cwd: str | None, mk: str | None) -> dict:
-    """One run of every wanted mode, the I/O floor (after lossless) and mergekit, in this order."""
+             cwd: str | None, mk: str | None, baseline: str | None = None) -> dict:
+    """One run of every wanted mode, the I/O floor (after lossless) and mergekit, in this order;
+    with `baseline`, each mode is also run from that source tree, right after (row `MODE@baseline`)."""
     input_bytes = sum(f.stat().st_size for d in dirs for f in d.iterdir())
     one_layer = MODELS * EXPERTS * 3 * HIDDEN * INTERMEDIATE * 2
     total_bank = layers * MODELS * EXPERTS
     rows, floor = [], None
     load_before = os.getloadavg()
-    for mode in wanted:
+    for mode, where in [(m, c) for m in wanted for c in ([cwd, baseline] if baseline else [cwd])]:
         out = root / f"art-{mode}"
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-m", "moeconsol", modes[mode][0], *map(str, dirs)]
         cmd += ["--json", str(root / "report.json")] if mode == "analyze" else ["-o", str(out)]
-        seconds, peak = peer.measured(cmd + modes[mode][1:], cwd=cwd)
-        row = {"mode": mode, "seconds": round(seconds, 2), "peak_rss_mib": round(peak / MiB),
+        seconds, peak = peer.measured(cmd + modes[mode][1:], cwd=where)
+        row = {"mode": mode if where == cwd else f"{mode}@baseline", "seconds": round(seconds, 2), "peak_rss_mib": round(peak / MiB),
                "one_layer_all_models_mib": round(one_layer / MiB), "input_bytes": input_bytes}
         if mode != "analyze":
             manifest = json.loads((out / "manifest.json").read_text())
@@ -175,12 +177,14 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="build the family here and keep it (reused when present)")
     ap.add_argument("--mergekit", help="path of mergekit-yaml (default: $MERGEKIT_YAML or PATH)")
     ap.add_argument("--code", type=Path, help="run moeconsol from this source tree")
+    ap.add_argument("--baseline", type=Path, help="also run each mode from this source tree (before/after in one run)")
     ap.add_argument("--modes", default="lossless,threshold,budget,analyze")
     ap.add_argument("--repeats", type=int, default=1, help="runs of everything; medians are reported")
     ap.add_argument("--json", type=Path, help="also write the results here (e.g. benchmarks/results/merge-io.json)")
     args = ap.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="moeconsol-merge-bench-"))
     cwd = str(args.code.resolve()) if args.code else None
+    baseline = str(args.baseline.resolve()) if args.baseline else None
     modes = {
         "lossless": ["merge"],
         "threshold": ["merge", "--mode", "threshold", "--metric", "cosine", "--threshold", "0.999"],
@@ -197,11 +201,11 @@ def main() -> None:
         mk = peer.find_mergekit(args.mergekit)
         runs = []
         for r in range(args.repeats):
-            runs.append(run_once(dirs, root, modes, wanted, args.shared, layers, cwd, mk))
+            runs.append(run_once(dirs, root, modes, wanted, args.shared, layers, cwd, mk, baseline))
             print(f"run {r + 1}/{args.repeats} done, load average {runs[-1]['load_average_after'][0]:.2f}", file=sys.stderr)
         summary = summarize(runs)
         result = {"inputs": {"models": MODELS, "layers": layers, "experts": EXPERTS, "shared": args.shared, "bytes": input_bytes},
-                  "cpus": os.cpu_count(), "runs": runs, "summary": summary}
+                  "cpus": os.cpu_count(), "code": cwd, "baseline": baseline, "runs": runs, "summary": summary}
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
         loads = [x for r in runs for x in (r["load_average_before"][0], r["load_average_after"][0])]

@@ -15,14 +15,16 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .digest import value_flags
 from .errors import CheckpointError, IncompatibleModelsError, MoeconsolWarning, SettingsError, UnsafePathError
 from .layouts import Layout, detect_layout, fused_shape, part_shape, slice_ok, split, supported
-from .safetensors_io import DTYPES, TensorInfo, read_header, read_tensor
+from .safetensors_io import ITEMSIZE, TensorInfo, read_header, read_tensor
 from .safety import NAME_RULE, check_relative, is_regular_file, is_safe_name
+
+if TYPE_CHECKING:
+    import torch
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Files other than weights that make a checkpoint usable: carried into artifacts and exports.
@@ -258,7 +260,7 @@ class Checkpoint:
 
     def _slice(self, info: TensorInfo, e: int) -> TensorInfo:
         """Expert e's slice of a fused tensor: one contiguous byte range."""
-        size = math.prod(info.shape[1:]) * DTYPES[info.dtype].itemsize
+        size = math.prod(info.shape[1:]) * ITEMSIZE[info.dtype]
         start = info.start + e * size
         return TensorInfo(info.file, info.dtype, info.shape[1:], start, start + size)
 
@@ -368,6 +370,7 @@ def check_config(ckpt: Checkpoint) -> None:
     count, sizes): the model transformers builds from the config, on the meta device (no
     memory), must have exactly the checkpoint's tensors with the same shapes. Otherwise an
     artifact would be written that no runtime can load."""
+    import torch
     import transformers
 
     record = ckpt.layout.record

@@ -17,16 +17,22 @@ about NaN or all-zero experts without reading them twice.
 from __future__ import annotations
 
 import math
+from functools import cache
+from typing import TYPE_CHECKING
 
 import blake3
 import numpy as np
-import torch
 
-from .safetensors_io import DTYPES, TensorInfo, iter_chunks
+from .safetensors_io import TensorInfo, iter_chunks, torch_dtypes
+
+if TYPE_CHECKING:
+    import torch
 
 
 def tensor_digest(parts: dict[str, torch.Tensor]) -> str:
     """Digest of tensors in memory: `parts[name]`'s bytes, names in sorted order."""
+    import torch
+
     h = blake3.blake3()
     for name in sorted(parts):
         h.update(name.encode())
@@ -34,15 +40,19 @@ def tensor_digest(parts: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-_BITS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
-    # dtype: (integer view, mask of the bits but the sign, least masked bits of a NaN or infinity)
-    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
-    torch.float16: (torch.int16, 0x7FFF, 0x7C00),
-    torch.float32: (torch.int32, 0x7FFF_FFFF, 0x7F80_0000),
-    torch.float64: (torch.int64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
-    torch.float8_e4m3fn: (torch.int8, 0x7F, 0x7F),  # no infinities; NaN is S.1111.111
-    torch.float8_e5m2: (torch.int8, 0x7F, 0x7C),
-}
+@cache
+def _bits() -> dict[torch.dtype, tuple[torch.dtype, int, int]]:
+    """dtype: (integer view, mask of the bits but the sign, least masked bits of a NaN or infinity)."""
+    import torch
+
+    return {
+        torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
+        torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+        torch.float32: (torch.int32, 0x7FFF_FFFF, 0x7F80_0000),
+        torch.float64: (torch.int64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
+        torch.float8_e4m3fn: (torch.int8, 0x7F, 0x7F),  # no infinities; NaN is S.1111.111
+        torch.float8_e5m2: (torch.int8, 0x7F, 0x7C),
+    }
 
 
 def value_flags(tensor: torch.Tensor) -> tuple[bool, bool]:
@@ -54,9 +64,9 @@ def value_flags(tensor: torch.Tensor) -> tuple[bool, bool]:
     not torch: no thread pool (3x faster than an L1 norm, and nothing waits at a barrier)."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True, True
-    if tensor.dtype not in _BITS:
+    if tensor.dtype not in _bits():
         return _norm_flags(tensor)
-    view, mask, nonfinite = _BITS[tensor.dtype]
+    view, mask, nonfinite = _bits()[tensor.dtype]
     bits = tensor.contiguous().reshape(-1).view(view).numpy()
     m = int(np.bitwise_and(bits, mask).max())
     return m < nonfinite, m > 0
@@ -66,6 +76,8 @@ def _norm_flags(tensor: torch.Tensor) -> tuple[bool, bool]:
     """`value_flags` of a floating dtype without a bit layout above: the L1 norm is NaN or
     infinite iff some value is (then checked value by value, since a huge finite tensor can
     overflow it), and 0 iff every value is 0."""
+    import torch
+
     norm = float(torch.linalg.vector_norm(tensor.reshape(-1).to(torch.float64), ord=1))
     if math.isfinite(norm):
         return True, norm > 0
@@ -75,6 +87,8 @@ def _norm_flags(tensor: torch.Tensor) -> tuple[bool, bool]:
 def range_digest(parts: dict[str, TensorInfo], flags: dict[str, tuple[bool, bool]] | None = None) -> str:
     """The same digest as `tensor_digest`, read from disk through one reused buffer. Given a
     dict, `flags`, it also receives `value_flags` of each part, from the same chunks."""
+    if flags is not None:
+        import torch
     h = blake3.blake3()
     for name in sorted(parts):
         info = parts[name]
@@ -82,8 +96,8 @@ def range_digest(parts: dict[str, TensorInfo], flags: dict[str, tuple[bool, bool
         finite, nonzero = True, False
         for chunk in iter_chunks(info):
             h.update(chunk)
-            if flags is not None and info.dtype in DTYPES:
-                f, nz = value_flags(torch.frombuffer(chunk, dtype=DTYPES[info.dtype]))
+            if flags is not None:
+                f, nz = value_flags(torch.frombuffer(chunk, dtype=torch_dtypes()[info.dtype]))
                 finite, nonzero = finite and f, nonzero or nz
         if flags is not None:
             flags[name] = (finite, nonzero)

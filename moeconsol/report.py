@@ -19,9 +19,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from . import __version__
 from .checkpoint import Checkpoint
@@ -35,6 +35,9 @@ from .similarity import (
     check_metrics,
     probe_inputs_from_text,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 FULL_MATRIX_LIMIT = 64
 """Largest N*E for which the JSON and the heatmap give full matrices unless told otherwise."""

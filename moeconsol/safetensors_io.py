@@ -18,28 +18,58 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import SafetensorsError
 from .safety import is_regular_file
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+if TYPE_CHECKING:
+    import torch
+
+ITEMSIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1,
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+"""Bytes per element of each safetensors dtype this module reads: header checks need no torch."""
+
+
+@cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """Safetensors dtype name -> torch dtype (imports torch)."""
+    import torch
+
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+    }
+
+
+@cache
+def _dtype_names() -> dict[torch.dtype, str]:
+    return {v: k for k, v in torch_dtypes().items()}
+
+
+def __getattr__(name: str) -> object:
+    """`DTYPES` (safetensors dtype name -> torch dtype) and `DTYPE_NAMES` (the inverse), made
+    on first use: importing torch takes a second, and reading headers or bytes needs none."""
+    if name == "DTYPES":
+        return torch_dtypes()
+    if name == "DTYPE_NAMES":
+        return _dtype_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _MAX_HEADER = 100_000_000
 CHUNK_BYTES = 8 << 20
@@ -96,16 +126,13 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         dtype, shape, start, end = _entry(path, name, entry)
-        if end - start != math.prod(shape) * _ITEMSIZE[dtype]:
+        if end - start != math.prod(shape) * ITEMSIZE[dtype]:
             raise SafetensorsError(f"{path}: corrupt safetensors header: {name!r} has {end - start} bytes for shape {list(shape)}")
         if base + end > size:
             raise SafetensorsError(f"{path}: truncated: tensor {name!r} ends at byte {base + end} but the file has {size} bytes")
         tensors[name] = TensorInfo(path, dtype, shape, base + start, base + end)
     _check_layout(path, tensors, base, size)
     return tensors, metadata
-
-
-_ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
 
 
 def _no_constant(token: str) -> None:
@@ -120,12 +147,12 @@ def _entry(path: Path, name: str, entry: object) -> tuple[str, tuple[int, ...], 
     """(dtype, shape, start, end) of one header entry, types checked."""
     bad = SafetensorsError(
         f"{path}: corrupt safetensors header entry for {name!r}: expected "
-        '{"dtype": one of ' + ", ".join(DTYPES) + ', "shape": [non-negative integers], "data_offsets": [start, end]}'
+        '{"dtype": one of ' + ", ".join(ITEMSIZE) + ', "shape": [non-negative integers], "data_offsets": [start, end]}'
     )
     if not isinstance(entry, dict):
         raise bad
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPES or not isinstance(shape, list) or not isinstance(offsets, list):
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE or not isinstance(shape, list) or not isinstance(offsets, list):
         raise bad
     if not all(_is_int(d) and d >= 0 for d in shape) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets):
         raise bad
@@ -170,7 +197,9 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
 
     The memory is allocated uninitialized (`torch.empty`) and filled by the read: no pass
     zeroing it first (a `bytearray` would memset every byte before the read overwrites it)."""
-    dtype = DTYPES[info.dtype]
+    import torch
+
+    dtype = torch_dtypes()[info.dtype]
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
     raw = torch.empty(info.nbytes, dtype=torch.uint8)

@@ -28,8 +28,10 @@ Probes are the inputs the first model's MoE block actually receives on calibrati
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -37,16 +39,19 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import blake3
 import numpy as np
-import torch
 
 from .checkpoint import Checkpoint, warn_unusual, warn_unusual_values
 from .digest import range_digest, tensor_digest, value_flags
 from .errors import CheckpointError, SettingsError
 from .layouts import ExpertKind
-from .safetensors_io import DTYPES, TensorInfo, read_into, read_tensor
+from .safetensors_io import TensorInfo, read_into, read_tensor, torch_dtypes
+
+if TYPE_CHECKING:
+    import torch
 
 METRICS = ("cosine", "l2", "relative-l2", "cka")
 WEIGHT_METRICS = ("cosine", "l2", "relative-l2")
@@ -105,6 +110,8 @@ def _workers() -> Iterator[ThreadPoolExecutor]:
     `torch.set_num_threads` also stores the count every thread starts from: the workers
     set it all together, then it is restored before any task runs, so no other thread
     (this one or a thread that has not used torch yet) runs with it."""
+    import torch
+
     threads = torch.get_num_threads()  # also settles this thread's own count first
     ready = threading.Barrier(WORKERS)
 
@@ -127,6 +134,8 @@ _local = threading.local()
 
 def _thread_buffer(name: str, nbytes: int) -> torch.Tensor:
     """This thread's reused uint8 buffer of at least `nbytes` (faulted in once, not per slice)."""
+    import torch
+
     buf = getattr(_local, name, None)
     if buf is None or buf.numel() < nbytes:
         buf = torch.empty(nbytes, dtype=torch.uint8)
@@ -134,12 +143,14 @@ def _thread_buffer(name: str, nbytes: int) -> torch.Tensor:
     return buf
 
 
-Fill = Callable[[torch.Tensor, str, int, int], None]
+Fill = Callable[["torch.Tensor", str, int, int], None]
 """fill(out [n, hi - lo] float64, part, lo, hi): columns lo:hi of part `part` of every expert."""
 
 
 def _slice_gram(fill: Fill, n: int, part: str, lo: int, hi: int) -> torch.Tensor:
     """<x_i, x_j> over columns lo:hi of one part, float64: the slice converted once, one GEMM."""
+    import torch
+
     out = _thread_buffer("f64", n * (hi - lo) * 8)[: n * (hi - lo) * 8].view(torch.float64).view(n, hi - lo)
     fill(out, part, lo, hi)
     return out @ out.T
@@ -151,6 +162,8 @@ def part_grams(fill: Fill, n: int, sizes: dict[str, int], pool: ThreadPoolExecut
     Columns are cut in slices of about `_CHUNK_ELEMENTS` elements over all n experts, each
     a task for the pool; the slices' results are added in column order (not in the order
     they finish), so the result does not depend on scheduling."""
+    import torch
+
     width = max(1, _CHUNK_ELEMENTS // max(n, 1))
     tasks = [(part, pool.submit(_slice_gram, fill, n, part, lo, min(lo + width, total)))
              for part, total in sizes.items() for lo in range(0, total, width)]
@@ -180,7 +193,7 @@ def _disk_fill(experts: list[dict[str, TensorInfo]], fds: dict[Path, int]) -> Fi
     def fill(out: torch.Tensor, part: str, lo: int, hi: int) -> None:
         n, w = out.shape
         infos = [e[part] for e in experts]
-        dtypes = [DTYPES[i.dtype] for i in infos]
+        dtypes = [torch_dtypes()[i.dtype] for i in infos]
         size = max(d.itemsize for d in dtypes)
         raw = _thread_buffer("staging", n * w * size)
         view = memoryview(raw.numpy())
@@ -216,6 +229,7 @@ def weight_metrics(gram: np.ndarray, identical: np.ndarray) -> dict[str, np.ndar
 
 def expert_function(ckpt: Checkpoint) -> Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]:
     """The expert's forward pass (float64), from the layout's kind and the config's activation."""
+    import torch
     from transformers.activations import ACT2FN  # here, not at import: transformers takes seconds to import
 
     record = ckpt.layout.record
@@ -239,6 +253,8 @@ def expert_function(ckpt: Checkpoint) -> Callable[[dict[str, torch.Tensor], torc
 
 def cka_matrix(experts: list[dict[str, torch.Tensor]], probes: torch.Tensor, fn) -> np.ndarray:
     """Linear CKA between every pair of experts' outputs on `probes` [n, H]."""
+    import torch
+
     x = probes.to(torch.float64)
     kernels = []
     for e in experts:
@@ -253,6 +269,8 @@ def cka_matrix(experts: list[dict[str, torch.Tensor]], probes: torch.Tensor, fn)
 
 
 def gaussian_probes(hidden_size: int, n: int = DEFAULT_PROBES, seed: int = 0) -> torch.Tensor:
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, hidden_size, generator=g, dtype=torch.float64)
 
@@ -291,7 +309,7 @@ def layer_similarity(
     through the Gram matrix slice by slice (`_weight_layer`), and NaN, infinite or all-zero
     parts are found from the Gram matrix's diagonal.
     """
-    if experts is None and "cka" not in metrics and all(c.layout.contiguous for c in ckpts):
+    if experts is None and _streams(ckpts, metrics):
         return _weight_layer(ckpts, layer, metrics)
     experts = experts or read_layer(ckpts, layer)
     flat = experts.flat
@@ -312,6 +330,11 @@ def layer_similarity(
     return LayerSimilarity(layer, {m: out[m] for m in metrics}, identical, digests)
 
 
+def _streams(ckpts: list[Checkpoint], metrics: list[str]) -> bool:
+    """Whether `layer_similarity` measures straight from the byte ranges on disk (`_weight_layer`)."""
+    return "cka" not in metrics and all(c.layout.contiguous for c in ckpts)
+
+
 def _deduplicate(digests: list[str]) -> tuple[np.ndarray, list[int], list[int]]:
     """(identical[i, j], the first position of each distinct digest, each position's index
     among those: `m[np.ix_(where, where)]` spreads a matrix of the distinct experts back)."""
@@ -322,7 +345,7 @@ def _deduplicate(digests: list[str]) -> tuple[np.ndarray, list[int], list[int]]:
     return identical, distinct, where
 
 
-def _weight_layer(ckpts: list[Checkpoint], layer: str, metrics: list[str]) -> LayerSimilarity:
+def _weight_layer(ckpts: list[Checkpoint], layer: str, metrics: list[str], keys: list[str] | None = None) -> LayerSimilarity:
     """cosine / l2 / relative-l2 of one layer straight from the byte ranges on disk.
 
     Two passes, both spread over the worker pool: identity (`_identity_keys`: a fingerprint
@@ -330,13 +353,14 @@ def _weight_layer(ckpts: list[Checkpoint], layer: str, metrics: list[str]) -> La
     reused 8 MiB buffer per worker), then the Gram matrix of the distinct experts, column
     slice by column slice (a few MiB per worker). Memory does not depend on the expert
     size; the second pass reads each distinct expert once more at most, from the page cache
-    when the first pass just hashed it.
+    when the first pass just hashed it. `keys`: the identity keys, if already computed
+    (`_identity_ahead`).
     """
     positions = [(c, e) for c in ckpts for e in range(c.num_experts)]
     infos = [c.expert_infos(layer, e) for c, e in positions]
     parts = ckpts[0].layout.parts
     with _workers() as pool:
-        digests = _identity_keys(infos, pool)
+        digests = keys if keys is not None else _identity_keys(infos, pool)
         identical, distinct, where = _deduplicate(digests)
         reps = [infos[i] for i in distinct]
         files = sorted({info.file for e in reps for info in e.values()})
@@ -388,6 +412,34 @@ def _identity_keys(infos: list[dict[str, TensorInfo]], pool: ThreadPoolExecutor)
     return [full[i] if i in full else f"fingerprint:{p}" for i, p in enumerate(prints)]
 
 
+def _identity_ahead(ckpts: list[Checkpoint]) -> dict[str, list[str]]:
+    """Identity keys (`_identity_keys`) of the first layers, hashed while torch is imported
+    on another thread: hashing needs no torch (BLAKE3 and pread run without the GIL), the
+    Gram matrix does, and importing torch takes about a second. Stops after the layer during
+    which the import ends, so hashing runs at most about that second ahead of the Gram
+    matrix (whose re-reads of those layers still find them in the page cache). Meanwhile the
+    GIL switch interval is 0.2 ms (restored after): the importer holds the GIL, and a hashing
+    thread back from BLAKE3 or pread would otherwise wait 5 ms for it after every chunk.
+    Nothing is hashed ahead when torch is already imported."""
+    if "torch" in sys.modules:
+        return {}
+    importer = threading.Thread(target=importlib.import_module, args=("torch",), name="import torch")
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0002)
+    importer.start()
+    keys: dict[str, list[str]] = {}
+    try:
+        with ThreadPoolExecutor(WORKERS) as pool:
+            for layer in ckpts[0].moe_layers:
+                keys[layer] = _identity_keys([c.expert_infos(layer, e) for c in ckpts for e in range(c.num_experts)], pool)
+                if not importer.is_alive():
+                    break
+    finally:
+        importer.join()
+        sys.setswitchinterval(interval)
+    return keys
+
+
 def _warn_unusual_parts(positions: list[tuple[Checkpoint, int]], layer: str, where: list[int],
                         reps: list[dict[str, TensorInfo]], grams: dict[str, torch.Tensor]) -> None:
     """Warn, as `read_layer` does, about parts holding NaN or infinite values or only zeros.
@@ -399,7 +451,7 @@ def _warn_unusual_parts(positions: list[tuple[Checkpoint, int]], layer: str, whe
     """
     flags: dict[tuple[int, str], tuple[bool, bool]] = {}
     for part, g in grams.items():
-        for r, sq in enumerate(torch.diagonal(g).tolist()):
+        for r, sq in enumerate(g.diagonal().tolist()):
             if not (math.isfinite(sq) and sq > 0):
                 flags[(r, part)] = value_flags(read_tensor(reps[r][part]))
     for (c, e), r in zip(positions, where):
@@ -421,6 +473,11 @@ def analyze(
     entry use seeded Gaussian probes (seed + layer position) when CKA is asked for.
     """
     metrics = check_metrics(metrics)
+    if _streams(ckpts, metrics):
+        ahead = _identity_ahead(ckpts)
+        for layer in ckpts[0].moe_layers:
+            yield _weight_layer(ckpts, layer, metrics, ahead.pop(layer, None))
+        return
     for i, layer in enumerate(ckpts[0].moe_layers):
         layer_probes = (probes or {}).get(layer)
         if layer_probes is None and "cka" in metrics:
@@ -433,6 +490,7 @@ def probe_inputs_from_text(ckpt: Checkpoint, text: str, n_probes: int = DEFAULT_
 
     Loads this one model with transformers (float32, CPU) for a single forward pass.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     try:

@@ -176,6 +176,7 @@ def test_catch_all_handler_shows_the_bug_not_a_crash_of_its_own(monkeypatch, cap
     def boom(**kwargs):
         raise RuntimeError("a bug")
 
+    cli_module.load_commands()  # registered on the real app before it is replaced
     monkeypatch.setattr(cli_module, "app", boom)
     with pytest.raises(RuntimeError, match="a bug"):
         cli_module.main()

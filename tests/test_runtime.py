@@ -385,8 +385,9 @@ def test_cli_one_shot_prints_greedy_text_of_each_model(family):
     # the human-readable form, in process (same code path, no interpreter start-up)
     from typer.testing import CliRunner
 
-    from moeconsol.cli import app
+    from moeconsol.cli import app, load_commands
 
+    load_commands("serve-local")
     r = CliRunner().invoke(app, ["serve-local", str(paths["out"]), "--model", "base", "--prompt", PROMPT, "--max-new-tokens", "3"])
     assert r.exit_code == 0, r.output
     assert "time to first token" in r.output and "tokens/s" in r.output and "swap" in r.output
