@@ -7,7 +7,6 @@ checkpoints (greedy), not from the runtime under test.
 from __future__ import annotations
 
 import json
-import math
 import re
 import signal
 import socket
@@ -34,17 +33,21 @@ from cli_helpers import cli, one_error_line
 PROMPT = "Once upon a time"
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root: Path = tmp_path_factory.mktemp("serve")
+def served_family(root: Path, **runtime_options):
+    """A base and a fine-tune merged losslessly under `root`: (artifact, runtime, transformers'
+    own models by name, tokenizer). Shared by the server tests of both serving modes."""
     tok = tiny_tokenizer()
     base = tiny_mixtral(0)
     models = {"base": base, "ft": derive_variant(base, 1, changed_experts=[(0, 1), (1, 2)], scale=0.5)}
     paths = {n: save_model(m, root / n, tok) for n, m in models.items()}
     merge(open_checkpoints([f"{n}={p}" for n, p in paths.items()]), root / "out")
     refs = {n: transformers.MixtralForCausalLM.from_pretrained(p).eval() for n, p in paths.items()}
-    runtime = Runtime.from_artifact(root / "out")
-    return root / "out", runtime, refs, tok
+    return root / "out", Runtime.from_artifact(root / "out", **runtime_options), refs, tok
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    return served_family(tmp_path_factory.mktemp("serve"))
 
 
 def greedy(ref, ids: list[int], n: int) -> list[int]:

@@ -7,11 +7,8 @@ checkpoints (greedy), not from the runtime under test.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
-import transformers
 from fastapi.testclient import TestClient
 
 from moeconsol.checkpoint import open_checkpoints
@@ -19,29 +16,16 @@ from moeconsol.crossvariant import ServingMode
 from moeconsol.merge import merge
 from moeconsol.runtime import GenerationSettings, Runtime
 from moeconsol.server import Job, Scheduler, create_app
-from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_switch, tiny_tokenizer
+from moeconsol.testing import derive_variant, save_model, tiny_switch
 from cli_helpers import cli, one_error_line
-from test_server import samples
+from test_server import greedy, samples, served_family
 
 PROMPTS = ["Once upon a time", "The quick brown fox jumps", "def add(a, b):", "0123456789 + -", "Experts are small", "a router"]
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    root: Path = tmp_path_factory.mktemp("serve-xv")
-    tok = tiny_tokenizer()
-    base = tiny_mixtral(0)
-    models = {"base": base, "ft": derive_variant(base, 1, changed_experts=[(0, 1), (1, 2)], scale=0.5)}
-    paths = {n: save_model(m, root / n, tok) for n, m in models.items()}
-    merge(open_checkpoints([f"{n}={p}" for n, p in paths.items()]), root / "out")
-    refs = {n: transformers.MixtralForCausalLM.from_pretrained(p).eval() for n, p in paths.items()}
-    runtime = Runtime.from_artifact(root / "out", mode=ServingMode.CROSS_VARIANT)
-    return root / "out", runtime, refs, tok
-
-
-def greedy(ref, ids: list[int], n: int) -> list[int]:
-    x = torch.tensor([ids])
-    return ref.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
+    return served_family(tmp_path_factory.mktemp("serve-xv"), mode=ServingMode.CROSS_VARIANT)
 
 
 def _serve(scheduler: Scheduler, jobs: list[Job], timeout: float = 120):
