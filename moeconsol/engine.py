@@ -361,11 +361,12 @@ class Engine:
         if self.encoder_decoder:
             from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-            encoded = self.model.get_encoder()(input_ids=ids, attention_mask=mask)
-            self._encoder_output = type(encoded)
             start = torch.tensor([[r._decoder_start] for r in requests], device=rt.device)
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-            out = self.model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=start, cache=cache, use_cache=True)
+            with self._rows(requests):  # the encoder's rows and the decoder's are the same sequences
+                encoded = self.model.get_encoder()(input_ids=ids, attention_mask=mask)
+                out = self.model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=start, cache=cache, use_cache=True)
+            self._encoder_output = type(encoded)
             batch = _Batch(list(requests), cache, torch.ones_like(start), encoded.last_hidden_state, mask)
         else:
             from transformers.cache_utils import DynamicCache
@@ -425,8 +426,9 @@ class Engine:
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.requests), 1)], dim=1)
         if self.encoder_decoder:
             encoded = self._encoder_output(last_hidden_state=batch.enc)
-            out = self.model(encoder_outputs=encoded, attention_mask=batch.enc_mask,
-                             decoder_input_ids=last, decoder_attention_mask=batch.mask, cache=batch.cache, use_cache=True)
+            with self._rows(batch.requests):
+                out = self.model(encoder_outputs=encoded, attention_mask=batch.enc_mask, decoder_input_ids=last,
+                                 decoder_attention_mask=batch.mask, cache=batch.cache, use_cache=True)
         else:
             positions = batch.mask.sum(1, keepdim=True) - 1
             with self._rows(batch.requests):
