@@ -170,15 +170,15 @@ def per_variant_bias_class(cls: type, child: str, method: str) -> type:
 
     def biased(self, *args, **kwargs):
         rows: VariantRows = self._xv_rows
-        owner = getattr(self, child)
+        table = getattr(self, child)
         groups = rows.sequence_groups()
         try:
             if len(groups) == 1:
-                _use(owner, self._xv_bias[groups[0][0]])
+                _use(table, self._xv_bias[groups[0][0]])
                 return compute(self, *args, **kwargs)
             parts = []
             for tensor_set, index in groups:
-                _use(owner, self._xv_bias[tensor_set])
+                _use(table, self._xv_bias[tensor_set])
                 parts.append((index, compute(self, *args, **kwargs)))
             first = parts[0][1]
             out = first.new_empty(rows.sequences(), *first.shape[1:])
@@ -186,7 +186,7 @@ def per_variant_bias_class(cls: type, child: str, method: str) -> type:
                 out[index] = bias
             return out
         finally:
-            _use(owner, self._xv_bias[rows.resident_set])
+            _use(table, self._xv_bias[rows.resident_set])
 
     PerVariantBias = type(f"PerVariant{cls.__name__}", (cls,), {method: biased})
     PerVariantBias.__qualname__ = PerVariantBias.__name__

@@ -14,7 +14,9 @@ cache stays valid, because it holds activations its own weights computed; it con
 where it stopped when its variant is active again. On a runtime with cross-variant batching
 (`ServingMode.CROSS_VARIANT`, crossvariant.py) there is one batch for every variant instead:
 requests of any variant are prefilled together and decoded in one step, the runtime told
-which variant each row is (`Runtime.variant_rows`), each variant group's rows kept consecutive.
+which variant each row is (`Runtime.variant_rows`), each variant group's rows kept consecutive
+(an encoder-decoder's encoder pass is told too; its encoder outputs and cross-attention
+cache rows are reordered, joined and dropped with the self-attention cache's).
 
 Sampling is per request inside a batch: a repetition penalty, then greedy (temperature 0) or
 temperature, top-k and top-p, each request drawing from its own `torch.Generator` seeded from
