@@ -260,6 +260,25 @@ def test_swap_mode_refuses_a_mixed_forward_and_bad_models_are_refused(runtimes):
         Engine(cross).admit(Request("nope", [5], GenerationSettings()))
 
 
+def test_every_switch_module_owning_a_differing_tensor_runs_per_variant(runtimes):
+    """In the Switch artifact every non-expert tensor differs between base and ft: the shared
+    embedding (tied to both stacks' embed_tokens and the LM head), the relative attention
+    biases, every norm, attention and cross-attention projection, dense layer and router.
+    Each one's module runs per variant group (the bias through its attention's compute_bias)."""
+    swap, cross = runtimes["switch"]
+    a, b = swap.family.variants["base"].tensors, swap.family.variants["ft"].tensors
+    differing = {n for n in a if a[n] != b[n]}
+    kinds = {n.split(".")[-2] for n in differing}
+    assert {"shared", "relative_attention_bias", "layer_norm", "final_layer_norm", "q", "k", "v", "o", "wi", "wo",
+            "classifier"} <= kinds
+    for name in differing:
+        module = name.rpartition(".")[0]
+        holder = module.rpartition(".")[0] if module.endswith("relative_attention_bias") else module
+        assert type(cross.model.get_submodule(holder)).__name__.startswith("PerVariant"), name
+    head = cross.model.get_submodule("lm_head")
+    assert head.weight is cross.model.get_submodule("shared").weight and type(head).__name__ == "PerVariantLinear"
+
+
 @torch.no_grad()
 def test_switch_relative_attention_bias_is_each_variants_own():
     """Variants that differ only in the relative attention bias (an Embedding fed position
