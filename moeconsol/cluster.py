@@ -18,6 +18,11 @@ Three deployments make the application:
 - `MetricsStore`: each replica reports its prometheus samples after every request; the
   router's `GET /metrics` sums them over replicas and adds per-replica series.
 
+With `--cross-variant-batching` (`ServingMode.CROSS_VARIANT`) every replica's runtime holds
+every variant's differing tensors and decodes requests of any variant in one step: nothing
+is swapped, so nothing is gained by pinning a variant to a replica, and the router sends
+requests without a multiplexed model id (Serve's own routing by load; `routes_by_variant`).
+
 The replica's engine does the batching (no `@serve.batch`, see ray issue #56633).
 Ray is imported lazily: the rest of moeconsol works without it.
 """
@@ -34,6 +39,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
+from .crossvariant import ServingMode
 from .errors import MoeconsolError
 
 APP_NAME = "moeconsol"
@@ -66,6 +72,24 @@ class ReplicaSettings:
     max_tokens_in_flight: int = 8192
     max_body_bytes: int = 1 << 20
     torch_threads: int = 1
+    mode: str = ServingMode.SWAP.value
+    """the runtime's `ServingMode` (its value: settings travel as plain values)"""
+
+
+def replica_runtime(settings: ReplicaSettings, active: str):
+    """The runtime one replica serves: the artifact on its device, in its dtype and serving
+    mode, `active` installed first."""
+    from .runtime import Runtime, parse_device, parse_dtype
+
+    return Runtime.from_artifact(settings.artifact, device=parse_device(settings.device), dtype=parse_dtype(settings.dtype),
+                                 active=active, mode=ServingMode(settings.mode))
+
+
+def routes_by_variant(settings: ReplicaSettings, route_by_variant: bool = True) -> bool:
+    """Whether the router sends a request to a replica whose active variant it asks for:
+    in swap mode (unless `route_by_variant` is off); never with cross-variant batching, where
+    every replica serves every variant without a swap and requests go by load."""
+    return route_by_variant and ServingMode(settings.mode) is ServingMode.SWAP
 
 
 # -- one HTTP exchange with an ASGI app, in-process ---------------------------------------------
@@ -189,6 +213,7 @@ def build_app(settings: ReplicaSettings, names: Sequence[str], replicas: int, nu
     from .server import ApiError, read_body
 
     names = list(names)
+    route_by_variant = routes_by_variant(settings, route_by_variant)
 
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
     class MetricsStore:
@@ -213,7 +238,6 @@ def build_app(settings: ReplicaSettings, names: Sequence[str], replicas: int, nu
         async def __init__(self, settings: ReplicaSettings, store: Any) -> None:
             import torch
 
-            from .runtime import Runtime, parse_device, parse_dtype
             from .server import create_app
 
             torch.set_num_threads(settings.torch_threads)
@@ -221,8 +245,7 @@ def build_app(settings: ReplicaSettings, names: Sequence[str], replicas: int, nu
             rank = getattr(getattr(context, "rank", None), "rank", None)
             self.id = f"{context.replica_tag}" if rank is None else f"{rank}"
             first = names[(rank or 0) % len(names)]
-            self.runtime = Runtime.from_artifact(settings.artifact, device=parse_device(settings.device),
-                                                 dtype=parse_dtype(settings.dtype), active=first)
+            self.runtime = replica_runtime(settings, first)
             self.app = create_app(self.runtime, settings.max_wait, settings.max_prompt_tokens, settings.max_batch_size,
                                   settings.max_tokens_in_flight, settings.max_body_bytes)
             self.scheduler = self.app.state.scheduler

@@ -9,8 +9,15 @@ variant's differing tensors stay resident, and:
   runs once per variant group present in the batch, with its parameters pointed at views of
   that group's resident buffer (no copy), on the group's rows, and writes the rows back in
   order; parameter names, state_dict and the module tree stay transformers' own;
+- a module whose differing tensor is indexed by positions, not rows (T5/Switch's
+  `relative_attention_bias`, an Embedding of relative-position buckets shared by every
+  sequence: `POSITION_BIASES`), stays as it is; its owner's bias method
+  (`per_variant_bias_class`) computes the bias once per variant group present and gives each
+  sequence its group's ([B, heads, q, k] instead of [1, heads, q, k]);
 - each bank module looks an expert index up in its layer's table [V, E] at the row of the
-  token's variant (`cross_bank_class`), so the bank runs once for all tokens.
+  token's variant (`cross_bank_class`; Switch's one-hot choice is folded onto the bank per
+  token through its variant's row: `cross_onehot_bank_class`), so the bank runs once for
+  all tokens.
 
 Which variant each row is comes from `VariantRows`, which the engine sets before each
 forward (one entry per sequence). A module that sees flattened tokens [B*T, H] (Mixtral's
@@ -94,6 +101,14 @@ class VariantRows:
             self._groups[n] = out
         return self._groups[n]
 
+    def sequence_groups(self) -> list[tuple[int, slice | torch.Tensor | None]]:
+        """(tensor set, its sequences) for a tensor of one row per sequence (`groups`)."""
+        return self.groups(len(self._sets))
+
+    def sequences(self) -> int | None:
+        """How many sequences the rows describe (None: no rows set)."""
+        return None if self._variants is None else len(self._sets)
+
     def token_variants(self, n: int) -> torch.Tensor | int:
         """The variant of each of `n` tokens (a [n] tensor), or one int when all are one variant."""
         if self._variants is None:
@@ -121,6 +136,63 @@ def row_wise(module: nn.Module) -> bool:
     return len(required) == 1
 
 
+POSITION_BIASES: dict[str, tuple[str, str]] = {
+    "SwitchTransformersAttention": ("relative_attention_bias", "compute_bias"),
+}
+"""Modules whose child owning a differing tensor is fed positions, not rows (an Embedding of
+relative-position buckets): owner class name -> (the child's attribute, the owner's method
+that returns the bias, [1, heads, q, k], for every sequence)."""
+
+
+def position_bias_owner(model: nn.Module, name: str) -> tuple[nn.Module, str, str] | None:
+    """(owner, child attribute, bias method) if the module `name` of `model` is one of
+    `POSITION_BIASES`' children; else None."""
+    parent, _, attr = name.rpartition(".")
+    owner = model.get_submodule(parent)
+    entry = POSITION_BIASES.get(type(owner).__name__)
+    if entry is None or entry[0] != attr:
+        return None
+    return owner, attr, entry[1]
+
+
+def _use(module: nn.Module, tensors: list[tuple[str, str, torch.Tensor]]) -> None:
+    for table, attr, t in tensors:
+        getattr(module, table)[attr] = t
+
+
+@functools.cache
+def per_variant_bias_class(cls: type, child: str, method: str) -> type:
+    """A subclass of `cls` whose `method` (a position bias [1, heads, q, k] from its child
+    `child`) runs once per variant group present, with the child holding that group's
+    tensors, and returns [B, heads, q, k]: each sequence its own group's bias (one group: the
+    bias as transformers computes it)."""
+    compute = getattr(cls, method)
+
+    def biased(self, *args, **kwargs):
+        rows: VariantRows = self._xv_rows
+        table = getattr(self, child)
+        groups = rows.sequence_groups()
+        try:
+            if len(groups) == 1:
+                _use(table, self._xv_bias[groups[0][0]])
+                return compute(self, *args, **kwargs)
+            parts = []
+            for tensor_set, index in groups:
+                _use(table, self._xv_bias[tensor_set])
+                parts.append((index, compute(self, *args, **kwargs)))
+            first = parts[0][1]
+            out = first.new_empty(rows.sequences(), *first.shape[1:])
+            for index, bias in parts:
+                out[index] = bias
+            return out
+        finally:
+            _use(table, self._xv_bias[rows.resident_set])
+
+    PerVariantBias = type(f"PerVariant{cls.__name__}", (cls,), {method: biased})
+    PerVariantBias.__qualname__ = PerVariantBias.__name__
+    return PerVariantBias
+
+
 @functools.cache
 def per_variant_class(cls: type) -> type:
     """A subclass of `cls` whose forward runs once per variant group on the group's rows,
@@ -132,8 +204,7 @@ def per_variant_class(cls: type) -> type:
         """per tensor set: (table "_parameters" or "_buffers", attribute, tensor)"""
 
         def _xv_use(self, tensor_set: int) -> None:
-            for table, attr, t in self._xv_tensors[tensor_set]:
-                getattr(self, table)[attr] = t
+            _use(self, self._xv_tensors[tensor_set])
 
         def forward(self, x, *args, **kwargs):
             rows = self._xv_rows
@@ -193,3 +264,28 @@ def cross_bank_class(bank_cls: type) -> type:
 
     CrossVariantBank.__name__ = CrossVariantBank.__qualname__ = f"CrossVariant{bank_cls.__name__}"
     return CrossVariantBank
+
+
+@functools.cache
+def cross_onehot_bank_class(bank_cls: type) -> type:
+    """A subclass of Switch's bank class that folds each token's one-hot choice over the E
+    experts onto the K bank entries through the slot map of the token's variant
+    (`variant_slots` [V, E]): a token of variant v routed to expert e goes to entry
+    variant_slots[v, e]."""
+
+    class CrossVariantOneHotBank(bank_cls):
+        _xv_rows: VariantRows
+        variant_slots: torch.Tensor
+
+        def forward(self, hidden_states, selected_experts, routing_weights):
+            variants = self._xv_rows.token_variants(selected_experts.shape[0])
+            folded = selected_experts.new_zeros(*selected_experts.shape[:-1], self.num_experts)
+            if isinstance(variants, int):
+                folded.index_add_(-1, self.variant_slots[variants], selected_experts)
+            else:  # [N, 1, E]: row n's entry e goes to its variant's slot of e
+                index = self.variant_slots[variants].view(-1, *[1] * (selected_experts.dim() - 2), selected_experts.shape[-1])
+                folded.scatter_add_(-1, index.expand_as(selected_experts), selected_experts)
+            return super(bank_cls, self).forward(hidden_states, folded, routing_weights)
+
+    CrossVariantOneHotBank.__name__ = CrossVariantOneHotBank.__qualname__ = f"CrossVariant{bank_cls.__name__}"
+    return CrossVariantOneHotBank

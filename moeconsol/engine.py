@@ -14,7 +14,9 @@ cache stays valid, because it holds activations its own weights computed; it con
 where it stopped when its variant is active again. On a runtime with cross-variant batching
 (`ServingMode.CROSS_VARIANT`, crossvariant.py) there is one batch for every variant instead:
 requests of any variant are prefilled together and decoded in one step, the runtime told
-which variant each row is (`Runtime.variant_rows`), each variant group's rows kept consecutive.
+which variant each row is (`Runtime.variant_rows`), each variant group's rows kept consecutive
+(an encoder-decoder's encoder pass is told too; its encoder outputs and cross-attention
+cache rows are reordered, joined and dropped with the self-attention cache's).
 
 Sampling is per request inside a batch: a repetition penalty, then greedy (temperature 0) or
 temperature, top-k and top-p, each request drawing from its own `torch.Generator` seeded from
@@ -361,11 +363,12 @@ class Engine:
         if self.encoder_decoder:
             from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-            encoded = self.model.get_encoder()(input_ids=ids, attention_mask=mask)
-            self._encoder_output = type(encoded)
             start = torch.tensor([[r._decoder_start] for r in requests], device=rt.device)
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-            out = self.model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=start, cache=cache, use_cache=True)
+            with self._rows(requests):  # the encoder's rows and the decoder's are the same sequences
+                encoded = self.model.get_encoder()(input_ids=ids, attention_mask=mask)
+                out = self.model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=start, cache=cache, use_cache=True)
+            self._encoder_output = type(encoded)
             batch = _Batch(list(requests), cache, torch.ones_like(start), encoded.last_hidden_state, mask)
         else:
             from transformers.cache_utils import DynamicCache
@@ -425,8 +428,9 @@ class Engine:
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.requests), 1)], dim=1)
         if self.encoder_decoder:
             encoded = self._encoder_output(last_hidden_state=batch.enc)
-            out = self.model(encoder_outputs=encoded, attention_mask=batch.enc_mask,
-                             decoder_input_ids=last, decoder_attention_mask=batch.mask, cache=batch.cache, use_cache=True)
+            with self._rows(batch.requests):
+                out = self.model(encoder_outputs=encoded, attention_mask=batch.enc_mask, decoder_input_ids=last,
+                                 decoder_attention_mask=batch.mask, cache=batch.cache, use_cache=True)
         else:
             positions = batch.mask.sum(1, keepdim=True) - 1
             with self._rows(batch.requests):

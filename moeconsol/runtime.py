@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .crossvariant import ServingMode, VariantRows, cross_bank_class, per_variant_class, row_wise
+from .crossvariant import (ServingMode, VariantRows, cross_bank_class, cross_onehot_bank_class, per_variant_bias_class,
+                           per_variant_class, position_bias_owner, row_wise)
 from .deltas import corrected
 from .errors import ArtifactError, MoeconsolError, SettingsError, UnknownModelError
 from .manifest import DeltaEntry
@@ -146,6 +147,8 @@ def _bank_config(config, attr: str, bank_size: int):
 
 
 _BANK_CLASSES = {BankKind.FUSED: _fused_bank_class, BankKind.MODULES: _switch_bank_class}
+_CROSS_BANK_CLASSES = {BankKind.FUSED: cross_bank_class, BankKind.MODULES: cross_onehot_bank_class}
+"""cross-variant batching: the bank class's subclass that looks slot maps up per token"""
 
 
 @functools.cache
@@ -413,10 +416,6 @@ class Runtime:
         self.check_model(active)
         _check_configs(family)
         config_class, model_class = _model_classes(family.architecture)
-        if self.mode is ServingMode.CROSS_VARIANT and _record(family.architecture).encoder_decoder:
-            raise SettingsError(
-                f"cross-variant batching serves decoder-only models, not {family.architecture} (an encoder-decoder): "
-                "serve it one variant at a time (the default swap mode)")
         self._delta_offsets = _delta_offsets(family, self.mode)
         self._private = _private_entries(family, self._delta_offsets)
         self.model = _build_skeleton(family, config_class, model_class, active, self.dtype, self._private)
@@ -591,18 +590,25 @@ class Runtime:
                    if t is not None and id(t) in per_set]
             if not own:
                 continue
+            tensors = [[(table, attr, per_set[id(t)][s]) for table, attr, t in own] for s in range(len(sets))]
+            bias = position_bias_owner(self.model, mname)
+            if bias is not None:  # fed positions, not rows: its owner computes the bias per variant group
+                owner, child, method = bias
+                owner.__class__ = per_variant_bias_class(type(owner), child, method)
+                owner._xv_rows, owner._xv_bias = self._rows, tensors
+                continue
             if not row_wise(module):
                 raise SettingsError(
                     f"cross-variant batching cannot serve {type(module).__name__} ({mname}): it owns a tensor that differs "
                     f"between variants ({own[0][1]}) and takes more than one input; serve this artifact in swap mode")
             module.__class__ = per_variant_class(type(module))
             module._xv_rows = self._rows
-            module._xv_tensors = [[(table, attr, per_set[id(t)][s]) for table, attr, t in own] for s in range(len(sets))]
+            module._xv_tensors = tensors
         tables = torch.tensor([[self._slot_maps[n][i].tolist() for n in self.names] for i in range(len(self.family.layers))],
                               dtype=torch.long, device=self.device)
         self._variant_slots = tables
         for i, bank in enumerate(self._banks.values()):
-            bank.__class__ = cross_bank_class(type(bank))
+            bank.__class__ = _CROSS_BANK_CLASSES[_record(self.family.architecture).bank](type(bank))
             bank._xv_rows = self._rows
             bank.variant_slots = tables[i]
 

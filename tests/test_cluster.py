@@ -217,6 +217,38 @@ def test_a_client_that_goes_away_is_cancelled_on_its_replica(cluster):
     assert cancelled() == before + 1
 
 
+def test_cross_variant_batching_reaches_each_replicas_runtime(artifact, local, monkeypatch):
+    """`serve --cross-variant-batching`: the option's plumbing down to the runtime a replica
+    builds, without starting Ray (deploy is replaced by a stand-in that records what it was
+    given, then stops the command as Ctrl-C would)."""
+    import moeconsol.cluster as cluster_module
+    from moeconsol.crossvariant import ServingMode
+
+    deployed: list = []
+
+    def fake_deploy(settings, replicas, **options):
+        deployed.append(settings)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cluster_module, "start_ray", lambda address, num_cpus=None: None)
+    monkeypatch.setattr(cluster_module, "stop", lambda local: None)
+    monkeypatch.setattr(cluster_module, "deploy", fake_deploy)
+    for flag in ([], ["--cross-variant-batching"]):
+        r = run_main("serve", artifact, "--replicas", "2", "--port", _free_port(), *flag)
+        assert r.returncode == 0 and "interrupted" in r.stderr, r.stderr
+    swap, cross = deployed
+    assert ServingMode(swap.mode) is ServingMode.SWAP and cluster_module.routes_by_variant(swap)
+    assert ServingMode(cross.mode) is ServingMode.CROSS_VARIANT and not cluster_module.routes_by_variant(cross)
+    runtime = cluster_module.replica_runtime(cross, "ft")
+    assert runtime.mode is ServingMode.CROSS_VARIANT and runtime.active == "ft"
+    with TestClient(create_app(runtime)) as replica:
+        for model in ("base", "ft"):
+            req = {"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+            got = replica.post("/v1/completions", json=req)
+            assert got.status_code == 200 and got.json()["choices"] == local.post("/v1/completions", json=req).json()["choices"]
+    assert runtime.swaps == []
+
+
 def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 

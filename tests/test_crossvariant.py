@@ -3,10 +3,15 @@
 References are the same artifact served in swap mode, one variant activated at a time and
 one prompt at a time (itself tested against transformers' models from the original
 checkpoints in test_runtime.py), so a mixed batch is checked against an independent path:
-other module classes, no per-row tensors, no per-token slot-map lookup.
+other module classes, no per-row tensors, no per-token slot-map lookup. Every family is
+in the table: the decoder-only ones, and Switch Transformers (an encoder-decoder: encoder
+outputs and cross-attention cache per row, a relative attention bias per variant, the
+router's one-hot choice folded per token).
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -29,15 +34,20 @@ PROMPTS = ["The quick brown fox", "Once upon a time there was a model", "def add
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _variants(root):
+# Switch: "same" changes every expert of both MoE layers (one-hot routing picks one expert a
+# token: with fewer changed, its logits may equal base's, and the per-token fold goes untested)
+SAME_EXPERTS = {"mixtral": [(1, 0), (0, 3)], "switch_transformers": [(m, e) for m in (0, 1) for e in range(4)]}
+
+
+def _variants(root, arch: str = "mixtral"):
     """base; ft (experts and every non-expert tensor changed); same (experts only: its
     non-expert tensors are the base's, so it shares base's tensor set)."""
     tok = tiny_tokenizer()
-    base = tiny_model("mixtral", 0)
+    base = tiny_model(arch, 0)
     models = {
         "base": base,
         "ft": derive_variant(base, 1, changed_experts=[(0, 1), (1, 2)], scale=0.5),
-        "same": derive_variant(base, 2, changed_experts=[(1, 0), (0, 3)], change_non_experts=False, scale=0.5),
+        "same": derive_variant(base, 2, changed_experts=SAME_EXPERTS[arch], change_non_experts=False, scale=0.5),
     }
     return [f"{n}={save_model(m, root / n, tok)}" for n, m in models.items()]
 
@@ -45,14 +55,19 @@ def _variants(root):
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     """name -> artifact: lossless, budget-merged (approximate sharing: the slot maps differ
-    more), and calibrated with expert deltas (private bank entries per variant)."""
+    more), and calibrated with expert deltas (private bank entries per variant), of Mixtral;
+    lossless and calibrated with deltas of Switch Transformers."""
     root = tmp_path_factory.mktemp("xvariant")
     models = _variants(root)
     merge(open_checkpoints(models), root / "lossless")
     merge(open_checkpoints(models), root / "budget", MergeSettings(mode="budget", budget="0.375"))
-    fam = build_delta_family(tmp_path_factory.mktemp("xvariant-deltas"), "mixtral")
-    merge_with_deltas(fam, fam["root"] / "out")
-    return {"lossless": root / "lossless", "budget": root / "budget", "deltas": fam["root"] / "out"}
+    merge(open_checkpoints(_variants(root / "sw", "switch_transformers")), root / "switch")
+    out = {"lossless": root / "lossless", "budget": root / "budget", "switch": root / "switch"}
+    for kind, arch in (("deltas", "mixtral"), ("switch-deltas", "switch_transformers")):
+        fam = build_delta_family(tmp_path_factory.mktemp(f"xvariant-{kind}"), arch)
+        merge_with_deltas(fam, fam["root"] / "out")
+        out[kind] = fam["root"] / "out"
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +80,20 @@ def _ids(tok, texts):
     return [tok(t)["input_ids"] for t in texts]
 
 
-@pytest.mark.parametrize("kind", ["lossless", "budget", "deltas"])
+def _logits(rt: Runtime, ids: torch.Tensor) -> torch.Tensor:
+    """One forward of the runtime's model on `ids` (an encoder-decoder: the prompt through the
+    encoder, a few decoder tokens from the start token through the decoder)."""
+    config = rt.model.config
+    if not config.is_encoder_decoder:
+        return rt.model(input_ids=ids).logits
+    decoder = torch.tensor([[config.decoder_start_token_id, 5, 7, 9]]).expand(len(ids), -1)
+    return rt.model(input_ids=ids, decoder_input_ids=decoder).logits
+
+
+ALL_KINDS = ["lossless", "budget", "deltas", "switch", "switch-deltas"]
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
 @torch.no_grad()
 def test_one_mixed_forward_equals_each_row_alone(runtimes, kind):
     swap, cross = runtimes[kind]
@@ -73,21 +101,24 @@ def test_one_mixed_forward_equals_each_row_alone(runtimes, kind):
     order = [names[i % len(names)] for i in (1, 0, 2, 1, 2, 0)]  # every variant, interleaved
     ids = torch.tensor([_ids(swap.tokenizer(names[0]), ["The quick brown fox jumps"])[0]] * len(order))
     with cross.variant_rows(order):
-        mixed = cross.model(input_ids=ids).logits
+        mixed = _logits(cross, ids)
     alone = {}
     for i, name in enumerate(order):
         swap.activate(name)
-        alone[name] = swap.model(input_ids=ids[i : i + 1]).logits[0]
+        alone[name] = _logits(swap, ids[i : i + 1])[0]
         torch.testing.assert_close(mixed[i], alone[name], **TOL)
     # not vacuous: the variants' logits differ, and so do the slot maps the bank looks up
     assert not torch.allclose(alone[names[0]], alone[names[1]], atol=1e-3)
-    maps = {n: tuple(tuple(swap.family.variants[n].slot_maps[layer]) for layer in swap.family.layers) for n in names}
-    assert len(set(maps.values())) > 1
-    if kind == "deltas":
+    served = {n: tuple(swap._slot_maps[n].flatten().tolist()) for n in names}  # delta slots at private entries
+    assert len(set(served.values())) > 1
+    if "deltas" in kind:
         assert any(v.deltas for v in swap.family.variants.values())
+    if kind == "switch":  # two variants of one tensor set, told apart only by the bank's per-token fold
+        assert cross.variant_group("same") == cross.variant_group("base")
+        assert not torch.allclose(alone["same"], alone["base"], atol=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["lossless", "budget", "deltas"])
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_every_variants_differing_tensors_are_resident_once(runtimes, kind):
     swap, cross = runtimes[kind]
     s, c = swap.resident_bytes(), cross.resident_bytes()
@@ -101,16 +132,17 @@ def test_every_variants_differing_tensors_are_resident_once(runtimes, kind):
     assert distinct >= 2
 
 
+@pytest.mark.parametrize("kind", ["lossless", "switch"])
 @torch.no_grad()
-def test_activate_is_free_and_sets_the_default_rows(runtimes):
-    swap, cross = runtimes["lossless"]
+def test_activate_is_free_and_sets_the_default_rows(runtimes, kind):
+    swap, cross = runtimes[kind]
     tok = swap.tokenizer("base")
     ids = torch.tensor(_ids(tok, [PROMPTS[0]]))
     for name in ("ft", "base", "same", "ft"):
         report = cross.activate(name)
         assert report.bytes_moved == 0 and cross.active == name
         swap.activate(name)
-        torch.testing.assert_close(cross.model(input_ids=ids).logits, swap.model(input_ids=ids).logits, **TOL)
+        torch.testing.assert_close(_logits(cross, ids), _logits(swap, ids), **TOL)
         assert cross.slot_map(cross.family.layers[0]) == swap.slot_map(swap.family.layers[0])
     # between forwards the modules hold the resident set's own tensors (state_dict names unchanged)
     assert set(cross.model.state_dict()) == set(swap.model.state_dict())
@@ -131,7 +163,7 @@ def _run(engine: Engine, requests: list[Request], join_every: int = 1) -> int:
     return engine.peak_batch_size
 
 
-@pytest.mark.parametrize("kind", ["lossless", "budget", "deltas"])
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_greedy_answers_of_a_mixed_batch_equal_each_prompt_alone(runtimes, kind):
     swap, cross = runtimes[kind]
     names = swap.names
@@ -148,8 +180,9 @@ def test_greedy_answers_of_a_mixed_batch_equal_each_prompt_alone(runtimes, kind)
     assert cross.active == names[0] and len(cross.swaps) == 0  # nothing was swapped
 
 
-def test_prefill_of_mixed_variants_in_one_forward(runtimes):
-    swap, cross = runtimes["budget"]
+@pytest.mark.parametrize("kind", ["budget", "switch"])
+def test_prefill_of_mixed_variants_in_one_forward(runtimes, kind):
+    swap, cross = runtimes[kind]
     tok = swap.tokenizer("base")
     names = ["ft", "base", "same", "ft", "same"]
     requests = [Request(n, ids, GenerationSettings(max_new_tokens=7)) for n, ids in zip(names, _ids(tok, PROMPTS))]
@@ -162,8 +195,9 @@ def test_prefill_of_mixed_variants_in_one_forward(runtimes):
         assert r.token_ids == _alone(swap, r.model, r.prompt_ids, r.settings)
 
 
-def test_seeded_sampling_gives_the_same_text_mixed_or_alone(runtimes):
-    swap, cross = runtimes["lossless"]
+@pytest.mark.parametrize("kind", ["lossless", "switch"])
+def test_seeded_sampling_gives_the_same_text_mixed_or_alone(runtimes, kind):
+    swap, cross = runtimes[kind]
     tok = swap.tokenizer("base")
     cases = [("ft", 1.0, 1.0, 1), ("base", 1.5, 0.9, 2), ("ft", 0.7, 0.5, 3), ("same", 1.2, 1.0, 2**63 - 1), ("base", 0.0, 1.0, None)]
     requests = [Request(n, ids, GenerationSettings(max_new_tokens=10, temperature=t, top_p=p, seed=s))
@@ -196,8 +230,9 @@ def test_sampling_defaults_and_eos_are_the_requests_own_variants(runtimes):
             rt.family.variants["ft"].generation_config.repetition_penalty = None
 
 
-def test_cancel_frees_the_row_within_one_step(runtimes):
-    swap, cross = runtimes["lossless"]
+@pytest.mark.parametrize("kind", ["lossless", "switch"])
+def test_cancel_frees_the_row_within_one_step(runtimes, kind):
+    swap, cross = runtimes[kind]
     tok = swap.tokenizer("base")
     ids = _ids(tok, PROMPTS[:1])[0]
     engine = Engine(cross, max_batch_size=2)
@@ -225,12 +260,48 @@ def test_swap_mode_refuses_a_mixed_forward_and_bad_models_are_refused(runtimes):
         Engine(cross).admit(Request("nope", [5], GenerationSettings()))
 
 
-def test_an_encoder_decoder_is_refused_in_one_line():
+def test_every_switch_module_owning_a_differing_tensor_runs_per_variant(runtimes):
+    """In the Switch artifact every non-expert tensor differs between base and ft: the shared
+    embedding (tied to both stacks' embed_tokens and the LM head), the relative attention
+    biases, every norm, attention and cross-attention projection, dense layer and router.
+    Each one's module runs per variant group (the bias through its attention's compute_bias)."""
+    swap, cross = runtimes["switch"]
+    a, b = swap.family.variants["base"].tensors, swap.family.variants["ft"].tensors
+    differing = {n for n in a if a[n] != b[n]}
+    kinds = {n.split(".")[-2] for n in differing}
+    assert {"shared", "relative_attention_bias", "layer_norm", "final_layer_norm", "q", "k", "v", "o", "wi", "wo",
+            "classifier"} <= kinds
+    for name in differing:
+        module = name.rpartition(".")[0]
+        holder = module.rpartition(".")[0] if module.endswith("relative_attention_bias") else module
+        assert type(cross.model.get_submodule(holder)).__name__.startswith("PerVariant"), name
+    head = cross.model.get_submodule("lm_head")
+    assert head.weight is cross.model.get_submodule("shared").weight and type(head).__name__ == "PerVariantLinear"
+
+
+@torch.no_grad()
+def test_switch_relative_attention_bias_is_each_variants_own():
+    """Variants that differ only in the relative attention bias (an Embedding fed position
+    buckets, not rows): each row gets its own variant's bias, in the encoder and the decoder."""
     tok = tiny_tokenizer()
     base = tiny_switch(0)
-    family = Family.from_models({"a": base, "b": derive_variant(base, 1)}, {"a": tok, "b": tok})
-    with pytest.raises(SettingsError, match="decoder-only.*swap mode"):
-        Runtime(family, mode=CROSS)
+    other = copy.deepcopy(base)
+    for name, p in other.named_parameters():
+        if "relative_attention_bias" in name:
+            p.data += torch.randn(p.shape, generator=torch.Generator().manual_seed(3))
+    family = Family.from_models({"a": base, "b": other}, {"a": tok, "b": tok})
+    assert {n for n in family.variants["a"].tensors if family.variants["a"].tensors[n] != family.variants["b"].tensors[n]} == {
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"}
+    swap, cross = Runtime(family), Runtime(family, mode=CROSS)
+    ids = torch.tensor(_ids(tok, ["The quick brown fox jumps"]) * 3)
+    order = ["b", "a", "b"]
+    with cross.variant_rows(order):
+        mixed = _logits(cross, ids)
+    for i, name in enumerate(order):
+        swap.activate(name)
+        torch.testing.assert_close(mixed[i], _logits(swap, ids[i : i + 1])[0], **TOL)
+    assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)
 
 
 def test_a_module_that_is_not_row_wise_is_refused():

@@ -1,4 +1,5 @@
-"""The server with cross-variant batching: requests of every variant in one decode step.
+"""The server with cross-variant batching: requests of every variant in one decode step, for a
+decoder-only family (Mixtral) and an encoder-decoder (Switch Transformers).
 
 Expected completions come from transformers' own models loaded from the original
 checkpoints (greedy), not from the runtime under test.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+import transformers
 from fastapi.testclient import TestClient
 
 from moeconsol.checkpoint import open_checkpoints
@@ -16,8 +19,8 @@ from moeconsol.crossvariant import ServingMode
 from moeconsol.merge import merge
 from moeconsol.runtime import GenerationSettings, Runtime
 from moeconsol.server import Job, Scheduler, create_app
-from moeconsol.testing import derive_variant, save_model, tiny_switch
-from cli_helpers import cli, one_error_line
+from moeconsol.testing import derive_variant, save_model, tiny_switch, tiny_tokenizer
+from cli_helpers import cli
 from test_server import greedy, samples, served_family
 
 PROMPTS = ["Once upon a time", "The quick brown fox jumps", "def add(a, b):", "0123456789 + -", "Experts are small", "a router"]
@@ -98,7 +101,7 @@ def test_metrics_count_the_extra_resident_buffers_and_no_swaps(served):
     assert sum(v for (name, _), v in m.items() if name == "moeconsol_swaps_total") == 0
 
 
-def test_cli_serves_with_cross_variant_batching_and_refuses_an_encoder_decoder(served, tmp_path):
+def test_cli_serves_with_cross_variant_batching(served):
     out, runtime, refs, tok = served
     r = cli("serve-local", out, "--prompt", PROMPTS[0], "--model", "ft", "--model", "base", "--max-new-tokens", "5",
             "--cross-variant-batching", "--json")
@@ -108,7 +111,49 @@ def test_cli_serves_with_cross_variant_batching_and_refuses_an_encoder_decoder(s
     assert [c["token_ids"] for c in got["completions"]] == [greedy(refs[m], ids, 5) for m in ("ft", "base")]
     assert all(c["swap"]["bytes_moved"] == 0 for c in got["completions"])
     assert got["resident_bytes"]["total"] == runtime.resident_bytes().total
+
+
+@pytest.fixture(scope="module")
+def switch(tmp_path_factory):
+    """Switch Transformers (an encoder-decoder) merged losslessly: (artifact, cross-variant
+    runtime, transformers' own models by name, tokenizer)."""
+    root = tmp_path_factory.mktemp("serve-xv-switch")
+    tok = tiny_tokenizer()
     base = tiny_switch(0)
-    paths = {n: save_model(m, tmp_path / n, tok) for n, m in {"a": base, "b": derive_variant(base, 1)}.items()}
-    merge(open_checkpoints([f"{n}={p}" for n, p in paths.items()]), tmp_path / "sw")
-    one_error_line(cli("serve-local", tmp_path / "sw", "--prompt", "hi", "--cross-variant-batching"), "decoder-only")
+    models = {"base": base, "ft": derive_variant(base, 1, changed_experts=[(0, 1), (1, 2)], scale=0.5)}
+    paths = {n: save_model(m, root / n, tok) for n, m in models.items()}
+    merge(open_checkpoints([f"{n}={p}" for n, p in paths.items()]), root / "out")
+    refs = {n: transformers.SwitchTransformersForConditionalGeneration.from_pretrained(p).eval() for n, p in paths.items()}
+    return root / "out", Runtime.from_artifact(root / "out", mode=ServingMode.CROSS_VARIANT), refs, tok
+
+
+def _seq2seq_greedy(ref, ids: list[int], n: int) -> list[int]:
+    x = torch.tensor([ids])
+    out = ref.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False)
+    return out[0, 1:].tolist()  # after the decoder start token
+
+
+def test_an_encoder_decoder_serves_every_variant_in_one_batch(switch):
+    out, runtime, refs, tok = switch
+    runtime.activate("base")
+    jobs = [Job(m, tok(p)["input_ids"], GenerationSettings(3 + 2 * i)) for i, p in enumerate(PROMPTS[:4]) for m in ("ft", "base")]
+    scheduler = Scheduler(runtime, max_wait=60.0, max_batch_size=8)
+    results = _serve(scheduler, jobs)
+    assert runtime.swaps == [] and runtime.active == "base"
+    assert scheduler.engine.peak_batch_size == 8  # prompts of both variants and four lengths: one encoder pass, one step
+    for job, r in zip(jobs, results):
+        assert r.model == job.model and r.swap.bytes_moved == 0
+        assert r.token_ids == _seq2seq_greedy(refs[job.model], job.prompt_ids, job.settings.max_new_tokens), job
+    assert len({tuple(r.token_ids) for r in results[:2]}) == 2  # the variants answer differently
+
+
+def test_cli_serves_an_encoder_decoder_with_cross_variant_batching(switch):
+    out, runtime, refs, tok = switch
+    r = cli("serve-local", out, "--prompt", PROMPTS[1], "--model", "ft", "--model", "base", "--max-new-tokens", "5",
+            "--cross-variant-batching", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    ids = tok(PROMPTS[1])["input_ids"]
+    assert [c["token_ids"] for c in got["completions"]] == [_seq2seq_greedy(refs[m], ids, 5) for m in ("ft", "base")]
+    assert all(c["swap"]["bytes_moved"] == 0 for c in got["completions"])
+    assert got["resident_bytes"]["host"] == 0

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..crossvariant import ServingMode
 from ..engine import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TOKENS_IN_FLIGHT, DEFAULT_MAX_WAIT
 from ..errors import MoeconsolError
 from .serve import check_server_options
@@ -32,6 +33,10 @@ def serve_cluster(
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt a replica accepts, in tokens.")] = DEFAULT_MAX_PROMPT_TOKENS,
     max_batch_size: Annotated[int, typer.Option(help="Most requests of one model decoded together, per replica.")] = DEFAULT_MAX_BATCH_SIZE,
     max_tokens_in_flight: Annotated[int, typer.Option(help="Bound on prompt + max_tokens of all admitted requests, per replica.")] = DEFAULT_MAX_TOKENS_IN_FLIGHT,
+    cross_variant_batching: Annotated[bool, typer.Option(
+        "--cross-variant-batching",
+        help="Each replica keeps every variant's differing non-expert tensors resident and decodes requests of all "
+             "variants in one step, without swaps; requests go to replicas by load, not by variant.")] = False,
 ) -> None:
     """Serve every variant on Ray Serve: N replicas, each request routed to a replica whose
     active variant it asks for (model multiplexing). Stops on Ctrl-C or SIGTERM."""
@@ -62,6 +67,7 @@ def serve_cluster(
         artifact=artifact_path(artifact), device=device, dtype=dtype, max_wait=max_wait,
         max_prompt_tokens=max_prompt_tokens, max_batch_size=max_batch_size, max_tokens_in_flight=max_tokens_in_flight,
         torch_threads=max(1, int(num_cpus_per_replica)),
+        mode=(ServingMode.CROSS_VARIANT if cross_variant_batching else ServingMode.SWAP).value,
     )
     stopping = threading.Event()
     received: list[int] = []
@@ -88,7 +94,8 @@ def serve_cluster(
             failed = e
             return
         where = f"the Ray cluster at {address}" if address else "a local Ray"
-        print(f"serving {', '.join(names)} on http://{host}:{port}/v1 with {replicas} replica(s) on {where}",
+        how = " (cross-variant batching: every variant on every replica)" if cross_variant_batching else ""
+        print(f"serving {', '.join(names)} on http://{host}:{port}/v1 with {replicas} replica(s) on {where}{how}",
               file=sys.stderr, flush=True)
         while not stopping.wait(0.5):
             pass

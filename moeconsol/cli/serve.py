@@ -61,7 +61,7 @@ def serve_local(
     cross_variant_batching: Annotated[bool, typer.Option(
         "--cross-variant-batching",
         help="Keep every variant's differing non-expert tensors resident (+ (N-1) x the swap region) and decode "
-             "requests of all variants in one step, without swaps (decoder-only families).")] = False,
+             "requests of all variants in one step, without swaps.")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda (cuda:N).")] = "cpu",
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (default: the checkpoints' own).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One-shot: print the results as JSON.")] = False,
