@@ -323,7 +323,8 @@ def plot_gains(report, title: str, path: Path) -> Path:
 
 def merge_runs(saved: dict, new: dict) -> dict:
     """The saved sweep (JSON) with a new run's points added: a point of the same method and
-    budget is replaced in place, others are appended. Refused (exit 2) unless both score the
+    budget is replaced in place, others are added, and the points are ordered by method (in order of first
+    appearance) and budget (highest first). Refused (exit 2) unless both score the
     same models with the same originals and base, i.e. the same family build and examples."""
     for key in ("models", "metric", "original", "base", "expert_bytes"):
         if saved.get(key) != new.get(key):
@@ -337,6 +338,8 @@ def merge_runs(saved: dict, new: dict) -> dict:
             merged["points"].append(point)
         else:
             merged["points"][k] = point
+    order = {m: k for k, m in enumerate(dict.fromkeys(p["method"] for p in merged["points"]))}
+    merged["points"].sort(key=lambda p: (order[p["method"]], -(p["budget"] if p["budget"] is not None else 2.0)))
     settings = dict(saved.get("settings") or {})
     for key in ("methods", "budgets"):
         settings[key] = list(dict.fromkeys([*(settings.get(key) or []), *((new.get("settings") or {}).get(key) or [])]))
