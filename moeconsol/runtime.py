@@ -604,9 +604,7 @@ class Runtime:
             module.__class__ = per_variant_class(type(module))
             module._xv_rows = self._rows
             module._xv_tensors = tensors
-        tables = torch.tensor([[self._slot_maps[n][i].tolist() for n in self.names] for i in range(len(self.family.layers))],
-                              dtype=torch.long, device=self.device)
-        self._variant_slots = tables
+        tables = torch.stack([self._slot_maps[n] for n in self.names], dim=1).to(self.device)  # [layers, V, E]
         for i, bank in enumerate(self._banks.values()):
             bank.__class__ = _CROSS_BANK_CLASSES[_record(self.family.architecture).bank](type(bank))
             bank._xv_rows = self._rows

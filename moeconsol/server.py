@@ -140,13 +140,13 @@ class Scheduler:
                     waiting += [(m, t) for m, t in self._parked.items() if m != active]
                     model = pick_model(active, engine.running(active) > 0, waiting, now, self.max_wait)
                     admit = self._take(model) if model is not None else []
-                if not engine.cross_variant and model is not None and not admit and not engine.running(model):
-                    # the bound on tokens in flight keeps `model` out for now
-                    if engine.running(active):
-                        model = active  # the active batch goes on
-                    else:  # parked batches hold the bound: wait until the oldest is due
-                        oldest = min((t for m, t in waiting if m != model), default=None)
-                        pause = 0.05 if oldest is None else max(self.max_wait - (now - oldest), 0.001)
+                    if model is not None and not admit and not engine.running(model):
+                        # the bound on tokens in flight keeps `model` out for now
+                        if engine.running(active):
+                            model = active  # the active batch goes on
+                        else:  # parked batches hold the bound: wait until the oldest is due
+                            oldest = min((t for m, t in waiting if m != model), default=None)
+                            pause = 0.05 if oldest is None else max(self.max_wait - (now - oldest), 0.001)
             for job in dropped:
                 self._finish(job)
             if model is None or pause is not None:
