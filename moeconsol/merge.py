@@ -51,7 +51,7 @@ from .clustering import (
 from .deltas import AUTO, FORMATS, delta_format, delta_key
 from .digest import range_digest, tensor_digest, value_flags
 from .errors import IncompatibleModelsError, SettingsError
-from .safetensors_io import DTYPE_NAMES, DTYPES, TensorInfo, read_tensor
+from .safetensors_io import DTYPE_NAMES, DTYPES, ITEMSIZE, TensorInfo, read_tensor
 from .similarity import DEFAULT_PROBES, METRICS, gaussian_probes, hidden_size, layer_similarity, read_layer
 from .writer import (
     FileRecord,
@@ -189,8 +189,7 @@ class MergeResult:
 
 def expert_nbytes(ckpt: Checkpoint) -> int:
     """Bytes of one expert (all its parts)."""
-    item = torch.empty((), dtype=DTYPES[ckpt.dtype]).element_size()
-    return sum(math.prod(ckpt.expert_shape(p)) * item for p in ckpt.layout.parts)
+    return sum(math.prod(ckpt.expert_shape(p)) * ITEMSIZE[ckpt.dtype] for p in ckpt.layout.parts)
 
 
 def budget_experts(budget: str, ckpts: list[Checkpoint]) -> int:
@@ -643,8 +642,7 @@ def encode_non_experts(ckpts: list[Checkpoint], plan: NonExpertPlan, spill: Path
 
 def _head(info: TensorInfo, n: int) -> torch.Tensor:
     """The first `n` elements of a stored tensor, flat, read from its file."""
-    size = torch.empty((), dtype=DTYPES[info.dtype]).element_size()
-    return read_tensor(TensorInfo(info.file, info.dtype, (n,), info.start, info.start + n * size))
+    return read_tensor(TensorInfo(info.file, info.dtype, (n,), info.start, info.start + n * ITEMSIZE[info.dtype]))
 
 
 # -- pass 2: write ------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .errors import OutputError, SafetensorsError, SettingsError
-from .safetensors_io import DTYPE_NAMES, DTYPES, TensorInfo, iter_chunks
+from .safetensors_io import DTYPE_NAMES, ITEMSIZE, TensorInfo, iter_chunks
 from .safety import within
 
 _UNITS = {
@@ -207,7 +207,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
     @classmethod
     def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
