@@ -1,5 +1,7 @@
 """benchmarks/quality.py on several families: delta goals, methods known at run time, a
-missing family refused with the command that builds it, and a family read from family.json."""
+missing family refused with the command that builds it, a family read from family.json, and
+--merge (a run's points go into the saved run, replacing the same method and budget; a run of
+another build is refused)."""
 
 from __future__ import annotations
 
@@ -76,3 +78,41 @@ def test_a_missing_second_family_is_refused_with_its_build_command(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1
     assert f"python examples/build_family2.py --out {tmp_path}" in proc.stderr
+
+
+# -- --merge -------------------------------------------------------------------------------------
+
+
+def saved_run(points, original=5.0, methods=("calibrated",), budgets=(0.5,)):
+    return {"models": {"base": "b", "x": "x"}, "metric": "perplexity", "lower_is_better": True, "expert_bytes": 8,
+            "original": {"base": 10.0, "x": original}, "base": {"base": 10.0, "x": 10.0},
+            "points": [{"method": m, "budget": b, "gain": g} for m, b, g in points],
+            "settings": {"methods": list(methods), "budgets": list(budgets)}}
+
+
+def test_points_of_the_same_method_and_budget_are_replaced_in_place(q):
+    saved = saved_run([("reference", 0.5, 1), ("calibrated", 0.5, 2), ("calibrated", 0.3, 3)],
+                methods=("reference", "calibrated"), budgets=(0.5, 0.3))
+    new = saved_run([("calibrated", 0.3, 30), ("calibrated", 0.25, 40)], budgets=(0.3, 0.25))
+    merged = q.merge_runs(saved, new)
+    assert [(p["method"], p["budget"], p["gain"]) for p in merged["points"]] == [
+        ("reference", 0.5, 1), ("calibrated", 0.5, 2), ("calibrated", 0.3, 30), ("calibrated", 0.25, 40)]
+    assert merged["settings"]["budgets"] == [0.5, 0.3, 0.25]
+    assert merged["settings"]["methods"] == ["reference", "calibrated"]
+    assert [p["gain"] for p in saved["points"]] == [1, 2, 3]  # the saved run itself is left as it was
+
+
+def test_a_run_of_another_build_is_refused(q, capsys):
+    with pytest.raises(SystemExit) as e:
+        q.merge_runs(saved_run([]), saved_run([], original=4.0))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "original differs" in err[0]
+
+
+def test_merged_points_are_ordered_by_method_then_budget_highest_first(q):
+    saved = saved_run([("reference", 0.5, 1), ("calibrated", 0.5, 2), ("average", None, 3)])
+    new = saved_run([("calibrated", 1.0, 4), ("reference", 0.75, 5)])
+    merged = q.merge_runs(saved, new)
+    assert [(p["method"], p["budget"]) for p in merged["points"]] == [
+        ("reference", 0.75), ("reference", 0.5), ("calibrated", 1.0), ("calibrated", 0.5), ("average", None)]

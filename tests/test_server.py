@@ -33,15 +33,16 @@ from cli_helpers import cli, one_error_line
 PROMPT = "Once upon a time"
 
 
-def served_family(root: Path, **runtime_options):
-    """A base and a fine-tune merged losslessly under `root`: (artifact, runtime, transformers'
-    own models by name, tokenizer). Shared by the server tests of both serving modes."""
+def served_family(root: Path, tiny=tiny_mixtral, reference=transformers.MixtralForCausalLM, **runtime_options):
+    """A base (`tiny(0)`) and a fine-tune merged losslessly under `root`: (artifact, runtime,
+    transformers' own models (`reference`) by name, tokenizer). Shared by the server tests of
+    both serving modes and both architectures."""
     tok = tiny_tokenizer()
-    base = tiny_mixtral(0)
+    base = tiny(0)
     models = {"base": base, "ft": derive_variant(base, 1, changed_experts=[(0, 1), (1, 2)], scale=0.5)}
     paths = {n: save_model(m, root / n, tok) for n, m in models.items()}
     merge(open_checkpoints([f"{n}={p}" for n, p in paths.items()]), root / "out")
-    refs = {n: transformers.MixtralForCausalLM.from_pretrained(p).eval() for n, p in paths.items()}
+    refs = {n: reference.from_pretrained(p).eval() for n, p in paths.items()}
     return root / "out", Runtime.from_artifact(root / "out", **runtime_options), refs, tok
 
 

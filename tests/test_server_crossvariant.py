@@ -14,12 +14,10 @@ import torch
 import transformers
 from fastapi.testclient import TestClient
 
-from moeconsol.checkpoint import open_checkpoints
 from moeconsol.crossvariant import ServingMode
-from moeconsol.merge import merge
 from moeconsol.runtime import GenerationSettings, Runtime
 from moeconsol.server import Job, Scheduler, create_app
-from moeconsol.testing import derive_variant, save_model, tiny_switch, tiny_tokenizer
+from moeconsol.testing import tiny_switch
 from cli_helpers import cli
 from test_server import greedy, samples, served_family
 
@@ -101,30 +99,12 @@ def test_metrics_count_the_extra_resident_buffers_and_no_swaps(served):
     assert sum(v for (name, _), v in m.items() if name == "moeconsol_swaps_total") == 0
 
 
-def test_cli_serves_with_cross_variant_batching(served):
-    out, runtime, refs, tok = served
-    r = cli("serve-local", out, "--prompt", PROMPTS[0], "--model", "ft", "--model", "base", "--max-new-tokens", "5",
-            "--cross-variant-batching", "--json")
-    assert r.returncode == 0, r.stderr
-    got = json.loads(r.stdout)
-    ids = tok(PROMPTS[0])["input_ids"]
-    assert [c["token_ids"] for c in got["completions"]] == [greedy(refs[m], ids, 5) for m in ("ft", "base")]
-    assert all(c["swap"]["bytes_moved"] == 0 for c in got["completions"])
-    assert got["resident_bytes"]["total"] == runtime.resident_bytes().total
-
-
 @pytest.fixture(scope="module")
 def switch(tmp_path_factory):
     """Switch Transformers (an encoder-decoder) merged losslessly: (artifact, cross-variant
     runtime, transformers' own models by name, tokenizer)."""
-    root = tmp_path_factory.mktemp("serve-xv-switch")
-    tok = tiny_tokenizer()
-    base = tiny_switch(0)
-    models = {"base": base, "ft": derive_variant(base, 1, changed_experts=[(0, 1), (1, 2)], scale=0.5)}
-    paths = {n: save_model(m, root / n, tok) for n, m in models.items()}
-    merge(open_checkpoints([f"{n}={p}" for n, p in paths.items()]), root / "out")
-    refs = {n: transformers.SwitchTransformersForConditionalGeneration.from_pretrained(p).eval() for n, p in paths.items()}
-    return root / "out", Runtime.from_artifact(root / "out", mode=ServingMode.CROSS_VARIANT), refs, tok
+    return served_family(tmp_path_factory.mktemp("serve-xv-switch"), tiny_switch,
+                         transformers.SwitchTransformersForConditionalGeneration, mode=ServingMode.CROSS_VARIANT)
 
 
 def _seq2seq_greedy(ref, ids: list[int], n: int) -> list[int]:
@@ -147,13 +127,16 @@ def test_an_encoder_decoder_serves_every_variant_in_one_batch(switch):
     assert len({tuple(r.token_ids) for r in results[:2]}) == 2  # the variants answer differently
 
 
-def test_cli_serves_an_encoder_decoder_with_cross_variant_batching(switch):
-    out, runtime, refs, tok = switch
-    r = cli("serve-local", out, "--prompt", PROMPTS[1], "--model", "ft", "--model", "base", "--max-new-tokens", "5",
+@pytest.mark.parametrize("family, prompt, expected", [("served", PROMPTS[0], greedy), ("switch", PROMPTS[1], _seq2seq_greedy)],
+                         ids=["mixtral", "switch"])
+def test_cli_serves_with_cross_variant_batching(request, family, prompt, expected):
+    out, runtime, refs, tok = request.getfixturevalue(family)
+    r = cli("serve-local", out, "--prompt", prompt, "--model", "ft", "--model", "base", "--max-new-tokens", "5",
             "--cross-variant-batching", "--json")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
-    ids = tok(PROMPTS[1])["input_ids"]
-    assert [c["token_ids"] for c in got["completions"]] == [_seq2seq_greedy(refs[m], ids, 5) for m in ("ft", "base")]
+    ids = tok(prompt)["input_ids"]
+    assert [c["token_ids"] for c in got["completions"]] == [expected(refs[m], ids, 5) for m in ("ft", "base")]
     assert all(c["swap"]["bytes_moved"] == 0 for c in got["completions"])
+    assert got["resident_bytes"]["total"] == runtime.resident_bytes().total
     assert got["resident_bytes"]["host"] == 0
