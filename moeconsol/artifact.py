@@ -25,7 +25,7 @@ from .layouts import fused_shape, join, layout_by_name
 from . import codec
 from .deltas import FORMATS, corrected
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, DeltaEntry, Manifest, ModelEntry
-from .safetensors_io import DTYPE_NAMES, DTYPES, TensorInfo, read_header, read_tensor
+from .safetensors_io import TensorInfo, dtype_names, read_header, read_tensor, torch_dtypes
 from .safety import inside, is_regular_file
 from .writer import SafetensorsWriter, TensorSpec, atomic_directory, copy_file, sha256_file
 
@@ -325,7 +325,7 @@ def check_encodings(art: Artifact, progress: Progress | None = None) -> list[str
 def _delta_problems(art: Artifact, layer: str, deltas: dict[str, list[DeltaEntry]]) -> list[str]:
     """Every delta component stored with the dtype and shape its format gives for its part."""
     problems = []
-    dtype = DTYPES[art.spec.dtype]
+    dtype, names = torch_dtypes()[art.spec.dtype], dtype_names()
     for name, items in deltas.items():
         for x in items:
             for part, comps in x.keys.items():
@@ -333,7 +333,7 @@ def _delta_problems(art: Artifact, layer: str, deltas: dict[str, list[DeltaEntry
                 for c, key in comps.items():
                     stored = art.spec.shapes.get(key)
                     wdtype, wshape = want[c]
-                    wdtype = DTYPE_NAMES[wdtype]
+                    wdtype = names[wdtype]
                     if stored is None or stored.dtype != wdtype or stored.shape != tuple(wshape):
                         got = "nothing" if stored is None else f"{stored.dtype} {list(stored.shape)}"
                         problems.append(f"{key}: {name!r} {layer} expert {x.expert}: {x.format} delta component {c} is {got}, expected {wdtype} {list(wshape)}")

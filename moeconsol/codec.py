@@ -22,7 +22,7 @@ import torch
 import zstandard
 
 from .errors import DamagedArtifactError
-from .safetensors_io import DTYPE_NAMES, DTYPES
+from .safetensors_io import dtype_names, torch_dtypes
 
 XOR_ZSTD = "xor-zstd"
 NONE = "none"
@@ -50,7 +50,7 @@ def _check_pair(tensor: torch.Tensor, reference: torch.Tensor) -> None:
     if tensor.dtype != reference.dtype or tensor.shape != reference.shape:
         raise ValueError(f"cannot encode a {tensor.dtype} {list(tensor.shape)} tensor against a "
                          f"{reference.dtype} {list(reference.shape)} reference: they must match")
-    if tensor.dtype not in DTYPE_NAMES:
+    if tensor.dtype not in dtype_names():
         raise ValueError(f"dtype {tensor.dtype} is not one safetensors stores")
 
 
@@ -88,7 +88,7 @@ def decode(blob: bytes | memoryview | torch.Tensor, reference: torch.Tensor, dty
     """The tensor `encode` made from `reference`: dtype (a safetensors name or a torch dtype)
     and shape as recorded. A blob that is damaged, or decodes to another size, raises
     DamagedArtifactError."""
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = torch_dtypes()[dtype] if isinstance(dtype, str) else dtype
     shape = tuple(shape)
     if reference.dtype != dtype or tuple(reference.shape) != shape:
         raise DamagedArtifactError(f"the reference is {reference.dtype} {list(reference.shape)}, the encoded tensor "
@@ -102,7 +102,7 @@ def decode(blob: bytes | memoryview | torch.Tensor, reference: torch.Tensor, dty
         declared = zstandard.frame_content_size(blob)
         if declared != numel * width:
             raise DamagedArtifactError(f"the encoded blob holds {declared} bytes, not the {numel * width} of a "
-                                       f"{DTYPE_NAMES[dtype]} {list(shape)} tensor")
+                                       f"{dtype_names()[dtype]} {list(shape)} tensor")
         stream = zstandard.ZstdDecompressor().decompressobj()
         chunk = np.empty(min(CHUNK_ELEMENTS, numel) * width, dtype=np.uint8)
         start, filled = 0, 0  # elements decoded; bytes of the current chunk received

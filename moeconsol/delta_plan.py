@@ -28,7 +28,7 @@ import torch
 
 from .deltas import AUTO, FORMATS, DeltaFormat, corrected
 from .errors import SettingsError
-from .safetensors_io import DTYPES
+from .safetensors_io import torch_dtypes
 from .similarity import read_layer
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ def slot_options(
     options = [Option(0, share)]
     if share <= 0:  # no calibration token reached the slot: nothing to correct
         return options
-    dtype = DTYPES[ckpt.dtype]
+    dtype = torch_dtypes()[ckpt.dtype]
     own = flat[item]
     delta = {p: own[p].float() - bank[p].float() for p in own}
     shapes = {p: tuple(t.shape) for p, t in own.items()}

@@ -23,7 +23,7 @@ from typing import Any
 from .codec import CODECS
 from .errors import ArtifactError, MoeconsolError
 from .layouts import all_layouts
-from .safetensors_io import DTYPES
+from .safetensors_io import ITEMSIZE, torch_dtypes
 from .safety import NAME_RULE, is_safe_name, relative_path_problem
 
 FORMAT = "moeconsol-artifact"
@@ -322,8 +322,8 @@ class _Reader:
         return dims
 
     def dtype(self, v: object, field: str) -> str:
-        if self.text(v, field) not in DTYPES:
-            raise self.fail(field, f"is {v!r}, not a safetensors dtype ({', '.join(DTYPES)})")
+        if self.text(v, field) not in ITEMSIZE:
+            raise self.fail(field, f"is {v!r}, not a safetensors dtype ({', '.join(ITEMSIZE)})")
         return v  # type: ignore[return-value]
 
     def pair(self, v: object, field: str) -> tuple[int, int]:
@@ -486,7 +486,7 @@ def _check_deltas(r: _Reader, entry: LayerEntry, i: int, part_shapes: dict[str, 
                 raise r.fail(f"{f}.keys", f"has parts {sorted(x.keys)}, parts says {list(parts)}")
             try:
                 for shape in part_shapes.values():
-                    FORMATS[x.format].components(shape, x.size, _F32)
+                    FORMATS[x.format].components(shape, x.size, torch_dtypes()["F32"])
             except SettingsError as e:
                 raise r.fail(f"{f}.size", f"is {x.size!r}: {e}") from e
             wanted = FORMATS[x.format].component_names()
@@ -496,9 +496,6 @@ def _check_deltas(r: _Reader, entry: LayerEntry, i: int, part_shapes: dict[str, 
                 for c, key in comps.items():
                     if key not in weight_map:
                         raise r.fail(f"{f}.keys[{p!r}][{c!r}]", f"is {key!r}, which weight_map does not store")
-
-
-_F32 = DTYPES["F32"]
 
 
 def _deltas_json(deltas: dict[str, list[DeltaEntry]]) -> dict[str, list[dict[str, Any]]]:

@@ -51,7 +51,7 @@ from .clustering import (
 from .deltas import AUTO, FORMATS, delta_format, delta_key
 from .digest import range_digest, tensor_digest, value_flags
 from .errors import IncompatibleModelsError, SettingsError
-from .safetensors_io import DTYPE_NAMES, DTYPES, ITEMSIZE, TensorInfo, read_tensor
+from .safetensors_io import ITEMSIZE, TensorInfo, dtype_names, read_tensor, torch_dtypes
 from .similarity import DEFAULT_PROBES, METRICS, gaussian_probes, hidden_size, layer_similarity, read_layer
 from .writer import (
     FileRecord,
@@ -713,21 +713,21 @@ def _bank_index(p: LayerPlan, flat_index: int) -> int:
 def _delta_specs(ckpts: list[Checkpoint], plans: list[LayerPlan]) -> list[TensorSpec]:
     """Every delta component of every plan, in the order `_write_deltas` writes them."""
     ref = ckpts[0]
-    dtype = DTYPES[ref.dtype]
+    dtype, names = torch_dtypes()[ref.dtype], dtype_names()
     specs = []
     for p in plans:
         for d in p.deltas:
             for part in ref.layout.parts:
                 comps = FORMATS[d.format].components(tuple(ref.expert_shape(part)), d.size, dtype)
                 for c, (cdtype, shape) in comps.items():
-                    specs.append(TensorSpec(delta_key(p.layer, ckpts[d.model].name, d.expert, part, c), DTYPE_NAMES[cdtype], tuple(shape)))
+                    specs.append(TensorSpec(delta_key(p.layer, ckpts[d.model].name, d.expert, part, c), names[cdtype], tuple(shape)))
     return specs
 
 
 def _write_deltas(writer: ShardedWriter, ckpts: list[Checkpoint], plans: list[LayerPlan], progress: Progress | None, done: list[int], total: int) -> None:
     """Encode each delta slot's parts against its bank entry's stored values, one part in memory."""
     ref = ckpts[0]
-    E, dtype = ref.num_experts, DTYPES[ref.dtype]
+    E, dtype = ref.num_experts, torch_dtypes()[ref.dtype]
     for p in plans:
         for d in p.deltas:
             k = _bank_index(p, d.model * E + d.expert)

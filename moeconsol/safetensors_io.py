@@ -57,18 +57,9 @@ def torch_dtypes() -> dict[str, torch.dtype]:
 
 
 @cache
-def _dtype_names() -> dict[torch.dtype, str]:
+def dtype_names() -> dict[torch.dtype, str]:
+    """Torch dtype -> safetensors dtype name: the inverse of `torch_dtypes` (imports torch)."""
     return {v: k for k, v in torch_dtypes().items()}
-
-
-def __getattr__(name: str) -> object:
-    """`DTYPES` (safetensors dtype name -> torch dtype) and `DTYPE_NAMES` (the inverse), made
-    on first use: importing torch takes a second, and reading headers or bytes needs none."""
-    if name == "DTYPES":
-        return torch_dtypes()
-    if name == "DTYPE_NAMES":
-        return _dtype_names()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _MAX_HEADER = 100_000_000

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .errors import OutputError, SafetensorsError, SettingsError
-from .safetensors_io import DTYPE_NAMES, ITEMSIZE, TensorInfo, iter_chunks
+from .safetensors_io import ITEMSIZE, TensorInfo, dtype_names, iter_chunks
 from .safety import within
 
 _UNITS = {
@@ -211,7 +211,7 @@ class TensorSpec:
 
     @classmethod
     def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
-        return cls(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape))
+        return cls(name, dtype_names()[tensor.dtype], tuple(tensor.shape))
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,7 @@ class SafetensorsWriter:
             pieces = [pieces]
         written = 0
         for piece in pieces:
-            if DTYPE_NAMES[piece.dtype] != spec.dtype:
+            if dtype_names()[piece.dtype] != spec.dtype:
                 raise RuntimeError(f"{name}: dtype {piece.dtype} != declared {spec.dtype}")
             data = piece.contiguous().reshape(-1).view(torch.uint8).numpy()
             self._emit(data)

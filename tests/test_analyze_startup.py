@@ -16,7 +16,7 @@ import typer
 from moeconsol import testing as T
 from moeconsol.checkpoint import open_checkpoints
 from moeconsol.cli import COMMANDS, app, load_commands
-from moeconsol.safetensors_io import DTYPES, ITEMSIZE
+from moeconsol.safetensors_io import ITEMSIZE, dtype_names, torch_dtypes
 from moeconsol.similarity import layer_similarity
 from cli_helpers import cli, one_error_line
 
@@ -81,6 +81,7 @@ def test_commands_table_matches_the_registered_commands():
 
 
 def test_itemsize_table_matches_torch():
-    assert set(ITEMSIZE) == set(DTYPES)
-    for name, dtype in DTYPES.items():
+    assert set(ITEMSIZE) == set(torch_dtypes())
+    for name, dtype in torch_dtypes().items():
         assert ITEMSIZE[name] == torch.empty((), dtype=dtype).element_size(), name
+        assert dtype_names()[dtype] == name
