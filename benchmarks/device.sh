@@ -10,7 +10,8 @@
 #      the interleaved-request trace (time to first token with and without a swap)
 #      (benchmarks/serve.py --device cuda --wide --json);
 #   3. a short multi-model trace, turnaround of the five systems, cross-variant batching
-#      included (benchmarks/turnaround.py).
+#      included, on tiny and on realistic-width variants (benchmarks/turnaround.py; on one GPU
+#      without MIG the static partition's processes time-share it: softer than MIG).
 # Python packages: the machine's own; if moeconsol's dependencies are missing, wheels carried in
 # ${WHEELS:-.device-wheels} (made on a connected machine with
 # `pip download -d .device-wheels transformers safetensors tokenizers typer rich fastapi uvicorn scipy psutil pytest httpx`)
@@ -51,7 +52,10 @@ tail -n 3 "$OUT/serve-$DEVICE.log"
 if [ -s "$OUT/serve-$DEVICE.json" ]; then
   "$PY" -c 'import json, sys; r = json.load(open(sys.argv[1])); print(json.dumps({f"{size} {part}": {k: v for k, v in s[part].items() if k in ("bytes", "swap_s", "plain_copy_s", "ratio", "ratio_to_same_copy", "runtime_tokens_per_s", "transformers_tokens_per_s", "best_ratio")} for size, s in (("tiny", r), ("wide", r["wide"])) for part in ("swap", "generation")}, indent=1))' "$OUT/serve-$DEVICE.json"
 fi
-timeout 240 "$PY" benchmarks/turnaround.py --device "$DEVICE" --variants 2 --requests 16 --rates 4,16 \
+timeout 180 "$PY" benchmarks/turnaround.py --device "$DEVICE" --partition pinned --variants 2 --requests 16 --rates 4,16 \
   --json "$OUT/turnaround-$DEVICE.json" > "$OUT/turnaround-$DEVICE.txt" 2>&1 || status=$?
 tail -n 12 "$OUT/turnaround-$DEVICE.txt"
+timeout 200 "$PY" benchmarks/turnaround.py --device "$DEVICE" --partition pinned --size wide ${KEEP:+--keep "$KEEP/turnaround"} \
+  --variants 2 --requests 24 --rates 4,16 --json "$OUT/turnaround-wide-$DEVICE.json" > "$OUT/turnaround-wide-$DEVICE.txt" 2>&1 || status=$?
+tail -n 10 "$OUT/turnaround-wide-$DEVICE.txt"
 exit $status

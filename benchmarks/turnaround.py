@@ -13,8 +13,11 @@ server on loopback with the same engine (continuous batching, the same scheduler
    every variant decoded in one step (the scheduler admits in arrival order).
 2. **whole-model switching**: one variant resident; when another is requested, its whole
    checkpoint is loaded from disk (`from_pretrained`), as a server without moeconsol does.
-3. **static partition**: each variant in its own server process pinned to an equal share of
-   the cores (the CPU stand-in for the paper's MIG instances).
+3. **static partition**: each variant in its own server process with an equal share of the
+   cores (the CPU stand-in for the paper's MIG instances): pinned to its core(s) and, by
+   default (`--partition quota`), held to cores/N CPUs by a cgroup quota, a hard share as a
+   MIG instance has; `--partition pinned` only pins (a process then takes its core-mate's idle
+   time, which no MIG instance can).
 4. **all resident**: every variant its own transformers model in one process (N times the
    memory, no swap cost): the speed bound.
 
@@ -24,7 +27,12 @@ For each system, popularity and rate it reports mean and p95 turnaround (arrival
 token), mean time to first token, generated tokens per second and the bytes the system keeps
 resident (from each server's /metrics), as a table and a plot, and writes JSON.
 
-    python benchmarks/turnaround.py [--variants 4] [--requests 24] [--rates 2,4,8] [--device cuda] [--json OUT] [--plot OUT.png]
+Two sizes of variant: `tiny` (hidden 128, float32: a decode step is per-step overhead) and
+`wide` (experts 1024 x 3584, 6 layers, bf16, ~1.1 GB a variant: a step is its weight reads
+and products, as in a real model); `--keep DIR` builds the family once and reuses it.
+
+    python benchmarks/turnaround.py [--variants 4] [--size tiny|wide] [--keep DIR] [--requests 24] [--rates 2,4,8]
+        [--partition quota|pinned] [--device cuda] [--json OUT] [--plot OUT.png]
         [--systems "moeconsol, one step for all variants,static partition"]
 """
 
@@ -58,8 +66,16 @@ PROMPTS = [
     "In the morning the server",
     "Several fine-tunes of one base",
 ]
-SIZE = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=8,
-            num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256)
+SIZES = {
+    # tiny: decoding is per-step overhead (Python, kernel launches), not arithmetic or weight reads
+    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256),
+    # wide: benchmarks/serve.py's realistic-width Mixtral (experts 1024 x 3584, bf16, ~1.1 GB a variant),
+    # with the tokenizer's own 320-entry vocabulary: a step's time is its weight reads and products
+    "wide": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=6, num_attention_heads=8,
+                 num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256),
+}
+SIZE_DTYPES = {"tiny": torch.float32, "wide": torch.bfloat16}
 NEW_TOKENS = 25
 SKEWED = (0.55, 0.25, 0.12, 0.08)
 CROSS_VARIANT = "moeconsol, one step for all variants"
@@ -69,21 +85,35 @@ SYSTEMS = ("moeconsol", CROSS_VARIANT, "whole-model switching", "static partitio
 # -- the family -----------------------------------------------------------------------------------
 
 
-def build_family(root: Path, n: int) -> tuple[dict[str, Path], Path]:
-    """N tiny Mixtral variants (a base and fine-tunes that changed some experts and every
-    non-expert tensor) saved with transformers, and their lossless artifact."""
+def build_family(root: Path, n: int, size: str = "tiny") -> tuple[dict[str, Path], Path]:
+    """N Mixtral variants of the given size (a base and fine-tunes that changed 2-3 experts per
+    layer and every non-expert tensor) saved with transformers, and their lossless artifact.
+    What `root` already holds is reused: the variants are the same for any N (fixed seeds), the
+    artifact is per N."""
     from moeconsol.checkpoint import open_checkpoints
     from moeconsol.merge import merge
     from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
 
-    tok = tiny_tokenizer()
-    base = tiny_mixtral(0, **SIZE)
-    paths = {"v0": save_model(base, root / "v0", tok)}
-    for k in range(1, n):
-        changed = [(layer, e) for layer in range(SIZE["num_hidden_layers"]) for e in range(k % 8, 8, 3)]
-        paths[f"v{k}"] = save_model(derive_variant(base, k, changed_experts=changed), root / f"v{k}", tok)
-    merge(open_checkpoints([f"{name}={p}" for name, p in paths.items()]), root / "artifact")
-    return paths, root / "artifact"
+    shape = SIZES[size]
+    paths = {f"v{k}": root / f"v{k}" for k in range(n)}
+    artifact = root / f"artifact-{n}"
+    missing = [name for name, p in paths.items() if not (p / "config.json").is_file()]
+    if missing:
+        tok = tiny_tokenizer()
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(SIZE_DTYPES[size])
+        try:
+            base = tiny_mixtral(0, **shape)
+        finally:
+            torch.set_default_dtype(previous)
+        for k, name in enumerate(paths):
+            if name in missing:
+                changed = [(layer, e) for layer in range(shape["num_hidden_layers"]) for e in range(k % 8, 8, 3)]
+                save_model(base if k == 0 else derive_variant(base, k, changed_experts=changed), paths[name], tok)
+        del base
+    if not (artifact / "manifest.json").is_file():
+        merge(open_checkpoints([f"{name}={p}" for name, p in paths.items()]), artifact)
+    return paths, artifact
 
 
 # -- plain transformers models behind the engine's runtime interface -------------------------------
@@ -179,9 +209,11 @@ class System:
     route: dict[str, int]
     """variant -> port of the server that serves it"""
     procs: list[subprocess.Popen] = field(default_factory=list)
+    groups: list[Path] = field(default_factory=list)
+    """cgroups that hold the static partition's processes to their share"""
 
 
-def start(name: str, paths: dict[str, Path], artifact: Path, max_wait: float, device: str) -> System:
+def start(name: str, paths: dict[str, Path], artifact: Path, max_wait: float, device: str, partition: str = "quota") -> System:
     me = [sys.executable, str(Path(__file__).resolve()), "--device", device]
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     models = [f"{n}={p}" for n, p in paths.items()]
@@ -196,14 +228,62 @@ def start(name: str, paths: dict[str, Path], artifact: Path, max_wait: float, de
         cmd = [*me, "--serve", kind, "--port", str(port), "--max-wait", str(max_wait), *models]
         return System(name, {n: port for n in paths}, [subprocess.Popen(cmd, **quiet)])
     cores = sorted(os.sched_getaffinity(0))
+    share = len(cores) / len(paths)  # cores per variant
     system = System(name, {})
-    for k, (n, p) in enumerate(paths.items()):  # equal shares: variant k on core k mod C
+    for k, (n, p) in enumerate(paths.items()):  # variant k on core k mod C, or on its C/N cores
         port = free_port()
-        share = [cores[k % len(cores)]] if len(paths) >= len(cores) else cores[k * len(cores) // len(paths):(k + 1) * len(cores) // len(paths)]
-        cmd = [*me, "--serve", "resident", "--port", str(port), "--max-wait", str(max_wait), "--cores", ",".join(map(str, share)), f"{n}={p}"]
-        system.procs.append(subprocess.Popen(cmd, **quiet))
+        pinned = [cores[k % len(cores)]] if len(paths) >= len(cores) else cores[k * len(cores) // len(paths):(k + 1) * len(cores) // len(paths)]
+        cmd = [*me, "--serve", "resident", "--port", str(port), "--max-wait", str(max_wait), "--cores", ",".join(map(str, pinned)), f"{n}={p}"]
+        proc = subprocess.Popen(cmd, **quiet)
+        system.procs.append(proc)
         system.route[n] = port
+        if partition == "quota":
+            try:
+                system.groups.append(cpu_quota_group(f"moeconsol-turnaround-{os.getpid()}-{k}", share, proc.pid))
+            except SystemExit:
+                stop(system)
+                raise
     return system
+
+
+# -- a hard share of the CPU, as a MIG instance has of a GPU ---------------------------------------
+
+
+CGROUP_V2 = Path("/sys/fs/cgroup")
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+PERIOD_US = 100_000
+
+
+def cpu_quota_group(name: str, cores: float, pid: int) -> Path:
+    """A cgroup that lets `pid` (and every thread it starts) run at most `cores` CPUs' worth of
+    time per period, even while the rest of the machine is idle: the hard share a MIG instance
+    has. Pinning alone is softer: a variant's process takes its core-mate's idle time.
+    cgroup v2 (`cpu.max`) where the cpu controller is on it, else v1 (`cpu.cfs_quota_us`)."""
+    quota = int(PERIOD_US * cores)
+    controllers = CGROUP_V2 / "cgroup.controllers"
+    try:
+        if controllers.is_file() and "cpu" in controllers.read_text().split():
+            group = CGROUP_V2 / name
+            group.mkdir()
+            (group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
+        else:
+            group = CGROUP_V1_CPU / name
+            group.mkdir()
+            (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+            (group / "cpu.cfs_quota_us").write_text(str(quota))
+        (group / "cgroup.procs").write_text(str(pid))
+    except OSError as e:
+        raise SystemExit(f"static partition: cannot give a process a hard CPU share ({e}); run as root on a machine "
+                         f"with a writable cpu cgroup, or pass --partition pinned (a soft share)") from e
+    return group
+
+
+def remove_groups(system: "System") -> None:
+    for group in system.groups:
+        try:
+            group.rmdir()  # empty once its processes have exited
+        except OSError:
+            pass
 
 
 def wait_ready(system: System, timeout: float = 180) -> None:
@@ -231,6 +311,7 @@ def stop(system: System) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+    remove_groups(system)
 
 
 def resident_bytes(system: System) -> int:
@@ -306,7 +387,7 @@ def plot(rows: list[dict], out: Path) -> None:
         for system in SYSTEMS:
             pts = sorted((r["rate"], r["mean_turnaround"]) for r in rows if r["system"] == system and r["popularity"] == pop)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system, color=f"C{SYSTEMS.index(system)}")
         ax.set_title(f"{pop} popularity")
         ax.set_xlabel("request rate (requests/s)")
         ax.set_ylabel("mean turnaround (s)")
@@ -333,6 +414,12 @@ def _systems(text: str) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", type=int, default=4)
+    ap.add_argument("--size", choices=list(SIZES), default="tiny",
+                    help="tiny (hidden 128, float32) or wide (experts 1024 x 3584, 6 layers, bf16, ~1.1 GB a variant)")
+    ap.add_argument("--keep", type=Path, help="build the family here once and reuse it")
+    ap.add_argument("--partition", choices=["quota", "pinned"], default="quota",
+                    help="static partition: each process pinned and held to cores/N CPUs by a cgroup quota (hard, like a "
+                         "MIG instance; needs a writable cpu cgroup), or only pinned (a soft share: it borrows idle time)")
     ap.add_argument("--requests", type=int, default=24, help="requests per trace")
     ap.add_argument("--rates", default="2,4,8", help="request rates (per second), comma-separated")
     ap.add_argument("--max-wait", type=float, default=0.5)
@@ -354,7 +441,7 @@ def main() -> None:
     rates = [float(r) for r in args.rates.split(",")]
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="moeconsol-turnaround-") as tmp:
-        paths, artifact = build_family(Path(tmp), args.variants)
+        paths, artifact = build_family(args.keep or Path(tmp), args.variants, args.size)
         names = list(paths)
         popularity = {"uniform": tuple(1.0 for _ in names), "skewed": SKEWED}
         rows = []
@@ -362,7 +449,7 @@ def main() -> None:
         systems: dict[str, System] = {}
         try:  # every system started up front and idle between its traces: each trace runs on each in turn, under the same load
             for name in chosen:
-                systems[name] = start(name, paths, artifact, args.max_wait, args.device)
+                systems[name] = start(name, paths, artifact, args.max_wait, args.device, args.partition)
             for system in systems.values():
                 wait_ready(system)
             held = {name: resident_bytes(system) for name, system in systems.items()}
@@ -383,8 +470,9 @@ def main() -> None:
             for system in systems.values():
                 stop(system)
     load = os.getloadavg()
-    result = {"device": args.device, "variants": args.variants, "requests": args.requests, "new_tokens": NEW_TOKENS, "size": SIZE,
-              "max_wait": args.max_wait, "repeats": args.repeats, "load_average_start": [round(x, 2) for x in load_start], "load_average": [round(x, 2) for x in load], "rows": rows}
+    result = {"device": args.device, "variants": args.variants, "requests": args.requests, "new_tokens": NEW_TOKENS, "size": args.size, "shape": SIZES[args.size],
+              "dtype": str(SIZE_DTYPES[args.size]).removeprefix("torch."),
+              "max_wait": args.max_wait, "partition": args.partition, "repeats": args.repeats, "load_average_start": [round(x, 2) for x in load_start], "load_average": [round(x, 2) for x in load], "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:
