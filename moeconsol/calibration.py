@@ -84,7 +84,7 @@ class SlotActivations:
     def token_weights(self) -> torch.Tensor:
         """w_t^2 / ||h_t||^2 per kept token, [n, 1] (float64): what a squared output error
         of the slot is multiplied by in the costs."""
-        _, w = self.inputs()
+        w = torch.cat(self.w) if self.w else torch.zeros(0)  # not `inputs()`: that also joins the kept inputs
         h2 = torch.cat(self.h2) if self.h2 else torch.zeros(0, dtype=torch.float64)
         return (w.double() ** 2 / h2.clamp_min(torch.finfo(torch.float64).tiny)).unsqueeze(1)
 
