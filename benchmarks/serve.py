@@ -76,12 +76,7 @@ def build_wide(root: Path) -> dict[str, Path]:
     if (paths["out"] / "manifest.json").is_file():
         return paths
     tok = tiny_tokenizer()
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        base = tiny_mixtral(0, **WIDE)
-    finally:
-        torch.set_default_dtype(previous)
+    base = tiny_mixtral(0, dtype=torch.bfloat16, **WIDE)
     save_model(base, paths["base"], tok)
     ft = derive_variant(base, 1, changed_experts=[(i, e) for i in range(WIDE["num_hidden_layers"]) for e in (2, 5)])
     del base

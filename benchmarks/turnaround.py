@@ -102,12 +102,7 @@ def build_family(root: Path, n: int, size: str = "tiny") -> tuple[dict[str, Path
     missing = [name for name, p in paths.items() if not (p / "config.json").is_file()]
     if missing:
         tok = tiny_tokenizer()
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(SIZE_DTYPES[size])
-        try:
-            base = tiny_mixtral(0, **shape)
-        finally:
-            torch.set_default_dtype(previous)
+        base = tiny_mixtral(0, dtype=SIZE_DTYPES[size], **shape)
         for k, name in enumerate(paths):
             if name in missing:
                 changed = [(layer, e) for layer in range(shape["num_hidden_layers"]) for e in range(k % 8, 8, 3)]

@@ -84,14 +84,20 @@ def tiny_config(architecture: str, vocab_size: int = 320, **overrides):
     return getattr(transformers, record(architecture).config_class)(**kw)
 
 
-def tiny_model(architecture: str, seed: int = 0, **overrides):
-    """A tiny randomly initialised model of `architecture` (float32, eval mode)."""
+def tiny_model(architecture: str, seed: int = 0, *, dtype: torch.dtype = torch.float32, **overrides):
+    """A randomly initialised model of `architecture` (tiny unless `overrides` say otherwise),
+    made directly in `dtype` (no float32 copy on the way), in eval mode."""
     import transformers
 
     from .layouts import architecture as record
 
     torch.manual_seed(seed)
-    model = getattr(transformers, record(architecture).model_class)(tiny_config(architecture, **overrides)).eval()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = getattr(transformers, record(architecture).model_class)(tiny_config(architecture, **overrides)).eval()
+    finally:
+        torch.set_default_dtype(previous)
     with torch.no_grad():  # transformers initialises expert biases (gpt-oss) to 0; trained ones are not
         for experts in experts_modules(model).values():
             for name, p in experts.named_parameters(recurse=False):
