@@ -5,7 +5,7 @@ The facts `layouts._derived_layouts` reads from transformers' checkpoint convers
 with that version installed they are used as they are, without importing transformers.
 """
 
-TRANSFORMERS_VERSION = '5.24.0'
+TRANSFORMERS_VERSION = '5.25.0'
 
 FACTS = {
     'mixtral': {'module': 'block_sparse_moe', 'fused': {'gate_up_proj': ('w1', 'w3'), 'down_proj': ('w2',)}},
