@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from moeconsol.checkpoint import open_checkpoints
-from moeconsol.engine import Engine, GenerationSettings, Request
-from moeconsol.merge import merge
-from moeconsol.runtime import Runtime
+from moeconsol.io.checkpoint import open_checkpoints
+from moeconsol.serving.engine import Engine, GenerationSettings, Request
+from moeconsol.consolidate.pipeline import merge
+from moeconsol.serving.runtime import Runtime
 
 
 def prompts_for(family: Path, arch: str, variant: str, n: int, rt: Runtime, tokens: int, rng: random.Random) -> list[list[int]]:

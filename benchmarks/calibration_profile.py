@@ -38,10 +38,10 @@ def family_files(family: Path, fam: str) -> tuple[list[str], dict[str, str], dic
 
 
 def profile(family: Path, fam: str, budgets: list[float], tokens: int) -> dict:
-    from moeconsol.calibration import candidate_cost, capture, substitution_costs
-    from moeconsol.checkpoint import open_checkpoints
-    from moeconsol.merge import MergeSettings, plan_calibrated
-    from moeconsol.similarity import read_layer
+    from moeconsol.analysis.calibration import candidate_cost, capture, substitution_costs
+    from moeconsol.io.checkpoint import open_checkpoints
+    from moeconsol.consolidate.pipeline import MergeSettings, plan_calibrated
+    from moeconsol.analysis.similarity import read_layer
 
     models, train, _ = family_files(family, fam)
     ckpts = open_checkpoints(models)
@@ -85,7 +85,8 @@ def patch(rounds: int | None, max_chunks: int | None) -> None:
     """Run an ablation: the same code with one choice set otherwise (for profiling only)."""
     import functools
 
-    from moeconsol import calibration, merge
+    from moeconsol.analysis import calibration
+    from moeconsol.consolidate import pipeline as merge
 
     if rounds is not None:
         merge.fair_weights = functools.partial(merge.fair_weights, rounds=rounds)
@@ -118,7 +119,7 @@ def main() -> int:
         for layer in r["layers"]:
             print(f"    {layer['layer']}: bank {layer['bank']}, same-index {layer['same_index']}, cost {layer['cost']}")
     if args.eval:
-        from moeconsol.evaluate import sweep
+        from moeconsol.quality.evaluate import sweep
 
         models, train, held_out = family_files(family, args.fam)
         report = sweep(models, held_out, budgets, base=models[0].split("=", 1)[1], calibration=train,

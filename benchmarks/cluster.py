@@ -56,7 +56,7 @@ def run(artifact: Path, replicas: int, aware: bool, order: list[tuple[str, str]]
     import httpx
     from ray import serve
 
-    from moeconsol.cluster import ReplicaSettings, deploy
+    from moeconsol.serving.ray_serve import ReplicaSettings, deploy
 
     t = time.perf_counter()
     deploy(ReplicaSettings(artifact=str(artifact)), replicas, port=port, num_cpus_per_replica=1.0, route_by_variant=aware)

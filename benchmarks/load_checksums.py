@@ -12,7 +12,7 @@ import hashlib
 import time
 from pathlib import Path
 
-from moeconsol.artifact import Artifact
+from moeconsol.artifact.reader import Artifact
 
 
 def read_everything(path: Path, checksums: bool) -> float:

@@ -37,8 +37,8 @@ import torch
 import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from moeconsol import codec  # noqa: E402
-from moeconsol.safetensors_io import read_header, read_tensor  # noqa: E402
+from moeconsol.artifact import nonexpert_codec as codec  # noqa: E402
+from moeconsol.io.safetensors_file import read_header, read_tensor  # noqa: E402
 
 HIDDEN, LAYERS, EXPERTS, VOCAB = 1024, 2, 4, 8192
 
@@ -152,9 +152,9 @@ def codec_table(base_dir: Path, ft_dir: Path) -> dict:
 
 def merged(models: list[str], root: Path, label: str) -> dict:
     """Lossless merges with the codec and without: non-expert bytes, merge and load seconds."""
-    from moeconsol.checkpoint import open_checkpoints
-    from moeconsol.merge import MergeSettings, merge
-    from moeconsol.runtime import Runtime
+    from moeconsol.io.checkpoint import open_checkpoints
+    from moeconsol.consolidate.pipeline import MergeSettings, merge
+    from moeconsol.serving.runtime import Runtime
 
     out = {"inputs": label}
     for model in models:  # inputs page-cached before timing, as benchmarks/merge.py does

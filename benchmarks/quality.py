@@ -14,7 +14,7 @@ directory has the same shape (OUT/mixtral, OUT/switch, OUT/data, OUT/family.json
 family.json says which models, which held-out file and which training file each has.
 
 For each family and architecture it runs `evaluate.sweep`: methods reference, budget,
-calibrated, `deltas` when `moeconsol.evaluate` knows it (checked at run time), average,
+calibrated, `deltas` when `moeconsol.quality.evaluate` knows it (checked at run time), average,
 task-arithmetic and ties, each variant scored on its own HELD-OUT data (data/eval/),
 calibration on its own TRAINING data (data/train/), the base for retained gain. Every
 setting is a documented default: nothing is tuned on the evaluation data.
@@ -90,7 +90,7 @@ def family_models(path: Path, arch: str) -> list[dict]:
 
 def methods_known() -> list[str]:
     """The sweep's methods, with deltas when this moeconsol's evaluate knows it."""
-    from moeconsol import evaluate
+    from moeconsol.quality import evaluate
 
     methods = ["reference", "budget", OWN]
     if DELTAS in (*evaluate.BUDGET_METHODS, *getattr(evaluate, "METHODS", ())):
@@ -102,7 +102,7 @@ def run_family(path: Path, arch: str, budgets: list[float], methods: list[str] |
                max_examples: int | None = None):
     """`evaluate.sweep` of one family and architecture (methods: `methods_known()` by default;
     `max_examples`: score only the first N held-out examples of a seq2seq file)."""
-    from moeconsol.evaluate import EvalSettings, sweep
+    from moeconsol.quality.evaluate import EvalSettings, sweep
 
     models = family_models(path, arch)
     return sweep(
@@ -271,7 +271,7 @@ BASELINE_MARKERS = {"average": ("x", "black"), "task-arithmetic": ("^", "tab:red
 
 def report_from_dict(d: dict):
     """A SweepReport from its saved JSON (`SweepReport.to_dict`; NaN was saved as null)."""
-    from moeconsol.evaluate import SweepPoint, SweepReport
+    from moeconsol.quality.evaluate import SweepPoint, SweepReport
 
     def nan(x):
         return math.nan if x is None else x
@@ -380,7 +380,7 @@ def main() -> int:
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
-    from moeconsol.evaluate import parse_budgets
+    from moeconsol.quality.evaluate import parse_budgets
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

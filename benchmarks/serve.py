@@ -48,12 +48,12 @@ import numpy as np
 import torch
 import transformers
 
-from moeconsol.checkpoint import open_checkpoints
-from moeconsol.merge import merge
-from moeconsol.engine import DEFAULT_MAX_BATCH_SIZE, Engine, Request
-from moeconsol.crossvariant import ServingMode
-from moeconsol.runtime import GenerationSettings, Runtime, parse_device
-from moeconsol.server import DEFAULT_MAX_WAIT, Job, Scheduler
+from moeconsol.io.checkpoint import open_checkpoints
+from moeconsol.consolidate.pipeline import merge
+from moeconsol.serving.engine import DEFAULT_MAX_BATCH_SIZE, Engine, Request
+from moeconsol.serving.crossvariant import ServingMode
+from moeconsol.serving.runtime import GenerationSettings, Runtime, parse_device
+from moeconsol.serving.server import DEFAULT_MAX_WAIT, Job, Scheduler
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
 
 PROMPT = "Once upon a time there was a model that served many fine-tunes"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from moeconsol.layouts import architecture
+from moeconsol.architectures.layouts import architecture
 
 FAMILIES = {"qwen2_moe": "Qwen1.5-MoE-A2.7B", "deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3"}
 

@@ -92,8 +92,8 @@ def build_family(root: Path, n: int, size: str = "tiny") -> tuple[dict[str, Path
     layer and every non-expert tensor) saved with transformers, and their lossless artifact.
     What `root` already holds is reused: the variants are the same for any N (fixed seeds), the
     artifact is per N."""
-    from moeconsol.checkpoint import open_checkpoints
-    from moeconsol.merge import merge
+    from moeconsol.io.checkpoint import open_checkpoints
+    from moeconsol.consolidate.pipeline import merge
     from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
 
     shape = SIZES[size]
@@ -144,7 +144,7 @@ class PlainModels:
         return self._models[self.active]
 
     def activate(self, name: str):
-        from moeconsol.runtime import SwapReport
+        from moeconsol.serving.runtime import SwapReport
 
         if name == self.active:
             return SwapReport(name, name, 0.0, 0, 0, 0, 0)
@@ -172,7 +172,7 @@ class PlainModels:
         return self._context
 
     def resident_bytes(self):
-        from moeconsol.runtime import ResidentBytes
+        from moeconsol.serving.runtime import ResidentBytes
 
         held = sum(p.numel() * p.element_size() for m in self._models.values() for p in m.parameters())
         return ResidentBytes(0, held, 0)
@@ -180,7 +180,7 @@ class PlainModels:
 
 def serve_plain(args: argparse.Namespace) -> None:
     """Child process: one server over PlainModels (whole-model switching or resident)."""
-    from moeconsol.server import serve
+    from moeconsol.serving.server import serve
 
     if args.cores:
         cores = [int(c) for c in args.cores.split(",")]

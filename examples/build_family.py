@@ -273,7 +273,7 @@ def seq2seq_loss(model, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) 
 def eval_causal(model, tokenizer, docs: Sequence[str], seq_len: int) -> float:
     """Held-out loss of a causal LM on `docs` (nats per token): the log of the perplexity
     `moeconsol eval` reports for the held-out file (windows of `seq_len` tokens)."""
-    from moeconsol.quality import perplexity
+    from moeconsol.quality.metrics import perplexity
 
     model.eval()
     return math.log(perplexity(model, tokenizer, text_of(docs), chunk_len=seq_len).perplexity)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moeconsol.layouts import ARCHITECTURES, architecture
+from moeconsol.architectures.layouts import ARCHITECTURES, architecture
 from moeconsol.testing import derive_variant, save_model, tiny_model, tiny_tokenizer
 
 

@@ -77,7 +77,7 @@ def tiny_config(architecture: str, vocab_size: int = 320, **overrides):
     """A tiny transformers config of `architecture` (a `layouts.ARCHITECTURES` name)."""
     import transformers
 
-    from .layouts import architecture as record
+    from .architectures.layouts import architecture as record
 
     kw = dict(TINY_CONFIGS[architecture], vocab_size=vocab_size)
     kw.update(overrides)
@@ -89,7 +89,7 @@ def tiny_model(architecture: str, seed: int = 0, *, dtype: torch.dtype = torch.f
     made directly in `dtype` (no float32 copy on the way), in eval mode."""
     import transformers
 
-    from .layouts import architecture as record
+    from .architectures.layouts import architecture as record
 
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()

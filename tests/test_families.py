@@ -18,13 +18,13 @@ import pytest
 import torch
 import transformers
 
-from moeconsol.artifact import Artifact, export_model, verify_artifact
-from moeconsol.checkpoint import open_checkpoints
-from moeconsol.evaluate import EvalSettings, eval_artifact, sweep
-from moeconsol.layouts import ARCHITECTURES, architecture
-from moeconsol.merge import MergeSettings, merge
-from moeconsol.runtime import Runtime
-from moeconsol.similarity import gaussian_probes, layer_similarity
+from moeconsol.artifact.reader import Artifact, export_model, verify_artifact
+from moeconsol.io.checkpoint import open_checkpoints
+from moeconsol.quality.evaluate import EvalSettings, eval_artifact, sweep
+from moeconsol.architectures.layouts import ARCHITECTURES, architecture
+from moeconsol.consolidate.pipeline import MergeSettings, merge
+from moeconsol.serving.runtime import Runtime
+from moeconsol.analysis.similarity import gaussian_probes, layer_similarity
 from moeconsol.testing import SAMPLE_TEXT, derive_variant, experts_modules, save_model, tiny_model, tiny_tokenizer
 from cli_helpers import run_main
 
@@ -204,7 +204,7 @@ def test_every_merge_mode_serves_and_eval_sweep_score_it(family, tmp_path):
 def test_serve_local_completion_equals_transformers(family):
     from fastapi.testclient import TestClient
 
-    from moeconsol.server import create_app
+    from moeconsol.serving.server import create_app
 
     arch, root, models, changed = family
     runtime = Runtime.from_artifact(root / "lossless")

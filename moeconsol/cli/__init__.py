@@ -69,7 +69,7 @@ COMMANDS: dict[str, str] = {
     "merge": "merge", "export": "merge", "inspect": "merge", "verify": "merge",
     "serve-local": "serve",
     "eval": "evaluate", "sweep": "evaluate",
-    "serve": "cluster",
+    "serve": "ray_serve",
 }
 """Command -> the module of this package that registers it on `app`. Modules are imported
 when a command of theirs runs (`load_commands`), so a command does not pay for the others'

@@ -12,10 +12,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..checkpoint import open_checkpoints
+from ..io.checkpoint import open_checkpoints
 from ..errors import MoeconsolError
-from ..report import FULL_MATRIX_LIMIT, AnalysisReport, analyze_models, report_json, same_index_summary, write_heatmap
-from ..similarity import DEFAULT_PROBES, METRICS, check_metrics
+from ..analysis.report import FULL_MATRIX_LIMIT, AnalysisReport, analyze_models, report_json, same_index_summary, write_heatmap
+from ..analysis.similarity import DEFAULT_PROBES, METRICS, check_metrics
 from . import app
 
 

@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..evaluate import EvalReport, EvalSettings, SweepReport, eval_artifact, parse_budgets, parse_named_files, plot_sweep, sweep
-from ..writer import format_bytes
+from ..quality.evaluate import EvalReport, EvalSettings, SweepReport, eval_artifact, parse_budgets, parse_named_files, plot_sweep, sweep
+from ..io.writer import format_bytes
 from . import app
 from .progress import stage_progress
 

@@ -10,13 +10,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..artifact import Artifact, export_model, summary, verify_artifact
-from ..checkpoint import open_checkpoints
-from ..codec import XOR_ZSTD
-from ..evaluate import parse_named_files
-from ..merge import DEFAULT_SHARD_SIZE, MergeSettings
-from ..merge import merge as run_merge
-from ..writer import format_bytes, parse_size
+from ..artifact.reader import Artifact, export_model, summary, verify_artifact
+from ..io.checkpoint import open_checkpoints
+from ..artifact.nonexpert_codec import XOR_ZSTD
+from ..quality.evaluate import parse_named_files
+from ..consolidate.pipeline import DEFAULT_SHARD_SIZE, MergeSettings
+from ..consolidate.pipeline import merge as run_merge
+from ..io.writer import format_bytes, parse_size
 from . import app
 from .progress import stage_progress
 

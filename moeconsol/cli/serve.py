@@ -11,11 +11,11 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from ..engine import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TOKENS_IN_FLIGHT, DEFAULT_MAX_WAIT,
+from ..serving.engine import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TOKENS_IN_FLIGHT, DEFAULT_MAX_WAIT,
                       GenerationSettings, check_settings)
-from ..crossvariant import ServingMode
+from ..serving.crossvariant import ServingMode
 from ..errors import MoeconsolError
-from ..runtime import Runtime, parse_device, parse_dtype
+from ..serving.runtime import Runtime, parse_device, parse_dtype
 from . import app
 from .progress import stage_progress
 
@@ -73,7 +73,7 @@ def serve_local(
     settings = GenerationSettings(max_new_tokens, temperature, top_p, seed, top_k=top_k, repetition_penalty=repetition_penalty)
     check_settings(settings)
     torch_device, torch_dtype = parse_device(device), parse_dtype(dtype)
-    from ..server import bind, serve  # fastapi and uvicorn: imported only by the commands that serve
+    from ..serving.server import bind, serve  # fastapi and uvicorn: imported only by the commands that serve
 
     sock = bind(host, port) if port is not None else None  # a port in use fails now, in one line
 

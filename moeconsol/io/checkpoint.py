@@ -1,0 +1,434 @@
+"""Opening fine-tuned MoE checkpoints: resolve, index, check compatibility, read lazily.
+
+A `Checkpoint` is an index over a Hugging Face safetensors checkpoint (one file or shards
+with `model.safetensors.index.json`), local or from the hub cache. It reads nothing but
+headers until asked; then it reads one tensor (or one expert of a fused tensor) at a time.
+Expert tensors are served in the canonical per-part form of `layouts.Layout`, whatever the
+on-disk layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .digest import value_flags
+from ..errors import CheckpointError, IncompatibleModelsError, MoeconsolWarning, SettingsError, UnsafePathError
+from ..architectures.layouts import Layout, detect_layout, fused_shape, part_shape, slice_ok, split, supported
+from .safetensors_file import ITEMSIZE, TensorInfo, read_header, read_tensor
+from .safety import NAME_RULE, check_relative, is_regular_file, is_safe_name
+
+if TYPE_CHECKING:
+    import torch
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Files other than weights that make a checkpoint usable: carried into artifacts and exports.
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as given on the command line: `PATH` or `NAME=PATH` (PATH may be a hub id)."""
+
+    name: str
+    source: str
+
+
+def parse_model_ref(arg: str) -> ModelRef:
+    """Split `NAME=PATH`; without a name, the directory (or repo) name is used. A name
+    becomes a directory inside the artifact, so it must follow `safety.NAME_RULE`."""
+    if "=" in arg and not Path(arg).exists():
+        name, _, source = arg.partition("=")
+        if not name or not source:
+            raise SettingsError(f"bad model argument {arg!r}: expected PATH or NAME=PATH")
+        if not is_safe_name(name):
+            raise UnsafePathError(f"bad model name {name!r} in {arg!r}: a name must be {NAME_RULE}")
+    else:
+        source = arg
+        name = Path(arg.rstrip("/")).name or arg
+        if not is_safe_name(name):
+            raise UnsafePathError(f"{arg}: the directory name {name!r} is not a usable model name (a name must be {NAME_RULE}); give one as NAME=PATH")
+    return ModelRef(name, source)
+
+
+def resolve_checkpoint_dir(source: str, revision: str | None = None) -> Path:
+    """A local directory, or a hub repo id resolved through huggingface_hub (offline: cache)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{source}: expected a checkpoint directory, got a file")
+        return path
+    if not _REPO_ID.match(source) or source.startswith((".", "/", "~")):
+        raise CheckpointError(f"{source}: no such directory")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(
+                source,
+                revision=revision,
+                allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"],
+            )
+        )
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(
+            f"{source}: not a local directory and not in the Hugging Face cache "
+            "(download it first with `hf download`, or check HF_HOME)"
+        ) from e
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{source}: cannot resolve on the Hugging Face hub: {first}") from e
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key for tensor and layer names: numbers by value, encoder before decoder."""
+    stack = 0 if name.startswith("encoder") else 1 if name.startswith("decoder") else 0
+    return (stack, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)])
+
+
+_MAX_JSON = 100_000_000
+"""config.json and index.json larger than this (100 MB) are refused rather than parsed."""
+
+
+def read_json_file(path: Path, what: str) -> object:
+    """Parse a small JSON file of a checkpoint (config, index); never blocks on a FIFO."""
+    if not is_regular_file(path):
+        raise CheckpointError(f"{path}: not a regular file; the {what} must be a JSON file")
+    try:
+        if path.stat().st_size > _MAX_JSON:
+            raise CheckpointError(f"{path}: larger than 100 MB; not a {what} file")
+        return json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """The weight_map of a model.safetensors.index.json: tensor name -> shard file name.
+    Every shard must be a plain file name in the checkpoint directory (no `..`, no `/`)."""
+    index = read_json_file(path, "index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{path}: corrupt index (no weight_map object)")
+    for tname, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{path}: corrupt index: {tname!r} maps to {shard!r}, not a shard file name")
+        check_relative(shard, f"{path}: weight_map[{tname!r}]", plain=True)
+    return weight_map
+
+
+class Checkpoint:
+    """Index of one checkpoint; reads tensors on demand."""
+
+    def __init__(self, name: str, source: str, path: Path, revision: str | None = None):
+        self.name, self.source, self.path, self.revision = name, source, path, revision
+        self.config = self._read_config()
+        self.tensors, self.weight_map, self.shard_metadata = self._index()
+        model_type = self.config.get("model_type")
+        layout = detect_layout(list(self.tensors), model_type)
+        if layout is None:
+            raise CheckpointError(
+                f"{path}: no MoE expert tensors of a known layout (model_type {model_type!r}); "
+                f"supported: {supported()}"
+            )
+        self.layout: Layout = layout
+        self._experts: dict[tuple[str, int, str], tuple[TensorInfo, int | None, int, int]] = {}
+        self._routers: dict[str, str] = {}
+        self.expert_tensor_names: list[str] = []
+        counts: dict[str, set[int]] = {}
+        for tname, info in self.tensors.items():
+            if hit := layout.match_expert(tname):
+                layer, e, part = hit
+                if len(info.shape) != 2:
+                    raise CheckpointError(f"{path}: expert tensor {tname} has shape {list(info.shape)}; an expert part must be a 2-D matrix")
+                self._experts[(layer, e, part)] = (info, None, 0, 1)
+                counts.setdefault(layer, set()).add(e)
+                self.expert_tensor_names.append(tname)
+            elif hit := layout.match_fused(tname):
+                layer, fused = hit
+                parts = layout.fused_parts[fused]
+                if not slice_ok(layout.fused_codec, info.shape, len(parts)):
+                    raise CheckpointError(
+                        f"{path}: fused expert tensor {tname} has shape {list(info.shape)}; expected experts first, "
+                        f"then {len(parts)} equal parts ({layout.fused_codec.value})"
+                    )
+                for e in range(info.shape[0]):
+                    for k, part in enumerate(parts):
+                        self._experts[(layer, e, part)] = (info, e, k, len(parts))
+                    counts.setdefault(layer, set()).add(e)
+                self.expert_tensor_names.append(tname)
+            elif (layer := layout.match_router(tname)) is not None:
+                self._routers[layer] = tname
+        self.moe_layers: list[str] = sorted(counts, key=natural_key)
+        sizes = {len(v) for v in counts.values()}
+        if len(sizes) != 1:
+            raise CheckpointError(f"{path}: MoE layers have different expert counts {sorted(sizes)}")
+        self.num_experts: int = sizes.pop()
+        for layer, experts in counts.items():
+            if experts != set(range(self.num_experts)):
+                raise CheckpointError(f"{path}: layer {layer} has expert indices {sorted(experts)}, expected 0..{self.num_experts - 1}")
+            for e in experts:
+                for part in layout.parts:
+                    if (layer, e, part) not in self._experts:
+                        raise CheckpointError(f"{path}: layer {layer} expert {e} lacks part {part}")
+            if layer not in self._routers:
+                raise CheckpointError(f"{path}: layer {layer} has experts but no router tensor")
+        expert_names = set(self.expert_tensor_names)
+        self.non_expert_names: list[str] = [n for n in self.tensors if n not in expert_names]
+
+    # -- construction helpers -------------------------------------------------------------
+    def _read_config(self) -> dict:
+        cfg = self.path / "config.json"
+        if not cfg.exists():
+            if any(self.path.glob("*.safetensors")) or any(self.path.glob("*.bin")):
+                raise CheckpointError(f"{self.path}: no config.json; not a Hugging Face checkpoint directory")
+            raise CheckpointError(f"{self.path}: not a checkpoint (no config.json, no *.safetensors)")
+        config = read_json_file(cfg, "config")
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{cfg}: a config must be a JSON object, got {type(config).__name__}")
+        model_type = config.get("model_type")
+        if model_type is not None and not isinstance(model_type, str):
+            raise CheckpointError(f"{cfg}: model_type must be a string, got {model_type!r}")
+        return config
+
+    def _index(self) -> tuple[dict[str, TensorInfo], dict[str, str], dict[str, dict[str, str]]]:
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if index.exists():
+            weight_map = read_index(index)
+            shards = sorted(set(weight_map.values()))
+        elif single.exists():
+            shards, weight_map = ["model.safetensors"], None
+        else:
+            pickles = [p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            if pickles:
+                raise CheckpointError(
+                    f"{self.path}: only pickle weights ({', '.join(sorted(pickles))}); moeconsol reads safetensors only, "
+                    "never unpickles: convert with transformers' save_pretrained(safe_serialization=True)"
+                )
+            raise CheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+        tensors: dict[str, TensorInfo] = {}
+        metadata: dict[str, dict[str, str]] = {}
+        found: dict[str, str] = {}
+        for shard in shards:
+            shard_path = self.path / shard
+            if not shard_path.exists():
+                raise CheckpointError(f"{self.path}: shard {shard} named in the index is missing")
+            if not is_regular_file(shard_path):
+                raise CheckpointError(f"{shard_path}: not a regular file (a FIFO or device?); a shard must be a safetensors file")
+            infos, meta = read_header(shard_path)
+            metadata[shard] = meta
+            for tname, info in infos.items():
+                tensors[tname] = info
+                found[tname] = shard
+        if weight_map is not None:
+            for tname, shard in weight_map.items():
+                if found.get(tname) != shard:
+                    raise CheckpointError(f"{self.path}: index names {tname!r} in {shard} but it is not there")
+        return tensors, found, metadata
+
+    # -- reading ----------------------------------------------------------------------------
+    @property
+    def dtype(self) -> str:
+        """Safetensors dtype name of the expert tensors (e.g. "BF16")."""
+        return next(iter(self._experts.values()))[0].dtype
+
+    def expert_shape(self, part: str) -> tuple[int, ...]:
+        info, e, k, n = self._experts[(self.moe_layers[0], 0, part)]
+        return info.shape if e is None else part_shape(self.layout.fused_codec, info.shape[1:], n)
+
+    def _slice(self, info: TensorInfo, e: int) -> TensorInfo:
+        """Expert e's slice of a fused tensor: one contiguous byte range."""
+        size = math.prod(info.shape[1:]) * ITEMSIZE[info.dtype]
+        start = info.start + e * size
+        return TensorInfo(info.file, info.dtype, info.shape[1:], start, start + size)
+
+    def part_info(self, layer: str, expert: int, part: str) -> TensorInfo:
+        """Where one canonical expert part lives on disk, for a `layout.contiguous` layout: one
+        contiguous byte range (a whole per-expert tensor, or part k of expert e's slice of a
+        fused tensor)."""
+        info, e, k, n = self._experts[(layer, expert, part)]
+        if e is None:
+            return info
+        if not self.layout.contiguous:
+            raise ValueError(f"{self.layout.name}: expert parts are not byte ranges; read them with expert()")
+        piece = self._slice(info, e)
+        size = (piece.end - piece.start) // n
+        shape = part_shape(self.layout.fused_codec, piece.shape, n)
+        return TensorInfo(info.file, info.dtype, shape, piece.start + k * size, piece.start + (k + 1) * size)
+
+    def expert_infos(self, layer: str, expert: int) -> dict[str, TensorInfo]:
+        """Every canonical part of one expert, as byte ranges (nothing is read)."""
+        return {part: self.part_info(layer, expert, part) for part in self.layout.parts}
+
+    def expert_part(self, layer: str, expert: int, part: str) -> torch.Tensor:
+        """One canonical 2-D expert matrix, read from disk now."""
+        if not self.layout.contiguous:
+            return self.expert(layer, expert)[part]
+        return read_tensor(self.part_info(layer, expert, part))
+
+    def expert(self, layer: str, expert: int) -> dict[str, torch.Tensor]:
+        """All canonical parts of one expert, read from disk now (only their bytes: a
+        fused tensor is never read whole)."""
+        if self.layout.contiguous:
+            return {part: read_tensor(info) for part, info in self.expert_infos(layer, expert).items()}
+        out: dict[str, torch.Tensor] = {}
+        for part in self.layout.parts:
+            if part in out:
+                continue
+            info, e, _, n = self._experts[(layer, expert, part)]
+            fused = next(ps for ps in self.layout.fused_parts.values() if part in ps)
+            pieces = split(self.layout.fused_codec, read_tensor(self._slice(info, e)), n)
+            out.update({p: t.contiguous() for p, t in zip(fused, pieces)})
+        return {part: out[part] for part in self.layout.parts}
+
+    def router_name(self, layer: str) -> str:
+        return self._routers[layer]
+
+    def read(self, name: str) -> torch.Tensor:
+        """Any tensor by its on-disk name."""
+        return read_tensor(self.tensors[name])
+
+    def side_files(self) -> list[Path]:
+        """config, generation config and tokenizer files present beside the weights."""
+        return [self.path / f for f in SIDE_FILES if (self.path / f).is_file()]
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.name!r}, {self.layout.name}, {len(self.moe_layers)} MoE layers x {self.num_experts} experts)"
+
+
+def open_checkpoint(arg: str, revision: str | None = None) -> Checkpoint:
+    ref = parse_model_ref(arg)
+    path = resolve_checkpoint_dir(ref.source, revision)
+    return Checkpoint(ref.name, ref.source, path, revision)
+
+
+def open_checkpoints(args: list[str], revision: str | None = None) -> list[Checkpoint]:
+    """Open every model, then check they can be consolidated together."""
+    if not args:
+        raise SettingsError("no models given")
+    ckpts = [open_checkpoint(a, revision) for a in args]
+    names = [c.name for c in ckpts]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise SettingsError(f"two models are both named {dup!r}: give names with NAME=PATH")
+    check_compatible(ckpts)
+    return ckpts
+
+
+def check_compatible(ckpts: list[Checkpoint]) -> None:
+    """Raise naming the first difference that prevents consolidating these models."""
+    ref = ckpts[0]
+    ref_tensors = {ref.layout.canonical_name(n): ref.tensors[n].shape for n in ref.non_expert_names}
+    for c in ckpts[1:]:
+        pair = f"{c.name!r} vs {ref.name!r}"
+        if c.layout.architecture != ref.layout.architecture:
+            raise IncompatibleModelsError(f"mixed architectures: {pair}: {c.layout.architecture} vs {ref.layout.architecture}")
+        if c.num_experts != ref.num_experts:
+            raise IncompatibleModelsError(f"expert count mismatch: {pair}: {c.num_experts} vs {ref.num_experts}")
+        if c.moe_layers != ref.moe_layers:
+            raise IncompatibleModelsError(f"MoE layer mismatch: {pair}: {len(c.moe_layers)} vs {len(ref.moe_layers)} layers")
+        for part in ref.layout.parts:
+            if c.expert_shape(part) != ref.expert_shape(part):
+                raise IncompatibleModelsError(
+                    f"shape mismatch: {pair}: expert part {part} is {list(c.expert_shape(part))} vs {list(ref.expert_shape(part))}"
+                )
+        if c.dtype != ref.dtype:
+            raise IncompatibleModelsError(f"dtype mismatch: {pair}: experts are {c.dtype} vs {ref.dtype}")
+        tensors = {c.layout.canonical_name(n): c.tensors[n].shape for n in c.non_expert_names}
+        for name in sorted(set(tensors) | set(ref_tensors), key=natural_key):
+            if name not in tensors or name not in ref_tensors:
+                where = c.name if name not in tensors else ref.name
+                raise IncompatibleModelsError(f"tensor mismatch: {pair}: {name} is missing from {where!r}")
+            if tensors[name] != ref_tensors[name]:
+                raise IncompatibleModelsError(f"shape mismatch: {pair}: {name} is {list(tensors[name])} vs {list(ref_tensors[name])}")
+
+
+def check_config(ckpt: Checkpoint) -> None:
+    """Refuse a config.json that disagrees with the checkpoint's tensors (layer count, expert
+    count, sizes): the model transformers builds from the config, on the meta device (no
+    memory), must have exactly the checkpoint's tensors with the same shapes. Otherwise an
+    artifact would be written that no runtime can load."""
+    import torch
+    import transformers
+
+    record = ckpt.layout.record
+    config_class, model_class = getattr(transformers, record.config_class), getattr(transformers, record.model_class)
+    try:
+        config = config_class(**{k: v for k, v in ckpt.config.items() if k not in ("architectures", "transformers_version")})
+        with torch.device("meta"):
+            model = model_class(config)
+    except Exception as e:  # transformers raises many kinds of errors for bad config values
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{ckpt.path / 'config.json'}: transformers cannot build a model from it: {first}") from e
+    layouts = record.layouts
+    have = {ckpt.layout.canonical_name(n): ckpt.tensors[n].shape for n in ckpt.non_expert_names}
+    groups: dict[int, list[str]] = {}
+    problems: list[str] = []
+    moe_layers: set[str] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        shape = tuple(tensor.shape)
+        fused = next((hit for x in layouts if (hit := x.match_fused(name))), None)
+        expert = next((hit for x in layouts if (hit := x.match_expert(name))), None)
+        if fused is not None:
+            layer, kind = fused
+            fused_layout = next(x for x in layouts if kind in x.fused_parts)
+            parts = fused_layout.fused_parts[kind]
+            want = fused_shape(fused_layout.fused_codec, [ckpt.expert_shape(p) for p in parts], ckpt.num_experts)
+            moe_layers.add(layer)
+        elif expert is not None:
+            layer, e, part = expert
+            want = ckpt.expert_shape(part)
+            moe_layers.add(layer)
+            if e >= ckpt.num_experts:
+                problems.append(f"it has {e + 1} or more experts per layer, the weights {ckpt.num_experts}")
+        else:
+            groups.setdefault(id(tensor), []).append(name)
+            if name in have and have[name] != shape:
+                problems.append(f"{name} is {list(have[name])} in the weights, {list(shape)} by the config")
+            continue
+        if want != shape:
+            problems.append(f"{name} is {list(want)} in the weights, {list(shape)} by the config")
+    if moe_layers != set(ckpt.moe_layers):
+        problems.append(f"it has MoE layers {sorted(moe_layers, key=natural_key)}, the weights {ckpt.moe_layers}")
+    known = {n for group in groups.values() for n in group}
+    problems += [f"it has no tensor {n}" for n in sorted(set(have) - known, key=natural_key)]
+    problems += [f"the weights lack {group[0]}" for group in groups.values() if not any(n in have for n in group)]
+    if problems:
+        raise CheckpointError(f"{ckpt.path / 'config.json'} disagrees with the weights: {problems[0]}; fix the config or the weights")
+
+
+def warn_unusual_values(model: str, layer: str, expert: int, part: str, tensor: torch.Tensor) -> None:
+    """Warn (MoeconsolWarning) about an expert part holding NaN or infinite values, or only
+    zeros: usable, but almost certainly not what was fine-tuned."""
+    warn_unusual(model, layer, expert, part, *value_flags(tensor))
+
+
+def warn_unusual(model: str, layer: str, expert: int, part: str, finite: bool, nonzero: bool) -> None:
+    """`warn_unusual_values` from flags already computed (`digest.value_flags`)."""
+    where = f"model {model!r}: {layer} expert {expert} part {part}"
+    if not finite:
+        warnings.warn(f"{where} holds NaN or infinite values; check the checkpoint", MoeconsolWarning, stacklevel=3)
+    elif not nonzero:
+        warnings.warn(f"{where} is all zero; check the checkpoint", MoeconsolWarning, stacklevel=3)

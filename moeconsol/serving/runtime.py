@@ -1,0 +1,985 @@
+"""Serve N consolidated variants from one resident model: the bank stays, the rest swaps.
+
+The runtime builds one transformers model (the record's model class: MixtralForCausalLM,
+Qwen3MoeForCausalLM, ... SwitchTransformersForConditionalGeneration) whose MoE blocks run a
+shared **expert bank**
+through a per-layer **slot map** (expert index -> bank index). Every variant's non-expert
+tensors (attention, norms, embeddings, LM head, routers) wait in host memory (pinned on
+CUDA); activating a variant copies the tensors that differ into the resident parameters in
+place and rewrites the slot maps. Nothing is re-allocated, the model is never rebuilt and
+the experts never move, so generation, KV cache and sampling stay transformers' own.
+
+The core does not know the artifact format: it takes a `Family` (configs, bank sizes, a
+function that reads one bank expert, a function that reads one stored tensor, and each
+variant's slot maps and tensor keys). `Family.from_artifact` adapts a merged artifact;
+`Family.from_models` consolidates in-memory transformers models losslessly.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .crossvariant import (ServingMode, VariantRows, cross_bank_class, cross_onehot_bank_class, per_variant_bias_class,
+                           per_variant_class, position_bias_owner, row_wise)
+from ..artifact.corrections import corrected
+from ..errors import ArtifactError, MoeconsolError, SettingsError, UnknownModelError
+from ..artifact.manifest import DeltaEntry
+from ..architectures.layouts import Architecture, BankKind, architecture, join, split, supported
+
+# Config keys that may differ between variants without changing what the model computes.
+_IGNORED_CONFIG_KEYS = {
+    "_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype", "use_cache",
+    "output_router_logits", "router_aux_loss_coef", "router_z_loss_coef", "_commit_hash",
+    "id2label", "label2id", "output_attentions", "output_hidden_states", "return_dict",
+}
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """`--dtype` value -> torch dtype (None stays None: use the checkpoints' own dtype)."""
+    if name is None:
+        return None
+    try:
+        return _DTYPES[name.lower()]
+    except KeyError:
+        raise SettingsError(f"unknown dtype {name!r}: use float32, bfloat16 or float16") from None
+
+
+def parse_device(name: str) -> torch.device:
+    """`--device` value -> torch device, checking that it exists on this machine."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SettingsError(f"unknown device {name!r}: use cpu or cuda (cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SettingsError(f"unsupported device {name!r}: use cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingsError(f"device {name}: no CUDA device is available on this machine; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SettingsError(f"device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return device
+
+
+# -- the bank modules: transformers' experts, fed bank indices -------------------------------
+
+
+class BankExperts:
+    """Mixin of every bank module: an experts module of transformers' own class holding K
+    bank experts instead of E, plus a `slot_map` buffer [E] (expert index -> bank index)."""
+
+    slot_map: torch.Tensor
+
+
+def _fused_bank_class(experts_class: type, record: Architecture) -> type:
+    """A bank over any experts class of transformers 5's experts interface (Mixtral, Qwen2/3-MoE,
+    OLMoE, DeepSeek-V2/V3, gpt-oss): its per-expert parameters (`gate_up_proj`, `down_proj`,
+    gpt-oss' biases: first dim E) resized to K entries. The router's expert indices go through
+    the slot map, then transformers' own experts implementation runs on the bank. Which
+    canonical parts each parameter holds, and how, is the record's in-memory layout."""
+    layout = record.memory_layout
+
+    class FusedBankExperts(BankExperts, experts_class):
+        def __init__(self, config, bank_size: int):
+            super().__init__(config)
+            experts = self.num_experts
+            for name, p in list(self.named_parameters(recurse=False)):
+                if p.shape[0] == experts:
+                    setattr(self, name, nn.Parameter(p.new_empty(bank_size, *p.shape[1:])))
+            self.num_experts = bank_size
+            self.register_buffer("slot_map", torch.arange(experts), persistent=False)
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return super().forward(hidden_states, self.slot_map[top_k_index], top_k_weights)
+
+        @torch.no_grad()
+        def load_expert(self, k: int, parts: dict[str, torch.Tensor]) -> None:
+            for name, names in layout.fused_parts.items():
+                getattr(self, name)[k].copy_(join(layout.fused_codec, [parts[p] for p in names]))
+
+    FusedBankExperts.__name__ = FusedBankExperts.__qualname__ = f"{experts_class.__name__}Bank"
+    return FusedBankExperts
+
+
+def _switch_bank_class(experts_class: type, record: Architecture) -> type:
+    class SwitchBankExperts(BankExperts, experts_class):
+        """SwitchTransformersExperts holding K bank experts (`expert_{k}`: wi, wo) plus a
+        `slot_map` buffer [E]. The router's one-hot choice over E experts is folded onto the
+        K bank entries (a token routed to expert e goes to bank entry slot_map[e])."""
+
+        def __init__(self, config, bank_size: int):
+            experts = config.num_experts
+            super().__init__(_bank_config(config, "num_experts", bank_size))
+            self.register_buffer("slot_map", torch.arange(experts), persistent=False)
+
+        def forward(self, hidden_states, selected_experts, routing_weights):
+            folded = selected_experts.new_zeros(*selected_experts.shape[:-1], self.num_experts)
+            folded.index_add_(-1, self.slot_map, selected_experts)
+            return super().forward(hidden_states, folded, routing_weights)
+
+        @torch.no_grad()
+        def load_expert(self, k: int, parts: dict[str, torch.Tensor]) -> None:
+            self[f"expert_{k}"].wi.weight.copy_(parts["wi"])
+            self[f"expert_{k}"].wo.weight.copy_(parts["wo"])
+
+    return SwitchBankExperts
+
+
+def _bank_config(config, attr: str, bank_size: int):
+    cfg = copy.copy(config)
+    setattr(cfg, attr, bank_size)
+    return cfg
+
+
+_BANK_CLASSES = {BankKind.FUSED: _fused_bank_class, BankKind.MODULES: _switch_bank_class}
+_CROSS_BANK_CLASSES = {BankKind.FUSED: cross_bank_class, BankKind.MODULES: cross_onehot_bank_class}
+"""cross-variant batching: the bank class's subclass that looks slot maps up per token"""
+
+
+@functools.cache
+def bank_class(architecture_name: str, experts_class: type) -> type:
+    """The bank module class for one experts class of one architecture (made once)."""
+    record = architecture(architecture_name)
+    return _BANK_CLASSES[record.bank](experts_class, record)
+
+
+def canonical_experts(record: Architecture, experts: nn.Module) -> list[dict[str, torch.Tensor]]:
+    """Every expert of a transformers experts module in canonical per-part form (views)."""
+    if record.bank is BankKind.MODULES:
+        w_in, w_out = record.part("in"), record.part("out")
+        return [{w_in: experts[f"expert_{e}"].wi.weight, w_out: experts[f"expert_{e}"].wo.weight} for e in range(len(experts))]
+    layout = record.memory_layout
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(experts.num_experts)]
+    for name, names in layout.fused_parts.items():
+        for e, slice_ in enumerate(getattr(experts, name)):
+            out[e].update(zip(names, split(layout.fused_codec, slice_, len(names))))
+    return [{p: parts[p] for p in layout.parts} for parts in out]
+
+
+def _record(name: str) -> Architecture:
+    try:
+        return architecture(name)
+    except KeyError:
+        raise ArtifactError(f"the runtime serves {supported()}, not {name!r}") from None
+
+
+# -- what the runtime serves, independent of the file format ---------------------------------
+
+
+@dataclass
+class Variant:
+    """One servable model: its config, its slot maps and where its non-expert tensors are."""
+
+    name: str
+    config: dict
+    slot_maps: dict[str, list[int]]
+    """MoE layer id -> bank index of each expert index"""
+    tensors: dict[str, str]
+    """transformers in-memory parameter name -> stored key (equal keys mean equal tensors)"""
+    model_dir: Path | None = None
+    """config, generation config and tokenizer files"""
+    tokenizer: Any = None
+    generation_config: Any = None
+    deltas: dict[str, list[DeltaEntry]] = field(default_factory=dict)
+    """MoE layer id -> the slots served by their bank entry plus a compressed correction
+    (deltas.py); the components are read by stored key through `Family.read`"""
+
+
+@dataclass
+class Family:
+    """Everything the runtime needs: a bank per MoE layer and the variants that share it."""
+
+    architecture: str
+    layers: list[str]
+    """MoE layer ids; f"{layer}.mlp" is the MoE block"""
+    bank_sizes: dict[str, int]
+    bank_expert: Callable[[str, int], dict[str, torch.Tensor]]
+    """(layer, bank index) -> canonical expert parts, read now"""
+    read: Callable[[str], torch.Tensor]
+    """stored key -> tensor, read now"""
+    variants: dict[str, Variant]
+    dtype: torch.dtype
+    """dtype the tensors are stored in"""
+
+    @classmethod
+    def from_artifact(cls, path: str | Path) -> "Family":
+        """Adapt a `moeconsol merge` artifact (read lazily, tensor by tensor)."""
+        from ..artifact.reader import Artifact
+
+        art = Artifact.open(path)
+        variants = {
+            name: Variant(
+                name=name,
+                config=art.config(name),
+                slot_maps={layer: list(art.slot_map(name, layer)) for layer in art.layers},
+                tensors=dict(art.non_expert_keys(name)),
+                model_dir=art.model_dir(name),
+                deltas={layer: art.deltas(name, layer) for layer in art.layers if art.deltas(name, layer)},
+            )
+            for name in art.model_names
+        }
+        return cls(
+            architecture=art.architecture,
+            layers=list(art.layers),
+            bank_sizes={layer: art.bank_size(layer) for layer in art.layers},
+            bank_expert=art.bank_expert,
+            read=art.read,
+            variants=variants,
+            dtype=_stored_dtype(art.manifest.get("dtype")),
+        )
+
+    @classmethod
+    def from_models(cls, models: dict[str, nn.Module], tokenizers: dict[str, Any] | None = None) -> "Family":
+        """Consolidate in-memory transformers models losslessly: bit-identical experts share
+        one bank entry, bit-identical non-expert tensors share one key."""
+        if not models:
+            raise SettingsError("no models given")
+        first = next(iter(models.values()))
+        architecture = first.config.model_type
+        record = _record(architecture)
+        layers = moe_layers(first)
+        bank: dict[str, list[dict[str, torch.Tensor]]] = {layer: [] for layer in layers}
+        stored: dict[str, torch.Tensor] = {}
+        versions: dict[str, list[str]] = {}
+        variants = {}
+        for name, model in models.items():
+            slot_maps = {}
+            for layer in layers:
+                experts = model.get_submodule(f"{layer}.mlp.experts")
+                slots = []
+                for parts in canonical_experts(record, experts):
+                    parts = {p: t.detach() for p, t in parts.items()}
+                    hit = next((k for k, b in enumerate(bank[layer]) if all(torch.equal(b[p], parts[p]) for p in parts)), None)
+                    if hit is None:
+                        bank[layer].append(parts)
+                        hit = len(bank[layer]) - 1
+                    slots.append(hit)
+                slot_maps[layer] = slots
+            keys = {}
+            for tname, tensor in model.state_dict().items():
+                if any(tname.startswith(f"{layer}.mlp.experts.") for layer in layers):
+                    continue
+                seen = versions.setdefault(tname, [])
+                key = next((k for k in seen if torch.equal(stored[k], tensor)), None)
+                if key is None:
+                    key = f"{tname}@{len(seen)}"
+                    seen.append(key)
+                    stored[key] = tensor.detach()
+                keys[tname] = key
+            variants[name] = Variant(
+                name=name,
+                config=model.config.to_dict(),
+                slot_maps=slot_maps,
+                tensors=keys,
+                tokenizer=(tokenizers or {}).get(name),
+                generation_config=copy.deepcopy(model.generation_config),
+            )
+        return cls(
+            architecture=architecture,
+            layers=layers,
+            bank_sizes={layer: len(b) for layer, b in bank.items()},
+            bank_expert=lambda layer, k: bank[layer][k],
+            read=lambda key: stored[key],
+            variants=variants,
+            dtype=next(first.parameters()).dtype,
+        )
+
+
+def _stored_dtype(name: str | None) -> torch.dtype:
+    table = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+    if name not in table:
+        raise ArtifactError(f"artifact manifest has expert dtype {name!r}; the runtime serves F32, BF16 and F16")
+    return table[name]
+
+
+def moe_layers(model: nn.Module) -> list[str]:
+    """MoE layer ids of a transformers model: the prefixes of its `mlp` blocks that route."""
+    return [name[: -len(".mlp")] for name, m in model.named_modules() if name.endswith(".mlp") and hasattr(m, "experts")]
+
+
+# -- reports ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SwapReport:
+    """What one activation cost. A no-op (already active) has seconds == 0 and bytes == 0."""
+
+    model: str
+    previous: str
+    seconds: float
+    bytes_moved: int
+    tensors_copied: int
+    tensors_skipped: int
+    slot_maps_changed: int
+    experts_corrected: int = 0
+    """Private bank entries written with bank + delta for the new variant (computed on the device)."""
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class ResidentBytes:
+    bank: int
+    non_expert: int
+    host: int
+    """all variants' non-expert tensors waiting in host memory (each stored key once)"""
+    deltas: int = 0
+    """every variant's compressed delta components, resident on the device (the private
+    bank entries they are applied into count in `bank`)"""
+
+    @property
+    def total(self) -> int:
+        return self.bank + self.non_expert + self.deltas
+
+    def to_dict(self) -> dict:
+        return {"bank": self.bank, "non_expert": self.non_expert, "deltas": self.deltas, "total": self.total, "host": self.host}
+
+
+# Generation lives in engine.py; these names stay importable from here.
+from .engine import Completion, GenerationSettings, check_settings  # noqa: E402,F401
+
+
+# -- the runtime ------------------------------------------------------------------------------
+
+
+_ALIGN_BYTES = 64
+"""each resident tensor starts on a 64-byte boundary of its flat buffer"""
+
+
+@dataclass
+class _Flat:
+    """The resident non-expert tensors of one dtype: views into one flat device buffer. The
+    tensors whose stored key is not the same in every variant come first, in
+    `buffer[:swap_numel]`; a swap copies that region with one copy. The tensors every variant
+    shares follow; they are loaded once and never move."""
+
+    buffer: torch.Tensor
+    offsets: dict[str, int]
+    """target name -> element offset in `buffer`"""
+    swappable: list[str]
+    shared: list[str]
+    swap_numel: int
+
+    def __post_init__(self) -> None:
+        # what a swap overwrites, sliced once: a swap issues nothing but its copies
+        self.swap_region = self.buffer[: self.swap_numel]
+
+    def view(self, name: str, shape: torch.Size) -> torch.Tensor:
+        offset = self.offsets[name]
+        return self.buffer[offset : offset + shape.numel()].view(shape)
+
+
+class Runtime:
+    """One resident model serving every variant of a `Family`."""
+
+    def __init__(
+        self,
+        family: Family,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        active: str | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+        mode: ServingMode = ServingMode.SWAP,
+    ):
+        if not family.variants:
+            raise ArtifactError("the artifact holds no models")
+        self.family = family
+        self.mode = ServingMode(mode)
+        self.device = parse_device(str(device)) if not isinstance(device, torch.device) else device
+        self.dtype = dtype or family.dtype
+        self.names = list(family.variants)
+        active = active or self.names[0]
+        self.check_model(active)
+        _check_configs(family)
+        config_class, model_class = _record(family.architecture).transformers_classes()
+        self._delta_offsets = _delta_offsets(family, self.mode)
+        self._private = _private_entries(family, self._delta_offsets)
+        self.model = _build_skeleton(family, config_class, model_class, active, self.dtype, self._private)
+        self._banks: dict[str, nn.Module] = {layer: self.model.get_submodule(f"{layer}.mlp.experts") for layer in family.layers}
+        self._through_model_dtype = _self_casting_router_weights(self.model, family)
+        self._allocate()
+        _finish_resident(self.model)
+        self._targets = _swap_targets(self.model, self._banks)
+        self._slot_maps = _slot_map_tensors(family, self.device, _served_slot_maps(family, self._delta_offsets))
+        self._host = self._load_host_tensors(progress)
+        self._load_bank(progress)
+        self._deltas = self._load_deltas()
+        self._tokenizers: dict[str, Any] = {}
+        self.swaps: list[SwapReport] = []
+        self.active = ""
+        self._install(active)
+        self._rows: VariantRows | None = None
+        self._set_buffers: list[dict[torch.dtype, torch.Tensor]] = []
+        if self.mode is ServingMode.CROSS_VARIANT:
+            self._make_all_resident()
+
+    @classmethod
+    def from_artifact(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, active: str | None = None, progress=None,
+                      mode: ServingMode = ServingMode.SWAP) -> "Runtime":
+        return cls(Family.from_artifact(path), device=device, dtype=dtype, active=active, progress=progress, mode=mode)
+
+    # -- loading ----------------------------------------------------------------------------
+    def _allocate(self) -> None:
+        """Lay out the skeleton's non-expert tensors in one flat buffer per dtype (the ones
+        that differ between variants first), then give every meta tensor its storage on the
+        device: non-expert tensors become views into their flat buffer, the slot maps rows of
+        one [layers, experts] table, the bank and the rest fresh tensors. Nothing is
+        allocated twice."""
+        targets = _swap_targets(self.model, self._banks)
+        self._keys = {name: _resolve_keys(self.model, targets, v) for name, v in self.family.variants.items()}
+        self._flats = _plan_flats(targets, self._keys, self.device)
+        experts = len(next(iter(self._banks.values())).slot_map)
+        self._slot_table = torch.empty(len(self._banks), experts, dtype=torch.long, device=self.device)
+        views = {id(t): self._flats[t.dtype].view(name, t.shape) for name, t in targets.items()}
+        views.update({id(m.slot_map): self._slot_table[i] for i, m in enumerate(self._banks.values())})
+        _materialize(self.model, self.device, views)
+
+    @torch.no_grad()
+    def _load_host_tensors(self, progress) -> dict[str, dict[torch.dtype, torch.Tensor]]:
+        """Each variant's swappable tensors in one flat host buffer per dtype (pinned on CUDA),
+        laid out as the device buffer's swap region and filled tensor by tensor; variants whose
+        swappable tensors all have the same stored keys share one buffer. The tensors every
+        variant shares are read once, straight into the device buffer."""
+        pin = self.device.type == "cuda"
+        signatures = {  # (variant, dtype) -> what its host buffer holds
+            (name, dtype): (dtype, *(self._keys[name][t] for t in flat.swappable))
+            for dtype, flat in self._flats.items() for name in self.names
+        }
+        total = sum(len(self._flats[sig[0]].swappable) for sig in set(signatures.values()))
+        total += sum(len(f.shared) for f in self._flats.values())
+        done = 0
+
+        def fill(buffer: torch.Tensor, flat: _Flat, tensor_names: list[str], variant: str) -> None:
+            nonlocal done
+            for tname in tensor_names:
+                target = self._targets[tname]
+                stored = self.family.read(self._keys[variant][tname])
+                if stored.shape != target.shape:
+                    raise ArtifactError(f"model {variant!r}: {tname} is {list(stored.shape)}, the model needs {list(target.shape)}")
+                if tname in self._through_model_dtype and stored.is_floating_point():
+                    stored = stored.to(self.dtype)  # as transformers loads it, before its router casts it
+                offset = flat.offsets[tname]
+                buffer[offset : offset + target.numel()].view(target.shape).copy_(stored)
+                done += 1
+                if progress:
+                    progress("non-expert tensors", done, total)
+
+        host: dict[str, dict[torch.dtype, torch.Tensor]] = {name: {} for name in self.names}
+        built: dict[tuple, torch.Tensor] = {}
+        for dtype, flat in self._flats.items():
+            for name in self.names:
+                signature = signatures[name, dtype]
+                if signature not in built:
+                    built[signature] = torch.zeros(flat.swap_numel, dtype=dtype, pin_memory=pin)
+                    fill(built[signature], flat, flat.swappable, name)
+                host[name][dtype] = built[signature]
+            fill(flat.buffer, flat, flat.shared, self.names[0])
+        return host
+
+    @torch.no_grad()
+    def _load_bank(self, progress) -> None:
+        total = sum(self.family.bank_sizes.values())
+        done = 0
+        for layer, module in self._banks.items():
+            for k in range(self.family.bank_sizes[layer]):
+                module.load_expert(k, self.family.bank_expert(layer, k))
+                done += 1
+                if progress:
+                    progress("expert bank", done, total)
+
+    def _load_deltas(self) -> dict[str, dict[str, list[tuple[DeltaEntry, dict[str, dict[str, torch.Tensor]]]]]]:
+        """Every variant's compressed delta components, on the device (they are small)."""
+        out: dict[str, dict[str, list]] = {}
+        for name, variant in self.family.variants.items():
+            out[name] = {
+                layer: [(x, {p: {c: self.family.read(key).to(self.device) for c, key in comps.items()} for p, comps in x.keys.items()}) for x in entries]
+                for layer, entries in variant.deltas.items()
+            }
+        return out
+
+    @torch.no_grad()
+    def _apply_deltas(self, name: str) -> int:
+        """Write `name`'s corrected experts (bank entry + decoded delta, `deltas.corrected`,
+        on the device) into each layer's private bank entries; returns how many."""
+        record = _record(self.family.architecture)
+        done = 0
+        for layer, entries in self._deltas[name].items():
+            module = self._banks[layer]
+            views = canonical_experts(record, module)
+            size = self.family.bank_sizes[layer] + self._delta_offsets[name].get(layer, 0)
+            for j, (x, comps) in enumerate(entries):
+                bank = views[x.bank]
+                module.load_expert(size + j, {p: corrected(bank[p], comps[p], x.format, x.size) for p in bank})
+                done += 1
+        return done
+
+    @torch.no_grad()
+    def _install(self, name: str) -> None:
+        """First activation: copy every swap region and the slot maps of `name`."""
+        for dtype, flat in self._flats.items():
+            flat.swap_region.copy_(self._host[name][dtype])
+        self._slot_table.copy_(self._slot_maps[name])
+        for other in (self.names if self.mode is ServingMode.CROSS_VARIANT else [name]):
+            self._apply_deltas(other)  # cross-variant: every variant's corrected experts, each in its own entries
+        self._set_generation_config(name)
+        self.active = name
+        self._sync()
+
+    # -- cross-variant batching (crossvariant.py) ---------------------------------------------
+    @torch.no_grad()
+    def _make_all_resident(self) -> None:
+        """Every variant's swap regions on the device, each distinct one once (the installed
+        variant's is the flat buffer's own swap region), and every module that owns a
+        differing tensor made per-variant; the bank looks slot maps up per token in one
+        table [V, E] per layer. The host buffers are not needed any more."""
+        installed = self.active
+        signature = {n: tuple(id(self._host[n][d]) for d in self._flats) for n in self.names}
+        sets: dict[tuple, int] = {}
+        for n in [installed, *self.names]:
+            sets.setdefault(signature[n], len(sets))
+        self._set_of = {n: sets[signature[n]] for n in self.names}
+        first = {s: next(n for n in self.names if self._set_of[n] == s) for s in range(len(sets))}
+        self._set_buffers = [
+            {d: flat.swap_region if s == 0 else self._host[first[s]][d].to(self.device)
+             for d, flat in self._flats.items()}
+            for s in range(len(sets))
+        ]
+        self._host = {}
+        self._rows = VariantRows(self.device, resident_set=0)
+        self._rows.set_default(self.names.index(installed), 0)
+        # one view per (tensor, set); a tensor several modules share (tied weights) stays one object per set
+        swappable = {id(self._targets[t]): t for flat in self._flats.values() for t in flat.swappable}
+        per_set: dict[int, list[torch.Tensor]] = {}
+        for tid, tname in swappable.items():
+            target = self._targets[tname]
+            flat = self._flats[target.dtype]
+            views = [target]
+            for buffers in self._set_buffers[1:]:
+                offset = flat.offsets[tname]
+                view = buffers[target.dtype][offset : offset + target.numel()].view(target.shape)
+                views.append(nn.Parameter(view, requires_grad=target.requires_grad) if isinstance(target, nn.Parameter) else view)
+            per_set[tid] = views
+        for mname, module in self.model.named_modules():
+            if isinstance(module, BankExperts):
+                continue
+            own = [(table, attr, t) for table in ("_parameters", "_buffers") for attr, t in getattr(module, table).items()
+                   if t is not None and id(t) in per_set]
+            if not own:
+                continue
+            tensors = [[(table, attr, per_set[id(t)][s]) for table, attr, t in own] for s in range(len(sets))]
+            bias = position_bias_owner(self.model, mname)
+            if bias is not None:  # fed positions, not rows: its owner computes the bias per variant group
+                owner, child, method = bias
+                owner.__class__ = per_variant_bias_class(type(owner), child, method)
+                owner._xv_rows, owner._xv_bias = self._rows, tensors
+                continue
+            if not row_wise(module):
+                raise SettingsError(
+                    f"cross-variant batching cannot serve {type(module).__name__} ({mname}): it owns a tensor that differs "
+                    f"between variants ({own[0][1]}) and takes more than one input; serve this artifact in swap mode")
+            module.__class__ = per_variant_class(type(module))
+            module._xv_rows = self._rows
+            module._xv_tensors = tensors
+        tables = torch.stack([self._slot_maps[n] for n in self.names], dim=1).to(self.device)  # [layers, V, E]
+        for i, bank in enumerate(self._banks.values()):
+            bank.__class__ = _CROSS_BANK_CLASSES[_record(self.family.architecture).bank](type(bank))
+            bank._xv_rows = self._rows
+            bank.variant_slots = tables[i]
+
+    def variant_group(self, name: str) -> int:
+        """Cross-variant: the group `name`'s rows run in (variants whose differing non-expert
+        tensors are all equal share one); swap mode: 0."""
+        return self._set_of[name] if self._rows is not None else 0
+
+    @contextmanager
+    def variant_rows(self, names: list[str]):
+        """The next forwards' sequence i is of variant `names[i]`. Swap mode: every name must be
+        the active variant's (one forward serves one variant); cross-variant: any mix."""
+        if self._rows is None:
+            wrong = next((n for n in names if n != self.active), None)
+            if wrong is not None:
+                raise MoeconsolError(f"a batch row of {wrong!r} while {self.active!r} is active: mixing variants in one "
+                                     "forward needs cross-variant batching")
+            yield
+            return
+        for n in names:
+            self.check_model(n)
+        self._rows.set([self.names.index(n) for n in names], [self._set_of[n] for n in names])
+        try:
+            yield
+        finally:
+            self._rows.clear()
+
+    # -- swapping ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def activate(self, name: str) -> SwapReport:
+        """Make `name` the served model: one copy per dtype of its swappable tensors into the
+        resident buffer's swap region (none when its host buffer is the active model's) and one
+        copy of the slot-map table if it differs. Free if already active."""
+        self.check_model(name)
+        previous = self.active
+        if name == previous:
+            return SwapReport(name, previous, 0.0, 0, 0, len(self._targets), 0)
+        if self._rows is not None:  # cross-variant: everything is resident; `name` becomes the default rows' variant
+            self._rows.set_default(self.names.index(name), self._set_of[name])
+            self._set_generation_config(name)
+            self.active = name
+            return SwapReport(name, previous, 0.0, 0, 0, len(self._targets), 0)
+        self._sync()
+        start = time.perf_counter()
+        moved = copied = 0
+        for dtype, flat in self._flats.items():
+            source = self._host[name][dtype]
+            if source is not self._host[previous][dtype]:
+                _copy_into(flat.swap_region, source)
+                moved += _nbytes(source)
+                copied += len(flat.swappable)
+        maps = self._slot_maps[name]
+        if maps is not self._slot_maps[previous]:
+            _copy_into(self._slot_table, maps)
+            moved += _nbytes(maps)
+        corrected_experts = self._apply_deltas(name)
+        self._sync()
+        seconds = time.perf_counter() - start
+        old, new = self.family.variants[previous].slot_maps, self.family.variants[name].slot_maps
+        changed = sum(old[layer] != new[layer] for layer in self.family.layers)
+        self._set_generation_config(name)
+        self.active = name
+        report = SwapReport(name, previous, seconds, moved, copied, len(self._targets) - copied, changed, corrected_experts)
+        self.swaps.append(report)
+        return report
+
+    def swap_bytes(self, a: str, b: str) -> int:
+        """Bytes a swap from `a` to `b` copies (what `activate` reports as bytes_moved)."""
+        if a == b or self._rows is not None:
+            return 0
+        moved = sum(_nbytes(self._host[b][d]) for d in self._flats if self._host[b][d] is not self._host[a][d])
+        return moved + (_nbytes(self._slot_maps[b]) if self._slot_maps[b] is not self._slot_maps[a] else 0)
+
+    # -- inspection -------------------------------------------------------------------------
+    def resident_bytes(self) -> ResidentBytes:
+        bank = sum(_nbytes(p) for m in self._banks.values() for p in m.parameters())
+        non_expert = sum(_nbytes(f.buffer) for f in self._flats.values())
+        non_expert += sum(_nbytes(t) for buffers in self._set_buffers for dtype, t in buffers.items()
+                          if t is not self._flats[dtype].swap_region)
+        host = sum(_nbytes(t) for t in {id(t): t for buffers in self._host.values() for t in buffers.values()}.values())
+        deltas = sum(_nbytes(t) for layers in self._deltas.values() for entries in layers.values()
+                     for _, parts in entries for comps in parts.values() for t in comps.values())
+        return ResidentBytes(bank, non_expert, host, deltas)
+
+    def bank_tensors(self) -> dict[str, torch.Tensor]:
+        """The resident bank parameters, by name (for checks that the experts never move)."""
+        return {f"{layer}.{n}": p for layer, m in self._banks.items() for n, p in m.named_parameters()}
+
+    def slot_map(self, layer: str) -> list[int]:
+        """The active variant's slot map of `layer` as served (delta slots at private entries)."""
+        if self._rows is not None:
+            return self._banks[layer].variant_slots[self.names.index(self.active)].tolist()
+        return self._banks[layer].slot_map.tolist()
+
+    def tokenizer(self, name: str | None = None):
+        name = name or self.active
+        self.check_model(name)
+        if name not in self._tokenizers:
+            variant = self.family.variants[name]
+            if variant.tokenizer is not None:
+                self._tokenizers[name] = variant.tokenizer
+            elif variant.model_dir is not None:
+                from transformers import AutoTokenizer
+
+                try:
+                    self._tokenizers[name] = AutoTokenizer.from_pretrained(str(variant.model_dir))
+                except (OSError, ValueError) as e:
+                    raise ArtifactError(f"model {name!r} has no usable tokenizer in {variant.model_dir}: {e}") from None
+            else:
+                raise ArtifactError(f"model {name!r} has no tokenizer")
+        return self._tokenizers[name]
+
+    def max_context(self, name: str | None = None) -> int | None:
+        """Longest prompt + completion the model supports, if it states one."""
+        config = self.family.variants[name or self.active].config
+        limit = config.get("max_position_embeddings")
+        return int(limit) if limit else None
+
+    # -- generation (engine.py) ------------------------------------------------------------
+    def encode(self, name: str, prompt: str) -> list[int]:
+        from .engine import encode
+
+        return encode(self, name, prompt)
+
+    def complete(
+        self,
+        name: str,
+        prompt: str | list[int],
+        settings: GenerationSettings | None = None,
+        on_text: Callable[[str], None] | None = None,
+        started: float | None = None,
+    ) -> Completion:
+        """Activate `name` and generate one completion alone (engine.complete: greedy when
+        temperature is 0). `on_text` receives each new piece of text; `started` (a
+        time.perf_counter() value) is when the request arrived."""
+        from .engine import complete
+
+        return complete(self, name, prompt, settings, on_text, started)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def check_model(self, name: str) -> None:
+        if name not in self.family.variants:
+            raise UnknownModelError(f"unknown model {name!r}: this artifact serves {', '.join(self.names)}")
+
+    def _set_generation_config(self, name: str) -> None:
+        from .engine import generation_config
+
+        self.model.generation_config = generation_config(self, name)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+# -- construction helpers ---------------------------------------------------------------------
+
+
+def _check_configs(family: Family) -> None:
+    names = list(family.variants)
+    ref = family.variants[names[0]].config
+    for name in names[1:]:
+        cfg = family.variants[name].config
+        for key in sorted(set(ref) | set(cfg)):
+            if key in _IGNORED_CONFIG_KEYS:
+                continue
+            if ref.get(key) != cfg.get(key):
+                raise ArtifactError(
+                    f"models {names[0]!r} and {name!r} differ in config key {key!r} "
+                    f"({ref.get(key)!r} vs {cfg.get(key)!r}): one runtime serves variants of one configuration"
+                )
+
+
+def _delta_offsets(family: Family, mode: ServingMode) -> dict[str, dict[str, int]]:
+    """Per variant and MoE layer, where its private bank entries start after the stored bank:
+    0 for every variant in swap mode (they take turns in the same entries); one after the
+    other in cross-variant mode (all are resident at once)."""
+    out: dict[str, dict[str, int]] = {}
+    ends = {layer: 0 for layer in family.layers}
+    for name, v in family.variants.items():
+        out[name] = {layer: ends[layer] if mode is ServingMode.CROSS_VARIANT else 0 for layer in family.layers}
+        for layer in family.layers:
+            ends[layer] = out[name][layer] + len(v.deltas.get(layer, []))
+    return out
+
+
+def _private_entries(family: Family, offsets: dict[str, dict[str, int]]) -> dict[str, int]:
+    """Per MoE layer, the bank entries beyond the stored bank that hold corrected experts:
+    the most any variant's entries reach there (swap mode: the active variant's, in entries
+    all variants share; cross-variant: every variant's, one after the other)."""
+    return {layer: max((offsets[n][layer] + len(v.deltas.get(layer, [])) for n, v in family.variants.items()), default=0)
+            for layer in family.layers}
+
+
+def _served_slot_maps(family: Family, offsets: dict[str, dict[str, int]]) -> dict[str, dict[str, list[int]]]:
+    """Each variant's slot maps as the runtime serves them: a delta slot points at its
+    private bank entry (bank size + the variant's offset + its position in the layer's delta
+    list)."""
+    out = {}
+    for name, v in family.variants.items():
+        maps = {layer: list(v.slot_maps[layer]) for layer in family.layers}
+        for layer, entries in v.deltas.items():
+            for j, x in enumerate(entries):
+                if maps[layer][x.expert] != x.bank:
+                    raise ArtifactError(f"model {name!r}: layer {layer}: the delta of expert {x.expert} corrects bank entry {x.bank}, the slot map says {maps[layer][x.expert]}")
+                maps[layer][x.expert] = family.bank_sizes[layer] + offsets[name][layer] + j
+        out[name] = maps
+    return out
+
+
+def _build_skeleton(family: Family, config_class, model_class, active: str, dtype, private: dict[str, int] | None = None) -> nn.Module:
+    """The transformers model on the meta device (nothing allocated), in `dtype`, from the
+    active variant's config, each MoE block's experts replaced by a bank module (the class
+    for its architecture and experts class, `bank_class`) of the bank's entries plus
+    `private[layer]` for corrected experts."""
+    config = config_class.from_dict(family.variants[active].config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = model_class(config)
+            for layer in family.layers:
+                try:
+                    block = model.get_submodule(f"{layer}.mlp")
+                except AttributeError:
+                    raise ArtifactError(f"MoE layer {layer} does not exist in a {model_class.__name__}") from None
+                bank = bank_class(family.architecture, type(block.experts))(config, family.bank_sizes[layer] + (private or {}).get(layer, 0))
+                block.experts = bank
+                _check_slot_maps(family, layer, len(bank.slot_map))
+                _keep_router_dtype(model, config, layer, _record(family.architecture))
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
+def _keep_router_dtype(model: nn.Module, config, layer: str, record: Architecture) -> None:
+    """A router that casts its weights to its own dtype at every forward (Switch's
+    `self.classifier = self.classifier.to(router_dtype)`) would, in another model dtype,
+    replace them with a copy outside the runtime's flat buffer, which swaps no longer reach:
+    hold them in that dtype from the start (the same values transformers computes with)."""
+    if record.router_dtype_key is None:
+        return
+    dtype = getattr(torch, str(getattr(config, record.router_dtype_key)))
+    model.get_submodule(f"{layer}.mlp.{record.router}").to(dtype)
+
+
+def _self_casting_router_weights(model: nn.Module, family: Family) -> set[str]:
+    """Names of the router weights `_keep_router_dtype` holds in the router's own dtype: they
+    are loaded through the model's dtype first, as from_pretrained loads them before the
+    router's forward casts them."""
+    record = _record(family.architecture)
+    if record.router_dtype_key is None:
+        return set()
+    return {f"{layer}.mlp.{record.router}.{n}" for layer in family.layers
+            for n, _ in model.get_submodule(f"{layer}.mlp.{record.router}").named_parameters()}
+
+
+def _materialize(model: nn.Module, device: torch.device, views: dict[int, torch.Tensor]) -> None:
+    """Give every meta parameter and buffer storage on `device`, as `to_empty` does, except
+    that the tensors named in `views` (id of the meta tensor -> a view into a flat buffer)
+    become those views. A parameter several modules share (tied weights) stays one Parameter."""
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (meta tensor kept alive, new tensor)
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, t in table.items():
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in made:
+                    data = views.get(id(t))
+                    data = torch.empty_like(t, device=device) if data is None else data
+                    made[id(t)] = (t, nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data)
+                table[key] = made[id(t)][1]
+
+
+def _finish_resident(model: nn.Module) -> None:
+    """As from_pretrained does: re-tie tied weights, compute non-persistent buffers (rotary
+    inv_freq) with transformers' own initializer, and leave requires_grad as it is (True, as
+    from_pretrained does; generation runs under no_grad). Not a detail: for a weight that does
+    not require grad, torch's matmul runs a 3-D input such as the prefill's last token through
+    the LM head as expand + bmm, copying the whole weight (65 MB at vocab 32000 and hidden
+    1024, 0.36 s on one core, once per request)."""
+    model.tie_weights()
+    with torch.no_grad():
+        for module in model.modules():
+            if module._non_persistent_buffers_set and not isinstance(module, BankExperts):
+                model._init_weights(module)
+    model.eval()
+
+
+def _check_slot_maps(family: Family, layer: str, experts_per_layer: int) -> None:
+    for name, variant in family.variants.items():
+        slots = variant.slot_maps.get(layer)
+        if slots is None or len(slots) != experts_per_layer:
+            raise ArtifactError(f"model {name!r}: layer {layer} needs a slot map of {experts_per_layer} entries")
+        if not all(0 <= s < family.bank_sizes[layer] for s in slots):
+            raise ArtifactError(f"model {name!r}: layer {layer} slot map points outside its bank of {family.bank_sizes[layer]}")
+
+
+def _swap_targets(model: nn.Module, banks: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers outside the bank, each tensor once (the first of its
+    tied names)."""
+    bank_ids = {id(t) for m in banks.values() for t in [*m.parameters(), *m.buffers()]}
+    targets: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in bank_ids or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        targets[name] = tensor
+    return targets
+
+
+def _resolve_keys(model: nn.Module, targets: dict[str, torch.Tensor], variant: Variant) -> dict[str, str]:
+    """Target name -> the variant's stored key, looking through tied aliases (lm_head/embeddings)."""
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        aliases.setdefault(id(tensor), []).append(name)
+    by_target = {}
+    known = set()
+    for name, target in targets.items():
+        names = aliases[id(target)]
+        known.update(names)
+        key = next((variant.tensors[n] for n in names if n in variant.tensors), None)
+        if key is None:
+            raise ArtifactError(f"model {variant.name!r} lacks tensor {name}: the artifact is incomplete; re-run merge")
+        by_target[name] = key
+    unknown = sorted(n for n in variant.tensors if n not in known and n not in aliases)
+    if unknown:
+        raise ArtifactError(f"model {variant.name!r} has tensors the model does not: {', '.join(unknown[:3])}")
+    return by_target
+
+
+def _plan_flats(targets: dict[str, torch.Tensor], keys: dict[str, dict[str, str]], device: torch.device) -> dict[torch.dtype, _Flat]:
+    """One flat device buffer per dtype: first the tensors whose stored key differs between
+    some variants (the swap region), then those every variant shares."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, t in targets.items():
+        by_dtype.setdefault(t.dtype, []).append(name)
+    flats = {}
+    for dtype, names in by_dtype.items():
+        differs = {n: len({k[n] for k in keys.values()}) > 1 for n in names}
+        swappable = [n for n in names if differs[n]]
+        shared = [n for n in names if not differs[n]]
+        align = max(1, _ALIGN_BYTES // targets[names[0]].element_size())
+        offsets: dict[str, int] = {}
+        end = 0
+        for name in swappable + shared:
+            offsets[name] = end
+            end += -(-targets[name].numel() // align) * align
+        swap_numel = offsets[shared[0]] if shared else end
+        flats[dtype] = _Flat(torch.zeros(end, dtype=dtype, device=device), offsets, swappable, shared, swap_numel)
+    return flats
+
+
+def _slot_map_tensors(family: Family, device: torch.device, served: dict[str, dict[str, list[int]]] | None = None) -> dict[str, torch.Tensor]:
+    """Each variant's slot maps (as served: `_served_slot_maps`) as one [layers, experts] table
+    (pinned on CUDA); variants whose maps are all equal share one table."""
+    pin = device.type == "cuda"
+    tables: dict[str, torch.Tensor] = {}
+    built: dict[tuple, torch.Tensor] = {}
+    for name, variant in family.variants.items():
+        maps = served[name] if served is not None else variant.slot_maps
+        rows = tuple(tuple(maps[layer]) for layer in family.layers)
+        if rows not in built:
+            table = torch.tensor(rows, dtype=torch.long)
+            built[rows] = table.pin_memory() if pin else table
+        tables[name] = built[rows]
+    return tables
+
+
+def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
+    """One copy of a contiguous host buffer into a same-sized resident one: asynchronous from
+    pinned memory on CUDA; on CPU one memcpy (numpy's copy of the bytes) on the calling thread.
+    torch's own CPU copy splits a large copy over its intra-op thread pool, and on a busy
+    machine waiting for those threads costs far more than the copy (measured: 3.7 MB took
+    7-23 ms through the pool under load, 0.3-1.2 ms as one memcpy; 155 MB 42-47 ms through the
+    pool, 22-28 ms as one memcpy)."""
+    if target.device.type == "cuda":
+        target.copy_(source, non_blocking=True)
+        return
+    np.copyto(target.view(torch.uint8).numpy(), source.view(torch.uint8).numpy())
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()

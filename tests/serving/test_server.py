@@ -1,0 +1,580 @@
+"""The OpenAI-compatible server: endpoints, scheduling, streaming, metrics and errors.
+
+Expected completions come from transformers' own models loaded from the original
+checkpoints (greedy), not from the runtime under test.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import transformers
+from fastapi.testclient import TestClient
+from concurrent.futures import ThreadPoolExecutor
+
+from moeconsol.io.checkpoint import open_checkpoints
+from moeconsol.consolidate.pipeline import merge
+from moeconsol.serving.runtime import GenerationSettings, Runtime
+from moeconsol.serving.server import Job, Scheduler, create_app, pick_model
+from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
+from builders import greedy, samples, served_family
+from cli_helpers import cli, one_error_line
+
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    return served_family(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    out, runtime, refs, tok = served
+    with TestClient(create_app(runtime, max_wait=5.0)) as c:
+        yield c
+
+
+def _sse(text: str) -> list:
+    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_models_lists_the_variants(client):
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    assert [m["id"] for m in r.json()["data"]] == ["base", "ft"] and r.json()["object"] == "list"
+
+
+def test_completions_for_interleaved_variants_equal_transformers(client, served):
+    out, runtime, refs, tok = served
+    ids = tok(PROMPT)["input_ids"]
+    for model in ("ft", "base", "ft", "base"):
+        r = client.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        want = greedy(refs[model], ids, 8)
+        assert body["model"] == model and body["object"] == "text_completion"
+        assert body["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
+        assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(want), "total_tokens": len(ids) + len(want)}
+        assert runtime.active == model
+
+
+def test_chat_uses_the_variants_chat_template(client, served):
+    out, runtime, refs, tok = served
+    messages = [{"role": "user", "content": "add 2 and 3"}]
+    r = client.post("/v1/chat/completions", json={"model": "ft", "messages": messages, "max_tokens": 6, "temperature": 0})
+    assert r.status_code == 200, r.text
+    ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    assert ids[-3:] == tok("<|assistant|>\n", add_special_tokens=False)["input_ids"][-3:]
+    msg = r.json()["choices"][0]["message"]
+    assert msg["role"] == "assistant" and msg["content"] == tok.decode(greedy(refs["ft"], ids, 6), skip_special_tokens=True)
+
+
+def test_streaming_sends_the_same_text_as_events(client):
+    req = {"model": "ft", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    whole = client.post("/v1/completions", json=req).json()["choices"][0]
+    r = client.post("/v1/completions", json={**req, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    chunks = _sse(r.text)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1]) and len(chunks) > 2
+
+    r = client.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "hi"}],
+                                                  "max_tokens": 5, "temperature": 0, "stream": True})
+    chunks = _sse(r.text)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant" and chunks[0]["object"] == "chat.completion.chunk"
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    again = client.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "hi"}],
+                                                      "max_tokens": 5, "temperature": 0}).json()
+    assert streamed == again["choices"][0]["message"]["content"]
+
+
+def test_metrics_count_swaps_and_tokens_per_model(client, served):
+    out, runtime, refs, tok = served
+    before = samples(client.get("/metrics").text)
+    tokens = 0
+    for model in ("base", "ft", "ft"):
+        tokens += client.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 4}).json()["usage"]["completion_tokens"]
+    after_r = client.get("/metrics")
+    assert after_r.status_code == 200 and after_r.headers["content-type"].startswith("text/plain")
+    after = samples(after_r.text)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after[key] - before.get(key, 0.0)
+
+    assert delta("moeconsol_requests_total", model="ft") == 2 and delta("moeconsol_requests_total", model="base") == 1
+    assert delta("moeconsol_generated_tokens_total", model="ft") + delta("moeconsol_generated_tokens_total", model="base") == tokens
+    assert delta("moeconsol_swaps_total", model="ft") == 1 and delta("moeconsol_swap_seconds_count", model="ft") == 1
+    assert delta("moeconsol_swap_bytes_total", model="ft") == runtime.swaps[-1].bytes_moved > 0
+    assert delta("moeconsol_swap_seconds_sum", model="ft") > 0
+    assert delta("moeconsol_time_to_first_token_seconds_count", model="ft") == 2
+    assert delta("moeconsol_time_to_first_token_seconds_bucket", model="ft", le="+Inf") == 2
+    assert after[("moeconsol_resident_bytes", frozenset({("part", "total")}))] == runtime.resident_bytes().total
+    # the new gauges: nothing runs or waits between requests
+    for m in ("base", "ft"):
+        assert after[("moeconsol_batch_size", frozenset({("model", m)}))] == 0
+        assert after[("moeconsol_queue_length", frozenset({("model", m)}))] == 0
+
+
+@pytest.mark.parametrize(
+    "path, payload, status, fragment",
+    [
+        ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "does not exist"),
+        ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "does not exist"),
+        ("/v1/completions", b"{not json", 400, "not valid JSON"),
+        ("/v1/completions", {"model": "ft"}, 400, "'prompt'"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "temperature": -1}, 400, "'temperature'"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "max_tokens": 0}, 400, "'max_tokens'"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "top_p": "x"}, 400, "'top_p'"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "n": 2}, 400, "n=1"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "top_k": -2}, 400, "'top_k'"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "top_k": 1.5}, 400, "'top_k'"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "repetition_penalty": 0}, 400, "'repetition_penalty'"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "stream": "yes"}, 400, "'stream'"),
+        ("/v1/chat/completions", {"model": "ft", "messages": "hi"}, 400, "'messages'"),
+        ("/v1/completions", {"model": "ft", "prompt": "The quick brown fox " * 60, "max_tokens": 8}, 400, "context is 256 tokens"),
+    ],
+)
+def test_errors_answer_openai_style_and_the_server_keeps_serving(client, path, payload, status, fragment):
+    kw = {"content": payload, "headers": {"content-type": "application/json"}} if isinstance(payload, bytes) else {"json": payload}
+    r = client.post(path, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"] and err["type"] == "invalid_request_error"
+    if status == 404:
+        assert err["code"] == "model_not_found"
+    if "context" in fragment:
+        assert err["code"] == "context_length_exceeded"
+    ok = client.post("/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+# -- scheduling ------------------------------------------------------------------------------
+
+
+def test_pick_model_prefers_the_active_model_within_the_wait_bound():
+    waiting = [("a", 0.0), ("b", 1.0), ("a", 2.0)]
+    assert pick_model("b", False, waiting, now=3.0, max_wait=10.0) == "b"  # active model first
+    assert pick_model("b", True, [("a", 0.0)], now=3.0, max_wait=10.0) == "b"  # its running batch goes on
+    assert pick_model("c", False, waiting, now=3.0, max_wait=10.0) == "a"  # else the oldest
+    assert pick_model("b", True, waiting, now=10.5, max_wait=10.0) == "a"  # 'a' waited too long: it goes first
+    assert pick_model("a", True, [("b", 0.0), ("c", 1.0)], now=11.5, max_wait=10.0) == "b"  # overdue: oldest first
+    assert pick_model("a", True, waiting, now=3.0, max_wait=0.0) == "b"  # max_wait 0: first come, first served
+    assert pick_model("a", False, [], now=3.0, max_wait=1.0) is None
+
+
+@pytest.mark.parametrize("n_models, max_wait", [(2, 5.0), (3, 5.0), (4, 2.0), (3, 0.0)])
+def test_pick_model_bounds_every_wait(n_models, max_wait):
+    """Every model always has work (a request arrives for each model at every step); each step
+    takes 1 time unit and so does each swap. No model waits longer than the documented bound
+    max_wait + (N - 1) x (one step + one swap), plus the step it is served in."""
+    models = [f"m{i}" for i in range(n_models)]
+    since = {m: 0.0 for m in models}  # oldest waiting item of each model
+    active, now, worst = models[0], 0.0, 0.0
+    for _ in range(400):
+        waiting = [(m, since[m]) for m in models if m != active]
+        model = pick_model(active, True, waiting, now, max_wait)
+        if model != active:
+            since[active] = now  # the old batch is parked now
+            now += 1.0  # the swap
+            active = model
+        worst = max(worst, now - since[active])
+        now += 1.0  # the step
+        since[active] = now  # the active model has no one waiting behind the step
+    bound = max_wait + (n_models - 1) * 2.0 + 1.0
+    assert worst <= bound, (worst, bound)
+
+
+@pytest.mark.parametrize("max_wait, expect_swaps, expect_served", [(60.0, 1, ["base"] * 3 + ["ft"] * 3), (0.0, 2, ["ft"] * 3 + ["base"] * 3)])
+def test_scheduler_groups_requests_of_the_active_model(served, max_wait, expect_swaps, expect_served):
+    out, runtime, refs, tok = served
+    runtime.activate("base")
+    swaps_before = len(runtime.swaps)
+    scheduler = Scheduler(runtime, max_wait=max_wait)
+    ids = tok(PROMPT)["input_ids"]
+    futures = [scheduler.submit(Job(m, ids, GenerationSettings(2))) for m in ["ft", "base"] * 3]
+    scheduler.start()  # the queue is full before the worker looks at it
+    try:
+        results = [f.result(timeout=120) for f in futures]
+    finally:
+        scheduler.stop()
+    assert [r.model for r in results] == ["ft", "base"] * 3  # each request got its own model
+    assert len(runtime.swaps) - swaps_before == expect_swaps
+    assert list(scheduler.served) == expect_served  # a model's requests are admitted together, as one batch
+    assert scheduler.engine.peak_batch_size == 3
+    for r in results:
+        assert r.token_ids == greedy(refs[r.model], ids, 2)
+
+
+def test_concurrent_requests_decode_together_and_answer_as_alone(served):
+    """Requests of two models and different lengths, all queued at once: each answer equals
+    transformers' greedy answer for that prompt alone, and the engine really batched them."""
+    out, runtime, refs, tok = served
+    prompts = ["Once upon a time", "The quick brown fox jumps", "def add(a, b):", "0123456789 + -", "Experts are small"]
+    scheduler = Scheduler(runtime, max_wait=0.5, max_batch_size=4)
+    jobs = [Job(m, tok(p)["input_ids"], GenerationSettings(3 + 2 * i)) for i, p in enumerate(prompts) for m in ("base", "ft")]
+    futures = [scheduler.submit(j) for j in jobs]
+    scheduler.start()
+    try:
+        results = [f.result(timeout=300) for f in futures]
+    finally:
+        scheduler.stop()
+    for job, r in zip(jobs, results):
+        assert r.token_ids == greedy(refs[job.model], job.prompt_ids, job.settings.max_new_tokens), job
+    assert scheduler.engine.peak_batch_size == 4  # the bound holds and is reached
+
+
+def test_seeded_sampling_through_the_server_equals_alone(client, served):
+    out, runtime, refs, tok = served
+    req = {"model": "ft", "prompt": PROMPT, "max_tokens": 12, "temperature": 1.3, "top_p": 0.9, "seed": 11}
+    want = runtime.complete("ft", PROMPT, GenerationSettings(12, 1.3, 0.9, 11)).text  # alone, in this process
+    with ThreadPoolExecutor(8) as pool:  # the same request among others, batched
+        others = [pool.submit(client.post, "/v1/completions", json={**req, "seed": s}) for s in range(6)]
+        mine = pool.submit(client.post, "/v1/completions", json=req)
+        assert mine.result().json()["choices"][0]["text"] == want
+        assert all(o.result().status_code == 200 for o in others)
+
+
+def test_scheduler_keeps_serving_after_a_failed_request(served):
+    out, runtime, refs, tok = served
+    scheduler = Scheduler(runtime, max_wait=1.0)
+    scheduler.start()
+    try:
+        bad = scheduler.submit(Job("ft", [], GenerationSettings(2)))
+        good = scheduler.submit(Job("ft", [5, 6], GenerationSettings(2)))
+        with pytest.raises(Exception, match="empty"):
+            bad.result(timeout=60)
+        assert len(good.result(timeout=60).token_ids) == 2
+    finally:
+        scheduler.stop()
+    assert scheduler.served.maxlen is not None  # the record of served models is bounded
+
+
+def test_a_cancelled_job_leaves_the_batch_at_the_next_step(served):
+    out, runtime, refs, tok = served
+    scheduler = Scheduler(runtime, max_wait=1.0)
+    ids = tok(PROMPT)["input_ids"]
+    gone = Job("base", ids, GenerationSettings(200))
+    gone.on_text = lambda piece: scheduler.cancel(gone)  # the client goes away at its first piece of text
+    keep = Job("base", ids, GenerationSettings(6))
+    futures = [scheduler.submit(gone), scheduler.submit(keep)]
+    scheduler.start()
+    try:
+        g, k = (f.result(timeout=120) for f in futures)
+    finally:
+        scheduler.stop()
+    assert g.finish_reason == "cancelled" and len(g.token_ids) <= 2 + len(tok.encode(g.text))
+    assert k.token_ids == greedy(refs["base"], ids, 6)
+    assert scheduler.engine.running() == 0
+
+
+# -- a real socket ---------------------------------------------------------------------------
+
+
+def test_real_socket_server_on_loopback(served):
+    import uvicorn
+
+    out, runtime, refs, tok = served
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(runtime), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.started
+        base_url = f"http://127.0.0.1:{port}"
+        assert [m["id"] for m in httpx.get(f"{base_url}/v1/models").json()["data"]] == ["base", "ft"]
+        r = httpx.post(f"{base_url}/v1/completions", json={"model": "ft", "prompt": PROMPT, "max_tokens": 5, "temperature": 0}, timeout=60)
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["text"] == tok.decode(greedy(refs["ft"], tok(PROMPT)["input_ids"], 5), skip_special_tokens=True)
+        with httpx.stream("POST", f"{base_url}/v1/completions", timeout=60,
+                          json={"model": "base", "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "stream": True}) as s:
+            text = "".join(s.iter_text())
+        assert _sse(text)[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        assert httpx.post(f"{base_url}/v1/completions", json={"model": "x", "prompt": "y"}).status_code == 404
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+# -- hardening: every parameter checked, named, and nothing silently ignored -------------------
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", b'{"model": "ft", "prompt": "hi", "temperature": NaN}', "temperature"),
+        ("/v1/completions", b'{"model": "ft", "prompt": "hi", "temperature": Infinity}', "temperature"),
+        ("/v1/completions", b'{"model": "ft", "prompt": "hi", "top_p": NaN}', "top_p"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "seed": 2**63}, "seed"),
+        ("/v1/completions", b'{"model": "ft", "prompt": "a\\ud800b"}', "prompt"),
+        ("/v1/chat/completions", b'{"model": "ft", "messages": [{"role": "user", "content": "\\udfff"}]}', "messages"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "logprobs": 2}, "logprobs"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "best_of": 3}, "best_of"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "suffix": "x"}, "suffix"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "logit_bias": {"5": 10}}, "logit_bias"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "frequency_penalty": 1}, "frequency_penalty"),
+        ("/v1/chat/completions", {"model": "ft", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+        ("/v1/chat/completions", {"model": "ft", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/chat/completions", {"model": "ft", "messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+        ("/v1/chat/completions", {"model": "ft", "messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ("/v1/completions", {"model": "ft", "prompt": "hi", "echo": "yes"}, "echo"),
+    ],
+)
+def test_bad_parameters_are_refused_by_name(client, path, body, param):
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = client.post(path, **kw)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error" and f"'{param}'" in err["message"]
+
+
+def test_neutral_values_of_unsupported_parameters_are_accepted(client):
+    r = client.post("/v1/completions", json={"model": "ft", "prompt": "hi", "max_tokens": 2, "logprobs": None, "best_of": 1,
+                                             "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "echo": False})
+    assert r.status_code == 200, r.text
+
+
+def test_a_body_over_the_limit_is_413_and_the_server_keeps_serving(served):
+    out, runtime, refs, tok = served
+    with TestClient(create_app(runtime, max_body_bytes=1000)) as c:
+        r = c.post("/v1/completions", json={"model": "ft", "prompt": "x" * 2000})
+        assert r.status_code == 413 and "1000" in r.json()["error"]["message"]
+        assert c.get("/v1/models").status_code == 200
+        assert c.post("/v1/completions", json={"model": "ft", "prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_echo_and_usage_in_the_stream(client, served):
+    out, runtime, refs, tok = served
+    ids = tok(PROMPT)["input_ids"]
+    want = tok.decode(greedy(refs["ft"], ids, 6), skip_special_tokens=True)
+    r = client.post("/v1/completions", json={"model": "ft", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "echo": True})
+    assert r.json()["choices"][0]["text"] == PROMPT + want
+    r = client.post("/v1/completions", json={"model": "ft", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "stream": True,
+                                             "stream_options": {"include_usage": True}})
+    chunks = _sse(r.text)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(greedy(refs["ft"], ids, 6))
+    assert chunks[-1]["usage"]["prompt_tokens"] == len(ids)
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == want
+
+
+def test_stop_strings_over_http(client, served):
+    out, runtime, refs, tok = served
+    full = tok.decode(greedy(refs["base"], tok(PROMPT)["input_ids"], 10), skip_special_tokens=True)
+    stop = full[4:6]
+    r = client.post("/v1/completions", json={"model": "base", "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "stop": stop})
+    choice = r.json()["choices"][0]
+    assert choice["text"] == full[: full.index(stop)] and choice["finish_reason"] == "stop"
+
+
+def test_a_model_without_a_context_limit_still_bounds_max_tokens():
+    from moeconsol.serving.runtime import Family
+    from moeconsol.testing import tiny_switch
+
+    tok = tiny_tokenizer()
+    runtime = Runtime(Family.from_models({"s": tiny_switch(0)}, {"s": tok}))
+    assert runtime.max_context("s") is None
+    with TestClient(create_app(runtime, max_tokens_in_flight=4096)) as c:
+        r = c.post("/v1/completions", json={"model": "s", "prompt": "hi", "max_tokens": 10**12})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        assert c.post("/v1/completions", json={"model": "s", "prompt": "hi", "max_tokens": 3}).status_code == 200
+
+
+# -- clients that go away ------------------------------------------------------------------------
+
+
+def _metric(base_url: str, name: str, model: str) -> float:
+    return samples(httpx.get(f"{base_url}/metrics").text).get((name, frozenset({("model", model)})), 0.0)
+
+
+def test_a_client_that_disconnects_frees_its_slot(served, monkeypatch):
+    """Streaming and not: the client goes away mid-generation; its request is cancelled and
+    leaves the batch, so nothing keeps generating for nobody and the next request is served."""
+    import uvicorn
+
+    out, runtime, refs, tok = served
+    forward = runtime.model.forward
+
+    def slow_forward(*args, **kwargs):  # 20 ms a step: 200 tokens would take 4 s
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(runtime.model, "forward", slow_forward)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(runtime)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{port}"
+        long = {"model": "base", "prompt": "hi", "max_tokens": 200, "temperature": 1.0, "seed": 1}
+        with httpx.stream("POST", f"{url}/v1/completions", json={**long, "stream": True}, timeout=60) as r:
+            next(r.iter_lines())  # the first event, then the client goes away
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json=long, timeout=1.0)
+        deadline = time.time() + 30
+        while _metric(url, "moeconsol_cancelled_requests_total", "base") < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        assert _metric(url, "moeconsol_cancelled_requests_total", "base") == 2
+        assert _metric(url, "moeconsol_batch_size", "base") == 0  # the slots are free
+        assert app.state.scheduler.engine.running() == 0
+        r = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+def test_top_k_and_repetition_penalty_are_parsed_like_vllm():
+    from moeconsol.serving.server import parse_settings
+
+    assert (parse_settings({}).top_k, parse_settings({}).repetition_penalty) == (None, None)  # the variant's
+    assert parse_settings({"top_k": -1}).top_k == 0 and parse_settings({"top_k": 5}).top_k == 5
+    assert parse_settings({"repetition_penalty": 1.2}).repetition_penalty == 1.2
+
+
+def test_cli_refuses_a_port_in_use_and_nan_in_one_line(served):
+    out, runtime, refs, tok = served
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        r = cli("serve-local", out, "--port", port)
+        one_error_line(r, f"127.0.0.1:{port}")
+    one_error_line(cli("serve-local", out, "--port", port, "--temperature", "nan"), "temperature")
+    one_error_line(cli("serve-local", out, "--prompt", "hi", "--top-p", "nan"), "top_p")
+    one_error_line(cli("serve-local", out, "--prompt", "hi", "--repetition-penalty", "-1"), "repetition_penalty")
+    one_error_line(cli("serve-local", out, "--port", port, "--max-batch-size", "0"), "--max-batch-size")
+
+
+def test_cli_server_stops_on_ctrl_c_with_one_line(served):
+    out, runtime, refs, tok = served
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # a server in a terminal's foreground: SIGINT at its default, whatever this test runner inherited
+    # (a shell starts background jobs with SIGINT ignored, and an ignored signal stays ignored across exec)
+    proc = subprocess.Popen([sys.executable, "-m", "moeconsol", "serve-local", str(out), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).raise_for_status()
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith("moeconsol: interrupted") and f"{port}" in last, stderr
+
+
+def test_the_bound_on_tokens_in_flight_holds_and_everyone_is_served(served):
+    """Each request reserves prompt + max_tokens; with room for two at a time, six requests of
+    two models are all served, never more than two admitted at once, each as alone."""
+    out, runtime, refs, tok = served
+    ids = tok(PROMPT)["input_ids"]
+    per_request = len(ids) + 4
+    scheduler = Scheduler(runtime, max_wait=0.05, max_tokens_in_flight=2 * per_request)
+    seen: list[int] = []
+    step = scheduler.engine.step
+
+    def watched_step():
+        seen.append(scheduler.engine.tokens_in_flight())
+        return step()
+
+    scheduler.engine.step = watched_step
+    futures = [scheduler.submit(Job(m, ids, GenerationSettings(4))) for m in ["ft", "base"] * 3]
+    scheduler.start()
+    try:
+        results = [f.result(timeout=120) for f in futures]
+    finally:
+        scheduler.stop()
+    assert max(seen) <= 2 * per_request
+    for r in results:
+        assert r.token_ids == greedy(refs[r.model], ids, 4)
+
+
+def test_streams_inside_one_batch_each_get_their_own_text(client, served):
+    out, runtime, refs, tok = served
+    prompts = ["Once upon a time", "def add(a, b):", "The quick brown fox", "0123456789"]
+
+    def stream(p: str) -> str:
+        r = client.post("/v1/completions", json={"model": "base", "prompt": p, "max_tokens": 12, "temperature": 0, "stream": True})
+        return "".join(c["choices"][0]["text"] for c in _sse(r.text))
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        texts = list(pool.map(stream, prompts))
+    for p, text in zip(prompts, texts):
+        assert text == tok.decode(greedy(refs["base"], tok(p)["input_ids"], 12), skip_special_tokens=True)
+
+
+def test_bind_gives_a_tcp_socket_so_responses_are_not_delayed():
+    """asyncio sets TCP_NODELAY only on accepted sockets whose protocol is TCP; a socket made
+    with proto 0 made every keep-alive response wait 40 ms for the client's delayed ACK."""
+    from moeconsol.serving.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP and sock.getsockname()[0] == "127.0.0.1"
+    finally:
+        sock.close()
+
+
+def test_tokenization_runs_off_the_event_loop(served, monkeypatch):
+    """A prompt that takes long to tokenize must not hold other requests: while one request's
+    tokenization is blocked, /v1/models answers (it could not if tokenization ran on the loop)."""
+    out, runtime, refs, tok = served
+    blocked, released = threading.Event(), threading.Event()
+    encode = runtime.encode
+
+    def slow_encode(name, prompt):
+        if prompt == "slow":
+            blocked.set()
+            assert released.wait(timeout=20), "the event loop was held while tokenizing"
+        return encode(name, prompt)
+
+    monkeypatch.setattr(runtime, "encode", slow_encode)
+    with TestClient(create_app(runtime)) as c, ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(c.post, "/v1/completions", json={"model": "ft", "prompt": "slow", "max_tokens": 2})
+        assert blocked.wait(timeout=60)
+        assert c.get("/v1/models").status_code == 200  # answered while "slow" is being tokenized
+        released.set()
+        assert slow.result().status_code == 200
