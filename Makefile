@@ -10,7 +10,7 @@ LOCK ?= requirements/lock.txt
 # The dependencies whose next release `make test-latest` tries before the users do.
 LATEST ?= transformers safetensors huggingface_hub tokenizers fastapi uvicorn "ray[serve]"
 
-.PHONY: install test demo lock test-latest test-lowest clean
+.PHONY: install test test-fast lint format demo lock test-latest test-lowest clean
 
 install: $(VENV)/.installed
 
@@ -20,8 +20,21 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(BIN)/pip install -q -c $(LOCK) -e ".[dev]"
 	touch $@
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the slow end-to-end tests and Ray (markers in pyproject.toml).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not ray"
+
+# ruff's lint rules and formatting (pyproject.toml); `make format` applies both.
+lint: install
+	$(BIN)/ruff check moeconsol tests benchmarks examples
+	$(BIN)/ruff format --check moeconsol tests benchmarks examples
+
+format: install
+	$(BIN)/ruff check --fix moeconsol tests benchmarks examples
+	$(BIN)/ruff format moeconsol tests benchmarks examples
 
 demo: install
 	$(BIN)/python examples/build_family.py --out $(FAMILY)

@@ -118,7 +118,9 @@ def write_family(root: Path, layers: int) -> list[Path]:
                 moe = f"{prefix}.block_sparse_moe.experts.{e}"
                 for part in ("w1", "w2", "w3"):
                     t = tensors[f"{moe}.{part}.weight"]
-                    tensors[f"{moe}.{part}.weight"] = (t.float() + 0.004 * torch.randn(t.shape, generator=g)).to(t.dtype)
+                    tensors[f"{moe}.{part}.weight"] = (t.float() + 0.004 * torch.randn(t.shape, generator=g)).to(
+                        t.dtype
+                    )
             save_file(tensors, str(d / shard), metadata={"format": "pt"})
             maps[m].update({name: shard for name in tensors})
             sizes[m] += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -201,7 +203,9 @@ def main() -> None:
     ap.add_argument("--metric", action="append", help="metric(s) to run analyze with (default: cosine, then all four)")
     ap.add_argument("--keep", type=Path, help="build the checkpoints in this directory and keep them")
     ap.add_argument("--mergekit", help="path of mergekit-yaml (default: $MERGEKIT_YAML or PATH)")
-    ap.add_argument("--json", type=Path, help="also write the results here (e.g. benchmarks/results/merge-analyze.json)")
+    ap.add_argument(
+        "--json", type=Path, help="also write the results here (e.g. benchmarks/results/merge-analyze.json)"
+    )
     args = ap.parse_args()
 
     root = args.keep or Path(tempfile.mkdtemp(prefix="moeconsol-bench-"))
@@ -221,11 +225,15 @@ def main() -> None:
 
         cli = [sys.executable, "-m", "moeconsol"]
         base_rss, _, _, _ = run_measured([*cli, "analyze", "--help"])
-        print(f"\nmodels: {MODELS} x {sum(model_bytes) / MODELS / GiB:.2f} GiB on disk, {layers} MoE layers x {EXPERTS} experts, "
-              f"hidden {HIDDEN}, intermediate {INTERMEDIATE}, bf16")
+        print(
+            f"\nmodels: {MODELS} x {sum(model_bytes) / MODELS / GiB:.2f} GiB on disk, {layers} MoE layers x {EXPERTS} experts, "
+            f"hidden {HIDDEN}, intermediate {INTERMEDIATE}, bf16"
+        )
         print(f"one MoE layer of all models: {layer_bytes / MiB:.0f} MiB; all expert bytes: {read_bytes / GiB:.2f} GiB")
-        print(f"plain preadv loop over the expert bytes (page-cached): {read_s:.2f} s wall, {read_cpu:.2f} s CPU "
-              f"({read_bytes / GiB / read_s:.2f} GiB/s)")
+        print(
+            f"plain preadv loop over the expert bytes (page-cached): {read_s:.2f} s wall, {read_cpu:.2f} s CPU "
+            f"({read_bytes / GiB / read_s:.2f} GiB/s)"
+        )
         print(f"RSS of `moeconsol analyze --help` (imports only): {base_rss / MiB:.0f} MiB\n")
         runs = [[m] for m in args.metric] if args.metric else [["cosine"], ["cosine", "l2", "relative-l2", "cka"]]
         rows = []
@@ -238,31 +246,54 @@ def main() -> None:
                 peak, seconds, cpu, rc = run_measured(cmd)
                 if rc != 0:
                     raise SystemExit(f"analyze failed with exit code {rc}")
-                rows.append({"metrics": metrics, "peak_rss_mib": round(peak / MiB), "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
-                             "load_average": round(load, 2)})
+                rows.append(
+                    {
+                        "metrics": metrics,
+                        "peak_rss_mib": round(peak / MiB),
+                        "seconds": round(seconds, 2),
+                        "cpu_seconds": round(cpu, 2),
+                        "load_average": round(load, 2),
+                    }
+                )
                 print(f"analyze --metric {','.join(metrics)} (load average {load:.2f}):")
-                print(f"  peak RSS {peak / MiB:.0f} MiB = {peak / layer_bytes:.2f} x one layer of all models; "
-                      f"above imports {(peak - base_rss) / MiB:.0f} MiB = {(peak - base_rss) / layer_bytes:.2f} x")
-                print(f"  time {seconds:.2f} s wall = {seconds / read_s:.1f} x the plain read loop; "
-                      f"{cpu:.2f} s CPU = {cpu / read_cpu:.1f} x its CPU")
+                print(
+                    f"  peak RSS {peak / MiB:.0f} MiB = {peak / layer_bytes:.2f} x one layer of all models; "
+                    f"above imports {(peak - base_rss) / MiB:.0f} MiB = {(peak - base_rss) / layer_bytes:.2f} x"
+                )
+                print(
+                    f"  time {seconds:.2f} s wall = {seconds / read_s:.1f} x the plain read loop; "
+                    f"{cpu:.2f} s CPU = {cpu / read_cpu:.1f} x its CPU"
+                )
         mk = peer.find_mergekit(args.mergekit)
         mergekit = None
         if mk:
             load = os.getloadavg()[0]
             seconds, peak = peer.mergekit_linear(mk, dirs, root / "mergekit-out")
             mergekit = {"seconds": round(seconds, 2), "peak_rss_mib": round(peak / MiB), "load_average": round(load, 2)}
-            print(f"mergekit linear merge of the same models (load average {load:.2f}): {seconds:.2f} s, peak RSS {peak / MiB:.0f} MiB")
+            print(
+                f"mergekit linear merge of the same models (load average {load:.2f}): {seconds:.2f} s, peak RSS {peak / MiB:.0f} MiB"
+            )
             for r in rows:
                 r["over_mergekit"] = round(r["seconds"] / seconds, 3)
                 print(f"  analyze --metric {','.join(r['metrics'])}: {r['over_mergekit']:.2f}x mergekit's time")
         else:
             print("mergekit not found (--mergekit PATH): no peer ratio")
         if args.json:
-            args.json.write_text(json.dumps({
-                "inputs": {"models": MODELS, "layers": layers, "experts": EXPERTS, "bytes": sum(model_bytes)},
-                "one_layer_all_models_mib": round(layer_bytes / MiB), "imports_rss_mib": round(base_rss / MiB),
-                "plain_read": {"seconds": round(read_s, 3), "cpu_seconds": round(read_cpu, 3)},
-                "rows": rows, "mergekit": mergekit, "cpus": os.cpu_count()}, indent=2) + "\n")
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "inputs": {"models": MODELS, "layers": layers, "experts": EXPERTS, "bytes": sum(model_bytes)},
+                        "one_layer_all_models_mib": round(layer_bytes / MiB),
+                        "imports_rss_mib": round(base_rss / MiB),
+                        "plain_read": {"seconds": round(read_s, 3), "cpu_seconds": round(read_cpu, 3)},
+                        "rows": rows,
+                        "mergekit": mergekit,
+                        "cpus": os.cpu_count(),
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

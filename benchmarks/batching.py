@@ -22,19 +22,25 @@ from pathlib import Path
 
 import torch
 
+from moeconsol.consolidate.pipeline import merge
 from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.serving.engine import Engine, GenerationSettings, Request
-from moeconsol.consolidate.pipeline import merge
 from moeconsol.serving.runtime import Runtime
 
 
-def prompts_for(family: Path, arch: str, variant: str, n: int, rt: Runtime, tokens: int, rng: random.Random) -> list[list[int]]:
+def prompts_for(
+    family: Path, arch: str, variant: str, n: int, rt: Runtime, tokens: int, rng: random.Random
+) -> list[list[int]]:
     eval_dir = family / "data" / "eval"
     if arch == "mixtral":
         files = sorted(eval_dir.glob("mixtral-*.txt"))
         docs = [d.strip() for f in files for d in f.read_text().split("\n\n") if d.strip()]
     else:
-        docs = [json.loads(line)["input"] for f in sorted(eval_dir.glob("switch-*.jsonl")) for line in f.read_text().splitlines()]
+        docs = [
+            json.loads(line)["input"]
+            for f in sorted(eval_dir.glob("switch-*.jsonl"))
+            for line in f.read_text().splitlines()
+        ]
     context = rt.max_context(variant)
     out = []
     for doc in rng.sample(docs, min(n, len(docs))):
@@ -46,7 +52,9 @@ def prompts_for(family: Path, arch: str, variant: str, n: int, rt: Runtime, toke
     return out
 
 
-def batched(rt: Runtime, variant: str, prompts: list[list[int]], tokens: int, batch: int, group: int) -> list[list[int]]:
+def batched(
+    rt: Runtime, variant: str, prompts: list[list[int]], tokens: int, batch: int, group: int
+) -> list[list[int]]:
     """The server's way: `group` requests prefilled together join the running batch every 3 steps."""
     engine = Engine(rt, max_batch_size=batch)
     requests = [Request(variant, p, GenerationSettings(max_new_tokens=tokens)) for p in prompts]
@@ -71,9 +79,20 @@ def measure(family: Path, arch: str, n: int, tokens: int, batch: int, seed: int)
             prompts = prompts_for(family, arch, variant, n, rt, tokens, random.Random(seed))
             alone = [rt.complete(variant, p, GenerationSettings(max_new_tokens=tokens)).token_ids for p in prompts]
             together = batched(rt, variant, prompts, tokens, batch, group=4)
-            firsts = [next(i for i, (a, b) in enumerate(zip(x + [-1], y + [-2])) if a != b) for x, y in zip(alone, together) if x != y]
-            rows.append({"variant": variant, "prompts": len(prompts), "tokens": sum(map(len, alone)),
-                         "answers_differing": len(firsts), "first_difference_at": firsts})
+            firsts = [
+                next(i for i, (a, b) in enumerate(zip(x + [-1], y + [-2])) if a != b)
+                for x, y in zip(alone, together)
+                if x != y
+            ]
+            rows.append(
+                {
+                    "variant": variant,
+                    "prompts": len(prompts),
+                    "tokens": sum(map(len, alone)),
+                    "answers_differing": len(firsts),
+                    "first_difference_at": firsts,
+                }
+            )
     return {"architecture": arch, "max_new_tokens": tokens, "batch": batch, "variants": rows}
 
 
@@ -89,16 +108,21 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    results = [measure(args.family, arch, args.prompts, args.tokens, args.batch, args.seed)
-               for arch in args.arch or ["mixtral", "switch"] if (args.family / arch).is_dir()]
+    results = [
+        measure(args.family, arch, args.prompts, args.tokens, args.batch, args.seed)
+        for arch in args.arch or ["mixtral", "switch"]
+        if (args.family / arch).is_dir()
+    ]
     if args.json:
         print(json.dumps(results, indent=1))
         return
     for res in results:
         for row in res["variants"]:
-            print(f"{res['architecture']}/{row['variant']}: {row['answers_differing']} of {row['prompts']} batched greedy answers "
-                  f"differ from alone ({row['tokens']} tokens alone, up to {res['max_new_tokens']} each, batch {res['batch']})"
-                  + (f"; first difference at token {row['first_difference_at']}" if row["first_difference_at"] else ""))
+            print(
+                f"{res['architecture']}/{row['variant']}: {row['answers_differing']} of {row['prompts']} batched greedy answers "
+                f"differ from alone ({row['tokens']} tokens alone, up to {res['max_new_tokens']} each, batch {res['batch']})"
+                + (f"; first difference at token {row['first_difference_at']}" if row["first_difference_at"] else "")
+            )
 
 
 if __name__ == "__main__":

@@ -30,18 +30,26 @@ def family_files(family: Path, fam: str) -> tuple[list[str], dict[str, str], dic
         models = [m for m in json.loads((family / "family.json").read_text())["models"] if m["family"] == fam]
     else:  # a family still being built: base first, each variant trained on the data of its name
         names = ["base"] + sorted(p.name for p in (family / fam).iterdir() if p.name != "base")
-        models = [{"name": n, "path": str(family / fam / n), "data": "mixed" if n == "base" else n,
-                   "eval_file": str(family / "data" / "eval" / f"{fam}-{'mixed' if n == 'base' else n}.{ext}")}
-                  for n in names]
-    train = {m["name"]: m.get("train_file") or str(family / "data" / "train" / f"{fam}-{m['data']}.{ext}") for m in models}
+        models = [
+            {
+                "name": n,
+                "path": str(family / fam / n),
+                "data": "mixed" if n == "base" else n,
+                "eval_file": str(family / "data" / "eval" / f"{fam}-{'mixed' if n == 'base' else n}.{ext}"),
+            }
+            for n in names
+        ]
+    train = {
+        m["name"]: m.get("train_file") or str(family / "data" / "train" / f"{fam}-{m['data']}.{ext}") for m in models
+    }
     return [f"{m['name']}={m['path']}" for m in models], train, {m["name"]: m["eval_file"] for m in models}
 
 
 def profile(family: Path, fam: str, budgets: list[float], tokens: int) -> dict:
     from moeconsol.analysis.calibration import candidate_cost, capture, substitution_costs
-    from moeconsol.io.checkpoint import open_checkpoints
-    from moeconsol.consolidate.pipeline import MergeSettings, plan_calibrated
     from moeconsol.analysis.similarity import read_layer
+    from moeconsol.consolidate.pipeline import MergeSettings, plan_calibrated
+    from moeconsol.io.checkpoint import open_checkpoints
 
     models, train, _ = family_files(family, fam)
     ckpts = open_checkpoints(models)
@@ -51,8 +59,14 @@ def profile(family: Path, fam: str, budgets: list[float], tokens: int) -> dict:
     costs = {layer: substitution_costs(ref, layer, read_layer(ckpts, layer).flat, acts) for layer in ref.moe_layers}
     out = {}
     for budget in budgets:
-        s = MergeSettings(mode="calibrated", metric="cosine", budget=repr(budget), calibration=train, representative="best",
-                          calibration_tokens=tokens)
+        s = MergeSettings(
+            mode="calibrated",
+            metric="cosine",
+            budget=repr(budget),
+            calibration=train,
+            representative="best",
+            calibration_tokens=tokens,
+        )
         plans = plan_calibrated(ckpts, s)
         per_model = np.zeros(len(ckpts))
         cross = np.zeros(len(ckpts), dtype=int)
@@ -70,14 +84,25 @@ def profile(family: Path, fam: str, budgets: list[float], tokens: int) -> dict:
                         cross[m] += int(rep % E != i % E)
                     else:
                         ws = w or [1.0] * len(c)
-                        mean = {p: sum(wt * flat[j][p].float() for wt, j in zip(ws, c)) / sum(ws) for p in ref.layout.parts}
+                        mean = {
+                            p: sum(wt * flat[j][p].float() for wt, j in zip(ws, c)) / sum(ws) for p in ref.layout.parts
+                        }
                         layer_cost[m] += candidate_cost(ref, plan.layer, flat, [i], mean, acts, lc.norm)
                         cross[m] += int(len({j % E for j in c}) > 1)
             per_model += layer_cost
-            layers.append({"layer": plan.layer, "bank": len(plan.clusters), "same_index": aligned,
-                           "cost": dict(zip(names, layer_cost.round(4).tolist()))})
-        out[budget] = {"cost": dict(zip(names, per_model.round(4).tolist())), "cross_index_slots": dict(zip(names, cross.tolist())),
-                       "layers": layers}
+            layers.append(
+                {
+                    "layer": plan.layer,
+                    "bank": len(plan.clusters),
+                    "same_index": aligned,
+                    "cost": dict(zip(names, layer_cost.round(4).tolist())),
+                }
+            )
+        out[budget] = {
+            "cost": dict(zip(names, per_model.round(4).tolist())),
+            "cross_index_slots": dict(zip(names, cross.tolist())),
+            "layers": layers,
+        }
     return out
 
 
@@ -102,8 +127,12 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--eval", action="store_true", help="also sweep calibrated at the budgets (retained gain)")
     parser.add_argument("--rounds", type=int, help="clustering.fair_weights rounds (1: least total cost)")
-    parser.add_argument("--max-chunks", type=int, help="calibrate on at most this many chunks or examples, no token cap "
-                        "(64: the capture before the token budget)")
+    parser.add_argument(
+        "--max-chunks",
+        type=int,
+        help="calibrate on at most this many chunks or examples, no token cap "
+        "(64: the capture before the token budget)",
+    )
     args = parser.parse_args()
     patch(args.rounds, args.max_chunks)
     from transformers.utils import logging as hf_logging
@@ -122,12 +151,20 @@ def main() -> int:
         from moeconsol.quality.evaluate import sweep
 
         models, train, held_out = family_files(family, args.fam)
-        report = sweep(models, held_out, budgets, base=models[0].split("=", 1)[1], calibration=train,
-                       methods=["calibrated"], merge_options={"calibrated": {"representative": "best",
-                                                                             "calibration_tokens": args.tokens}})
+        report = sweep(
+            models,
+            held_out,
+            budgets,
+            base=models[0].split("=", 1)[1],
+            calibration=train,
+            methods=["calibrated"],
+            merge_options={"calibrated": {"representative": "best", "calibration_tokens": args.tokens}},
+        )
         for p in report.points:
-            print(f"retained gain at {p.budget:g} ({p.expert_fraction:.0%}): "
-                  + ", ".join(f"{n} {g:.1%}" for n, g in p.retained_gain.items() if n != "base"))
+            print(
+                f"retained gain at {p.budget:g} ({p.expert_fraction:.0%}): "
+                + ", ".join(f"{n} {g:.1%}" for n, g in p.retained_gain.items() if n != "base")
+            )
     print(f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     return 0
 

@@ -52,21 +52,28 @@ def _swaps(url: str) -> float:
     return sum(float(v) for v in re.findall(r'^moeconsol_swaps_total\{model="[^"]*"\} (\S+)$', text, re.M))
 
 
-def run(artifact: Path, replicas: int, aware: bool, order: list[tuple[str, str]], tokens: int, clients: int, port: int) -> dict:
+def run(
+    artifact: Path, replicas: int, aware: bool, order: list[tuple[str, str]], tokens: int, clients: int, port: int
+) -> dict:
     import httpx
     from ray import serve
 
     from moeconsol.serving.ray_serve import ReplicaSettings, deploy
 
     t = time.perf_counter()
-    deploy(ReplicaSettings(artifact=str(artifact)), replicas, port=port, num_cpus_per_replica=1.0, route_by_variant=aware)
+    deploy(
+        ReplicaSettings(artifact=str(artifact)), replicas, port=port, num_cpus_per_replica=1.0, route_by_variant=aware
+    )
     started = time.perf_counter() - t
     url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+
             def post(item: tuple[str, str]) -> dict:
                 m, p = item
-                r = client.post(f"{url}/v1/completions", json={"model": m, "prompt": p, "max_tokens": tokens, "temperature": 0})
+                r = client.post(
+                    f"{url}/v1/completions", json={"model": m, "prompt": p, "max_tokens": tokens, "temperature": 0}
+                )
                 r.raise_for_status()
                 return r.json()
 
@@ -81,11 +88,19 @@ def run(artifact: Path, replicas: int, aware: bool, order: list[tuple[str, str]]
             swaps = _swaps(url) - swaps_before
     finally:
         serve.delete("moeconsol")
-    return {"replicas": replicas, "routing": "variant-aware" if aware else "random", "requests": len(order),
-            "seconds": seconds, "requests_per_s": len(order) / seconds,
-            "tokens_per_s": sum(a["usage"]["completion_tokens"] for a in answers) / seconds,
-            "swaps": swaps, "swaps_per_request": swaps / len(order), "load_average_1m": load, "deploy_s": started,
-            "texts": [a["choices"][0]["text"] for a in answers]}
+    return {
+        "replicas": replicas,
+        "routing": "variant-aware" if aware else "random",
+        "requests": len(order),
+        "seconds": seconds,
+        "requests_per_s": len(order) / seconds,
+        "tokens_per_s": sum(a["usage"]["completion_tokens"] for a in answers) / seconds,
+        "swaps": swaps,
+        "swaps_per_request": swaps / len(order),
+        "load_average_1m": load,
+        "deploy_s": started,
+        "texts": [a["choices"][0]["text"] for a in answers],
+    }
 
 
 def main() -> None:
@@ -112,8 +127,11 @@ def main() -> None:
         try:
             port = _free_port()  # Serve's proxy keeps the port of its first start
             configs = ((1, True), (2, True), (2, False))
-            runs = [run(paths["out"], n, aware, order, args.tokens, args.clients, port)
-                    for _ in range(args.repeats) for n, aware in configs]  # interleaved: the load drifts
+            runs = [
+                run(paths["out"], n, aware, order, args.tokens, args.clients, port)
+                for _ in range(args.repeats)
+                for n, aware in configs
+            ]  # interleaved: the load drifts
         finally:
             from ray import serve
 
@@ -123,25 +141,45 @@ def main() -> None:
     rows = []
     for n, aware in configs:
         mine = [r for r in runs if r["replicas"] == n and (r["routing"] == "variant-aware") == aware]
-        rows.append({"replicas": n, "routing": mine[0]["routing"],
-                     "requests_per_s": statistics.median(r["requests_per_s"] for r in mine),
-                     "tokens_per_s": statistics.median(r["tokens_per_s"] for r in mine),
-                     "swaps_per_request": sum(r["swaps"] for r in mine) / sum(r["requests"] for r in mine),
-                     "load_average_1m": statistics.mean(r["load_average_1m"] for r in mine),
-                     "requests_per_s_each": [r["requests_per_s"] for r in mine], "swaps_each": [r["swaps"] for r in mine]})
-    result = {"workload": {"requests": args.requests, "tokens": args.tokens, "clients": args.clients, "repeats": args.repeats,
-                           "popularity": dict(zip(models, weights)), "size": args.size, "cpus": os.cpu_count()},
-              "configs": rows, "answers_equal_across_runs": same}
+        rows.append(
+            {
+                "replicas": n,
+                "routing": mine[0]["routing"],
+                "requests_per_s": statistics.median(r["requests_per_s"] for r in mine),
+                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in mine),
+                "swaps_per_request": sum(r["swaps"] for r in mine) / sum(r["requests"] for r in mine),
+                "load_average_1m": statistics.mean(r["load_average_1m"] for r in mine),
+                "requests_per_s_each": [r["requests_per_s"] for r in mine],
+                "swaps_each": [r["swaps"] for r in mine],
+            }
+        )
+    result = {
+        "workload": {
+            "requests": args.requests,
+            "tokens": args.tokens,
+            "clients": args.clients,
+            "repeats": args.repeats,
+            "popularity": dict(zip(models, weights)),
+            "size": args.size,
+            "cpus": os.cpu_count(),
+        },
+        "configs": rows,
+        "answers_equal_across_runs": same,
+    }
     if args.json:
         print(json.dumps(result, indent=1))
         return
     w = result["workload"]
-    print(f"{w['requests']} greedy requests x {w['tokens']} tokens, {w['clients']} clients, popularity {w['popularity']}, "
-          f"{w['size']} family, {w['cpus']} CPUs; answers equal across runs: {same}")
+    print(
+        f"{w['requests']} greedy requests x {w['tokens']} tokens, {w['clients']} clients, popularity {w['popularity']}, "
+        f"{w['size']} family, {w['cpus']} CPUs; answers equal across runs: {same}"
+    )
     for r in rows:
         each = ", ".join(f"{x:.1f}" for x in r["requests_per_s_each"])
-        print(f"  {r['replicas']} replica(s), {r['routing']:>13}: {r['requests_per_s']:6.2f} req/s median ({each}), "
-              f"{r['tokens_per_s']:6.1f} tok/s, {r['swaps_per_request']:.2f} swaps/request, load average {r['load_average_1m']:.1f}")
+        print(
+            f"  {r['replicas']} replica(s), {r['routing']:>13}: {r['requests_per_s']:6.2f} req/s median ({each}), "
+            f"{r['tokens_per_s']:6.1f} tok/s, {r['swaps_per_request']:.2f} swaps/request, load average {r['load_average_1m']:.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 # Meant for an offline GPU machine with torch+CUDA preinstalled; installs nothing from the
 # internet. Takes under 8 minutes on one GPU (each step has its own time limit):
 #   1. the runtime's logits equal transformers' on CUDA, swaps keep the bank in place, host
-#      buffers are pinned, a cross-variant forward equals each row alone (tests/test_runtime.py,
-#      tests/test_crossvariant.py: the device-parametrized tests);
+#      buffers are pinned, a cross-variant forward equals each row alone (tests/serving/test_runtime.py,
+#      tests/serving/test_crossvariant.py: the device-parametrized tests);
 #   2. swap time vs one pinned plain host-to-device copy of the same bytes, and greedy tokens/s
 #      vs transformers' own model, on the tiny family and the realistic-width bf16 family;
 #      the interleaved-request trace (time to first token with and without a swap)
@@ -43,7 +43,7 @@ print(json.dumps({"gpu": gpu and gpu.name, "gpu_memory_bytes": gpu and gpu.total
 PY
 
 status=0
-timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_runtime.py tests/test_crossvariant.py -k device \
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/serving/test_runtime.py tests/serving/test_crossvariant.py -m cuda \
   --junitxml "$OUT/tests-$DEVICE.xml" > "$OUT/tests-$DEVICE.txt" 2>&1 || status=$?
 tail -n 3 "$OUT/tests-$DEVICE.txt"
 timeout 300 "$PY" benchmarks/serve.py --device "$DEVICE" --wide ${KEEP:+--keep "$KEEP"} --repeats "$REPEATS" --json \

@@ -44,8 +44,14 @@ def main() -> None:
     size = sum(p.stat().st_size for p in args.artifact.rglob("*") if p.is_file())
     print(f"artifact: {args.artifact} ({size / 1e6:.1f} MB)")
     for _ in range(args.repeat):
-        off, on, sha = read_everything(args.artifact, False), read_everything(args.artifact, True), plain_sha256(args.artifact)
-        print(f"read all, sizes+headers: {off:.3f} s   with sha256: {on:.3f} s   plain sha256 of the files: {sha:.3f} s")
+        off, on, sha = (
+            read_everything(args.artifact, False),
+            read_everything(args.artifact, True),
+            plain_sha256(args.artifact),
+        )
+        print(
+            f"read all, sizes+headers: {off:.3f} s   with sha256: {on:.3f} s   plain sha256 of the files: {sha:.3f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -53,10 +53,19 @@ MiB = 1024**2
 
 def config(layers: int) -> dict:
     return {
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE, "num_hidden_layers": layers, "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS, "num_local_experts": EXPERTS, "num_experts_per_tok": 2,
-        "vocab_size": VOCAB, "hidden_act": "silu", "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16",
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE,
+        "num_hidden_layers": layers,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "num_local_experts": EXPERTS,
+        "num_experts_per_tok": 2,
+        "vocab_size": VOCAB,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "torch_dtype": "bfloat16",
         "tie_word_embeddings": False,
     }
 
@@ -85,7 +94,11 @@ def build_family(root: Path, layers: int, shared: int) -> list[Path]:
                 tensors[m]["model.norm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
         for i in range(s * per_shard, min(layers, (s + 1) * per_shard)) if s < n_shards - 1 else []:
             p = f"model.layers.{i}"
-            base = {f"{e}.{w}": rand(*((INTERMEDIATE, HIDDEN) if w != "w2" else (HIDDEN, INTERMEDIATE))) for e in range(EXPERTS) for w in ("w1", "w2", "w3")}
+            base = {
+                f"{e}.{w}": rand(*((INTERMEDIATE, HIDDEN) if w != "w2" else (HIDDEN, INTERMEDIATE)))
+                for e in range(EXPERTS)
+                for w in ("w1", "w2", "w3")
+            }
             for m in range(MODELS):
                 t = tensors[m]
                 for key, value in base.items():
@@ -94,7 +107,12 @@ def build_family(root: Path, layers: int, shared: int) -> list[Path]:
                         value = (value.float() + torch.randn(value.shape, generator=g) * 0.0003).to(torch.bfloat16)
                     t[f"{p}.block_sparse_moe.experts.{key}.weight"] = value
                 t[f"{p}.block_sparse_moe.gate.weight"] = rand(EXPERTS, HIDDEN)
-                for name, shape in (("q_proj", (HIDDEN, HIDDEN)), ("k_proj", (256, HIDDEN)), ("v_proj", (256, HIDDEN)), ("o_proj", (HIDDEN, HIDDEN))):
+                for name, shape in (
+                    ("q_proj", (HIDDEN, HIDDEN)),
+                    ("k_proj", (256, HIDDEN)),
+                    ("v_proj", (256, HIDDEN)),
+                    ("o_proj", (HIDDEN, HIDDEN)),
+                ):
                     t[f"{p}.self_attn.{name}.weight"] = rand(*shape)
                 t[f"{p}.input_layernorm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
                 t[f"{p}.post_attention_layernorm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
@@ -104,7 +122,9 @@ def build_family(root: Path, layers: int, shared: int) -> list[Path]:
         del tensors
     for m, d in enumerate(dirs):
         total = sum(f.stat().st_size for f in d.glob("*.safetensors"))
-        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_maps[m]}))
+        (d / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_maps[m]})
+        )
     return dirs
 
 
@@ -112,8 +132,17 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def run_once(dirs: list[Path], root: Path, modes: dict, wanted: list[str], shared: int, layers: int,
-             cwd: str | None, mk: str | None, baseline: str | None = None) -> dict:
+def run_once(
+    dirs: list[Path],
+    root: Path,
+    modes: dict,
+    wanted: list[str],
+    shared: int,
+    layers: int,
+    cwd: str | None,
+    mk: str | None,
+    baseline: str | None = None,
+) -> dict:
     """One run of every wanted mode, the I/O floor (after lossless) and mergekit, in this order;
     with `baseline`, each mode is also run from that source tree, right after (row `MODE@baseline`)."""
     input_bytes = sum(f.stat().st_size for d in dirs for f in d.iterdir())
@@ -127,13 +156,21 @@ def run_once(dirs: list[Path], root: Path, modes: dict, wanted: list[str], share
         cmd = [sys.executable, "-m", "moeconsol", modes[mode][0], *map(str, dirs)]
         cmd += ["--json", str(root / "report.json")] if mode == "analyze" else ["-o", str(out)]
         seconds, peak = peer.measured(cmd + modes[mode][1:], cwd=where)
-        row = {"mode": mode if where == cwd else f"{mode}@baseline", "seconds": round(seconds, 2), "peak_rss_mib": round(peak / MiB),
-               "one_layer_all_models_mib": round(one_layer / MiB), "input_bytes": input_bytes}
+        row = {
+            "mode": mode if where == cwd else f"{mode}@baseline",
+            "seconds": round(seconds, 2),
+            "peak_rss_mib": round(peak / MiB),
+            "one_layer_all_models_mib": round(one_layer / MiB),
+            "input_bytes": input_bytes,
+        }
         if mode != "analyze":
             manifest = json.loads((out / "manifest.json").read_text())
             bank = sum(len(entry["bank"]) for entry in manifest["layers"])
-            row.update(bank_experts=bank, experts_in=total_bank,
-                       artifact_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()))
+            row.update(
+                bank_experts=bank,
+                experts_in=total_bank,
+                artifact_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
+            )
             if mode == "lossless":
                 expected = layers * (shared + MODELS * (EXPERTS - shared))
                 assert bank == expected, f"lossless bank {bank} != identical share {expected}"
@@ -147,8 +184,13 @@ def run_once(dirs: list[Path], root: Path, modes: dict, wanted: list[str], share
         seconds, peak = peer.mergekit_linear(mk, dirs, root / "mergekit-out")
         mergekit = {"seconds": round(seconds, 2), "peak_rss_mib": round(peak / MiB)}
     load_after = os.getloadavg()
-    return {"floor": floor, "mergekit": mergekit, "rows": rows,
-            "load_average_before": [round(x, 2) for x in load_before], "load_average_after": [round(x, 2) for x in load_after]}
+    return {
+        "floor": floor,
+        "mergekit": mergekit,
+        "rows": rows,
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in load_after],
+    }
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -157,12 +199,21 @@ def summarize(runs: list[dict]) -> list[dict]:
     out = []
     for i, row in enumerate(runs[0]["rows"]):
         same = [r["rows"][i] for r in runs]
-        s = {"mode": row["mode"], "seconds": [r["seconds"] for r in same], "median_seconds": round(median([r["seconds"] for r in same]), 2),
-             "median_peak_rss_mib": round(median([r["peak_rss_mib"] for r in same])), "one_layer_all_models_mib": row["one_layer_all_models_mib"]}
+        s = {
+            "mode": row["mode"],
+            "seconds": [r["seconds"] for r in same],
+            "median_seconds": round(median([r["seconds"] for r in same]), 2),
+            "median_peak_rss_mib": round(median([r["peak_rss_mib"] for r in same])),
+            "one_layer_all_models_mib": row["one_layer_all_models_mib"],
+        }
         if all(r["floor"] for r in runs):
-            s["median_over_floor"] = round(median([x["seconds"] / r["floor"]["floor_seconds"] for x, r in zip(same, runs)]), 3)
+            s["median_over_floor"] = round(
+                median([x["seconds"] / r["floor"]["floor_seconds"] for x, r in zip(same, runs)]), 3
+            )
         if all(r["mergekit"] for r in runs):
-            s["median_over_mergekit"] = round(median([x["seconds"] / r["mergekit"]["seconds"] for x, r in zip(same, runs)]), 3)
+            s["median_over_mergekit"] = round(
+                median([x["seconds"] / r["mergekit"]["seconds"] for x, r in zip(same, runs)]), 3
+            )
         for k in ("bank_experts", "experts_in", "artifact_bytes", "input_bytes"):
             if k in row:
                 s[k] = row[k]
@@ -196,29 +247,54 @@ def main() -> None:
         dirs = sorted(family.iterdir()) if family.exists() else build_family(family, args.layers, args.shared)
         layers = json.loads((dirs[0] / "config.json").read_text())["num_hidden_layers"]
         input_bytes = sum(f.stat().st_size for d in dirs for f in d.iterdir())
-        subprocess.run(["sh", "-c", 'cat "$@" > /dev/null', "cat", *map(str, (f for d in dirs for f in d.iterdir()))], check=True)
+        subprocess.run(
+            ["sh", "-c", 'cat "$@" > /dev/null', "cat", *map(str, (f for d in dirs for f in d.iterdir()))], check=True
+        )
         wanted = args.modes.split(",")
         mk = peer.find_mergekit(args.mergekit)
         runs = []
         for r in range(args.repeats):
             runs.append(run_once(dirs, root, modes, wanted, args.shared, layers, cwd, mk, baseline))
-            print(f"run {r + 1}/{args.repeats} done, load average {runs[-1]['load_average_after'][0]:.2f}", file=sys.stderr)
+            print(
+                f"run {r + 1}/{args.repeats} done, load average {runs[-1]['load_average_after'][0]:.2f}",
+                file=sys.stderr,
+            )
         summary = summarize(runs)
-        result = {"inputs": {"models": MODELS, "layers": layers, "experts": EXPERTS, "shared": args.shared, "bytes": input_bytes},
-                  "cpus": os.cpu_count(), "code": cwd, "baseline": baseline, "runs": runs, "summary": summary}
+        result = {
+            "inputs": {
+                "models": MODELS,
+                "layers": layers,
+                "experts": EXPERTS,
+                "shared": args.shared,
+                "bytes": input_bytes,
+            },
+            "cpus": os.cpu_count(),
+            "code": cwd,
+            "baseline": baseline,
+            "runs": runs,
+            "summary": summary,
+        }
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
         loads = [x for r in runs for x in (r["load_average_before"][0], r["load_average_after"][0])]
-        print(f"inputs: {MODELS} checkpoints, {input_bytes / 1e9:.2f} GB, {layers} layers x {EXPERTS} experts, {args.shared} shared; "
-              f"{len(runs)} run(s); 1-minute load average {min(loads):.2f}-{max(loads):.2f} on {os.cpu_count()} CPUs")
+        print(
+            f"inputs: {MODELS} checkpoints, {input_bytes / 1e9:.2f} GB, {layers} layers x {EXPERTS} experts, {args.shared} shared; "
+            f"{len(runs)} run(s); 1-minute load average {min(loads):.2f}-{max(loads):.2f} on {os.cpu_count()} CPUs"
+        )
         floors = [r["floor"]["floor_seconds"] for r in runs if r["floor"]]
         if floors:
-            print(f"I/O floor (cat inputs + cp -r artifact + sync): median {median(floors):.2f} s ({', '.join(f'{x:.2f}' for x in floors)})")
+            print(
+                f"I/O floor (cat inputs + cp -r artifact + sync): median {median(floors):.2f} s ({', '.join(f'{x:.2f}' for x in floors)})"
+            )
         kits = [r["mergekit"]["seconds"] for r in runs if r["mergekit"]]
         if kits:
-            print(f"mergekit linear merge: median {median(kits):.2f} s ({', '.join(f'{x:.2f}' for x in kits)}), "
-                  f"peak RSS {runs[0]['mergekit']['peak_rss_mib']} MiB")
-        print("| run | median time (each run) | / I/O floor | / mergekit | peak RSS | / one layer, all models | bank experts | artifact / inputs |")
+            print(
+                f"mergekit linear merge: median {median(kits):.2f} s ({', '.join(f'{x:.2f}' for x in kits)}), "
+                f"peak RSS {runs[0]['mergekit']['peak_rss_mib']} MiB"
+            )
+        print(
+            "| run | median time (each run) | / I/O floor | / mergekit | peak RSS | / one layer, all models | bank experts | artifact / inputs |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for s in summary:
             f = f"{s['median_over_floor']:.2f}x" if "median_over_floor" in s else "-"
@@ -226,8 +302,10 @@ def main() -> None:
             bank = f"{s['bank_experts']} / {s['experts_in']}" if "bank_experts" in s else "-"
             art = f"{s['artifact_bytes'] / s['input_bytes']:.1%}" if "artifact_bytes" in s else "-"
             each = ", ".join(f"{x:.2f}" for x in s["seconds"])
-            print(f"| {s['mode']} | {s['median_seconds']:.2f} s ({each}) | {f} | {m} | {s['median_peak_rss_mib']} MiB | "
-                  f"{s['median_peak_rss_mib'] / s['one_layer_all_models_mib']:.2f}x | {bank} | {art} |")
+            print(
+                f"| {s['mode']} | {s['median_seconds']:.2f} s ({each}) | {f} | {m} | {s['median_peak_rss_mib']} MiB | "
+                f"{s['median_peak_rss_mib'] / s['one_layer_all_models_mib']:.2f}x | {bank} | {art} |"
+            )
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -53,8 +53,16 @@ def build_pair(root: Path, steps: int) -> tuple[Path, Path]:
     if (ft_dir / "config.json").exists():
         return base_dir, ft_dir
     torch.manual_seed(0)
-    base = tiny_mixtral(seed=0, hidden_size=HIDDEN, intermediate_size=HIDDEN, num_hidden_layers=LAYERS,
-                        num_local_experts=EXPERTS, vocab_size=VOCAB, num_attention_heads=8, num_key_value_heads=2)
+    base = tiny_mixtral(
+        seed=0,
+        hidden_size=HIDDEN,
+        intermediate_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_local_experts=EXPERTS,
+        vocab_size=VOCAB,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+    )
     ft = copy.deepcopy(base).train()
     opt = torch.optim.AdamW(ft.parameters(), lr=1e-5, weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
@@ -98,12 +106,26 @@ def _methods() -> dict:
         return torch.from_numpy(x).view(r.dtype).reshape(r.shape)
 
     methods = {
-        "xor-zstd (moeconsol, level 1)": (lambda t, r: codec.encode(t, r, 1), lambda b, r: codec.decode(b, r, r.dtype, tuple(r.shape))),
-        "xor-zstd level 3": (lambda t, r: codec.encode(t, r, 3), lambda b, r: codec.decode(b, r, r.dtype, tuple(r.shape))),
-        "zstd level 1, no delta": (lambda t, r: z1.compress(t.reshape(-1).view(torch.uint8).numpy()),
-                                   lambda b, r: torch.frombuffer(bytearray(d.decompress(b)), dtype=r.dtype).reshape(r.shape)),
-        "xor + zstd level 1, no shuffle": (lambda t, r: z1.compress(_xor_bytes(t, r)), lambda b, r: unxor(d.decompress(b), r)),
-        "xor + zstd level 3, no shuffle": (lambda t, r: z3.compress(_xor_bytes(t, r)), lambda b, r: unxor(d.decompress(b), r)),
+        "xor-zstd (moeconsol, level 1)": (
+            lambda t, r: codec.encode(t, r, 1),
+            lambda b, r: codec.decode(b, r, r.dtype, tuple(r.shape)),
+        ),
+        "xor-zstd level 3": (
+            lambda t, r: codec.encode(t, r, 3),
+            lambda b, r: codec.decode(b, r, r.dtype, tuple(r.shape)),
+        ),
+        "zstd level 1, no delta": (
+            lambda t, r: z1.compress(t.reshape(-1).view(torch.uint8).numpy()),
+            lambda b, r: torch.frombuffer(bytearray(d.decompress(b)), dtype=r.dtype).reshape(r.shape),
+        ),
+        "xor + zstd level 1, no shuffle": (
+            lambda t, r: z1.compress(_xor_bytes(t, r)),
+            lambda b, r: unxor(d.decompress(b), r),
+        ),
+        "xor + zstd level 3, no shuffle": (
+            lambda t, r: z3.compress(_xor_bytes(t, r)),
+            lambda b, r: unxor(d.decompress(b), r),
+        ),
     }
     try:
         import zipnn
@@ -140,20 +162,35 @@ def codec_table(base_dir: Path, ft_dir: Path) -> dict:
         for m, (enc, dec) in methods.items():
             seconds, blob = _timed(lambda: enc(t, r))
             back_s, back = _timed(lambda: dec(blob, r))
-            assert back.reshape(-1).view(torch.uint8).numpy().tobytes() == t.reshape(-1).view(torch.uint8).numpy().tobytes(), (m, name)
+            assert (
+                back.reshape(-1).view(torch.uint8).numpy().tobytes()
+                == t.reshape(-1).view(torch.uint8).numpy().tobytes()
+            ), (m, name)
             totals[m]["bytes"] += len(blob)
             totals[m]["encode_s"] += seconds
             totals[m]["decode_s"] += back_s
-    rows = [{"method": m, "ratio": v["bytes"] / whole, "encode_mb_s": whole / v["encode_s"] / 1e6,
-             "decode_mb_s": whole / v["decode_s"] / 1e6} for m, v in totals.items()]
-    return {"changed_tensors": pairs, "unchanged_tensors": unchanged, "changed_bytes": int(whole),
-            "memcpy_mb_s": whole / memcpy / 1e6, "rows": rows}
+    rows = [
+        {
+            "method": m,
+            "ratio": v["bytes"] / whole,
+            "encode_mb_s": whole / v["encode_s"] / 1e6,
+            "decode_mb_s": whole / v["decode_s"] / 1e6,
+        }
+        for m, v in totals.items()
+    ]
+    return {
+        "changed_tensors": pairs,
+        "unchanged_tensors": unchanged,
+        "changed_bytes": int(whole),
+        "memcpy_mb_s": whole / memcpy / 1e6,
+        "rows": rows,
+    }
 
 
 def merged(models: list[str], root: Path, label: str) -> dict:
     """Lossless merges with the codec and without: non-expert bytes, merge and load seconds."""
-    from moeconsol.io.checkpoint import open_checkpoints
     from moeconsol.consolidate.pipeline import MergeSettings, merge
+    from moeconsol.io.checkpoint import open_checkpoints
     from moeconsol.serving.runtime import Runtime
 
     out = {"inputs": label}
@@ -168,10 +205,19 @@ def merged(models: list[str], root: Path, label: str) -> dict:
             seconds, result = _timed(lambda: merge(ckpts, art, MergeSettings(non_expert_codec=choice), force=True), 1)
             load, rt = _timed(lambda: Runtime.from_artifact(art), 1)
             b = result.manifest["bytes"]
-            row = {"non_expert": b["non_expert"], "non_expert_whole": b["non_expert_whole"], "artifact": result.artifact_bytes,
-                   "merge_s": round(seconds, 3), "load_s": round(load, 3), "encoded": len(result.manifest["encodings"])}
+            row = {
+                "non_expert": b["non_expert"],
+                "non_expert_whole": b["non_expert_whole"],
+                "artifact": result.artifact_bytes,
+                "merge_s": round(seconds, 3),
+                "load_s": round(load, 3),
+                "encoded": len(result.manifest["encodings"]),
+            }
             if rep:
-                row.update(merge_s=min(row["merge_s"], out[choice]["merge_s"]), load_s=min(row["load_s"], out[choice]["load_s"]))
+                row.update(
+                    merge_s=min(row["merge_s"], out[choice]["merge_s"]),
+                    load_s=min(row["load_s"], out[choice]["load_s"]),
+                )
             out[choice] = row
             del rt
             shutil.rmtree(art)
@@ -183,7 +229,11 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="build the pair here and keep it (reused when present)")
     ap.add_argument("--steps", type=int, default=50, help="AdamW steps of the fine-tune")
     ap.add_argument("--family", type=Path, help="the example family (examples/build_family.py --out DIR)")
-    ap.add_argument("--codecs-only", action="store_true", help="only the per-tensor table (torch, numpy, zstandard; zipnn if present)")
+    ap.add_argument(
+        "--codecs-only",
+        action="store_true",
+        help="only the per-tensor table (torch, numpy, zstandard; zipnn if present)",
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="moeconsol-codec-bench-"))
@@ -191,9 +241,11 @@ def main() -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
         base_dir, ft_dir = build_pair(root, args.steps) if not args.codecs_only else (root / "base", root / "ft")
-        result = {"pair": f"Mixtral-shaped hidden {HIDDEN}, {LAYERS} layers, vocab {VOCAB}, bf16; fine-tune: "
-                          f"AdamW lr 1e-5, {args.steps} steps",
-                  "load_average": [round(x, 2) for x in os.getloadavg()]}
+        result = {
+            "pair": f"Mixtral-shaped hidden {HIDDEN}, {LAYERS} layers, vocab {VOCAB}, bf16; fine-tune: "
+            f"AdamW lr 1e-5, {args.steps} steps",
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+        }
         result["codecs"] = codec_table(base_dir, ft_dir)
         if not args.codecs_only:
             result["merges"] = [merged([f"base={base_dir}", f"ft={ft_dir}"], root, "pair")]
@@ -213,18 +265,24 @@ def main() -> None:
 def report(result: dict) -> None:
     c = result["codecs"]
     print(f"{result['pair']}; load average {result['load_average']} -> {result['load_average_after']}")
-    print(f"{c['changed_tensors']} changed non-expert tensors ({c['changed_bytes'] / 1e6:.1f} MB), {c['unchanged_tensors']} unchanged; "
-          f"memcpy {c['memcpy_mb_s']:.0f} MB/s")
+    print(
+        f"{c['changed_tensors']} changed non-expert tensors ({c['changed_bytes'] / 1e6:.1f} MB), {c['unchanged_tensors']} unchanged; "
+        f"memcpy {c['memcpy_mb_s']:.0f} MB/s"
+    )
     print("| method | stored / whole | encode MB/s | decode MB/s | encode / memcpy | decode / memcpy |")
     print("|---|---|---|---|---|---|")
     for r in c["rows"]:
-        print(f"| {r['method']} | {r['ratio']:.1%} | {r['encode_mb_s']:.0f} | {r['decode_mb_s']:.0f} | "
-              f"{c['memcpy_mb_s'] / r['encode_mb_s']:.1f}x slower | {c['memcpy_mb_s'] / r['decode_mb_s']:.1f}x slower |")
+        print(
+            f"| {r['method']} | {r['ratio']:.1%} | {r['encode_mb_s']:.0f} | {r['decode_mb_s']:.0f} | "
+            f"{c['memcpy_mb_s'] / r['encode_mb_s']:.1f}x slower | {c['memcpy_mb_s'] / r['decode_mb_s']:.1f}x slower |"
+        )
     for m in result.get("merges", []):
         n, x = m[codec.NONE], m[codec.XOR_ZSTD]
-        print(f"{m['inputs']}: non-expert {x['non_expert'] / 1e6:.2f} MB stored of {x['non_expert_whole'] / 1e6:.2f} MB whole "
-              f"({x['non_expert'] / x['non_expert_whole']:.1%}; {x['encoded']} tensors encoded); artifact {n['artifact'] / 1e6:.2f} -> "
-              f"{x['artifact'] / 1e6:.2f} MB; merge {n['merge_s']:.2f} -> {x['merge_s']:.2f} s; runtime load {n['load_s']:.2f} -> {x['load_s']:.2f} s")
+        print(
+            f"{m['inputs']}: non-expert {x['non_expert'] / 1e6:.2f} MB stored of {x['non_expert_whole'] / 1e6:.2f} MB whole "
+            f"({x['non_expert'] / x['non_expert_whole']:.1%}; {x['encoded']} tensors encoded); artifact {n['artifact'] / 1e6:.2f} -> "
+            f"{x['artifact'] / 1e6:.2f} MB; merge {n['merge_s']:.2f} -> {x['merge_s']:.2f} s; runtime load {n['load_s']:.2f} -> {x['load_s']:.2f} s"
+        )
 
 
 if __name__ == "__main__":

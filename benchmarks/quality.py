@@ -98,8 +98,9 @@ def methods_known() -> list[str]:
     return methods + list(evaluate.MERGE_METHODS)
 
 
-def run_family(path: Path, arch: str, budgets: list[float], methods: list[str] | None = None,
-               max_examples: int | None = None):
+def run_family(
+    path: Path, arch: str, budgets: list[float], methods: list[str] | None = None, max_examples: int | None = None
+):
     """`evaluate.sweep` of one family and architecture (methods: `methods_known()` by default;
     `max_examples`: score only the first N held-out examples of a seq2seq file)."""
     from moeconsol.quality.evaluate import EvalSettings, sweep
@@ -172,14 +173,20 @@ def check_bar(report, at: float = 0.5, keep: float = 0.9) -> tuple[list[str], li
                 misses.append(f"{OWN} at {budget:g}: mean retained gain {mine:.1%} < reference {theirs:.1%}")
             for n in fine_tuned:
                 if own.retained_gain[n] < ref.retained_gain[n]:
-                    notes.append(f"{n} at {budget:g}: {OWN} keeps {own.retained_gain[n]:.0%}, reference {ref.retained_gain[n]:.0%}")
+                    notes.append(
+                        f"{n} at {budget:g}: {OWN} keeps {own.retained_gain[n]:.0%}, reference {ref.retained_gain[n]:.0%}"
+                    )
         if average is not None and average.error is None:
             avg = mean_gain(average, fine_tuned)
             if not mine > avg:
-                misses.append(f"{OWN} at {budget:g}: mean retained gain {mine:.1%} not above uniform averaging {avg:.1%}")
+                misses.append(
+                    f"{OWN} at {budget:g}: mean retained gain {mine:.1%} not above uniform averaging {avg:.1%}"
+                )
             for n in fine_tuned:
                 if own.retained_gain[n] <= average.retained_gain[n]:
-                    notes.append(f"{n} at {budget:g}: {OWN} keeps {own.retained_gain[n]:.0%}, average {average.retained_gain[n]:.0%}")
+                    notes.append(
+                        f"{n} at {budget:g}: {OWN} keeps {own.retained_gain[n]:.0%}, average {average.retained_gain[n]:.0%}"
+                    )
     return misses, notes
 
 
@@ -197,8 +204,10 @@ def check_delta_goals(report) -> list[str]:
             lines.append(f"{DELTAS} at {budget:g}: missed, no artifact ({p.error})")
         else:
             short = [f"{n} {p.retained_gain[n]:.1%}" for n in fine_tuned if not p.retained_gain[n] >= keep]
-            lines.append(f"{DELTAS} at {budget:g}: every variant >= {keep:.0%}: "
-                         + ("met" if not short else "missed (" + ", ".join(short) + ")"))
+            lines.append(
+                f"{DELTAS} at {budget:g}: every variant >= {keep:.0%}: "
+                + ("met" if not short else "missed (" + ", ".join(short) + ")")
+            )
     return lines
 
 
@@ -213,15 +222,20 @@ def summary(report) -> list[str]:
             lines.append(f"| {p.method} | {budget} | n/a | n/a | n/a |")
             continue
         name, worst = worst_gain(p, fine_tuned)
-        lines.append(f"| {p.method} | {budget} | {p.expert_fraction:.0%} | {mean_gain(p, fine_tuned):.0%} | {name} {worst:.0%} |")
+        lines.append(
+            f"| {p.method} | {budget} | {p.expert_fraction:.0%} | {mean_gain(p, fine_tuned):.0%} | {name} {worst:.0%} |"
+        )
     points = {(p.method, p.budget): p for p in report.points if p.error is None}
     average, match = points.get((AVERAGE, None)), matched_budget(report)
     if average is not None and match is not None:
         own = points[(OWN, match)]
-        lines += ["", f"At matched memory (uniform averaging holds 1/{len(report.original)} = "
-                  f"{average.expert_fraction:.0%} of the expert memory): {OWN} at {match:g} ({own.expert_fraction:.0%}) keeps "
-                  f"{mean_gain(own, fine_tuned):.0%} on average (worst {worst_gain(own, fine_tuned)[1]:.0%}), "
-                  f"averaging {mean_gain(average, fine_tuned):.0%} (worst {worst_gain(average, fine_tuned)[1]:.0%})."]
+        lines += [
+            "",
+            f"At matched memory (uniform averaging holds 1/{len(report.original)} = "
+            f"{average.expert_fraction:.0%} of the expert memory): {OWN} at {match:g} ({own.expert_fraction:.0%}) keeps "
+            f"{mean_gain(own, fine_tuned):.0%} on average (worst {worst_gain(own, fine_tuned)[1]:.0%}), "
+            f"averaging {mean_gain(average, fine_tuned):.0%} (worst {worst_gain(average, fine_tuned)[1]:.0%}).",
+        ]
     return lines
 
 
@@ -230,9 +244,12 @@ def markdown(title: str, report, seconds: float) -> str:
     metric = report.metric + (" (lower is better)" if report.lower_is_better else " (higher is better)")
     shown = (report.settings.get("eval") or {}).get("max_examples")
     scope = f" (first {shown} held-out examples per variant)" if shown and report.metric == "token_accuracy" else ""
-    lines = [f"### {title}: {metric}; retained gain in brackets{scope}", "",
-             "| method | budget | expert memory | " + " | ".join(names) + " |",
-             "|---|---|---|" + "---|" * len(names)]
+    lines = [
+        f"### {title}: {metric}; retained gain in brackets{scope}",
+        "",
+        "| method | budget | expert memory | " + " | ".join(names) + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
     lines.append("| original | | 100% | " + " | ".join(f"{report.original[n]:.4g}" for n in names) + " |")
     lines.append("| base | | | " + " | ".join(f"{report.base[n]:.4g}" for n in names) + " |")
     for p in report.points:
@@ -246,10 +263,16 @@ def markdown(title: str, report, seconds: float) -> str:
             cells.append(f"{p.quality[n]:.4g}" + ("" if math.isnan(g) else f" ({g:.0%})"))
         lines.append(f"| {p.method} | {budget} | {p.expert_fraction:.0%} | " + " | ".join(cells) + " |")
     if report.metric == "token_accuracy":
-        lines += ["", "Exact match (greedy) of the same runs: " + "; ".join(
-            f"{p.method} {'-' if p.budget is None else f'{p.budget:g}'}: "
-            + ", ".join(f"{n} {p.details[n]['exact_match']:.2f}" for n in names)
-            for p in report.points if p.error is None)]
+        lines += [
+            "",
+            "Exact match (greedy) of the same runs: "
+            + "; ".join(
+                f"{p.method} {'-' if p.budget is None else f'{p.budget:g}'}: "
+                + ", ".join(f"{n} {p.details[n]['exact_match']:.2f}" for n in names)
+                for p in report.points
+                if p.error is None
+            ),
+        ]
     misses, notes = check_bar(report)
     lines += ["", f"Retained gain over the fine-tuned variants ({', '.join(n for n in names if n != 'base')}):", ""]
     lines += summary(report)
@@ -276,7 +299,9 @@ def report_from_dict(d: dict):
     def nan(x):
         return math.nan if x is None else x
 
-    points = [SweepPoint(**{**p, "retained_gain": {k: nan(v) for k, v in p["retained_gain"].items()}}) for p in d["points"]]
+    points = [
+        SweepPoint(**{**p, "retained_gain": {k: nan(v) for k, v in p["retained_gain"].items()}}) for p in d["points"]
+    ]
     return SweepReport(**{**d, "points": points})
 
 
@@ -305,8 +330,13 @@ def plot_gains(report, title: str, path: Path) -> Path:
         for p in ok:
             if p.budget is None:
                 marker, colour = BASELINE_MARKERS.get(p.method, ("D", "gray"))
-                ax.scatter([100 * p.expert_fraction], [100 * max(gain(p, n), -0.5)], marker=marker, color=colour,
-                           label=p.method)
+                ax.scatter(
+                    [100 * p.expert_fraction],
+                    [100 * max(gain(p, n), -0.5)],
+                    marker=marker,
+                    color=colour,
+                    label=p.method,
+                )
         ax.axhline(100, color="black", linestyle="--", linewidth=1)
         ax.axhline(90, color="gray", linestyle=":", linewidth=1)
         ax.set_ylim(-50, 110)
@@ -328,8 +358,10 @@ def merge_runs(saved: dict, new: dict) -> dict:
     same models with the same originals and base, i.e. the same family build and examples."""
     for key in ("models", "metric", "original", "base", "expert_bytes"):
         if saved.get(key) != new.get(key):
-            fail(f"cannot merge into the saved run: its {key} differs from this run's (another family build or "
-                 "other examples?); run without --merge to replace it")
+            fail(
+                f"cannot merge into the saved run: its {key} differs from this run's (another family build or "
+                "other examples?); run without --merge to replace it"
+            )
     merged = {**saved, "points": list(saved["points"])}
     where = {(p["method"], p["budget"]): k for k, p in enumerate(merged["points"])}
     for point in new["points"]:
@@ -354,7 +386,7 @@ def write_docs(body: str) -> None:
     if SECTION in text:
         start = text.index(SECTION)
         nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if nxt < 0 else "\n" + text[nxt + 1:])
+        text = text[:start] + section + ("" if nxt < 0 else "\n" + text[nxt + 1 :])
     else:
         text = text.rstrip() + "\n\n" + section
     path.write_text(text)
@@ -362,21 +394,35 @@ def write_docs(body: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", action="append", metavar="NAME=DIR",
-                        help="a family directory (repeatable); default: family1=examples/family family2=examples/family2")
+    parser.add_argument(
+        "--family",
+        action="append",
+        metavar="NAME=DIR",
+        help="a family directory (repeatable); default: family1=examples/family family2=examples/family2",
+    )
     parser.add_argument("--budgets", default="1.0,0.75,0.5,0.3,0.25")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--only", choices=list(ARCHS), help="run one architecture only")
     parser.add_argument("--methods", help="comma-separated methods (default: every method this moeconsol knows)")
-    parser.add_argument("--max-examples", type=int, help="score only the first N held-out examples of a seq2seq file "
-                        "(a shorter run on a busy machine; say so where the figures are reported)")
-    parser.add_argument("--merge", action="store_true",
-                        help="add this run's points to the saved run under --out (same method and budget: replaced) "
-                        "instead of replacing the whole file; refused if the originals or base differ")
+    parser.add_argument(
+        "--max-examples",
+        type=int,
+        help="score only the first N held-out examples of a seq2seq file "
+        "(a shorter run on a busy machine; say so where the figures are reported)",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="add this run's points to the saved run under --out (same method and budget: replaced) "
+        "instead of replacing the whole file; refused if the originals or base differ",
+    )
     parser.add_argument("--write-docs", action="store_true", help="write the tables into docs/benchmarks.md")
-    parser.add_argument("--docs-only", action="store_true",
-                        help="run nothing: write the docs section from the tables saved under --out by earlier runs "
-                        "(e.g. one run per family and architecture, in parallel)")
+    parser.add_argument(
+        "--docs-only",
+        action="store_true",
+        help="run nothing: write the docs section from the tables saved under --out by earlier runs "
+        "(e.g. one run per family and architecture, in parallel)",
+    )
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -403,7 +449,9 @@ def main() -> int:
                 stem = f"quality-{name}-{arch}"
                 saved = out / f"{stem}.json"
                 if args.merge and saved.is_file():
-                    report = report_from_dict(merge_runs(json.loads(saved.read_text()), json.loads(json.dumps(report.to_dict()))))
+                    report = report_from_dict(
+                        merge_runs(json.loads(saved.read_text()), json.loads(json.dumps(report.to_dict())))
+                    )
                 saved.write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
                 plot_gains(report, f"{name} / {arch}", out / f"{stem}.png")
                 (out / f"{stem}.md").write_text(markdown(f"{name} / {arch}", report, seconds) + "\n")
@@ -416,8 +464,10 @@ def main() -> int:
                 part = out / f"quality-{name}-{arch}.md"
                 if not part.is_file():  # say so in the docs rather than leave the family out silently
                     where = out.resolve().relative_to(ROOT) if out.resolve().is_relative_to(ROOT) else out
-                    parts.append(f"### {name} / {arch}: not run\n\nNo saved run under {where}: "
-                                 f"`python benchmarks/quality.py --family {name}=DIR --only {arch}` makes it.")
+                    parts.append(
+                        f"### {name} / {arch}: not run\n\nNo saved run under {where}: "
+                        f"`python benchmarks/quality.py --family {name}=DIR --only {arch}` makes it."
+                    )
                     continue
                 text = part.read_text()
                 saved = out / f"quality-{name}-{arch}.json"
@@ -447,7 +497,7 @@ def _preamble(families: list[tuple[str, Path]]) -> str:
         "over the fine-tuned variants is >= the reference method's and > uniform averaging's. The delta goals (method "
         "deltas, when present: every variant >= 90% at 0.3, >= 97% at 0.5) are printed beside it. Per-variant comparisons "
         "are notes, not bar failures: a variant can gain from being served another variant's experts, and such a transfer "
-        "is luck, not preserved function (docs/quality.md, \"Reading the bar\"). Plots: "
+        'is luck, not preserved function (docs/quality.md, "Reading the bar"). Plots: '
         "benchmarks/results/quality-NAME-ARCH.png (expert memory vs. retained gain).\n\n"
     )
 

@@ -24,7 +24,9 @@ def count(name: str) -> dict[str, int]:
         model = getattr(transformers, record.model_class)(config)
     out = {"routed": 0, "shared": 0, "rest": 0}
     for pname, p in model.state_dict().items():
-        kind = "routed" if ".mlp.experts." in pname else "shared" if f".mlp.{record.shared_experts}" in pname else "rest"
+        kind = (
+            "routed" if ".mlp.experts." in pname else "shared" if f".mlp.{record.shared_experts}" in pname else "rest"
+        )
         out[kind] += p.numel()
     return out
 
@@ -35,7 +37,9 @@ def main() -> None:
     for name, label in FAMILIES.items():
         c = count(name)
         b = lambda n: f"{n / 1e9:.2f} B"  # noqa: E731
-        print(f"| {label} | {b(c['routed'])} | {b(c['shared'])} | {b(c['rest'])} | {c['shared'] / (c['shared'] + c['rest']):.0%} |")
+        print(
+            f"| {label} | {b(c['routed'])} | {b(c['shared'])} | {b(c['rest'])} | {c['shared'] / (c['shared'] + c['rest']):.0%} |"
+        )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,17 @@ def zipf(n: int, s: float) -> list[float]:
     return [x / sum(w) for x in w]
 
 
-def simulate(n_variants: int, popularity: list[float], rate: float, replicas: int, costs: Costs, aware: bool,
-             requests: int = 20_000, spill: int = 4, seed: int = 0) -> dict:
+def simulate(
+    n_variants: int,
+    popularity: list[float],
+    rate: float,
+    replicas: int,
+    costs: Costs,
+    aware: bool,
+    requests: int = 20_000,
+    spill: int = 4,
+    seed: int = 0,
+) -> dict:
     """Mean and p95 latency (arrival to last token), swaps per request, utilisation."""
     rng = random.Random(seed)
     active = [k % n_variants for k in range(replicas)]  # replica i starts on variant i mod N
@@ -80,13 +89,26 @@ def simulate(n_variants: int, popularity: list[float], rate: float, replicas: in
         heapq.heappush(queue_ends[r], free_at[r])
         latencies.append(free_at[r] - t)
     latencies.sort()
-    return {"replicas": replicas, "routing": "variant-aware" if aware else "random",
-            "mean_latency_s": sum(latencies) / len(latencies), "p95_latency_s": latencies[int(0.95 * len(latencies))],
-            "swaps_per_request": swaps / requests, "utilisation": busy / (replicas * max(free_at))}
+    return {
+        "replicas": replicas,
+        "routing": "variant-aware" if aware else "random",
+        "mean_latency_s": sum(latencies) / len(latencies),
+        "p95_latency_s": latencies[int(0.95 * len(latencies))],
+        "swaps_per_request": swaps / requests,
+        "utilisation": busy / (replicas * max(free_at)),
+    }
 
 
-def replicas_needed(n_variants: int, popularity: list[float], rate: float, costs: Costs, aware: bool, slo_s: float,
-                    spill: int, most: int = 64) -> dict | None:
+def replicas_needed(
+    n_variants: int,
+    popularity: list[float],
+    rate: float,
+    costs: Costs,
+    aware: bool,
+    slo_s: float,
+    spill: int,
+    most: int = 64,
+) -> dict | None:
     """The fewest replicas whose p95 latency meets `slo_s`."""
     for r in range(1, most + 1):
         row = simulate(n_variants, popularity, rate, r, costs, aware, spill=spill)
@@ -99,8 +121,11 @@ def memory(n_variants: int, expert_gb: float, non_expert_gb: float, distinct_exp
     """Bytes of one replica against N whole models. `distinct_expert_fraction`: the share of
     each fine-tune's experts that differ from the base (the bank stores those once more)."""
     bank = expert_gb * (1 + (n_variants - 1) * distinct_expert_fraction)
-    return {"replica_device_gb": bank + non_expert_gb, "replica_host_gb": n_variants * non_expert_gb,
-            "whole_models_gb": n_variants * (expert_gb + non_expert_gb)}
+    return {
+        "replica_device_gb": bank + non_expert_gb,
+        "replica_host_gb": n_variants * non_expert_gb,
+        "whole_models_gb": n_variants * (expert_gb + non_expert_gb),
+    }
 
 
 def main() -> None:
@@ -126,7 +151,9 @@ def main() -> None:
         m = json.load(open(args.measured))
         g = m["generation"]
         decode = 1.0 / g["runtime_tokens_per_s"]
-        service_ttft = [r["service_ttft_without_swap_s"] for r in m["interleaved"] if r.get("service_ttft_without_swap_s")]
+        service_ttft = [
+            r["service_ttft_without_swap_s"] for r in m["interleaved"] if r.get("service_ttft_without_swap_s")
+        ]
         costs = Costs(m["swap"]["swap_s"], min(service_ttft) if service_ttft else decode, decode, args.tokens)
     popularity = zipf(args.variants, args.zipf)
     rows = []
@@ -134,25 +161,47 @@ def main() -> None:
         need = replicas_needed(args.variants, popularity, args.rate, costs, aware, args.slo, args.spill)
         rows.append({"routing": "variant-aware" if aware else "random", "needed": need})
     same = max(r["needed"]["replicas"] for r in rows if r["needed"]) if all(r["needed"] for r in rows) else 8
-    at_same = [simulate(args.variants, popularity, args.rate, same, costs, aware, spill=args.spill) for aware in (True, False)]
+    at_same = [
+        simulate(args.variants, popularity, args.rate, same, costs, aware, spill=args.spill) for aware in (True, False)
+    ]
     mem = memory(args.variants, args.expert_gb, args.non_expert_gb, args.distinct_experts)
-    result = {"costs": costs.__dict__, "variants": args.variants, "zipf": args.zipf, "rate": args.rate, "slo_s": args.slo,
-              "replicas_needed": rows, "at_same_replicas": at_same, "memory": mem}
+    result = {
+        "costs": costs.__dict__,
+        "variants": args.variants,
+        "zipf": args.zipf,
+        "rate": args.rate,
+        "slo_s": args.slo,
+        "replicas_needed": rows,
+        "at_same_replicas": at_same,
+        "memory": mem,
+    }
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"{args.variants} variants, Zipf {args.zipf}, {args.rate} req/s, p95 target {args.slo} s; swap {costs.swap_s:.4g} s, "
-          f"prefill {costs.prefill_s:.4g} s, decode {costs.decode_s:.4g} s/token x {costs.tokens}")
+    print(
+        f"{args.variants} variants, Zipf {args.zipf}, {args.rate} req/s, p95 target {args.slo} s; swap {costs.swap_s:.4g} s, "
+        f"prefill {costs.prefill_s:.4g} s, decode {costs.decode_s:.4g} s/token x {costs.tokens}"
+    )
     for r in rows:
         n = r["needed"]
-        print(f"  {r['routing']:>13}: " + ("more than 64 replicas" if n is None else
-              f"{n['replicas']} replicas (p95 {n['p95_latency_s']:.2f} s, {n['swaps_per_request']:.2f} swaps/request, "
-              f"utilisation {n['utilisation']:.0%})"))
+        print(
+            f"  {r['routing']:>13}: "
+            + (
+                "more than 64 replicas"
+                if n is None
+                else f"{n['replicas']} replicas (p95 {n['p95_latency_s']:.2f} s, {n['swaps_per_request']:.2f} swaps/request, "
+                f"utilisation {n['utilisation']:.0%})"
+            )
+        )
     for r in at_same:
-        print(f"  at {same} replicas, {r['routing']:>13}: {r['swaps_per_request']:.2f} swaps/request, "
-              f"mean {r['mean_latency_s']:.2f} s, p95 {r['p95_latency_s']:.2f} s")
-    print(f"  memory per replica: {mem['replica_device_gb']:.0f} GB on the device + {mem['replica_host_gb']:.0f} GB host; "
-          f"{args.variants} whole models: {mem['whole_models_gb']:.0f} GB")
+        print(
+            f"  at {same} replicas, {r['routing']:>13}: {r['swaps_per_request']:.2f} swaps/request, "
+            f"mean {r['mean_latency_s']:.2f} s, p95 {r['p95_latency_s']:.2f} s"
+        )
+    print(
+        f"  memory per replica: {mem['replica_device_gb']:.0f} GB on the device + {mem['replica_host_gb']:.0f} GB host; "
+        f"{args.variants} whole models: {mem['whole_models_gb']:.0f} GB"
+    )
 
 
 if __name__ == "__main__":

@@ -70,12 +70,28 @@ PROMPTS = [
 ]
 SIZES = {
     # tiny: decoding is per-step overhead (Python, kernel launches), not arithmetic or weight reads
-    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+    ),
     # wide: benchmarks/serve.py's realistic-width Mixtral (experts 1024 x 3584, bf16, ~1.1 GB a variant),
     # with the tokenizer's own 320-entry vocabulary: a step's time is its weight reads and products
-    "wide": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=6, num_attention_heads=8,
-                 num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256),
+    "wide": dict(
+        hidden_size=1024,
+        intermediate_size=3584,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+    ),
 }
 SIZE_DTYPES = {"tiny": torch.float32, "wide": torch.bfloat16}
 NEW_TOKENS = 25
@@ -92,8 +108,8 @@ def build_family(root: Path, n: int, size: str = "tiny") -> tuple[dict[str, Path
     layer and every non-expert tensor) saved with transformers, and their lossless artifact.
     What `root` already holds is reused: the variants are the same for any N (fixed seeds), the
     artifact is per N."""
-    from moeconsol.io.checkpoint import open_checkpoints
     from moeconsol.consolidate.pipeline import merge
+    from moeconsol.io.checkpoint import open_checkpoints
     from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
 
     shape = SIZES[size]
@@ -127,7 +143,9 @@ class PlainModels:
 
         self.paths, self.names, self.resident = paths, list(paths), resident
         self.device = torch.device(device)
-        self.family = SimpleNamespace(variants={n: SimpleNamespace(generation_config=None, model_dir=p) for n, p in paths.items()})
+        self.family = SimpleNamespace(
+            variants={n: SimpleNamespace(generation_config=None, model_dir=p) for n, p in paths.items()}
+        )
         self._tokenizers = {n: AutoTokenizer.from_pretrained(str(p)) for n, p in paths.items()}
         self._models = {n: self._load(n) for n in (self.names if resident else self.names[:1])}
         self.active = self.names[0]
@@ -210,14 +228,28 @@ class System:
     """cgroups that hold the static partition's processes to their share"""
 
 
-def start(name: str, paths: dict[str, Path], artifact: Path, max_wait: float, device: str, partition: str = "quota") -> System:
+def start(
+    name: str, paths: dict[str, Path], artifact: Path, max_wait: float, device: str, partition: str = "quota"
+) -> System:
     me = [sys.executable, str(Path(__file__).resolve()), "--device", device]
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     models = [f"{n}={p}" for n, p in paths.items()]
     if name in ("moeconsol", CROSS_VARIANT):
         port = free_port()
-        cmd = [sys.executable, "-m", "moeconsol", "serve-local", str(artifact), "--port", str(port), "--max-wait", str(max_wait),
-               "--device", device, *(["--cross-variant-batching"] if name == CROSS_VARIANT else [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "moeconsol",
+            "serve-local",
+            str(artifact),
+            "--port",
+            str(port),
+            "--max-wait",
+            str(max_wait),
+            "--device",
+            device,
+            *(["--cross-variant-batching"] if name == CROSS_VARIANT else []),
+        ]
         return System(name, {n: port for n in paths}, [subprocess.Popen(cmd, **quiet)])
     if name in ("whole-model switching", "all resident"):
         port = free_port()
@@ -229,8 +261,23 @@ def start(name: str, paths: dict[str, Path], artifact: Path, max_wait: float, de
     system = System(name, {})
     for k, (n, p) in enumerate(paths.items()):  # variant k on core k mod C, or on its C/N cores
         port = free_port()
-        pinned = [cores[k % len(cores)]] if len(paths) >= len(cores) else cores[k * len(cores) // len(paths):(k + 1) * len(cores) // len(paths)]
-        cmd = [*me, "--serve", "resident", "--port", str(port), "--max-wait", str(max_wait), "--cores", ",".join(map(str, pinned)), f"{n}={p}"]
+        pinned = (
+            [cores[k % len(cores)]]
+            if len(paths) >= len(cores)
+            else cores[k * len(cores) // len(paths) : (k + 1) * len(cores) // len(paths)]
+        )
+        cmd = [
+            *me,
+            "--serve",
+            "resident",
+            "--port",
+            str(port),
+            "--max-wait",
+            str(max_wait),
+            "--cores",
+            ",".join(map(str, pinned)),
+            f"{n}={p}",
+        ]
         proc = subprocess.Popen(cmd, **quiet)
         system.procs.append(proc)
         system.route[n] = port
@@ -270,12 +317,14 @@ def cpu_quota_group(name: str, cores: float, pid: int) -> Path:
             (group / "cpu.cfs_quota_us").write_text(str(quota))
         (group / "cgroup.procs").write_text(str(pid))
     except OSError as e:
-        raise SystemExit(f"static partition: cannot give a process a hard CPU share ({e}); run as root on a machine "
-                         f"with a writable cpu cgroup, or pass --partition pinned (a soft share)") from e
+        raise SystemExit(
+            f"static partition: cannot give a process a hard CPU share ({e}); run as root on a machine "
+            f"with a writable cpu cgroup, or pass --partition pinned (a soft share)"
+        ) from e
     return group
 
 
-def remove_groups(system: "System") -> None:
+def remove_groups(system: System) -> None:
     for group in system.groups:
         try:
             group.rmdir()  # empty once its processes have exited
@@ -323,7 +372,9 @@ def resident_bytes(system: System) -> int:
 # -- the trace and its replay ---------------------------------------------------------------------
 
 
-def make_trace(names: list[str], popularity: tuple[float, ...], rate: float, count: int, seed: int) -> list[tuple[float, str, str]]:
+def make_trace(
+    names: list[str], popularity: tuple[float, ...], rate: float, count: int, seed: int
+) -> list[tuple[float, str, str]]:
     """(arrival second, variant, prompt): Poisson arrivals at `rate` per second."""
     rng = random.Random(seed)
     t, out = 0.0, []
@@ -338,8 +389,14 @@ async def one_request(client: httpx.AsyncClient, port: int, arrival: float, mode
     sent = time.perf_counter()
     first = None
     tokens = 0
-    body = {"model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     async with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -382,9 +439,17 @@ def plot(rows: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(1, len(pops), figsize=(5.5 * len(pops), 4), squeeze=False)
     for ax, pop in zip(axes[0], pops):
         for system in SYSTEMS:
-            pts = sorted((r["rate"], r["mean_turnaround"]) for r in rows if r["system"] == system and r["popularity"] == pop)
+            pts = sorted(
+                (r["rate"], r["mean_turnaround"]) for r in rows if r["system"] == system and r["popularity"] == pop
+            )
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system, color=f"C{SYSTEMS.index(system)}")
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker="o",
+                    label=system,
+                    color=f"C{SYSTEMS.index(system)}",
+                )
         ax.set_title(f"{pop} popularity")
         ax.set_xlabel("request rate (requests/s)")
         ax.set_ylabel("mean turnaround (s)")
@@ -411,21 +476,34 @@ def _systems(text: str) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", type=int, default=4)
-    ap.add_argument("--size", choices=list(SIZES), default="tiny",
-                    help="tiny (hidden 128, float32) or wide (experts 1024 x 3584, 6 layers, bf16, ~1.1 GB a variant)")
+    ap.add_argument(
+        "--size",
+        choices=list(SIZES),
+        default="tiny",
+        help="tiny (hidden 128, float32) or wide (experts 1024 x 3584, 6 layers, bf16, ~1.1 GB a variant)",
+    )
     ap.add_argument("--keep", type=Path, help="build the family here once and reuse it")
-    ap.add_argument("--partition", choices=["quota", "pinned"], default="quota",
-                    help="static partition: each process pinned and held to cores/N CPUs by a cgroup quota (hard, like a "
-                         "MIG instance; needs a writable cpu cgroup), or only pinned (a soft share: it borrows idle time)")
+    ap.add_argument(
+        "--partition",
+        choices=["quota", "pinned"],
+        default="quota",
+        help="static partition: each process pinned and held to cores/N CPUs by a cgroup quota (hard, like a "
+        "MIG instance; needs a writable cpu cgroup), or only pinned (a soft share: it borrows idle time)",
+    )
     ap.add_argument("--requests", type=int, default=24, help="requests per trace")
     ap.add_argument("--rates", default="2,4,8", help="request rates (per second), comma-separated")
     ap.add_argument("--max-wait", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (on one GPU the static partition's processes share it)")
+    ap.add_argument(
+        "--device", default="cpu", help="cpu or cuda (on one GPU the static partition's processes share it)"
+    )
     ap.add_argument("--json", type=Path)
     ap.add_argument("--repeats", type=int, default=1, help="replays of each trace per system (medians reported)")
-    ap.add_argument("--systems", default=",".join(SYSTEMS),
-                    help="comma-separated systems to run (default all: " + ", ".join(SYSTEMS) + ")")
+    ap.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help="comma-separated systems to run (default all: " + ", ".join(SYSTEMS) + ")",
+    )
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--serve", choices=["switching", "resident"], help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -459,32 +537,62 @@ def main() -> None:
                             runs[name].append(asyncio.run(replay(system, trace)))
                     for name in chosen:
                         result = {k: statistics.median(r[k] for r in runs[name]) for k in runs[name][0]}
-                        rows.append({"system": name, "popularity": pop, "rate": rate, **result, "resident_bytes": held[name]})
-                        print(f"{name:22s} {pop:8s} {rate:5.1f}/s  mean {result['mean_turnaround']:.2f} s  "
-                              f"p95 {result['p95_turnaround']:.2f} s  ttft {result['mean_ttft']:.2f} s  "
-                              f"{result['tokens_per_second']:.0f} tok/s", file=sys.stderr, flush=True)
+                        rows.append(
+                            {"system": name, "popularity": pop, "rate": rate, **result, "resident_bytes": held[name]}
+                        )
+                        print(
+                            f"{name:22s} {pop:8s} {rate:5.1f}/s  mean {result['mean_turnaround']:.2f} s  "
+                            f"p95 {result['p95_turnaround']:.2f} s  ttft {result['mean_ttft']:.2f} s  "
+                            f"{result['tokens_per_second']:.0f} tok/s",
+                            file=sys.stderr,
+                            flush=True,
+                        )
         finally:
             for system in systems.values():
                 stop(system)
     load = os.getloadavg()
-    result = {"device": args.device, "variants": args.variants, "requests": args.requests, "new_tokens": NEW_TOKENS, "size": args.size, "shape": SIZES[args.size],
-              "dtype": str(SIZE_DTYPES[args.size]).removeprefix("torch."),
-              "max_wait": args.max_wait, "partition": args.partition, "repeats": args.repeats, "load_average_start": [round(x, 2) for x in load_start], "load_average": [round(x, 2) for x in load], "rows": rows}
+    result = {
+        "device": args.device,
+        "variants": args.variants,
+        "requests": args.requests,
+        "new_tokens": NEW_TOKENS,
+        "size": args.size,
+        "shape": SIZES[args.size],
+        "dtype": str(SIZE_DTYPES[args.size]).removeprefix("torch."),
+        "max_wait": args.max_wait,
+        "partition": args.partition,
+        "repeats": args.repeats,
+        "load_average_start": [round(x, 2) for x in load_start],
+        "load_average": [round(x, 2) for x in load],
+        "rows": rows,
+    }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:
         plot(rows, args.plot)
-    print(f"{args.variants} variants, {args.requests} requests per trace, {NEW_TOKENS} new tokens, greedy, {args.repeats} replay(s) per system (medians); "
-          f"load average {load_start[0]:.2f} -> {load[0]:.2f}")
-    print("| popularity | rate | system | mean turnaround | p95 | mean TTFT | tokens/s | resident | mean vs static partition | mean vs all resident |")
+    print(
+        f"{args.variants} variants, {args.requests} requests per trace, {NEW_TOKENS} new tokens, greedy, {args.repeats} replay(s) per system (medians); "
+        f"load average {load_start[0]:.2f} -> {load[0]:.2f}"
+    )
+    print(
+        "| popularity | rate | system | mean turnaround | p95 | mean TTFT | tokens/s | resident | mean vs static partition | mean vs all resident |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         same = {x["system"]: x for x in rows if x["popularity"] == r["popularity"] and x["rate"] == r["rate"]}
-        vs_static = r["mean_turnaround"] / same["static partition"]["mean_turnaround"] if "static partition" in same else float("nan")
-        vs_all = r["mean_turnaround"] / same["all resident"]["mean_turnaround"] if "all resident" in same else float("nan")
-        print(f"| {r['popularity']} | {r['rate']:g}/s | {r['system']} | {r['mean_turnaround']:.2f} s | {r['p95_turnaround']:.2f} s | "
-              f"{r['mean_ttft']:.2f} s | {r['tokens_per_second']:.0f} | {r['resident_bytes'] / 2**20:.1f} MiB | "
-              f"{vs_static:.2f}x | {vs_all:.2f}x |")
+        vs_static = (
+            r["mean_turnaround"] / same["static partition"]["mean_turnaround"]
+            if "static partition" in same
+            else float("nan")
+        )
+        vs_all = (
+            r["mean_turnaround"] / same["all resident"]["mean_turnaround"] if "all resident" in same else float("nan")
+        )
+        print(
+            f"| {r['popularity']} | {r['rate']:g}/s | {r['system']} | {r['mean_turnaround']:.2f} s | {r['p95_turnaround']:.2f} s | "
+            f"{r['mean_ttft']:.2f} s | {r['tokens_per_second']:.0f} | {r['resident_bytes'] / 2**20:.1f} MiB | "
+            f"{vs_static:.2f}x | {vs_all:.2f}x |"
+        )
     for line in goal_lines(rows):
         print(line)
 

@@ -92,14 +92,46 @@ class Size:
     lr: float = 3e-3
 
 
-FULL = Size(hidden=64, intermediate=128, layers=4, experts=8, vocab=512, base_steps=900, variant_steps=200,
-            batch=16, pairs=32, seq_len=64, train_docs=1000, eval_docs=120, train_pairs=4000, eval_pairs=300,
-            switch_base_steps=600, switch_variant_steps=300, lr=5e-3)
+FULL = Size(
+    hidden=64,
+    intermediate=128,
+    layers=4,
+    experts=8,
+    vocab=512,
+    base_steps=900,
+    variant_steps=200,
+    batch=16,
+    pairs=32,
+    seq_len=64,
+    train_docs=1000,
+    eval_docs=120,
+    train_pairs=4000,
+    eval_pairs=300,
+    switch_base_steps=600,
+    switch_variant_steps=300,
+    lr=5e-3,
+)
 """The demo family: builds in about two and a half minutes on 2 CPU cores."""
 
-SMALL = Size(hidden=32, intermediate=64, layers=2, experts=4, vocab=320, base_steps=40, variant_steps=40,
-             batch=8, pairs=16, seq_len=32, train_docs=120, eval_docs=24, train_pairs=600, eval_pairs=24,
-             switch_base_steps=40, switch_variant_steps=40, lr=5e-3)
+SMALL = Size(
+    hidden=32,
+    intermediate=64,
+    layers=2,
+    experts=4,
+    vocab=320,
+    base_steps=40,
+    variant_steps=40,
+    batch=8,
+    pairs=16,
+    seq_len=32,
+    train_docs=120,
+    eval_docs=24,
+    train_pairs=600,
+    eval_pairs=24,
+    switch_base_steps=40,
+    switch_variant_steps=40,
+    lr=5e-3,
+)
 """For tests: same structure, a few seconds."""
 
 
@@ -113,9 +145,38 @@ _ADJECTIVES = ["small", "brave", "quiet", "happy", "clever", "sleepy", "kind", "
 _PLACES = ["forest", "village", "garden", "river", "hill", "castle", "farm", "meadow", "cave", "town"]
 _THINGS = ["red ball", "golden key", "old map", "blue hat", "little boat", "shiny stone", "lost book", "warm coat"]
 _FEELINGS = ["happy", "surprised", "proud", "tired", "hungry", "glad", "calm"]
-_WORDS = ["apple", "river", "stone", "cloud", "green", "tiger", "music", "paper", "light", "sugar", "north",
-          "chair", "ocean", "plant", "storm", "bread", "glass", "horse", "smile", "train", "water", "night",
-          "field", "house", "queen", "robot", "spoon", "table", "union", "voice"]
+_WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "green",
+    "tiger",
+    "music",
+    "paper",
+    "light",
+    "sugar",
+    "north",
+    "chair",
+    "ocean",
+    "plant",
+    "storm",
+    "bread",
+    "glass",
+    "horse",
+    "smile",
+    "train",
+    "water",
+    "night",
+    "field",
+    "house",
+    "queen",
+    "robot",
+    "spoon",
+    "table",
+    "union",
+    "voice",
+]
 
 
 def story_doc(rng: random.Random) -> str:
@@ -192,8 +253,14 @@ tasks are new to the base, so each fine-tune has a clear gain to keep (or lose) 
 consolidation; a base trained on them too would leave the variants little to gain."""
 
 
-def seq2seq_pairs(task: str, n: int, seed: int, tasks: Seq2SeqTasks = SEQ2SEQ_TASKS,
-                  base_tasks: Sequence[str] = BASE_TASKS, vocabulary: Sequence[str] = _WORDS) -> list[dict[str, str]]:
+def seq2seq_pairs(
+    task: str,
+    n: int,
+    seed: int,
+    tasks: Seq2SeqTasks = SEQ2SEQ_TASKS,
+    base_tasks: Sequence[str] = BASE_TASKS,
+    vocabulary: Sequence[str] = _WORDS,
+) -> list[dict[str, str]]:
     """`n` {"input", "target"} examples of one task, or of the base's tasks in turn ("mixed")."""
     rng = random.Random(f"{task}-{seed}")
     chosen = list(base_tasks) if task == "mixed" else [task]
@@ -308,8 +375,16 @@ TRAINABLE: dict[str, Callable[[str], bool]] = {
 """What a fine-tune trains, by parameter name (Mixtral and Switch names alike)."""
 
 
-def train(model, loss_of_batch: Callable[[list[int]], torch.Tensor], n_examples: int, batch: int, lr: float,
-          steps: int, trainable: str, seed: int) -> float:
+def train(
+    model,
+    loss_of_batch: Callable[[list[int]], torch.Tensor],
+    n_examples: int,
+    batch: int,
+    lr: float,
+    steps: int,
+    trainable: str,
+    seed: int,
+) -> float:
     """AdamW over the parameters `trainable` selects, on random batches of `batch` example indices.
 
     Returns the mean training loss of the last 10 steps.
@@ -448,15 +523,18 @@ def _built(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-def build_text_family(out: Path, size: Size, force: bool = False,
-                      log: Callable[[str], None] = print, spec: TextFamily = MIXTRAL_FAMILY) -> list[ModelReport]:
+def build_text_family(
+    out: Path, size: Size, force: bool = False, log: Callable[[str], None] = print, spec: TextFamily = MIXTRAL_FAMILY
+) -> list[ModelReport]:
     """The Mixtral family `spec` in OUT/mixtral, data in OUT/data; returns one report per model."""
     from transformers import MixtralForCausalLM, PreTrainedTokenizerFast
 
     root = out / "mixtral"
     seed, domains = spec.seed, spec.domains
-    train_docs = {d: text_docs(d, size.train_docs * (len(domains) if d == "mixed" else 1), seed, domains)
-                  for d in ["mixed", *domains]}
+    train_docs = {
+        d: text_docs(d, size.train_docs * (len(domains) if d == "mixed" else 1), seed, domains)
+        for d in ["mixed", *domains]
+    }
     eval_docs = {d: text_docs(d, size.eval_docs, seed + 1, domains) for d in ["mixed", *domains]}
     train_files = {d: write_text(out / "data" / "train" / f"mixtral-{d}.txt", train_docs[d]) for d in train_docs}
     eval_files = {d: write_text(out / "data" / "eval" / f"mixtral-{d}.txt", eval_docs[d]) for d in eval_docs}
@@ -467,23 +545,51 @@ def build_text_family(out: Path, size: Size, force: bool = False,
     if rebuild_base:
         log("mixtral/base: training on mixed text")
         tokenizer = tiny_tokenizer("\n".join(sum(train_docs.values(), [])), vocab_size=size.vocab)
-        config = tiny_mixtral_config(vocab_size=len(tokenizer), hidden_size=size.hidden,
-                                     intermediate_size=size.intermediate, num_hidden_layers=size.layers,
-                                     num_local_experts=size.experts, max_position_embeddings=size.seq_len)
+        config = tiny_mixtral_config(
+            vocab_size=len(tokenizer),
+            hidden_size=size.hidden,
+            intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers,
+            num_local_experts=size.experts,
+            max_position_embeddings=size.seq_len,
+        )
         torch.manual_seed(seed)
         base = MixtralForCausalLM(config)
         stream = token_stream(tokenizer, train_docs["mixed"], size.seq_len)
-        loss = train(base, lambda idx: causal_loss(base, windows(stream, idx, size.seq_len)),
-                     len(stream) - size.seq_len + 1, size.batch, size.lr, size.base_steps, "all", seed)
+        loss = train(
+            base,
+            lambda idx: causal_loss(base, windows(stream, idx, size.seq_len)),
+            len(stream) - size.seq_len + 1,
+            size.batch,
+            size.lr,
+            size.base_steps,
+            "all",
+            seed,
+        )
         _save(base, base_dir, tokenizer, "per-expert")
     else:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
         base = MixtralForCausalLM.from_pretrained(base_dir).eval()
         loss = None
     base_mixed = eval_causal(base, tokenizer, eval_docs["mixed"], size.seq_len)
-    reports.append(ModelReport("mixtral", "base", str(base_dir), "built" if rebuild_base else "reused", "mixed", "all",
-                               "per-expert", size.base_steps, loss, str(eval_files["mixed"]), base_mixed, base_mixed,
-                               train_file=str(train_files["mixed"]), lr=size.lr))
+    reports.append(
+        ModelReport(
+            "mixtral",
+            "base",
+            str(base_dir),
+            "built" if rebuild_base else "reused",
+            "mixed",
+            "all",
+            "per-expert",
+            size.base_steps,
+            loss,
+            str(eval_files["mixed"]),
+            base_mixed,
+            base_mixed,
+            train_file=str(train_files["mixed"]),
+            lr=size.lr,
+        )
+    )
 
     for i, v in enumerate(spec.variants):
         path = root / v.name
@@ -493,23 +599,48 @@ def build_text_family(out: Path, size: Size, force: bool = False,
             log(f"mixtral/{v.name}: fine-tuning {v.trainable} on {v.data}")
             model = MixtralForCausalLM.from_pretrained(base_dir)
             stream = token_stream(tokenizer, train_docs[v.data], size.seq_len)
-            loss = train(model, lambda idx: causal_loss(model, windows(stream, idx, size.seq_len)),
-                         len(stream) - size.seq_len + 1, size.batch, lr, steps, v.trainable, seed + 10 + i)
+            loss = train(
+                model,
+                lambda idx: causal_loss(model, windows(stream, idx, size.seq_len)),
+                len(stream) - size.seq_len + 1,
+                size.batch,
+                lr,
+                steps,
+                v.trainable,
+                seed + 10 + i,
+            )
             _save(model, path, tokenizer, v.save)
             status = "built"
         else:
             model, loss, status = MixtralForCausalLM.from_pretrained(path).eval(), None, "reused"
         own = eval_causal(model, tokenizer, eval_docs[v.data], size.seq_len)
-        reports.append(ModelReport("mixtral", v.name, str(path), status, v.data, v.trainable, v.save,
-                                   steps, loss, str(eval_files[v.data]), base_loss, own,
-                                   train_file=str(train_files[v.data]), lr=lr))
+        reports.append(
+            ModelReport(
+                "mixtral",
+                v.name,
+                str(path),
+                status,
+                v.data,
+                v.trainable,
+                v.save,
+                steps,
+                loss,
+                str(eval_files[v.data]),
+                base_loss,
+                own,
+                train_file=str(train_files[v.data]),
+                lr=lr,
+            )
+        )
     return reports
 
 
-def build_seq2seq_family(out: Path, size: Size, force: bool = False,
-                         log: Callable[[str], None] = print, spec: Seq2SeqFamily = SWITCH_FAMILY) -> list[ModelReport]:
+def build_seq2seq_family(
+    out: Path, size: Size, force: bool = False, log: Callable[[str], None] = print, spec: Seq2SeqFamily = SWITCH_FAMILY
+) -> list[ModelReport]:
     """The Switch Transformers family `spec` in OUT/switch, data in OUT/data; one report per model."""
-    from transformers import PreTrainedTokenizerFast, SwitchTransformersForConditionalGeneration as Switch
+    from transformers import PreTrainedTokenizerFast
+    from transformers import SwitchTransformersForConditionalGeneration as Switch
 
     root = out / "switch"
     seed = spec.seed
@@ -530,23 +661,57 @@ def build_seq2seq_family(out: Path, size: Size, force: bool = False,
         log("switch/base: training on a mix of tasks")
         text = "\n".join(p["input"] + "\n" + p["target"] for t in tasks for p in train_pairs[t])
         tokenizer = tiny_tokenizer(text, vocab_size=size.vocab)
-        config = tiny_switch_config(vocab_size=len(tokenizer), d_model=size.hidden, d_ff=size.intermediate,
-                                    d_kv=size.hidden // 4, num_layers=size.layers, num_decoder_layers=size.layers,
-                                    num_experts=size.experts, dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+        config = tiny_switch_config(
+            vocab_size=len(tokenizer),
+            d_model=size.hidden,
+            d_ff=size.intermediate,
+            d_kv=size.hidden // 4,
+            num_layers=size.layers,
+            num_decoder_layers=size.layers,
+            num_experts=size.experts,
+            dropout_rate=0.0,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
         torch.manual_seed(seed)
         base = Switch(config)
         pairs = train_pairs["mixed"]
-        loss = train(base, lambda idx: seq2seq_loss(base, encode_seq2seq(tokenizer, [pairs[j] for j in idx])),
-                     len(pairs), size.pairs, size.lr, size.switch_base_steps, "all", seed)
+        loss = train(
+            base,
+            lambda idx: seq2seq_loss(base, encode_seq2seq(tokenizer, [pairs[j] for j in idx])),
+            len(pairs),
+            size.pairs,
+            size.lr,
+            size.switch_base_steps,
+            "all",
+            seed,
+        )
         _save(base, base_dir, tokenizer, "per-expert")
     else:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
         base, loss = Switch.from_pretrained(base_dir).eval(), None
     base_mixed, base_acc = eval_seq2seq(base, tokenizer, eval_pairs["mixed"])
-    reports.append(ModelReport("switch", "base", str(base_dir), "built" if rebuild_base else "reused", "mixed", "all",
-                               "per-expert", size.switch_base_steps, loss, str(eval_files["mixed"]), base_mixed,
-                               base_mixed, base_acc, base_acc, train_file=str(train_files["mixed"]), lr=size.lr))
+    reports.append(
+        ModelReport(
+            "switch",
+            "base",
+            str(base_dir),
+            "built" if rebuild_base else "reused",
+            "mixed",
+            "all",
+            "per-expert",
+            size.switch_base_steps,
+            loss,
+            str(eval_files["mixed"]),
+            base_mixed,
+            base_mixed,
+            base_acc,
+            base_acc,
+            train_file=str(train_files["mixed"]),
+            lr=size.lr,
+        )
+    )
 
     for i, v in enumerate(spec.variants):
         path = root / v.name
@@ -556,22 +721,53 @@ def build_seq2seq_family(out: Path, size: Size, force: bool = False,
             log(f"switch/{v.name}: fine-tuning {v.trainable} on {v.data}")
             model = Switch.from_pretrained(base_dir)
             pairs = train_pairs[v.data]
-            loss = train(model, lambda idx: seq2seq_loss(model, encode_seq2seq(tokenizer, [pairs[j] for j in idx])),
-                         len(pairs), size.pairs, lr, steps, v.trainable, seed + 10 + i)
+            loss = train(
+                model,
+                lambda idx: seq2seq_loss(model, encode_seq2seq(tokenizer, [pairs[j] for j in idx])),
+                len(pairs),
+                size.pairs,
+                lr,
+                steps,
+                v.trainable,
+                seed + 10 + i,
+            )
             _save(model, path, tokenizer, v.save)
             status = "built"
         else:
             model, loss, status = Switch.from_pretrained(path).eval(), None, "reused"
         own, own_acc = eval_seq2seq(model, tokenizer, eval_pairs[v.data])
-        reports.append(ModelReport("switch", v.name, str(path), status, v.data, v.trainable, v.save,
-                                   steps, loss, str(eval_files[v.data]), base_loss, own,
-                                   base_acc, own_acc, train_file=str(train_files[v.data]), lr=lr))
+        reports.append(
+            ModelReport(
+                "switch",
+                v.name,
+                str(path),
+                status,
+                v.data,
+                v.trainable,
+                v.save,
+                steps,
+                loss,
+                str(eval_files[v.data]),
+                base_loss,
+                own,
+                base_acc,
+                own_acc,
+                train_file=str(train_files[v.data]),
+                lr=lr,
+            )
+        )
     return reports
 
 
-def build(out: str | Path, small: bool = False, force: bool = False, size: Size | None = None,
-          log: Callable[[str], None] = print, text: TextFamily = MIXTRAL_FAMILY,
-          seq2seq: Seq2SeqFamily = SWITCH_FAMILY) -> FamilyReport:
+def build(
+    out: str | Path,
+    small: bool = False,
+    force: bool = False,
+    size: Size | None = None,
+    log: Callable[[str], None] = print,
+    text: TextFamily = MIXTRAL_FAMILY,
+    seq2seq: Seq2SeqFamily = SWITCH_FAMILY,
+) -> FamilyReport:
     """Build (or reuse) both families (`text`, `seq2seq`) under `out`; write OUT/family.json;
     return the report."""
     out = Path(out)
@@ -599,20 +795,41 @@ def print_report(report: FamilyReport) -> None:
         return "-" if x is None else f"{x:.3f}"
 
     table = Table(title=f"Model family in {report.out}")
-    columns = ["model", "status", "trains", "saved", "steps", "train loss", "own data: base", "own data: model",
-               "token acc: base", "token acc: model"]
+    columns = [
+        "model",
+        "status",
+        "trains",
+        "saved",
+        "steps",
+        "train loss",
+        "own data: base",
+        "own data: model",
+        "token acc: base",
+        "token acc: model",
+    ]
     for col in columns:
         left = col in ("model", "status", "trains", "saved")
         table.add_column(col, justify="left" if left else "right", no_wrap=True)
     for m in report.models:
-        table.add_row(f"{m.family}/{m.name}", m.status, m.trainable, m.save, str(m.steps),
-                      fmt(m.train_loss), fmt(m.base_eval_loss), fmt(m.eval_loss),
-                      fmt(m.base_eval_accuracy), fmt(m.eval_accuracy))
+        table.add_row(
+            f"{m.family}/{m.name}",
+            m.status,
+            m.trainable,
+            m.save,
+            str(m.steps),
+            fmt(m.train_loss),
+            fmt(m.base_eval_loss),
+            fmt(m.eval_loss),
+            fmt(m.base_eval_accuracy),
+            fmt(m.eval_accuracy),
+        )
     console = Console(width=max(Console().width, 150))
     console.print(table)
-    console.print(f"Losses are mean cross-entropy (nats/token) on held-out data in {report.out}/data/eval/ "
-                  "(Mixtral: log of `moeconsol eval`'s perplexity); token accuracy is teacher-forced (Switch). "
-                  f"Total time: {report.seconds:.1f} s.")
+    console.print(
+        f"Losses are mean cross-entropy (nats/token) on held-out data in {report.out}/data/eval/ "
+        "(Mixtral: log of `moeconsol eval`'s perplexity); token accuracy is teacher-forced (Switch). "
+        f"Total time: {report.seconds:.1f} s."
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -54,8 +54,11 @@ _PEOPLE = ["Ana", "Bo", "Carl", "Dina", "Emil", "Faye", "Gil", "Hugo", "Iris", "
 _CITIES = ["Oslo", "Lima", "Cairo", "Quito", "Riga", "Perth", "Dakar", "Hanoi", "Porto", "Bern"]
 _FOODS = ["soup", "pasta", "rice", "salad", "bread", "cake", "tea", "coffee", "pie", "curry"]
 _TIMES = ["today", "tomorrow", "tonight", "on Monday", "this weekend", "later"]
-_TABLES = {"users": ["id", "name", "city", "age"], "orders": ["id", "user_id", "item", "price"],
-           "items": ["id", "title", "stock", "price"]}
+_TABLES = {
+    "users": ["id", "name", "city", "age"],
+    "orders": ["id", "user_id", "item", "price"],
+    "items": ["id", "title", "stock", "price"],
+}
 
 
 def dialogue_doc(rng: random.Random) -> str:
@@ -75,8 +78,10 @@ def dialogue_doc(rng: random.Random) -> str:
 
 def records_doc(rng: random.Random) -> str:
     """A few records, as a CSV table or as JSON-like lines."""
-    rows = [(rng.randint(1, 99), rng.choice(_PEOPLE), rng.choice(_CITIES), rng.randint(18, 80))
-            for _ in range(rng.randint(2, 5))]
+    rows = [
+        (rng.randint(1, 99), rng.choice(_PEOPLE), rng.choice(_CITIES), rng.randint(18, 80))
+        for _ in range(rng.randint(2, 5))
+    ]
     if rng.random() < 0.5:
         return "\n".join(["id,name,city,age"] + [f"{i},{n},{c},{a}" for i, n, c, a in rows])
     return "\n".join(f'{{"id": {i}, "name": "{n}", "city": "{c}", "age": {a}}}' for i, n, c, a in rows)
@@ -112,9 +117,38 @@ MIXTRAL_VARIANTS = (
 # Switch: character tasks
 # ---------------------------------------------------------------------------------------------
 
-WORDS = ("amber", "basil", "cedar", "delta", "ember", "fable", "grape", "harbor", "igloo", "jelly", "kayak",
-         "lemon", "mango", "nectar", "olive", "pepper", "quilt", "raven", "salsa", "tulip", "velvet", "walnut",
-         "yarrow", "zebra", "bison", "comet", "dune", "flint", "maple", "pilot")
+WORDS = (
+    "amber",
+    "basil",
+    "cedar",
+    "delta",
+    "ember",
+    "fable",
+    "grape",
+    "harbor",
+    "igloo",
+    "jelly",
+    "kayak",
+    "lemon",
+    "mango",
+    "nectar",
+    "olive",
+    "pepper",
+    "quilt",
+    "raven",
+    "salsa",
+    "tulip",
+    "velvet",
+    "walnut",
+    "yarrow",
+    "zebra",
+    "bison",
+    "comet",
+    "dune",
+    "flint",
+    "maple",
+    "pilot",
+)
 
 
 def _rot13(word: str) -> str:
@@ -149,8 +183,9 @@ SMALL = bf.SMALL
 
 def build(out: str | Path, small: bool = False, force: bool = False, log=print, size=None):
     """Build (or reuse) the second family under `out` (build_family.build with this family's data)."""
-    return bf.build(out, force=force, size=size or (SMALL if small else FULL), log=log, text=MIXTRAL_FAMILY,
-                    seq2seq=SWITCH_FAMILY)
+    return bf.build(
+        out, force=force, size=size or (SMALL if small else FULL), log=log, text=MIXTRAL_FAMILY, seq2seq=SWITCH_FAMILY
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,13 +18,16 @@ from ._faces import face
 
 __version__ = "0.1.0"
 
-__getattr__, __dir__, __all__ = face(__name__, {
-    "io.checkpoint": ["open_checkpoints"],
-    "analysis.report": ["analyze_models", "report_json", "write_heatmap"],
-    "consolidate.pipeline": ["MergeSettings", "merge"],
-    "artifact.reader": ["Artifact", "export_model", "verify_artifact"],
-    "serving.runtime": ["Runtime"],
-    "serving.engine": ["Engine", "Request", "GenerationSettings"],
-    "serving.crossvariant": ["ServingMode"],
-    "quality.evaluate": ["eval_artifact", "sweep"],
-})
+__getattr__, __dir__, __all__ = face(
+    __name__,
+    {
+        "io.checkpoint": ["open_checkpoints"],
+        "analysis.report": ["analyze_models", "report_json", "write_heatmap"],
+        "consolidate.pipeline": ["MergeSettings", "merge"],
+        "artifact.reader": ["Artifact", "export_model", "verify_artifact"],
+        "serving.runtime": ["Runtime"],
+        "serving.engine": ["Engine", "Request", "GenerationSettings"],
+        "serving.crossvariant": ["ServingMode"],
+        "quality.evaluate": ["eval_artifact", "sweep"],
+    },
+)

@@ -12,7 +12,9 @@ from collections.abc import Callable
 from importlib import import_module
 
 
-def face(package: str, exports: dict[str, list[str]]) -> tuple[Callable[[str], object], Callable[[], list[str]], list[str]]:
+def face(
+    package: str, exports: dict[str, list[str]]
+) -> tuple[Callable[[str], object], Callable[[], list[str]], list[str]]:
     """(`__getattr__`, `__dir__`, `__all__`) of a package whose public names live in its modules."""
     home = {name: module for module, names in exports.items() for name in names}
 

@@ -48,26 +48,65 @@ def tiny_tokenizer(text: str = SAMPLE_TEXT, vocab_size: int = 320):
 
 
 _TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-_ATTENTION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+_ATTENTION = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256
+)
 _DEEPSEEK = dict(
-    {k: v for k, v in _ATTENTION.items() if k not in ("num_hidden_layers", "num_key_value_heads")}, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
-    first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+    {k: v for k, v in _ATTENTION.items() if k not in ("num_hidden_layers", "num_key_value_heads")},
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    n_group=2,
+    topk_group=1,
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
     v_head_dim=8,
 )
 TINY_CONFIGS: dict[str, dict] = {
     "mixtral": dict(**_TOKENS, **_ATTENTION, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(
-        **_TOKENS, **_ATTENTION, intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=24,
-        num_experts=4, num_experts_per_tok=2,
+        **_TOKENS,
+        **_ATTENTION,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        num_experts=4,
+        num_experts_per_tok=2,
     ),
-    "qwen3_moe": dict(**_TOKENS, **_ATTENTION, intermediate_size=64, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, head_dim=8),
+    "qwen3_moe": dict(
+        **_TOKENS,
+        **_ATTENTION,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        head_dim=8,
+    ),
     "olmoe": dict(**_TOKENS, **_ATTENTION, intermediate_size=16, num_experts=4, num_experts_per_tok=2),
     "deepseek_v2": dict(**_TOKENS, **_DEEPSEEK, num_hidden_layers=3),
     "deepseek_v3": dict(**_TOKENS, **_DEEPSEEK, num_hidden_layers=3),
-    "gpt_oss": dict(**_TOKENS, **_ATTENTION, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, head_dim=8),
+    "gpt_oss": dict(
+        **_TOKENS, **_ATTENTION, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, head_dim=8
+    ),
     "switch_transformers": dict(
-        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, num_experts=4, encoder_sparse_step=2,
-        decoder_sparse_step=2, expert_capacity=64, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        num_experts=4,
+        encoder_sparse_step=2,
+        decoder_sparse_step=2,
+        expert_capacity=64,
+        pad_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=0,
     ),
 }
 """Tiny configs of every architecture in `layouts.ARCHITECTURES` (4 experts, hidden size 32)."""
@@ -172,7 +211,9 @@ def derive_variant(
     return model
 
 
-def save_model(model, path: str | Path, tokenizer=None, fused: bool = False, max_shard_size: str | int | None = None) -> Path:
+def save_model(
+    model, path: str | Path, tokenizer=None, fused: bool = False, max_shard_size: str | int | None = None
+) -> Path:
     """save_pretrained in the per-expert layout (default) or the fused transformers 5 layout."""
     path = Path(path)
     kw = {"save_original_format": not fused}

@@ -15,7 +15,11 @@ from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.serving.runtime import Runtime
 from moeconsol.testing import SAMPLE_TEXT, derive_variant, save_model, tiny_mixtral, tiny_model, tiny_tokenizer
 
-SEQ2SEQ = [{"input": "copy: fox dog", "target": "fox dog"}, {"input": "upper: cat", "target": "CAT"}, {"input": "a b c", "target": "c b a"}]
+SEQ2SEQ = [
+    {"input": "copy: fox dog", "target": "fox dog"},
+    {"input": "upper: cat", "target": "CAT"},
+    {"input": "a b c", "target": "c b a"},
+]
 
 
 def served_family(root: Path, tiny=tiny_mixtral, reference=transformers.MixtralForCausalLM, **runtime_options):
@@ -33,14 +37,16 @@ def served_family(root: Path, tiny=tiny_mixtral, reference=transformers.MixtralF
 
 def greedy(ref, ids: list[int], n: int) -> list[int]:
     x = torch.tensor([ids])
-    return ref.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
+    return ref.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False)[
+        0, len(ids) :
+    ].tolist()
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
     """Prometheus text -> {(metric, labels): value}, parsed here, independently of prometheus_client."""
     out = {}
     for line in text.splitlines():
-        m = re.fullmatch(r'(\w+)(?:\{(.*)\})? (\S+)', line)
+        m = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
         if m and not line.startswith("#"):
             labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
             out[(m.group(1), labels)] = float(m.group(3))
@@ -66,5 +72,12 @@ def correction_family(root, arch: str) -> dict:
 
 def merge_with_corrections(fam, out, budget="0.4", fmt=None):
     ckpts = open_checkpoints(fam["models"])
-    s = MergeSettings(mode="calibrated", budget=budget, calibration={"*": fam["cal"]}, calibration_tokens=64, deltas=True, delta_format=fmt)
+    s = MergeSettings(
+        mode="calibrated",
+        budget=budget,
+        calibration={"*": fam["cal"]},
+        calibration_tokens=64,
+        deltas=True,
+        delta_format=fmt,
+    )
     return ckpts, merge(ckpts, out, s)

@@ -18,8 +18,8 @@ def one_torch_thread():
 def small_family(tmp_path_factory):
     """base (sharded) and ft (one file) tiny Mixtrals, and their lossless artifact `art`:
     the inputs that tests of bad input tamper with (copies, never these)."""
-    from moeconsol.io.checkpoint import open_checkpoints
     from moeconsol.consolidate.pipeline import merge
+    from moeconsol.io.checkpoint import open_checkpoints
     from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("small_family")

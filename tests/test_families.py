@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from cli_helpers import run_main
 
+from moeconsol.analysis.similarity import gaussian_probes, layer_similarity
+from moeconsol.architectures.layouts import ARCHITECTURES, architecture
 from moeconsol.artifact.reader import Artifact, export_model, verify_artifact
+from moeconsol.consolidate.pipeline import MergeSettings, merge
 from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.quality.evaluate import EvalSettings, eval_artifact, sweep
-from moeconsol.architectures.layouts import ARCHITECTURES, architecture
-from moeconsol.consolidate.pipeline import MergeSettings, merge
 from moeconsol.serving.runtime import Runtime
-from moeconsol.analysis.similarity import gaussian_probes, layer_similarity
 from moeconsol.testing import SAMPLE_TEXT, derive_variant, experts_modules, save_model, tiny_model, tiny_tokenizer
-from cli_helpers import run_main
 
 FAMILIES = [
     # architecture, experts changed by variant a, by variant b: (moe layer index, expert)
@@ -52,7 +52,11 @@ def family(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(arch)
     tok = tiny_tokenizer()
     base = tiny_model(arch, seed=11)
-    models = {"base": base, "a": derive_variant(base, 1, changed_a, scale=0.05), "b": derive_variant(base, 2, changed_b, scale=0.05)}
+    models = {
+        "base": base,
+        "a": derive_variant(base, 1, changed_a, scale=0.05),
+        "b": derive_variant(base, 2, changed_b, scale=0.05),
+    }
     fused = len(architecture(arch).layouts) > 1
     save_model(base, root / "base", tok, max_shard_size="60KB")
     save_model(models["a"], root / "a", tok)
@@ -60,7 +64,9 @@ def family(request, tmp_path_factory):
     examples = [{"input": "copy: fox dog", "target": "fox dog"}, {"input": "upper: cat", "target": "CAT"}]
     for name in models:
         (root / f"{name}.txt").write_text(SAMPLE_TEXT if name != "b" else SAMPLE_TEXT[::-1])
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in (examples if name != "b" else examples[::-1])))
+        (root / f"{name}.jsonl").write_text(
+            "".join(json.dumps(x) + "\n" for x in (examples if name != "b" else examples[::-1]))
+        )
     merge(open_checkpoints([f"{n}={root / n}" for n in models]), root / "lossless")
     changed = {(li, e) for li, e in changed_a} | {(li, e) for li, e in changed_b}
     return arch, root, models, changed
@@ -114,7 +120,9 @@ def _changed_by(family, name: str) -> set:
 
 def test_analyze_cli_writes_a_report(family, tmp_path):
     arch, root, models, changed = family
-    r = run_main("analyze", *(f"{n}={root / n}" for n in models), "--json", tmp_path / "r.json", "--heatmap", tmp_path / "h.png")
+    r = run_main(
+        "analyze", *(f"{n}={root / n}" for n in models), "--json", tmp_path / "r.json", "--heatmap", tmp_path / "h.png"
+    )
     assert r.returncode == 0, r.stderr
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["architecture"] == arch and (tmp_path / "h.png").stat().st_size > 0
@@ -193,7 +201,16 @@ def test_every_merge_mode_serves_and_eval_sweep_score_it(family, tmp_path):
     # sweep: every other mode at one budget, merged, served and scored
     calibration = {n: str(root / f"{n}.txt") for n in ("a", "b")}
     methods = ["reference", "budget", "calibrated", "average", "task-arithmetic", "ties"]
-    s = sweep(refs, data, [0.75], base=str(root / "base"), calibration=calibration, methods=methods, settings=settings, workdir=tmp_path)
+    s = sweep(
+        refs,
+        data,
+        [0.75],
+        base=str(root / "base"),
+        calibration=calibration,
+        methods=methods,
+        settings=settings,
+        workdir=tmp_path,
+    )
     assert sorted({p.method for p in s.points}) == sorted(methods)
     for p in s.points:
         assert p.error is None, (p.method, p.error)
@@ -212,12 +229,14 @@ def test_serve_local_completion_equals_transformers(family):
     cls = getattr(transformers, architecture(arch).model_class)
     with TestClient(create_app(runtime, max_wait=5.0)) as client:
         for name in ("a", "b"):
-            r = client.post("/v1/completions", json={"model": name, "prompt": "Once upon", "max_tokens": 4, "temperature": 0})
+            r = client.post(
+                "/v1/completions", json={"model": name, "prompt": "Once upon", "max_tokens": 4, "temperature": 0}
+            )
             assert r.status_code == 200, r.text
             ref = cls.from_pretrained(str(root / name)).eval()
             x = torch.tensor([tok("Once upon")["input_ids"]])
             out = ref.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False)
-            new = out[0, 1:] if architecture(arch).encoder_decoder else out[0, x.shape[1]:]
+            new = out[0, 1:] if architecture(arch).encoder_decoder else out[0, x.shape[1] :]
             assert r.json()["choices"][0]["text"] == tok.decode(new.tolist(), skip_special_tokens=True)
 
 
@@ -226,8 +245,15 @@ def test_report_at_real_expert_counts_is_a_per_layer_summary(tmp_path):
     summarise per layer (same-index profile, shareable counts) unless full matrices are asked for."""
     import matplotlib.image
 
-    kw = dict(num_experts=128, num_experts_per_tok=8, hidden_size=16, moe_intermediate_size=4, num_attention_heads=2,
-              num_key_value_heads=1, head_dim=8)
+    kw = dict(
+        num_experts=128,
+        num_experts_per_tok=8,
+        hidden_size=16,
+        moe_intermediate_size=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
     base = tiny_model("qwen3_moe", seed=0, **kw)
     changed = [(0, e) for e in range(0, 128, 4)] + [(1, 5)]
     save_model(base, tmp_path / "base")

@@ -4,8 +4,11 @@ output error of serving a slot with another expert."""
 
 from .._faces import face
 
-__getattr__, __dir__, __all__ = face(__name__, {
-    "report": ["AnalysisReport", "analyze_models", "report_json", "write_heatmap"],
-    "similarity": ["METRICS", "layer_similarity"],
-    "calibration": ["capture", "substitution_costs"],
-})
+__getattr__, __dir__, __all__ = face(
+    __name__,
+    {
+        "report": ["AnalysisReport", "analyze_models", "report_json", "write_heatmap"],
+        "similarity": ["METRICS", "layer_similarity"],
+        "calibration": ["capture", "substitution_costs"],
+    },
+)

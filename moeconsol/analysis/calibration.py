@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..io.checkpoint import Checkpoint
-from ..errors import CheckpointError, SettingsError
 from ..architectures.layouts import RouterFormat, architecture
+from ..errors import CheckpointError, SettingsError
+from ..io.checkpoint import Checkpoint
 from ..io.data import read_seq2seq_data, read_text_data
 from .similarity import expert_function
 
@@ -117,10 +117,14 @@ def load_tokenizer(ckpt: Checkpoint):
     try:
         return AutoTokenizer.from_pretrained(str(ckpt.path))
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{ckpt.path}: no usable tokenizer for calibration ({e}); save the tokenizer with the model") from e
+        raise CheckpointError(
+            f"{ckpt.path}: no usable tokenizer for calibration ({e}); save the tokenizer with the model"
+        ) from e
 
 
-def calibration_batches(path: str, tokenizer, decoder_start: int | None, chunk_len: int, max_chunks: int | None = None) -> list[dict]:
+def calibration_batches(
+    path: str, tokenizer, decoder_start: int | None, chunk_len: int, max_chunks: int | None = None
+) -> list[dict]:
     """Model inputs for a calibration file: JSONL examples (input, teacher-forced target) or
     fixed-length chunks of the tokenized text (as both encoder and decoder input for a
     seq2seq model). `decoder_start` is None for a causal LM."""
@@ -248,7 +252,7 @@ class LayerCosts:
     """Per model, what its summed slot errors are divided by: T_m, the tokens that passed
     through the layer (divided by the model's weight in `weighted`)."""
 
-    def weighted(self, weights: np.ndarray) -> "LayerCosts":
+    def weighted(self, weights: np.ndarray) -> LayerCosts:
         """The same costs with model m's rows scaled by weights[m] (> 0): its normaliser
         divided by it, so that a candidate costed later (`candidate_cost`) is scaled alike."""
         E = self.cost.shape[0] // len(self.norm)
@@ -256,7 +260,9 @@ class LayerCosts:
         return LayerCosts(self.cost * rows[:, None], self.usage, self.norm / np.asarray(weights, dtype=np.float64))
 
 
-def _slot_error(fn, own_params: dict, candidate: dict, x: torch.Tensor, tw: torch.Tensor, own: torch.Tensor | None = None) -> float:
+def _slot_error(
+    fn, own_params: dict, candidate: dict, x: torch.Tensor, tw: torch.Tensor, own: torch.Tensor | None = None
+) -> float:
     """sum_t tw_t ||f_candidate(x_t) - f_own(x_t)||^2 (tw: `SlotActivations.token_weights`)."""
     own = fn(own_params, x).double() if own is None else own
     diff = fn(candidate, x).double() - own

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import __version__
-from ..io.checkpoint import Checkpoint
 from ..errors import OutputError, SettingsError
+from ..io.checkpoint import Checkpoint
 from ..io.safety import is_regular_file
 from .similarity import (
     DEFAULT_PROBES,
@@ -257,7 +257,9 @@ def report_json(report: AnalysisReport, full: bool | None = None) -> dict:
         "metrics": {
             m: {
                 "higher_is_more_alike": m not in DISTANCE_METRICS,
-                "layers": [{"layer": s.layer, "matrix": s.matrices[m].tolist() if full else None} for s in report.layers],
+                "layers": [
+                    {"layer": s.layer, "matrix": s.matrices[m].tolist() if full else None} for s in report.layers
+                ],
             }
             for m in report.metrics
         },
@@ -269,7 +271,9 @@ def report_json(report: AnalysisReport, full: bool | None = None) -> dict:
 # -- heatmap --------------------------------------------------------------------------------
 
 
-def write_heatmap(report: AnalysisReport, path: str | Path, metric: str | None = None, full: bool | None = None) -> Path:
+def write_heatmap(
+    report: AnalysisReport, path: str | Path, metric: str | None = None, full: bool | None = None
+) -> Path:
     """One heatmap per MoE layer of `metric` (default: the first measured), in a grid; or,
     with `full` False (default: `full_matrices_by_default`), the per-layer summary
     (`write_summary_plot`).
@@ -352,7 +356,12 @@ def write_summary_plot(report: AnalysisReport, path: Path, metric: str) -> Path:
         raise SettingsError("the same-index summary compares models: give at least two")
     summaries = [same_index_summary(report, s) for s in report.layers]
     profile = np.array([s["same_index"][metric] for s in summaries], dtype=float)
-    kept = np.array([[bool(all(sim.identical[i, m * e + i] for m in range(len(report.models)))) for i in range(e)] for sim in report.layers])
+    kept = np.array(
+        [
+            [bool(all(sim.identical[i, m * e + i] for m in range(len(report.models)))) for i in range(e)]
+            for sim in report.layers
+        ]
+    )
     height = min(max(3.0, 0.12 * n_layers + 1.5), 14.0)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, height), gridspec_kw={"width_ratios": [3, 1]})
     cmap = "viridis_r" if metric in DISTANCE_METRICS else "viridis"
@@ -366,7 +375,9 @@ def write_summary_plot(report: AnalysisReport, path: Path, metric: str) -> Path:
     ax.set_yticklabels([report.layers[i].layer for i in range(0, n_layers, step)], fontsize=6)
     ax.set_title(f"same-index {metric} (mean over model pairs); dot = bit-identical in every model", fontsize=9)
     fig.colorbar(image, ax=ax, label=metric, fraction=0.04)
-    rules = [r["rule"] for r in summaries[0]["shared"] if r["rule"] == "identical" or r["rule"].startswith(metric + " ")]
+    rules = [
+        r["rule"] for r in summaries[0]["shared"] if r["rule"] == "identical" or r["rule"].startswith(metric + " ")
+    ]
     for rule in rules:
         counts = [next(r["experts"] for r in s["shared"] if r["rule"] == rule) for s in summaries]
         ax2.plot(counts, range(n_layers), marker=".", label=rule)

@@ -44,10 +44,10 @@ from typing import TYPE_CHECKING
 import blake3
 import numpy as np
 
+from ..architectures.layouts import ExpertKind
+from ..errors import CheckpointError, SettingsError
 from ..io.checkpoint import Checkpoint, warn_unusual, warn_unusual_values
 from ..io.digest import range_digest, tensor_digest, value_flags
-from ..errors import CheckpointError, SettingsError
-from ..architectures.layouts import ExpertKind
 from ..io.safetensors_file import TensorInfo, read_into, read_tensor, torch_dtypes
 
 if TYPE_CHECKING:
@@ -165,8 +165,11 @@ def part_grams(fill: Fill, n: int, sizes: dict[str, int], pool: ThreadPoolExecut
     import torch
 
     width = max(1, _CHUNK_ELEMENTS // max(n, 1))
-    tasks = [(part, pool.submit(_slice_gram, fill, n, part, lo, min(lo + width, total)))
-             for part, total in sizes.items() for lo in range(0, total, width)]
+    tasks = [
+        (part, pool.submit(_slice_gram, fill, n, part, lo, min(lo + width, total)))
+        for part, total in sizes.items()
+        for lo in range(0, total, width)
+    ]
     grams = {part: torch.zeros(n, n, dtype=torch.float64) for part in sizes}
     for part, task in tasks:
         grams[part] += task.result()
@@ -198,7 +201,12 @@ def _disk_fill(experts: list[dict[str, TensorInfo]], fds: dict[Path, int]) -> Fi
         raw = _thread_buffer("staging", n * w * size)
         view = memoryview(raw.numpy())
         for j, (info, dtype) in enumerate(zip(infos, dtypes)):
-            read_into(fds[info.file], view[j * w * size : j * w * size + w * dtype.itemsize], info.start + lo * dtype.itemsize, info.file)
+            read_into(
+                fds[info.file],
+                view[j * w * size : j * w * size + w * dtype.itemsize],
+                info.start + lo * dtype.itemsize,
+                info.file,
+            )
         if all(d == dtypes[0] for d in dtypes):
             out.copy_(raw[: n * w * size].view(dtypes[0]).view(n, w))
         else:
@@ -238,7 +246,9 @@ def expert_function(ckpt: Checkpoint) -> Callable[[dict[str, torch.Tensor], torc
         gate, up, down = (record.part(r) for r in ("gate", "up", "down"))
         return lambda p, x: (act(x @ p[gate].T) * (x @ p[up].T)) @ p[down].T
     if record.kind is ExpertKind.CLAMPED_SWIGLU:
-        gate, up, down, b_gate, b_up, b_down = (record.part(r) for r in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"))
+        gate, up, down, b_gate, b_up, b_down = (
+            record.part(r) for r in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
+        )
         alpha, limit = ckpt.config.get("swiglu_alpha", 1.702), ckpt.config.get("swiglu_limit", 7.0)
 
         def clamped_swiglu(p, x):
@@ -345,7 +355,9 @@ def _deduplicate(digests: list[str]) -> tuple[np.ndarray, list[int], list[int]]:
     return identical, distinct, where
 
 
-def _weight_layer(ckpts: list[Checkpoint], layer: str, metrics: list[str], keys: list[str] | None = None) -> LayerSimilarity:
+def _weight_layer(
+    ckpts: list[Checkpoint], layer: str, metrics: list[str], keys: list[str] | None = None
+) -> LayerSimilarity:
     """cosine / l2 / relative-l2 of one layer straight from the byte ranges on disk.
 
     Two passes, both spread over the worker pool: identity (`_identity_keys`: a fingerprint
@@ -431,7 +443,9 @@ def _identity_ahead(ckpts: list[Checkpoint]) -> dict[str, list[str]]:
     try:
         with ThreadPoolExecutor(WORKERS) as pool:
             for layer in ckpts[0].moe_layers:
-                keys[layer] = _identity_keys([c.expert_infos(layer, e) for c in ckpts for e in range(c.num_experts)], pool)
+                keys[layer] = _identity_keys(
+                    [c.expert_infos(layer, e) for c in ckpts for e in range(c.num_experts)], pool
+                )
                 if not importer.is_alive():
                     break
     finally:
@@ -440,8 +454,13 @@ def _identity_ahead(ckpts: list[Checkpoint]) -> dict[str, list[str]]:
     return keys
 
 
-def _warn_unusual_parts(positions: list[tuple[Checkpoint, int]], layer: str, where: list[int],
-                        reps: list[dict[str, TensorInfo]], grams: dict[str, torch.Tensor]) -> None:
+def _warn_unusual_parts(
+    positions: list[tuple[Checkpoint, int]],
+    layer: str,
+    where: list[int],
+    reps: list[dict[str, TensorInfo]],
+    grams: dict[str, torch.Tensor],
+) -> None:
     """Warn, as `read_layer` does, about parts holding NaN or infinite values or only zeros.
 
     The diagonal of a part's Gram matrix is the part's sum of squares in float64: finite
@@ -517,7 +536,9 @@ def probe_inputs_from_text(ckpt: Checkpoint, text: str, n_probes: int = DEFAULT_
         module = model.get_submodule(f"{layer}.mlp")
         hooks.append(
             module.register_forward_pre_hook(
-                lambda _m, args, layer=layer: captured.__setitem__(layer, args[0].detach().reshape(-1, args[0].shape[-1]))
+                lambda _m, args, layer=layer: captured.__setitem__(
+                    layer, args[0].detach().reshape(-1, args[0].shape[-1])
+                )
             )
         )
     with torch.no_grad():

@@ -4,6 +4,9 @@ conversion mapping and shipped in `derived_layouts`), and canonical expert parts
 
 from .._faces import face
 
-__getattr__, __dir__, __all__ = face(__name__, {
-    "layouts": ["ARCHITECTURES", "Architecture", "Layout", "architecture", "detect_layout", "supported"],
-})
+__getattr__, __dir__, __all__ = face(
+    __name__,
+    {
+        "layouts": ["ARCHITECTURES", "Architecture", "Layout", "architecture", "detect_layout", "supported"],
+    },
+)

@@ -10,7 +10,7 @@ checkpoint conversion mapping (`get_checkpoint_conversion_mapping(model_type)`):
 per-expert tensors are concatenated into which fused one, in which order, and which module
 renames apply. Switch Transformers predates that interface; its layout is written here.
 
-Adding a family is one record in `ARCHITECTURES` plus one row in `tests/families.py`.
+Adding a family is one record in `ARCHITECTURES` plus one row in `tests/test_families.py`.
 
 Expert parts are always handled in a *canonical* form: one 2-D matrix per part, exactly as
 the per-expert checkpoints store it (Mixtral `w1` [I, H], `w2` [H, I], `w3` [I, H]; Qwen,
@@ -144,7 +144,7 @@ class Layout:
         return self.fused_codec is FusedCodec.ROWS
 
     @property
-    def record(self) -> "Architecture":
+    def record(self) -> Architecture:
         return architecture(self.architecture)
 
     def match_expert(self, name: str) -> tuple[str, int, str] | None:
@@ -332,7 +332,11 @@ def _derived_layouts(name: str) -> tuple[Layout, ...]:
     parts = (arch.roles["gate"], arch.roles["down"], arch.roles["up"])
     layer = f"(?P<layer>{arch.layer_pattern})"
     alternatives = "|".join(parts)
-    renames = () if module == "mlp" else ((f"{{layer}}.{module}.{arch.router}.weight", f"{{layer}}.mlp.{arch.router}.weight"),)
+    renames = (
+        ()
+        if module == "mlp"
+        else ((f"{{layer}}.{module}.{arch.router}.weight", f"{{layer}}.mlp.{arch.router}.weight"),)
+    )
     per_expert = Layout(
         name=arch.name,
         architecture=arch.name,
@@ -356,24 +360,61 @@ def _derived_layouts(name: str) -> tuple[Layout, ...]:
 
 _QWEN_ROLES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 _GPT_OSS_ROLES = {
-    "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
-    "gate_bias": "gate_proj_bias", "up_bias": "up_proj_bias", "down_bias": "down_proj_bias",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+    "gate_bias": "gate_proj_bias",
+    "up_bias": "up_proj_bias",
+    "down_bias": "down_proj_bias",
 }
 _SWITCH_LAYER = r"(?P<layer>(?:encoder|decoder)\.block\.\d+\.layer\.\d+)"
 
 ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture("mixtral", "Mixtral", "MixtralConfig", "MixtralForCausalLM", ExpertKind.GATED,
-                 {"gate": "w1", "up": "w3", "down": "w2"}),
-    Architecture("qwen2_moe", "Qwen2-MoE", "Qwen2MoeConfig", "Qwen2MoeForCausalLM", ExpertKind.GATED, _QWEN_ROLES,
-                 shared_experts="shared_expert"),
+    Architecture(
+        "mixtral",
+        "Mixtral",
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        ExpertKind.GATED,
+        {"gate": "w1", "up": "w3", "down": "w2"},
+    ),
+    Architecture(
+        "qwen2_moe",
+        "Qwen2-MoE",
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        ExpertKind.GATED,
+        _QWEN_ROLES,
+        shared_experts="shared_expert",
+    ),
     Architecture("qwen3_moe", "Qwen3-MoE", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", ExpertKind.GATED, _QWEN_ROLES),
     Architecture("olmoe", "OLMoE", "OlmoeConfig", "OlmoeForCausalLM", ExpertKind.GATED, _QWEN_ROLES),
-    Architecture("deepseek_v2", "DeepSeek-V2", "DeepseekV2Config", "DeepseekV2ForCausalLM", ExpertKind.GATED, _QWEN_ROLES,
-                 shared_experts="shared_experts"),
-    Architecture("deepseek_v3", "DeepSeek-V3", "DeepseekV3Config", "DeepseekV3ForCausalLM", ExpertKind.GATED, _QWEN_ROLES,
-                 shared_experts="shared_experts"),
     Architecture(
-        "gpt_oss", "gpt-oss", "GptOssConfig", "GptOssForCausalLM", ExpertKind.CLAMPED_SWIGLU, _GPT_OSS_ROLES, router="router",
+        "deepseek_v2",
+        "DeepSeek-V2",
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        ExpertKind.GATED,
+        _QWEN_ROLES,
+        shared_experts="shared_experts",
+    ),
+    Architecture(
+        "deepseek_v3",
+        "DeepSeek-V3",
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        ExpertKind.GATED,
+        _QWEN_ROLES,
+        shared_experts="shared_experts",
+    ),
+    Architecture(
+        "gpt_oss",
+        "gpt-oss",
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        ExpertKind.CLAMPED_SWIGLU,
+        _GPT_OSS_ROLES,
+        router="router",
         explicit_layouts=(
             Layout(
                 name="gpt_oss",
@@ -393,9 +434,18 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         ),
     ),
     Architecture(
-        "switch_transformers", "Switch Transformers", "SwitchTransformersConfig", "SwitchTransformersForConditionalGeneration",
-        ExpertKind.DENSE, {"in": "wi", "out": "wo"}, activation_key="dense_act_fn", bank=BankKind.MODULES,
-        router="router.classifier", router_format=RouterFormat.ONE_HOT, router_dtype_key="router_dtype", encoder_decoder=True,
+        "switch_transformers",
+        "Switch Transformers",
+        "SwitchTransformersConfig",
+        "SwitchTransformersForConditionalGeneration",
+        ExpertKind.DENSE,
+        {"in": "wi", "out": "wo"},
+        activation_key="dense_act_fn",
+        bank=BankKind.MODULES,
+        router="router.classifier",
+        router_format=RouterFormat.ONE_HOT,
+        router_dtype_key="router_dtype",
+        encoder_decoder=True,
         layer_pattern=r"(?:encoder|decoder)\.block\.\d+\.layer\.\d+",
         explicit_layouts=(
             Layout(

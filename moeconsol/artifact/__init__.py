@@ -4,7 +4,10 @@ stores: lossy compressed expert corrections and the lossless encoding of non-exp
 
 from .._faces import face
 
-__getattr__, __dir__, __all__ = face(__name__, {
-    "reader": ["Artifact", "verify_artifact", "export_model", "summary"],
-    "manifest": ["Manifest"],
-})
+__getattr__, __dir__, __all__ = face(
+    __name__,
+    {
+        "reader": ["Artifact", "verify_artifact", "export_model", "summary"],
+        "manifest": ["Manifest"],
+    },
+)

@@ -59,7 +59,10 @@ class DeltaFormat:
 
     def nbytes(self, shape: Shape, size: int | None, dtype: torch.dtype) -> int:
         """Bytes of the stored components of one matrix."""
-        return sum(math.prod(s) * torch.empty((), dtype=d).element_size() for d, s in self.components(shape, size, dtype).values())
+        return sum(
+            math.prod(s) * torch.empty((), dtype=d).element_size()
+            for d, s in self.components(shape, size, dtype).values()
+        )
 
     def component_names(self) -> list[str]:
         """The names of the stored components, sorted (the same at every shape and size)."""
@@ -174,7 +177,10 @@ def _int4_sizes(shape: Shape) -> list[int | None]:
 
 def _int4_components(shape: Shape, size: int | None, dtype: torch.dtype) -> ComponentSpecs:
     g = _group(shape, size)
-    return {"codes": (torch.uint8, (shape[0], -(-shape[1] // 2))), "scale": (torch.float32, (shape[0], -(-shape[1] // g)))}
+    return {
+        "codes": (torch.uint8, (shape[0], -(-shape[1] // 2))),
+        "scale": (torch.float32, (shape[0], -(-shape[1] // g))),
+    }
 
 
 def _int4_encode(delta: torch.Tensor, size: int | None, dtype: torch.dtype) -> Components:
@@ -223,8 +229,12 @@ def _mixed_components(shape: Shape, size: int | None, dtype: torch.dtype) -> Com
     out, inp = shape
     high, low = _split_rank(shape, size)
     return {
-        "a8": (torch.int8, (out, high)), "b8": (torch.int8, (high, inp)), "scale8": (torch.float32, (2, high)),
-        "a4": (torch.uint8, (low, -(-out // 2))), "b4": (torch.uint8, (low, -(-inp // 2))), "scale4": (torch.float32, (2, low)),
+        "a8": (torch.int8, (out, high)),
+        "b8": (torch.int8, (high, inp)),
+        "scale8": (torch.float32, (2, high)),
+        "a4": (torch.uint8, (low, -(-out // 2))),
+        "b4": (torch.uint8, (low, -(-inp // 2))),
+        "scale4": (torch.float32, (2, low)),
     }
 
 
@@ -246,8 +256,12 @@ def _mixed_encode(delta: torch.Tensor, size: int | None, dtype: torch.dtype) -> 
     qa4, sa4 = _absmax_rows(a[high:], 7)
     qb4, sb4 = _absmax_rows(b[high:], 7)
     return {
-        "a8": qa8.T.to(torch.int8).contiguous(), "b8": qb8.to(torch.int8).contiguous(), "scale8": torch.stack([sa8, sb8]),
-        "a4": pack_nibbles((qa4 + 8).to(torch.uint8)), "b4": pack_nibbles((qb4 + 8).to(torch.uint8)), "scale4": torch.stack([sa4, sb4]),
+        "a8": qa8.T.to(torch.int8).contiguous(),
+        "b8": qb8.to(torch.int8).contiguous(),
+        "scale8": torch.stack([sa8, sb8]),
+        "a4": pack_nibbles((qa4 + 8).to(torch.uint8)),
+        "b4": pack_nibbles((qb4 + 8).to(torch.uint8)),
+        "scale4": torch.stack([sa4, sb4]),
     }
 
 
@@ -288,7 +302,9 @@ def decode(fmt: str | DeltaFormat, components: Components, shape: Shape, size: i
     return f.decode(components, tuple(shape), size)
 
 
-def corrected(bank_part: torch.Tensor, components: Components, fmt: str | DeltaFormat, size: int | None) -> torch.Tensor:
+def corrected(
+    bank_part: torch.Tensor, components: Components, fmt: str | DeltaFormat, size: int | None
+) -> torch.Tensor:
     """A bank expert's part plus its decoded delta, in the bank part's dtype: what a slot with
     a delta is served (export and runtime alike)."""
     return (bank_part.float() + decode(fmt, components, tuple(bank_part.shape), size)).to(bank_part.dtype)

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .nonexpert_codec import CODECS
-from ..errors import ArtifactError, MoeconsolError
 from ..architectures.layouts import all_layouts
+from ..errors import ArtifactError, MoeconsolError
 from ..io.safetensors_file import ITEMSIZE, torch_dtypes
 from ..io.safety import NAME_RULE, is_safe_name, relative_path_problem
+from .nonexpert_codec import CODECS
 
 FORMAT = "moeconsol-artifact"
 FORMAT_VERSION = 2
@@ -150,7 +150,9 @@ class Manifest:
                     "config": m.config,
                     "files": list(m.files),
                     "tensors": dict(m.tensors),
-                    "source_shards": {f: {"metadata": s.metadata, "tensors": list(s.tensors)} for f, s in m.source_shards.items()},
+                    "source_shards": {
+                        f: {"metadata": s.metadata, "tensors": list(s.tensors)} for f, s in m.source_shards.items()
+                    },
                     "index": m.index,
                 }
                 for m in self.models
@@ -175,8 +177,16 @@ class Manifest:
             "weight_map": dict(self.weight_map),
             "shapes": {k: {"dtype": t.dtype, "shape": list(t.shape)} for k, t in self.shapes.items()},
             "files": {k: {"size": f.size, "sha256": f.sha256} for k, f in self.files.items()},
-            **({"encodings": {k: {"codec": e.codec, "reference": e.reference, "dtype": e.dtype, "shape": list(e.shape)}
-                                for k, e in self.encodings.items()}} if self.encodings else {}),
+            **(
+                {
+                    "encodings": {
+                        k: {"codec": e.codec, "reference": e.reference, "dtype": e.dtype, "shape": list(e.shape)}
+                        for k, e in self.encodings.items()
+                    }
+                }
+                if self.encodings
+                else {}
+            ),
         }
 
     def dumps(self) -> str:
@@ -184,7 +194,9 @@ class Manifest:
         try:
             return json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
         except ValueError as e:
-            raise MoeconsolError(f"the manifest would hold a NaN or infinite number ({e}); check the inputs for NaN weights") from e
+            raise MoeconsolError(
+                f"the manifest would hold a NaN or infinite number ({e}); check the inputs for NaN weights"
+            ) from e
 
     # -- reading ------------------------------------------------------------------------------
     @classmethod
@@ -212,24 +224,38 @@ class Manifest:
         architecture = r.text(top["architecture"], "architecture")
         layouts = {x.name: x for x in all_layouts() if x.architecture == architecture}
         if not layouts:
-            raise r.fail("architecture", f"is {architecture!r}, not one of {', '.join(sorted({x.architecture for x in all_layouts()}))}")
+            raise r.fail(
+                "architecture",
+                f"is {architecture!r}, not one of {', '.join(sorted({x.architecture for x in all_layouts()}))}",
+            )
         if any(len(shape) != 2 for shape in part_shapes.values()):
             raise r.fail("part_shapes", "must give each expert part as a 2-D shape")
         models = [_model(r, m, i) for i, m in enumerate(r.array(top["models"], "models"))]
         for i, m in enumerate(models):
             if m.layout not in layouts or layouts[m.layout].parts != parts:
-                raise r.fail(f"models[{i}].layout", f"is {m.layout!r}, which does not store {architecture} experts with parts {list(parts)}")
+                raise r.fail(
+                    f"models[{i}].layout",
+                    f"is {m.layout!r}, which does not store {architecture} experts with parts {list(parts)}",
+                )
         names = [m.name for m in models]
         if len(set(names)) != len(names):
             raise r.fail("models", "two models have the same name")
-        files = {_path(r, k, "files", plain=False): _file(r, v, f"files[{k!r}]") for k, v in r.obj(top["files"], "files").items()}
-        weight_map = {r.text(k, "weight_map key"): _path(r, v, f"weight_map[{k!r}]", plain=True) for k, v in r.obj(top["weight_map"], "weight_map").items()}
+        files = {
+            _path(r, k, "files", plain=False): _file(r, v, f"files[{k!r}]")
+            for k, v in r.obj(top["files"], "files").items()
+        }
+        weight_map = {
+            r.text(k, "weight_map key"): _path(r, v, f"weight_map[{k!r}]", plain=True)
+            for k, v in r.obj(top["weight_map"], "weight_map").items()
+        }
         layers = [_layer(r, x, i, names) for i, x in enumerate(r.array(top["layers"], "layers"))]
         for i, entry in enumerate(layers):
             if entry.deltas and version < 2:
                 raise r.fail(f"layers[{i}].deltas", "appear in a version-1 manifest (deltas came with version 2)")
             _check_deltas(r, entry, i, part_shapes, experts, weight_map)
-        shapes = {r.text(k, "shapes key"): _tensor(r, v, f"shapes[{k!r}]") for k, v in r.obj(top["shapes"], "shapes").items()}
+        shapes = {
+            r.text(k, "shapes key"): _tensor(r, v, f"shapes[{k!r}]") for k, v in r.obj(top["shapes"], "shapes").items()
+        }
         if version < 2 and "encodings" in top:
             raise r.fail("encodings", "appeared in format version 2; this manifest says version 1")
         encodings = _encodings(r, top.get("encodings", {}), shapes)
@@ -268,7 +294,19 @@ class Manifest:
         return cls.from_json(data, str(path)), data
 
 
-_REQUIRED = ("architecture", "parts", "part_shapes", "dtype", "experts_per_layer", "consolidation", "models", "layers", "weight_map", "shapes", "files")
+_REQUIRED = (
+    "architecture",
+    "parts",
+    "part_shapes",
+    "dtype",
+    "experts_per_layer",
+    "consolidation",
+    "models",
+    "layers",
+    "weight_map",
+    "shapes",
+    "files",
+)
 
 
 def _no_constants(token: str) -> None:
@@ -340,7 +378,9 @@ def _kind(v: object) -> str:
 def _path(r: _Reader, v: object, field: str, plain: bool) -> str:
     problem = relative_path_problem(v, plain)
     if problem:
-        raise ArtifactError(f"{r.where}: unsafe path in {field}: {problem}; refusing to read or write outside the directory")
+        raise ArtifactError(
+            f"{r.where}: unsafe path in {field}: {problem}; refusing to read or write outside the directory"
+        )
     return v  # type: ignore[return-value]
 
 
@@ -367,14 +407,21 @@ def _encodings(r: _Reader, v: object, shapes: dict[str, TensorEntry]) -> dict[st
         codec = r.text(d.get("codec"), f"{f}.codec")
         if codec not in CODECS:
             raise r.fail(f"{f}.codec", f"is {codec!r}, not one of {', '.join(CODECS)}")
-        enc = Encoding(codec, r.text(d.get("reference"), f"{f}.reference"), r.dtype(d.get("dtype"), f"{f}.dtype"), r.shape(d.get("shape"), f"{f}.shape"))
+        enc = Encoding(
+            codec,
+            r.text(d.get("reference"), f"{f}.reference"),
+            r.dtype(d.get("dtype"), f"{f}.dtype"),
+            r.shape(d.get("shape"), f"{f}.shape"),
+        )
         blob, ref = shapes.get(key), shapes.get(enc.reference)
         if blob is None or blob.dtype != "U8" or len(blob.shape) != 1:
             raise r.fail(f, "names a key that is not stored as a U8 [bytes] blob in shapes")
         if ref is None:
             raise r.fail(f"{f}.reference", f"is {enc.reference!r}, which is not stored")
         if enc.reference in r.obj(v, "encodings"):
-            raise r.fail(f"{f}.reference", f"is {enc.reference!r}, which is itself encoded; a reference must be stored whole")
+            raise r.fail(
+                f"{f}.reference", f"is {enc.reference!r}, which is itself encoded; a reference must be stored whole"
+            )
         if (ref.dtype, ref.shape) != (enc.dtype, enc.shape):
             raise r.fail(f, f"decodes to {enc.dtype} {list(enc.shape)}, its reference is {ref.dtype} {list(ref.shape)}")
         out[key] = enc
@@ -407,7 +454,10 @@ def _model(r: _Reader, v: object, i: int) -> ModelEntry:
         layout=layout,
         config=r.obj(d.get("config"), f"{f}.config"),
         files=[_path(r, x, f"{f}.files", plain=True) for x in r.array(d.get("files"), f"{f}.files")],
-        tensors={r.text(k, f"{f}.tensors"): r.text(val, f"{f}.tensors[{k!r}]") for k, val in r.obj(d.get("tensors"), f"{f}.tensors").items()},
+        tensors={
+            r.text(k, f"{f}.tensors"): r.text(val, f"{f}.tensors[{k!r}]")
+            for k, val in r.obj(d.get("tensors"), f"{f}.tensors").items()
+        },
         source_shards=shards,
         index=None if index is None else r.obj(index, f"{f}.index"),
     )
@@ -426,7 +476,9 @@ def _layer(r: _Reader, v: object, i: int, names: list[str]) -> LayerEntry:
             BankEntry(
                 members=[r.pair(x, f"{fb}.members") for x in r.array(bd.get("members"), f"{fb}.members")],
                 representative=None if rep is None else r.pair(rep, f"{fb}.representative"),
-                weights=None if weights is None else [r.number(w, f"{fb}.weights") for w in r.array(weights, f"{fb}.weights")],
+                weights=None
+                if weights is None
+                else [r.number(w, f"{fb}.weights") for w in r.array(weights, f"{fb}.weights")],
             )
         )
     slots = r.obj(d.get("slot_map"), f"{f}.slot_map")
@@ -436,11 +488,16 @@ def _layer(r: _Reader, v: object, i: int, names: list[str]) -> LayerEntry:
     for n, items in r.obj(d.get("deltas", {}), f"{f}.deltas").items():
         if n not in names:
             raise r.fail(f"{f}.deltas", f"names model {n!r}, the models are {sorted(names)}")
-        deltas[n] = [_delta(r, x, f"{f}.deltas[{n!r}][{j}]") for j, x in enumerate(r.array(items, f"{f}.deltas[{n!r}]"))]
+        deltas[n] = [
+            _delta(r, x, f"{f}.deltas[{n!r}][{j}]") for j, x in enumerate(r.array(items, f"{f}.deltas[{n!r}]"))
+        ]
     return LayerEntry(
         layer=r.text(d.get("layer"), f"{f}.layer"),
         bank=bank,
-        slot_map={n: [r.integer(x, f"{f}.slot_map[{n!r}]") for x in r.array(s, f"{f}.slot_map[{n!r}]")] for n, s in slots.items()},
+        slot_map={
+            n: [r.integer(x, f"{f}.slot_map[{n!r}]") for x in r.array(s, f"{f}.slot_map[{n!r}]")]
+            for n, s in slots.items()
+        },
         deltas=deltas,
     )
 
@@ -456,17 +513,27 @@ def _delta(r: _Reader, v: object, f: str) -> DeltaEntry:
     if size is not None and size < 1:
         raise r.fail(f"{f}.size", "must be at least 1")
     keys = {
-        r.text(p, f"{f}.keys"): {r.text(c, f"{f}.keys[{p!r}]"): r.text(k, f"{f}.keys[{p!r}][{c!r}]") for c, k in r.obj(comps, f"{f}.keys[{p!r}]").items()}
+        r.text(p, f"{f}.keys"): {
+            r.text(c, f"{f}.keys[{p!r}]"): r.text(k, f"{f}.keys[{p!r}][{c!r}]")
+            for c, k in r.obj(comps, f"{f}.keys[{p!r}]").items()
+        }
         for p, comps in r.obj(d.get("keys"), f"{f}.keys").items()
     }
     return DeltaEntry(r.integer(d.get("expert"), f"{f}.expert"), r.integer(d.get("bank"), f"{f}.bank"), fmt, size, keys)
 
 
-def _check_deltas(r: _Reader, entry: LayerEntry, i: int, part_shapes: dict[str, tuple[int, ...]], experts: int, weight_map: dict[str, str]) -> None:
+def _check_deltas(
+    r: _Reader,
+    entry: LayerEntry,
+    i: int,
+    part_shapes: dict[str, tuple[int, ...]],
+    experts: int,
+    weight_map: dict[str, str],
+) -> None:
     """Delta slots in range, pointing where the slot map points, one per expert, a size the
     format takes, every part and component of the format stored."""
-    from .corrections import FORMATS
     from ..errors import SettingsError
+    from .corrections import FORMATS
 
     parts = tuple(part_shapes)
     for name, items in entry.deltas.items():
@@ -481,7 +548,10 @@ def _check_deltas(r: _Reader, entry: LayerEntry, i: int, part_shapes: dict[str, 
             if not 0 <= x.bank < len(entry.bank):
                 raise r.fail(f"{f}.bank", f"is {x.bank}, outside the layer's bank of {len(entry.bank)}")
             if entry.slot_map[name][x.expert] != x.bank:
-                raise r.fail(f"{f}.bank", f"is {x.bank}, but the slot map serves expert {x.expert} by {entry.slot_map[name][x.expert]}")
+                raise r.fail(
+                    f"{f}.bank",
+                    f"is {x.bank}, but the slot map serves expert {x.expert} by {entry.slot_map[name][x.expert]}",
+                )
             if sorted(x.keys) != sorted(parts):
                 raise r.fail(f"{f}.keys", f"has parts {sorted(x.keys)}, parts says {list(parts)}")
             try:
@@ -492,7 +562,9 @@ def _check_deltas(r: _Reader, entry: LayerEntry, i: int, part_shapes: dict[str, 
             wanted = FORMATS[x.format].component_names()
             for p, comps in x.keys.items():
                 if sorted(comps) != wanted:
-                    raise r.fail(f"{f}.keys[{p!r}]", f"has components {sorted(comps)}, format {x.format} stores {wanted}")
+                    raise r.fail(
+                        f"{f}.keys[{p!r}]", f"has components {sorted(comps)}, format {x.format} stores {wanted}"
+                    )
                 for c, key in comps.items():
                     if key not in weight_map:
                         raise r.fail(f"{f}.keys[{p!r}][{c!r}]", f"is {key!r}, which weight_map does not store")
@@ -500,6 +572,15 @@ def _check_deltas(r: _Reader, entry: LayerEntry, i: int, part_shapes: dict[str, 
 
 def _deltas_json(deltas: dict[str, list[DeltaEntry]]) -> dict[str, list[dict[str, Any]]]:
     return {
-        n: [{"expert": x.expert, "bank": x.bank, "format": x.format, "size": x.size, "keys": {p: dict(c) for p, c in x.keys.items()}} for x in items]
+        n: [
+            {
+                "expert": x.expert,
+                "bank": x.bank,
+                "format": x.format,
+                "size": x.size,
+                "keys": {p: dict(c) for p, c in x.keys.items()},
+            }
+            for x in items
+        ]
         for n, items in deltas.items()
     }

@@ -48,8 +48,10 @@ def _bytes(t: torch.Tensor) -> np.ndarray:
 
 def _check_pair(tensor: torch.Tensor, reference: torch.Tensor) -> None:
     if tensor.dtype != reference.dtype or tensor.shape != reference.shape:
-        raise ValueError(f"cannot encode a {tensor.dtype} {list(tensor.shape)} tensor against a "
-                         f"{reference.dtype} {list(reference.shape)} reference: they must match")
+        raise ValueError(
+            f"cannot encode a {tensor.dtype} {list(tensor.shape)} tensor against a "
+            f"{reference.dtype} {list(reference.shape)} reference: they must match"
+        )
     if tensor.dtype not in dtype_names():
         raise ValueError(f"dtype {tensor.dtype} is not one safetensors stores")
 
@@ -84,15 +86,22 @@ def probe(tensor: torch.Tensor, reference: torch.Tensor) -> float:
     return len(head) / (n * tensor.element_size())
 
 
-def decode(blob: bytes | memoryview | torch.Tensor, reference: torch.Tensor, dtype: str | torch.dtype, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+def decode(
+    blob: bytes | memoryview | torch.Tensor,
+    reference: torch.Tensor,
+    dtype: str | torch.dtype,
+    shape: tuple[int, ...] | list[int],
+) -> torch.Tensor:
     """The tensor `encode` made from `reference`: dtype (a safetensors name or a torch dtype)
     and shape as recorded. A blob that is damaged, or decodes to another size, raises
     DamagedArtifactError."""
     dtype = torch_dtypes()[dtype] if isinstance(dtype, str) else dtype
     shape = tuple(shape)
     if reference.dtype != dtype or tuple(reference.shape) != shape:
-        raise DamagedArtifactError(f"the reference is {reference.dtype} {list(reference.shape)}, the encoded tensor "
-                                   f"{dtype} {list(shape)}: they must match")
+        raise DamagedArtifactError(
+            f"the reference is {reference.dtype} {list(reference.shape)}, the encoded tensor "
+            f"{dtype} {list(shape)}: they must match"
+        )
     if isinstance(blob, torch.Tensor):
         blob = blob.contiguous().view(torch.uint8).numpy()
     out = torch.empty(shape, dtype=dtype)
@@ -101,8 +110,10 @@ def decode(blob: bytes | memoryview | torch.Tensor, reference: torch.Tensor, dty
     try:
         declared = zstandard.frame_content_size(blob)
         if declared != numel * width:
-            raise DamagedArtifactError(f"the encoded blob holds {declared} bytes, not the {numel * width} of a "
-                                       f"{dtype_names()[dtype]} {list(shape)} tensor")
+            raise DamagedArtifactError(
+                f"the encoded blob holds {declared} bytes, not the {numel * width} of a "
+                f"{dtype_names()[dtype]} {list(shape)} tensor"
+            )
         stream = zstandard.ZstdDecompressor().decompressobj()
         chunk = np.empty(min(CHUNK_ELEMENTS, numel) * width, dtype=np.uint8)
         start, filled = 0, 0  # elements decoded; bytes of the current chunk received

@@ -20,16 +20,25 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ArtifactError, DamagedArtifactError, MoeconsolError, UnknownModelError, UnsafePathError
 from ..architectures.layouts import fused_shape, join, layout_by_name
-from . import nonexpert_codec as codec
-from .corrections import FORMATS, corrected
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, DeltaEntry, Manifest, ModelEntry
+from ..errors import ArtifactError, DamagedArtifactError, MoeconsolError, UnknownModelError, UnsafePathError
 from ..io.safetensors_file import TensorInfo, dtype_names, read_header, read_tensor, torch_dtypes
 from ..io.safety import inside, is_regular_file
 from ..io.writer import SafetensorsWriter, TensorSpec, atomic_directory, copy_file, sha256_file
+from . import nonexpert_codec as codec
+from .corrections import FORMATS, corrected
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, DeltaEntry, Manifest, ModelEntry
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "Artifact", "bank_key", "check_encodings", "export_model", "verify_artifact"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "Artifact",
+    "bank_key",
+    "check_encodings",
+    "export_model",
+    "verify_artifact",
+]
 
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): called as long work advances."""
@@ -154,7 +163,9 @@ class Artifact:
         try:
             return self._decode(key, blob, reference)
         except DamagedArtifactError as e:
-            raise DamagedArtifactError(f"{self.path}: damaged artifact: tensor {key}: {e} (run `moeconsol verify` for the full list)") from e
+            raise DamagedArtifactError(
+                f"{self.path}: damaged artifact: tensor {key}: {e} (run `moeconsol verify` for the full list)"
+            ) from e
 
     def _encoded(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """An encoded key's blob and its reference, read (their files checked first)."""
@@ -172,7 +183,9 @@ class Artifact:
             return
         problems = check_files(self, todo, checksums=self.checksums)
         if problems:
-            raise DamagedArtifactError(f"{self.path}: damaged artifact: {problems[0]} (run `moeconsol verify` for the full list)")
+            raise DamagedArtifactError(
+                f"{self.path}: damaged artifact: {problems[0]} (run `moeconsol verify` for the full list)"
+            )
         self._checked.update(todo)
 
     def __repr__(self) -> str:
@@ -208,7 +221,9 @@ def summary(art: Artifact) -> dict:
 # -- verification -------------------------------------------------------------------------
 
 
-def check_files(art: Artifact, files: list[str] | None = None, checksums: bool = True, progress: Progress | None = None) -> list[str]:
+def check_files(
+    art: Artifact, files: list[str] | None = None, checksums: bool = True, progress: Progress | None = None
+) -> list[str]:
     """Problems with the artifact's files (all, or those named): missing, not a regular
     file, outside the artifact, wrong size, wrong sha256, unreadable safetensors header,
     tensors missing or of the wrong dtype or shape."""
@@ -286,7 +301,9 @@ def check_references(art: Artifact) -> list[str]:
                 elif stored is None or stored.shape != spec.part_shapes[part]:
                     problems.append(f"{key}: shape differs from part_shapes[{part}]")
                 elif stored.dtype != spec.dtype:
-                    problems.append(f"{key}: dtype {stored.dtype} differs from the manifest's expert dtype {spec.dtype}")
+                    problems.append(
+                        f"{key}: dtype {stored.dtype} differs from the manifest's expert dtype {spec.dtype}"
+                    )
         for name, slots in entry.slot_map.items():
             if len(slots) != art.experts_per_layer or not all(0 <= s < size for s in slots):
                 problems.append(f"{entry.layer}: slot map of {name!r} is out of range")
@@ -336,7 +353,9 @@ def _delta_problems(art: Artifact, layer: str, deltas: dict[str, list[DeltaEntry
                     wdtype = names[wdtype]
                     if stored is None or stored.dtype != wdtype or stored.shape != tuple(wshape):
                         got = "nothing" if stored is None else f"{stored.dtype} {list(stored.shape)}"
-                        problems.append(f"{key}: {name!r} {layer} expert {x.expert}: {x.format} delta component {c} is {got}, expected {wdtype} {list(wshape)}")
+                        problems.append(
+                            f"{key}: {name!r} {layer} expert {x.expert}: {x.format} delta component {c} is {got}, expected {wdtype} {list(wshape)}"
+                        )
     return problems
 
 
@@ -377,7 +396,9 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
             k = _slot(art, model.name, layer, e)
             spec = TensorSpec(name, dtype, tuple(part_shapes[part]))
             if _has_delta(art, model.name, layer, e):  # bank + delta, computed
-                out.append((spec, lambda layer=layer, e=e, part=part: iter([art.served_part(model.name, layer, e, part)])))
+                out.append(
+                    (spec, lambda layer=layer, e=e, part=part: iter([art.served_part(model.name, layer, e, part)]))
+                )
                 continue
             out.append((spec, lambda key=bank_key(layer, k, part): [art.tensor_info(key)]))
         elif hit := layout.match_fused(name):
@@ -387,6 +408,7 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
             spec = TensorSpec(name, dtype, shape)
             slots = art.slot_map(model.name, layer)
             if art.deltas(model.name, layer):  # some experts are bank + delta: computed, one expert at a time
+
                 def served(layer=layer, parts=parts, codec=layout.fused_codec) -> Iterator[torch.Tensor]:
                     for e in range(art.experts_per_layer):
                         yield join(codec, [art.served_part(model.name, layer, e, p) for p in parts])
@@ -394,8 +416,14 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
                 out.append((spec, served))
                 continue
             if layout.contiguous:  # expert k's slice is its parts' bytes one after the other
-                out.append((spec, lambda layer=layer, parts=parts, slots=slots: [
-                    art.tensor_info(bank_key(layer, k, p)) for k in slots for p in parts]))
+                out.append(
+                    (
+                        spec,
+                        lambda layer=layer, parts=parts, slots=slots: [
+                            art.tensor_info(bank_key(layer, k, p)) for k in slots for p in parts
+                        ],
+                    )
+                )
                 continue
 
             def pieces(layer=layer, parts=parts, slots=slots, codec=layout.fused_codec) -> Iterator[torch.Tensor]:
@@ -407,7 +435,9 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
             key = model.tensors.get(layout.canonical_name(name))
             info = art.spec.shapes.get(key) if key is not None else None
             if info is None:
-                raise ArtifactError(f"{art.path}: model {model.name!r}: source tensor {name} is not stored in the artifact")
+                raise ArtifactError(
+                    f"{art.path}: model {model.name!r}: source tensor {name} is not stored in the artifact"
+                )
             if (encoding := art.spec.encodings.get(key)) is not None:  # decoded in memory, then written
                 out.append((TensorSpec(name, encoding.dtype, tuple(encoding.shape)), lambda key=key: art.read(key)))
                 continue
@@ -433,8 +463,21 @@ def files_of_model(art: Artifact, name: str) -> list[str]:
     keys = set(model.tensors.values())
     keys |= {art.spec.encodings[k].reference for k in keys if k in art.spec.encodings}
     files = {wm[k] for k in keys if k in wm}
-    files |= {wm[bank_key(layer, k, p)] for layer in art.layers for k in set(art.slot_map(name, layer)) for p in art.parts if bank_key(layer, k, p) in wm}
-    files |= {wm[k] for layer in art.layers for x in art.deltas(name, layer) for c in x.keys.values() for k in c.values() if k in wm}
+    files |= {
+        wm[bank_key(layer, k, p)]
+        for layer in art.layers
+        for k in set(art.slot_map(name, layer))
+        for p in art.parts
+        if bank_key(layer, k, p) in wm
+    }
+    files |= {
+        wm[k]
+        for layer in art.layers
+        for x in art.deltas(name, layer)
+        for c in x.keys.values()
+        for k in c.values()
+        if k in wm
+    }
     files |= {f"models/{name}/{f}" for f in model.files}
     return sorted(files)
 
@@ -457,7 +500,9 @@ def export_model(
     model = art._model(name)
     problems = check_references(art) + check_files(art, files_of_model(art, name), checksums=checksums)
     if problems:
-        raise DamagedArtifactError(f"{art.path}: damaged artifact: {problems[0]} (run `moeconsol verify` for the full list)")
+        raise DamagedArtifactError(
+            f"{art.path}: damaged artifact: {problems[0]} (run `moeconsol verify` for the full list)"
+        )
     art._checked.update(files_of_model(art, name))
     out = Path(out)
     shards = model.source_shards

@@ -66,9 +66,13 @@ _python_show_warning = warnings.showwarning
 
 COMMANDS: dict[str, str] = {
     "analyze": "analyze",
-    "merge": "merge", "export": "merge", "inspect": "merge", "verify": "merge",
+    "merge": "merge",
+    "export": "merge",
+    "inspect": "merge",
+    "verify": "merge",
     "serve-local": "serve",
-    "eval": "evaluate", "sweep": "evaluate",
+    "eval": "evaluate",
+    "sweep": "evaluate",
     "serve": "ray_serve",
 }
 """Command -> the module of this package that registers it on `app`. Modules are imported

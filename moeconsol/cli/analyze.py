@@ -5,37 +5,53 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..io.checkpoint import open_checkpoints
-from ..errors import MoeconsolError
-from ..analysis.report import FULL_MATRIX_LIMIT, AnalysisReport, analyze_models, report_json, same_index_summary, write_heatmap
+from ..analysis.report import (
+    FULL_MATRIX_LIMIT,
+    AnalysisReport,
+    analyze_models,
+    report_json,
+    same_index_summary,
+    write_heatmap,
+)
 from ..analysis.similarity import DEFAULT_PROBES, METRICS, check_metrics
+from ..errors import MoeconsolError
+from ..io.checkpoint import open_checkpoints
 from . import app
 
 
 @app.command()
 def analyze(
-    models: Annotated[list[str], typer.Argument(metavar="MODEL...", help="Checkpoints as PATH or NAME=PATH (local dir or hub repo id).")],
+    models: Annotated[
+        list[str],
+        typer.Argument(metavar="MODEL...", help="Checkpoints as PATH or NAME=PATH (local dir or hub repo id)."),
+    ],
     metric: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--metric", "-m", help=f"Metric(s), repeatable or comma-separated: {', '.join(METRICS)}."),
     ] = None,
     calibration: Annotated[
-        Optional[Path], typer.Option(help="Text file: CKA probes are the first model's hidden states on it.")
+        Path | None, typer.Option(help="Text file: CKA probes are the first model's hidden states on it.")
     ] = None,
-    probes: Annotated[int, typer.Option(help="CKA probes per layer (Gaussian) or max tokens (calibration).")] = DEFAULT_PROBES,
+    probes: Annotated[
+        int, typer.Option(help="CKA probes per layer (Gaussian) or max tokens (calibration).")
+    ] = DEFAULT_PROBES,
     seed: Annotated[int, typer.Option(help="Seed of the Gaussian CKA probes (layer k uses seed + k).")] = 0,
-    revision: Annotated[Optional[str], typer.Option(help="Hub revision for models given as repo ids.")] = None,
-    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the full report as JSON to FILE ('-': stdout).")] = None,
-    heatmap: Annotated[Optional[Path], typer.Option(help="Write per-layer heatmaps of the first metric to FILE.png.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision for models given as repo ids.")] = None,
+    json_out: Annotated[
+        str | None, typer.Option("--json", help="Write the full report as JSON to FILE ('-': stdout).")
+    ] = None,
+    heatmap: Annotated[
+        Path | None, typer.Option(help="Write per-layer heatmaps of the first metric to FILE.png.")
+    ] = None,
     full_matrices: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option(
             "--full-matrices/--summary-only",
             help=f"Full (N*E)^2 matrices in the JSON and heatmap, or the per-layer same-index summary (default: full up to N*E = {FULL_MATRIX_LIMIT}).",
@@ -43,7 +59,9 @@ def analyze(
     ] = None,
 ) -> None:
     """Measure expert similarity across models, per MoE layer; print tables, write JSON/PNG."""
-    metrics = check_metrics([m.strip() for arg in (metric or ["cosine"]) for m in arg.split(",") if m.strip()] or ["cosine"])
+    metrics = check_metrics(
+        [m.strip() for arg in (metric or ["cosine"]) for m in arg.split(",") if m.strip()] or ["cosine"]
+    )
     if heatmap is not None and heatmap.suffix.lower() != ".png":
         raise MoeconsolError(f"{heatmap}: the heatmap is written as PNG; give a file name ending in .png")
     if json_out not in (None, "-") and not Path(json_out).parent.is_dir():
@@ -52,12 +70,21 @@ def analyze(
 
     err = Console(stderr=True)
     with Progress(
-        TextColumn("analyze"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-        TimeElapsedColumn(), console=err, transient=True,
+        TextColumn("analyze"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
     ) as progress:
         task = progress.add_task("", total=len(ckpts[0].moe_layers))
         report = analyze_models(
-            ckpts, metrics, calibration, probes, seed,
+            ckpts,
+            metrics,
+            calibration,
+            probes,
+            seed,
             on_layer=lambda layer: progress.update(task, advance=1, description=layer),
         )
 
@@ -100,9 +127,13 @@ def print_tables(report: AnalysisReport, console: Console) -> None:
         shared = {s["rule"]: s["experts"] for s in summary["shared"]}
         for m, stats in summary["metrics"].items():
             rules = " ".join(
-                f"{rule.removeprefix(m + ' ').replace('>= ', '≥').replace('<= ', '≤')}: {count}" for rule, count in shared.items() if rule.startswith(m + " ")
+                f"{rule.removeprefix(m + ' ').replace('>= ', '≥').replace('<= ', '≤')}: {count}"
+                for rule, count in shared.items()
+                if rule.startswith(m + " ")
             )
-            table.add_row(m, *("-" if stats[k] is None else f"{stats[k]:.6g}" for k in ("mean", "min", "max")), rules or "-")
+            table.add_row(
+                m, *("-" if stats[k] is None else f"{stats[k]:.6g}" for k in ("mean", "min", "max")), rules or "-"
+            )
         table.add_row("bit-identical", "-", "-", "-", f"{shared['identical']}  ({summary['identical_pairs']} pairs)")
         console.print(table)
 
@@ -116,7 +147,10 @@ def print_compact_table(report: AnalysisReport, console: Console) -> None:
     n, e = len(report.models), report.experts_per_layer
     summaries = [(sim.layer, same_index_summary(report, sim)) for sim in report.layers]
     rules = [r["rule"] for r in summaries[0][1]["shared"]]
-    table = Table(title=f"same-index pairs across {n} models (mean); expert copies that could be shared, of {(n - 1) * e}", title_justify="left")
+    table = Table(
+        title=f"same-index pairs across {n} models (mean); expert copies that could be shared, of {(n - 1) * e}",
+        title_justify="left",
+    )
     table.add_column("layer", no_wrap=True)
     for m in report.metrics:
         table.add_column(m, justify="right")

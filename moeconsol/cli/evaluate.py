@@ -5,14 +5,22 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..quality.evaluate import EvalReport, EvalSettings, SweepReport, eval_artifact, parse_budgets, parse_named_files, plot_sweep, sweep
 from ..io.writer import format_bytes
+from ..quality.evaluate import (
+    EvalReport,
+    EvalSettings,
+    SweepReport,
+    eval_artifact,
+    parse_budgets,
+    parse_named_files,
+    plot_sweep,
+    sweep,
+)
 from . import app
 from .progress import stage_progress
 
@@ -38,7 +46,9 @@ def _print_eval(r: EvalReport) -> None:
 def sweep_table(r: SweepReport) -> Table:
     """Methods x budgets, one quality (and retained gain) column per variant."""
     names = list(r.original)
-    table = Table(title=f"bytes vs. {r.metric} ({'lower' if r.lower_is_better else 'higher'} is better; retained gain in brackets)")
+    table = Table(
+        title=f"bytes vs. {r.metric} ({'lower' if r.lower_is_better else 'higher'} is better; retained gain in brackets)"
+    )
     for col in ("method", "budget", "expert memory", *names):
         table.add_column(col, justify="left" if col == "method" else "right")
     table.add_row("original", "", format_bytes(r.expert_bytes), *(_num(r.original[n]) for n in names))
@@ -65,12 +75,14 @@ def _named(items: list[str], option: str) -> dict[str, str]:
 @app.command("eval")
 def eval_command(
     artifact: Path = typer.Argument(..., metavar="OUT", help="Artifact directory (from moeconsol merge)."),
-    data: list[str] = typer.Option(..., "--data", help="NAME=FILE: text (causal LMs) or JSONL of {input, target} (seq2seq); repeat."),
-    base: Optional[str] = typer.Option(None, help="The pre-trained model: also scored, and each variant's retained gain."),
+    data: list[str] = typer.Option(
+        ..., "--data", help="NAME=FILE: text (causal LMs) or JSONL of {input, target} (seq2seq); repeat."
+    ),
+    base: str | None = typer.Option(None, help="The pre-trained model: also scored, and each variant's retained gain."),
     variant: list[str] = typer.Option([], "--variant", help="Score only these variants (default: all that have data)."),
-    chunk_len: Optional[int] = typer.Option(None, help="Perplexity window in tokens (default min(2048, context length))."),
-    max_examples: Optional[int] = typer.Option(None, help="Seq2seq: score only the first N examples."),
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
+    chunk_len: int | None = typer.Option(None, help="Perplexity window in tokens (default min(2048, context length))."),
+    max_examples: int | None = typer.Option(None, help="Seq2seq: score only the first N examples."),
+    json_file: Path | None = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
 ) -> None:
     """Quality of each variant: original checkpoint vs. consolidated (served by the runtime)."""
     settings = EvalSettings(chunk_len=chunk_len, max_examples=max_examples)
@@ -86,14 +98,25 @@ def sweep_command(
     models: list[str] = typer.Argument(..., metavar="MODEL...", help="Checkpoints: PATH or NAME=PATH."),
     data: list[str] = typer.Option(..., "--data", help="NAME=FILE per variant to score; repeat."),
     budgets: str = typer.Option("1.0,0.75,0.5,0.25", help="Fractions of all experts, comma-separated."),
-    base: Optional[str] = typer.Option(None, help="The pre-trained model: retained gain, task-arithmetic and ties."),
-    calibration: list[str] = typer.Option([], help="NAME=FILE (or FILE for all): adds the calibrated method (and allows --method deltas)."),
-    method: list[str] = typer.Option([], "--method", help="Only these methods (default: all that apply; deltas only when named: calibrated with compressed expert deltas, bank + delta bytes within each budget)."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Directory for the results (sweep.json, sweep.png unless --json/--plot say otherwise); the temporary artifacts are made and removed in it."),
-    chunk_len: Optional[int] = typer.Option(None, help="Perplexity window in tokens."),
-    max_examples: Optional[int] = typer.Option(None, help="Seq2seq: score only the first N examples."),
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the sweep as JSON to this file."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: bytes vs. quality, one subplot per variant."),
+    base: str | None = typer.Option(None, help="The pre-trained model: retained gain, task-arithmetic and ties."),
+    calibration: list[str] = typer.Option(
+        [], help="NAME=FILE (or FILE for all): adds the calibrated method (and allows --method deltas)."
+    ),
+    method: list[str] = typer.Option(
+        [],
+        "--method",
+        help="Only these methods (default: all that apply; deltas only when named: calibrated with compressed expert deltas, bank + delta bytes within each budget).",
+    ),
+    output: Path | None = typer.Option(
+        None,
+        "-o",
+        "--output",
+        help="Directory for the results (sweep.json, sweep.png unless --json/--plot say otherwise); the temporary artifacts are made and removed in it.",
+    ),
+    chunk_len: int | None = typer.Option(None, help="Perplexity window in tokens."),
+    max_examples: int | None = typer.Option(None, help="Seq2seq: score only the first N examples."),
+    json_file: Path | None = typer.Option(None, "--json", help="Write the sweep as JSON to this file."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write a PNG: bytes vs. quality, one subplot per variant."),
 ) -> None:
     """Bytes vs. quality for every method (reference, budget, calibrated, merging baselines) at every budget.
     Each artifact is made in a temporary directory, scored and removed."""
@@ -103,9 +126,18 @@ def sweep_command(
         plot = plot or output / "sweep.png"
     settings = EvalSettings(chunk_len=chunk_len, max_examples=max_examples)
     with stage_progress() as report:
-        r = sweep(models, _named(data, "--data"), parse_budgets(budgets), base,
-                  parse_named_files(calibration, "--calibration") or None, method or None, settings, output,
-                  {"calibrated": {"representative": "best"}, "deltas": {"representative": "best"}}, report)
+        r = sweep(
+            models,
+            _named(data, "--data"),
+            parse_budgets(budgets),
+            base,
+            parse_named_files(calibration, "--calibration") or None,
+            method or None,
+            settings,
+            output,
+            {"calibrated": {"representative": "best"}, "deltas": {"representative": "best"}},
+            report,
+        )
     Console(width=max(Console().width, 140)).print(sweep_table(r))
     if json_file:
         json_file.write_text(json.dumps(r.to_dict(), indent=2, allow_nan=False) + "\n")

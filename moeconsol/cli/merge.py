@@ -4,32 +4,41 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..artifact.reader import Artifact, export_model, summary, verify_artifact
-from ..io.checkpoint import open_checkpoints
 from ..artifact.nonexpert_codec import XOR_ZSTD
-from ..quality.evaluate import parse_named_files
+from ..artifact.reader import Artifact, export_model, summary, verify_artifact
 from ..consolidate.pipeline import DEFAULT_SHARD_SIZE, MergeSettings
 from ..consolidate.pipeline import merge as run_merge
+from ..io.checkpoint import open_checkpoints
 from ..io.writer import format_bytes, parse_size
+from ..quality.evaluate import parse_named_files
 from . import app
 from .progress import stage_progress
 
-_STAGES = {"plan": "measuring experts", "calibrate": "capturing calibration activations", "deltas": "costing deltas",
-           "non-expert": "hashing non-expert tensors", "write": "writing", "export": "exporting", "verify": "checking files",
-           "encode": "encoding non-expert tensors", "decode": "decoding non-expert tensors"}
+_STAGES = {
+    "plan": "measuring experts",
+    "calibrate": "capturing calibration activations",
+    "deltas": "costing deltas",
+    "non-expert": "hashing non-expert tensors",
+    "write": "writing",
+    "export": "exporting",
+    "verify": "checking files",
+    "encode": "encoding non-expert tensors",
+    "decode": "decoding non-expert tensors",
+}
 
 
 def _print_summary(s: dict, title: str) -> None:
     console = Console()
     c = s["consolidation"]
     settings = ", ".join(f"{k}={v}" for k, v in c.items() if v is not None)
-    console.print(f"[bold]{title}[/bold]  {s['architecture']}, {s['dtype']}, models: {', '.join(m['name'] for m in s['models'])}")
+    console.print(
+        f"[bold]{title}[/bold]  {s['architecture']}, {s['dtype']}, models: {', '.join(m['name'] for m in s['models'])}"
+    )
     console.print(f"consolidation: {settings}")
     n_slots = len(s["models"]) * s["experts_per_layer"]
     table = Table("MoE layer", "bank", "slots", "shared")
@@ -38,7 +47,9 @@ def _print_summary(s: dict, title: str) -> None:
     console.print(table)
     b = s["bytes"]
     if b.get("inputs"):
-        console.print(f"inputs: {format_bytes(b['inputs'])}  artifact: {format_bytes(b['artifact'])}  ({b['artifact'] / b['inputs']:.1%} of the inputs)")
+        console.print(
+            f"inputs: {format_bytes(b['inputs'])}  artifact: {format_bytes(b['artifact'])}  ({b['artifact'] / b['inputs']:.1%} of the inputs)"
+        )
     if b.get("experts_in") and b.get("deltas") is not None:
         kept = b["bank"] + b["deltas"]
         slots = sum(s.get("delta_slots", {}).values())
@@ -54,36 +65,73 @@ def _print_summary(s: dict, title: str) -> None:
             f"{format_bytes(saved)} of expert memory saved ({saved / b['experts_in']:.1%})"
         )
     if b.get("non_expert_whole"):
-        console.print(f"non-expert tensors: {format_bytes(b['non_expert'])} stored, {format_bytes(b['non_expert_whole'])} whole ({b['non_expert'] / b['non_expert_whole']:.1%})")
+        console.print(
+            f"non-expert tensors: {format_bytes(b['non_expert'])} stored, {format_bytes(b['non_expert_whole'])} whole ({b['non_expert'] / b['non_expert_whole']:.1%})"
+        )
 
 
 @app.command()
 def merge(
-    models: list[str] = typer.Argument(..., metavar="MODEL...", help="Checkpoints: PATH, NAME=PATH or hub ids (from the local cache)."),
+    models: list[str] = typer.Argument(
+        ..., metavar="MODEL...", help="Checkpoints: PATH, NAME=PATH or hub ids (from the local cache)."
+    ),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to create."),
-    mode: str = typer.Option("lossless", help="lossless | threshold | budget | calibrated | reference | average | task-arithmetic | ties."),
-    metric: Optional[str] = typer.Option(None, help="cosine | l2 | relative-l2 | cka (threshold and budget modes; default cosine)."),
-    threshold: Optional[float] = typer.Option(None, help="threshold mode: every member within this of its cluster (similarity >= t, or distance <= t)."),
-    budget: Optional[str] = typer.Option(None, help="budget mode: bank bytes (40GB) or a fraction of all experts (0.5)."),
-    representative: str = typer.Option("medoid", help="medoid | first | mean | best (calibrated): what a shared bank expert holds."),
-    base: Optional[str] = typer.Option(None, help="task-arithmetic and ties: the pre-trained checkpoint the models were fine-tuned from."),
+    mode: str = typer.Option(
+        "lossless", help="lossless | threshold | budget | calibrated | reference | average | task-arithmetic | ties."
+    ),
+    metric: str | None = typer.Option(
+        None, help="cosine | l2 | relative-l2 | cka (threshold and budget modes; default cosine)."
+    ),
+    threshold: float | None = typer.Option(
+        None, help="threshold mode: every member within this of its cluster (similarity >= t, or distance <= t)."
+    ),
+    budget: str | None = typer.Option(None, help="budget mode: bank bytes (40GB) or a fraction of all experts (0.5)."),
+    representative: str = typer.Option(
+        "medoid", help="medoid | first | mean | best (calibrated): what a shared bank expert holds."
+    ),
+    base: str | None = typer.Option(
+        None, help="task-arithmetic and ties: the pre-trained checkpoint the models were fine-tuned from."
+    ),
     density: float = typer.Option(0.2, help="ties: fraction of each task vector kept (top-k by magnitude)."),
     scale: float = typer.Option(1.0, help="task-arithmetic and ties: factor lambda on the merged task vectors."),
-    calibration: list[str] = typer.Option([], help="calibrated mode: NAME=FILE (text, or JSONL for seq2seq) per model, or FILE for every model not named; repeat."),
+    calibration: list[str] = typer.Option(
+        [],
+        help="calibrated mode: NAME=FILE (text, or JSONL for seq2seq) per model, or FILE for every model not named; repeat.",
+    ),
     calibration_tokens: int = typer.Option(512, help="calibrated mode: routed inputs kept per (model, layer, expert)."),
-    deltas: bool = typer.Option(False, "--deltas", help="calibrated mode: slots served by a bank expert not their own may carry a compressed correction; the budget counts bank + delta bytes."),
-    delta_format: Optional[str] = typer.Option(None, help="With --deltas: auto (default: every format) | lowrank | sign | int4 | mixed."),
+    deltas: bool = typer.Option(
+        False,
+        "--deltas",
+        help="calibrated mode: slots served by a bank expert not their own may carry a compressed correction; the budget counts bank + delta bytes.",
+    ),
+    delta_format: str | None = typer.Option(
+        None, help="With --deltas: auto (default: every format) | lowrank | sign | int4 | mixed."
+    ),
     shard_size: str = typer.Option(str(DEFAULT_SHARD_SIZE), help="Maximum bytes per safetensors shard (5GB, 500MB)."),
-    non_expert_codec: str = typer.Option(XOR_ZSTD, help="xor-zstd | none: store a non-expert tensor's versions after the first as lossless deltas against it (where smaller), or whole."),
+    non_expert_codec: str = typer.Option(
+        XOR_ZSTD,
+        help="xor-zstd | none: store a non-expert tensor's versions after the first as lossless deltas against it (where smaller), or whole.",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision for hub ids."),
+    revision: str | None = typer.Option(None, help="Hub revision for hub ids."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Cluster the experts of N models into one shared bank and write one artifact."""
     settings = MergeSettings(
-        mode, metric, threshold, budget, representative, parse_size(shard_size), base=base, density=density,
-        scale=scale, calibration=parse_named_files(calibration, "--calibration") or None,
-        calibration_tokens=calibration_tokens, deltas=deltas, delta_format=delta_format, non_expert_codec=non_expert_codec,
+        mode,
+        metric,
+        threshold,
+        budget,
+        representative,
+        parse_size(shard_size),
+        base=base,
+        density=density,
+        scale=scale,
+        calibration=parse_named_files(calibration, "--calibration") or None,
+        calibration_tokens=calibration_tokens,
+        deltas=deltas,
+        delta_format=delta_format,
+        non_expert_codec=non_expert_codec,
     )
     ckpts = open_checkpoints(models, revision)
     with stage_progress(as_json, _STAGES) as report:
@@ -101,7 +149,9 @@ def export(
     model: str = typer.Argument(..., metavar="MODEL", help="Name of the model to export."),
     output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
     force: bool = typer.Option(False, "--force", help="Replace DIR if it exists."),
-    checksums: bool = typer.Option(True, "--checksums/--no-checksums", help="Check the sha256 of the files read first."),
+    checksums: bool = typer.Option(
+        True, "--checksums/--no-checksums", help="Check the sha256 of the files read first."
+    ),
 ) -> None:
     """Write one model of an artifact back as a standard Hugging Face checkpoint."""
     with stage_progress(False, _STAGES) as report:

@@ -21,8 +21,12 @@ def stage_progress(quiet: bool = False, labels: dict[str, str] | None = None) ->
         yield None
         return
     bar = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
     )
     tasks: dict[str, int] = {}
 

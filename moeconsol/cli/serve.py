@@ -6,15 +6,21 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from ..serving.engine import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TOKENS_IN_FLIGHT, DEFAULT_MAX_WAIT,
-                      GenerationSettings, check_settings)
-from ..serving.crossvariant import ServingMode
 from ..errors import MoeconsolError
+from ..serving.crossvariant import ServingMode
+from ..serving.engine import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_PROMPT_TOKENS,
+    DEFAULT_MAX_TOKENS_IN_FLIGHT,
+    DEFAULT_MAX_WAIT,
+    GenerationSettings,
+    check_settings,
+)
 from ..serving.runtime import Runtime, parse_device, parse_dtype
 from . import app
 from .progress import stage_progress
@@ -28,15 +34,19 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def check_server_options(port: int | None, max_wait: float, max_prompt_tokens: int, max_batch_size: int,
-                         max_tokens_in_flight: int) -> None:
+def check_server_options(
+    port: int | None, max_wait: float, max_prompt_tokens: int, max_batch_size: int, max_tokens_in_flight: int
+) -> None:
     """The options serve-local and serve share, refused in one line naming the option."""
     if port is not None and not 0 < port < 65536:
         raise MoeconsolError(f"--port must be in 1..65535, got {port}")
     if not (max_wait >= 0 and math.isfinite(max_wait)):
         raise MoeconsolError(f"--max-wait must be a finite number of seconds >= 0, got {max_wait}")
-    for option, value in (("--max-prompt-tokens", max_prompt_tokens), ("--max-batch-size", max_batch_size),
-                          ("--max-tokens-in-flight", max_tokens_in_flight)):
+    for option, value in (
+        ("--max-prompt-tokens", max_prompt_tokens),
+        ("--max-batch-size", max_batch_size),
+        ("--max-tokens-in-flight", max_tokens_in_flight),
+    ):
         if value < 1:
             raise MoeconsolError(f"{option} must be at least 1, got {value}")
 
@@ -44,33 +54,62 @@ def check_server_options(port: int | None, max_wait: float, max_prompt_tokens: i
 @app.command("serve-local")
 def serve_local(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory written by `moeconsol merge`.")],
-    model: Annotated[Optional[list[str]], typer.Option("--model", help="Variant to run the prompt on (repeatable: one after another).")] = None,
-    prompt: Annotated[Optional[str], typer.Option(help="One-shot: generate from this prompt and exit.")] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="Variant to run the prompt on (repeatable: one after another)."),
+    ] = None,
+    prompt: Annotated[str | None, typer.Option(help="One-shot: generate from this prompt and exit.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (one-shot).")] = 32,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy (one-shot).")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (one-shot).")] = 1.0,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling (one-shot).")] = None,
-    top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely tokens, 0 = all (one-shot; default: the variant's generation config).")] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option(help="transformers' repetition penalty, 1 = off (one-shot; default: the variant's generation config).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Run the OpenAI-compatible HTTP server on this port.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed for sampling (one-shot).")] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(
+            help="Keep the k most likely tokens, 0 = all (one-shot; default: the variant's generation config)."
+        ),
+    ] = None,
+    repetition_penalty: Annotated[
+        float | None,
+        typer.Option(
+            help="transformers' repetition penalty, 1 = off (one-shot; default: the variant's generation config)."
+        ),
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Run the OpenAI-compatible HTTP server on this port.")] = None,
     host: Annotated[str, typer.Option(help="Address the server listens on.")] = "127.0.0.1",
-    max_wait: Annotated[float, typer.Option(help="Seconds a request may wait before it is served ahead of the active model's.")] = DEFAULT_MAX_WAIT,
-    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt the server accepts, in tokens.")] = DEFAULT_MAX_PROMPT_TOKENS,
-    max_batch_size: Annotated[int, typer.Option(help="Most requests of one model decoded together.")] = DEFAULT_MAX_BATCH_SIZE,
-    max_tokens_in_flight: Annotated[int, typer.Option(help="Bound on prompt + max_tokens of all admitted requests.")] = DEFAULT_MAX_TOKENS_IN_FLIGHT,
-    cross_variant_batching: Annotated[bool, typer.Option(
-        "--cross-variant-batching",
-        help="Keep every variant's differing non-expert tensors resident (+ (N-1) x the swap region) and decode "
-             "requests of all variants in one step, without swaps.")] = False,
+    max_wait: Annotated[
+        float, typer.Option(help="Seconds a request may wait before it is served ahead of the active model's.")
+    ] = DEFAULT_MAX_WAIT,
+    max_prompt_tokens: Annotated[
+        int, typer.Option(help="Longest prompt the server accepts, in tokens.")
+    ] = DEFAULT_MAX_PROMPT_TOKENS,
+    max_batch_size: Annotated[
+        int, typer.Option(help="Most requests of one model decoded together.")
+    ] = DEFAULT_MAX_BATCH_SIZE,
+    max_tokens_in_flight: Annotated[
+        int, typer.Option(help="Bound on prompt + max_tokens of all admitted requests.")
+    ] = DEFAULT_MAX_TOKENS_IN_FLIGHT,
+    cross_variant_batching: Annotated[
+        bool,
+        typer.Option(
+            "--cross-variant-batching",
+            help="Keep every variant's differing non-expert tensors resident (+ (N-1) x the swap region) and decode "
+            "requests of all variants in one step, without swaps.",
+        ),
+    ] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda (cuda:N).")] = "cpu",
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (default: the checkpoints' own).")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoints' own).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One-shot: print the results as JSON.")] = False,
 ) -> None:
     """Run a prompt on one or more variants (--prompt), or serve them all over HTTP (--port)."""
     if (prompt is None) == (port is None):
         raise MoeconsolError("give either --prompt (one-shot) or --port (HTTP server)")
     check_server_options(port, max_wait, max_prompt_tokens, max_batch_size, max_tokens_in_flight)
-    settings = GenerationSettings(max_new_tokens, temperature, top_p, seed, top_k=top_k, repetition_penalty=repetition_penalty)
+    settings = GenerationSettings(
+        max_new_tokens, temperature, top_p, seed, top_k=top_k, repetition_penalty=repetition_penalty
+    )
     check_settings(settings)
     torch_device, torch_dtype = parse_device(device), parse_dtype(dtype)
     from ..serving.server import bind, serve  # fastapi and uvicorn: imported only by the commands that serve
@@ -79,9 +118,17 @@ def serve_local(
 
     err = Console(stderr=True)
     first = model[0] if model else None
-    with stage_progress(labels={"non-expert tensors": "load non-expert tensors", "expert bank": "load expert bank"}) as advance:
-        runtime = Runtime.from_artifact(artifact, device=torch_device, dtype=torch_dtype, active=first, progress=advance,
-                                        mode=ServingMode.CROSS_VARIANT if cross_variant_batching else ServingMode.SWAP)
+    with stage_progress(
+        labels={"non-expert tensors": "load non-expert tensors", "expert bank": "load expert bank"}
+    ) as advance:
+        runtime = Runtime.from_artifact(
+            artifact,
+            device=torch_device,
+            dtype=torch_dtype,
+            active=first,
+            progress=advance,
+            mode=ServingMode.CROSS_VARIANT if cross_variant_batching else ServingMode.SWAP,
+        )
     for name in model or []:
         runtime.check_model(name)
     rb = runtime.resident_bytes()
@@ -96,8 +143,16 @@ def serve_local(
         policy = "one step for all variants" if cross_variant_batching else f"max wait {max_wait} s"
         err.print(f"serving on http://{host}:{port}/v1 ({policy}, max batch size {max_batch_size})")
         try:
-            serve(runtime, host=host, port=port, max_wait=max_wait, max_prompt_tokens=max_prompt_tokens,
-                  max_batch_size=max_batch_size, max_tokens_in_flight=max_tokens_in_flight, sock=sock)
+            serve(
+                runtime,
+                host=host,
+                port=port,
+                max_wait=max_wait,
+                max_prompt_tokens=max_prompt_tokens,
+                max_batch_size=max_batch_size,
+                max_tokens_in_flight=max_tokens_in_flight,
+                sock=sock,
+            )
         except KeyboardInterrupt:
             print(f"moeconsol: interrupted: the server on {host}:{port} stopped", file=sys.stderr)
             raise typer.Exit(130) from None
@@ -115,7 +170,8 @@ def serve_local(
                 f"swap {c.swap.seconds * 1000:.2f} ms ({_size(c.swap.bytes_moved)} moved), "
                 f"time to first token {c.time_to_first_token * 1000:.1f} ms, "
                 f"{c.tokens_per_second:.1f} tokens/s ({len(c.token_ids)} tokens, {c.finish_reason})",
-                style="dim", highlight=False,
+                style="dim",
+                highlight=False,
             )
     if json_out:
         sys.stdout.write(json.dumps({"resident_bytes": rb.to_dict(), "completions": results}) + "\n")

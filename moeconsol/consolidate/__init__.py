@@ -4,6 +4,9 @@ and the pipeline that streams it all to disk."""
 
 from .._faces import face
 
-__getattr__, __dir__, __all__ = face(__name__, {
-    "pipeline": ["MergeSettings", "MergeResult", "merge"],
-})
+__getattr__, __dir__, __all__ = face(
+    __name__,
+    {
+        "pipeline": ["MergeSettings", "MergeResult", "merge"],
+    },
+)

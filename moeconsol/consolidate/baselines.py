@@ -33,7 +33,9 @@ def _check(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) ->
     shape = base.shape if base is not None else tensors[0].shape
     for i, t in enumerate(tensors):
         if t.shape != shape:
-            raise IncompatibleModelsError(f"cannot merge tensors of different shapes: {tuple(t.shape)} (tensor {i}) vs {tuple(shape)}")
+            raise IncompatibleModelsError(
+                f"cannot merge tensors of different shapes: {tuple(t.shape)} (tensor {i}) vs {tuple(shape)}"
+            )
     return shape
 
 
@@ -86,12 +88,12 @@ def trim_top_k(tau: torch.Tensor, density: float) -> torch.Tensor:
 def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], density: float = 0.2, scale: float = 1.0) -> torch.Tensor:
     """TIES-merging: trim, elect sign, disjoint mean.
 
-        tau_i    = t_i - base
-        trimmed  = trim_top_k(tau_i, density)      per tensor, k = ceil(density * numel)
-        sign     = sign(sum_i trimmed_i)           per entry (0 where the sum is 0)
-        agree_i  = trimmed_i != 0 and sign(trimmed_i) == sign
-        merged   = sum_i trimmed_i [agree_i] / #{i : agree_i}   (0 where no tau agrees)
-        result   = base + scale * merged
+    tau_i    = t_i - base
+    trimmed  = trim_top_k(tau_i, density)      per tensor, k = ceil(density * numel)
+    sign     = sign(sum_i trimmed_i)           per entry (0 where the sum is 0)
+    agree_i  = trimmed_i != 0 and sign(trimmed_i) == sign
+    merged   = sum_i trimmed_i [agree_i] / #{i : agree_i}   (0 where no tau agrees)
+    result   = base + scale * merged
     """
     if not 0 < density <= 1:
         raise SettingsError(f"TIES density must be in (0, 1], got {density}")
@@ -130,7 +132,9 @@ def reference_distances(layer_experts: Sequence[Sequence[Mapping[str, torch.Tens
     n_experts = len(layer_experts[0])
     for m, experts in enumerate(layer_experts):
         if len(experts) != n_experts:
-            raise IncompatibleModelsError(f"model {m} has {len(experts)} experts in this layer, model 0 has {n_experts}")
+            raise IncompatibleModelsError(
+                f"model {m} has {len(experts)} experts in this layer, model 0 has {n_experts}"
+            )
     dist = np.zeros(n_experts, dtype=np.float64)
     for e in range(n_experts):
         parts = sorted(layer_experts[0][e])

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..analysis.similarity import read_layer
 from ..artifact.corrections import AUTO, FORMATS, DeltaFormat, corrected
 from ..errors import SettingsError
 from ..io.safetensors_file import torch_dtypes
-from ..analysis.similarity import read_layer
 
 if TYPE_CHECKING:
     from ..io.checkpoint import Checkpoint
@@ -85,8 +85,14 @@ def bank_value(p: LayerPlan, k: int, flat: list[dict[str, torch.Tensor]]) -> dic
 
 
 def slot_options(
-    ckpt: Checkpoint, layer: str, flat: list[dict[str, torch.Tensor]], inputs: CalibratedInputs, li: int, item: int,
-    bank: dict[str, torch.Tensor], fmts: list[DeltaFormat],
+    ckpt: Checkpoint,
+    layer: str,
+    flat: list[dict[str, torch.Tensor]],
+    inputs: CalibratedInputs,
+    li: int,
+    item: int,
+    bank: dict[str, torch.Tensor],
+    fmts: list[DeltaFormat],
 ) -> list[Option]:
     """Share, or each format at each size, with its calibrated cost and bytes."""
     from ..analysis.calibration import candidate_cost
@@ -108,12 +114,19 @@ def slot_options(
         for j, size in enumerate(sizes):
             candidate = {p: corrected(bank[p], encoded[p][j], fmt, size) for p in own}
             nbytes = sum(fmt.nbytes(shapes[p], size, dtype) for p in own)
-            options.append(Option(nbytes, candidate_cost(ckpt, layer, flat, [item], candidate, inputs.acts, norm), fmt.name, size))
+            options.append(
+                Option(nbytes, candidate_cost(ckpt, layer, flat, [item], candidate, inputs.acts, norm), fmt.name, size)
+            )
     return options
 
 
 def layer_options(
-    ckpt: Checkpoint, p: LayerPlan, li: int, flat: list[dict[str, torch.Tensor]], inputs: CalibratedInputs, fmts: list[DeltaFormat],
+    ckpt: Checkpoint,
+    p: LayerPlan,
+    li: int,
+    flat: list[dict[str, torch.Tensor]],
+    inputs: CalibratedInputs,
+    fmts: list[DeltaFormat],
     memo: dict | None = None,
 ) -> list[SlotOptions]:
     """Options of every slot of one layer plan that its bank entry does not store exactly.
@@ -124,7 +137,9 @@ def layer_options(
     for k, members in enumerate(p.clusters):
         rep = p.representatives[k]
         weights = p.weights[k] if p.weights else None
-        content = (li, digests[rep]) if rep is not None else (li, tuple(members), None if weights is None else tuple(weights))
+        content = (
+            (li, digests[rep]) if rep is not None else (li, tuple(members), None if weights is None else tuple(weights))
+        )
         bank = None
         for i in members:
             if rep is not None and digests[i] == digests[rep]:
@@ -177,7 +192,9 @@ def allocate(slots: list[SlotOptions], nbytes: int) -> tuple[list[int], float]:
     return chosen, sum(s.options[c].cost for s, c in zip(slots, chosen))
 
 
-def plan_with_deltas(ckpts: list[Checkpoint], s: MergeSettings, inputs: CalibratedInputs, progress: Progress | None = None) -> list[LayerPlan]:
+def plan_with_deltas(
+    ckpts: list[Checkpoint], s: MergeSettings, inputs: CalibratedInputs, progress: Progress | None = None
+) -> list[LayerPlan]:
     """Calibrated plans with deltas, within `s.budget` bytes of bank plus deltas."""
     from .pipeline import SlotDelta, budget_bytes, calibrated_plans, expert_nbytes
 

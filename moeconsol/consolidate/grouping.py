@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import SettingsError
 from ..analysis.similarity import DISTANCE_METRICS, METRICS
+from ..errors import SettingsError
 
 MODES = ("lossless", "threshold", "budget")
 REPRESENTATIVES = ("medoid", "first", "mean", "best")
@@ -86,7 +86,9 @@ class LayerGroups:
         return d
 
 
-def identical_groups(layer: str, digests: list[str], num_experts: int, distance: np.ndarray | None = None) -> LayerGroups:
+def identical_groups(
+    layer: str, digests: list[str], num_experts: int, distance: np.ndarray | None = None
+) -> LayerGroups:
     """Collapse items with equal digests into groups, in order of first appearance."""
     by_digest: dict[str, list[int]] = {}
     for i, digest in enumerate(digests):
@@ -172,7 +174,9 @@ def cluster_cost(items: list[int], cost: np.ndarray) -> tuple[float, int]:
     return float(sums[r]), items[r]
 
 
-def cluster_calibrated(layers: list[LayerGroups], costs: list[np.ndarray], max_bank: int, tie_weight: float = 1e-6) -> list[list[list[int]]]:
+def cluster_calibrated(
+    layers: list[LayerGroups], costs: list[np.ndarray], max_bank: int, tie_weight: float = 1e-6
+) -> list[list[list[int]]]:
     """Greedy over all layers: apply the merge of two clusters that adds the least
     substitution cost (`calibration.substitution_costs`, each cluster served by its
     least-cost member), until the bank has at most `max_bank` experts (`reduce_to_budget`).
@@ -194,8 +198,12 @@ def _owners(lg: LayerGroups, cost: np.ndarray) -> np.ndarray:
     return np.arange(cost.shape[0]) // lg.num_experts
 
 
-def model_costs(layers: list[LayerGroups], costs: list[np.ndarray], clusters: list[list[list[int]]],
-                weights: np.ndarray | None = None) -> np.ndarray:
+def model_costs(
+    layers: list[LayerGroups],
+    costs: list[np.ndarray],
+    clusters: list[list[list[int]]],
+    weights: np.ndarray | None = None,
+) -> np.ndarray:
     """Each model's summed substitution cost over all layers when every cluster (of item
     indices) is served by its least-cost member: least under the cost rows scaled by
     `weights` (one per model) if given; the costs summed are the unscaled ones."""
@@ -210,8 +218,9 @@ def model_costs(layers: list[LayerGroups], costs: list[np.ndarray], clusters: li
     return total
 
 
-def fair_weights(layers: list[LayerGroups], costs: list[np.ndarray], max_bank: int,
-                 rounds: int = FAIRNESS_ROUNDS) -> np.ndarray:
+def fair_weights(
+    layers: list[LayerGroups], costs: list[np.ndarray], max_bank: int, rounds: int = FAIRNESS_ROUNDS
+) -> np.ndarray:
     """One weight per model for its substitution costs, so that calibrated clustering does
     not put most of the cost on one model.
 
@@ -278,10 +287,14 @@ class Linkage:
         """Merge costs between cluster a (now holding b's groups too) and every cluster, with
         `d` the table before the merge (b still in it); entry a is ignored."""
         mine = _models(self.lg, clusters[a])
-        return np.array([
-            np.inf if c in (a, b) or mine & _models(self.lg, clusters[c]) else self.merge_cost(clusters[a], clusters[c])
-            for c in range(len(clusters))
-        ])
+        return np.array(
+            [
+                np.inf
+                if c in (a, b) or mine & _models(self.lg, clusters[c])
+                else self.merge_cost(clusters[a], clusters[c])
+                for c in range(len(clusters))
+            ]
+        )
 
 
 class CompleteLinkage(Linkage):

@@ -28,32 +28,35 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import __version__
-from ..artifact.reader import Progress, bank_key
-from ..artifact.manifest import MANIFEST, BankEntry, DeltaEntry, Encoding, FileEntry, LayerEntry, Manifest, ModelEntry, SourceShard, TensorEntry
-from . import baselines
-from ..artifact import nonexpert_codec as codec
-from ..io.checkpoint import Checkpoint, natural_key, check_compatible, check_config, open_checkpoint, read_json_file, warn_unusual, warn_unusual_values
-from .grouping import (
-    MODES,
-    REPRESENTATIVES,
-    LayerGroups,
-    choose_representative,
-    cluster_budget,
-    cluster_calibrated,
-    fair_weights,
-    cluster_cost,
-    cluster_lossless,
-    cluster_threshold,
-    identical_groups,
-    slot_maps,
-    threshold_to_distance,
-    to_distance,
-)
-from ..artifact.corrections import AUTO, FORMATS, delta_format, delta_key
-from ..io.digest import range_digest, tensor_digest, value_flags
-from ..errors import IncompatibleModelsError, SettingsError
-from ..io.safetensors_file import ITEMSIZE, TensorInfo, dtype_names, read_tensor, torch_dtypes
 from ..analysis.similarity import DEFAULT_PROBES, METRICS, gaussian_probes, hidden_size, layer_similarity, read_layer
+from ..artifact import nonexpert_codec as codec
+from ..artifact.corrections import AUTO, FORMATS, delta_format, delta_key
+from ..artifact.manifest import (
+    MANIFEST,
+    BankEntry,
+    DeltaEntry,
+    Encoding,
+    FileEntry,
+    LayerEntry,
+    Manifest,
+    ModelEntry,
+    SourceShard,
+    TensorEntry,
+)
+from ..artifact.reader import Progress, bank_key
+from ..errors import IncompatibleModelsError, SettingsError
+from ..io.checkpoint import (
+    Checkpoint,
+    check_compatible,
+    check_config,
+    natural_key,
+    open_checkpoint,
+    read_json_file,
+    warn_unusual,
+    warn_unusual_values,
+)
+from ..io.digest import range_digest, tensor_digest, value_flags
+from ..io.safetensors_file import ITEMSIZE, TensorInfo, dtype_names, read_tensor, torch_dtypes
 from ..io.writer import (
     FileRecord,
     ShardedWriter,
@@ -64,6 +67,23 @@ from ..io.writer import (
     copy_file,
     format_bytes,
     parse_size,
+)
+from . import baselines
+from .grouping import (
+    MODES,
+    REPRESENTATIVES,
+    LayerGroups,
+    choose_representative,
+    cluster_budget,
+    cluster_calibrated,
+    cluster_cost,
+    cluster_lossless,
+    cluster_threshold,
+    fair_weights,
+    identical_groups,
+    slot_maps,
+    threshold_to_distance,
+    to_distance,
 )
 
 if TYPE_CHECKING:
@@ -239,8 +259,13 @@ def budget_bytes(budget: str, ckpts: list[Checkpoint]) -> int:
 
 
 def _refuse(s: MergeSettings, mode: str, *options: str) -> None:
-    given = {"metric": s.metric, "threshold": s.threshold, "budget": s.budget, "base": s.base,
-             "calibration": s.calibration}
+    given = {
+        "metric": s.metric,
+        "threshold": s.threshold,
+        "budget": s.budget,
+        "base": s.base,
+        "calibration": s.calibration,
+    }
     extra = [o for o in options if given[o] not in (None, {})]
     if extra:
         raise SettingsError(f"{', '.join(extra)} do(es) not apply to mode {mode}")
@@ -253,7 +278,9 @@ def calibration_file(s: MergeSettings, name: str) -> str:
         return files[name]
     if "*" in files:
         return files["*"]
-    raise SettingsError(f"mode calibrated needs calibration data for every model; none for {name!r}: give calibration {name}=FILE")
+    raise SettingsError(
+        f"mode calibrated needs calibration data for every model; none for {name!r}: give calibration {name}=FILE"
+    )
 
 
 def check_settings(s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
@@ -266,7 +293,9 @@ def check_settings(s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
     if s.representative not in REPRESENTATIVES:
         raise SettingsError(f"unknown representative {s.representative!r}: choose from {', '.join(REPRESENTATIVES)}")
     if s.representative == "best" and s.mode != "calibrated":
-        raise SettingsError("representative best needs mode calibrated (it compares members and the mean on calibration data)")
+        raise SettingsError(
+            "representative best needs mode calibrated (it compares members and the mean on calibration data)"
+        )
     if s.shard_size <= 0:
         raise SettingsError("shard size must be more than 0 bytes")
     if s.deltas and s.mode != "calibrated":
@@ -281,7 +310,9 @@ def check_settings(s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
     if s.mode in MERGE_MODES:
         _refuse(s, s.mode, "metric", "threshold", "budget", "calibration")
         if s.mode in BASE_MODES and s.base is None:
-            raise SettingsError(f"mode {s.mode} needs a base: the pre-trained checkpoint the models were fine-tuned from")
+            raise SettingsError(
+                f"mode {s.mode} needs a base: the pre-trained checkpoint the models were fine-tuned from"
+            )
         if s.mode == "average":
             _refuse(s, s.mode, "base")
         if s.mode == "ties" and not 0 < s.density <= 1:
@@ -310,7 +341,9 @@ def check_settings(s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
         threshold_to_distance(metric, s.threshold)
     if s.mode in ("budget", "calibrated"):
         if s.budget is None:
-            raise SettingsError(f"mode {s.mode} needs a budget: bytes of bank (40GB) or a fraction of all experts (0.5)")
+            raise SettingsError(
+                f"mode {s.mode} needs a budget: bytes of bank (40GB) or a fraction of all experts (0.5)"
+            )
         if s.threshold is not None:
             raise SettingsError(f"threshold applies to mode threshold, not {s.mode}")
         budget_experts(s.budget, ckpts)
@@ -320,7 +353,9 @@ def check_settings(s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
             calibration_file(s, c.name)
         unknown = sorted(set(s.calibration or {}) - {c.name for c in ckpts} - {"*"})
         if unknown:
-            raise SettingsError(f"calibration names unknown model(s) {', '.join(unknown)}; the models are {', '.join(c.name for c in ckpts)}")
+            raise SettingsError(
+                f"calibration names unknown model(s) {', '.join(unknown)}; the models are {', '.join(c.name for c in ckpts)}"
+            )
         if s.calibration_tokens < 1:
             raise SettingsError(f"calibration tokens must be at least 1, got {s.calibration_tokens}")
     return replace(s, metric=metric)
@@ -431,10 +466,10 @@ class CalibratedInputs:
     """What calibrated planning measures once: each model's activations, and per layer the
     identical groups, the experts' digests and the substitution costs."""
 
-    acts: list["ModelActivations"]
+    acts: list[ModelActivations]
     groups: list[LayerGroups]
     digests: list[list[str]]
-    costs: list["LayerCosts"]
+    costs: list[LayerCosts]
 
 
 def calibrated_inputs(ckpts: list[Checkpoint], s: MergeSettings, progress: Progress | None = None) -> CalibratedInputs:
@@ -455,7 +490,13 @@ def calibrated_inputs(ckpts: list[Checkpoint], s: MergeSettings, progress: Progr
         if progress:
             progress("plan", i, L)
         experts = read_layer(ckpts, layer)
-        sim = layer_similarity(ckpts, layer, [s.metric], None if s.metric != "cka" else gaussian_probes(hidden_size(ref), DEFAULT_PROBES, s.seed + i), experts=experts)
+        sim = layer_similarity(
+            ckpts,
+            layer,
+            [s.metric],
+            None if s.metric != "cka" else gaussian_probes(hidden_size(ref), DEFAULT_PROBES, s.seed + i),
+            experts=experts,
+        )
         groups.append(identical_groups(layer, sim.digests, E, to_distance(sim.matrices[s.metric], s.metric)))
         digests.append(sim.digests)
         costs.append(substitution_costs(ref, layer, experts.flat, acts))
@@ -464,7 +505,9 @@ def calibrated_inputs(ckpts: list[Checkpoint], s: MergeSettings, progress: Progr
     return CalibratedInputs(acts, groups, digests, costs)
 
 
-def calibrated_plans(ckpts: list[Checkpoint], s: MergeSettings, inputs: CalibratedInputs, max_bank: int) -> list[LayerPlan]:
+def calibrated_plans(
+    ckpts: list[Checkpoint], s: MergeSettings, inputs: CalibratedInputs, max_bank: int
+) -> list[LayerPlan]:
     """The calibrated clustering into at most `max_bank` bank experts, with representatives;
     each model's costs weighted by `clustering.fair_weights`, so that no model carries most
     of the cost."""
@@ -503,8 +546,14 @@ def same_index_clusters(lg: LayerGroups, n_models: int) -> list[list[int]] | Non
 
 
 def calibrated_representatives(
-    ref: Checkpoint, layer: str, clusters: list[list[int]], digests: list[str], lc: "LayerCosts", acts: list["ModelActivations"],
-    rule: str, experts: Callable[[], list[dict[str, torch.Tensor]]],
+    ref: Checkpoint,
+    layer: str,
+    clusters: list[list[int]],
+    digests: list[str],
+    lc: LayerCosts,
+    acts: list[ModelActivations],
+    rule: str,
+    experts: Callable[[], list[dict[str, torch.Tensor]]],
 ) -> tuple[list[int | None], list[list[float] | None], float]:
     """(representatives, mean weights, total calibrated cost) of one layer's clusters under
     `rule`: `first` / `medoid` (the least-cost member) / `mean` (usage-weighted) / `best`
@@ -604,7 +653,9 @@ def plan_non_experts(ckpts: list[Checkpoint], progress: Progress | None = None) 
     return NonExpertPlan(stored, keys)
 
 
-def encode_non_experts(ckpts: list[Checkpoint], plan: NonExpertPlan, spill: Path, progress: Progress | None = None) -> dict[str, EncodedTensor]:
+def encode_non_experts(
+    ckpts: list[Checkpoint], plan: NonExpertPlan, spill: Path, progress: Progress | None = None
+) -> dict[str, EncodedTensor]:
     """Encode each stored version of a tensor after its first (`NAME@0`, the reference) against
     it with xor-zstd, one tensor and its reference in memory at a time; append each blob of at
     most MAX_DELTA_RATIO of the version's whole bytes to the file `spill` (a version whose
@@ -635,7 +686,9 @@ def encode_non_experts(ckpts: list[Checkpoint], plan: NonExpertPlan, spill: Path
                 start = f.tell()
                 f.write(blob)
                 info = TensorInfo(spill, "U8", (len(blob),), start, start + len(blob))
-                encoded[t.key] = EncodedTensor(info, Encoding(codec.XOR_ZSTD, first.key, t.spec.dtype, tuple(t.spec.shape)))
+                encoded[t.key] = EncodedTensor(
+                    info, Encoding(codec.XOR_ZSTD, first.key, t.spec.dtype, tuple(t.spec.shape))
+                )
     if progress:
         progress("encode", len(groups), len(groups))
     return encoded
@@ -660,8 +713,14 @@ def _bank_specs(ckpts: list[Checkpoint], plans: list[LayerPlan]) -> list[TensorS
 
 
 def _write_bank(
-    writer: ShardedWriter, ckpts: list[Checkpoint], plans: list[LayerPlan], progress: Progress | None, done: list[int], total: int,
-    s: MergeSettings | None = None, base: Checkpoint | None = None,
+    writer: ShardedWriter,
+    ckpts: list[Checkpoint],
+    plans: list[LayerPlan],
+    progress: Progress | None,
+    done: list[int],
+    total: int,
+    s: MergeSettings | None = None,
+    base: Checkpoint | None = None,
 ) -> None:
     E = ckpts[0].num_experts
     parts = ckpts[0].layout.parts
@@ -721,11 +780,22 @@ def _delta_specs(ckpts: list[Checkpoint], plans: list[LayerPlan]) -> list[Tensor
             for part in ref.layout.parts:
                 comps = FORMATS[d.format].components(tuple(ref.expert_shape(part)), d.size, dtype)
                 for c, (cdtype, shape) in comps.items():
-                    specs.append(TensorSpec(delta_key(p.layer, ckpts[d.model].name, d.expert, part, c), names[cdtype], tuple(shape)))
+                    specs.append(
+                        TensorSpec(
+                            delta_key(p.layer, ckpts[d.model].name, d.expert, part, c), names[cdtype], tuple(shape)
+                        )
+                    )
     return specs
 
 
-def _write_deltas(writer: ShardedWriter, ckpts: list[Checkpoint], plans: list[LayerPlan], progress: Progress | None, done: list[int], total: int) -> None:
+def _write_deltas(
+    writer: ShardedWriter,
+    ckpts: list[Checkpoint],
+    plans: list[LayerPlan],
+    progress: Progress | None,
+    done: list[int],
+    total: int,
+) -> None:
     """Encode each delta slot's parts against its bank entry's stored values, one part in memory."""
     ref = ckpts[0]
     E, dtype = ref.num_experts, torch_dtypes()[ref.dtype]
@@ -749,8 +819,13 @@ def _delta_entries(ckpts: list[Checkpoint], p: LayerPlan) -> dict[str, list[Delt
     out: dict[str, list[DeltaEntry]] = {}
     for d in p.deltas:
         name = ckpts[d.model].name
-        keys = {part: {c: delta_key(p.layer, name, d.expert, part, c) for c in FORMATS[d.format].component_names()} for part in parts}
-        out.setdefault(name, []).append(DeltaEntry(d.expert, _bank_index(p, d.model * E + d.expert), d.format, d.size, keys))
+        keys = {
+            part: {c: delta_key(p.layer, name, d.expert, part, c) for c in FORMATS[d.format].component_names()}
+            for part in parts
+        }
+        out.setdefault(name, []).append(
+            DeltaEntry(d.expert, _bank_index(p, d.model * E + d.expert), d.format, d.size, keys)
+        )
     return out
 
 
@@ -896,7 +971,9 @@ def merge(
         spill = tmp / ".encoded-non-experts"
         if s.non_expert_codec != codec.NONE and non_experts.stored:
             encoded = encode_non_experts(ckpts, non_experts, spill, progress)
-            tensor_specs = [TensorSpec(x.name, "U8", encoded[x.name].blob.shape) if x.name in encoded else x for x in tensor_specs]
+            tensor_specs = [
+                TensorSpec(x.name, "U8", encoded[x.name].blob.shape) if x.name in encoded else x for x in tensor_specs
+            ]
         tensors = ShardedWriter(tmp, "tensors", tensor_specs, s.shard_size)
         if s.mode in MERGE_MODES:
             for spec in tensor_specs:
@@ -975,4 +1052,3 @@ def merge(
         bank_sizes={p.layer: len(p.clusters) for p in plans},
         delta_bytes=sum(x.nbytes for x in delta_specs),
     )
-

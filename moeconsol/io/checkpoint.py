@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .digest import value_flags
-from ..errors import CheckpointError, IncompatibleModelsError, MoeconsolWarning, SettingsError, UnsafePathError
 from ..architectures.layouts import Layout, detect_layout, fused_shape, part_shape, slice_ok, split, supported
+from ..errors import CheckpointError, IncompatibleModelsError, MoeconsolWarning, SettingsError, UnsafePathError
+from .digest import value_flags
 from .safetensors_file import ITEMSIZE, TensorInfo, read_header, read_tensor
 from .safety import NAME_RULE, check_relative, is_regular_file, is_safe_name
 
@@ -66,7 +66,9 @@ def parse_model_ref(arg: str) -> ModelRef:
         source = arg
         name = Path(arg.rstrip("/")).name or arg
         if not is_safe_name(name):
-            raise UnsafePathError(f"{arg}: the directory name {name!r} is not a usable model name (a name must be {NAME_RULE}); give one as NAME=PATH")
+            raise UnsafePathError(
+                f"{arg}: the directory name {name!r} is not a usable model name (a name must be {NAME_RULE}); give one as NAME=PATH"
+            )
     return ModelRef(name, source)
 
 
@@ -149,8 +151,7 @@ class Checkpoint:
         layout = detect_layout(list(self.tensors), model_type)
         if layout is None:
             raise CheckpointError(
-                f"{path}: no MoE expert tensors of a known layout (model_type {model_type!r}); "
-                f"supported: {supported()}"
+                f"{path}: no MoE expert tensors of a known layout (model_type {model_type!r}); supported: {supported()}"
             )
         self.layout: Layout = layout
         self._experts: dict[tuple[str, int, str], tuple[TensorInfo, int | None, int, int]] = {}
@@ -161,7 +162,9 @@ class Checkpoint:
             if hit := layout.match_expert(tname):
                 layer, e, part = hit
                 if len(info.shape) != 2:
-                    raise CheckpointError(f"{path}: expert tensor {tname} has shape {list(info.shape)}; an expert part must be a 2-D matrix")
+                    raise CheckpointError(
+                        f"{path}: expert tensor {tname} has shape {list(info.shape)}; an expert part must be a 2-D matrix"
+                    )
                 self._experts[(layer, e, part)] = (info, None, 0, 1)
                 counts.setdefault(layer, set()).add(e)
                 self.expert_tensor_names.append(tname)
@@ -187,7 +190,9 @@ class Checkpoint:
         self.num_experts: int = sizes.pop()
         for layer, experts in counts.items():
             if experts != set(range(self.num_experts)):
-                raise CheckpointError(f"{path}: layer {layer} has expert indices {sorted(experts)}, expected 0..{self.num_experts - 1}")
+                raise CheckpointError(
+                    f"{path}: layer {layer} has expert indices {sorted(experts)}, expected 0..{self.num_experts - 1}"
+                )
             for e in experts:
                 for part in layout.parts:
                     if (layer, e, part) not in self._experts:
@@ -236,7 +241,9 @@ class Checkpoint:
             if not shard_path.exists():
                 raise CheckpointError(f"{self.path}: shard {shard} named in the index is missing")
             if not is_regular_file(shard_path):
-                raise CheckpointError(f"{shard_path}: not a regular file (a FIFO or device?); a shard must be a safetensors file")
+                raise CheckpointError(
+                    f"{shard_path}: not a regular file (a FIFO or device?); a shard must be a safetensors file"
+                )
             infos, meta = read_header(shard_path)
             metadata[shard] = meta
             for tname, info in infos.items():
@@ -344,11 +351,15 @@ def check_compatible(ckpts: list[Checkpoint]) -> None:
     for c in ckpts[1:]:
         pair = f"{c.name!r} vs {ref.name!r}"
         if c.layout.architecture != ref.layout.architecture:
-            raise IncompatibleModelsError(f"mixed architectures: {pair}: {c.layout.architecture} vs {ref.layout.architecture}")
+            raise IncompatibleModelsError(
+                f"mixed architectures: {pair}: {c.layout.architecture} vs {ref.layout.architecture}"
+            )
         if c.num_experts != ref.num_experts:
             raise IncompatibleModelsError(f"expert count mismatch: {pair}: {c.num_experts} vs {ref.num_experts}")
         if c.moe_layers != ref.moe_layers:
-            raise IncompatibleModelsError(f"MoE layer mismatch: {pair}: {len(c.moe_layers)} vs {len(ref.moe_layers)} layers")
+            raise IncompatibleModelsError(
+                f"MoE layer mismatch: {pair}: {len(c.moe_layers)} vs {len(ref.moe_layers)} layers"
+            )
         for part in ref.layout.parts:
             if c.expert_shape(part) != ref.expert_shape(part):
                 raise IncompatibleModelsError(
@@ -362,7 +373,9 @@ def check_compatible(ckpts: list[Checkpoint]) -> None:
                 where = c.name if name not in tensors else ref.name
                 raise IncompatibleModelsError(f"tensor mismatch: {pair}: {name} is missing from {where!r}")
             if tensors[name] != ref_tensors[name]:
-                raise IncompatibleModelsError(f"shape mismatch: {pair}: {name} is {list(tensors[name])} vs {list(ref_tensors[name])}")
+                raise IncompatibleModelsError(
+                    f"shape mismatch: {pair}: {name} is {list(tensors[name])} vs {list(ref_tensors[name])}"
+                )
 
 
 def check_config(ckpt: Checkpoint) -> None:
@@ -376,7 +389,9 @@ def check_config(ckpt: Checkpoint) -> None:
     record = ckpt.layout.record
     config_class, model_class = getattr(transformers, record.config_class), getattr(transformers, record.model_class)
     try:
-        config = config_class(**{k: v for k, v in ckpt.config.items() if k not in ("architectures", "transformers_version")})
+        config = config_class(
+            **{k: v for k, v in ckpt.config.items() if k not in ("architectures", "transformers_version")}
+        )
         with torch.device("meta"):
             model = model_class(config)
     except Exception as e:  # transformers raises many kinds of errors for bad config values
@@ -416,7 +431,9 @@ def check_config(ckpt: Checkpoint) -> None:
     problems += [f"it has no tensor {n}" for n in sorted(set(have) - known, key=natural_key)]
     problems += [f"the weights lack {group[0]}" for group in groups.values() if not any(n in have for n in group)]
     if problems:
-        raise CheckpointError(f"{ckpt.path / 'config.json'} disagrees with the weights: {problems[0]}; fix the config or the weights")
+        raise CheckpointError(
+            f"{ckpt.path / 'config.json'} disagrees with the weights: {problems[0]}; fix the config or the weights"
+        )
 
 
 def warn_unusual_values(model: str, layer: str, expert: int, part: str, tensor: torch.Tensor) -> None:

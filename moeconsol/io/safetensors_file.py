@@ -29,8 +29,18 @@ if TYPE_CHECKING:
     import torch
 
 ITEMSIZE: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
 }
 """Bytes per element of each safetensors dtype this module reads: header checks need no torch."""
 
@@ -102,7 +112,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 raise SafetensorsError(f"{path}: not a safetensors file (shorter than 8 bytes)")
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > min(_MAX_HEADER, size - 8):
-                raise SafetensorsError(f"{path}: not a safetensors file or truncated (header length {header_len} > file)")
+                raise SafetensorsError(
+                    f"{path}: not a safetensors file or truncated (header length {header_len} > file)"
+                )
             raw = f.read(header_len)
     except OSError as e:
         raise SafetensorsError(f"{path}: cannot read: {e.strerror or e}") from e
@@ -118,9 +130,13 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     for name, entry in header.items():
         dtype, shape, start, end = _entry(path, name, entry)
         if end - start != math.prod(shape) * ITEMSIZE[dtype]:
-            raise SafetensorsError(f"{path}: corrupt safetensors header: {name!r} has {end - start} bytes for shape {list(shape)}")
+            raise SafetensorsError(
+                f"{path}: corrupt safetensors header: {name!r} has {end - start} bytes for shape {list(shape)}"
+            )
         if base + end > size:
-            raise SafetensorsError(f"{path}: truncated: tensor {name!r} ends at byte {base + end} but the file has {size} bytes")
+            raise SafetensorsError(
+                f"{path}: truncated: tensor {name!r} ends at byte {base + end} but the file has {size} bytes"
+            )
         tensors[name] = TensorInfo(path, dtype, shape, base + start, base + end)
     _check_layout(path, tensors, base, size)
     return tensors, metadata
@@ -143,9 +159,18 @@ def _entry(path: Path, name: str, entry: object) -> tuple[str, tuple[int, ...], 
     if not isinstance(entry, dict):
         raise bad
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in ITEMSIZE or not isinstance(shape, list) or not isinstance(offsets, list):
+    if (
+        not isinstance(dtype, str)
+        or dtype not in ITEMSIZE
+        or not isinstance(shape, list)
+        or not isinstance(offsets, list)
+    ):
         raise bad
-    if not all(_is_int(d) and d >= 0 for d in shape) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets):
+    if (
+        not all(_is_int(d) and d >= 0 for d in shape)
+        or len(offsets) != 2
+        or not all(_is_int(o) and o >= 0 for o in offsets)
+    ):
         raise bad
     start, end = offsets
     if end < start:
@@ -167,7 +192,9 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], base: int, size: i
     for name, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
         if info.start != position:
             what = "overlaps the tensor before it" if info.start < position else "leaves a gap before it"
-            raise SafetensorsError(f"{path}: corrupt safetensors header: tensor {name!r} {what} (offsets must tile the data)")
+            raise SafetensorsError(
+                f"{path}: corrupt safetensors header: tensor {name!r} {what} (offsets must tile the data)"
+            )
         position = info.end
     if position != size:
         raise SafetensorsError(f"{path}: corrupt safetensors file: {size - position} bytes after the last tensor")

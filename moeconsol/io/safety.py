@@ -65,7 +65,9 @@ def inside(root: Path, relative: str, where: str) -> Path:
     real_root = root.resolve()
     real = target.resolve()
     if real != real_root and real_root not in real.parents:
-        raise UnsafePathError(f"{where}: {relative!r} resolves outside {root} (a symbolic link?); refusing to follow it")
+        raise UnsafePathError(
+            f"{where}: {relative!r} resolves outside {root} (a symbolic link?); refusing to follow it"
+        )
     return target
 
 

@@ -116,7 +116,13 @@ def check_destination(out: Path, force: bool, inputs: Sequence[Path] = ()) -> No
     `_replaceable`); a symbolic link; and an OUT whose parent does not exist."""
     for source in inputs:
         if within(out, source) or within(source, out):
-            what = "is" if out.resolve() == Path(source).resolve() else "lies inside" if within(out, source) else "contains"
+            what = (
+                "is"
+                if out.resolve() == Path(source).resolve()
+                else "lies inside"
+                if within(out, source)
+                else "contains"
+            )
             raise OutputError(
                 f"{out} {what} {source}, an input of this command: writing there would replace or damage the input; "
                 "choose an output path outside every input"
@@ -292,8 +298,10 @@ class SafetensorsWriter:
         sources = [source] if isinstance(source, TensorInfo) else list(source)
         nbytes = sum(s.nbytes for s in sources)
         if any(s.dtype != spec.dtype for s in sources) or nbytes != spec.nbytes:
-            raise RuntimeError(f"{name}: sources are {sorted({s.dtype for s in sources})} of {nbytes} bytes, "
-                               f"declared {spec.dtype} of {spec.nbytes}")
+            raise RuntimeError(
+                f"{name}: sources are {sorted({s.dtype for s in sources})} of {nbytes} bytes, "
+                f"declared {spec.dtype} of {spec.nbytes}"
+            )
         for s in sources:
             copy_range(s, self._fd)
             self._hash_range_later(s)
@@ -335,7 +343,7 @@ def write_all(fd: int, data) -> None:
     """os.write until every byte of `data` is out (a write may be partial)."""
     view = memoryview(data).cast("B")
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def copy_range(source: TensorInfo, fd: int) -> None:
@@ -442,7 +450,9 @@ def write_json(path: Path, obj: object) -> FileRecord:
     try:
         data = (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode()
     except ValueError as e:
-        raise SettingsError(f"{path.name} would hold a NaN or infinite number; check the inputs and options for NaN") from e
+        raise SettingsError(
+            f"{path.name} would hold a NaN or infinite number; check the inputs and options for NaN"
+        ) from e
     path.write_bytes(data)
     return FileRecord(len(data), hashlib.sha256(data).hexdigest())
 

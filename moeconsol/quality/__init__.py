@@ -3,7 +3,10 @@ gain (`metrics`), and `eval` / `sweep` over originals, consolidated variants and
 
 from .._faces import face
 
-__getattr__, __dir__, __all__ = face(__name__, {
-    "metrics": ["perplexity", "seq2seq_accuracy", "retained_gain"],
-    "evaluate": ["EvalSettings", "eval_artifact", "sweep"],
-})
+__getattr__, __dir__, __all__ = face(
+    __name__,
+    {
+        "metrics": ["perplexity", "seq2seq_accuracy", "retained_gain"],
+        "evaluate": ["EvalSettings", "eval_artifact", "sweep"],
+    },
+)

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from ..artifact.reader import Artifact
-from ..io.checkpoint import open_checkpoint, open_checkpoints, resolve_checkpoint_dir
-from ..errors import CheckpointError, IncompatibleModelsError, MoeconsolError, SettingsError, UnknownModelError
 from ..architectures.layouts import architecture
+from ..artifact.reader import Artifact
+from ..errors import CheckpointError, IncompatibleModelsError, MoeconsolError, SettingsError, UnknownModelError
+from ..io.checkpoint import open_checkpoint, open_checkpoints, resolve_checkpoint_dir
 from ..io.data import read_seq2seq_data, read_text_data
 from .metrics import DEFAULT_CHUNK_LEN, perplexity, retained_gain, seq2seq_accuracy
 
@@ -56,7 +56,9 @@ def parse_named_files(items: list[str], option: str, allow_unnamed: bool = True)
         elif allow_unnamed:
             name, file = "*", item
         else:
-            raise SettingsError(f"bad {option} value {item!r}: expected NAME=FILE (the variant's name, then its data file)")
+            raise SettingsError(
+                f"bad {option} value {item!r}: expected NAME=FILE (the variant's name, then its data file)"
+            )
         if name in out:
             raise SettingsError(f"{option} names {name!r} twice")
         out[name] = file
@@ -116,8 +118,13 @@ def _load_pretrained(path: Path, architecture_name: str):
     return model, tokenizer
 
 
-def score_checkpoint(path: str | Path, architecture: str, data: dict[str, str | list[dict]], settings: EvalSettings | None = None,
-                     tokenizers: dict[str, object] | None = None) -> dict[str, Score]:
+def score_checkpoint(
+    path: str | Path,
+    architecture: str,
+    data: dict[str, str | list[dict]],
+    settings: EvalSettings | None = None,
+    tokenizers: dict[str, object] | None = None,
+) -> dict[str, Score]:
     """Load one checkpoint (the whole model, once) and score it on each named data set.
     A checkpoint without a tokenizer uses `tokenizers[name]`."""
     model, tok = _load_pretrained(Path(path), architecture)
@@ -132,8 +139,12 @@ def score_checkpoint(path: str | Path, architecture: str, data: dict[str, str | 
     return out
 
 
-def score_artifact(path: str | Path, data: dict[str, str | list[dict]], settings: EvalSettings | None = None,
-                   progress: Progress | None = None) -> dict[str, Score]:
+def score_artifact(
+    path: str | Path,
+    data: dict[str, str | list[dict]],
+    settings: EvalSettings | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Score]:
     """Every named variant served by the runtime from the artifact at `path`."""
     from ..serving.runtime import Runtime
 
@@ -240,8 +251,18 @@ def eval_artifact(
     rows = []
     for n in chosen:
         o, c, b_ = originals[n], consolidated[n], base_scores.get(n)
-        rows.append(VariantEval(n, c.metric, c.lower_is_better, o.value, c.value, None if b_ is None else b_.value, _gain(b_, c, o),
-                                {"original": o.details, "consolidated": c.details, "base": None if b_ is None else b_.details}))
+        rows.append(
+            VariantEval(
+                n,
+                c.metric,
+                c.lower_is_better,
+                o.value,
+                c.value,
+                None if b_ is None else b_.value,
+                _gain(b_, c, o),
+                {"original": o.details, "consolidated": c.details, "base": None if b_ is None else b_.details},
+            )
+        )
     return EvalReport(str(art.path), art.spec.consolidation, base, rows)
 
 
@@ -309,7 +330,9 @@ def parse_budgets(text: str) -> list[float]:
     try:
         budgets = [float(x) for x in text.split(",") if x.strip()]
     except ValueError as e:
-        raise SettingsError(f"budgets {text!r}: give fractions of all experts separated by commas, e.g. 1.0,0.75,0.5,0.25") from e
+        raise SettingsError(
+            f"budgets {text!r}: give fractions of all experts separated by commas, e.g. 1.0,0.75,0.5,0.25"
+        ) from e
     if not budgets or any(not 0 < b <= 1 for b in budgets):
         raise SettingsError(f"budgets {text!r}: every budget must be a fraction in (0, 1]")
     return budgets
@@ -336,7 +359,9 @@ def sweep(
     methods = methods or sweep_methods(base, calibration)
     unknown = [m for m in methods if m not in (*BUDGET_METHODS, *MERGE_METHODS)]
     if unknown:
-        raise SettingsError(f"unknown method {unknown[0]!r}: choose from {', '.join((*BUDGET_METHODS, *MERGE_METHODS))}")
+        raise SettingsError(
+            f"unknown method {unknown[0]!r}: choose from {', '.join((*BUDGET_METHODS, *MERGE_METHODS))}"
+        )
     needs = [m for m in methods if m in CALIBRATED_METHODS]
     if needs and not calibration:
         raise SettingsError(f"method {needs[0]} needs calibration data NAME=FILE (each variant's own text)")
@@ -380,10 +405,14 @@ def sweep(
     with tempfile.TemporaryDirectory(prefix="moeconsol-sweep-", dir=workdir) as tmp:
         for k, (method, budget) in enumerate(plan):
             out = Path(tmp) / f"artifact-{k}"
-            s = MergeSettings(mode="calibrated" if method == "deltas" else method, budget=None if budget is None else repr(budget),
-                              base=base if method in ("task-arithmetic", "ties") else None,
-                              calibration=calibration if method in CALIBRATED_METHODS else None,
-                              deltas=method == "deltas", **options.get(method, {}))
+            s = MergeSettings(
+                mode="calibrated" if method == "deltas" else method,
+                budget=None if budget is None else repr(budget),
+                base=base if method in ("task-arithmetic", "ties") else None,
+                calibration=calibration if method in CALIBRATED_METHODS else None,
+                deltas=method == "deltas",
+                **options.get(method, {}),
+            )
             point = SweepPoint(method, budget, None, None, None)
             try:
                 result = merge(ckpts, out, s)
@@ -414,8 +443,13 @@ def sweep(
         original={n: s.value for n, s in originals.items()},
         base=None if base_scores is None else {n: s.value for n, s in base_scores.items()},
         points=points,
-        settings={"budgets": budgets, "methods": methods, "base": base, "calibration": calibration,
-                  "eval": asdict(settings or EvalSettings())},
+        settings={
+            "budgets": budgets,
+            "methods": methods,
+            "base": base,
+            "calibration": calibration,
+            "eval": asdict(settings or EvalSettings()),
+        },
     )
 
 
@@ -432,7 +466,11 @@ def plot_sweep(report: SweepReport, path: str | Path) -> Path:
     methods = list(dict.fromkeys(p.method for p in report.points))
     for ax, n in zip(axes[0], names):
         for m in methods:
-            pts = sorted((p.expert_memory, p.quality[n]) for p in report.points if p.method == m and p.error is None and n in p.quality)
+            pts = sorted(
+                (p.expert_memory, p.quality[n])
+                for p in report.points
+                if p.method == m and p.error is None and n in p.quality
+            )
             if pts:
                 ax.plot([x / 2**20 for x, _ in pts], [y for _, y in pts], marker="o", label=m)
         ax.axhline(report.original[n], color="black", linestyle="--", linewidth=1, label="original")

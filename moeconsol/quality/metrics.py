@@ -42,7 +42,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -217,7 +216,9 @@ def _teacher_forced_correct(model, input_ids: torch.Tensor, target: list[int]) -
     if _encoder_decoder(model):
         start = model.config.decoder_start_token_id
         if start is None:
-            raise CheckpointError(f"{model.config.model_type}: config has no decoder_start_token_id; set it in config.json")
+            raise CheckpointError(
+                f"{model.config.model_type}: config has no decoder_start_token_id; set it in config.json"
+            )
         decoder_in = torch.cat([torch.tensor([[start]], device=device), labels[:, :-1]], dim=1)
         logits = model(input_ids=input_ids, decoder_input_ids=decoder_in, use_cache=False).logits[0]
         predicted = logits.argmax(-1)
@@ -243,7 +244,7 @@ def seq2seq_accuracy(
     Generation also stops at the model's EOS.
     """
     if not examples:
-        raise SettingsError("no examples to score; give at least one {\"input\", \"target\"} line")
+        raise SettingsError('no examples to score; give at least one {"input", "target"} line')
     if max_new_tokens is not None and max_new_tokens < 1:
         raise SettingsError(f"max new tokens must be at least 1, got {max_new_tokens}")
     enc_dec = _encoder_decoder(model)

@@ -4,9 +4,12 @@ the OpenAI-compatible HTTP server, and the same API scaled out on Ray Serve."""
 
 from .._faces import face
 
-__getattr__, __dir__, __all__ = face(__name__, {
-    "runtime": ["Family", "Runtime", "SwapReport", "ResidentBytes"],
-    "engine": ["Engine", "Request", "GenerationSettings"],
-    "crossvariant": ["ServingMode"],
-    "server": ["create_app", "serve"],
-})
+__getattr__, __dir__, __all__ = face(
+    __name__,
+    {
+        "runtime": ["Family", "Runtime", "SwapReport", "ResidentBytes"],
+        "engine": ["Engine", "Request", "GenerationSettings"],
+        "crossvariant": ["ServingMode"],
+        "server": ["create_app", "serve"],
+    },
+)

@@ -131,8 +131,11 @@ def row_wise(module: nn.Module) -> bool:
     attention module that owns a tensor itself (gpt-oss' `sinks`) also takes the cache and
     the mask, which cannot be split that way."""
     params = inspect.signature(module.forward).parameters.values()
-    required = [p for p in params if p.default is inspect.Parameter.empty
-                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [
+        p
+        for p in params
+        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
     return len(required) == 1
 
 
@@ -283,7 +286,9 @@ def cross_onehot_bank_class(bank_cls: type) -> type:
             if isinstance(variants, int):
                 folded.index_add_(-1, self.variant_slots[variants], selected_experts)
             else:  # [N, 1, E]: row n's entry e goes to its variant's slot of e
-                index = self.variant_slots[variants].view(-1, *[1] * (selected_experts.dim() - 2), selected_experts.shape[-1])
+                index = self.variant_slots[variants].view(
+                    -1, *[1] * (selected_experts.dim() - 2), selected_experts.shape[-1]
+                )
                 folded.scatter_add_(-1, index.expand_as(selected_experts), selected_experts)
             return super(bank_cls, self).forward(hidden_states, folded, routing_weights)
 

@@ -29,16 +29,16 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .crossvariant import ServingMode
 from ..errors import MoeconsolError, SettingsError
+from .crossvariant import ServingMode
 
 if TYPE_CHECKING:
     from .runtime import Runtime, SwapReport
@@ -114,7 +114,7 @@ class Completion:
     prompt_tokens: int
     finish_reason: str
     """"stop" (end-of-sequence token or stop string), "length" (max_new_tokens) or "cancelled\""""
-    swap: "SwapReport"
+    swap: SwapReport
     """the swap made to admit this request (a no-op report when its model was active)"""
     time_to_first_token: float
     """seconds from the request's arrival (queue and swap included) to the first generated token"""
@@ -129,10 +129,16 @@ class Completion:
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model, "text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
-            "finish_reason": self.finish_reason, "swap": self.swap.to_dict(),
-            "time_to_first_token": self.time_to_first_token, "generation_seconds": self.generation_seconds,
-            "tokens_per_second": self.tokens_per_second, "queued_seconds": self.queued_seconds,
+            "model": self.model,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_tokens": self.prompt_tokens,
+            "finish_reason": self.finish_reason,
+            "swap": self.swap.to_dict(),
+            "time_to_first_token": self.time_to_first_token,
+            "generation_seconds": self.generation_seconds,
+            "tokens_per_second": self.tokens_per_second,
+            "queued_seconds": self.queued_seconds,
         }
 
 
@@ -175,9 +181,14 @@ class Request:
         end = self.finished_at or time.perf_counter()
         first = self.first_token_at or end
         return Completion(
-            model=self.model, text=self.text, token_ids=list(self.token_ids), prompt_tokens=len(self.prompt_ids),
-            finish_reason=(self.finish or FinishReason.CANCELLED).value, swap=self.swap,
-            time_to_first_token=first - self.arrival, generation_seconds=end - self.admitted_at,
+            model=self.model,
+            text=self.text,
+            token_ids=list(self.token_ids),
+            prompt_tokens=len(self.prompt_ids),
+            finish_reason=(self.finish or FinishReason.CANCELLED).value,
+            swap=self.swap,
+            time_to_first_token=first - self.arrival,
+            generation_seconds=end - self.admitted_at,
             queued_seconds=self.admitted_at - self.arrival,
         )
 
@@ -246,12 +257,18 @@ class _Batch:
     encoder-decoder model `enc` [B, S, D] and `enc_mask` [B, S] hold the encoder outputs, and
     the cache's cross-attention part is padded like them."""
 
-    def __init__(self, requests: list[Request], cache, mask: torch.Tensor, enc: torch.Tensor | None = None,
-                 enc_mask: torch.Tensor | None = None):
+    def __init__(
+        self,
+        requests: list[Request],
+        cache,
+        mask: torch.Tensor,
+        enc: torch.Tensor | None = None,
+        enc_mask: torch.Tensor | None = None,
+    ):
         self.requests = requests
         self.cache, self.mask, self.enc, self.enc_mask = cache, mask, enc, enc_mask
 
-    def join(self, other: "_Batch") -> None:
+    def join(self, other: _Batch) -> None:
         length = max(self.mask.shape[1], other.mask.shape[1])
         self_cache = getattr(self.cache, "self_attention_cache", self.cache)
         _cat_layers(self_cache, getattr(other.cache, "self_attention_cache", other.cache), length)
@@ -286,7 +303,7 @@ class Engine:
     """Continuous batching over `runtime.model`: `admit` requests of the active variant,
     `step` decodes one token for all of them. Single-threaded: one thread drives it."""
 
-    def __init__(self, runtime: "Runtime", max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+    def __init__(self, runtime: Runtime, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
         if max_batch_size < 1:
             raise SettingsError(f"max batch size must be at least 1, got {max_batch_size}")
         self.runtime, self.max_batch_size = runtime, max_batch_size
@@ -325,13 +342,13 @@ class Engine:
         return self.max_batch_size - (len(batch.requests) if batch else 0)
 
     # -- admission: prefill alone, then join the variant's batch -------------------------------
-    def admit(self, request: Request, swap: "SwapReport | None" = None) -> bool:
+    def admit(self, request: Request, swap: SwapReport | None = None) -> bool:
         """Prefill `request` alone (its model must be active) and add it to its variant's
         batch. Returns False if it finished at once (its first token was its last)."""
         return not self.admit_all([request], swap)
 
     @torch.no_grad()
-    def admit_all(self, requests: list[Request], swap: "SwapReport | None" = None) -> list[Request]:
+    def admit_all(self, requests: list[Request], swap: SwapReport | None = None) -> list[Request]:
         """Prefill `requests` of the active variant together (left-padded, one forward) and add
         them to its batch. Returns those that finished at once. Raises MoeconsolError for a
         bad request before anything runs (check each with `check_request` to admit the rest)."""
@@ -344,7 +361,10 @@ class Engine:
             requests = sorted(requests, key=lambda r: rt.variant_group(r.model))
         for r in requests:
             config = generation_config(rt, r.model)  # the request's own variant's, whichever is active
-            r.swap, swap = (swap if swap is not None else rt.activate(rt.active)), None  # the first one reports the swap
+            r.swap, swap = (
+                (swap if swap is not None else rt.activate(rt.active)),
+                None,
+            )  # the first one reports the swap
             r.admitted_at = time.perf_counter()
             r._eos = frozenset(_eos_ids(config))
             r._tokenizer = rt.tokenizer(r.model)
@@ -359,7 +379,9 @@ class Engine:
         length = max(len(r.prompt_ids) for r in requests)
         pad = self.model.config.pad_token_id or 0  # any id: padded positions are masked out
         ids = torch.tensor([[pad] * (length - len(r.prompt_ids)) + r.prompt_ids for r in requests], device=rt.device)
-        mask = torch.tensor([[0] * (length - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests], device=rt.device)
+        mask = torch.tensor(
+            [[0] * (length - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests], device=rt.device
+        )
         if self.encoder_decoder:
             from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
@@ -367,7 +389,9 @@ class Engine:
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
             with self._rows(requests):  # the encoder's rows and the decoder's are the same sequences
                 encoded = self.model.get_encoder()(input_ids=ids, attention_mask=mask)
-                out = self.model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=start, cache=cache, use_cache=True)
+                out = self.model(
+                    encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=start, cache=cache, use_cache=True
+                )
             self._encoder_output = type(encoded)
             batch = _Batch(list(requests), cache, torch.ones_like(start), encoded.last_hidden_state, mask)
         else:
@@ -376,8 +400,14 @@ class Engine:
             cache = DynamicCache(config=self.model.config)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             with self._rows(requests):
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                                 logits_to_keep=1)
+                out = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
             batch = _Batch(list(requests), cache, mask)
         logits = out.logits[:, -1]
         for i, r in enumerate(requests):
@@ -429,13 +459,20 @@ class Engine:
         if self.encoder_decoder:
             encoded = self._encoder_output(last_hidden_state=batch.enc)
             with self._rows(batch.requests):
-                out = self.model(encoder_outputs=encoded, attention_mask=batch.enc_mask, decoder_input_ids=last,
-                                 decoder_attention_mask=batch.mask, cache=batch.cache, use_cache=True)
+                out = self.model(
+                    encoder_outputs=encoded,
+                    attention_mask=batch.enc_mask,
+                    decoder_input_ids=last,
+                    decoder_attention_mask=batch.mask,
+                    cache=batch.cache,
+                    use_cache=True,
+                )
         else:
             positions = batch.mask.sum(1, keepdim=True) - 1
             with self._rows(batch.requests):
-                out = self.model(input_ids=last, attention_mask=batch.mask, position_ids=positions, cache=batch.cache,
-                                 use_cache=True)
+                out = self.model(
+                    input_ids=last, attention_mask=batch.mask, position_ids=positions, cache=batch.cache, use_cache=True
+                )
         logits = out.logits[:, -1]
         greedy = logits.argmax(-1).tolist()
         for i, r in enumerate(batch.requests):
@@ -502,7 +539,7 @@ class Engine:
             ready -= max((len(s) - 1 for s in r.settings.stop), default=0)
         if ready > r._sent:
             try:
-                r.on_text(text[r._sent:ready])
+                r.on_text(text[r._sent : ready])
             except Exception:  # nobody left to hear it (a closed event loop): stop generating for nobody
                 r.cancel()
             r._sent = ready
@@ -511,12 +548,12 @@ class Engine:
 # -- one request alone: what Runtime.complete does -------------------------------------------------
 
 
-def encode(runtime: "Runtime", name: str, prompt: str) -> list[int]:
+def encode(runtime: Runtime, name: str, prompt: str) -> list[int]:
     return list(runtime.tokenizer(name)(prompt, add_special_tokens=True)["input_ids"])
 
 
 def complete(
-    runtime: "Runtime",
+    runtime: Runtime,
     name: str,
     prompt: str | list[int],
     settings: GenerationSettings | None = None,
@@ -537,7 +574,7 @@ def complete(
     return request.completion()
 
 
-def generation_config(runtime: "Runtime", name: str):
+def generation_config(runtime: Runtime, name: str):
     """The variant's generation config (its own file, else derived from the model config)."""
     variant = runtime.family.variants[name]
     if variant.generation_config is None:

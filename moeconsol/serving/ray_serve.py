@@ -39,8 +39,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
-from .crossvariant import ServingMode
 from ..errors import MoeconsolError
+from .crossvariant import ServingMode
 
 APP_NAME = "moeconsol"
 INSTALL_HINT = "Ray Serve is not installed; install it with: pip install 'moeconsol[cluster]'"
@@ -81,8 +81,13 @@ def replica_runtime(settings: ReplicaSettings, active: str):
     mode, `active` installed first."""
     from .runtime import Runtime, parse_device, parse_dtype
 
-    return Runtime.from_artifact(settings.artifact, device=parse_device(settings.device), dtype=parse_dtype(settings.dtype),
-                                 active=active, mode=ServingMode(settings.mode))
+    return Runtime.from_artifact(
+        settings.artifact,
+        device=parse_device(settings.device),
+        dtype=parse_dtype(settings.dtype),
+        active=active,
+        mode=ServingMode(settings.mode),
+    )
 
 
 def routes_by_variant(settings: ReplicaSettings, route_by_variant: bool = True) -> bool:
@@ -101,10 +106,18 @@ async def asgi_exchange(app: Any, method: str, path: str, body: bytes) -> AsyncI
     app sees `http.disconnect` and cancels its work as it does for a real client."""
     path, _, query = path.partition("?")
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-        "path": path, "raw_path": path.encode(), "query_string": query.encode(), "root_path": "",
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 80),
+        "client": ("127.0.0.1", 0),
+        "server": ("127.0.0.1", 80),
     }
     sent: asyncio.Queue[dict | None] = asyncio.Queue()
     gone = asyncio.Event()
@@ -159,8 +172,12 @@ _background: set[asyncio.Future] = set()
 def collect_samples(registry: Any) -> Samples:
     """A prometheus_client registry's families as plain values (`_created` samples left out)."""
     return [
-        (f.name, f.type, f.documentation,
-         [(s.name, dict(s.labels), float(s.value)) for s in f.samples if not s.name.endswith("_created")])
+        (
+            f.name,
+            f.type,
+            f.documentation,
+            [(s.name, dict(s.labels), float(s.value)) for s in f.samples if not s.name.endswith("_created")],
+        )
         for f in registry.collect()
     ]
 
@@ -203,8 +220,14 @@ def merge_samples(reports: dict[str, Samples]) -> bytes:
 # -- the deployments ---------------------------------------------------------------------------
 
 
-def build_app(settings: ReplicaSettings, names: Sequence[str], replicas: int, num_cpus_per_replica: float = 1.0,
-              num_gpus_per_replica: float = 0.0, route_by_variant: bool = True):
+def build_app(
+    settings: ReplicaSettings,
+    names: Sequence[str],
+    replicas: int,
+    num_cpus_per_replica: float = 1.0,
+    num_gpus_per_replica: float = 0.0,
+    route_by_variant: bool = True,
+):
     """The Ray Serve application (a bound Router over N Replicas and a MetricsStore).
     `route_by_variant=False` sends requests without a multiplexed model id (Serve's plain
     power-of-two routing): the baseline the benchmark compares against."""
@@ -246,8 +269,14 @@ def build_app(settings: ReplicaSettings, names: Sequence[str], replicas: int, nu
             self.id = f"{context.replica_tag}" if rank is None else f"{rank}"
             first = names[(rank or 0) % len(names)]
             self.runtime = replica_runtime(settings, first)
-            self.app = create_app(self.runtime, settings.max_wait, settings.max_prompt_tokens, settings.max_batch_size,
-                                  settings.max_tokens_in_flight, settings.max_body_bytes)
+            self.app = create_app(
+                self.runtime,
+                settings.max_wait,
+                settings.max_prompt_tokens,
+                settings.max_batch_size,
+                settings.max_tokens_in_flight,
+                settings.max_body_bytes,
+            )
             self.scheduler = self.app.state.scheduler
             self.scheduler.start()
             self.store = store
@@ -393,7 +422,9 @@ def check_address(address: str, timeout: float = 5.0) -> None:
         return
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
-        raise MoeconsolError(f"--address {address}: expected HOST:PORT of a Ray head node (its GCS port, 6379 by default)")
+        raise MoeconsolError(
+            f"--address {address}: expected HOST:PORT of a Ray head node (its GCS port, 6379 by default)"
+        )
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
@@ -430,8 +461,10 @@ def check_resources(replicas: int, num_gpus_per_replica: float) -> None:
 
     gpus = torch.cuda.device_count()
     if replicas * num_gpus_per_replica > gpus:
-        raise MoeconsolError(f"--replicas {replicas} x --num-gpus-per-replica {num_gpus_per_replica:g} needs "
-                             f"{replicas * num_gpus_per_replica:g} GPUs; this machine has {gpus}")
+        raise MoeconsolError(
+            f"--replicas {replicas} x --num-gpus-per-replica {num_gpus_per_replica:g} needs "
+            f"{replicas * num_gpus_per_replica:g} GPUs; this machine has {gpus}"
+        )
 
 
 def first_line(e: BaseException) -> str:
@@ -439,9 +472,16 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
-def deploy(settings: ReplicaSettings, replicas: int, host: str = "127.0.0.1", port: int = 8000,
-           num_cpus_per_replica: float = 1.0, num_gpus_per_replica: float = 0.0, route_by_variant: bool = True,
-           name: str = APP_NAME) -> list[str]:
+def deploy(
+    settings: ReplicaSettings,
+    replicas: int,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    num_cpus_per_replica: float = 1.0,
+    num_gpus_per_replica: float = 0.0,
+    route_by_variant: bool = True,
+    name: str = APP_NAME,
+) -> list[str]:
     """Deploy the application on the Ray this process is connected to; return the variants.
     Returns when every replica has loaded its runtime."""
     from ray import serve

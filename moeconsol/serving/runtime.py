@@ -20,8 +20,8 @@ from __future__ import annotations
 import copy
 import functools
 import time
-from contextlib import contextmanager
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,23 +30,49 @@ import numpy as np
 import torch
 from torch import nn
 
-from .crossvariant import (ServingMode, VariantRows, cross_bank_class, cross_onehot_bank_class, per_variant_bias_class,
-                           per_variant_class, position_bias_owner, row_wise)
-from ..artifact.corrections import corrected
-from ..errors import ArtifactError, MoeconsolError, SettingsError, UnknownModelError
-from ..artifact.manifest import DeltaEntry
 from ..architectures.layouts import Architecture, BankKind, architecture, join, split, supported
+from ..artifact.corrections import corrected
+from ..artifact.manifest import DeltaEntry
+from ..errors import ArtifactError, MoeconsolError, SettingsError, UnknownModelError
+from .crossvariant import (
+    ServingMode,
+    VariantRows,
+    cross_bank_class,
+    cross_onehot_bank_class,
+    per_variant_bias_class,
+    per_variant_class,
+    position_bias_owner,
+    row_wise,
+)
 
 # Config keys that may differ between variants without changing what the model computes.
 _IGNORED_CONFIG_KEYS = {
-    "_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype", "use_cache",
-    "output_router_logits", "router_aux_loss_coef", "router_z_loss_coef", "_commit_hash",
-    "id2label", "label2id", "output_attentions", "output_hidden_states", "return_dict",
+    "_name_or_path",
+    "transformers_version",
+    "architectures",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "output_router_logits",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "_commit_hash",
+    "id2label",
+    "label2id",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
 }
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "f32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "f16": torch.float16,
+    "half": torch.float16,
 }
 
 
@@ -162,7 +188,10 @@ def canonical_experts(record: Architecture, experts: nn.Module) -> list[dict[str
     """Every expert of a transformers experts module in canonical per-part form (views)."""
     if record.bank is BankKind.MODULES:
         w_in, w_out = record.part("in"), record.part("out")
-        return [{w_in: experts[f"expert_{e}"].wi.weight, w_out: experts[f"expert_{e}"].wo.weight} for e in range(len(experts))]
+        return [
+            {w_in: experts[f"expert_{e}"].wi.weight, w_out: experts[f"expert_{e}"].wo.weight}
+            for e in range(len(experts))
+        ]
     layout = record.memory_layout
     out: list[dict[str, torch.Tensor]] = [{} for _ in range(experts.num_experts)]
     for name, names in layout.fused_parts.items():
@@ -217,7 +246,7 @@ class Family:
     """dtype the tensors are stored in"""
 
     @classmethod
-    def from_artifact(cls, path: str | Path) -> "Family":
+    def from_artifact(cls, path: str | Path) -> Family:
         """Adapt a `moeconsol merge` artifact (read lazily, tensor by tensor)."""
         from ..artifact.reader import Artifact
 
@@ -244,7 +273,7 @@ class Family:
         )
 
     @classmethod
-    def from_models(cls, models: dict[str, nn.Module], tokenizers: dict[str, Any] | None = None) -> "Family":
+    def from_models(cls, models: dict[str, nn.Module], tokenizers: dict[str, Any] | None = None) -> Family:
         """Consolidate in-memory transformers models losslessly: bit-identical experts share
         one bank entry, bit-identical non-expert tensors share one key."""
         if not models:
@@ -264,7 +293,9 @@ class Family:
                 slots = []
                 for parts in canonical_experts(record, experts):
                     parts = {p: t.detach() for p, t in parts.items()}
-                    hit = next((k for k, b in enumerate(bank[layer]) if all(torch.equal(b[p], parts[p]) for p in parts)), None)
+                    hit = next(
+                        (k for k, b in enumerate(bank[layer]) if all(torch.equal(b[p], parts[p]) for p in parts)), None
+                    )
                     if hit is None:
                         bank[layer].append(parts)
                         hit = len(bank[layer]) - 1
@@ -309,7 +340,9 @@ def _stored_dtype(name: str | None) -> torch.dtype:
 
 def moe_layers(model: nn.Module) -> list[str]:
     """MoE layer ids of a transformers model: the prefixes of its `mlp` blocks that route."""
-    return [name[: -len(".mlp")] for name, m in model.named_modules() if name.endswith(".mlp") and hasattr(m, "experts")]
+    return [
+        name[: -len(".mlp")] for name, m in model.named_modules() if name.endswith(".mlp") and hasattr(m, "experts")
+    ]
 
 
 # -- reports ----------------------------------------------------------------------------------
@@ -348,12 +381,17 @@ class ResidentBytes:
         return self.bank + self.non_expert + self.deltas
 
     def to_dict(self) -> dict:
-        return {"bank": self.bank, "non_expert": self.non_expert, "deltas": self.deltas, "total": self.total, "host": self.host}
+        return {
+            "bank": self.bank,
+            "non_expert": self.non_expert,
+            "deltas": self.deltas,
+            "total": self.total,
+            "host": self.host,
+        }
 
 
 # Generation lives in engine.py; these names stay importable from here.
 from .engine import Completion, GenerationSettings, check_settings  # noqa: E402,F401
-
 
 # -- the runtime ------------------------------------------------------------------------------
 
@@ -411,7 +449,9 @@ class Runtime:
         self._delta_offsets = _delta_offsets(family, self.mode)
         self._private = _private_entries(family, self._delta_offsets)
         self.model = _build_skeleton(family, config_class, model_class, active, self.dtype, self._private)
-        self._banks: dict[str, nn.Module] = {layer: self.model.get_submodule(f"{layer}.mlp.experts") for layer in family.layers}
+        self._banks: dict[str, nn.Module] = {
+            layer: self.model.get_submodule(f"{layer}.mlp.experts") for layer in family.layers
+        }
         self._through_model_dtype = _self_casting_router_weights(self.model, family)
         self._allocate()
         _finish_resident(self.model)
@@ -430,8 +470,15 @@ class Runtime:
             self._make_all_resident()
 
     @classmethod
-    def from_artifact(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, active: str | None = None, progress=None,
-                      mode: ServingMode = ServingMode.SWAP) -> "Runtime":
+    def from_artifact(
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        active: str | None = None,
+        progress=None,
+        mode: ServingMode = ServingMode.SWAP,
+    ) -> Runtime:
         return cls(Family.from_artifact(path), device=device, dtype=dtype, active=active, progress=progress, mode=mode)
 
     # -- loading ----------------------------------------------------------------------------
@@ -459,7 +506,8 @@ class Runtime:
         pin = self.device.type == "cuda"
         signatures = {  # (variant, dtype) -> what its host buffer holds
             (name, dtype): (dtype, *(self._keys[name][t] for t in flat.swappable))
-            for dtype, flat in self._flats.items() for name in self.names
+            for dtype, flat in self._flats.items()
+            for name in self.names
         }
         total = sum(len(self._flats[sig[0]].swappable) for sig in set(signatures.values()))
         total += sum(len(f.shared) for f in self._flats.values())
@@ -471,7 +519,9 @@ class Runtime:
                 target = self._targets[tname]
                 stored = self.family.read(self._keys[variant][tname])
                 if stored.shape != target.shape:
-                    raise ArtifactError(f"model {variant!r}: {tname} is {list(stored.shape)}, the model needs {list(target.shape)}")
+                    raise ArtifactError(
+                        f"model {variant!r}: {tname} is {list(stored.shape)}, the model needs {list(target.shape)}"
+                    )
                 if tname in self._through_model_dtype and stored.is_floating_point():
                     stored = stored.to(self.dtype)  # as transformers loads it, before its router casts it
                 offset = flat.offsets[tname]
@@ -508,7 +558,16 @@ class Runtime:
         out: dict[str, dict[str, list]] = {}
         for name, variant in self.family.variants.items():
             out[name] = {
-                layer: [(x, {p: {c: self.family.read(key).to(self.device) for c, key in comps.items()} for p, comps in x.keys.items()}) for x in entries]
+                layer: [
+                    (
+                        x,
+                        {
+                            p: {c: self.family.read(key).to(self.device) for c, key in comps.items()}
+                            for p, comps in x.keys.items()
+                        },
+                    )
+                    for x in entries
+                ]
                 for layer, entries in variant.deltas.items()
             }
         return out
@@ -535,7 +594,7 @@ class Runtime:
         for dtype, flat in self._flats.items():
             flat.swap_region.copy_(self._host[name][dtype])
         self._slot_table.copy_(self._slot_maps[name])
-        for other in (self.names if self.mode is ServingMode.CROSS_VARIANT else [name]):
+        for other in self.names if self.mode is ServingMode.CROSS_VARIANT else [name]:
             self._apply_deltas(other)  # cross-variant: every variant's corrected experts, each in its own entries
         self._set_generation_config(name)
         self.active = name
@@ -556,8 +615,10 @@ class Runtime:
         self._set_of = {n: sets[signature[n]] for n in self.names}
         first = {s: next(n for n in self.names if self._set_of[n] == s) for s in range(len(sets))}
         self._set_buffers = [
-            {d: flat.swap_region if s == 0 else self._host[first[s]][d].to(self.device)
-             for d, flat in self._flats.items()}
+            {
+                d: flat.swap_region if s == 0 else self._host[first[s]][d].to(self.device)
+                for d, flat in self._flats.items()
+            }
             for s in range(len(sets))
         ]
         self._host = {}
@@ -573,13 +634,19 @@ class Runtime:
             for buffers in self._set_buffers[1:]:
                 offset = flat.offsets[tname]
                 view = buffers[target.dtype][offset : offset + target.numel()].view(target.shape)
-                views.append(nn.Parameter(view, requires_grad=target.requires_grad) if isinstance(target, nn.Parameter) else view)
+                views.append(
+                    nn.Parameter(view, requires_grad=target.requires_grad) if isinstance(target, nn.Parameter) else view
+                )
             per_set[tid] = views
         for mname, module in self.model.named_modules():
             if isinstance(module, BankExperts):
                 continue
-            own = [(table, attr, t) for table in ("_parameters", "_buffers") for attr, t in getattr(module, table).items()
-                   if t is not None and id(t) in per_set]
+            own = [
+                (table, attr, t)
+                for table in ("_parameters", "_buffers")
+                for attr, t in getattr(module, table).items()
+                if t is not None and id(t) in per_set
+            ]
             if not own:
                 continue
             tensors = [[(table, attr, per_set[id(t)][s]) for table, attr, t in own] for s in range(len(sets))]
@@ -592,7 +659,8 @@ class Runtime:
             if not row_wise(module):
                 raise SettingsError(
                     f"cross-variant batching cannot serve {type(module).__name__} ({mname}): it owns a tensor that differs "
-                    f"between variants ({own[0][1]}) and takes more than one input; serve this artifact in swap mode")
+                    f"between variants ({own[0][1]}) and takes more than one input; serve this artifact in swap mode"
+                )
             module.__class__ = per_variant_class(type(module))
             module._xv_rows = self._rows
             module._xv_tensors = tensors
@@ -614,8 +682,10 @@ class Runtime:
         if self._rows is None:
             wrong = next((n for n in names if n != self.active), None)
             if wrong is not None:
-                raise MoeconsolError(f"a batch row of {wrong!r} while {self.active!r} is active: mixing variants in one "
-                                     "forward needs cross-variant batching")
+                raise MoeconsolError(
+                    f"a batch row of {wrong!r} while {self.active!r} is active: mixing variants in one "
+                    "forward needs cross-variant batching"
+                )
             yield
             return
         for n in names:
@@ -661,7 +731,9 @@ class Runtime:
         changed = sum(old[layer] != new[layer] for layer in self.family.layers)
         self._set_generation_config(name)
         self.active = name
-        report = SwapReport(name, previous, seconds, moved, copied, len(self._targets) - copied, changed, corrected_experts)
+        report = SwapReport(
+            name, previous, seconds, moved, copied, len(self._targets) - copied, changed, corrected_experts
+        )
         self.swaps.append(report)
         return report
 
@@ -676,11 +748,21 @@ class Runtime:
     def resident_bytes(self) -> ResidentBytes:
         bank = sum(_nbytes(p) for m in self._banks.values() for p in m.parameters())
         non_expert = sum(_nbytes(f.buffer) for f in self._flats.values())
-        non_expert += sum(_nbytes(t) for buffers in self._set_buffers for dtype, t in buffers.items()
-                          if t is not self._flats[dtype].swap_region)
+        non_expert += sum(
+            _nbytes(t)
+            for buffers in self._set_buffers
+            for dtype, t in buffers.items()
+            if t is not self._flats[dtype].swap_region
+        )
         host = sum(_nbytes(t) for t in {id(t): t for buffers in self._host.values() for t in buffers.values()}.values())
-        deltas = sum(_nbytes(t) for layers in self._deltas.values() for entries in layers.values()
-                     for _, parts in entries for comps in parts.values() for t in comps.values())
+        deltas = sum(
+            _nbytes(t)
+            for layers in self._deltas.values()
+            for entries in layers.values()
+            for _, parts in entries
+            for comps in parts.values()
+            for t in comps.values()
+        )
         return ResidentBytes(bank, non_expert, host, deltas)
 
     def bank_tensors(self) -> dict[str, torch.Tensor]:
@@ -788,8 +870,10 @@ def _private_entries(family: Family, offsets: dict[str, dict[str, int]]) -> dict
     """Per MoE layer, the bank entries beyond the stored bank that hold corrected experts:
     the most any variant's entries reach there (swap mode: the active variant's, in entries
     all variants share; cross-variant: every variant's, one after the other)."""
-    return {layer: max((offsets[n][layer] + len(v.deltas.get(layer, [])) for n, v in family.variants.items()), default=0)
-            for layer in family.layers}
+    return {
+        layer: max((offsets[n][layer] + len(v.deltas.get(layer, [])) for n, v in family.variants.items()), default=0)
+        for layer in family.layers
+    }
 
 
 def _served_slot_maps(family: Family, offsets: dict[str, dict[str, int]]) -> dict[str, dict[str, list[int]]]:
@@ -802,13 +886,17 @@ def _served_slot_maps(family: Family, offsets: dict[str, dict[str, int]]) -> dic
         for layer, entries in v.deltas.items():
             for j, x in enumerate(entries):
                 if maps[layer][x.expert] != x.bank:
-                    raise ArtifactError(f"model {name!r}: layer {layer}: the delta of expert {x.expert} corrects bank entry {x.bank}, the slot map says {maps[layer][x.expert]}")
+                    raise ArtifactError(
+                        f"model {name!r}: layer {layer}: the delta of expert {x.expert} corrects bank entry {x.bank}, the slot map says {maps[layer][x.expert]}"
+                    )
                 maps[layer][x.expert] = family.bank_sizes[layer] + offsets[name][layer] + j
         out[name] = maps
     return out
 
 
-def _build_skeleton(family: Family, config_class, model_class, active: str, dtype, private: dict[str, int] | None = None) -> nn.Module:
+def _build_skeleton(
+    family: Family, config_class, model_class, active: str, dtype, private: dict[str, int] | None = None
+) -> nn.Module:
     """The transformers model on the meta device (nothing allocated), in `dtype`, from the
     active variant's config, each MoE block's experts replaced by a bank module (the class
     for its architecture and experts class, `bank_class`) of the bank's entries plus
@@ -824,7 +912,9 @@ def _build_skeleton(family: Family, config_class, model_class, active: str, dtyp
                     block = model.get_submodule(f"{layer}.mlp")
                 except AttributeError:
                     raise ArtifactError(f"MoE layer {layer} does not exist in a {model_class.__name__}") from None
-                bank = bank_class(family.architecture, type(block.experts))(config, family.bank_sizes[layer] + (private or {}).get(layer, 0))
+                bank = bank_class(family.architecture, type(block.experts))(
+                    config, family.bank_sizes[layer] + (private or {}).get(layer, 0)
+                )
                 block.experts = bank
                 _check_slot_maps(family, layer, len(bank.slot_map))
                 _keep_router_dtype(model, config, layer, _record(family.architecture))
@@ -851,8 +941,11 @@ def _self_casting_router_weights(model: nn.Module, family: Family) -> set[str]:
     record = _record(family.architecture)
     if record.router_dtype_key is None:
         return set()
-    return {f"{layer}.mlp.{record.router}.{n}" for layer in family.layers
-            for n, _ in model.get_submodule(f"{layer}.mlp.{record.router}").named_parameters()}
+    return {
+        f"{layer}.mlp.{record.router}.{n}"
+        for layer in family.layers
+        for n, _ in model.get_submodule(f"{layer}.mlp.{record.router}").named_parameters()
+    }
 
 
 def _materialize(model: nn.Module, device: torch.device, views: dict[int, torch.Tensor]) -> None:
@@ -868,7 +961,10 @@ def _materialize(model: nn.Module, device: torch.device, views: dict[int, torch.
                 if id(t) not in made:
                     data = views.get(id(t))
                     data = torch.empty_like(t, device=device) if data is None else data
-                    made[id(t)] = (t, nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data)
+                    made[id(t)] = (
+                        t,
+                        nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data,
+                    )
                 table[key] = made[id(t)][1]
 
 
@@ -893,7 +989,9 @@ def _check_slot_maps(family: Family, layer: str, experts_per_layer: int) -> None
         if slots is None or len(slots) != experts_per_layer:
             raise ArtifactError(f"model {name!r}: layer {layer} needs a slot map of {experts_per_layer} entries")
         if not all(0 <= s < family.bank_sizes[layer] for s in slots):
-            raise ArtifactError(f"model {name!r}: layer {layer} slot map points outside its bank of {family.bank_sizes[layer]}")
+            raise ArtifactError(
+                f"model {name!r}: layer {layer} slot map points outside its bank of {family.bank_sizes[layer]}"
+            )
 
 
 def _swap_targets(model: nn.Module, banks: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -930,7 +1028,9 @@ def _resolve_keys(model: nn.Module, targets: dict[str, torch.Tensor], variant: V
     return by_target
 
 
-def _plan_flats(targets: dict[str, torch.Tensor], keys: dict[str, dict[str, str]], device: torch.device) -> dict[torch.dtype, _Flat]:
+def _plan_flats(
+    targets: dict[str, torch.Tensor], keys: dict[str, dict[str, str]], device: torch.device
+) -> dict[torch.dtype, _Flat]:
     """One flat device buffer per dtype: first the tensors whose stored key differs between
     some variants (the swap region), then those every variant shares."""
     by_dtype: dict[torch.dtype, list[str]] = {}
@@ -952,7 +1052,9 @@ def _plan_flats(targets: dict[str, torch.Tensor], keys: dict[str, dict[str, str]
     return flats
 
 
-def _slot_map_tensors(family: Family, device: torch.device, served: dict[str, dict[str, list[int]]] | None = None) -> dict[str, torch.Tensor]:
+def _slot_map_tensors(
+    family: Family, device: torch.device, served: dict[str, dict[str, list[int]]] | None = None
+) -> dict[str, torch.Tensor]:
     """Each variant's slot maps (as served: `_served_slot_maps`) as one [layers, experts] table
     (pinned on CUDA); variants whose maps are all equal share one table."""
     pin = device.type == "cuda"

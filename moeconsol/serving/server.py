@@ -34,13 +34,32 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
+    generate_latest,
+)
 
-from .engine import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TOKENS_IN_FLIGHT, DEFAULT_MAX_WAIT, MAX_SEED, Completion, Engine, FinishReason,
-                     GenerationSettings, Request)
 from ..errors import MoeconsolError, OutputError, SettingsError
+from .engine import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_PROMPT_TOKENS,
+    DEFAULT_MAX_TOKENS_IN_FLIGHT,
+    DEFAULT_MAX_WAIT,
+    MAX_SEED,
+    Completion,
+    Engine,
+    FinishReason,
+    GenerationSettings,
+    Request,
+)
 from .runtime import Runtime, SwapReport
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
@@ -59,7 +78,9 @@ class Job(Request):
     future: Future = field(default_factory=Future)
 
 
-def pick_model(active: str, active_busy: bool, waiting: Sequence[tuple[str, float]], now: float, max_wait: float) -> str | None:
+def pick_model(
+    active: str, active_busy: bool, waiting: Sequence[tuple[str, float]], now: float, max_wait: float
+) -> str | None:
     """The variant to run the next decode step on. `waiting` holds (model, since) for every
     request not being decoded: queued ones (since arrival) and parked batches of inactive
     models (since they were parked); `active_busy` says the active model has work.
@@ -82,8 +103,14 @@ def pick_model(active: str, active_busy: bool, waiting: Sequence[tuple[str, floa
 class Scheduler:
     """The queue and the one worker thread that owns the runtime and its engine."""
 
-    def __init__(self, runtime: Runtime, max_wait: float = DEFAULT_MAX_WAIT, metrics: "Metrics | None" = None,
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_tokens_in_flight: int = DEFAULT_MAX_TOKENS_IN_FLIGHT):
+    def __init__(
+        self,
+        runtime: Runtime,
+        max_wait: float = DEFAULT_MAX_WAIT,
+        metrics: Metrics | None = None,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_tokens_in_flight: int = DEFAULT_MAX_TOKENS_IN_FLIGHT,
+    ):
         if not max_wait >= 0 or not math.isfinite(max_wait):
             raise SettingsError(f"max wait must be a finite number of seconds >= 0, got {max_wait}")
         if max_tokens_in_flight < 1:
@@ -250,19 +277,41 @@ class Metrics:
     def __init__(self, models: Sequence[str]):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("moeconsol_requests", "Completed generation requests.", ["model"], registry=r)
-        self.cancelled = Counter("moeconsol_cancelled_requests", "Requests whose client went away before the end.", ["model"], registry=r)
+        self.cancelled = Counter(
+            "moeconsol_cancelled_requests", "Requests whose client went away before the end.", ["model"], registry=r
+        )
         self.tokens = Counter("moeconsol_generated_tokens", "Tokens generated.", ["model"], registry=r)
         self.swaps = Counter("moeconsol_swaps", "Swaps that made this model active.", ["model"], registry=r)
         self.swap_bytes = Counter("moeconsol_swap_bytes", "Bytes copied by swaps to this model.", ["model"], registry=r)
-        self.swap_seconds = Summary("moeconsol_swap_seconds", "Time spent swapping to this model.", ["model"], registry=r)
-        self.ttft = Histogram("moeconsol_time_to_first_token_seconds", "From arrival (queue and swap included) to the first token.",
-                              ["model"], buckets=_TTFT_BUCKETS, registry=r)
-        self.batch_size = Gauge("moeconsol_batch_size", "Requests in this model's running or parked batch.", ["model"], registry=r)
-        self.queue_length = Gauge("moeconsol_queue_length", "Requests of this model waiting to be admitted.", ["model"], registry=r)
+        self.swap_seconds = Summary(
+            "moeconsol_swap_seconds", "Time spent swapping to this model.", ["model"], registry=r
+        )
+        self.ttft = Histogram(
+            "moeconsol_time_to_first_token_seconds",
+            "From arrival (queue and swap included) to the first token.",
+            ["model"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Gauge(
+            "moeconsol_batch_size", "Requests in this model's running or parked batch.", ["model"], registry=r
+        )
+        self.queue_length = Gauge(
+            "moeconsol_queue_length", "Requests of this model waiting to be admitted.", ["model"], registry=r
+        )
         self.resident = Gauge("moeconsol_resident_bytes", "Bytes held by the runtime.", ["part"], registry=r)
         for m in models:
-            for metric in (self.requests, self.cancelled, self.tokens, self.swaps, self.swap_bytes, self.swap_seconds,
-                           self.ttft, self.batch_size, self.queue_length):
+            for metric in (
+                self.requests,
+                self.cancelled,
+                self.tokens,
+                self.swaps,
+                self.swap_bytes,
+                self.swap_seconds,
+                self.ttft,
+                self.batch_size,
+                self.queue_length,
+            ):
                 metric.labels(m)
 
     def record(self, c: Completion) -> None:
@@ -300,7 +349,9 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
-def _number(body: dict, name: str, default: float | None, low: float, high: float, low_open: bool = False) -> float | None:
+def _number(
+    body: dict, name: str, default: float | None, low: float, high: float, low_open: bool = False
+) -> float | None:
     value = body.get(name)
     if value is None:
         return default
@@ -329,15 +380,25 @@ def _text(value: str, param: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ApiError(400, f"'{param}' is not valid Unicode (a lone surrogate at character {e.start})", param) from None
+        raise ApiError(
+            400, f"'{param}' is not valid Unicode (a lone surrogate at character {e.start})", param
+        ) from None
     return value
 
 
 # Parameters this server does not implement: refused unless they hold their neutral value.
 _NEUTRAL = {
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "best_of": (None, 1), "suffix": (None, ""),
-    "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
     "response_format": (None, {"type": "text"}),
 }
 
@@ -508,7 +569,12 @@ def create_app(
         if not isinstance(model, str):
             raise ApiError(400, "'model' is required and must be a string", "model")
         if model not in tokenizers:
-            raise ApiError(404, f"The model '{model}' does not exist; this server serves: {', '.join(runtime.names)}", "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"The model '{model}' does not exist; this server serves: {', '.join(runtime.names)}",
+                "model",
+                "model_not_found",
+            )
         _refuse_unsupported(body, chat)
         settings = parse_settings(body)
         tok = tokenizers[model]
@@ -589,20 +655,45 @@ def _result(done: asyncio.Future) -> Completion:
 
 
 def _usage(c: Completion) -> dict:
-    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.token_ids), "total_tokens": c.prompt_tokens + len(c.token_ids)}
+    return {
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": len(c.token_ids),
+        "total_tokens": c.prompt_tokens + len(c.token_ids),
+    }
 
 
 def _response(c: Completion, rid: str, chat: bool, prefix: str = "") -> dict:
     created = int(time.time())
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
-        return {"id": rid, "object": "chat.completion", "created": created, "model": c.model, "choices": [choice], "usage": _usage(c)}
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": c.model,
+            "choices": [choice],
+            "usage": _usage(c),
+        }
     choice = {"index": 0, "text": prefix + c.text, "logprobs": None, "finish_reason": c.finish_reason}
-    return {"id": rid, "object": "text_completion", "created": created, "model": c.model, "choices": [choice], "usage": _usage(c)}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": c.model,
+        "choices": [choice],
+        "usage": _usage(c),
+    }
 
 
-def _chunk(rid: str, model: str, chat: bool, piece: str | None, finish: str | None, first: bool = False,
-           usage: dict | None = None) -> str:
+def _chunk(
+    rid: str,
+    model: str,
+    chat: bool,
+    piece: str | None,
+    finish: str | None,
+    first: bool = False,
+    usage: dict | None = None,
+) -> str:
     obj = "chat.completion.chunk" if chat else "text_completion"
     body: dict = {"id": rid, "object": obj, "created": int(time.time()), "model": model}
     if usage is not None:  # stream_options.include_usage: a last chunk with no choices
@@ -619,8 +710,9 @@ def _chunk(rid: str, model: str, chat: bool, piece: str | None, finish: str | No
     return f"data: {json.dumps(body)}\n\n"
 
 
-async def _stream(scheduler: Scheduler, request: HttpRequest, p: _Prepared, rid: str, chat: bool, prefix: str,
-                  include_usage: bool) -> AsyncIterator[str]:
+async def _stream(
+    scheduler: Scheduler, request: HttpRequest, p: _Prepared, rid: str, chat: bool, prefix: str, include_usage: bool
+) -> AsyncIterator[str]:
     """Server-sent events: one chunk per piece of text as the worker decodes it, a last chunk
     with finish_reason, a usage chunk if asked, then `data: [DONE]`. If the client goes away
     the job is cancelled and leaves its batch at the next decode step."""
@@ -683,10 +775,17 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(runtime: Runtime, host: str = "127.0.0.1", port: int = 8000, max_wait: float = DEFAULT_MAX_WAIT,
-          max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-          max_tokens_in_flight: int = DEFAULT_MAX_TOKENS_IN_FLIGHT, log_level: str = "info",
-          sock: socket.socket | None = None) -> None:
+def serve(
+    runtime: Runtime,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_wait: float = DEFAULT_MAX_WAIT,
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_tokens_in_flight: int = DEFAULT_MAX_TOKENS_IN_FLIGHT,
+    log_level: str = "info",
+    sock: socket.socket | None = None,
+) -> None:
     """Run the server until interrupted (uvicorn), on `sock` if given (see `bind`)."""
     import uvicorn
 

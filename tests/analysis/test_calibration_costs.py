@@ -12,10 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from moeconsol.analysis.calibration import ModelActivations, SlotActivations, calibration_batches, capture, load_model, load_tokenizer, substitution_costs
-from moeconsol.io.checkpoint import open_checkpoints
-from moeconsol.consolidate.grouping import cluster_calibrated, identical_groups
+from moeconsol.analysis.calibration import (
+    ModelActivations,
+    SlotActivations,
+    calibration_batches,
+    capture,
+    load_model,
+    load_tokenizer,
+    substitution_costs,
+)
 from moeconsol.analysis.similarity import read_layer
+from moeconsol.consolidate.grouping import cluster_calibrated, identical_groups
+from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.testing import SAMPLE_TEXT, derive_variant, save_model, tiny_mixtral, tiny_tokenizer
 
 CHUNK = 48
@@ -121,8 +129,10 @@ def test_a_model_whose_expert_errors_reach_the_stream_whole_is_protected(family)
     x = torch.randn(6, ckpt.config["hidden_size"], generator=torch.Generator().manual_seed(0))
 
     def run(h2: float) -> ModelActivations:
-        slots = [SlotActivations([x.clone()], [torch.full((6,), 0.5)], 12, 3.0, [torch.full((6,), h2, dtype=torch.float64)])
-                 for _ in range(E)]
+        slots = [
+            SlotActivations([x.clone()], [torch.full((6,), 0.5)], 12, 3.0, [torch.full((6,), h2, dtype=torch.float64)])
+            for _ in range(E)
+        ]
         return ModelActivations("m", {layer: slots}, 24, {layer: 24})
 
     lc = substitution_costs(ckpt, layer, own + negated, [run(100.0), run(4.0)])  # ||h||^2: 100 vs 4
@@ -139,6 +149,6 @@ def test_a_model_whose_expert_errors_reach_the_stream_whole_is_protected(family)
     assert np.allclose(lc.cost[E:, :E], 25.0 * lc.cost[:E, E:].T)  # same raw error, 25 x the price
     lg = identical_groups(layer, [f"d{i}" for i in range(2 * E)], E)
     clusters = cluster_calibrated([lg], [lc.cost], 2 * E - 1)[0]
-    (a, b), = [c for c in clusters if len(c) > 1]  # one shared bank expert
+    ((a, b),) = [c for c in clusters if len(c) > 1]  # one shared bank expert
     assert a < E <= b
     assert lc.cost[a, b] < lc.cost[b, a]  # served by b's expert: the slot of the large-output model moves

@@ -24,10 +24,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moeconsol.analysis import similarity as S
 from moeconsol import testing as T
-from moeconsol.io.checkpoint import open_checkpoints
+from moeconsol.analysis import similarity as S
 from moeconsol.errors import MoeconsolWarning
+from moeconsol.io.checkpoint import open_checkpoints
 
 LAYER = 0
 EXPERT = 2  # the expert the "ulp" variant moves by one bf16 ulp, in one value
@@ -48,7 +48,9 @@ def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("gram")
     base = T.tiny_mixtral(seed=0).to(torch.bfloat16)
     dirs = {"base": T.save_model(base, root / "base")}
-    dirs["ft"] = T.save_model(T.derive_variant(base, 1, [(0, 1), (0, 3)], change_non_experts=False, scale=0.0002), root / "ft")
+    dirs["ft"] = T.save_model(
+        T.derive_variant(base, 1, [(0, 1), (0, 3)], change_non_experts=False, scale=0.0002), root / "ft"
+    )
     dirs["ulp"] = T.save_model(base, root / "ulp")
     tensors = load_file(_experts_file(dirs["ulp"]))
     bits = tensors[_name(EXPERT, "w2")].view(torch.int16)
@@ -147,7 +149,9 @@ def test_thread_settings_are_left_alone(family):
     assert inside == {1} and torch.get_num_threads() == before and seen == [before]
 
 
-@pytest.mark.parametrize("value, what", [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"), (0.0, "all zero")])
+@pytest.mark.parametrize(
+    "value, what", [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"), (0.0, "all zero")]
+)
 def test_unusual_parts_warn_once_per_position(family, tmp_path, value, what):
     """A poisoned part shared bit for bit by two models warns for each of them, once, from
     the Gram diagonal; the healthy parts do not warn."""
@@ -156,7 +160,11 @@ def test_unusual_parts_warn_once_per_position(family, tmp_path, value, what):
         d = T.save_model(T.tiny_mixtral(seed=0).to(torch.bfloat16), tmp_path / k)
         tensors = load_file(_experts_file(d))
         name = _name(1, "w3")
-        tensors[name] = torch.full_like(tensors[name], value) if value == 0 else tensors[name].clone().index_fill_(0, torch.tensor([0]), value)
+        tensors[name] = (
+            torch.full_like(tensors[name], value)
+            if value == 0
+            else tensors[name].clone().index_fill_(0, torch.tensor([0]), value)
+        )
         save_file(tensors, _experts_file(d), metadata={"format": "pt"})
         poisoned.append(d)
     ckpts = open_checkpoints([str(family["base"]), *map(str, poisoned)])
@@ -177,12 +185,17 @@ def test_identity_keys_are_equal_exactly_for_identical_experts(tmp_path):
     from moeconsol.io.safetensors_file import read_header
 
     g = torch.Generator().manual_seed(0)
-    base = (torch.randn(3, 64, 256, generator=g) * 0.02).to(torch.bfloat16)  # 32 KiB per part: the windows miss the middle
+    base = (torch.randn(3, 64, 256, generator=g) * 0.02).to(
+        torch.bfloat16
+    )  # 32 KiB per part: the windows miss the middle
     middle = base.clone()
     middle[1, 32, 7] += 0.5  # differs from base only in the middle of expert 1's part
     tail = base.clone()
     tail[2, -1, -1] += 0.5  # differs in the last bytes of expert 2's part
-    save_file({f"m{k}.e{e}.w": t[e].contiguous() for k, t in enumerate((base, middle, tail)) for e in range(3)}, tmp_path / "x.safetensors")
+    save_file(
+        {f"m{k}.e{e}.w": t[e].contiguous() for k, t in enumerate((base, middle, tail)) for e in range(3)},
+        tmp_path / "x.safetensors",
+    )
     tensors, _ = read_header(tmp_path / "x.safetensors")
     infos = [{"w": tensors[f"m{k}.e{e}.w"]} for k in range(3) for e in range(3)]
     with S._workers() as pool:

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from moeconsol import testing as T
 from moeconsol.analysis import report as R
 from moeconsol.analysis import similarity as S
-from moeconsol import testing as T
-from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.errors import MoeconsolError
+from moeconsol.io.checkpoint import open_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,11 @@ def _numpy_experts(dirs, layer: int, num_experts: int = 4) -> list[dict[str, np.
             else:
                 gu = tensors[f"model.layers.{layer}.mlp.experts.gate_up_proj"][e]
                 half = gu.shape[0] // 2
-                parts = {"w1": gu[:half], "w3": gu[half:], "w2": tensors[f"model.layers.{layer}.mlp.experts.down_proj"][e]}
+                parts = {
+                    "w1": gu[:half],
+                    "w3": gu[half:],
+                    "w2": tensors[f"model.layers.{layer}.mlp.experts.down_proj"][e],
+                }
             out.append({k: v.astype(np.float64) for k, v in parts.items()})
     return out
 
@@ -150,7 +154,9 @@ def test_gram_chunking_is_exact(monkeypatch):
     whole = S.gram_matrix(experts, ("w1", "w2"))
     monkeypatch.setattr(S, "_CHUNK_ELEMENTS", 8)  # chunks of 2 elements, last one partial
     chunked = S.gram_matrix(experts, ("w1", "w2"))
-    vecs = np.stack([np.concatenate([e["w1"].numpy().ravel(), e["w2"].numpy().ravel()]).astype(np.float64) for e in experts])
+    vecs = np.stack(
+        [np.concatenate([e["w1"].numpy().ravel(), e["w2"].numpy().ravel()]).astype(np.float64) for e in experts]
+    )
     assert np.allclose(whole, vecs @ vecs.T, rtol=1e-12)
     assert np.allclose(chunked, vecs @ vecs.T, rtol=1e-12)
 
@@ -219,7 +225,10 @@ def test_calibration_probes(ckpts, tmp_path):
     x = probes["model.layers.1"].numpy()
     e0 = ckpts[0].expert("model.layers.1", 0)
     e1 = ckpts[0].expert("model.layers.1", 1)
-    outs = [(_silu(x @ e["w1"].double().numpy().T) * (x @ e["w3"].double().numpy().T)) @ e["w2"].double().numpy().T for e in (e0, e1)]
+    outs = [
+        (_silu(x @ e["w1"].double().numpy().T) * (x @ e["w3"].double().numpy().T)) @ e["w2"].double().numpy().T
+        for e in (e0, e1)
+    ]
     assert report.layers[1].matrices["cka"][0, 1] == pytest.approx(_cka_feature_space(*outs), rel=1e-9)
     with pytest.raises(MoeconsolError, match="calibration file not found"):
         R.analyze_models(ckpts, ["cka"], calibration=tmp_path / "absent.txt")

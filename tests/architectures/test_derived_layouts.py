@@ -12,32 +12,39 @@ from pathlib import Path
 
 import pytest
 
-from moeconsol.architectures import derived_layouts
-from moeconsol.architectures import layouts
+from moeconsol.architectures import derived_layouts, layouts
 
 REGENERATE = "python -m moeconsol.architectures.layouts --regenerate"
 LOCK = Path(__file__).resolve().parents[2] / "requirements" / "lock.txt"
 INSTALLED = layouts._transformers_version()
 SHIPPED = derived_layouts.TRANSFORMERS_VERSION
-on_the_shipped_version = pytest.mark.skipif(INSTALLED != SHIPPED, reason=f"transformers {INSTALLED} is not the shipped {SHIPPED}")
+on_the_shipped_version = pytest.mark.skipif(
+    INSTALLED != SHIPPED, reason=f"transformers {INSTALLED} is not the shipped {SHIPPED}"
+)
 on_another_version = pytest.mark.skipif(INSTALLED == SHIPPED, reason=f"transformers {INSTALLED} is the shipped version")
 
 
 def locked_transformers() -> str:
-    pins = [line.split("==", 1)[1].strip() for line in LOCK.read_text().splitlines() if line.startswith("transformers==")]
+    pins = [
+        line.split("==", 1)[1].strip() for line in LOCK.read_text().splitlines() if line.startswith("transformers==")
+    ]
     assert len(pins) == 1, f"{LOCK} pins transformers {len(pins)} times"
     return pins[0]
 
 
 def test_shipped_facts_are_for_the_locked_transformers():
-    assert SHIPPED == locked_transformers(), f"the lock moved to transformers {locked_transformers()}: install it, run `{REGENERATE}`"
+    assert SHIPPED == locked_transformers(), (
+        f"the lock moved to transformers {locked_transformers()}: install it, run `{REGENERATE}`"
+    )
 
 
 @on_the_shipped_version
 def test_shipped_facts_are_what_the_installed_transformers_gives(tmp_path):
     fresh = layouts.regenerate(tmp_path / "derived_layouts.py").read_text()
     shipped = open(derived_layouts.__file__).read()
-    assert fresh == shipped, f"moeconsol/architectures/derived_layouts.py is stale for the installed transformers: run `{REGENERATE}`"
+    assert fresh == shipped, (
+        f"moeconsol/architectures/derived_layouts.py is stale for the installed transformers: run `{REGENERATE}`"
+    )
     for name in layouts.derived_families():
         assert derived_layouts.FACTS[name] == layouts.derive_facts(name), f"{name}: run `{REGENERATE}`"
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moeconsol.io import writer
 from moeconsol.artifact.reader import Artifact, export_model, verify_artifact
-from moeconsol.io.checkpoint import open_checkpoints
-from moeconsol.errors import MoeconsolError
 from moeconsol.consolidate.pipeline import MergeSettings, merge
+from moeconsol.errors import MoeconsolError
+from moeconsol.io import writer
+from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_switch, tiny_tokenizer
 
 CHANGED_V1 = [(0, 1), (1, 2)]
@@ -159,7 +159,9 @@ def test_switch_lossless_round_trip(tmp_path):
         loaded = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
         source = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / name).eval()
         with torch.no_grad():
-            assert torch.equal(loaded(input_ids=ids, decoder_input_ids=ids).logits, source(input_ids=ids, decoder_input_ids=ids).logits)
+            assert torch.equal(
+                loaded(input_ids=ids, decoder_input_ids=ids).logits, source(input_ids=ids, decoder_input_ids=ids).logits
+            )
 
 
 def test_threshold_cosine_one_equals_lossless(family, ckpts, lossless):
@@ -193,7 +195,13 @@ def test_budget_at_the_floor_and_representatives(family, ckpts, rule, tmp_path):
             distinct = len({v.tobytes() for v in vecs})
             got = art.bank_expert(layer, k)
             inter = got["w1"].shape[0]
-            stored = np.concatenate([got["w1"].double().numpy().ravel(), got["w2"].double().numpy().ravel(), got["w3"].double().numpy().ravel()])
+            stored = np.concatenate(
+                [
+                    got["w1"].double().numpy().ravel(),
+                    got["w2"].double().numpy().ravel(),
+                    got["w3"].double().numpy().ravel(),
+                ]
+            )
             if distinct == 1 or rule == "first":
                 assert entry["representative"] == list(members[0])
                 assert np.array_equal(stored, vecs[0])
@@ -235,6 +243,7 @@ def test_settings_are_checked(ckpts, tmp_path):
 
 def test_failure_mid_write_leaves_no_output(ckpts, tmp_path, monkeypatch):
     calls = {"n": 0}
+
     def failing(real):  # every byte goes out through write_all or copy_range
         def wrapper(*args):
             calls["n"] += 1
@@ -319,10 +328,15 @@ def test_copy_writes_the_source_bytes_and_their_sha256(tmp_path, monkeypatch, ke
     from moeconsol.io import safetensors_file as safetensors_io
     from moeconsol.io.safetensors_file import read_header
 
-    tensors = {"a": torch.randn(300, 7), "b": torch.arange(1000, dtype=torch.int32), "c": torch.randn(5).to(torch.bfloat16)}
+    tensors = {
+        "a": torch.randn(300, 7),
+        "b": torch.arange(1000, dtype=torch.int32),
+        "c": torch.randn(5).to(torch.bfloat16),
+    }
     save_file(tensors, tmp_path / "src.safetensors")
     infos, _ = read_header(tmp_path / "src.safetensors")
     if not kernel_copy:
+
         def refuse(*args):
             raise OSError(18, "Invalid cross-device link")  # EXDEV
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeconsol.artifact.corrections import FORMATS, corrected, decode, delta_format, pack_bits, pack_nibbles, unpack_bits, unpack_nibbles
+from moeconsol.artifact.corrections import (
+    FORMATS,
+    corrected,
+    decode,
+    delta_format,
+    pack_bits,
+    pack_nibbles,
+    unpack_bits,
+    unpack_nibbles,
+)
 from moeconsol.errors import SettingsError
 
 SHAPES = [(64, 32), (33, 45), (1, 7)]
@@ -134,7 +143,7 @@ def test_mixed_is_the_svd_with_top_vectors_at_8_bits_and_the_rest_at_4_by_hand()
     r = 8
     c = FORMATS["mixed"].encode(d, r, torch.float32)
     u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
-    a = (u[:, :r] * s[:r].sqrt()).float()      # [out, r]
+    a = (u[:, :r] * s[:r].sqrt()).float()  # [out, r]
     b = (s[:r].sqrt().unsqueeze(1) * vh[:r]).float()  # [r, in]
     high = r // 4
 

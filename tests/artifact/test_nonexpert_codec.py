@@ -73,7 +73,12 @@ def test_many_chunks_and_a_partial_last_one(monkeypatch):
     tensor = fine_tuned(reference, 0)
     blob = codec.encode(tensor, reference)
     assert raw(codec.decode(blob, reference, "BF16", (10_345,))) == raw(tensor)
-    assert torch.equal(codec.decode(torch.frombuffer(bytearray(blob), dtype=torch.uint8), reference, torch.bfloat16, [10_345]).view(torch.int16), tensor.view(torch.int16))
+    assert torch.equal(
+        codec.decode(torch.frombuffer(bytearray(blob), dtype=torch.uint8), reference, torch.bfloat16, [10_345]).view(
+            torch.int16
+        ),
+        tensor.view(torch.int16),
+    )
 
 
 def test_a_fine_tune_compresses_and_the_shuffle_is_what_zipnn_does():
@@ -82,7 +87,9 @@ def test_a_fine_tune_compresses_and_the_shuffle_is_what_zipnn_does():
     blob = codec.encode(tensor, reference)
     assert len(blob) < 0.5 * tensor.numel() * 2
     # independently: XOR of the int16 patterns, low bytes then high bytes, one zstd frame
-    x = np.bitwise_xor(tensor.view(torch.int16).numpy().reshape(-1), reference.view(torch.int16).numpy().reshape(-1)).view(np.uint8)
+    x = np.bitwise_xor(
+        tensor.view(torch.int16).numpy().reshape(-1), reference.view(torch.int16).numpy().reshape(-1)
+    ).view(np.uint8)
     shuffled = np.concatenate([x[0::2], x[1::2]]).tobytes()
     assert zstandard.ZstdDecompressor().decompress(blob) == shuffled
 

@@ -15,8 +15,8 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from moeconsol.errors import ArtifactError, SafetensorsError
 from moeconsol.artifact.manifest import FORMAT, FORMAT_VERSION, Manifest
+from moeconsol.errors import ArtifactError, SafetensorsError
 from moeconsol.io.safetensors_file import read_header, read_tensor, torch_dtypes
 
 FAST = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -81,7 +81,11 @@ entries = st.fixed_dictionaries(
 
 
 @FAST
-@given(st.dictionaries(st.text(max_size=6), entries | json_values, max_size=4), st.binary(max_size=80), st.one_of(st.none(), json_values))
+@given(
+    st.dictionaries(st.text(max_size=6), entries | json_values, max_size=4),
+    st.binary(max_size=80),
+    st.one_of(st.none(), json_values),
+)
 def test_header_like_json_never_crashes_nor_reads_outside(header, data, metadata):
     """Headers close to valid ones (typed entries with wrong values, overlapping offsets,
     offsets past the end): every tensor accepted lies inside the file."""
@@ -92,7 +96,13 @@ def test_header_like_json_never_crashes_nor_reads_outside(header, data, metadata
 
 
 @FAST
-@given(st.lists(st.tuples(st.sampled_from(["F32", "F16", "U8"]), st.lists(st.integers(0, 4), max_size=3)), min_size=1, max_size=4))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["F32", "F16", "U8"]), st.lists(st.integers(0, 4), max_size=3)),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_valid_files_parse_exactly(specs):
     """Files written by the safetensors library itself always parse, to the same tensors."""
     from safetensors.torch import load_file, save_file
@@ -183,7 +193,9 @@ def test_manifest_round_trip_and_strict_json(real_manifest):
 
 @settings(max_examples=100, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
-def test_commands_on_a_mutated_manifest_never_crash_nor_write_outside(real_manifest, small_family, tmp_path_factory, data):
+def test_commands_on_a_mutated_manifest_never_crash_nor_write_outside(
+    real_manifest, small_family, tmp_path_factory, data
+):
     """Every reader of an artifact (open, inspect's summary, verify, export, tensor reads)
     on a real artifact whose manifest had one value replaced: only MoeconsolError, and
     nothing is written outside the export's own directory."""
@@ -194,7 +206,9 @@ def test_commands_on_a_mutated_manifest_never_crash_nor_write_outside(real_manif
     art = Path(shutil.copytree(small_family / "art", root / "art"))
     manifest = json.loads(json.dumps(real_manifest))
     node, key = _random_slot(manifest, data)
-    node[key] = data.draw(json_values | st.sampled_from(["../x", "/etc/passwd", "a/../../b", "switch", "F16", [0, 0], [[0, 1]]]))
+    node[key] = data.draw(
+        json_values | st.sampled_from(["../x", "/etc/passwd", "a/../../b", "switch", "F16", [0, 0], [[0, 1]]])
+    )
     (art / "manifest.json").write_text(json.dumps(manifest))
     (root / "out").mkdir()
     before = sorted(p.relative_to(root) for p in root.rglob("*") if p != root / "out")

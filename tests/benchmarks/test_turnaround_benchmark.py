@@ -63,8 +63,15 @@ def test_goal_lines_judge_the_highest_rate(t):
     def row(system, rate, mean):
         return {"system": system, "popularity": "uniform", "rate": rate, "mean_turnaround": mean}
 
-    rows = [row("moeconsol", 2.0, 1.0), row("static partition", 2.0, 1.0), row("all resident", 2.0, 1.0),  # a lower rate: not judged
-            row("moeconsol", 8.0, 0.1), row(t.CROSS_VARIANT, 8.0, 0.5), row("static partition", 8.0, 1.0), row("all resident", 8.0, 0.2)]
+    rows = [
+        row("moeconsol", 2.0, 1.0),
+        row("static partition", 2.0, 1.0),
+        row("all resident", 2.0, 1.0),  # a lower rate: not judged
+        row("moeconsol", 8.0, 0.1),
+        row(t.CROSS_VARIANT, 8.0, 0.5),
+        row("static partition", 8.0, 1.0),
+        row("all resident", 8.0, 0.2),
+    ]
     assert t.goal_lines(rows) == [
         "uniform 8/s, moeconsol: mean turnaround 90% lower than the static partition's (goal >= 85% lower: met); "
         "0.50x all resident (goal <= 1.25x: met)",
@@ -74,6 +81,10 @@ def test_goal_lines_judge_the_highest_rate(t):
 
 
 def test_goal_lines_say_higher_when_slower(t):
-    rows = [{"system": s, "popularity": "skewed", "rate": 4.0, "mean_turnaround": m}
-            for s, m in (("moeconsol", 1.5), ("static partition", 1.0))]
-    assert t.goal_lines(rows) == ["skewed 4/s, moeconsol: mean turnaround 50% higher than the static partition's (goal >= 85% lower: not met)"]
+    rows = [
+        {"system": s, "popularity": "skewed", "rate": 4.0, "mean_turnaround": m}
+        for s, m in (("moeconsol", 1.5), ("static partition", 1.0))
+    ]
+    assert t.goal_lines(rows) == [
+        "skewed 4/s, moeconsol: mean turnaround 50% higher than the static partition's (goal >= 85% lower: not met)"
+    ]

@@ -11,12 +11,12 @@ import sys
 
 import numpy as np
 import pytest
+from cli_helpers import cli
 
 from moeconsol import testing as T
-from moeconsol.io.checkpoint import open_checkpoints
-from moeconsol.cli import main
 from moeconsol.analysis.similarity import layer_similarity
-from cli_helpers import cli
+from moeconsol.cli import main
+from moeconsol.io.checkpoint import open_checkpoints
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -29,7 +29,9 @@ def models(tmp_path_factory):
     switch = T.tiny_switch(seed=0)
     out = {
         "base": T.save_model(base, root / "base", tok),
-        "code": T.save_model(T.derive_variant(base, 1, [(0, 1), (1, 3)]), root / "code", fused=True, max_shard_size="20KB"),
+        "code": T.save_model(
+            T.derive_variant(base, 1, [(0, 1), (1, 3)]), root / "code", fused=True, max_shard_size="20KB"
+        ),
         "switch": T.save_model(switch, root / "switch", tok),
         "switch-ft": T.save_model(T.derive_variant(switch, 2, [(1, 0)]), root / "switch-ft"),
         "eight": T.save_model(T.tiny_mixtral(seed=0, num_local_experts=8), root / "eight"),
@@ -65,8 +67,22 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def full_run(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
     proc = run_cli(
-        str(models["base"]), f"coder={models['code']}", "-m", "cosine,l2", "--metric", "relative-l2", "-m", "cka",
-        "--probes", "32", "--seed", "7", "--json", str(out / "report.json"), "--heatmap", str(out / "heat.png"),
+        str(models["base"]),
+        f"coder={models['code']}",
+        "-m",
+        "cosine,l2",
+        "--metric",
+        "relative-l2",
+        "-m",
+        "cka",
+        "--probes",
+        "32",
+        "--seed",
+        "7",
+        "--json",
+        str(out / "report.json"),
+        "--heatmap",
+        str(out / "heat.png"),
     )
     return proc, out
 
@@ -142,7 +158,18 @@ def test_json_to_stdout_and_switch(models):
 def test_calibration_text(models, tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text(T.SAMPLE_TEXT)
-    proc = run_cli(str(models["base"]), str(models["code"]), "-m", "cka", "--calibration", str(text), "--probes", "50", "--json", "-")
+    proc = run_cli(
+        str(models["base"]),
+        str(models["code"]),
+        "-m",
+        "cka",
+        "--calibration",
+        str(text),
+        "--probes",
+        "50",
+        "--json",
+        "-",
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["probes"] == {"kind": "calibration", "count": 50, "seed": None, "file": str(text)}

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 import typer
+from cli_helpers import cli, one_error_line
 
 from moeconsol import testing as T
-from moeconsol.io.checkpoint import open_checkpoints
-from moeconsol.cli import COMMANDS, app, load_commands
-from moeconsol.io.safetensors_file import ITEMSIZE, dtype_names, torch_dtypes
 from moeconsol.analysis.similarity import layer_similarity
-from cli_helpers import cli, one_error_line
+from moeconsol.cli import COMMANDS, app, load_commands
+from moeconsol.io.checkpoint import open_checkpoints
+from moeconsol.io.safetensors_file import ITEMSIZE, dtype_names, torch_dtypes
 
 HEAVY = ("torch", "transformers", "fastapi", "matplotlib", "scipy", "uvicorn")
 
@@ -33,7 +33,9 @@ def imported_after(argv: list[str]) -> tuple[int, list[str], str]:
         f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))\n"
         "print(json.dumps([code, heavy]))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     exit_code, heavy = json.loads(r.stdout.strip().splitlines()[-1])
     return exit_code, heavy, r.stderr
 
@@ -61,17 +63,25 @@ def test_a_fresh_interpreter_gives_the_in_process_results(family):
     """The subprocess imports torch while it hashes (`similarity._identity_ahead`); this
     process has torch already and hashes layer by layer: the same matrices, bit for bit."""
     args = [str(family["base"]), f"code={family['code']}", f"math={family['math']}"]
-    proc = cli("analyze", *args, "-m", "cosine,l2,relative-l2", "--json", "-", env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = cli(
+        "analyze", *args, "-m", "cosine,l2,relative-l2", "--json", "-", env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     ckpts = open_checkpoints(args)
     for li, layer in enumerate(ckpts[0].moe_layers):
         expected = layer_similarity(ckpts, layer, ["cosine", "l2", "relative-l2"])
         for metric in ("cosine", "l2", "relative-l2"):
-            assert np.array_equal(np.array(doc["metrics"][metric]["layers"][li]["matrix"]), expected.matrices[metric]), (layer, metric)
+            assert np.array_equal(
+                np.array(doc["metrics"][metric]["layers"][li]["matrix"]), expected.matrices[metric]
+            ), (layer, metric)
     pairs = {d["layer"]: d["pairs"] for d in doc["identical"]}
     # code changed expert 1 of layer 0 and expert 3 of layer 1, math expert 2 of layer 0
-    assert [0, 4] in pairs["model.layers.0"] and [1, 5] not in pairs["model.layers.0"] and [2, 10] not in pairs["model.layers.0"]
+    assert (
+        [0, 4] in pairs["model.layers.0"]
+        and [1, 5] not in pairs["model.layers.0"]
+        and [2, 10] not in pairs["model.layers.0"]
+    )
     assert [3, 7] not in pairs["model.layers.1"] and [3, 11] in pairs["model.layers.1"]
 
 

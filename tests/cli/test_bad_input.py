@@ -13,14 +13,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import cli, one_error_line, run_main
 
 from moeconsol import cli as cli_module
 from moeconsol.artifact.reader import Artifact
-from moeconsol.io.checkpoint import open_checkpoint
-from moeconsol.errors import ArtifactError, CheckpointError, DamagedArtifactError, MoeconsolWarning, SafetensorsError, SettingsError
 from moeconsol.consolidate.pipeline import MergeSettings, merge
+from moeconsol.errors import (
+    ArtifactError,
+    CheckpointError,
+    DamagedArtifactError,
+    MoeconsolWarning,
+    SafetensorsError,
+    SettingsError,
+)
+from moeconsol.io.checkpoint import open_checkpoint
 from moeconsol.io.safetensors_file import read_header
-from cli_helpers import cli, one_error_line, run_main
 
 
 def copy(src: Path, dst: Path) -> Path:
@@ -77,7 +84,16 @@ def test_config_that_is_not_an_object(small_family, tmp_path, config, fragment):
         set_entry("dtype", None),
         lambda h: h.__setitem__(first_expert(h), "not an entry"),
     ],
-    ids=["shape-string", "shape-floats", "shape-negative", "offsets-strings", "offsets-one", "dtype-unknown", "dtype-null", "entry-string"],
+    ids=[
+        "shape-string",
+        "shape-floats",
+        "shape-negative",
+        "offsets-strings",
+        "offsets-one",
+        "dtype-unknown",
+        "dtype-null",
+        "entry-string",
+    ],
 )
 def test_corrupt_header_entries(small_family, tmp_path, edit):
     ckpt = copy(small_family / "ft", tmp_path / "ft")
@@ -150,7 +166,9 @@ def test_manifest_dtype_that_disagrees_with_the_bank(small_family, tmp_path):
     manifest["dtype"] = "F16"
     (art / "manifest.json").write_text(json.dumps(manifest))
     r = run_main("verify", art)
-    assert r.returncode == 1 and "differs from the manifest's expert dtype F16" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert r.returncode == 1 and "differs from the manifest's expert dtype F16" in r.stdout + r.stderr, (
+        r.stdout + r.stderr
+    )
     one_error_line(run_main("export", art, "base", "-o", tmp_path / "out"), "damaged artifact", "expert dtype F16")
     assert not (tmp_path / "out").exists()
 
@@ -205,18 +223,43 @@ def test_console_script_bad_config_no_traceback(small_family, tmp_path):
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_scale_and_density_must_be_finite(small_family, tmp_path, value):
     for option in ("--scale", "--density"):
-        r = run_main("merge", small_family / "base", small_family / "ft", "-o", tmp_path / "out", "--mode", "ties", "--base", small_family / "base", option, value)
+        r = run_main(
+            "merge",
+            small_family / "base",
+            small_family / "ft",
+            "-o",
+            tmp_path / "out",
+            "--mode",
+            "ties",
+            "--base",
+            small_family / "base",
+            option,
+            value,
+        )
         one_error_line(r, "finite")
     with pytest.raises(SettingsError, match="finite"):
         from moeconsol.io.checkpoint import open_checkpoints
 
-        merge(open_checkpoints([str(small_family / "base"), str(small_family / "ft")]), tmp_path / "out",
-              MergeSettings(mode="task-arithmetic", base=str(small_family / "base"), scale=float(value)))
+        merge(
+            open_checkpoints([str(small_family / "base"), str(small_family / "ft")]),
+            tmp_path / "out",
+            MergeSettings(mode="task-arithmetic", base=str(small_family / "base"), scale=float(value)),
+        )
     assert not (tmp_path / "out").exists()
 
 
 def test_threshold_nan_refused(small_family, tmp_path):
-    r = run_main("merge", small_family / "base", small_family / "ft", "-o", tmp_path / "out", "--mode", "threshold", "--threshold", "nan")
+    r = run_main(
+        "merge",
+        small_family / "base",
+        small_family / "ft",
+        "-o",
+        tmp_path / "out",
+        "--mode",
+        "threshold",
+        "--threshold",
+        "nan",
+    )
     one_error_line(r, "finite")
 
 
@@ -225,29 +268,41 @@ def _poison_expert(ckpt: Path, value: float) -> str:
 
     tensors = load_file(ckpt / "model.safetensors")
     name = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
-    tensors[name] = torch.full_like(tensors[name], value) if value == 0 else tensors[name].clone().index_fill_(0, torch.tensor([0]), value)
+    tensors[name] = (
+        torch.full_like(tensors[name], value)
+        if value == 0
+        else tensors[name].clone().index_fill_(0, torch.tensor([0]), value)
+    )
     save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
     return name
 
 
-@pytest.mark.parametrize("value, what", [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"), (0.0, "all zero")])
+@pytest.mark.parametrize(
+    "value, what", [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"), (0.0, "all zero")]
+)
 def test_unusual_experts_warn(small_family, tmp_path, value, what):
     ckpt = copy(small_family / "ft", tmp_path / "ft")
     _poison_expert(ckpt, value)
     r = run_main("merge", small_family / "base", ckpt, "-o", tmp_path / "out", "--json")
     assert r.returncode == 0, r.stderr
     warnings = [line for line in r.stderr.splitlines() if line.startswith("moeconsol: warning:")]
-    assert len(warnings) == 1 and what in warnings[0] and "model.layers.1" in warnings[0] and "expert 3" in warnings[0], r.stderr
+    assert (
+        len(warnings) == 1 and what in warnings[0] and "model.layers.1" in warnings[0] and "expert 3" in warnings[0]
+    ), r.stderr
     text = (tmp_path / "out" / "manifest.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     json.loads(text, parse_constant=lambda c: pytest.fail(f"manifest holds {c}"))
     with pytest.warns(MoeconsolWarning, match=what):
         from moeconsol.io.checkpoint import open_checkpoints
 
-        merge(open_checkpoints([str(small_family / "base"), str(ckpt)]), tmp_path / "out2", MergeSettings(mode="average"))
+        merge(
+            open_checkpoints([str(small_family / "base"), str(ckpt)]), tmp_path / "out2", MergeSettings(mode="average")
+        )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2]
+)
 def test_unusual_values_checked_in_every_float_dtype(dtype):
     from moeconsol.io.checkpoint import warn_unusual_values
 
@@ -269,9 +324,13 @@ def test_value_flags_against_elementwise_checks(dtype):
     from moeconsol.io.digest import value_flags
 
     big = torch.finfo(dtype).max
-    cases = [torch.full((64,), big, dtype=dtype), torch.zeros(64, dtype=dtype), torch.randn(64).to(dtype),
-             torch.zeros(64, dtype=dtype).index_fill_(0, torch.tensor([7]), torch.finfo(dtype).tiny),
-             torch.randn(64).to(dtype).index_fill_(0, torch.tensor([3]), float("-inf"))]
+    cases = [
+        torch.full((64,), big, dtype=dtype),
+        torch.zeros(64, dtype=dtype),
+        torch.randn(64).to(dtype),
+        torch.zeros(64, dtype=dtype).index_fill_(0, torch.tensor([7]), torch.finfo(dtype).tiny),
+        torch.randn(64).to(dtype).index_fill_(0, torch.tensor([3]), float("-inf")),
+    ]
     for t in cases:
         assert value_flags(t) == (bool(torch.isfinite(t).all()), bool(t.any())), t
 
@@ -297,7 +356,9 @@ def test_fifo_named_model_safetensors_does_not_hang(small_family, tmp_path):
     ckpt = copy(small_family / "ft", tmp_path / "ft")
     (ckpt / "model.safetensors").unlink()
     os.mkfifo(ckpt / "model.safetensors")
-    r = finishes(ckpt / "model.safetensors", lambda: run_main("merge", small_family / "base", ckpt, "-o", tmp_path / "out"))
+    r = finishes(
+        ckpt / "model.safetensors", lambda: run_main("merge", small_family / "base", ckpt, "-o", tmp_path / "out")
+    )
     one_error_line(r, "not a regular file")
 
 
@@ -459,4 +520,7 @@ def test_errors_are_told_apart_and_keep_their_cause(small_family, tmp_path):
     with pytest.raises(ArtifactError) as e:
         Artifact.open(art)
     assert isinstance(e.value.__cause__, ValueError)
-    assert all(issubclass(c, MoeconsolError) for c in (IncompatibleModelsError, UnknownModelError, OutputError, CheckpointError, ArtifactError))
+    assert all(
+        issubclass(c, MoeconsolError)
+        for c in (IncompatibleModelsError, UnknownModelError, OutputError, CheckpointError, ArtifactError)
+    )

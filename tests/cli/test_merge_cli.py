@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import cli, one_error_line
 from safetensors import safe_open
 
 from moeconsol.cli import main
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
-from cli_helpers import cli, one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +52,20 @@ def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-
-
 def test_merge_inspect_verify_export(family, tmp_path, monkeypatch, capsys):
     out = tmp_path / "art"
-    code, stdout, _ = run(monkeypatch, capsys, "merge", f"base={family / 'base'}", f"ft={family / 'ft'}", "-o", out, "--shard-size", "50KB", "--json")
+    code, stdout, _ = run(
+        monkeypatch,
+        capsys,
+        "merge",
+        f"base={family / 'base'}",
+        f"ft={family / 'ft'}",
+        "-o",
+        out,
+        "--shard-size",
+        "50KB",
+        "--json",
+    )
     assert code == 0
     s = json.loads(stdout)
     assert s["bank"] == {"model.layers.0": 5, "model.layers.1": 4}
@@ -71,7 +80,10 @@ def test_merge_inspect_verify_export(family, tmp_path, monkeypatch, capsys):
 
     code, _, _ = run(monkeypatch, capsys, "export", out, "ft", "-o", tmp_path / "ft")
     assert code == 0
-    with safe_open(family / "ft" / "model.safetensors", "pt") as a, safe_open(tmp_path / "ft" / "model.safetensors", "pt") as b:
+    with (
+        safe_open(family / "ft" / "model.safetensors", "pt") as a,
+        safe_open(tmp_path / "ft" / "model.safetensors", "pt") as b,
+    ):
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
     code, _, err = run(monkeypatch, capsys, "export", out, "ft", "-o", tmp_path / "ft")
     assert code == 2
@@ -83,7 +95,21 @@ def test_merge_inspect_verify_export(family, tmp_path, monkeypatch, capsys):
     code, _, err = run(monkeypatch, capsys, "merge", family / "base", family / "ft", "-o", out)
     assert code == 2
     one_error_line(err, "already exists")
-    code, _, _ = run(monkeypatch, capsys, "merge", family / "base", family / "ft", "-o", out, "--force", "--mode", "threshold", "--threshold", "0", "--json")
+    code, _, _ = run(
+        monkeypatch,
+        capsys,
+        "merge",
+        family / "base",
+        family / "ft",
+        "-o",
+        out,
+        "--force",
+        "--mode",
+        "threshold",
+        "--threshold",
+        "0",
+        "--json",
+    )
     assert code == 0
     code, stdout, _ = run(monkeypatch, capsys, "inspect", out, "--json")
     assert json.loads(stdout)["consolidation"]["threshold"] == 0.0
@@ -152,8 +178,21 @@ def test_verify_and_export_of_damaged_artifacts(family, tmp_path, monkeypatch, c
 def interrupt_mid_write(big_family: Path, out: Path, sig: int) -> subprocess.Popen:
     """Start a merge, wait until its temporary directory holds a shard, send `sig`."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moeconsol", "merge", big_family / "a", big_family / "b", "-o", out, "--shard-size", "2MB"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "moeconsol",
+            "merge",
+            big_family / "a",
+            big_family / "b",
+            "-o",
+            out,
+            "--shard-size",
+            "2MB",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 90
     while time.time() < deadline:

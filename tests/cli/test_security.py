@@ -13,12 +13,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from cli_helpers import cli, one_error_line, run_main
 
 from moeconsol.artifact.reader import Artifact, export_model, verify_artifact
-from moeconsol.io.checkpoint import open_checkpoints, parse_model_ref
 from moeconsol.errors import ArtifactError, OutputError, UnsafePathError
-from moeconsol.consolidate.pipeline import merge
-from cli_helpers import cli, one_error_line, run_main
+from moeconsol.io.checkpoint import open_checkpoints, parse_model_ref
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,11 @@ def family(small_family):
 
 def tree_digest(path: Path) -> dict[str, str]:
     """Every file under `path` (and its bytes' sha256): to prove nothing changed."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def tampered(family: Path, tmp_path: Path, edit) -> Path:
@@ -78,7 +81,15 @@ def unsafe_model_name(manifest: dict, art: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "edit", [escape_model_file, escape_source_shard, escape_weight_map, absolute_files_entry, absolute_weight_map, unsafe_model_name]
+    "edit",
+    [
+        escape_model_file,
+        escape_source_shard,
+        escape_weight_map,
+        absolute_files_entry,
+        absolute_weight_map,
+        unsafe_model_name,
+    ],
 )
 def test_crafted_manifest_paths_refused_by_every_command(family, tmp_path, edit):
     art = tampered(family, tmp_path, edit)
@@ -87,8 +98,12 @@ def test_crafted_manifest_paths_refused_by_every_command(family, tmp_path, edit)
     data.write_text("some text to score")
     before = tree_digest(tmp_path)
     commands = (
-        ["verify", art], ["inspect", art], ["export", art, "ft", "-o", out], ["export", art, "base", "-o", out],
-        ["serve-local", art, "--prompt", "hello"], ["eval", art, "--data", f"base={data}"],
+        ["verify", art],
+        ["inspect", art],
+        ["export", art, "ft", "-o", out],
+        ["export", art, "base", "-o", out],
+        ["serve-local", art, "--prompt", "hello"],
+        ["eval", art, "--data", f"base={data}"],
     )
     for command in commands:
         r = run_main(*command)
@@ -189,6 +204,9 @@ def test_force_replaces_a_checkpoint_only_when_it_holds_nothing_else(family, tmp
 def test_output_symlink_refused_before_any_work(family, tmp_path):
     dangling = tmp_path / "link"
     dangling.symlink_to(tmp_path / "nowhere")
-    for args in (["merge", family / "base", family / "ft", "-o", dangling], ["export", family / "art", "base", "-o", dangling]):
+    for args in (
+        ["merge", family / "base", family / "ft", "-o", dangling],
+        ["export", family / "art", "base", "-o", dangling],
+    ):
         one_error_line(run_main(*args), "symbolic link")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]

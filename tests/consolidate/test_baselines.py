@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from moeconsol.analysis.similarity import read_layer
 from moeconsol.consolidate.baselines import (
     reference_budget_positions,
     reference_distances,
@@ -19,9 +20,8 @@ from moeconsol.consolidate.baselines import (
     trim_top_k,
     uniform_average,
 )
-from moeconsol.io.checkpoint import open_checkpoint
 from moeconsol.errors import MoeconsolError
-from moeconsol.analysis.similarity import read_layer
+from moeconsol.io.checkpoint import open_checkpoint
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral
 
 

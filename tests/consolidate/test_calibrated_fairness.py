@@ -53,7 +53,9 @@ def test_fair_weights_never_do_worse_than_least_total_cost_in_their_own_measure(
     for budget in (40, 24, 12):
         plain = model_costs(layers, costs, cluster_calibrated(layers, costs, budget))
         w = fair_weights(layers, costs, budget)
-        fair = model_costs(layers, costs, cluster_calibrated(layers, [c * np.repeat(w, 4)[:, None] for c in costs], budget), w)
+        fair = model_costs(
+            layers, costs, cluster_calibrated(layers, [c * np.repeat(w, 4)[:, None] for c in costs], budget), w
+        )
         assert (fair**2).sum() <= (plain**2).sum() + 1e-12
 
 

@@ -14,18 +14,17 @@ import shutil
 import pytest
 import torch
 import transformers
+from builders import correction_family, merge_with_corrections
+from cli_helpers import one_error_line, run_main
 
-from moeconsol.artifact.reader import Artifact, bank_key, export_model, summary, verify_artifact
-from moeconsol.io.checkpoint import open_checkpoints
-from moeconsol.consolidate.correction_plan import Option, SlotOptions, allocate, bank_counts, hull
-from moeconsol.artifact.corrections import FORMATS, decode
-from moeconsol.errors import ArtifactError
 from moeconsol.architectures.layouts import architecture
+from moeconsol.artifact.corrections import FORMATS, decode
+from moeconsol.artifact.reader import Artifact, bank_key, export_model, summary, verify_artifact
+from moeconsol.consolidate.correction_plan import Option, SlotOptions, allocate, bank_counts, hull
 from moeconsol.consolidate.pipeline import MergeSettings, expert_nbytes, merge
+from moeconsol.errors import ArtifactError
+from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.serving.runtime import Runtime
-from moeconsol.testing import SAMPLE_TEXT, derive_variant, save_model, tiny_model, tiny_tokenizer
-from builders import SEQ2SEQ, correction_family, merge_with_corrections
-from cli_helpers import cli, one_error_line, run_main
 
 PROMPT = "The quick brown fox"
 
@@ -58,7 +57,9 @@ def test_budget_counts_bank_plus_delta_bytes_and_the_deltas_are_what_they_say(fa
     c = art.manifest["consolidation"]
     assert c["deltas"] is True and c["delta_format"] == "auto" and c["budget_bytes"] == int(0.4 * total)
     # bytes of the delta tensors, from the shards' own headers
-    stored = sum(art.read(k).numel() * art.read(k).element_size() for k in art.spec.weight_map if k.startswith("delta."))
+    stored = sum(
+        art.read(k).numel() * art.read(k).element_size() for k in art.spec.weight_map if k.startswith("delta.")
+    )
     assert stored == b["deltas"]
     assert any(f.startswith("deltas-") for f in art.spec.files)
     E = art.experts_per_layer
@@ -94,7 +95,11 @@ def test_export_holds_bank_plus_delta_and_the_runtime_serves_the_same(fam, tmp_p
     rt = Runtime.from_artifact(fam["out"])
     tok = rt.tokenizer(art.model_names[0])
     ids = torch.tensor([tok(PROMPT)["input_ids"]])
-    inputs = {"input_ids": ids, "decoder_input_ids": ids[:, :3]} if architecture(arch).encoder_decoder else {"input_ids": ids}
+    inputs = (
+        {"input_ids": ids, "decoder_input_ids": ids[:, :3]}
+        if architecture(arch).encoder_decoder
+        else {"input_ids": ids}
+    )
     logits = {}
     for name in art.model_names:
         export_model(fam["out"], name, tmp_path / name)
@@ -103,7 +108,9 @@ def test_export_holds_bank_plus_delta_and_the_runtime_serves_the_same(fam, tmp_p
             for x in art.deltas(name, layer):
                 for part in art.parts:  # bank + decoded delta, computed here
                     bank = art.read(bank_key(layer, x.bank, part))
-                    want = (bank.float() + decode(x.format, art.delta_components(x, part), tuple(bank.shape), x.size)).to(bank.dtype)
+                    want = (
+                        bank.float() + decode(x.format, art.delta_components(x, part), tuple(bank.shape), x.size)
+                    ).to(bank.dtype)
                     assert torch.equal(ckpt.expert_part(layer, x.expert, part), want)
                     assert not torch.equal(want, bank)  # the delta changes what is served
         exported = model_class.from_pretrained(tmp_path / name).eval()
@@ -113,7 +120,9 @@ def test_export_holds_bank_plus_delta_and_the_runtime_serves_the_same(fam, tmp_p
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, logits[name], rtol=1e-4, atol=1e-6)
         assert torch.equal(got, logits[name])  # on CPU: the same weights, bit for bit
-        assert report.experts_corrected == sum(len(art.deltas(name, layer)) for layer in art.layers) or report.seconds == 0
+        assert (
+            report.experts_corrected == sum(len(art.deltas(name, layer)) for layer in art.layers) or report.seconds == 0
+        )
     # swap away and back: the same logits
     d = names[0]
     others = [n for n in art.model_names if n != d]
@@ -122,7 +131,9 @@ def test_export_holds_bank_plus_delta_and_the_runtime_serves_the_same(fam, tmp_p
         assert torch.equal(rt.model(**inputs).logits, logits[n])
     # memory: P private entries per layer in the bank, every variant's components counted
     resident = rt.resident_bytes()
-    components = sum(art.read(k).numel() * art.read(k).element_size() for k in art.spec.weight_map if k.startswith("delta."))
+    components = sum(
+        art.read(k).numel() * art.read(k).element_size() for k in art.spec.weight_map if k.startswith("delta.")
+    )
     assert resident.deltas == components
     private = {layer: max(len(art.deltas(n, layer)) for n in art.model_names) for layer in art.layers}
     one = expert_nbytes(fam["ckpts"][0])
@@ -191,17 +202,23 @@ def _first_delta(data) -> tuple[dict, dict]:
     raise AssertionError("no delta")
 
 
-@pytest.mark.parametrize("damage, fragment", [
-    (lambda e, x: x.update(format="zip"), "is 'zip', not one of lowrank, sign, int4, mixed"),
-    (lambda e, x: x.update(bank=x["bank"] + 1 if x["bank"] + 1 < len(e["bank"]) else x["bank"] - 1), "but the slot map serves"),
-    (lambda e, x: x.update(bank=99), "outside the layer's bank"),
-    (lambda e, x: x.update(expert=-1), "is -1, outside"),
-    (lambda e, x: x.update(size="4"), "expected an integer"),
-    (lambda e, x: x.update(size=None), "lowrank needs a rank of at least 1"),
-    (lambda e, x: next(iter(x["keys"].values())).update(a="delta.nowhere"), "which weight_map does not store"),
-    (lambda e, x: next(iter(x["keys"].values())).pop("a"), "has components"),
-    (lambda e, x: e["deltas"].update(nobody=[]), "names model 'nobody'"),
-])
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (lambda e, x: x.update(format="zip"), "is 'zip', not one of lowrank, sign, int4, mixed"),
+        (
+            lambda e, x: x.update(bank=x["bank"] + 1 if x["bank"] + 1 < len(e["bank"]) else x["bank"] - 1),
+            "but the slot map serves",
+        ),
+        (lambda e, x: x.update(bank=99), "outside the layer's bank"),
+        (lambda e, x: x.update(expert=-1), "is -1, outside"),
+        (lambda e, x: x.update(size="4"), "expected an integer"),
+        (lambda e, x: x.update(size=None), "lowrank needs a rank of at least 1"),
+        (lambda e, x: next(iter(x["keys"].values())).update(a="delta.nowhere"), "which weight_map does not store"),
+        (lambda e, x: next(iter(x["keys"].values())).pop("a"), "has components"),
+        (lambda e, x: e["deltas"].update(nobody=[]), "names model 'nobody'"),
+    ],
+)
 def test_bad_delta_fields_are_refused_with_one_line(mixtral, tmp_path, damage, fragment):
     def change(data):
         entry, x = _first_delta(data)
@@ -226,14 +243,61 @@ def test_verify_names_a_delta_component_of_the_wrong_shape(mixtral, tmp_path):
 def test_bad_delta_options_exit_2_with_one_line(mixtral, tmp_path):
     root = mixtral["root"]
     models, cal = mixtral["models"], mixtral["cal"]
-    one_error_line(run_main("merge", *models, "-o", tmp_path / "x", "--mode", "budget", "--budget", "0.5", "--deltas"),
-                   "deltas apply to mode calibrated only, not budget")
-    one_error_line(run_main("merge", *models, "-o", tmp_path / "x", "--mode", "calibrated", "--budget", "0.5",
-                            "--calibration", cal, "--delta-format", "int4"), "delta format (int4) needs deltas")
-    one_error_line(run_main("merge", *models, "-o", tmp_path / "x", "--mode", "calibrated", "--budget", "0.5",
-                            "--calibration", cal, "--deltas", "--delta-format", "zip"), "unknown delta format 'zip'")
-    one_error_line(run_main("merge", *models, "-o", tmp_path / "x", "--mode", "calibrated", "--budget", "0.2",
-                            "--calibration", cal, "--deltas"), "budget too small")
+    one_error_line(
+        run_main("merge", *models, "-o", tmp_path / "x", "--mode", "budget", "--budget", "0.5", "--deltas"),
+        "deltas apply to mode calibrated only, not budget",
+    )
+    one_error_line(
+        run_main(
+            "merge",
+            *models,
+            "-o",
+            tmp_path / "x",
+            "--mode",
+            "calibrated",
+            "--budget",
+            "0.5",
+            "--calibration",
+            cal,
+            "--delta-format",
+            "int4",
+        ),
+        "delta format (int4) needs deltas",
+    )
+    one_error_line(
+        run_main(
+            "merge",
+            *models,
+            "-o",
+            tmp_path / "x",
+            "--mode",
+            "calibrated",
+            "--budget",
+            "0.5",
+            "--calibration",
+            cal,
+            "--deltas",
+            "--delta-format",
+            "zip",
+        ),
+        "unknown delta format 'zip'",
+    )
+    one_error_line(
+        run_main(
+            "merge",
+            *models,
+            "-o",
+            tmp_path / "x",
+            "--mode",
+            "calibrated",
+            "--budget",
+            "0.2",
+            "--calibration",
+            cal,
+            "--deltas",
+        ),
+        "budget too small",
+    )
     assert not (tmp_path / "x").exists() and root.exists()
 
 
@@ -247,8 +311,8 @@ def test_hull_drops_options_that_save_less_per_byte():
 
 
 def test_allocate_spends_bytes_where_cost_falls_most_and_never_more_than_given():
-    a = SlotOptions(0, 0, [Option(0, 10.0), Option(10, 2.0, "x"), Option(40, 0.0, "x")])   # 0.8 per byte, then 0.067
-    b = SlotOptions(0, 1, [Option(0, 3.0), Option(10, 1.0, "x")])                           # 0.2 per byte
+    a = SlotOptions(0, 0, [Option(0, 10.0), Option(10, 2.0, "x"), Option(40, 0.0, "x")])  # 0.8 per byte, then 0.067
+    b = SlotOptions(0, 1, [Option(0, 3.0), Option(10, 1.0, "x")])  # 0.2 per byte
     assert allocate([a, b], 0) == ([0, 0], 13.0)
     assert allocate([a, b], 10) == ([1, 0], 5.0)
     assert allocate([a, b], 25) == ([1, 1], 3.0)
@@ -267,13 +331,20 @@ def test_bank_counts_span_floor_to_most():
 
 def test_sweep_method_deltas_counts_bank_plus_delta_bytes(mixtral, tmp_path):
     from moeconsol.cli.evaluate import sweep_table
-    from moeconsol.quality.evaluate import EvalSettings, sweep
     from moeconsol.errors import SettingsError
+    from moeconsol.quality.evaluate import EvalSettings, sweep
 
     root = mixtral["root"]
     data = {n: mixtral["cal"] for n in ("a", "b", "c")}
-    r = sweep(mixtral["models"], data, [0.4], calibration={"*": mixtral["cal"]}, methods=["deltas"],
-              settings=EvalSettings(chunk_len=32), workdir=tmp_path)
+    r = sweep(
+        mixtral["models"],
+        data,
+        [0.4],
+        calibration={"*": mixtral["cal"]},
+        methods=["deltas"],
+        settings=EvalSettings(chunk_len=32),
+        workdir=tmp_path,
+    )
     [p] = r.points
     assert p.method == "deltas" and p.error is None and p.delta_bytes > 0
     assert p.expert_fraction == pytest.approx((p.bank_bytes + p.delta_bytes) / r.expert_bytes)

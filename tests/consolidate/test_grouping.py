@@ -12,17 +12,17 @@ import torch
 from safetensors import safe_open
 
 from moeconsol.consolidate.grouping import (
+    CalibratedLinkage,
+    CompleteLinkage,
     LayerGroups,
     choose_representative,
     cluster_budget,
     cluster_calibrated,
+    cluster_cost,
     cluster_lossless,
     cluster_threshold,
     identical_groups,
     pack,
-    CalibratedLinkage,
-    CompleteLinkage,
-    cluster_cost,
     slot_maps,
     threshold_to_distance,
     to_distance,
@@ -31,7 +31,9 @@ from moeconsol.errors import MoeconsolError
 from moeconsol.io.writer import SafetensorsWriter, ShardedWriter, TensorSpec, atomic_directory, parse_size, plan_shards
 
 
-def random_layer(n_models: int, n_experts: int, seed: int, identical: list[tuple[int, int]] = ()) -> tuple[np.ndarray, list[str]]:
+def random_layer(
+    n_models: int, n_experts: int, seed: int, identical: list[tuple[int, int]] = ()
+) -> tuple[np.ndarray, list[str]]:
     """Item distance matrix of random points and digests; `identical` pairs share a point."""
     rng = np.random.default_rng(seed)
     points = rng.normal(size=(n_models * n_experts, 5))
@@ -118,7 +120,7 @@ def test_budget_honoured_without_conflicts(seed):
         layers.append(identical_groups(f"l{i}", digests, E, d))
     clusters = cluster_budget(layers, 20)
     assert sum(len(c) for c in clusters) == 20
-    for lg, cs in zip(layers, clusters):
+    for _lg, cs in zip(layers, clusters):
         assert sorted(i for c in cs for i in c) == list(range(3 * E))
         for c in cs:
             assert not same_model_conflict(c, [f"{i}" for i in range(12)], E)
@@ -147,8 +149,11 @@ def check_clustering(clusters: list[list[int]], n_models: int, E: int, digests: 
 @pytest.mark.parametrize("mode", ["budget", "calibrated"])
 def test_stuck_greedy_is_packed_to_the_floor_exactly(mode):
     lg = stuck_layer()
-    run = (lambda layers, n: cluster_budget(layers, n)) if mode == "budget" else (
-        lambda layers, n: cluster_calibrated(layers, [x.distance for x in layers], n))
+    run = (
+        (lambda layers, n: cluster_budget(layers, n))
+        if mode == "budget"
+        else (lambda layers, n: cluster_calibrated(layers, [x.distance for x in layers], n))
+    )
     digests = [str(i) for i in range(6)]
     # the greedy alone stops here: three clusters, every pair sharing a model
     assert run([lg], 3) == [[[0, 2], [1, 4], [3, 5]]]
@@ -183,7 +188,7 @@ def test_pack_reaches_the_floor_on_random_layers(seed):
     for i in range(3):
         di, names = random_layer(n_models, E, seed * 7 + i)
         layers.append(identical_groups(f"l{i}", names, E, di))
-    for lgx, cs in zip(layers, cluster_budget(layers, 3 * E)):
+    for _lgx, cs in zip(layers, cluster_budget(layers, 3 * E)):
         assert len(cs) == E
         check_clustering(cs, n_models, E, [str(i) for i in range(n_models * E)])
 
@@ -202,7 +207,9 @@ def test_calibrated_at_the_floor_costs_no_more_than_the_assignment(seed):
         assert len(cs) == E
         check_clustering(cs, n_models, E, [str(i) for i in range(n_models * E)])
         total = sum(cluster_cost(c, cost)[0] for c in cs)  # least-cost member serves each cluster
-        assigned = sum(cluster_cost([i for g in c for i in lg.groups[g]], cost)[0] for c in pack(lg, CalibratedLinkage(lg, cost)))
+        assigned = sum(
+            cluster_cost([i for g in c for i in lg.groups[g]], cost)[0] for c in pack(lg, CalibratedLinkage(lg, cost))
+        )
         assert total <= assigned + 1e-12
 
 

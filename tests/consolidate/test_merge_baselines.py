@@ -7,14 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from cli_helpers import cli, one_error_line
 
+from moeconsol.analysis.calibration import capture
 from moeconsol.artifact.reader import Artifact, bank_key, verify_artifact
 from moeconsol.consolidate.baselines import ties
-from moeconsol.analysis.calibration import capture
-from moeconsol.io.checkpoint import open_checkpoint, open_checkpoints
 from moeconsol.consolidate.pipeline import MergeSettings, merge
+from moeconsol.io.checkpoint import open_checkpoint, open_checkpoints
 from moeconsol.testing import SAMPLE_TEXT, derive_variant, save_model, tiny_mixtral, tiny_tokenizer
-from cli_helpers import cli, one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,6 @@ def family(tmp_path_factory):
 
 def models(root):
     return [f"{n}={root / n}" for n in ("a", "b", "c")]
-
-
 
 
 # ---------------------------------------------------------------- merging baselines
@@ -145,7 +143,9 @@ def test_capture_sees_every_routed_token(family):
 def test_calibrated_merge_meets_the_budget_and_stores_what_it_says(family, tmp_path):
     ckpts = open_checkpoints(models(family))
     cal = {"*": str(family / "text.txt")}
-    result = merge(ckpts, tmp_path / "cal", MergeSettings(mode="calibrated", budget="0.5", representative="mean", calibration=cal))
+    result = merge(
+        ckpts, tmp_path / "cal", MergeSettings(mode="calibrated", budget="0.5", representative="mean", calibration=cal)
+    )
     art = Artifact.open(tmp_path / "cal")
     assert verify_artifact(tmp_path / "cal") == []
     assert sum(result.bank_sizes.values()) <= art.manifest["consolidation"]["budget_experts"]
@@ -159,7 +159,9 @@ def test_calibrated_merge_meets_the_budget_and_stores_what_it_says(family, tmp_p
                 found += 1
                 w = entry["weights"]
                 for part in art.parts:
-                    want = sum(wi * ckpts[m].expert_part(layer, e, part).double() for wi, (m, e) in zip(w, entry["members"])) / sum(w)
+                    want = sum(
+                        wi * ckpts[m].expert_part(layer, e, part).double() for wi, (m, e) in zip(w, entry["members"])
+                    ) / sum(w)
                     torch.testing.assert_close(art.read(bank_key(layer, k, part)).double(), want, rtol=1e-6, atol=1e-7)
         for name in art.model_names:
             assert len(art.slot_map(name, layer)) == E
@@ -167,8 +169,18 @@ def test_calibrated_merge_meets_the_budget_and_stores_what_it_says(family, tmp_p
 
 
 def test_calibrated_needs_calibration_for_every_model(family, tmp_path):
-    r = cli("merge", *models(family), "-o", tmp_path / "x", "--mode", "calibrated", "--budget", "0.5",
-            "--calibration", f"a={family / 'text.txt'}")
+    r = cli(
+        "merge",
+        *models(family),
+        "-o",
+        tmp_path / "x",
+        "--mode",
+        "calibrated",
+        "--budget",
+        "0.5",
+        "--calibration",
+        f"a={family / 'text.txt'}",
+    )
     assert r.returncode == 2
     one_error_line(r.stderr, "none for 'b'", "calibration b=FILE")
 
@@ -194,7 +206,10 @@ def test_merge_at_the_floor_succeeds(family, tmp_path, mode):
             for m, e in members:
                 by_model.setdefault(m, []).append(e)
             for m, es in by_model.items():  # two experts of one model only if bit-identical
-                assert len(es) == 1 or all(torch.equal(ckpts[m].expert_part(layer, es[0], "w1"), ckpts[m].expert_part(layer, x, "w1")) for x in es)
+                assert len(es) == 1 or all(
+                    torch.equal(ckpts[m].expert_part(layer, es[0], "w1"), ckpts[m].expert_part(layer, x, "w1"))
+                    for x in es
+                )
         for m, name in enumerate(art.model_names):
             sm = art.slot_map(name, layer)
             assert len(sm) == E and all(0 <= k < E for k in sm)
@@ -227,8 +242,15 @@ def test_quality_bar_compares_methods_by_mean_gain_and_lists_variant_losses_as_n
         return SweepPoint(method, budget, None, None, fraction, quality, {"base": math.nan, **gains}, {}, error)
 
     def report(points):
-        return SweepReport({n: n for n in names}, "perplexity", True, 1, {"base": 10.0, "x": 5.0, "y": 5.0},
-                           {n: 10.0 for n in names}, points)
+        return SweepReport(
+            {n: n for n in names},
+            "perplexity",
+            True,
+            1,
+            {"base": 10.0, "x": 5.0, "y": 5.0},
+            {n: 10.0 for n in names},
+            points,
+        )
 
     lucky = [
         point("reference", 0.5, 0.5, {"x": 1.6, "y": 0.2}),  # x gains from y's experts; mean 0.9
@@ -260,15 +282,17 @@ def test_quality_bar_compares_methods_by_mean_gain_and_lists_variant_losses_as_n
 
 def test_calibrated_floor_keeps_the_cheaper_of_greedy_and_same_index_clusters(family, tmp_path):
     from moeconsol.analysis.calibration import substitution_costs
+    from moeconsol.analysis.similarity import layer_similarity, read_layer
     from moeconsol.consolidate.grouping import cluster_calibrated, identical_groups
     from moeconsol.consolidate.pipeline import calibrated_representatives, same_index_clusters
     from moeconsol.io.digest import tensor_digest as expert_digest
-    from moeconsol.analysis.similarity import layer_similarity, read_layer
 
     ckpts = open_checkpoints(models(family))
     N, E = len(ckpts), ckpts[0].num_experts
     text = str(family / "text.txt")
-    s = MergeSettings(mode="calibrated", budget=str(1 / N), representative="best", calibration={"*": text}, calibration_tokens=16)
+    s = MergeSettings(
+        mode="calibrated", budget=str(1 / N), representative="best", calibration={"*": text}, calibration_tokens=16
+    )
     merge(ckpts, tmp_path / "floor", s)
     art = Artifact.open(tmp_path / "floor")
     acts = [capture(c, text, max_tokens=16) for c in ckpts]
@@ -284,8 +308,10 @@ def test_calibrated_floor_keeps_the_cheaper_of_greedy_and_same_index_clusters(fa
         flat = read_layer(ckpts, layer).flat
         aligned = same_index_clusters(groups[li], N)
         assert aligned == [[m * E + e for m in range(N)] for e in range(E)]  # no cross-index twins here
-        price = {name: calibrated_representatives(ckpts[0], layer, cs, digests[li], costs[li], acts, "best", lambda: flat)[2]
-                 for name, cs in (("greedy", greedy[li]), ("aligned", aligned))}
+        price = {
+            name: calibrated_representatives(ckpts[0], layer, cs, digests[li], costs[li], acts, "best", lambda: flat)[2]
+            for name, cs in (("greedy", greedy[li]), ("aligned", aligned))
+        }
         stored = [[m * E + e for m, e in entry["members"]] for entry in art.manifest["layers"][li]["bank"]]
         want = greedy[li] if price["greedy"] <= price["aligned"] else aligned
         assert sorted(stored) == sorted(want), (layer, price)

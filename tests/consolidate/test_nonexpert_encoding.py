@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from cli_helpers import one_error_line, run_main
 from safetensors import safe_open
 
-from moeconsol.artifact.reader import Artifact, export_model, verify_artifact
-from moeconsol.io.checkpoint import open_checkpoints
-from moeconsol.errors import ArtifactError, DamagedArtifactError
 from moeconsol.artifact import nonexpert_codec as codec
+from moeconsol.artifact.reader import Artifact, export_model, verify_artifact
 from moeconsol.consolidate.pipeline import MAX_DELTA_RATIO, MergeSettings, merge
+from moeconsol.errors import ArtifactError, DamagedArtifactError
+from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.serving.runtime import Runtime
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
-from cli_helpers import one_error_line, run_main
 
 NAMES = ("base", "ft", "same")
 
@@ -75,7 +75,11 @@ def test_every_changed_non_expert_tensor_is_a_delta_against_the_base(family):
     assert len(changed) > len(base) // 2, "the fine-tune changed few non-expert tensors"
     assert {n for n in ft if ft[n] != base[n]} == changed
     # a version is encoded exactly when its delta takes at most half its bytes
-    worth = {n for n in changed if len(codec.encode(after[n], before[n])) <= MAX_DELTA_RATIO * after[n].numel() * after[n].element_size()}
+    worth = {
+        n
+        for n in changed
+        if len(codec.encode(after[n], before[n])) <= MAX_DELTA_RATIO * after[n].numel() * after[n].element_size()
+    }
     assert "model.embed_tokens.weight" in worth  # rows of tokens never seen do not move
     assert set(m["encodings"]) == {ft[n] for n in worth}
     for name in worth:
@@ -117,7 +121,10 @@ def test_read_returns_the_same_tensors_with_and_without_the_codec(family):
         for tname, key in keys.items():
             got, want = art.read(key), whole.read(key)
             assert got.dtype == want.dtype and got.shape == want.shape
-            assert got.reshape(-1).view(torch.uint8).numpy().tobytes() == want.reshape(-1).view(torch.uint8).numpy().tobytes(), tname
+            assert (
+                got.reshape(-1).view(torch.uint8).numpy().tobytes()
+                == want.reshape(-1).view(torch.uint8).numpy().tobytes()
+            ), tname
 
 
 def test_export_is_bit_exact_against_the_source_checkpoint(family, tmp_path):
@@ -135,7 +142,10 @@ def test_export_is_bit_exact_against_the_source_checkpoint(family, tmp_path):
                     for k in a.keys():
                         x, y = a.get_tensor(k), b.get_tensor(k)
                         assert x.dtype == y.dtype and x.shape == y.shape
-                        assert hashlib.sha256(x.reshape(-1).view(torch.uint8).numpy()).digest() == hashlib.sha256(y.reshape(-1).view(torch.uint8).numpy()).digest()
+                        assert (
+                            hashlib.sha256(x.reshape(-1).view(torch.uint8).numpy()).digest()
+                            == hashlib.sha256(y.reshape(-1).view(torch.uint8).numpy()).digest()
+                        )
 
 
 @torch.no_grad()
@@ -225,7 +235,10 @@ def test_a_damaged_blob_is_reported_and_refused_in_one_line(family, tmp_path):
         (lambda m, k: m["encodings"][k].update(dtype="F64"), "decodes to F64"),
         (lambda m, k: m["encodings"][k].update(dtype="F99"), "not a safetensors dtype"),
         (lambda m, k: m["encodings"][sorted(m["encodings"])[1]].update(reference=k), "which is itself encoded"),
-        (lambda m, k: m.update(encodings={k.replace("@1", "@0"): m["encodings"][k], **m["encodings"]}), "not stored as a U8"),
+        (
+            lambda m, k: m.update(encodings={k.replace("@1", "@0"): m["encodings"][k], **m["encodings"]}),
+            "not stored as a U8",
+        ),
     ],
 )
 def test_a_bad_encodings_entry_is_a_corrupt_manifest(family, tmp_path, change, fragment):

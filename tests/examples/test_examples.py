@@ -87,8 +87,10 @@ def test_every_model_loads_with_transformers_and_shares_one_tokenizer(family, mo
 
 def test_files_cover_every_layout_moeconsol_reads(family):
     out, _ = family
-    layouts = {name: Checkpoint(name, str(out / "mixtral" / name), out / "mixtral" / name).layout.name
-               for name in ["base", "code", "math", "story"]}
+    layouts = {
+        name: Checkpoint(name, str(out / "mixtral" / name), out / "mixtral" / name).layout.name
+        for name in ["base", "code", "math", "story"]
+    }
     assert layouts == {"base": "mixtral", "code": "mixtral", "math": "mixtral-fused", "story": "mixtral"}
     for sharded in [out / "mixtral" / "story", out / "switch" / "prefix"]:
         index = json.loads((sharded / "model.safetensors.index.json").read_text())
@@ -156,8 +158,9 @@ def _hf_seq2seq_loss(model, tokenizer, jsonl: Path) -> float:
     labels = tokenizer([p["target"] + "</s>" for p in pairs], padding=True, return_tensors="pt")
     target = labels.input_ids.masked_fill(labels.attention_mask == 0, -100)
     with torch.no_grad():
-        out = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=target,
-                    output_router_logits=False)
+        out = model(
+            input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=target, output_router_logits=False
+        )
     return float(out.loss)
 
 
@@ -176,16 +179,19 @@ def test_each_variant_beats_the_base_on_its_own_held_out_data(family, models):
             assert docs == bf.text_docs(m.data, bf.SMALL.eval_docs, bf.SEED + 1)
             # `moeconsol eval` scores in windows of max_position_embeddings: the training window.
             assert models[(m.family, m.name)].config.max_position_embeddings == bf.SMALL.seq_len
-            base_loss, own_loss = (_hf_causal_loss(models[(m.family, n)], tok, eval_file, bf.SMALL.seq_len)
-                                   for n in ["base", m.name])
+            base_loss, own_loss = (
+                _hf_causal_loss(models[(m.family, n)], tok, eval_file, bf.SMALL.seq_len) for n in ["base", m.name]
+            )
             assert m.base_eval_accuracy is None and m.eval_accuracy is None
         else:
             assert len(eval_file.read_text().splitlines()) == bf.SMALL.eval_pairs
             base_loss, own_loss = (_hf_seq2seq_loss(models[(m.family, n)], tok, eval_file) for n in ["base", m.name])
             # The accuracy the builder prints is the one the quality sweep measures, per example.
             examples = [json.loads(line) for line in eval_file.read_text().splitlines()]
-            base_acc, own_acc = (seq2seq_accuracy(models[(m.family, n)], tok, examples, max_new_tokens=1).token_accuracy
-                                 for n in ["base", m.name])
+            base_acc, own_acc = (
+                seq2seq_accuracy(models[(m.family, n)], tok, examples, max_new_tokens=1).token_accuracy
+                for n in ["base", m.name]
+            )
             assert m.base_eval_accuracy == pytest.approx(base_acc, abs=1e-9)
             assert m.eval_accuracy == pytest.approx(own_acc, abs=1e-9)
             assert own_acc > base_acc, f"{m.family}/{m.name}: accuracy {own_acc:.3f} !> base {base_acc:.3f}"
@@ -226,11 +232,17 @@ def test_cli_rejects_a_missing_out_option():
 
 
 def _demo(*args: str) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "MOECONSOL": str(Path(sys.executable).parent / "moeconsol"), "PYTHON": sys.executable}
-    return subprocess.run(["bash", str(ROOT / "examples" / "demo.sh"), *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "MOECONSOL": str(Path(sys.executable).parent / "moeconsol"),
+        "PYTHON": sys.executable,
+    }
+    return subprocess.run(
+        ["bash", str(ROOT / "examples" / "demo.sh"), *args], capture_output=True, text=True, cwd=ROOT, env=env
+    )
 
 
+@pytest.mark.slow
 def test_demo_script_runs_the_whole_pipeline(family):
     out, _ = family
     proc = _demo(str(out))
@@ -241,7 +253,13 @@ def test_demo_script_runs_the_whole_pipeline(family):
         assert analysis  # written by `moeconsol analyze`, checked in its own tests
         assert (reports / f"{fam}-heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     artifacts = out / "artifacts"
-    for name in ["mixtral-lossless", "mixtral-budget50", "switch-threshold", "mixtral-calibrated", "qwen3_moe-lossless"]:
+    for name in [
+        "mixtral-lossless",
+        "mixtral-budget50",
+        "switch-threshold",
+        "mixtral-calibrated",
+        "qwen3_moe-lossless",
+    ]:
         assert (artifacts / name / "manifest.json").is_file(), name
     assert "ok: " in proc.stdout  # `moeconsol verify` of the lossless artifact
     assert (artifacts / "math-exported" / "config.json").is_file()

@@ -36,8 +36,17 @@ bf = _load("build_family", "build_family.py")
 bf2 = _load("build_family2", "build_family2.py")
 
 
-SIZE = replace(bf.SMALL, base_steps=24, variant_steps=24, switch_base_steps=24, switch_variant_steps=24, train_docs=60,
-               eval_docs=12, train_pairs=300, eval_pairs=24)
+SIZE = replace(
+    bf.SMALL,
+    base_steps=24,
+    variant_steps=24,
+    switch_base_steps=24,
+    switch_variant_steps=24,
+    train_docs=60,
+    eval_docs=12,
+    train_pairs=300,
+    eval_pairs=24,
+)
 """Smaller than the first family's test build: this file checks the family's data and recipe."""
 
 
@@ -81,16 +90,21 @@ def test_expert_only_variants_change_nothing_but_experts(family):
         variant = Checkpoint(name, name, out / fam / name)
         for layer in base.moe_layers:
             assert torch.equal(base.read(base.router_name(layer)), variant.read(variant.router_name(layer)))
-        moved = [not torch.equal(t, variant.expert_part(layer, e, part))
-                 for layer in base.moe_layers for e in range(base.num_experts)
-                 for part, t in base.expert(layer, e).items()]
+        moved = [
+            not torch.equal(t, variant.expert_part(layer, e, part))
+            for layer in base.moe_layers
+            for e in range(base.num_experts)
+            for part, t in base.expert(layer, e).items()
+        ]
         assert any(moved), (fam, name)
         from transformers import AutoModelForCausalLM, SwitchTransformersForConditionalGeneration
 
         cls = AutoModelForCausalLM if fam == "mixtral" else SwitchTransformersForConditionalGeneration
         a, b = (cls.from_pretrained(out / fam / n).state_dict() for n in ("base", name))
         changed = {n for n in a if not torch.equal(a[n], b[n])}
-        assert changed and all(".experts." in n for n in changed), sorted(n for n in changed if ".experts." not in n)[:3]
+        assert changed and all(".experts." in n for n in changed), sorted(n for n in changed if ".experts." not in n)[
+            :3
+        ]
 
 
 def test_each_variant_gains_on_its_own_held_out_data(family):
@@ -123,8 +137,16 @@ def test_each_variant_gains_on_its_own_held_out_data(family):
                 lab = tok([p["target"] + "</s>" for p in pairs], padding=True, return_tensors="pt")
                 target = lab.input_ids.masked_fill(lab.attention_mask == 0, -100)
                 with torch.no_grad():
-                    losses.append(float(model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                                              labels=target, output_router_logits=False).loss))
+                    losses.append(
+                        float(
+                            model(
+                                input_ids=enc.input_ids,
+                                attention_mask=enc.attention_mask,
+                                labels=target,
+                                output_router_logits=False,
+                            ).loss
+                        )
+                    )
         assert m.base_eval_loss == pytest.approx(losses[0], abs=1e-4)
         assert m.eval_loss == pytest.approx(losses[1], abs=1e-4)
         assert losses[1] < losses[0], f"{m.family}/{m.name}: {losses[1]:.3f} !< base {losses[0]:.3f}"

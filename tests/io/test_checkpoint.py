@@ -10,11 +10,11 @@ import blake3
 import pytest
 import torch
 
-from moeconsol.io import safetensors_file as safetensors_io
 from moeconsol import testing as T
+from moeconsol.errors import MoeconsolError
+from moeconsol.io import safetensors_file as safetensors_io
 from moeconsol.io.checkpoint import Checkpoint, check_compatible, open_checkpoint, open_checkpoints, parse_model_ref
 from moeconsol.io.digest import range_digest, tensor_digest
-from moeconsol.errors import MoeconsolError
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +221,14 @@ def test_not_a_checkpoint(tmp_path):
 def test_dense_model_refused(tmp_path):
     from transformers import MistralConfig, MistralForCausalLM
 
-    cfg = MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=1)
+    cfg = MistralConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     MistralForCausalLM(cfg).save_pretrained(tmp_path / "dense")
     with pytest.raises(MoeconsolError, match="no MoE expert tensors of a known layout"):
         Checkpoint("dense", str(tmp_path / "dense"), tmp_path / "dense")

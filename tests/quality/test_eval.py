@@ -6,13 +6,13 @@ import json
 import math
 
 import pytest
+from cli_helpers import cli, one_error_line
 
+from moeconsol.consolidate.pipeline import MergeSettings, merge
 from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.quality.evaluate import EvalSettings, eval_artifact, sweep
-from moeconsol.consolidate.pipeline import MergeSettings, merge
 from moeconsol.quality.metrics import perplexity, seq2seq_accuracy
 from moeconsol.testing import SAMPLE_TEXT, derive_variant, save_model, tiny_mixtral, tiny_switch, tiny_tokenizer
-from cli_helpers import cli, one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +37,15 @@ def switch_family(tmp_path_factory):
     save_model(base, root / "base", tok)
     save_model(derive_variant(base, 3, [(0, 1)], scale=0.05), root / "x", tok)
     save_model(derive_variant(base, 4, [(1, 2)], scale=0.05), root / "y", tok)
-    lines = [{"input": "copy: fox dog", "target": "fox dog"}, {"input": "upper: cat", "target": "CAT"}, {"input": "a b", "target": "b a"}]
+    lines = [
+        {"input": "copy: fox dog", "target": "fox dog"},
+        {"input": "upper: cat", "target": "CAT"},
+        {"input": "a b", "target": "b a"},
+    ]
     (root / "x.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (root / "y.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[::-1]))
     merge(open_checkpoints([f"x={root / 'x'}", f"y={root / 'y'}"]), root / "lossless")
     return root
-
-
 
 
 def test_eval_of_a_lossless_mixtral_artifact_equals_the_originals(mixtral_family):
@@ -82,8 +84,18 @@ def test_eval_of_a_lossless_switch_artifact_equals_the_originals(switch_family):
 def test_eval_cli_json_and_retained_gain_of_a_lossy_artifact(mixtral_family, tmp_path):
     root = mixtral_family
     merge(open_checkpoints([f"a={root / 'a'}", f"b={root / 'b'}"]), tmp_path / "avg", MergeSettings(mode="average"))
-    r = cli("eval", tmp_path / "avg", "--data", f"a={root / 'a.txt'}", "--base", root / "base", "--chunk-len", "16",
-            "--json", tmp_path / "e.json")
+    r = cli(
+        "eval",
+        tmp_path / "avg",
+        "--data",
+        f"a={root / 'a.txt'}",
+        "--base",
+        root / "base",
+        "--chunk-len",
+        "16",
+        "--json",
+        tmp_path / "e.json",
+    )
     assert r.returncode == 0, r.stderr
     assert "retained gain" in r.stdout
     report = json.loads((tmp_path / "e.json").read_text())
@@ -94,7 +106,9 @@ def test_eval_cli_json_and_retained_gain_of_a_lossy_artifact(mixtral_family, tmp
 
 def test_eval_json_is_strict_json_with_null_for_an_undefined_gain(mixtral_family, tmp_path):
     root = mixtral_family
-    r = cli("eval", root / "lossless", "--data", f"a={root / 'a.txt'}", "--chunk-len", "16", "--json", tmp_path / "e.json")
+    r = cli(
+        "eval", root / "lossless", "--data", f"a={root / 'a.txt'}", "--chunk-len", "16", "--json", tmp_path / "e.json"
+    )
     assert r.returncode == 0, r.stderr
 
     def refuse(constant):
@@ -126,19 +140,51 @@ def test_unknown_variant_in_data_exits_2(mixtral_family):
     one_error_line(cli("eval", root / "lossless", "--data", f"nope={root / 'a.txt'}"), "unknown variant 'nope'", "a, b")
 
 
+@pytest.mark.slow
 def test_sweep_cli_table_json_plot_and_cleanup(mixtral_family, tmp_path):
     root = mixtral_family
     out = tmp_path / "sweep"
-    r = cli("sweep", f"a={root / 'a'}", f"b={root / 'b'}", "--data", f"a={root / 'a.txt'}", "--data", f"b={root / 'b.txt'}",
-            "--budgets", "1.0,0.5", "--base", root / "base", "--calibration", root / "a.txt", "--chunk-len", "16",
-            "--method", "reference", "--method", "budget", "--method", "calibrated", "--method", "average", "-o", out)
+    r = cli(
+        "sweep",
+        f"a={root / 'a'}",
+        f"b={root / 'b'}",
+        "--data",
+        f"a={root / 'a.txt'}",
+        "--data",
+        f"b={root / 'b.txt'}",
+        "--budgets",
+        "1.0,0.5",
+        "--base",
+        root / "base",
+        "--calibration",
+        root / "a.txt",
+        "--chunk-len",
+        "16",
+        "--method",
+        "reference",
+        "--method",
+        "budget",
+        "--method",
+        "calibrated",
+        "--method",
+        "average",
+        "-o",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "sweep.json").read_text())
     assert (out / "sweep.png").stat().st_size > 0
     assert sorted(p.name for p in out.iterdir()) == ["sweep.json", "sweep.png"]  # artifacts removed
     points = {(p["method"], p["budget"]): p for p in report["points"]}
-    assert set(points) == {("reference", 1.0), ("reference", 0.5), ("budget", 1.0), ("budget", 0.5),
-                           ("calibrated", 1.0), ("calibrated", 0.5), ("average", None)}
+    assert set(points) == {
+        ("reference", 1.0),
+        ("reference", 0.5),
+        ("budget", 1.0),
+        ("budget", 0.5),
+        ("calibrated", 1.0),
+        ("calibrated", 0.5),
+        ("average", None),
+    }
     # at budget 1.0 nothing lossy happens: every method serves the originals (up to the order in
     # which a token's top-k expert outputs are summed, which follows bank indices)
     for m in ("reference", "budget", "calibrated"):

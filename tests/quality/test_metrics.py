@@ -104,7 +104,10 @@ def test_chunk_spans_worked_examples():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"chunk_len": 1}, "chunk length must be at least 2"), ({"chunk_len": 8, "stride": 9}, "stride must be between 1")],
+    [
+        ({"chunk_len": 1}, "chunk length must be at least 2"),
+        ({"chunk_len": 8, "stride": 9}, "stride must be between 1"),
+    ],
 )
 def test_perplexity_bad_options(mixtral, tok, kwargs, message):
     with pytest.raises(MoeconsolError, match=message):
@@ -152,7 +155,9 @@ INPUTS = ["The quick brown fox", "def add(a, b):", "Once upon a time", "Experts 
 def test_seq2seq_accuracy_matches_hand_computation(switch, tok):
     # targets: the model's own greedy output for some examples (exact match), wrong ones for others
     greedy = [manual_greedy_seq2seq(switch, tok, text, 6) for text in INPUTS]
-    examples = [{"input": t, "target": g if i % 2 == 0 else g + " router"} for i, (t, g) in enumerate(zip(INPUTS, greedy))]
+    examples = [
+        {"input": t, "target": g if i % 2 == 0 else g + " router"} for i, (t, g) in enumerate(zip(INPUTS, greedy))
+    ]
     exact = sum(g == e["target"].strip() for g, e in zip(greedy, examples))
     hits = [manual_token_hits_seq2seq(switch, tok, e["input"], e["target"]) for e in examples]
     correct, total = sum(h for h, _ in hits), sum(n for _, n in hits)

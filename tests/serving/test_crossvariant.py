@@ -15,19 +15,26 @@ import copy
 
 import pytest
 import torch
+from builders import correction_family as build_delta_family
+from builders import merge_with_corrections as merge_with_deltas
 
+from moeconsol.consolidate.pipeline import MergeSettings, merge
+from moeconsol.errors import MoeconsolError, SettingsError
 from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.serving.crossvariant import ServingMode
 from moeconsol.serving.engine import Engine, FinishReason, GenerationSettings, Request
-from moeconsol.errors import MoeconsolError, SettingsError
-from moeconsol.consolidate.pipeline import MergeSettings, merge
 from moeconsol.serving.runtime import Family, Runtime
 from moeconsol.testing import derive_variant, save_model, tiny_model, tiny_switch, tiny_tokenizer
-from builders import correction_family as build_delta_family, merge_with_corrections as merge_with_deltas
 
 CROSS = ServingMode.CROSS_VARIANT
-PROMPTS = ["The quick brown fox", "Once upon a time there was a model", "def add(a, b):", "0123",
-           "Experts are small feed-forward networks", "a router picks two"]
+PROMPTS = [
+    "The quick brown fox",
+    "Once upon a time there was a model",
+    "def add(a, b):",
+    "0123",
+    "Experts are small feed-forward networks",
+    "a router picks two",
+]
 # Float32 rows computed in a batch of another size than alone may round differently in the
 # last bits (a matmul of another shape may block its sums another way): the bound the runtime
 # tests use against transformers' own models, far below the variants' own differences (>1e-3).
@@ -98,8 +105,9 @@ def _mixed_and_alone(swap: Runtime, cross: Runtime, tol: dict) -> dict[str, torc
     prompt run alone on `swap` with its variant activated. Returns the rows alone by name."""
     names = swap.names
     order = [names[i % len(names)] for i in (1, 0, 2, 1, 2, 0)]  # every variant, interleaved
-    ids = torch.tensor([_ids(swap.tokenizer(names[0]), ["The quick brown fox jumps"])[0]] * len(order),
-                       device=swap.device)
+    ids = torch.tensor(
+        [_ids(swap.tokenizer(names[0]), ["The quick brown fox jumps"])[0]] * len(order), device=swap.device
+    )
     with cross.variant_rows(order):
         mixed = _logits(cross, ids)
     alone = {}
@@ -128,7 +136,7 @@ def test_one_mixed_forward_equals_each_row_alone(runtimes, kind):
         assert not torch.allclose(alone["same"], alone["base"], atol=1e-3)
 
 
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+DEVICES = ["cpu", *([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else [])]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -193,8 +201,10 @@ def test_greedy_answers_of_a_mixed_batch_equal_each_prompt_alone(runtimes, kind)
     swap, cross = runtimes[kind]
     names = swap.names
     tok = swap.tokenizer(names[0])
-    requests = [Request(names[i % len(names)], ids, GenerationSettings(max_new_tokens=5 + 2 * i))
-                for i, ids in enumerate(_ids(tok, PROMPTS))]
+    requests = [
+        Request(names[i % len(names)], ids, GenerationSettings(max_new_tokens=5 + 2 * i))
+        for i, ids in enumerate(_ids(tok, PROMPTS))
+    ]
     cross.activate(names[0])
     engine = Engine(cross, max_batch_size=8)
     peak = _run(engine, requests, join_every=2)  # requests of every variant join and leave one running batch
@@ -224,9 +234,17 @@ def test_prefill_of_mixed_variants_in_one_forward(runtimes, kind):
 def test_seeded_sampling_gives_the_same_text_mixed_or_alone(runtimes, kind):
     swap, cross = runtimes[kind]
     tok = swap.tokenizer("base")
-    cases = [("ft", 1.0, 1.0, 1), ("base", 1.5, 0.9, 2), ("ft", 0.7, 0.5, 3), ("same", 1.2, 1.0, 2**63 - 1), ("base", 0.0, 1.0, None)]
-    requests = [Request(n, ids, GenerationSettings(max_new_tokens=10, temperature=t, top_p=p, seed=s))
-                for (n, t, p, s), ids in zip(cases, _ids(tok, PROMPTS))]
+    cases = [
+        ("ft", 1.0, 1.0, 1),
+        ("base", 1.5, 0.9, 2),
+        ("ft", 0.7, 0.5, 3),
+        ("same", 1.2, 1.0, 2**63 - 1),
+        ("base", 0.0, 1.0, None),
+    ]
+    requests = [
+        Request(n, ids, GenerationSettings(max_new_tokens=10, temperature=t, top_p=p, seed=s))
+        for (n, t, p, s), ids in zip(cases, _ids(tok, PROMPTS))
+    ]
     _run(Engine(cross), requests)
     alone = [_alone(swap, r.model, r.prompt_ids, r.settings) for r in requests]
     assert [r.token_ids for r in requests] == alone
@@ -294,8 +312,19 @@ def test_every_switch_module_owning_a_differing_tensor_runs_per_variant(runtimes
     a, b = swap.family.variants["base"].tensors, swap.family.variants["ft"].tensors
     differing = {n for n in a if a[n] != b[n]}
     kinds = {n.split(".")[-2] for n in differing}
-    assert {"shared", "relative_attention_bias", "layer_norm", "final_layer_norm", "q", "k", "v", "o", "wi", "wo",
-            "classifier"} <= kinds
+    assert {
+        "shared",
+        "relative_attention_bias",
+        "layer_norm",
+        "final_layer_norm",
+        "q",
+        "k",
+        "v",
+        "o",
+        "wi",
+        "wo",
+        "classifier",
+    } <= kinds
     for name in differing:
         module = name.rpartition(".")[0]
         holder = module.rpartition(".")[0] if module.endswith("relative_attention_bias") else module
@@ -315,9 +344,12 @@ def test_switch_relative_attention_bias_is_each_variants_own():
         if "relative_attention_bias" in name:
             p.data += torch.randn(p.shape, generator=torch.Generator().manual_seed(3))
     family = Family.from_models({"a": base, "b": other}, {"a": tok, "b": tok})
-    assert {n for n in family.variants["a"].tensors if family.variants["a"].tensors[n] != family.variants["b"].tensors[n]} == {
+    assert {
+        n for n in family.variants["a"].tensors if family.variants["a"].tensors[n] != family.variants["b"].tensors[n]
+    } == {
         "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"}
+        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+    }
     swap, cross = Runtime(family), Runtime(family, mode=CROSS)
     ids = torch.tensor(_ids(tok, ["The quick brown fox jumps"]) * 3)
     order = ["b", "a", "b"]

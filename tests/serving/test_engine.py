@@ -9,13 +9,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moeconsol.errors import MoeconsolError, SettingsError
 from moeconsol.serving.engine import Engine, FinishReason, GenerationSettings, Request, check_settings, penalize, sample
-from moeconsol.errors import SettingsError
-from moeconsol.errors import MoeconsolError
 from moeconsol.serving.runtime import Family, Runtime
 from moeconsol.testing import derive_variant, tiny_mixtral, tiny_switch, tiny_tokenizer
 
-PROMPTS = ["The quick brown fox", "Once upon a time there was a model", "def add(a, b):", "0123", "Experts are small feed-forward networks"]
+PROMPTS = [
+    "The quick brown fox",
+    "Once upon a time there was a model",
+    "def add(a, b):",
+    "0123",
+    "Experts are small feed-forward networks",
+]
 
 
 @pytest.fixture(scope="module", params=["mixtral", "switch"])
@@ -30,7 +35,7 @@ def family(request):
 def alone(model, ids: list[int], n: int, **generate) -> list[int]:
     x = torch.tensor([ids])
     out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, **generate)
-    return out[0, 1:].tolist() if model.config.is_encoder_decoder else out[0, len(ids):].tolist()
+    return out[0, 1:].tolist() if model.config.is_encoder_decoder else out[0, len(ids) :].tolist()
 
 
 def run(engine: Engine, requests: list[Request], join_every: int = 1) -> None:
@@ -49,7 +54,10 @@ def test_batched_greedy_equals_transformers_alone(family):
     for name in ("ft", "base"):
         rt.activate(name)
         engine = Engine(rt, max_batch_size=8)
-        requests = [Request(name, tok(p)["input_ids"], GenerationSettings(max_new_tokens=6 + 2 * i)) for i, p in enumerate(PROMPTS)]
+        requests = [
+            Request(name, tok(p)["input_ids"], GenerationSettings(max_new_tokens=6 + 2 * i))
+            for i, p in enumerate(PROMPTS)
+        ]
         run(engine, requests, join_every=2)  # requests join and leave a running batch
         for r in requests:
             assert r.token_ids == alone(models[name], r.prompt_ids, r.settings.max_new_tokens), (name, r.prompt_ids)
@@ -84,8 +92,10 @@ def test_a_parked_batch_continues_after_its_variant_comes_back(family):
 def test_seeded_sampling_gives_the_same_text_batched_or_alone(family):
     arch, models, rt, tok = family
     rt.activate("ft")
-    settings = [GenerationSettings(max_new_tokens=10, temperature=t, top_p=p, seed=s)
-                for t, p, s in [(1.0, 1.0, 1), (1.5, 0.9, 2), (0.7, 0.5, 3), (1.2, 1.0, 2**63 - 1)]]
+    settings = [
+        GenerationSettings(max_new_tokens=10, temperature=t, top_p=p, seed=s)
+        for t, p, s in [(1.0, 1.0, 1), (1.5, 0.9, 2), (0.7, 0.5, 3), (1.2, 1.0, 2**63 - 1)]
+    ]
     prompts = [tok(p)["input_ids"] for p in PROMPTS[:4]]
 
     def one(ids, s):
@@ -133,8 +143,15 @@ def test_penalize_follows_transformers_rule():
     assert penalize(logits, [0], 1.0).tolist() == logits.tolist()
 
 
-@pytest.mark.parametrize("bad", [GenerationSettings(top_k=-1), GenerationSettings(top_k=True),
-                                 GenerationSettings(repetition_penalty=0.0), GenerationSettings(repetition_penalty=float("nan"))])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        GenerationSettings(top_k=-1),
+        GenerationSettings(top_k=True),
+        GenerationSettings(repetition_penalty=0.0),
+        GenerationSettings(repetition_penalty=float("nan")),
+    ],
+)
 def test_bad_top_k_and_penalty_are_refused(bad):
     with pytest.raises(SettingsError, match="top_k|repetition_penalty"):
         check_settings(bad)
@@ -224,7 +241,10 @@ def test_requests_prefilled_together_equal_transformers_alone(family):
     rt.activate("ft")
     engine = Engine(rt)
     first = [Request("ft", tok(p)["input_ids"], GenerationSettings(max_new_tokens=9)) for p in PROMPTS[:3]]
-    later = [Request("ft", tok(p)["input_ids"], GenerationSettings(max_new_tokens=1 + 4 * i)) for i, p in enumerate(PROMPTS[2:])]
+    later = [
+        Request("ft", tok(p)["input_ids"], GenerationSettings(max_new_tokens=1 + 4 * i))
+        for i, p in enumerate(PROMPTS[2:])
+    ]
     assert engine.admit_all(first) == []
     engine.step()
     done = engine.admit_all(later)

@@ -23,15 +23,17 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 
+pytestmark = pytest.mark.ray
 pytest.importorskip("ray.serve")
 
-from moeconsol.io.checkpoint import open_checkpoints  # noqa: E402
+from builders import samples  # noqa: E402
+from cli_helpers import one_error_line, run_main  # noqa: E402
+
 from moeconsol.consolidate.pipeline import merge  # noqa: E402
+from moeconsol.io.checkpoint import open_checkpoints  # noqa: E402
 from moeconsol.serving.runtime import Runtime  # noqa: E402
 from moeconsol.serving.server import create_app  # noqa: E402
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer  # noqa: E402
-from cli_helpers import one_error_line, run_main  # noqa: E402
-from builders import samples  # noqa: E402
 
 PROMPT = "Once upon a time"
 RAY_PROCESSES = ("raylet", "gcs_server")
@@ -79,9 +81,22 @@ class Cluster:
 def cluster(artifact):
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moeconsol", "serve", str(artifact), "--replicas", "2", "--port", str(port),
-         "--num-cpus-per-replica", "0.5"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "moeconsol",
+            "serve",
+            str(artifact),
+            "--replicas",
+            "2",
+            "--port",
+            str(port),
+            "--num-cpus-per-replica",
+            "0.5",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     c = Cluster(proc, f"http://127.0.0.1:{port}")
     seen: list[psutil.Process] = []
@@ -114,7 +129,7 @@ def _post(url: str, path: str, body: dict, timeout: float = 60) -> httpx.Respons
 
 
 def _sse(text: str) -> list[dict]:
-    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    events = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]", text
     return [json.loads(e) for e in events[:-1]]
 
@@ -122,7 +137,11 @@ def _sse(text: str) -> list[dict]:
 def test_models_and_greedy_answers_equal_serve_locals(cluster, local):
     r = httpx.get(cluster.url + "/v1/models", timeout=30)
     assert r.status_code == 200
-    assert [m["id"] for m in r.json()["data"]] == [m["id"] for m in local.get("/v1/models").json()["data"]] == ["base", "ft"]
+    assert (
+        [m["id"] for m in r.json()["data"]]
+        == [m["id"] for m in local.get("/v1/models").json()["data"]]
+        == ["base", "ft"]
+    )
     chat = [{"role": "user", "content": "hi there"}]
     for model in ("ft", "base", "base", "ft"):
         for path, body in (("/v1/completions", {"prompt": PROMPT}), ("/v1/chat/completions", {"messages": chat})):
@@ -173,7 +192,11 @@ def test_alternating_variants_are_routed_to_their_replicas(cluster):
     assert swaps <= 4, swaps
     assert delta("moeconsol_requests_total", model="base") == delta("moeconsol_requests_total", model="ft") == 8
     # the sum over replicas and the per-replica series agree
-    replicas = {dict(labels)["replica"] for (name, labels) in after if name == "moeconsol_requests_total" and "replica" in dict(labels)}
+    replicas = {
+        dict(labels)["replica"]
+        for (name, labels) in after
+        if name == "moeconsol_requests_total" and "replica" in dict(labels)
+    }
     assert len(replicas) == 2
     for m in ("base", "ft"):
         per = [after[("moeconsol_requests_total", frozenset({("model", m), ("replica", r)}))] for r in replicas]
@@ -191,7 +214,11 @@ def test_alternating_variants_are_routed_to_their_replicas(cluster):
     ],
 )
 def test_errors_are_serve_locals(cluster, local, path, payload, status):
-    kw = {"content": payload, "headers": {"content-type": "application/json"}} if isinstance(payload, bytes) else {"json": payload}
+    kw = (
+        {"content": payload, "headers": {"content-type": "application/json"}}
+        if isinstance(payload, bytes)
+        else {"json": payload}
+    )
     got, want = httpx.post(cluster.url + path, timeout=30, **kw), local.post(path, **kw)
     assert got.status_code == want.status_code == status
     assert got.json() == want.json()
@@ -200,8 +227,11 @@ def test_errors_are_serve_locals(cluster, local, path, payload, status):
 def test_a_client_that_goes_away_is_cancelled_on_its_replica(cluster):
     def cancelled() -> float:
         text = httpx.get(cluster.url + "/metrics", timeout=30).text
-        return sum(v for (name, labels), v in samples(text).items()
-                   if name == "moeconsol_cancelled_requests_total" and "replica" not in dict(labels))
+        return sum(
+            v
+            for (name, labels), v in samples(text).items()
+            if name == "moeconsol_cancelled_requests_total" and "replica" not in dict(labels)
+        )
 
     before = cancelled()
     req = {"model": "ft", "prompt": PROMPT, "max_tokens": 240, "temperature": 0, "stream": True}
@@ -245,7 +275,10 @@ def test_cross_variant_batching_reaches_each_replicas_runtime(artifact, local, m
         for model in ("base", "ft"):
             req = {"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
             got = replica.post("/v1/completions", json=req)
-            assert got.status_code == 200 and got.json()["choices"] == local.post("/v1/completions", json=req).json()["choices"]
+            assert (
+                got.status_code == 200
+                and got.json()["choices"] == local.post("/v1/completions", json=req).json()["choices"]
+            )
     assert runtime.swaps == []
 
 

@@ -9,23 +9,23 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-from collections import Counter
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from cli_helpers import cli
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moeconsol.io.checkpoint import open_checkpoints
-from moeconsol.errors import MoeconsolError
-from moeconsol.serving import runtime
-from moeconsol.consolidate.pipeline import merge
-from moeconsol.serving.runtime import Family, GenerationSettings, Runtime, parse_device, parse_dtype
 from moeconsol.architectures.layouts import architecture
+from moeconsol.consolidate.pipeline import merge
+from moeconsol.errors import MoeconsolError
+from moeconsol.io.checkpoint import open_checkpoints
+from moeconsol.serving import runtime
+from moeconsol.serving.runtime import Family, GenerationSettings, Runtime, parse_device, parse_dtype
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_model, tiny_tokenizer
-from cli_helpers import cli
 
 PROMPT = "The quick brown fox"
 
@@ -57,7 +57,11 @@ def family(request, tmp_path_factory):
 
 def _inputs(arch: str, tok) -> dict:
     ids = torch.tensor([tok(PROMPT)["input_ids"]])
-    return {"input_ids": ids, "decoder_input_ids": ids[:, :3]} if architecture(arch).encoder_decoder else {"input_ids": ids}
+    return (
+        {"input_ids": ids, "decoder_input_ids": ids[:, :3]}
+        if architecture(arch).encoder_decoder
+        else {"input_ids": ids}
+    )
 
 
 @torch.no_grad()
@@ -164,8 +168,11 @@ def test_resident_non_expert_tensors_are_views_into_one_flat_buffer_per_dtype(fa
     flats = {dtype: _storage(f.buffer) for dtype, f in rt._flats.items()}
     assert len(flats) == 1  # float32 only
     bank = {id(t) for t in rt.bank_tensors().values()}
-    outside = [(n, t) for n, t in [*rt.model.named_parameters(remove_duplicate=False), *rt.model.named_buffers()]
-               if id(t) not in bank and not n.endswith(("slot_map", "inv_freq"))]
+    outside = [
+        (n, t)
+        for n, t in [*rt.model.named_parameters(remove_duplicate=False), *rt.model.named_buffers()]
+        if id(t) not in bank and not n.endswith(("slot_map", "inv_freq"))
+    ]
     assert len(outside) > len(rt._targets) - 1
     for name, t in outside:
         assert _storage(t) == flats[t.dtype], f"{name} is not a view into the flat buffer"
@@ -191,19 +198,30 @@ def test_a_swap_is_one_copy_per_dtype_plus_the_slot_maps(family, monkeypatch):
     arch, paths, refs, rt = family
     copies: list[tuple[int, int]] = []
     copy_into = runtime._copy_into
-    monkeypatch.setattr(runtime, "_copy_into", lambda dst, src: (copies.append((dst.data_ptr(), dst.numel())), copy_into(dst, src)))
+    monkeypatch.setattr(
+        runtime, "_copy_into", lambda dst, src: (copies.append((dst.data_ptr(), dst.numel())), copy_into(dst, src))
+    )
     threads = []
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     (flat,) = rt._flats.values()
     region, table = (flat.buffer.data_ptr(), flat.swap_numel), (rt._slot_table.data_ptr(), rt._slot_table.numel())
     rt.activate("base")
     # base and same share their non-expert tensors (one host buffer) but not their slot maps
-    for name, want in (("ft", [region, table]), ("same", [region, table]), ("base", [table]), ("same", [table]), ("same", []), ("ft", [region, table])):
+    for name, want in (
+        ("ft", [region, table]),
+        ("same", [region, table]),
+        ("base", [table]),
+        ("same", [table]),
+        ("same", []),
+        ("ft", [region, table]),
+    ):
         copies.clear()
         with _CountOps() as counted:
             report = rt.activate(name)
         assert copies == want, name
-        assert set(counted.ops) <= {"aten.view", "aten.detach"}, counted.ops  # besides the copies: byte views, no kernel
+        assert set(counted.ops) <= {"aten.view", "aten.detach"}, (
+            counted.ops
+        )  # besides the copies: byte views, no kernel
         assert report.tensors_copied == (len(rt._targets) if region in want else 0)  # base/ft: every tensor differs
     assert threads == []  # no process-wide thread setting touched
     assert flat.swap_numel == flat.buffer.numel()
@@ -234,7 +252,10 @@ def test_tensors_every_variant_shares_stay_out_of_the_swap():
         ft.lm_head.weight.add_(0.5)
         ft.model.layers[1].self_attn.q_proj.weight.mul_(2.0)
     calls: dict[str, tuple[int, int]] = {}
-    rt = Runtime(Family.from_models({"base": base, "ft": ft}), progress=lambda stage, done, total: calls.update({stage: (done, total)}))
+    rt = Runtime(
+        Family.from_models({"base": base, "ft": ft}),
+        progress=lambda stage, done, total: calls.update({stage: (done, total)}),
+    )
     shared = len(rt._targets) - 2
     assert calls["non-expert tensors"] == (2 * 2 + shared,) * 2  # each variant's 2 differing tensors, the others once
     (flat,) = rt._flats.values()
@@ -252,7 +273,7 @@ def test_tensors_every_variant_shares_stay_out_of_the_swap():
             assert torch.equal(rt.model(input_ids=ids).logits, m(input_ids=ids).logits)
 
 
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+DEVICES = ["cpu", *([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else [])]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -291,8 +312,10 @@ def test_greedy_generation_equals_transformers(family):
     ids = torch.tensor([tok(PROMPT)["input_ids"]])
     for name in ("ft", "base"):
         got = rt.complete(name, PROMPT, GenerationSettings(max_new_tokens=10))
-        out = refs[name].generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
-        want = out[0, 1:] if architecture(arch).encoder_decoder else out[0, ids.shape[1]:]
+        out = refs[name].generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False
+        )
+        want = out[0, 1:] if architecture(arch).encoder_decoder else out[0, ids.shape[1] :]
         assert got.token_ids == want.tolist()
         assert got.text == tok.decode(want, skip_special_tokens=True)
         assert got.prompt_tokens == ids.shape[1] and got.finish_reason in ("stop", "length")
@@ -370,15 +393,29 @@ def test_variants_of_different_configurations_are_refused():
 @pytest.mark.parametrize("family", ["mixtral"], indirect=True)  # one CLI run is enough
 def test_cli_one_shot_prints_greedy_text_of_each_model(family):
     arch, paths, refs, rt = family
-    r = cli("serve-local", str(paths["out"]), "--model", "ft", "--model", "base", "--prompt", PROMPT, "--max-new-tokens", "6", "--json")
+    r = cli(
+        "serve-local",
+        str(paths["out"]),
+        "--model",
+        "ft",
+        "--model",
+        "base",
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        "6",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     tok = rt.tokenizer("ft")
     ids = torch.tensor([tok(PROMPT)["input_ids"]])
     assert [c["model"] for c in out["completions"]] == ["ft", "base"]
     for c in out["completions"]:
-        want = refs[c["model"]].generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
-        assert c["token_ids"] == want[0, ids.shape[1]:].tolist()
+        want = refs[c["model"]].generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False
+        )
+        assert c["token_ids"] == want[0, ids.shape[1] :].tolist()
     assert out["completions"][0]["swap"]["bytes_moved"] == 0  # ft is loaded active
     assert out["completions"][1]["swap"]["bytes_moved"] > 0
     assert out["resident_bytes"]["total"] == rt.resident_bytes().total
@@ -388,7 +425,9 @@ def test_cli_one_shot_prints_greedy_text_of_each_model(family):
     from moeconsol.cli import app, load_commands
 
     load_commands("serve-local")
-    r = CliRunner().invoke(app, ["serve-local", str(paths["out"]), "--model", "base", "--prompt", PROMPT, "--max-new-tokens", "3"])
+    r = CliRunner().invoke(
+        app, ["serve-local", str(paths["out"]), "--model", "base", "--prompt", PROMPT, "--max-new-tokens", "3"]
+    )
     assert r.exit_code == 0, r.output
     assert "time to first token" in r.output and "tokens/s" in r.output and "swap" in r.output
 
@@ -401,11 +440,15 @@ def test_cli_errors_are_one_line_exit_2(family):
         (["--prompt", "hi", "--port", "8000"], "either --prompt"),
     ]
     procs = [
-        subprocess.Popen([sys.executable, "-m", "moeconsol", "serve-local", str(paths["out"]), *args],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "moeconsol", "serve-local", str(paths["out"]), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for args, _ in cases
     ]
-    for (args, message), proc in zip(cases, procs):
+    for (_args, message), proc in zip(cases, procs):
         _, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 2, stderr
         lines = [ln for ln in stderr.splitlines() if ln.strip()]

@@ -7,29 +7,23 @@ checkpoints (greedy), not from the runtime under test.
 from __future__ import annotations
 
 import json
-import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
-import transformers
-from fastapi.testclient import TestClient
-from concurrent.futures import ThreadPoolExecutor
-
-from moeconsol.io.checkpoint import open_checkpoints
-from moeconsol.consolidate.pipeline import merge
-from moeconsol.serving.runtime import GenerationSettings, Runtime
-from moeconsol.serving.server import Job, Scheduler, create_app, pick_model
-from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
 from builders import greedy, samples, served_family
 from cli_helpers import cli, one_error_line
+from fastapi.testclient import TestClient
+
+from moeconsol.serving.runtime import GenerationSettings, Runtime
+from moeconsol.serving.server import Job, Scheduler, create_app, pick_model
+from moeconsol.testing import tiny_tokenizer
 
 PROMPT = "Once upon a time"
 
@@ -47,7 +41,7 @@ def client(served):
 
 
 def _sse(text: str) -> list:
-    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    events = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     return [json.loads(e) for e in events[:-1]]
 
@@ -68,19 +62,29 @@ def test_completions_for_interleaved_variants_equal_transformers(client, served)
         want = greedy(refs[model], ids, 8)
         assert body["model"] == model and body["object"] == "text_completion"
         assert body["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
-        assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(want), "total_tokens": len(ids) + len(want)}
+        assert body["usage"] == {
+            "prompt_tokens": len(ids),
+            "completion_tokens": len(want),
+            "total_tokens": len(ids) + len(want),
+        }
         assert runtime.active == model
 
 
 def test_chat_uses_the_variants_chat_template(client, served):
     out, runtime, refs, tok = served
     messages = [{"role": "user", "content": "add 2 and 3"}]
-    r = client.post("/v1/chat/completions", json={"model": "ft", "messages": messages, "max_tokens": 6, "temperature": 0})
+    r = client.post(
+        "/v1/chat/completions", json={"model": "ft", "messages": messages, "max_tokens": 6, "temperature": 0}
+    )
     assert r.status_code == 200, r.text
-    ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)[
+        "input_ids"
+    ]
     assert ids[-3:] == tok("<|assistant|>\n", add_special_tokens=False)["input_ids"][-3:]
     msg = r.json()["choices"][0]["message"]
-    assert msg["role"] == "assistant" and msg["content"] == tok.decode(greedy(refs["ft"], ids, 6), skip_special_tokens=True)
+    assert msg["role"] == "assistant" and msg["content"] == tok.decode(
+        greedy(refs["ft"], ids, 6), skip_special_tokens=True
+    )
 
 
 def test_streaming_sends_the_same_text_as_events(client):
@@ -93,13 +97,23 @@ def test_streaming_sends_the_same_text_as_events(client):
     assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1]) and len(chunks) > 2
 
-    r = client.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "hi"}],
-                                                  "max_tokens": 5, "temperature": 0, "stream": True})
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "base",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 5,
+            "temperature": 0,
+            "stream": True,
+        },
+    )
     chunks = _sse(r.text)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant" and chunks[0]["object"] == "chat.completion.chunk"
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    again = client.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "hi"}],
-                                                      "max_tokens": 5, "temperature": 0}).json()
+    again = client.post(
+        "/v1/chat/completions",
+        json={"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0},
+    ).json()
     assert streamed == again["choices"][0]["message"]["content"]
 
 
@@ -108,7 +122,9 @@ def test_metrics_count_swaps_and_tokens_per_model(client, served):
     before = samples(client.get("/metrics").text)
     tokens = 0
     for model in ("base", "ft", "ft"):
-        tokens += client.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 4}).json()["usage"]["completion_tokens"]
+        tokens += client.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 4}).json()[
+            "usage"
+        ]["completion_tokens"]
     after_r = client.get("/metrics")
     assert after_r.status_code == 200 and after_r.headers["content-type"].startswith("text/plain")
     after = samples(after_r.text)
@@ -118,7 +134,10 @@ def test_metrics_count_swaps_and_tokens_per_model(client, served):
         return after[key] - before.get(key, 0.0)
 
     assert delta("moeconsol_requests_total", model="ft") == 2 and delta("moeconsol_requests_total", model="base") == 1
-    assert delta("moeconsol_generated_tokens_total", model="ft") + delta("moeconsol_generated_tokens_total", model="base") == tokens
+    assert (
+        delta("moeconsol_generated_tokens_total", model="ft") + delta("moeconsol_generated_tokens_total", model="base")
+        == tokens
+    )
     assert delta("moeconsol_swaps_total", model="ft") == 1 and delta("moeconsol_swap_seconds_count", model="ft") == 1
     assert delta("moeconsol_swap_bytes_total", model="ft") == runtime.swaps[-1].bytes_moved > 0
     assert delta("moeconsol_swap_seconds_sum", model="ft") > 0
@@ -135,7 +154,12 @@ def test_metrics_count_swaps_and_tokens_per_model(client, served):
     "path, payload, status, fragment",
     [
         ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "does not exist"),
-        ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "does not exist"),
+        (
+            "/v1/chat/completions",
+            {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+            404,
+            "does not exist",
+        ),
         ("/v1/completions", b"{not json", 400, "not valid JSON"),
         ("/v1/completions", {"model": "ft"}, 400, "'prompt'"),
         ("/v1/completions", {"model": "ft", "prompt": "hi", "temperature": -1}, 400, "'temperature'"),
@@ -147,11 +171,20 @@ def test_metrics_count_swaps_and_tokens_per_model(client, served):
         ("/v1/completions", {"model": "ft", "prompt": "hi", "repetition_penalty": 0}, 400, "'repetition_penalty'"),
         ("/v1/completions", {"model": "ft", "prompt": "hi", "stream": "yes"}, 400, "'stream'"),
         ("/v1/chat/completions", {"model": "ft", "messages": "hi"}, 400, "'messages'"),
-        ("/v1/completions", {"model": "ft", "prompt": "The quick brown fox " * 60, "max_tokens": 8}, 400, "context is 256 tokens"),
+        (
+            "/v1/completions",
+            {"model": "ft", "prompt": "The quick brown fox " * 60, "max_tokens": 8},
+            400,
+            "context is 256 tokens",
+        ),
     ],
 )
 def test_errors_answer_openai_style_and_the_server_keeps_serving(client, path, payload, status, fragment):
-    kw = {"content": payload, "headers": {"content-type": "application/json"}} if isinstance(payload, bytes) else {"json": payload}
+    kw = (
+        {"content": payload, "headers": {"content-type": "application/json"}}
+        if isinstance(payload, bytes)
+        else {"json": payload}
+    )
     r = client.post(path, **kw)
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -200,7 +233,9 @@ def test_pick_model_bounds_every_wait(n_models, max_wait):
     assert worst <= bound, (worst, bound)
 
 
-@pytest.mark.parametrize("max_wait, expect_swaps, expect_served", [(60.0, 1, ["base"] * 3 + ["ft"] * 3), (0.0, 2, ["ft"] * 3 + ["base"] * 3)])
+@pytest.mark.parametrize(
+    "max_wait, expect_swaps, expect_served", [(60.0, 1, ["base"] * 3 + ["ft"] * 3), (0.0, 2, ["ft"] * 3 + ["base"] * 3)]
+)
 def test_scheduler_groups_requests_of_the_active_model(served, max_wait, expect_swaps, expect_served):
     out, runtime, refs, tok = served
     runtime.activate("base")
@@ -227,7 +262,11 @@ def test_concurrent_requests_decode_together_and_answer_as_alone(served):
     out, runtime, refs, tok = served
     prompts = ["Once upon a time", "The quick brown fox jumps", "def add(a, b):", "0123456789 + -", "Experts are small"]
     scheduler = Scheduler(runtime, max_wait=0.5, max_batch_size=4)
-    jobs = [Job(m, tok(p)["input_ids"], GenerationSettings(3 + 2 * i)) for i, p in enumerate(prompts) for m in ("base", "ft")]
+    jobs = [
+        Job(m, tok(p)["input_ids"], GenerationSettings(3 + 2 * i))
+        for i, p in enumerate(prompts)
+        for m in ("base", "ft")
+    ]
     futures = [scheduler.submit(j) for j in jobs]
     scheduler.start()
     try:
@@ -303,11 +342,21 @@ def test_real_socket_server_on_loopback(served):
         assert server.started
         base_url = f"http://127.0.0.1:{port}"
         assert [m["id"] for m in httpx.get(f"{base_url}/v1/models").json()["data"]] == ["base", "ft"]
-        r = httpx.post(f"{base_url}/v1/completions", json={"model": "ft", "prompt": PROMPT, "max_tokens": 5, "temperature": 0}, timeout=60)
+        r = httpx.post(
+            f"{base_url}/v1/completions",
+            json={"model": "ft", "prompt": PROMPT, "max_tokens": 5, "temperature": 0},
+            timeout=60,
+        )
         assert r.status_code == 200
-        assert r.json()["choices"][0]["text"] == tok.decode(greedy(refs["ft"], tok(PROMPT)["input_ids"], 5), skip_special_tokens=True)
-        with httpx.stream("POST", f"{base_url}/v1/completions", timeout=60,
-                          json={"model": "base", "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "stream": True}) as s:
+        assert r.json()["choices"][0]["text"] == tok.decode(
+            greedy(refs["ft"], tok(PROMPT)["input_ids"], 5), skip_special_tokens=True
+        )
+        with httpx.stream(
+            "POST",
+            f"{base_url}/v1/completions",
+            timeout=60,
+            json={"model": "base", "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "stream": True},
+        ) as s:
             text = "".join(s.iter_text())
         assert _sse(text)[-1]["choices"][0]["finish_reason"] in ("stop", "length")
         assert httpx.post(f"{base_url}/v1/completions", json={"model": "x", "prompt": "y"}).status_code == 404
@@ -334,17 +383,37 @@ def test_real_socket_server_on_loopback(served):
         ("/v1/completions", {"model": "ft", "prompt": "hi", "logit_bias": {"5": 10}}, "logit_bias"),
         ("/v1/completions", {"model": "ft", "prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
         ("/v1/completions", {"model": "ft", "prompt": "hi", "frequency_penalty": 1}, "frequency_penalty"),
-        ("/v1/chat/completions", {"model": "ft", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
-        ("/v1/chat/completions", {"model": "ft", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
-        ("/v1/chat/completions", {"model": "ft", "messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+        (
+            "/v1/chat/completions",
+            {"model": "ft", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+            "tools",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "ft", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "ft", "messages": [{"role": "user", "content": "x"}], "logprobs": True},
+            "logprobs",
+        ),
         ("/v1/chat/completions", {"model": "ft", "messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
-        ("/v1/completions", {"model": "ft", "prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+        (
+            "/v1/completions",
+            {"model": "ft", "prompt": "hi", "stream_options": {"include_usage": True}},
+            "stream_options",
+        ),
         ("/v1/completions", {"model": "ft", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ("/v1/completions", {"model": "ft", "prompt": "hi", "echo": "yes"}, "echo"),
     ],
 )
 def test_bad_parameters_are_refused_by_name(client, path, body, param):
-    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    kw = (
+        {"content": body, "headers": {"content-type": "application/json"}}
+        if isinstance(body, bytes)
+        else {"json": body}
+    )
     r = client.post(path, **kw)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
@@ -352,8 +421,20 @@ def test_bad_parameters_are_refused_by_name(client, path, body, param):
 
 
 def test_neutral_values_of_unsupported_parameters_are_accepted(client):
-    r = client.post("/v1/completions", json={"model": "ft", "prompt": "hi", "max_tokens": 2, "logprobs": None, "best_of": 1,
-                                             "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "echo": False})
+    r = client.post(
+        "/v1/completions",
+        json={
+            "model": "ft",
+            "prompt": "hi",
+            "max_tokens": 2,
+            "logprobs": None,
+            "best_of": 1,
+            "presence_penalty": 0,
+            "frequency_penalty": 0.0,
+            "logit_bias": {},
+            "echo": False,
+        },
+    )
     assert r.status_code == 200, r.text
 
 
@@ -370,10 +451,21 @@ def test_echo_and_usage_in_the_stream(client, served):
     out, runtime, refs, tok = served
     ids = tok(PROMPT)["input_ids"]
     want = tok.decode(greedy(refs["ft"], ids, 6), skip_special_tokens=True)
-    r = client.post("/v1/completions", json={"model": "ft", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "echo": True})
+    r = client.post(
+        "/v1/completions", json={"model": "ft", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "echo": True}
+    )
     assert r.json()["choices"][0]["text"] == PROMPT + want
-    r = client.post("/v1/completions", json={"model": "ft", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "stream": True,
-                                             "stream_options": {"include_usage": True}})
+    r = client.post(
+        "/v1/completions",
+        json={
+            "model": "ft",
+            "prompt": PROMPT,
+            "max_tokens": 6,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     chunks = _sse(r.text)
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(greedy(refs["ft"], ids, 6))
     assert chunks[-1]["usage"]["prompt_tokens"] == len(ids)
@@ -384,7 +476,9 @@ def test_stop_strings_over_http(client, served):
     out, runtime, refs, tok = served
     full = tok.decode(greedy(refs["base"], tok(PROMPT)["input_ids"], 10), skip_special_tokens=True)
     stop = full[4:6]
-    r = client.post("/v1/completions", json={"model": "base", "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "stop": stop})
+    r = client.post(
+        "/v1/completions", json={"model": "base", "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "stop": stop}
+    )
     choice = r.json()["choices"][0]
     assert choice["text"] == full[: full.index(stop)] and choice["finish_reason"] == "stop"
 
@@ -462,6 +556,7 @@ def test_top_k_and_repetition_penalty_are_parsed_like_vllm():
     assert parse_settings({"repetition_penalty": 1.2}).repetition_penalty == 1.2
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_port_in_use_and_nan_in_one_line(served):
     out, runtime, refs, tok = served
     with socket.socket() as s:
@@ -476,6 +571,7 @@ def test_cli_refuses_a_port_in_use_and_nan_in_one_line(served):
     one_error_line(cli("serve-local", out, "--port", port, "--max-batch-size", "0"), "--max-batch-size")
 
 
+@pytest.mark.slow
 def test_cli_server_stops_on_ctrl_c_with_one_line(served):
     out, runtime, refs, tok = served
     with socket.socket() as s:
@@ -483,9 +579,13 @@ def test_cli_server_stops_on_ctrl_c_with_one_line(served):
         port = s.getsockname()[1]
     # a server in a terminal's foreground: SIGINT at its default, whatever this test runner inherited
     # (a shell starts background jobs with SIGINT ignored, and an ignored signal stays ignored across exec)
-    proc = subprocess.Popen([sys.executable, "-m", "moeconsol", "serve-local", str(out), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moeconsol", "serve-local", str(out), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.time() + 120
         while True:
@@ -493,7 +593,9 @@ def test_cli_server_stops_on_ctrl_c_with_one_line(served):
                 httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).raise_for_status()
                 break
             except httpx.HTTPError:
-                assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+                assert proc.poll() is None and time.time() < deadline, (
+                    proc.stderr.read() if proc.poll() is not None else "timeout"
+                )
                 time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
@@ -537,7 +639,9 @@ def test_streams_inside_one_batch_each_get_their_own_text(client, served):
     prompts = ["Once upon a time", "def add(a, b):", "The quick brown fox", "0123456789"]
 
     def stream(p: str) -> str:
-        r = client.post("/v1/completions", json={"model": "base", "prompt": p, "max_tokens": 12, "temperature": 0, "stream": True})
+        r = client.post(
+            "/v1/completions", json={"model": "base", "prompt": p, "max_tokens": 12, "temperature": 0, "stream": True}
+        )
         return "".join(c["choices"][0]["text"] for c in _sse(r.text))
 
     with ThreadPoolExecutor(len(prompts)) as pool:

@@ -12,16 +12,23 @@ import json
 import pytest
 import torch
 import transformers
+from builders import greedy, samples, served_family
+from cli_helpers import cli
 from fastapi.testclient import TestClient
 
 from moeconsol.serving.crossvariant import ServingMode
 from moeconsol.serving.runtime import GenerationSettings, Runtime
 from moeconsol.serving.server import Job, Scheduler, create_app
 from moeconsol.testing import tiny_switch
-from cli_helpers import cli
-from builders import greedy, samples, served_family
 
-PROMPTS = ["Once upon a time", "The quick brown fox jumps", "def add(a, b):", "0123456789 + -", "Experts are small", "a router"]
+PROMPTS = [
+    "Once upon a time",
+    "The quick brown fox jumps",
+    "def add(a, b):",
+    "0123456789 + -",
+    "Experts are small",
+    "a router",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +48,11 @@ def _serve(scheduler: Scheduler, jobs: list[Job], timeout: float = 120):
 def test_requests_of_every_variant_run_in_one_batch_without_swaps(served):
     out, runtime, refs, tok = served
     runtime.activate("base")
-    jobs = [Job(m, tok(p)["input_ids"], GenerationSettings(3 + 2 * i)) for i, p in enumerate(PROMPTS) for m in ("ft", "base")]
+    jobs = [
+        Job(m, tok(p)["input_ids"], GenerationSettings(3 + 2 * i))
+        for i, p in enumerate(PROMPTS)
+        for m in ("ft", "base")
+    ]
     scheduler = Scheduler(runtime, max_wait=60.0, max_batch_size=8)
     results = _serve(scheduler, jobs)
     assert runtime.swaps == [] and runtime.active == "base"
@@ -89,8 +100,12 @@ def test_metrics_count_the_extra_resident_buffers_and_no_swaps(served):
     swap_mode = Runtime.from_artifact(out).resident_bytes()
     with TestClient(create_app(runtime)) as c:
         for model in ("ft", "base", "ft"):
-            r = c.post("/v1/completions", json={"model": model, "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
-            assert r.json()["choices"][0]["text"] == tok.decode(greedy(refs[model], tok(PROMPTS[0])["input_ids"], 4), skip_special_tokens=True)
+            r = c.post(
+                "/v1/completions", json={"model": model, "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
+            )
+            assert r.json()["choices"][0]["text"] == tok.decode(
+                greedy(refs[model], tok(PROMPTS[0])["input_ids"], 4), skip_special_tokens=True
+            )
         m = samples(c.get("/metrics").text)
     total = m[("moeconsol_resident_bytes", frozenset({("part", "total")}))]
     region = swap_mode.host // 2  # two variants, each its own swap region
@@ -103,8 +118,12 @@ def test_metrics_count_the_extra_resident_buffers_and_no_swaps(served):
 def switch(tmp_path_factory):
     """Switch Transformers (an encoder-decoder) merged losslessly: (artifact, cross-variant
     runtime, transformers' own models by name, tokenizer)."""
-    return served_family(tmp_path_factory.mktemp("serve-xv-switch"), tiny_switch,
-                         transformers.SwitchTransformersForConditionalGeneration, mode=ServingMode.CROSS_VARIANT)
+    return served_family(
+        tmp_path_factory.mktemp("serve-xv-switch"),
+        tiny_switch,
+        transformers.SwitchTransformersForConditionalGeneration,
+        mode=ServingMode.CROSS_VARIANT,
+    )
 
 
 def _seq2seq_greedy(ref, ids: list[int], n: int) -> list[int]:
@@ -116,23 +135,45 @@ def _seq2seq_greedy(ref, ids: list[int], n: int) -> list[int]:
 def test_an_encoder_decoder_serves_every_variant_in_one_batch(switch):
     out, runtime, refs, tok = switch
     runtime.activate("base")
-    jobs = [Job(m, tok(p)["input_ids"], GenerationSettings(3 + 2 * i)) for i, p in enumerate(PROMPTS[:4]) for m in ("ft", "base")]
+    jobs = [
+        Job(m, tok(p)["input_ids"], GenerationSettings(3 + 2 * i))
+        for i, p in enumerate(PROMPTS[:4])
+        for m in ("ft", "base")
+    ]
     scheduler = Scheduler(runtime, max_wait=60.0, max_batch_size=8)
     results = _serve(scheduler, jobs)
     assert runtime.swaps == [] and runtime.active == "base"
-    assert scheduler.engine.peak_batch_size == 8  # prompts of both variants and four lengths: one encoder pass, one step
+    assert (
+        scheduler.engine.peak_batch_size == 8
+    )  # prompts of both variants and four lengths: one encoder pass, one step
     for job, r in zip(jobs, results):
         assert r.model == job.model and r.swap.bytes_moved == 0
         assert r.token_ids == _seq2seq_greedy(refs[job.model], job.prompt_ids, job.settings.max_new_tokens), job
     assert len({tuple(r.token_ids) for r in results[:2]}) == 2  # the variants answer differently
 
 
-@pytest.mark.parametrize("family, prompt, expected", [("served", PROMPTS[0], greedy), ("switch", PROMPTS[1], _seq2seq_greedy)],
-                         ids=["mixtral", "switch"])
+@pytest.mark.parametrize(
+    "family, prompt, expected",
+    [("served", PROMPTS[0], greedy), ("switch", PROMPTS[1], _seq2seq_greedy)],
+    ids=["mixtral", "switch"],
+)
+@pytest.mark.slow
 def test_cli_serves_with_cross_variant_batching(request, family, prompt, expected):
     out, runtime, refs, tok = request.getfixturevalue(family)
-    r = cli("serve-local", out, "--prompt", prompt, "--model", "ft", "--model", "base", "--max-new-tokens", "5",
-            "--cross-variant-batching", "--json")
+    r = cli(
+        "serve-local",
+        out,
+        "--prompt",
+        prompt,
+        "--model",
+        "ft",
+        "--model",
+        "base",
+        "--max-new-tokens",
+        "5",
+        "--cross-variant-batching",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     ids = tok(prompt)["input_ids"]
