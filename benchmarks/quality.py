@@ -86,7 +86,7 @@ def ensure_family(name: str, path: Path) -> None:
 def family_models(path: Path, arch: str) -> list[dict]:
     """family.json's models of one architecture, base first: name, path, eval_file, train_file."""
     models = [m for m in json.loads((path / "family.json").read_text())["models"] if m["family"] == arch]
-    for m in models:  # a family.json written before train_file was recorded
+    for m in models:  # a family.json without train_file: the family's training file of that domain
         m["train_file"] = m.get("train_file") or str(path / "data" / "train" / f"{arch}-{m['data']}.{ARCHS[arch]}")
     return sorted(models, key=lambda m: m["name"] != "base")
 
