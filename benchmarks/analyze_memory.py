@@ -204,7 +204,7 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="build the checkpoints in this directory and keep them")
     ap.add_argument("--mergekit", help="path of mergekit-yaml (default: $MERGEKIT_YAML or PATH)")
     ap.add_argument(
-        "--json", type=Path, help="also write the results here (e.g. benchmarks/results/merge-analyze.json)"
+        "--json", type=Path, help="also write the results here (e.g. benchmarks/results/analyze-memory.json)"
     )
     args = ap.parse_args()
 

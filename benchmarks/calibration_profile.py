@@ -131,7 +131,7 @@ def main() -> int:
         "--max-chunks",
         type=int,
         help="calibrate on at most this many chunks or examples, no token cap "
-        "(64: the capture before the token budget)",
+        "(e.g. 64: a number of forward passes per model instead of a token budget)",
     )
     args = parser.parse_args()
     patch(args.rounds, args.max_chunks)

@@ -4,8 +4,8 @@
                                  [--only mixtral|switch] [--out benchmarks/results] [--write-docs]
 
 Default families: `family1=examples/family` (examples/build_family.py; built here if absent)
-and `family2=examples/family2`, the second family, built differently and never used to tune
-any default: build it first with
+and `family2=examples/family2`, the second family, built differently and held out (no default
+is tuned on it): build it first with
 
     python examples/build_family2.py --out examples/family2
 
@@ -19,16 +19,17 @@ task-arithmetic and ties, each variant scored on its own HELD-OUT data (data/eva
 calibration on its own TRAINING data (data/train/), the base for retained gain. Every
 setting is a documented default: nothing is tuned on the evaluation data.
 
-The bar (issue 5, and issue 12 per family): at 50% of the expert memory of all variants,
+The bar, per family and architecture: at 50% of the expert memory of all variants,
 every fine-tuned variant keeps at least 90% of its gain (per variant), and at every budget
 moeconsol's own method (calibrated, sharing only) is at least as good as the reference
 method and better than uniform averaging, compared by the mean retained gain over the
 fine-tuned variants (the base has no gain to keep and is left out). Printed beside it, not
 part of it: the delta goals (method deltas: every variant >= 90% at 0.3, >= 97% at 0.5).
 Worst-variant gains are printed too, per-variant losses are listed as notes, and averaging
-is also compared at matched memory (docs/quality.md says why). The result is printed, saved
-as JSON and PNG under --out (quality-NAME-ARCH.*), and with --write-docs written into the
-"## quality: bytes vs. quality" section of docs/benchmarks.md.
+is also compared at matched memory (docs/quality.md says why). The result is printed and
+saved under --out as JSON, a Markdown table and a PNG (quality-NAME-ARCH.*). --write-docs then
+makes every saved sweep's table and plot again and, when --out is benchmarks/results,
+docs/benchmarks.md's summary table (benchmarks/tables.py); --docs-only does only that.
 """
 
 from __future__ import annotations
@@ -44,14 +45,16 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+import tables  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = {"mixtral": "txt", "switch": "jsonl"}
 OWN, REFERENCE, AVERAGE, DELTAS = "calibrated", "reference", "average", "deltas"
 DELTA_GOALS = ((0.3, 0.9), (0.5, 0.97))
-"""Issue 12's goals for sharing + deltas: (budget, retained gain every variant keeps)."""
+"""The goals of sharing + deltas: (budget, retained gain every variant keeps)."""
 DEFAULT_FAMILIES = ("family1=" + str(ROOT / "examples" / "family"), "family2=" + str(ROOT / "examples" / "family2"))
 BUILDERS = {"family1": "build_family.py", "family2": "build_family2.py"}
-SECTION = "## quality: bytes vs. quality"
 
 
 def fail(message: str) -> None:
@@ -83,7 +86,7 @@ def ensure_family(name: str, path: Path) -> None:
 def family_models(path: Path, arch: str) -> list[dict]:
     """family.json's models of one architecture, base first: name, path, eval_file, train_file."""
     models = [m for m in json.loads((path / "family.json").read_text())["models"] if m["family"] == arch]
-    for m in models:  # a family.json written before train_file was recorded
+    for m in models:  # a family.json without train_file: the family's training file of that domain
         m["train_file"] = m.get("train_file") or str(path / "data" / "train" / f"{arch}-{m['data']}.{ARCHS[arch]}")
     return sorted(models, key=lambda m: m["name"] != "base")
 
@@ -191,7 +194,7 @@ def check_bar(report, at: float = 0.5, keep: float = 0.9) -> tuple[list[str], li
 
 
 def check_delta_goals(report) -> list[str]:
-    """Issue 12's goals for method deltas, one line each ("met" or "missed" and why);
+    """The goals of method deltas, one line each ("met" or "missed" and why);
     empty when the sweep has no deltas points. Printed beside the bar, not part of it."""
     fine_tuned = [n for n in report.original if n != "base"]
     points = {(p.method, p.budget): p for p in report.points if p.method == DELTAS}
@@ -379,19 +382,6 @@ def merge_runs(saved: dict, new: dict) -> dict:
     return merged
 
 
-def write_docs(body: str) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text()
-    section = f"{SECTION}\n\n{body.rstrip()}\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if nxt < 0 else "\n" + text[nxt + 1 :])
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -416,11 +406,15 @@ def main() -> int:
         help="add this run's points to the saved run under --out (same method and budget: replaced) "
         "instead of replacing the whole file; refused if the originals or base differ",
     )
-    parser.add_argument("--write-docs", action="store_true", help="write the tables into docs/benchmarks.md")
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="then make every saved sweep's table and plot again, and docs/benchmarks.md's summary table",
+    )
     parser.add_argument(
         "--docs-only",
         action="store_true",
-        help="run nothing: write the docs section from the tables saved under --out by earlier runs "
+        help="run nothing: --write-docs from the sweeps saved under --out by earlier runs "
         "(e.g. one run per family and architecture, in parallel)",
     )
     args = parser.parse_args()
@@ -458,48 +452,28 @@ def main() -> int:
                 print((out / f"{stem}.md").read_text(), flush=True)
                 verdicts.append(f"{name}/{arch}: bar {'reached' if not check_bar(report)[0] else 'NOT reached'}")
     if args.write_docs or args.docs_only:
-        parts = []
         for name, _ in families:
             for arch in archs:
                 part = out / f"quality-{name}-{arch}.md"
-                if not part.is_file():  # say so in the docs rather than leave the family out silently
-                    where = out.resolve().relative_to(ROOT) if out.resolve().is_relative_to(ROOT) else out
-                    parts.append(
-                        f"### {name} / {arch}: not run\n\nNo saved run under {where}: "
-                        f"`python benchmarks/quality.py --family {name}=DIR --only {arch}` makes it."
+                saved = out / f"quality-{name}-{arch}.json"
+                if not saved.is_file():  # say so rather than leave the family out silently
+                    print(
+                        f"{saved}: no saved run; `python benchmarks/quality.py --family {name}=DIR --only {arch}` makes it"
                     )
                     continue
-                text = part.read_text()
-                saved = out / f"quality-{name}-{arch}.json"
-                if saved.is_file():  # tables and plot again from the saved sweep, with this version's formatting
-                    report = report_from_dict(json.loads(saved.read_text()))
-                    took = re.search(r"^Bar: .*\((\d+) s\)\.$", text, re.M)
-                    text = markdown(f"{name} / {arch}", report, float(took.group(1)) if took else math.nan)
-                    plot_gains(report, f"{name} / {arch}", saved.with_suffix(".png"))
-                    part.write_text(text + "\n")  # the saved table agrees with the saved sweep
-                parts.append(text.rstrip())
-        write_docs(_preamble(families) + "\n\n".join(parts) + "\n")
+                # tables and plot again from the saved sweep, with this version's formatting
+                report = report_from_dict(json.loads(saved.read_text()))
+                took = re.search(r"^Bar: .*\((\d+) s\)\.$", part.read_text(), re.M) if part.is_file() else None
+                part.write_text(markdown(f"{name} / {arch}", report, float(took.group(1)) if took else math.nan) + "\n")
+                plot_gains(report, f"{name} / {arch}", saved.with_suffix(".png"))
+        if out.resolve() == tables.RESULTS.resolve():
+            tables.main([])
+        else:
+            print(
+                f"docs/benchmarks.md reads {tables.RESULTS}: copy the quality-*.json there, then run benchmarks/tables.py"
+            )
     print("\n" + "\n".join(verdicts))
     return 0
-
-
-def _preamble(families: list[tuple[str, Path]]) -> str:
-    return (
-        "`python benchmarks/quality.py --write-docs` on the example families ("
-        + ", ".join(f"{n} = {BUILDERS.get(n, 'build_family2.py')} (FULL size)" for n, _ in families)
-        + "; family2 was never used to choose any default). "
-        "Each variant is scored on its own held-out data (perplexity: Mixtral; teacher-forced token accuracy: Switch), "
-        "calibrated mode calibrates on each variant's own *training* data, the base model gives the retained gain "
-        "(base - consolidated) / (base - original). Expert memory = bank bytes / expert bytes of all four models. "
-        "Merging baselines use their documented defaults (task arithmetic lambda 1, TIES density 0.2, lambda 1); "
-        "nothing is tuned on the evaluation data. The bar is checked per family for calibrated (moeconsol's own method, "
-        "sharing only): at 0.5, every fine-tuned variant keeps >= 90% of its gain; at every budget, its mean retained gain "
-        "over the fine-tuned variants is >= the reference method's and > uniform averaging's. The delta goals (method "
-        "deltas, when present: every variant >= 90% at 0.3, >= 97% at 0.5) are printed beside it. Per-variant comparisons "
-        "are notes, not bar failures: a variant can gain from being served another variant's experts, and such a transfer "
-        'is luck, not preserved function (docs/quality.md, "Reading the bar"). Plots: '
-        "benchmarks/results/quality-NAME-ARCH.png (expert memory vs. retained gain).\n\n"
-    )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,8 @@ SIZE = dict(
     num_experts_per_tok=2,
     max_position_embeddings=512,
 )
-# The shapes of examples/build_family.py's demo family (FULL), with random weights: the issue's
-# bound (16 concurrent requests >= 4x one-at-a-time on CPU) is stated for these tiny models.
+# The shapes of examples/build_family.py's demo family (FULL), with random weights: the goal of
+# 16 concurrent requests >= 4x one-at-a-time on CPU is stated for these tiny models.
 EXAMPLE_SIZE = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -498,7 +498,7 @@ def main() -> None:
         "--concurrent-requests",
         type=int,
         default=16,
-        help="requests per concurrency level (16: the issue's setup, one wave at 16 clients)",
+        help="requests per concurrency level (16: one wave at 16 clients)",
     )
     ap.add_argument(
         "--size",

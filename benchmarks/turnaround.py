@@ -26,7 +26,7 @@ system in turn (`--repeats` times, medians reported), so that they share the mac
 For each system, popularity and rate it reports mean and p95 turnaround (arrival to last
 token), mean time to first token, generated tokens per second and the bytes the system keeps
 resident (from each server's /metrics), as a table and a plot, and writes JSON; its last
-lines say whether issue 8's two goals hold at the highest rate (>= 85% lower mean turnaround
+lines say whether the two goals hold at the highest rate (>= 85% lower mean turnaround
 than the static partition; within 1.25x of all resident).
 
 Two sizes of variant: `tiny` (hidden 128, float32: a decode step is per-step overhead) and
@@ -598,7 +598,7 @@ def main() -> None:
 
 
 def goal_lines(rows: list[dict]) -> list[str]:
-    """Issue 8's two goals at the highest rate of each popularity, for each moeconsol system:
+    """The two goals at the highest rate of each popularity, for each moeconsol system:
     >= 85% lower mean turnaround than the static partition, and within 1.25x of all resident."""
     lines = []
     for pop in sorted({r["popularity"] for r in rows}):

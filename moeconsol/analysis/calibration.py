@@ -28,7 +28,7 @@ weighted by how much the slot is used. Why the layer's output and not the expert
 energy: a variant whose fine-tune grew its expert outputs (they then dominate the residual
 stream) looked cheap to perturb in shares of its own expert-output energy, yet its expert
 errors reach the next layer almost whole; measured on the first example family's Switch
-(docs/quality.md, "issue 12, last goal"). A slot no calibration token reached costs 0.
+(docs/quality.md, "Calibrated mode: why it is built this way"). A slot no calibration token reached costs 0.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Calibrated costs measure a swap's error relative to what the layer passes on (issue 12).
+"""Calibrated costs measure a swap's error relative to what the layer passes on.
 
 `calibration.capture` keeps, for each routed token, the squared norm of the MoE layer's
 output (residual stream after the block); `substitution_costs` is

@@ -1,4 +1,4 @@
-"""Issue 11, items 5-8: every unexpected input is one line and exit 2, never a traceback;
+"""Every unexpected input is one line and exit 2, never a traceback;
 NaN is never written; what the safetensors library refuses is refused; a damaged bank is
 never served."""
 
@@ -159,7 +159,7 @@ def test_manifest_of_wrong_types(small_family, tmp_path, edit, fragment):
 
 def test_manifest_dtype_that_disagrees_with_the_bank(small_family, tmp_path):
     """Found by the property test below: a manifest whose expert dtype is not the bank
-    tensors' dtype made export crash in the writer; verify and export now name it."""
+    tensors' dtype is named by verify and export, not left to fail in the writer."""
     art = copy(small_family / "art", tmp_path / "art")
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["dtype"] == "F32"

@@ -1,4 +1,4 @@
-"""Issue 11, items 1-4: nothing is ever written or read outside the directories named.
+"""Nothing is ever written or read outside the directories named.
 
 Each test tampers with a real artifact or checkpoint the way an attacker could (a crafted
 manifest, index or model name) or points an output at an input, runs the real command, and
@@ -49,7 +49,7 @@ def _record(art: Path, manifest: dict, name: str) -> None:
 
 
 def escape_model_file(manifest: dict, art: Path) -> None:
-    # the issue's attack: a side file "../../victim.txt" of model ft, listed with its sha256
+    # the attack: a side file "../../victim.txt" of model ft, listed with its sha256
     (art / "victim.txt").write_text("attacker's content")
     manifest["models"][1]["files"].append("../../victim.txt")
     _record(art, manifest, "models/ft/../../victim.txt")

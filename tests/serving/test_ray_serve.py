@@ -1,4 +1,4 @@
-"""`moeconsol serve --replicas N` on a real local Ray Serve (issue 10).
+"""`moeconsol serve --replicas N` on a real local Ray Serve.
 
 One Ray for the whole module: the real command, started once in a subprocess with two CPU
 replicas of a tiny family. Its answers are compared with serve-local's (`create_app` over a
