@@ -1,15 +1,9 @@
 """An OpenAI-compatible HTTP server over a `Runtime`: the `model` field picks the variant.
 
-The HTTP layer (FastAPI) validates, tokenizes (off the event loop) and enqueues. One worker
-thread owns the runtime and its `Engine` (engine.py) and loops: pick the variant to run
-(`pick_model`), swap to it if needed, admit its waiting requests into its running batch,
-decode one step for the whole batch, hand out finished requests. Swaps happen only between
-decode steps; a batch whose variant is swapped out is parked with its KV cache and goes on
-when its variant is back. A request waits at most `max_wait` plus (N - 1) decode steps and
-swaps for N variants (see `pick_model`); a client that goes away is cancelled and leaves
-the batch at the next step. On a runtime with cross-variant batching
-(`ServingMode.CROSS_VARIANT`) there is nothing to pick: queued requests of any variant are
-admitted in arrival order into one batch and every step decodes all of them, without swaps.
+The HTTP layer (FastAPI) validates, tokenizes (off the event loop) and submits a job to the
+`Scheduler` (scheduler.py), whose one worker thread owns the runtime and its engine; the
+handler waits on the job's future, or streams its text as the worker decodes it. A client
+that goes away is cancelled and leaves the batch at the next step.
 
 Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both with
 `stream`: server-sent events), `GET /metrics` (Prometheus, through prometheus_client).
@@ -24,14 +18,11 @@ import asyncio
 import json
 import math
 import socket
-import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import Future
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
@@ -39,7 +30,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..errors import MoeconsolError, OutputError, SettingsError
+from ..errors import MoeconsolError, OutputError
 from .engine import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_PROMPT_TOKENS,
@@ -47,216 +38,12 @@ from .engine import (
     DEFAULT_MAX_WAIT,
     MAX_SEED,
     Completion,
-    Engine,
-    FinishReason,
     GenerationSettings,
-    Request,
 )
-from .metrics import Metrics
 from .runtime import Runtime
+from .scheduler import Job, Scheduler
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
-_SERVED_KEPT = 1024
-
-
-# -- scheduling -------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Job(Request):
-    """One generation request as the server queues it: an engine `Request` plus the future
-    its HTTP handler waits on."""
-
-    future: Future = field(default_factory=Future)
-
-
-def pick_model(
-    active: str, active_busy: bool, waiting: Sequence[tuple[str, float]], now: float, max_wait: float
-) -> str | None:
-    """The variant to run the next decode step on. `waiting` holds (model, since) for every
-    request not being decoded: queued ones (since arrival) and parked batches of inactive
-    models (since they were parked); `active_busy` says the active model has work.
-
-    A model other than the active one whose oldest waiting item has waited `max_wait` or
-    longer goes first (the oldest such item first); else the active model keeps the runtime
-    while it has work; else the model of the oldest waiting item; None when idle. So with N
-    models a waiting item is served after at most max_wait + (N - 1) x (one step + one swap):
-    once overdue, only items older than it (at most one per other model) go before it, each
-    for one step. `max_wait` 0 makes the order first come, first served."""
-    others = [(since, model) for model, since in waiting if model != active]
-    overdue = [x for x in others if now - x[0] >= max_wait]
-    if overdue:
-        return min(overdue)[1]
-    if active_busy or any(model == active for model, _ in waiting):
-        return active
-    return min(others)[1] if others else None
-
-
-class Scheduler:
-    """The queue and the one worker thread that owns the runtime and its engine."""
-
-    def __init__(
-        self,
-        runtime: Runtime,
-        max_wait: float = DEFAULT_MAX_WAIT,
-        metrics: Metrics | None = None,
-        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        max_tokens_in_flight: int = DEFAULT_MAX_TOKENS_IN_FLIGHT,
-    ):
-        if not max_wait >= 0 or not math.isfinite(max_wait):
-            raise SettingsError(f"max wait must be a finite number of seconds >= 0, got {max_wait}")
-        if max_tokens_in_flight < 1:
-            raise SettingsError(f"max tokens in flight must be at least 1, got {max_tokens_in_flight}")
-        self.runtime, self.max_wait, self.max_tokens_in_flight = runtime, max_wait, max_tokens_in_flight
-        self.engine = Engine(runtime, max_batch_size)
-        self.metrics = metrics or Metrics(runtime.names)
-        self.served: deque[str] = deque(maxlen=_SERVED_KEPT)
-        """models of the last admitted requests, in order (for tests and benchmarks)"""
-        self._pending: list[Job] = []
-        self._parked: dict[str, float] = {}
-        self._cond = threading.Condition()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="moeconsol-worker", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        self._thread.join(timeout=30)
-
-    def submit(self, job: Job) -> Future:
-        with self._cond:
-            self._pending.append(job)
-            self._cond.notify()
-        return job.future
-
-    def cancel(self, job: Job) -> None:
-        """The client went away: the job leaves the queue or its batch before the next step."""
-        job.cancel()
-        with self._cond:
-            self._cond.notify()
-
-    def _run(self) -> None:
-        engine, rt = self.engine, self.runtime
-        while True:
-            with self._cond:
-                while not self._stop and not self._pending and not engine.running():
-                    self._cond.wait()
-                if self._stop:
-                    self._shut_down()
-                    return
-                dropped = [j for j in self._pending if j.cancelled]
-                self._pending = [j for j in self._pending if not j.cancelled]
-                now, active = time.perf_counter(), rt.active
-                pause = None
-                if engine.cross_variant:  # one step serves every variant: admit in arrival order, never swap
-                    model, admit = active, self._take(None)
-                else:
-                    waiting = [(j.model, j.arrival) for j in self._pending]
-                    waiting += [(m, t) for m, t in self._parked.items() if m != active]
-                    model = pick_model(active, engine.running(active) > 0, waiting, now, self.max_wait)
-                    admit = self._take(model) if model is not None else []
-                    if model is not None and not admit and not engine.running(model):
-                        # the bound on tokens in flight keeps `model` out for now
-                        if engine.running(active):
-                            model = active  # the active batch goes on
-                        else:  # parked batches hold the bound: wait until the oldest is due
-                            oldest = min((t for m, t in waiting if m != model), default=None)
-                            pause = 0.05 if oldest is None else max(self.max_wait - (now - oldest), 0.001)
-            for job in dropped:
-                self._finish(job)
-            if model is None or pause is not None:
-                with self._cond:
-                    self._gauges()
-                    if pause is not None:
-                        self._cond.wait(timeout=pause)
-                continue
-            swap = None
-            if model != active:
-                if engine.running(active):
-                    self._parked[active] = now
-                try:
-                    swap = rt.activate(model)
-                except Exception as e:  # delivered to the requests it was for; the worker keeps serving
-                    for job in admit:
-                        if job.future.set_running_or_notify_cancel():
-                            job.future.set_exception(e)
-                    continue
-                self._parked.pop(model, None)
-                self.metrics.swap(swap)
-            ready = []
-            for job in admit:
-                if not job.future.set_running_or_notify_cancel():
-                    continue
-                try:
-                    engine.check_request(job)
-                except Exception as e:  # delivered to the request; the worker keeps serving
-                    job.future.set_exception(e)
-                    continue
-                ready.append(job)
-            try:
-                at_once = engine.admit_all(ready, swap)  # one prefill for the requests admitted together
-            except Exception as e:
-                for job in ready:
-                    job.future.set_exception(e)
-                ready, at_once = [], []
-            self.served.extend(job.model for job in ready)
-            for job in at_once:
-                self._finish(job)
-            try:
-                finished = engine.step()
-            except Exception as e:  # a failed step fails its batch, not the server
-                batch = engine.batches.pop(engine.batch_key(rt.active), None)
-                for job in batch.requests if batch else []:
-                    job.future.set_exception(e)
-                continue
-            with self._cond:
-                self._gauges()  # before the answers go out, so a client reading /metrics next sees them
-            for job in finished:
-                self._finish(job)
-
-    def _take(self, model: str | None) -> list[Job]:
-        """Queued jobs of `model` (None: of any model, cross-variant) that fit: free batch slots
-        and the bound on tokens in flight (prompt + max_tokens of every admitted request; one job
-        is admitted into an empty engine whatever its size)."""
-        free = self.engine.max_batch_size - self.engine.running(model)
-        budget = self.max_tokens_in_flight - self.engine.tokens_in_flight()
-        taken: list[Job] = []
-        for job in self._pending:
-            if len(taken) >= free:
-                break
-            if model is not None and job.model != model:
-                continue
-            if job.reserved_tokens > budget and (taken or self.engine.running()):
-                break
-            taken.append(job)
-            budget -= job.reserved_tokens
-        self._pending = [j for j in self._pending if j not in taken]
-        return taken
-
-    def _finish(self, job: Job) -> None:
-        job.finish = job.finish or FinishReason.CANCELLED
-        job.finished_at = job.finished_at or time.perf_counter()
-        completion = job.completion()
-        self.metrics.record(completion)
-        if not job.future.done() and (job.future.running() or job.future.set_running_or_notify_cancel()):
-            job.future.set_result(completion)
-
-    def _gauges(self) -> None:
-        for m in self.runtime.names:
-            self.metrics.batch_size.labels(m).set(self.engine.running(m))
-            self.metrics.queue_length.labels(m).set(sum(1 for j in self._pending if j.model == m))
-
-    def _shut_down(self) -> None:
-        error = MoeconsolError("the server is shutting down")
-        for job in self._pending + [j for b in self.engine.batches.values() for j in b.requests]:
-            job.cancel()
-            if not job.future.done():
-                job.future.set_exception(error)
-        self._pending, self.engine.batches = [], {}
 
 
 # -- request parsing --------------------------------------------------------------------------
