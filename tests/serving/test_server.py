@@ -437,14 +437,6 @@ def test_a_client_that_disconnects_frees_its_slot(served, monkeypatch):
 # -- the command line --------------------------------------------------------------------------
 
 
-def test_top_k_and_repetition_penalty_are_parsed_like_vllm():
-    from moeconsol.serving.server import parse_settings
-
-    assert (parse_settings({}).top_k, parse_settings({}).repetition_penalty) == (None, None)  # the variant's
-    assert parse_settings({"top_k": -1}).top_k == 0 and parse_settings({"top_k": 5}).top_k == 5
-    assert parse_settings({"repetition_penalty": 1.2}).repetition_penalty == 1.2
-
-
 @pytest.mark.slow
 def test_cli_refuses_a_port_in_use_and_nan_in_one_line(served):
     out, runtime, refs, tok = served
