@@ -233,7 +233,7 @@ def build_app(
     power-of-two routing): the baseline the benchmark compares against."""
     from ray import serve
 
-    from .server import ApiError, read_body
+    from .protocol import ApiError, read_body
 
     names = list(names)
     route_by_variant = routes_by_variant(settings, route_by_variant)

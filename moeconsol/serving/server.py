@@ -1,15 +1,9 @@
 """An OpenAI-compatible HTTP server over a `Runtime`: the `model` field picks the variant.
 
-The HTTP layer (FastAPI) validates, tokenizes (off the event loop) and enqueues. One worker
-thread owns the runtime and its `Engine` (engine.py) and loops: pick the variant to run
-(`pick_model`), swap to it if needed, admit its waiting requests into its running batch,
-decode one step for the whole batch, hand out finished requests. Swaps happen only between
-decode steps; a batch whose variant is swapped out is parked with its KV cache and goes on
-when its variant is back. A request waits at most `max_wait` plus (N - 1) decode steps and
-swaps for N variants (see `pick_model`); a client that goes away is cancelled and leaves
-the batch at the next step. On a runtime with cross-variant batching
-(`ServingMode.CROSS_VARIANT`) there is nothing to pick: queued requests of any variant are
-admitted in arrival order into one batch and every step decodes all of them, without swaps.
+The HTTP layer (FastAPI) reads and validates the body (protocol.py), tokenizes (off the event
+loop) and submits a job to the `Scheduler` (scheduler.py), whose one worker thread owns the
+runtime and its engine; the handler waits on the job's future, or streams its text as the
+worker decodes it. A client that goes away is cancelled and leaves the batch at the next step.
 
 Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both with
 `stream`: server-sent events), `GET /metrics` (Prometheus, through prometheus_client).
@@ -21,487 +15,52 @@ serving after each.
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import socket
-import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import Future
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Summary,
-    generate_latest,
-)
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..errors import MoeconsolError, OutputError, SettingsError
+from ..errors import MoeconsolError, OutputError
 from .engine import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_PROMPT_TOKENS,
     DEFAULT_MAX_TOKENS_IN_FLIGHT,
     DEFAULT_MAX_WAIT,
-    MAX_SEED,
     Completion,
-    Engine,
-    FinishReason,
     GenerationSettings,
-    Request,
 )
-from .runtime import Runtime, SwapReport
-
-DEFAULT_MAX_BODY_BYTES = 1 << 20
-_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_SERVED_KEPT = 1024
-
-
-# -- scheduling -------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Job(Request):
-    """One generation request as the server queues it: an engine `Request` plus the future
-    its HTTP handler waits on."""
-
-    future: Future = field(default_factory=Future)
-
-
-def pick_model(
-    active: str, active_busy: bool, waiting: Sequence[tuple[str, float]], now: float, max_wait: float
-) -> str | None:
-    """The variant to run the next decode step on. `waiting` holds (model, since) for every
-    request not being decoded: queued ones (since arrival) and parked batches of inactive
-    models (since they were parked); `active_busy` says the active model has work.
-
-    A model other than the active one whose oldest waiting item has waited `max_wait` or
-    longer goes first (the oldest such item first); else the active model keeps the runtime
-    while it has work; else the model of the oldest waiting item; None when idle. So with N
-    models a waiting item is served after at most max_wait + (N - 1) x (one step + one swap):
-    once overdue, only items older than it (at most one per other model) go before it, each
-    for one step. `max_wait` 0 makes the order first come, first served."""
-    others = [(since, model) for model, since in waiting if model != active]
-    overdue = [x for x in others if now - x[0] >= max_wait]
-    if overdue:
-        return min(overdue)[1]
-    if active_busy or any(model == active for model, _ in waiting):
-        return active
-    return min(others)[1] if others else None
+from .protocol import (
+    DEFAULT_MAX_BODY_BYTES,
+    STREAM_END,
+    ApiError,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    completion_response,
+    json_body,
+    stream_chunk,
+    stream_error,
+    usage_of,
+    validate,
+)
+from .runtime import Runtime
+from .scheduler import Job, Scheduler
 
 
-class Scheduler:
-    """The queue and the one worker thread that owns the runtime and its engine."""
-
-    def __init__(
-        self,
-        runtime: Runtime,
-        max_wait: float = DEFAULT_MAX_WAIT,
-        metrics: Metrics | None = None,
-        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        max_tokens_in_flight: int = DEFAULT_MAX_TOKENS_IN_FLIGHT,
-    ):
-        if not max_wait >= 0 or not math.isfinite(max_wait):
-            raise SettingsError(f"max wait must be a finite number of seconds >= 0, got {max_wait}")
-        if max_tokens_in_flight < 1:
-            raise SettingsError(f"max tokens in flight must be at least 1, got {max_tokens_in_flight}")
-        self.runtime, self.max_wait, self.max_tokens_in_flight = runtime, max_wait, max_tokens_in_flight
-        self.engine = Engine(runtime, max_batch_size)
-        self.metrics = metrics or Metrics(runtime.names)
-        self.served: deque[str] = deque(maxlen=_SERVED_KEPT)
-        """models of the last admitted requests, in order (for tests and benchmarks)"""
-        self._pending: list[Job] = []
-        self._parked: dict[str, float] = {}
-        self._cond = threading.Condition()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="moeconsol-worker", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        self._thread.join(timeout=30)
-
-    def submit(self, job: Job) -> Future:
-        with self._cond:
-            self._pending.append(job)
-            self._cond.notify()
-        return job.future
-
-    def cancel(self, job: Job) -> None:
-        """The client went away: the job leaves the queue or its batch before the next step."""
-        job.cancel()
-        with self._cond:
-            self._cond.notify()
-
-    def _run(self) -> None:
-        engine, rt = self.engine, self.runtime
-        while True:
-            with self._cond:
-                while not self._stop and not self._pending and not engine.running():
-                    self._cond.wait()
-                if self._stop:
-                    self._shut_down()
-                    return
-                dropped = [j for j in self._pending if j.cancelled]
-                self._pending = [j for j in self._pending if not j.cancelled]
-                now, active = time.perf_counter(), rt.active
-                pause = None
-                if engine.cross_variant:  # one step serves every variant: admit in arrival order, never swap
-                    model, admit = active, self._take(None)
-                else:
-                    waiting = [(j.model, j.arrival) for j in self._pending]
-                    waiting += [(m, t) for m, t in self._parked.items() if m != active]
-                    model = pick_model(active, engine.running(active) > 0, waiting, now, self.max_wait)
-                    admit = self._take(model) if model is not None else []
-                    if model is not None and not admit and not engine.running(model):
-                        # the bound on tokens in flight keeps `model` out for now
-                        if engine.running(active):
-                            model = active  # the active batch goes on
-                        else:  # parked batches hold the bound: wait until the oldest is due
-                            oldest = min((t for m, t in waiting if m != model), default=None)
-                            pause = 0.05 if oldest is None else max(self.max_wait - (now - oldest), 0.001)
-            for job in dropped:
-                self._finish(job)
-            if model is None or pause is not None:
-                with self._cond:
-                    self._gauges()
-                    if pause is not None:
-                        self._cond.wait(timeout=pause)
-                continue
-            swap = None
-            if model != active:
-                if engine.running(active):
-                    self._parked[active] = now
-                try:
-                    swap = rt.activate(model)
-                except Exception as e:  # delivered to the requests it was for; the worker keeps serving
-                    for job in admit:
-                        if job.future.set_running_or_notify_cancel():
-                            job.future.set_exception(e)
-                    continue
-                self._parked.pop(model, None)
-                self.metrics.swap(swap)
-            ready = []
-            for job in admit:
-                if not job.future.set_running_or_notify_cancel():
-                    continue
-                try:
-                    engine.check_request(job)
-                except Exception as e:  # delivered to the request; the worker keeps serving
-                    job.future.set_exception(e)
-                    continue
-                ready.append(job)
-            try:
-                at_once = engine.admit_all(ready, swap)  # one prefill for the requests admitted together
-            except Exception as e:
-                for job in ready:
-                    job.future.set_exception(e)
-                ready, at_once = [], []
-            self.served.extend(job.model for job in ready)
-            for job in at_once:
-                self._finish(job)
-            try:
-                finished = engine.step()
-            except Exception as e:  # a failed step fails its batch, not the server
-                batch = engine.batches.pop(engine.batch_key(rt.active), None)
-                for job in batch.requests if batch else []:
-                    job.future.set_exception(e)
-                continue
-            with self._cond:
-                self._gauges()  # before the answers go out, so a client reading /metrics next sees them
-            for job in finished:
-                self._finish(job)
-
-    def _take(self, model: str | None) -> list[Job]:
-        """Queued jobs of `model` (None: of any model, cross-variant) that fit: free batch slots
-        and the bound on tokens in flight (prompt + max_tokens of every admitted request; one job
-        is admitted into an empty engine whatever its size)."""
-        free = self.engine.max_batch_size - self.engine.running(model)
-        budget = self.max_tokens_in_flight - self.engine.tokens_in_flight()
-        taken: list[Job] = []
-        for job in self._pending:
-            if len(taken) >= free:
-                break
-            if model is not None and job.model != model:
-                continue
-            if job.reserved_tokens > budget and (taken or self.engine.running()):
-                break
-            taken.append(job)
-            budget -= job.reserved_tokens
-        self._pending = [j for j in self._pending if j not in taken]
-        return taken
-
-    def _finish(self, job: Job) -> None:
-        job.finish = job.finish or FinishReason.CANCELLED
-        job.finished_at = job.finished_at or time.perf_counter()
-        completion = job.completion()
-        self.metrics.record(completion)
-        if not job.future.done() and (job.future.running() or job.future.set_running_or_notify_cancel()):
-            job.future.set_result(completion)
-
-    def _gauges(self) -> None:
-        for m in self.runtime.names:
-            self.metrics.batch_size.labels(m).set(self.engine.running(m))
-            self.metrics.queue_length.labels(m).set(sum(1 for j in self._pending if j.model == m))
-
-    def _shut_down(self) -> None:
-        error = MoeconsolError("the server is shutting down")
-        for job in self._pending + [j for b in self.engine.batches.values() for j in b.requests]:
-            job.cancel()
-            if not job.future.done():
-                job.future.set_exception(error)
-        self._pending, self.engine.batches = [], {}
-
-
-# -- metrics ----------------------------------------------------------------------------------
-
-
-class Metrics:
-    """Per-model counters, the swap summary, the time-to-first-token histogram and gauges of
-    batch sizes, queue lengths and resident bytes, in one prometheus_client registry per app."""
-
-    def __init__(self, models: Sequence[str]):
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter("moeconsol_requests", "Completed generation requests.", ["model"], registry=r)
-        self.cancelled = Counter(
-            "moeconsol_cancelled_requests", "Requests whose client went away before the end.", ["model"], registry=r
-        )
-        self.tokens = Counter("moeconsol_generated_tokens", "Tokens generated.", ["model"], registry=r)
-        self.swaps = Counter("moeconsol_swaps", "Swaps that made this model active.", ["model"], registry=r)
-        self.swap_bytes = Counter("moeconsol_swap_bytes", "Bytes copied by swaps to this model.", ["model"], registry=r)
-        self.swap_seconds = Summary(
-            "moeconsol_swap_seconds", "Time spent swapping to this model.", ["model"], registry=r
-        )
-        self.ttft = Histogram(
-            "moeconsol_time_to_first_token_seconds",
-            "From arrival (queue and swap included) to the first token.",
-            ["model"],
-            buckets=_TTFT_BUCKETS,
-            registry=r,
-        )
-        self.batch_size = Gauge(
-            "moeconsol_batch_size", "Requests in this model's running or parked batch.", ["model"], registry=r
-        )
-        self.queue_length = Gauge(
-            "moeconsol_queue_length", "Requests of this model waiting to be admitted.", ["model"], registry=r
-        )
-        self.resident = Gauge("moeconsol_resident_bytes", "Bytes held by the runtime.", ["part"], registry=r)
-        for m in models:
-            for metric in (
-                self.requests,
-                self.cancelled,
-                self.tokens,
-                self.swaps,
-                self.swap_bytes,
-                self.swap_seconds,
-                self.ttft,
-                self.batch_size,
-                self.queue_length,
-            ):
-                metric.labels(m)
-
-    def record(self, c: Completion) -> None:
-        if c.finish_reason == FinishReason.CANCELLED.value:
-            self.cancelled.labels(c.model).inc()
-            return
-        self.requests.labels(c.model).inc()
-        self.tokens.labels(c.model).inc(len(c.token_ids))
-        self.ttft.labels(c.model).observe(c.time_to_first_token)
-
-    def swap(self, report: SwapReport) -> None:
-        self.swaps.labels(report.model).inc()
-        self.swap_bytes.labels(report.model).inc(report.bytes_moved)
-        self.swap_seconds.labels(report.model).observe(report.seconds)
-
-    def render(self, resident_bytes: dict[str, int] | None = None) -> bytes:
-        for part, value in (resident_bytes or {}).items():
-            self.resident.labels(part).set(value)
-        return generate_latest(self.registry)
-
-
-# -- request parsing --------------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    """An error answered with OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def response(self) -> JSONResponse:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
-
-
-def _number(
-    body: dict, name: str, default: float | None, low: float, high: float, low_open: bool = False
-) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ApiError(400, f"'{name}' must be a number", name)
-    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
-        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise ApiError(400, f"'{name}' must be a number in {bound}, got {value}", name)
-    return float(value)
-
-
-def _integer(body: dict, name: str, default: int | None, low: int, high: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(400, f"'{name}' must be an integer", name)
-    if value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f"at least {low}"
-        raise ApiError(400, f"'{name}' must be {bound}, got {value}", name)
-    return value
-
-
-def _text(value: str, param: str) -> str:
-    """A string the tokenizer can read: lone surrogates (valid JSON escapes, invalid Unicode) are refused."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ApiError(
-            400, f"'{param}' is not valid Unicode (a lone surrogate at character {e.start})", param
-        ) from None
-    return value
-
-
-# Parameters this server does not implement: refused unless they hold their neutral value.
-_NEUTRAL = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "best_of": (None, 1),
-    "suffix": (None, ""),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "functions": (None, []),
-    "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
-}
-
-
-def _refuse_unsupported(body: dict, chat: bool) -> None:
-    def neutral(value: Any, values: tuple) -> bool:
-        return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in values)
-
-    for name, values in _NEUTRAL.items():
-        if name in body and not neutral(body[name], values):
-            raise ApiError(400, f"'{name}' is not supported by this server", name)
-    if chat and body.get("echo") is not None:
-        raise ApiError(400, "'echo' is a parameter of /v1/completions only", "echo")
-
-
-def parse_settings(body: dict, default_max_tokens: int = 16) -> GenerationSettings:
-    """OpenAI sampling parameters -> GenerationSettings (400 naming the parameter on bad values)."""
-    if body.get("n") not in (None, 1):
-        raise ApiError(400, "only n=1 is supported", "n")
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or len(stop) > 4 or any(not isinstance(x, str) or not x for x in stop):
-        raise ApiError(400, "'stop' must be a non-empty string or a list of at most 4 non-empty strings", "stop")
-    max_tokens = _integer(body, "max_tokens", None, 1)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_completion_tokens", default_max_tokens, 1)
-    return GenerationSettings(
-        max_new_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        seed=_integer(body, "seed", None, 0, MAX_SEED),
-        stop=tuple(_text(x, "stop") for x in stop),
-        top_k=_top_k(body),
-        repetition_penalty=_number(body, "repetition_penalty", None, 0.0, 100.0, low_open=True),
-    )
-
-
-def _top_k(body: dict) -> int | None:
-    """vLLM's extra parameter: -1 or 0 = every token; unset = the variant's generation config."""
-    value = _integer(body, "top_k", None, -1)
-    return 0 if value == -1 else value
-
-
-def _flag(body: dict, name: str, default: bool = False) -> bool:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise ApiError(400, f"'{name}' must be true or false", name)
-    return value
-
-
-def _include_usage(body: dict, stream: bool) -> bool:
-    options = body.get("stream_options")
-    if options is None:
-        return False
-    if not stream:
-        raise ApiError(400, "'stream_options' is only allowed with stream: true", "stream_options")
-    if not isinstance(options, dict) or set(options) - {"include_usage"}:
-        raise ApiError(400, "'stream_options' supports only include_usage", "stream_options")
-    return _flag(options, "include_usage")
-
-
-async def read_body(request: HttpRequest, limit: int) -> bytes:
-    """The raw body, read up to `limit` bytes (413 past it)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body is {int(declared)} bytes; this server accepts at most {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the request body is over {limit} bytes, the most this server accepts")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _json_body(request: HttpRequest, limit: int) -> dict:
-    """The body as a JSON object, read up to `limit` bytes (413 past it)."""
-    raw = await read_body(request, limit)
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    return body
-
-
-def _chat_prompt(tokenizer, messages: Any) -> str:
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", "messages")
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ApiError(400, "each message needs a string 'role' and a string 'content'", "messages")
-        _text(m["role"], "messages"), _text(m["content"], "messages")
+def _chat_prompt(tokenizer, messages: list[ChatMessage]) -> str:
+    """The messages formatted with the variant's chat template (a plain `role: content`
+    transcript if it has none), ending where the assistant's answer starts."""
     if getattr(tokenizer, "chat_template", None):
-        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        plain = [{"role": m.role, "content": m.content} for m in messages]
         return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
 
 
 async def _disconnected(request: HttpRequest) -> None:
@@ -515,11 +74,18 @@ async def _disconnected(request: HttpRequest) -> None:
 
 @dataclass
 class _Prepared:
-    model: str
+    """A validated request, tokenized."""
+
+    request: CompletionRequest | ChatCompletionRequest
     ids: list[int]
-    settings: GenerationSettings
     prompt: str
     """the prompt's text (for echo)"""
+    settings: GenerationSettings
+
+    @property
+    def prefix(self) -> str:
+        """What the answer's text starts with: the prompt if the request asked to echo it."""
+        return self.prompt if isinstance(self.request, CompletionRequest) and self.request.echo else ""
 
 
 def create_app(
@@ -565,29 +131,14 @@ def create_app(
 
     def prepare(body: dict, chat: bool) -> _Prepared:
         """Validate and tokenize (runs in a thread, off the event loop)."""
-        model = body.get("model")
-        if not isinstance(model, str):
-            raise ApiError(400, "'model' is required and must be a string", "model")
-        if model not in tokenizers:
-            raise ApiError(
-                404,
-                f"The model '{model}' does not exist; this server serves: {', '.join(runtime.names)}",
-                "model",
-                "model_not_found",
-            )
-        _refuse_unsupported(body, chat)
-        settings = parse_settings(body)
-        tok = tokenizers[model]
+        request = validate(ChatCompletionRequest if chat else CompletionRequest, body, runtime.names)
+        model, settings = request.model, request.settings()
         if chat:
-            prompt = _chat_prompt(tok, body.get("messages"))
-            ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            prompt = _chat_prompt(tokenizers[model], request.messages)
+            ids = tokenizers[model](prompt, add_special_tokens=False)["input_ids"]
         else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                prompt = prompt[0]
-            if not isinstance(prompt, str) or not prompt:
-                raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
-            ids = runtime.encode(model, _text(prompt, "prompt"))
+            prompt = request.prompt
+            ids = runtime.encode(model, prompt)
         limit = max_prompt_tokens
         context = runtime.max_context(model)
         if context is not None:
@@ -608,20 +159,16 @@ def create_app(
                 f"--max-tokens-in-flight {max_tokens_in_flight}",
                 "max_tokens",
             )
-        return _Prepared(model, list(ids), settings, prompt)
+        return _Prepared(request, list(ids), prompt, settings)
 
     async def handle(request: HttpRequest, chat: bool):
-        body = await _json_body(request, max_body_bytes)
-        stream = _flag(body, "stream")
-        include_usage = _include_usage(body, stream)
-        echo = not chat and _flag(body, "echo")
+        body = await json_body(request, max_body_bytes)
         p = await asyncio.to_thread(prepare, body, chat)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        prefix = p.prompt if echo else ""
-        if stream:
-            events = _stream(scheduler, request, p, rid, chat, prefix, include_usage)
+        if p.request.stream:
+            events = _stream(scheduler, request, p, rid, chat)
             return StreamingResponse(events, media_type="text/event-stream")
-        job = Job(p.model, p.ids, p.settings)
+        job = Job(p.request.model, p.ids, p.settings)
         done = asyncio.wrap_future(scheduler.submit(job))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -632,7 +179,7 @@ def create_app(
                 scheduler.cancel(job)
         if not done.done():
             return Response(status_code=499)
-        return _response(_result(done), rid, chat, prefix)
+        return completion_response(_result(done), rid, chat, p.prefix)
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
@@ -654,100 +201,42 @@ def _result(done: asyncio.Future) -> Completion:
         raise ApiError(500, f"generation failed: {type(e).__name__}: {e}") from None
 
 
-def _usage(c: Completion) -> dict:
-    return {
-        "prompt_tokens": c.prompt_tokens,
-        "completion_tokens": len(c.token_ids),
-        "total_tokens": c.prompt_tokens + len(c.token_ids),
-    }
-
-
-def _response(c: Completion, rid: str, chat: bool, prefix: str = "") -> dict:
-    created = int(time.time())
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": c.model,
-            "choices": [choice],
-            "usage": _usage(c),
-        }
-    choice = {"index": 0, "text": prefix + c.text, "logprobs": None, "finish_reason": c.finish_reason}
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": c.model,
-        "choices": [choice],
-        "usage": _usage(c),
-    }
-
-
-def _chunk(
-    rid: str,
-    model: str,
-    chat: bool,
-    piece: str | None,
-    finish: str | None,
-    first: bool = False,
-    usage: dict | None = None,
-) -> str:
-    obj = "chat.completion.chunk" if chat else "text_completion"
-    body: dict = {"id": rid, "object": obj, "created": int(time.time()), "model": model}
-    if usage is not None:  # stream_options.include_usage: a last chunk with no choices
-        body.update(choices=[], usage=usage)
-        return f"data: {json.dumps(body)}\n\n"
-    if chat:
-        delta: dict = {"role": "assistant"} if first else {}
-        if piece:
-            delta["content"] = piece
-        choice = {"index": 0, "delta": delta, "finish_reason": finish}
-    else:
-        choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
-    body["choices"] = [choice]
-    return f"data: {json.dumps(body)}\n\n"
-
-
-async def _stream(
-    scheduler: Scheduler, request: HttpRequest, p: _Prepared, rid: str, chat: bool, prefix: str, include_usage: bool
-) -> AsyncIterator[str]:
+async def _stream(scheduler: Scheduler, request: HttpRequest, p: _Prepared, rid: str, chat: bool) -> AsyncIterator[str]:
     """Server-sent events: one chunk per piece of text as the worker decodes it, a last chunk
     with finish_reason, a usage chunk if asked, then `data: [DONE]`. If the client goes away
     the job is cancelled and leaves its batch at the next decode step."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[str] = asyncio.Queue()
-    job = Job(p.model, p.ids, p.settings, on_text=lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece))
+    model = p.request.model
+    job = Job(model, p.ids, p.settings, on_text=lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece))
     done = asyncio.wrap_future(scheduler.submit(job))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         if chat:
-            yield _chunk(rid, p.model, chat, None, None, first=True)
-        if prefix:
-            yield _chunk(rid, p.model, chat, prefix, None)
+            yield stream_chunk(rid, model, chat, None, None, first=True)
+        if p.prefix:
+            yield stream_chunk(rid, model, chat, p.prefix, None)
         while True:
             getter = asyncio.ensure_future(queue.get())
             finished, _ = await asyncio.wait({getter, done, gone}, return_when=asyncio.FIRST_COMPLETED)
             if getter in finished:
-                yield _chunk(rid, p.model, chat, getter.result(), None)
+                yield stream_chunk(rid, model, chat, getter.result(), None)
                 continue
             getter.cancel()
             if gone in finished:
                 return
             while not queue.empty():
-                yield _chunk(rid, p.model, chat, queue.get_nowait(), None)
+                yield stream_chunk(rid, model, chat, queue.get_nowait(), None)
             break
         try:
             result = done.result()
         except Exception as e:
-            error = {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
-            yield f"data: {json.dumps(error)}\n\n"
+            yield stream_error(e)
         else:
-            yield _chunk(rid, p.model, chat, None, result.finish_reason)
-            if include_usage:
-                yield _chunk(rid, p.model, chat, None, None, usage=_usage(result))
-        yield "data: [DONE]\n\n"
+            yield stream_chunk(rid, model, chat, None, result.finish_reason)
+            if p.request.include_usage:
+                yield stream_chunk(rid, model, chat, None, None, usage=usage_of(result))
+        yield STREAM_END
     finally:
         gone.cancel()
         if not done.done():

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server: endpoints, scheduling, streaming, metrics and errors.
+"""The OpenAI-compatible server: endpoints, batched requests, streaming, metrics and errors.
 
 Expected completions come from transformers' own models loaded from the original
 checkpoints (greedy), not from the runtime under test.
@@ -22,7 +22,7 @@ from cli_helpers import cli, one_error_line
 from fastapi.testclient import TestClient
 
 from moeconsol.serving.runtime import GenerationSettings, Runtime
-from moeconsol.serving.server import Job, Scheduler, create_app, pick_model
+from moeconsol.serving.server import create_app
 from moeconsol.testing import tiny_tokenizer
 
 PROMPT = "Once upon a time"
@@ -197,85 +197,7 @@ def test_errors_answer_openai_style_and_the_server_keeps_serving(client, path, p
     assert ok.status_code == 200
 
 
-# -- scheduling ------------------------------------------------------------------------------
-
-
-def test_pick_model_prefers_the_active_model_within_the_wait_bound():
-    waiting = [("a", 0.0), ("b", 1.0), ("a", 2.0)]
-    assert pick_model("b", False, waiting, now=3.0, max_wait=10.0) == "b"  # active model first
-    assert pick_model("b", True, [("a", 0.0)], now=3.0, max_wait=10.0) == "b"  # its running batch goes on
-    assert pick_model("c", False, waiting, now=3.0, max_wait=10.0) == "a"  # else the oldest
-    assert pick_model("b", True, waiting, now=10.5, max_wait=10.0) == "a"  # 'a' waited too long: it goes first
-    assert pick_model("a", True, [("b", 0.0), ("c", 1.0)], now=11.5, max_wait=10.0) == "b"  # overdue: oldest first
-    assert pick_model("a", True, waiting, now=3.0, max_wait=0.0) == "b"  # max_wait 0: first come, first served
-    assert pick_model("a", False, [], now=3.0, max_wait=1.0) is None
-
-
-@pytest.mark.parametrize("n_models, max_wait", [(2, 5.0), (3, 5.0), (4, 2.0), (3, 0.0)])
-def test_pick_model_bounds_every_wait(n_models, max_wait):
-    """Every model always has work (a request arrives for each model at every step); each step
-    takes 1 time unit and so does each swap. No model waits longer than the documented bound
-    max_wait + (N - 1) x (one step + one swap), plus the step it is served in."""
-    models = [f"m{i}" for i in range(n_models)]
-    since = {m: 0.0 for m in models}  # oldest waiting item of each model
-    active, now, worst = models[0], 0.0, 0.0
-    for _ in range(400):
-        waiting = [(m, since[m]) for m in models if m != active]
-        model = pick_model(active, True, waiting, now, max_wait)
-        if model != active:
-            since[active] = now  # the old batch is parked now
-            now += 1.0  # the swap
-            active = model
-        worst = max(worst, now - since[active])
-        now += 1.0  # the step
-        since[active] = now  # the active model has no one waiting behind the step
-    bound = max_wait + (n_models - 1) * 2.0 + 1.0
-    assert worst <= bound, (worst, bound)
-
-
-@pytest.mark.parametrize(
-    "max_wait, expect_swaps, expect_served", [(60.0, 1, ["base"] * 3 + ["ft"] * 3), (0.0, 2, ["ft"] * 3 + ["base"] * 3)]
-)
-def test_scheduler_groups_requests_of_the_active_model(served, max_wait, expect_swaps, expect_served):
-    out, runtime, refs, tok = served
-    runtime.activate("base")
-    swaps_before = len(runtime.swaps)
-    scheduler = Scheduler(runtime, max_wait=max_wait)
-    ids = tok(PROMPT)["input_ids"]
-    futures = [scheduler.submit(Job(m, ids, GenerationSettings(2))) for m in ["ft", "base"] * 3]
-    scheduler.start()  # the queue is full before the worker looks at it
-    try:
-        results = [f.result(timeout=120) for f in futures]
-    finally:
-        scheduler.stop()
-    assert [r.model for r in results] == ["ft", "base"] * 3  # each request got its own model
-    assert len(runtime.swaps) - swaps_before == expect_swaps
-    assert list(scheduler.served) == expect_served  # a model's requests are admitted together, as one batch
-    assert scheduler.engine.peak_batch_size == 3
-    for r in results:
-        assert r.token_ids == greedy(refs[r.model], ids, 2)
-
-
-def test_concurrent_requests_decode_together_and_answer_as_alone(served):
-    """Requests of two models and different lengths, all queued at once: each answer equals
-    transformers' greedy answer for that prompt alone, and the engine really batched them."""
-    out, runtime, refs, tok = served
-    prompts = ["Once upon a time", "The quick brown fox jumps", "def add(a, b):", "0123456789 + -", "Experts are small"]
-    scheduler = Scheduler(runtime, max_wait=0.5, max_batch_size=4)
-    jobs = [
-        Job(m, tok(p)["input_ids"], GenerationSettings(3 + 2 * i))
-        for i, p in enumerate(prompts)
-        for m in ("base", "ft")
-    ]
-    futures = [scheduler.submit(j) for j in jobs]
-    scheduler.start()
-    try:
-        results = [f.result(timeout=300) for f in futures]
-    finally:
-        scheduler.stop()
-    for job, r in zip(jobs, results):
-        assert r.token_ids == greedy(refs[job.model], job.prompt_ids, job.settings.max_new_tokens), job
-    assert scheduler.engine.peak_batch_size == 4  # the bound holds and is reached
+# -- batched requests ------------------------------------------------------------------------
 
 
 def test_seeded_sampling_through_the_server_equals_alone(client, served):
@@ -287,39 +209,6 @@ def test_seeded_sampling_through_the_server_equals_alone(client, served):
         mine = pool.submit(client.post, "/v1/completions", json=req)
         assert mine.result().json()["choices"][0]["text"] == want
         assert all(o.result().status_code == 200 for o in others)
-
-
-def test_scheduler_keeps_serving_after_a_failed_request(served):
-    out, runtime, refs, tok = served
-    scheduler = Scheduler(runtime, max_wait=1.0)
-    scheduler.start()
-    try:
-        bad = scheduler.submit(Job("ft", [], GenerationSettings(2)))
-        good = scheduler.submit(Job("ft", [5, 6], GenerationSettings(2)))
-        with pytest.raises(Exception, match="empty"):
-            bad.result(timeout=60)
-        assert len(good.result(timeout=60).token_ids) == 2
-    finally:
-        scheduler.stop()
-    assert scheduler.served.maxlen is not None  # the record of served models is bounded
-
-
-def test_a_cancelled_job_leaves_the_batch_at_the_next_step(served):
-    out, runtime, refs, tok = served
-    scheduler = Scheduler(runtime, max_wait=1.0)
-    ids = tok(PROMPT)["input_ids"]
-    gone = Job("base", ids, GenerationSettings(200))
-    gone.on_text = lambda piece: scheduler.cancel(gone)  # the client goes away at its first piece of text
-    keep = Job("base", ids, GenerationSettings(6))
-    futures = [scheduler.submit(gone), scheduler.submit(keep)]
-    scheduler.start()
-    try:
-        g, k = (f.result(timeout=120) for f in futures)
-    finally:
-        scheduler.stop()
-    assert g.finish_reason == "cancelled" and len(g.token_ids) <= 2 + len(tok.encode(g.text))
-    assert k.token_ids == greedy(refs["base"], ids, 6)
-    assert scheduler.engine.running() == 0
 
 
 # -- a real socket ---------------------------------------------------------------------------
@@ -548,14 +437,6 @@ def test_a_client_that_disconnects_frees_its_slot(served, monkeypatch):
 # -- the command line --------------------------------------------------------------------------
 
 
-def test_top_k_and_repetition_penalty_are_parsed_like_vllm():
-    from moeconsol.serving.server import parse_settings
-
-    assert (parse_settings({}).top_k, parse_settings({}).repetition_penalty) == (None, None)  # the variant's
-    assert parse_settings({"top_k": -1}).top_k == 0 and parse_settings({"top_k": 5}).top_k == 5
-    assert parse_settings({"repetition_penalty": 1.2}).repetition_penalty == 1.2
-
-
 @pytest.mark.slow
 def test_cli_refuses_a_port_in_use_and_nan_in_one_line(served):
     out, runtime, refs, tok = served
@@ -606,32 +487,6 @@ def test_cli_server_stops_on_ctrl_c_with_one_line(served):
     assert proc.returncode == 130, stderr
     last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
     assert last.startswith("moeconsol: interrupted") and f"{port}" in last, stderr
-
-
-def test_the_bound_on_tokens_in_flight_holds_and_everyone_is_served(served):
-    """Each request reserves prompt + max_tokens; with room for two at a time, six requests of
-    two models are all served, never more than two admitted at once, each as alone."""
-    out, runtime, refs, tok = served
-    ids = tok(PROMPT)["input_ids"]
-    per_request = len(ids) + 4
-    scheduler = Scheduler(runtime, max_wait=0.05, max_tokens_in_flight=2 * per_request)
-    seen: list[int] = []
-    step = scheduler.engine.step
-
-    def watched_step():
-        seen.append(scheduler.engine.tokens_in_flight())
-        return step()
-
-    scheduler.engine.step = watched_step
-    futures = [scheduler.submit(Job(m, ids, GenerationSettings(4))) for m in ["ft", "base"] * 3]
-    scheduler.start()
-    try:
-        results = [f.result(timeout=120) for f in futures]
-    finally:
-        scheduler.stop()
-    assert max(seen) <= 2 * per_request
-    for r in results:
-        assert r.token_ids == greedy(refs[r.model], ids, 4)
 
 
 def test_streams_inside_one_batch_each_get_their_own_text(client, served):

@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 
 from moeconsol.serving.crossvariant import ServingMode
 from moeconsol.serving.runtime import GenerationSettings, Runtime
-from moeconsol.serving.server import Job, Scheduler, create_app
+from moeconsol.serving.scheduler import Job, Scheduler
+from moeconsol.serving.server import create_app
 from moeconsol.testing import tiny_switch
 
 PROMPTS = [
