@@ -153,16 +153,6 @@ def choose_representative(cluster: list[int], rule: str, digests: list[str], dis
     return cluster[int(np.argmin(sums))]
 
 
-def slot_maps(clusters: list[list[int]], num_models: int, num_experts: int) -> list[list[int]]:
-    """For each model, expert index -> bank index."""
-    maps = [[-1] * num_experts for _ in range(num_models)]
-    for k, cluster in enumerate(clusters):
-        for i in cluster:
-            maps[i // num_experts][i % num_experts] = k
-    assert all(k >= 0 for m in maps for k in m)
-    return maps
-
-
 # -- calibrated budget: output error on each variant's own tokens ---------------------------
 
 

@@ -27,31 +27,20 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import __version__
 from ..analysis.similarity import DEFAULT_PROBES, METRICS, gaussian_probes, hidden_size, layer_similarity, read_layer
 from ..artifact import nonexpert_codec as codec
+from ..artifact.builder import Written, build_manifest
 from ..artifact.corrections import AUTO, FORMATS, delta_format, delta_key
-from ..artifact.manifest import (
-    MANIFEST,
-    BankEntry,
-    DeltaEntry,
-    Encoding,
-    FileEntry,
-    LayerEntry,
-    Manifest,
-    ModelEntry,
-    SourceShard,
-    TensorEntry,
-)
+from ..artifact.manifest import MANIFEST, Encoding
 from ..artifact.reader import Progress, bank_key
 from ..errors import IncompatibleModelsError, SettingsError
 from ..io.checkpoint import (
     Checkpoint,
     check_compatible,
     check_config,
+    expert_nbytes,
     natural_key,
     open_checkpoint,
-    read_json_file,
     warn_unusual,
     warn_unusual_values,
 )
@@ -81,7 +70,6 @@ from .grouping import (
     cluster_threshold,
     fair_weights,
     identical_groups,
-    slot_maps,
     threshold_to_distance,
     to_distance,
 )
@@ -155,6 +143,10 @@ class LayerPlan:
     deltas: list[SlotDelta] = field(default_factory=list)
     """Slots served by their bank entry plus a compressed correction (calibrated + deltas)."""
 
+    def bank_index(self, flat_index: int) -> int:
+        """The bank entry that serves expert `flat_index`."""
+        return next(k for k, members in enumerate(self.clusters) if flat_index in members)
+
 
 @dataclass(frozen=True)
 class SlotDelta:
@@ -206,11 +198,6 @@ class MergeResult:
 
 
 # -- settings -----------------------------------------------------------------------------
-
-
-def expert_nbytes(ckpt: Checkpoint) -> int:
-    """Bytes of one expert (all its parts)."""
-    return sum(math.prod(ckpt.expert_shape(p)) * ITEMSIZE[ckpt.dtype] for p in ckpt.layout.parts)
 
 
 def budget_experts(budget: str, ckpts: list[Checkpoint]) -> int:
@@ -766,10 +753,6 @@ def _part_reader(ckpts: list[Checkpoint], layer: str, part: str) -> Callable[[in
     return lambda i: ckpts[i // E].expert_part(layer, i % E, part)
 
 
-def _bank_index(p: LayerPlan, flat_index: int) -> int:
-    return next(k for k, members in enumerate(p.clusters) if flat_index in members)
-
-
 def _delta_specs(ckpts: list[Checkpoint], plans: list[LayerPlan]) -> list[TensorSpec]:
     """Every delta component of every plan, in the order `_write_deltas` writes them."""
     ref = ckpts[0]
@@ -801,7 +784,7 @@ def _write_deltas(
     E, dtype = ref.num_experts, torch_dtypes()[ref.dtype]
     for p in plans:
         for d in p.deltas:
-            k = _bank_index(p, d.model * E + d.expert)
+            k = p.bank_index(d.model * E + d.expert)
             for part in ref.layout.parts:
                 own = ckpts[d.model].expert_part(p.layer, d.expert, part)
                 bank = stored_bank_part(_part_reader(ckpts, p.layer, part), p, k)
@@ -811,22 +794,6 @@ def _write_deltas(
             done[0] += 1
             if progress:
                 progress("write", done[0], total)
-
-
-def _delta_entries(ckpts: list[Checkpoint], p: LayerPlan) -> dict[str, list[DeltaEntry]]:
-    E = ckpts[0].num_experts
-    parts = ckpts[0].layout.parts
-    out: dict[str, list[DeltaEntry]] = {}
-    for d in p.deltas:
-        name = ckpts[d.model].name
-        keys = {
-            part: {c: delta_key(p.layer, name, d.expert, part, c) for c in FORMATS[d.format].component_names()}
-            for part in parts
-        }
-        out.setdefault(name, []).append(
-            DeltaEntry(d.expert, _bank_index(p, d.model * E + d.expert), d.format, d.size, keys)
-        )
-    return out
 
 
 def plan_merged_non_experts(ckpts: list[Checkpoint]) -> tuple[list[TensorSpec], dict[str, str], dict[str, str]]:
@@ -850,33 +817,6 @@ def _merged_non_expert(ckpts: list[Checkpoint], base: Checkpoint | None, name: s
         own = {base.layout.canonical_name(n): n for n in base.non_expert_names}
         b = base.read(own[name])
     return combine(s.mode, tensors, b, s)
-
-
-def _source_shards(ckpt: Checkpoint) -> dict[str, SourceShard]:
-    """Each source file: its __metadata__ and its tensors in file order (on-disk names)."""
-    out = {}
-    for file, meta in ckpt.shard_metadata.items():
-        names = sorted((n for n, f in ckpt.weight_map.items() if f == file), key=lambda n: ckpt.tensors[n].start)
-        out[file] = SourceShard(meta, names)
-    return out
-
-
-def _source_index(ckpt: Checkpoint) -> dict | None:
-    index = ckpt.path / "model.safetensors.index.json"
-    if not index.exists():
-        return None
-    data = read_json_file(index, "index")
-    assert isinstance(data, dict)  # Checkpoint._index checked it
-    return {k: v for k, v in data.items() if k != "weight_map"}
-
-
-def input_bytes(ckpts: list[Checkpoint]) -> int:
-    """Bytes of the N inputs: their safetensors files and the side files we carry."""
-    total = 0
-    for c in ckpts:
-        total += sum((c.path / f).stat().st_size for f in c.shard_metadata)
-        total += sum(p.stat().st_size for p in c.side_files())
-    return total
 
 
 def _consolidation(s: MergeSettings, ckpts: list[Checkpoint], base: Checkpoint | None) -> dict:
@@ -952,7 +892,6 @@ def merge(
         estimate += sum(t.spec.nbytes for t in non_experts.stored if not t.key.endswith("@0"))
     check_free_space(out, estimate)
 
-    E = ref.num_experts
     files: dict[str, FileRecord] = {}
     total_steps = sum(len(p.clusters) + len(p.deltas) for p in plans) + len(tensor_specs)
     done = [0]
@@ -992,53 +931,17 @@ def merge(
             (tmp / "models" / c.name).mkdir(parents=True)
             for p in side[c.name]:
                 files[f"models/{c.name}/{p.name}"] = copy_file(p, tmp / "models" / c.name / p.name)
-        manifest = Manifest(
-            moeconsol_version=__version__,
-            architecture=ref.layout.architecture,
-            parts=tuple(ref.layout.parts),
-            part_shapes={p: tuple(ref.expert_shape(p)) for p in ref.layout.parts},
-            dtype=ref.dtype,
-            experts_per_layer=E,
-            consolidation=_consolidation(s, ckpts, base),
-            models=[
-                ModelEntry(
-                    name=c.name,
-                    source=c.source,
-                    revision=c.revision,
-                    layout=c.layout.name,
-                    config=c.config,
-                    files=[p.name for p in side[c.name]],
-                    tensors=non_experts.keys[m],
-                    source_shards=_source_shards(c),
-                    index=_source_index(c),
-                )
-                for m, c in enumerate(ckpts)
-            ],
-            layers=[
-                LayerEntry(
-                    layer=p.layer,
-                    bank=[
-                        BankEntry([(i // E, i % E) for i in members], None if rep is None else (rep // E, rep % E), w)
-                        for members, rep, w in zip(p.clusters, p.representatives, p.weights or [None] * len(p.clusters))
-                    ],
-                    slot_map={c.name: sm for c, sm in zip(ckpts, slot_maps(p.clusters, len(ckpts), E))},
-                    deltas=_delta_entries(ckpts, p),
-                )
-                for p in plans
-            ],
-            bytes={
-                "inputs": input_bytes(ckpts),
-                "experts_in": len(ckpts) * len(plans) * E * expert_nbytes(ref),
-                "bank": sum(len(p.clusters) for p in plans) * expert_nbytes(ref),
-                **({"deltas": sum(x.nbytes for x in delta_specs)} if s.deltas else {}),
-                "non_expert": sum(x.nbytes for x in tensor_specs),
-                "non_expert_whole": sum(x.nbytes for x in whole_specs),
-            },
+        written = Written(
+            files=files,
             weight_map={**bank.weight_map, **delta_map, **tensors.weight_map},
-            shapes={x.name: TensorEntry(x.dtype, tuple(x.shape)) for x in bank_specs + delta_specs + tensor_specs},
-            files={name: FileEntry(r.size, r.sha256) for name, r in sorted(files.items())},
+            bank=bank_specs,
+            deltas=delta_specs,
+            non_experts=tensor_specs,
+            non_experts_whole=whole_specs,
             encodings={key: e.encoding for key, e in encoded.items()},
+            side_files={c.name: [p.name for p in side[c.name]] for c in ckpts},
         )
+        manifest = build_manifest(ckpts, _consolidation(s, ckpts, base), plans, non_experts.keys, written)
         text = manifest.dumps().encode()
         (tmp / MANIFEST).write_bytes(text)
     b = manifest.bytes
