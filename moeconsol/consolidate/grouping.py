@@ -28,7 +28,6 @@ import numpy as np
 from ..analysis.similarity import DISTANCE_METRICS, METRICS
 from ..errors import SettingsError
 
-MODES = ("lossless", "threshold", "budget")
 REPRESENTATIVES = ("medoid", "first", "mean", "best")
 """best: calibrated mode only, the least-cost member or the usage-weighted mean, whichever costs less."""
 

@@ -351,7 +351,8 @@ def sweep(
     progress: Progress | None = None,
 ) -> SweepReport:
     """Bytes vs. quality for every method at every budget (artifacts in temporary dirs)."""
-    from ..consolidate.pipeline import MergeSettings, merge
+    from ..consolidate.pipeline import merge
+    from ..consolidate.settings import MergeSettings
 
     ckpts = open_checkpoints(models)
     names = [c.name for c in ckpts]
