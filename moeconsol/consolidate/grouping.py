@@ -107,7 +107,7 @@ def cluster_lossless(lg: LayerGroups) -> list[list[int]]:
 
 def cluster_threshold(lg: LayerGroups, cutoff: float) -> list[list[int]]:
     """Complete-linkage clusters whose members are all pairwise within `cutoff` distance."""
-    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.cluster.hierarchy import fcluster, linkage  # scipy when first clustering: start-up time
     from scipy.spatial.distance import squareform
 
     n = len(lg.groups)
@@ -357,7 +357,7 @@ def pack(lg: LayerGroups, linkage: Linkage, target: int | None = None) -> list[l
     this reaches the floor exactly: the most groups any one model has (E when its experts
     all differ). Splitting then takes out, one at a time, the group whose join costs most.
     """
-    from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment  # scipy when first packing: start-up time
 
     n_models = 1 + max(i for g in lg.groups for i in g) // lg.num_experts
     per_model = [[g for g in range(len(lg.groups)) if m in lg.models(g)] for m in range(n_models)]
