@@ -48,7 +48,8 @@ def family_files(family: Path, fam: str) -> tuple[list[str], dict[str, str], dic
 def profile(family: Path, fam: str, budgets: list[float], tokens: int) -> dict:
     from moeconsol.analysis.calibration import candidate_cost, capture, substitution_costs
     from moeconsol.analysis.similarity import read_layer
-    from moeconsol.consolidate.pipeline import MergeSettings, plan_calibrated
+    from moeconsol.consolidate import MergeSettings
+    from moeconsol.consolidate.planners.calibrated import plan_calibrated
     from moeconsol.io.checkpoint import open_checkpoints
 
     models, train, _ = family_files(family, fam)
@@ -111,12 +112,13 @@ def patch(rounds: int | None, max_chunks: int | None) -> None:
     import functools
 
     from moeconsol.analysis import calibration
-    from moeconsol.consolidate import pipeline as merge
+    from moeconsol.consolidate.planners import calibrated
 
     if rounds is not None:
-        merge.fair_weights = functools.partial(merge.fair_weights, rounds=rounds)
+        calibrated.fair_weights = functools.partial(calibrated.fair_weights, rounds=rounds)
     if max_chunks is not None:
         calibration.capture = functools.partial(calibration.capture, max_chunks=max_chunks, max_run_tokens=2**62)
+        calibrated.capture = calibration.capture
 
 
 def main() -> int:

@@ -189,7 +189,7 @@ def codec_table(base_dir: Path, ft_dir: Path) -> dict:
 
 def merged(models: list[str], root: Path, label: str) -> dict:
     """Lossless merges with the codec and without: non-expert bytes, merge and load seconds."""
-    from moeconsol.consolidate.pipeline import MergeSettings, merge
+    from moeconsol.consolidate import MergeSettings, merge
     from moeconsol.io.checkpoint import open_checkpoints
     from moeconsol.serving.runtime import Runtime
 

@@ -23,7 +23,8 @@ __getattr__, __dir__, __all__ = face(
     {
         "io.checkpoint": ["open_checkpoints"],
         "analysis.report": ["analyze_models", "report_json", "write_heatmap"],
-        "consolidate.pipeline": ["MergeSettings", "merge"],
+        "consolidate.settings": ["MergeSettings"],
+        "consolidate.pipeline": ["merge"],
         "artifact.reader": ["Artifact", "export_model", "verify_artifact"],
         "serving.runtime": ["Runtime"],
         "serving.engine": ["Engine", "Request", "GenerationSettings"],

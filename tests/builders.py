@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from moeconsol.architectures.layouts import architecture
-from moeconsol.consolidate.pipeline import MergeSettings, merge
+from moeconsol.consolidate import MergeSettings, merge
 from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.serving.runtime import Runtime
 from moeconsol.testing import SAMPLE_TEXT, derive_variant, save_model, tiny_mixtral, tiny_model, tiny_tokenizer

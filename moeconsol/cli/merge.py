@@ -11,8 +11,8 @@ from rich.table import Table
 
 from ..artifact.nonexpert_codec import XOR_ZSTD
 from ..artifact.reader import Artifact, export_model, summary, verify_artifact
-from ..consolidate.pipeline import DEFAULT_SHARD_SIZE, MergeSettings
 from ..consolidate.pipeline import merge as run_merge
+from ..consolidate.settings import DEFAULT_SHARD_SIZE, MergeSettings
 from ..io.checkpoint import open_checkpoints
 from ..io.writer import format_bytes, parse_size
 from ..quality.evaluate import parse_named_files

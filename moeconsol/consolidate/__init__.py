@@ -7,6 +7,7 @@ from .._faces import face
 __getattr__, __dir__, __all__ = face(
     __name__,
     {
-        "pipeline": ["MergeSettings", "MergeResult", "merge"],
+        "settings": ["MergeSettings", "Mode"],
+        "pipeline": ["MergeResult", "merge"],
     },
 )

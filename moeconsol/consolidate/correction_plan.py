@@ -3,11 +3,11 @@
 The budget counts bank bytes plus delta bytes against the N variants' expert bytes. For a
 few bank sizes between the floor (one bank expert per expert index per layer) and what the
 budget allows on its own (`bank_counts`), the calibrated clustering is made as without deltas
-(`merge.calibrated_plans`); the bytes the bank leaves are then given to deltas:
+(`planners.calibrated.calibrated_plans`); the bytes the bank leaves are then given to deltas:
 
 - every slot served by a bank entry whose stored tensors are not its own expert's has
   options (`slot_options`): share (no delta, 0 bytes), or a delta of each format at each of
-  its sizes (`deltas.FORMATS`; one format with `--delta-format`). Each option is costed on
+  its sizes (`corrections.FORMATS`; one format with `--delta-format`). Each option is costed on
   the slot's own calibration tokens exactly as a shared expert is
   (`calibration.candidate_cost`: the corrected expert is just another candidate), against
   the bank entry's stored tensors (representative or weighted mean) in float32;
@@ -21,19 +21,20 @@ more experts apart.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from ..analysis.calibration import candidate_cost
 from ..analysis.similarity import read_layer
 from ..artifact.corrections import AUTO, FORMATS, DeltaFormat, corrected
+from ..artifact.reader import Progress
 from ..errors import SettingsError
+from ..io.checkpoint import Checkpoint, expert_nbytes
 from ..io.safetensors_file import torch_dtypes
-
-if TYPE_CHECKING:
-    from ..io.checkpoint import Checkpoint
-    from .pipeline import CalibratedInputs, LayerPlan, MergeSettings, Progress
+from .plan import CalibratedInputs, LayerPlan, SlotDelta, stored_bank_part
+from .settings import MergeSettings, budget_bytes
 
 BANK_COUNTS = 4
 """Bank sizes compared, from the floor to what the budget allows (evenly spaced)."""
@@ -78,9 +79,7 @@ def candidate_sizes(fmt: DeltaFormat, shapes: list[tuple[int, int]]) -> list[int
 
 
 def bank_value(p: LayerPlan, k: int, flat: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Bank entry `k`'s stored tensors, from the layer's experts (`merge.stored_bank_part`)."""
-    from .pipeline import stored_bank_part
-
+    """Bank entry `k`'s stored tensors, from the layer's experts (`plan.stored_bank_part`)."""
     return {part: stored_bank_part(lambda i: flat[i][part], p, k) for part in flat[p.clusters[k][0]]}
 
 
@@ -95,8 +94,6 @@ def slot_options(
     fmts: list[DeltaFormat],
 ) -> list[Option]:
     """Share, or each format at each size, with its calibrated cost and bytes."""
-    from ..analysis.calibration import candidate_cost
-
     norm = inputs.costs[li].norm
     share = candidate_cost(ckpt, layer, flat, [item], bank, inputs.acts, norm)
     options = [Option(0, share)]
@@ -193,11 +190,14 @@ def allocate(slots: list[SlotOptions], nbytes: int) -> tuple[list[int], float]:
 
 
 def plan_with_deltas(
-    ckpts: list[Checkpoint], s: MergeSettings, inputs: CalibratedInputs, progress: Progress | None = None
+    ckpts: list[Checkpoint],
+    s: MergeSettings,
+    inputs: CalibratedInputs,
+    clustering: Callable[[int], list[LayerPlan]],
+    progress: Progress | None = None,
 ) -> list[LayerPlan]:
-    """Calibrated plans with deltas, within `s.budget` bytes of bank plus deltas."""
-    from .pipeline import SlotDelta, budget_bytes, calibrated_plans, expert_nbytes
-
+    """Calibrated plans with deltas, within `s.budget` bytes of bank plus deltas.
+    `clustering(count)` is the calibrated clustering into at most `count` bank experts."""
     ref = ckpts[0]
     E, L, N = ref.num_experts, len(ref.moe_layers), len(ckpts)
     one = expert_nbytes(ref)
@@ -206,7 +206,7 @@ def plan_with_deltas(
     error: SettingsError | None = None
     for count in bank_counts(L * E, min(budget // one, N * L * E)):
         try:
-            candidates[count] = calibrated_plans(ckpts, s, inputs, count)
+            candidates[count] = clustering(count)
         except SettingsError as e:  # the same-model rule may forbid a bank this small
             error = e
     if not candidates:

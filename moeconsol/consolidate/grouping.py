@@ -28,7 +28,6 @@ import numpy as np
 from ..analysis.similarity import DISTANCE_METRICS, METRICS
 from ..errors import SettingsError
 
-MODES = ("lossless", "threshold", "budget")
 REPRESENTATIVES = ("medoid", "first", "mean", "best")
 """best: calibrated mode only, the least-cost member or the usage-weighted mean, whichever costs less."""
 
@@ -108,7 +107,7 @@ def cluster_lossless(lg: LayerGroups) -> list[list[int]]:
 
 def cluster_threshold(lg: LayerGroups, cutoff: float) -> list[list[int]]:
     """Complete-linkage clusters whose members are all pairwise within `cutoff` distance."""
-    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.cluster.hierarchy import fcluster, linkage  # scipy when first clustering: start-up time
     from scipy.spatial.distance import squareform
 
     n = len(lg.groups)
@@ -151,16 +150,6 @@ def choose_representative(cluster: list[int], rule: str, digests: list[str], dis
     assert distance is not None
     sums = distance[np.ix_(cluster, cluster)].sum(axis=1)
     return cluster[int(np.argmin(sums))]
-
-
-def slot_maps(clusters: list[list[int]], num_models: int, num_experts: int) -> list[list[int]]:
-    """For each model, expert index -> bank index."""
-    maps = [[-1] * num_experts for _ in range(num_models)]
-    for k, cluster in enumerate(clusters):
-        for i in cluster:
-            maps[i // num_experts][i % num_experts] = k
-    assert all(k >= 0 for m in maps for k in m)
-    return maps
 
 
 # -- calibrated budget: output error on each variant's own tokens ---------------------------
@@ -368,7 +357,7 @@ def pack(lg: LayerGroups, linkage: Linkage, target: int | None = None) -> list[l
     this reaches the floor exactly: the most groups any one model has (E when its experts
     all differ). Splitting then takes out, one at a time, the group whose join costs most.
     """
-    from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment  # scipy when first packing: start-up time
 
     n_models = 1 + max(i for g in lg.groups for i in g) // lg.num_experts
     per_model = [[g for g in range(len(lg.groups)) if m in lg.models(g)] for m in range(n_models)]

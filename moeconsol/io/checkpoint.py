@@ -325,6 +325,11 @@ class Checkpoint:
         return f"Checkpoint({self.name!r}, {self.layout.name}, {len(self.moe_layers)} MoE layers x {self.num_experts} experts)"
 
 
+def expert_nbytes(ckpt: Checkpoint) -> int:
+    """Bytes of one expert (all its parts)."""
+    return sum(math.prod(ckpt.expert_shape(p)) * ITEMSIZE[ckpt.dtype] for p in ckpt.layout.parts)
+
+
 def open_checkpoint(arg: str, revision: str | None = None) -> Checkpoint:
     ref = parse_model_ref(arg)
     path = resolve_checkpoint_dir(ref.source, revision)

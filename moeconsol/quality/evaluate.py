@@ -29,7 +29,7 @@ import torch
 from ..architectures.layouts import architecture
 from ..artifact.reader import Artifact
 from ..errors import CheckpointError, IncompatibleModelsError, MoeconsolError, SettingsError, UnknownModelError
-from ..io.checkpoint import open_checkpoint, open_checkpoints, resolve_checkpoint_dir
+from ..io.checkpoint import expert_nbytes, open_checkpoint, open_checkpoints, resolve_checkpoint_dir
 from ..io.data import read_seq2seq_data, read_text_data
 from .metrics import DEFAULT_CHUNK_LEN, perplexity, retained_gain, seq2seq_accuracy
 
@@ -351,7 +351,8 @@ def sweep(
     progress: Progress | None = None,
 ) -> SweepReport:
     """Bytes vs. quality for every method at every budget (artifacts in temporary dirs)."""
-    from ..consolidate.pipeline import MergeSettings, expert_nbytes, merge
+    from ..consolidate.pipeline import merge
+    from ..consolidate.settings import MergeSettings
 
     ckpts = open_checkpoints(models)
     names = [c.name for c in ckpts]

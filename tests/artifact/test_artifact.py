@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from moeconsol.artifact.reader import Artifact, export_model, verify_artifact
-from moeconsol.consolidate.pipeline import MergeSettings, merge
+from moeconsol.consolidate import MergeSettings, merge
 from moeconsol.errors import MoeconsolError
 from moeconsol.io import writer
 from moeconsol.io.checkpoint import open_checkpoints

@@ -17,7 +17,7 @@ from cli_helpers import cli, one_error_line, run_main
 
 from moeconsol import cli as cli_module
 from moeconsol.artifact.reader import Artifact
-from moeconsol.consolidate.pipeline import MergeSettings, merge
+from moeconsol.consolidate import MergeSettings, merge
 from moeconsol.errors import (
     ArtifactError,
     CheckpointError,

@@ -20,10 +20,10 @@ from cli_helpers import one_error_line, run_main
 from moeconsol.architectures.layouts import architecture
 from moeconsol.artifact.corrections import FORMATS, decode
 from moeconsol.artifact.reader import Artifact, bank_key, export_model, summary, verify_artifact
+from moeconsol.consolidate import MergeSettings, merge
 from moeconsol.consolidate.correction_plan import Option, SlotOptions, allocate, bank_counts, hull
-from moeconsol.consolidate.pipeline import MergeSettings, expert_nbytes, merge
 from moeconsol.errors import ArtifactError
-from moeconsol.io.checkpoint import open_checkpoints
+from moeconsol.io.checkpoint import expert_nbytes, open_checkpoints
 from moeconsol.serving.runtime import Runtime
 
 PROMPT = "The quick brown fox"

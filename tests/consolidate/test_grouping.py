@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from moeconsol.artifact.builder import slot_maps
 from moeconsol.consolidate.grouping import (
     CalibratedLinkage,
     CompleteLinkage,
@@ -23,7 +24,6 @@ from moeconsol.consolidate.grouping import (
     cluster_threshold,
     identical_groups,
     pack,
-    slot_maps,
     threshold_to_distance,
     to_distance,
 )

@@ -11,8 +11,8 @@ from cli_helpers import cli, one_error_line
 
 from moeconsol.analysis.calibration import capture
 from moeconsol.artifact.reader import Artifact, bank_key, verify_artifact
+from moeconsol.consolidate import MergeSettings, merge
 from moeconsol.consolidate.baselines import ties
-from moeconsol.consolidate.pipeline import MergeSettings, merge
 from moeconsol.io.checkpoint import open_checkpoint, open_checkpoints
 from moeconsol.testing import SAMPLE_TEXT, derive_variant, save_model, tiny_mixtral, tiny_tokenizer
 
@@ -284,7 +284,7 @@ def test_calibrated_floor_keeps_the_cheaper_of_greedy_and_same_index_clusters(fa
     from moeconsol.analysis.calibration import substitution_costs
     from moeconsol.analysis.similarity import layer_similarity, read_layer
     from moeconsol.consolidate.grouping import cluster_calibrated, identical_groups
-    from moeconsol.consolidate.pipeline import calibrated_representatives, same_index_clusters
+    from moeconsol.consolidate.planners.calibrated import calibrated_representatives, same_index_clusters
     from moeconsol.io.digest import tensor_digest as expert_digest
 
     ckpts = open_checkpoints(models(family))

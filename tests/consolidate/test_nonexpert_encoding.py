@@ -18,7 +18,8 @@ from safetensors import safe_open
 
 from moeconsol.artifact import nonexpert_codec as codec
 from moeconsol.artifact.reader import Artifact, export_model, verify_artifact
-from moeconsol.consolidate.pipeline import MAX_DELTA_RATIO, MergeSettings, merge
+from moeconsol.consolidate import MergeSettings, merge
+from moeconsol.consolidate.nonexpert import MAX_DELTA_RATIO
 from moeconsol.errors import ArtifactError, DamagedArtifactError
 from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.serving.runtime import Runtime

@@ -8,7 +8,7 @@ import math
 import pytest
 from cli_helpers import cli, one_error_line
 
-from moeconsol.consolidate.pipeline import MergeSettings, merge
+from moeconsol.consolidate import MergeSettings, merge
 from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.quality.evaluate import EvalSettings, eval_artifact, sweep
 from moeconsol.quality.metrics import perplexity, seq2seq_accuracy

@@ -18,7 +18,7 @@ import torch
 from builders import correction_family as build_delta_family
 from builders import merge_with_corrections as merge_with_deltas
 
-from moeconsol.consolidate.pipeline import MergeSettings, merge
+from moeconsol.consolidate import MergeSettings, merge
 from moeconsol.errors import MoeconsolError, SettingsError
 from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.serving.crossvariant import ServingMode

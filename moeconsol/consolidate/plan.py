@@ -1,0 +1,92 @@
+"""What a planner decides, as data: each MoE layer's bank (`LayerPlan`), the slots that carry
+a correction (`SlotDelta`), and the one definition of the values a bank entry stores
+(`stored_bank_part`), which the writer writes and corrections are taken against.
+
+Every expert of a layer is a flat index `model * E + expert` (as in `grouping`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..analysis.calibration import LayerCosts, ModelActivations
+from ..io.checkpoint import Checkpoint
+from .grouping import LayerGroups
+
+Combine = Callable[[list[torch.Tensor], torch.Tensor | None], torch.Tensor]
+"""A merging baseline on one tensor: every model's version of it, the base's (or None) -> merged."""
+
+
+@dataclass(frozen=True)
+class SlotDelta:
+    """Slot (model, expert) of a layer carries a delta of `format` at `size` (corrections.py)."""
+
+    model: int
+    expert: int
+    format: str
+    size: int | None
+
+
+@dataclass
+class LayerPlan:
+    layer: str
+    clusters: list[list[int]]
+    """Flat member indices (model * E + expert) of each bank expert, in bank order."""
+    representatives: list[int | None]
+    """The member stored for each bank expert; None = computed from its members."""
+    weights: list[list[float] | None] | None = None
+    """Per bank expert with a computed representative: the members' weights of a weighted
+    mean (None: the plain mean)."""
+    combine: Combine | None = None
+    """A merging baseline's formula (average, task-arithmetic, ties): computes every part of
+    every bank expert from its members' (and the base's)."""
+    deltas: list[SlotDelta] = field(default_factory=list)
+    """Slots served by their bank entry plus a compressed correction (calibrated + deltas)."""
+
+    def bank_index(self, flat_index: int) -> int:
+        """The bank entry that serves expert `flat_index`."""
+        return next(k for k, members in enumerate(self.clusters) if flat_index in members)
+
+
+@dataclass
+class CalibratedInputs:
+    """What calibrated planning measures once: each model's activations, and per layer the
+    identical groups, the experts' digests and the substitution costs."""
+
+    acts: list[ModelActivations]
+    groups: list[LayerGroups]
+    digests: list[list[str]]
+    costs: list[LayerCosts]
+
+
+def stored_bank_part(part_of: Callable[[int], torch.Tensor], p: LayerPlan, k: int) -> torch.Tensor:
+    """The values bank entry `k` of a (non-baseline) plan stores for one part, given that
+    part of each expert by flat index (`part_of`): its representative's, or the (weighted)
+    mean of its members. The one definition: the writer writes it, deltas are taken
+    against it (`writing.write_deltas`, `correction_plan`)."""
+    members, rep = p.clusters[k], p.representatives[k]
+    if rep is not None:
+        return part_of(rep)
+    w = (p.weights[k] if p.weights else None) or [1.0] * len(members)
+    return weighted_mean((part_of(i) for i in members), w)
+
+
+def part_reader(ckpts: list[Checkpoint], layer: str, part: str) -> Callable[[int], torch.Tensor]:
+    """Flat index (model * E + expert) -> that expert's `part` in `layer`, read now."""
+    E = ckpts[0].num_experts
+    return lambda i: ckpts[i // E].expert_part(layer, i % E, part)
+
+
+def weighted_mean(tensors: Iterable[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """sum_i w_i t_i / sum_i w_i, accumulated in float64 one tensor at a time (an iterator is
+    read lazily), cast to the inputs' dtype."""
+    acc, dtype = None, None
+    for t, w in zip(tensors, weights):
+        if acc is None:
+            acc, dtype = torch.zeros(t.shape, dtype=torch.float64), t.dtype
+        acc.add_(t.to(torch.float64), alpha=w)
+    assert acc is not None and dtype is not None
+    return acc.div_(sum(weights)).to(dtype)

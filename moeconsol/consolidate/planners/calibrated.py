@@ -1,0 +1,201 @@
+"""Calibrated mode: budget mode driven by each model's own activations (module calibration).
+
+Every model runs once over its own calibration data (`calibration.capture`); per layer, every
+substitution of one expert by another is costed by the output error it causes there
+(`calibration.substitution_costs`); the layers are clustered together greedily by least
+added cost (`grouping.cluster_calibrated`), each model's costs weighted so that no model
+carries most of it (`grouping.fair_weights`); then each shared entry's representative is
+chosen on the same tokens. With deltas, the bank size and the slots' compressed corrections
+share the budget (`correction_plan`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
+from typing import Any
+
+import torch
+
+from ...analysis.calibration import LayerCosts, ModelActivations, candidate_cost, capture, substitution_costs
+from ...analysis.similarity import DEFAULT_PROBES, gaussian_probes, hidden_size, layer_similarity, read_layer
+from ...artifact.corrections import AUTO
+from ...artifact.reader import Progress
+from ...errors import SettingsError
+from ...io.checkpoint import Checkpoint
+from ..correction_plan import plan_with_deltas
+from ..grouping import LayerGroups, cluster_calibrated, cluster_cost, fair_weights, identical_groups, to_distance
+from ..plan import CalibratedInputs, LayerPlan, weighted_mean
+from ..settings import (
+    MergeSettings,
+    Mode,
+    budget_bytes,
+    budget_experts,
+    calibration_file,
+    check_budget,
+    checked_metric,
+    refuse,
+)
+from .base import Planner
+
+
+class CalibratedPlanner(Planner):
+    """Clustering by output error on each model's calibration data, within a budget."""
+
+    mode = Mode.CALIBRATED
+    needs_calibration = True
+    budgeted = True
+
+    def check(self, s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
+        metric = checked_metric(s)
+        check_budget(s, self.mode, ckpts)
+        refuse(s, self.mode, "base")
+        for c in ckpts:
+            calibration_file(s, c.name)
+        unknown = sorted(set(s.calibration or {}) - {c.name for c in ckpts} - {"*"})
+        if unknown:
+            raise SettingsError(
+                f"calibration names unknown model(s) {', '.join(unknown)}; the models are {', '.join(c.name for c in ckpts)}"
+            )
+        if s.calibration_tokens < 1:
+            raise SettingsError(f"calibration tokens must be at least 1, got {s.calibration_tokens}")
+        return replace(s, metric=metric)
+
+    def plan(self, ckpts: list[Checkpoint], s: MergeSettings, progress: Progress | None = None) -> list[LayerPlan]:
+        return plan_calibrated(ckpts, s, progress)
+
+    def record(self, s: MergeSettings, ckpts: list[Checkpoint], base: Checkpoint | None) -> dict[str, Any]:
+        c = super().record(s, ckpts, base)
+        c["calibration"] = {ck.name: calibration_file(s, ck.name) for ck in ckpts}
+        c["calibration_tokens"] = s.calibration_tokens
+        if s.deltas:
+            c["deltas"] = True
+            c["delta_format"] = s.delta_format or AUTO
+            c["budget_bytes"] = budget_bytes(s.budget, ckpts)
+        return c
+
+
+def plan_calibrated(ckpts: list[Checkpoint], s: MergeSettings, progress: Progress | None = None) -> list[LayerPlan]:
+    """Budget mode driven by each model's own activations (module calibration): capture
+    every model once, cost every substitution per layer, cluster greedily by least added
+    cost, then pick each shared expert's representative (s.representative). A layer at the
+    floor (E bank experts) may instead take the same-index clusters of uniform averaging,
+    when they cost less on the calibration tokens with their own representatives. With
+    `s.deltas`, the bank size and the slots' deltas share the budget (`plan_with_deltas`)."""
+    inputs = calibrated_inputs(ckpts, s, progress)
+    if s.deltas:
+        return plan_with_deltas(ckpts, s, inputs, partial(calibrated_plans, ckpts, s, inputs), progress)
+    return calibrated_plans(ckpts, s, inputs, budget_experts(s.budget, ckpts))
+
+
+def calibrated_inputs(ckpts: list[Checkpoint], s: MergeSettings, progress: Progress | None = None) -> CalibratedInputs:
+    """Capture every model's activations and cost every substitution, one layer at a time."""
+    ref = ckpts[0]
+    E, L = ref.num_experts, len(ref.moe_layers)
+    acts = []
+    for m, c in enumerate(ckpts):
+        if progress:
+            progress("calibrate", m, len(ckpts))
+        acts.append(capture(c, calibration_file(s, c.name), max_tokens=s.calibration_tokens))
+    if progress:
+        progress("calibrate", len(ckpts), len(ckpts))
+    groups, digests, costs = [], [], []
+    for i, layer in enumerate(ref.moe_layers):
+        if progress:
+            progress("plan", i, L)
+        experts = read_layer(ckpts, layer)
+        sim = layer_similarity(
+            ckpts,
+            layer,
+            [s.metric],
+            None if s.metric != "cka" else gaussian_probes(hidden_size(ref), DEFAULT_PROBES, s.seed + i),
+            experts=experts,
+        )
+        groups.append(identical_groups(layer, sim.digests, E, to_distance(sim.matrices[s.metric], s.metric)))
+        digests.append(sim.digests)
+        costs.append(substitution_costs(ref, layer, experts.flat, acts))
+    if progress:
+        progress("plan", L, L)
+    return CalibratedInputs(acts, groups, digests, costs)
+
+
+def calibrated_plans(
+    ckpts: list[Checkpoint], s: MergeSettings, inputs: CalibratedInputs, max_bank: int
+) -> list[LayerPlan]:
+    """The calibrated clustering into at most `max_bank` bank experts, with representatives;
+    each model's costs weighted by `grouping.fair_weights`, so that no model carries most
+    of the cost."""
+    ref = ckpts[0]
+    E = ref.num_experts
+    acts = inputs.acts
+    weights = fair_weights(inputs.groups, [c.cost for c in inputs.costs], max_bank)
+    costs = [c.weighted(weights) for c in inputs.costs]
+    clusters = cluster_calibrated(inputs.groups, [c.cost for c in costs], max_bank)
+    plans = []
+    for layer, cs, lg, d, lc in zip(ref.moe_layers, clusters, inputs.groups, inputs.digests, costs):
+        flat: list = []  # the layer's experts, read only when a mean must be costed
+
+        def experts() -> list:
+            if not flat:
+                flat.extend(read_layer(ckpts, layer).flat)
+            return flat
+
+        options = [cs]
+        aligned = same_index_clusters(lg, len(ckpts))
+        if len(cs) == E and aligned is not None and aligned != cs:
+            options.append(aligned)
+        chosen = [calibrated_representatives(ref, layer, c, d, lc, acts, s.representative, experts) for c in options]
+        k = min(range(len(options)), key=lambda o: (chosen[o][2], o))
+        plans.append(LayerPlan(layer, options[k], chosen[k][0], chosen[k][1]))
+    return plans
+
+
+def same_index_clusters(lg: LayerGroups, n_models: int) -> list[list[int]] | None:
+    """The clusters of uniform averaging: bank expert e = every model's expert e; None where
+    bit-identical experts across expert indices rule it out (they must share)."""
+    E = lg.num_experts
+    if any(len({i % E for i in g}) > 1 for g in lg.groups):
+        return None
+    return [[m * E + e for m in range(n_models)] for e in range(E)]
+
+
+def calibrated_representatives(
+    ref: Checkpoint,
+    layer: str,
+    clusters: list[list[int]],
+    digests: list[str],
+    lc: LayerCosts,
+    acts: list[ModelActivations],
+    rule: str,
+    experts: Callable[[], list[dict[str, torch.Tensor]]],
+) -> tuple[list[int | None], list[list[float] | None], float]:
+    """(representatives, mean weights, total calibrated cost) of one layer's clusters under
+    `rule`: `first` / `medoid` (the least-cost member) / `mean` (usage-weighted) / `best`
+    (the cheaper of the two). The cost of a mean is measured on the calibration tokens
+    (`calibration.candidate_cost`); `experts()` gives the layer's flat expert list."""
+    reps: list[int | None] = []
+    weights: list[list[float] | None] = []
+    total = 0.0
+    for members in clusters:
+        best_cost, best = cluster_cost(members, lc.cost)
+        if len({digests[i] for i in members}) == 1 or rule == "first":
+            reps.append(members[0]), weights.append(None)
+            total += float(lc.cost[members, members[0]].sum())
+            continue
+        w = [float(lc.usage[i]) for i in members]
+        w = [1.0] * len(members) if sum(w) <= 0 else w
+        if rule == "medoid":
+            reps.append(best), weights.append(None)
+            total += best_cost
+            continue
+        flat = experts()
+        mean = {p: weighted_mean([flat[i][p] for i in members], w) for p in ref.layout.parts}
+        mean_cost = candidate_cost(ref, layer, flat, members, mean, acts, lc.norm)
+        if rule == "mean" or mean_cost < best_cost:
+            reps.append(None), weights.append(w)
+            total += mean_cost
+        else:
+            reps.append(best), weights.append(None)
+            total += best_cost
+    return reps, weights, total
