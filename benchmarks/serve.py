@@ -51,8 +51,9 @@ import transformers
 from moeconsol.consolidate.pipeline import merge
 from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.serving.crossvariant import ServingMode
+from moeconsol.serving.device import parse_device
 from moeconsol.serving.engine import DEFAULT_MAX_BATCH_SIZE, Engine, Request
-from moeconsol.serving.runtime import GenerationSettings, Runtime, parse_device
+from moeconsol.serving.runtime import GenerationSettings, Runtime
 from moeconsol.serving.server import DEFAULT_MAX_WAIT, Job, Scheduler
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
 

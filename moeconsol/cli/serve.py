@@ -13,6 +13,7 @@ from rich.console import Console
 
 from ..errors import MoeconsolError
 from ..serving.crossvariant import ServingMode
+from ..serving.device import parse_device, parse_dtype
 from ..serving.engine import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_PROMPT_TOKENS,
@@ -21,7 +22,7 @@ from ..serving.engine import (
     GenerationSettings,
     check_settings,
 )
-from ..serving.runtime import Runtime, parse_device, parse_dtype
+from ..serving.runtime import Runtime
 from . import app
 from .progress import stage_progress
 

@@ -18,7 +18,6 @@ variant's slot maps and tensor keys). `Family.from_artifact` adapts a merged art
 from __future__ import annotations
 
 import copy
-import functools
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -30,10 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..architectures.layouts import Architecture, BankKind, architecture, join, split, supported
+from ..architectures.layouts import Architecture, BankKind, architecture, supported
 from ..artifact.corrections import corrected
 from ..artifact.manifest import DeltaEntry
 from ..errors import ArtifactError, MoeconsolError, SettingsError, UnknownModelError
+from .banks import BankExperts, bank_class, canonical_experts
 from .crossvariant import (
     ServingMode,
     VariantRows,
@@ -44,6 +44,7 @@ from .crossvariant import (
     position_bias_owner,
     row_wise,
 )
+from .device import parse_device, synchronize
 
 # Config keys that may differ between variants without changing what the model computes.
 _IGNORED_CONFIG_KEYS = {
@@ -63,141 +64,8 @@ _IGNORED_CONFIG_KEYS = {
     "output_hidden_states",
     "return_dict",
 }
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "f32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "f16": torch.float16,
-    "half": torch.float16,
-}
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """`--dtype` value -> torch dtype (None stays None: use the checkpoints' own dtype)."""
-    if name is None:
-        return None
-    try:
-        return _DTYPES[name.lower()]
-    except KeyError:
-        raise SettingsError(f"unknown dtype {name!r}: use float32, bfloat16 or float16") from None
-
-
-def parse_device(name: str) -> torch.device:
-    """`--device` value -> torch device, checking that it exists on this machine."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise SettingsError(f"unknown device {name!r}: use cpu or cuda (cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise SettingsError(f"unsupported device {name!r}: use cpu or cuda")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SettingsError(f"device {name}: no CUDA device is available on this machine; use cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SettingsError(f"device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return device
-
-
-# -- the bank modules: transformers' experts, fed bank indices -------------------------------
-
-
-class BankExperts:
-    """Mixin of every bank module: an experts module of transformers' own class holding K
-    bank experts instead of E, plus a `slot_map` buffer [E] (expert index -> bank index)."""
-
-    slot_map: torch.Tensor
-
-
-def _fused_bank_class(experts_class: type, record: Architecture) -> type:
-    """A bank over any experts class of transformers 5's experts interface (Mixtral, Qwen2/3-MoE,
-    OLMoE, DeepSeek-V2/V3, gpt-oss): its per-expert parameters (`gate_up_proj`, `down_proj`,
-    gpt-oss' biases: first dim E) resized to K entries. The router's expert indices go through
-    the slot map, then transformers' own experts implementation runs on the bank. Which
-    canonical parts each parameter holds, and how, is the record's in-memory layout."""
-    layout = record.memory_layout
-
-    class FusedBankExperts(BankExperts, experts_class):
-        def __init__(self, config, bank_size: int):
-            super().__init__(config)
-            experts = self.num_experts
-            for name, p in list(self.named_parameters(recurse=False)):
-                if p.shape[0] == experts:
-                    setattr(self, name, nn.Parameter(p.new_empty(bank_size, *p.shape[1:])))
-            self.num_experts = bank_size
-            self.register_buffer("slot_map", torch.arange(experts), persistent=False)
-
-        def forward(self, hidden_states, top_k_index, top_k_weights):
-            return super().forward(hidden_states, self.slot_map[top_k_index], top_k_weights)
-
-        @torch.no_grad()
-        def load_expert(self, k: int, parts: dict[str, torch.Tensor]) -> None:
-            for name, names in layout.fused_parts.items():
-                getattr(self, name)[k].copy_(join(layout.fused_codec, [parts[p] for p in names]))
-
-    FusedBankExperts.__name__ = FusedBankExperts.__qualname__ = f"{experts_class.__name__}Bank"
-    return FusedBankExperts
-
-
-def _switch_bank_class(experts_class: type, record: Architecture) -> type:
-    class SwitchBankExperts(BankExperts, experts_class):
-        """SwitchTransformersExperts holding K bank experts (`expert_{k}`: wi, wo) plus a
-        `slot_map` buffer [E]. The router's one-hot choice over E experts is folded onto the
-        K bank entries (a token routed to expert e goes to bank entry slot_map[e])."""
-
-        def __init__(self, config, bank_size: int):
-            experts = config.num_experts
-            super().__init__(_bank_config(config, "num_experts", bank_size))
-            self.register_buffer("slot_map", torch.arange(experts), persistent=False)
-
-        def forward(self, hidden_states, selected_experts, routing_weights):
-            folded = selected_experts.new_zeros(*selected_experts.shape[:-1], self.num_experts)
-            folded.index_add_(-1, self.slot_map, selected_experts)
-            return super().forward(hidden_states, folded, routing_weights)
-
-        @torch.no_grad()
-        def load_expert(self, k: int, parts: dict[str, torch.Tensor]) -> None:
-            self[f"expert_{k}"].wi.weight.copy_(parts["wi"])
-            self[f"expert_{k}"].wo.weight.copy_(parts["wo"])
-
-    return SwitchBankExperts
-
-
-def _bank_config(config, attr: str, bank_size: int):
-    cfg = copy.copy(config)
-    setattr(cfg, attr, bank_size)
-    return cfg
-
-
-_BANK_CLASSES = {BankKind.FUSED: _fused_bank_class, BankKind.MODULES: _switch_bank_class}
 _CROSS_BANK_CLASSES = {BankKind.FUSED: cross_bank_class, BankKind.MODULES: cross_onehot_bank_class}
 """cross-variant batching: the bank class's subclass that looks slot maps up per token"""
-
-
-@functools.cache
-def bank_class(architecture_name: str, experts_class: type) -> type:
-    """The bank module class for one experts class of one architecture (made once)."""
-    record = architecture(architecture_name)
-    return _BANK_CLASSES[record.bank](experts_class, record)
-
-
-def canonical_experts(record: Architecture, experts: nn.Module) -> list[dict[str, torch.Tensor]]:
-    """Every expert of a transformers experts module in canonical per-part form (views)."""
-    if record.bank is BankKind.MODULES:
-        w_in, w_out = record.part("in"), record.part("out")
-        return [
-            {w_in: experts[f"expert_{e}"].wi.weight, w_out: experts[f"expert_{e}"].wo.weight}
-            for e in range(len(experts))
-        ]
-    layout = record.memory_layout
-    out: list[dict[str, torch.Tensor]] = [{} for _ in range(experts.num_experts)]
-    for name, names in layout.fused_parts.items():
-        for e, slice_ in enumerate(getattr(experts, name)):
-            out[e].update(zip(names, split(layout.fused_codec, slice_, len(names))))
-    return [{p: parts[p] for p in layout.parts} for parts in out]
 
 
 def _record(name: str) -> Architecture:
@@ -831,8 +699,7 @@ class Runtime:
         self.model.generation_config = generation_config(self, name)
 
     def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
 
 
 # -- construction helpers ---------------------------------------------------------------------

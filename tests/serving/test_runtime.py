@@ -24,7 +24,8 @@ from moeconsol.consolidate.pipeline import merge
 from moeconsol.errors import MoeconsolError
 from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.serving import runtime
-from moeconsol.serving.runtime import Family, GenerationSettings, Runtime, parse_device, parse_dtype
+from moeconsol.serving.device import parse_device, parse_dtype
+from moeconsol.serving.runtime import Family, GenerationSettings, Runtime
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_model, tiny_tokenizer
 
 PROMPT = "The quick brown fox"
