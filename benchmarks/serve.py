@@ -536,7 +536,7 @@ def main() -> None:
             "dtype": str(rt.dtype),
             "threads": torch.get_num_threads(),
             "model": size,
-            "bank_sizes": rt.family.bank_sizes,
+            "bank_sizes": rt.variant_set.bank_sizes,
             "resident_bytes": rb.to_dict(),
         }
         if args.only is None:

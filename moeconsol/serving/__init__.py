@@ -7,7 +7,8 @@ from .._faces import face
 __getattr__, __dir__, __all__ = face(
     __name__,
     {
-        "runtime": ["Family", "Runtime", "SwapReport", "ResidentBytes"],
+        "runtime": ["Runtime", "SwapReport", "ResidentBytes"],
+        "variants": ["VariantSet", "Family"],
         "engine": ["Engine", "Request", "GenerationSettings"],
         "crossvariant": ["ServingMode"],
         "server": ["create_app", "serve"],

@@ -39,6 +39,7 @@ import torch
 
 from ..errors import MoeconsolError, SettingsError
 from .crossvariant import ServingMode
+from .variants import generation_config as variant_generation_config
 
 if TYPE_CHECKING:
     from .runtime import Runtime, SwapReport
@@ -576,16 +577,7 @@ def complete(
 
 def generation_config(runtime: Runtime, name: str):
     """The variant's generation config (its own file, else derived from the model config)."""
-    variant = runtime.family.variants[name]
-    if variant.generation_config is None:
-        from transformers import GenerationConfig
-
-        path = variant.model_dir
-        if path is not None and (path / "generation_config.json").is_file():
-            variant.generation_config = GenerationConfig.from_pretrained(str(path))
-        else:
-            variant.generation_config = GenerationConfig.from_model_config(runtime.model.config)
-    return variant.generation_config
+    return variant_generation_config(runtime.variant_set.variants[name], runtime.model.config)
 
 
 def _eos_ids(config) -> set[int]:

@@ -9,19 +9,15 @@ CUDA); activating a variant copies the tensors that differ into the resident par
 place and rewrites the slot maps. Nothing is re-allocated, the model is never rebuilt and
 the experts never move, so generation, KV cache and sampling stay transformers' own.
 
-The core does not know the artifact format: it takes a `Family` (configs, bank sizes, a
-function that reads one bank expert, a function that reads one stored tensor, and each
-variant's slot maps and tensor keys). `Family.from_artifact` adapts a merged artifact;
-`Family.from_models` consolidates in-memory transformers models losslessly.
+The core does not know the artifact format: it takes a `VariantSet` (variants.py).
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..architectures.layouts import Architecture, BankKind, architecture, supported
+from ..architectures.layouts import Architecture, BankKind
 from ..artifact.corrections import corrected
 from ..artifact.manifest import DeltaEntry
-from ..errors import ArtifactError, MoeconsolError, SettingsError, UnknownModelError
+from ..errors import ArtifactError, MoeconsolError, SettingsError
 from .banks import BankExperts, bank_class, canonical_experts
 from .crossvariant import (
     ServingMode,
@@ -45,172 +41,10 @@ from .crossvariant import (
     row_wise,
 )
 from .device import parse_device, synchronize
+from .variants import Variant, VariantSet, generation_config
 
-# Config keys that may differ between variants without changing what the model computes.
-_IGNORED_CONFIG_KEYS = {
-    "_name_or_path",
-    "transformers_version",
-    "architectures",
-    "torch_dtype",
-    "dtype",
-    "use_cache",
-    "output_router_logits",
-    "router_aux_loss_coef",
-    "router_z_loss_coef",
-    "_commit_hash",
-    "id2label",
-    "label2id",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict",
-}
 _CROSS_BANK_CLASSES = {BankKind.FUSED: cross_bank_class, BankKind.MODULES: cross_onehot_bank_class}
 """cross-variant batching: the bank class's subclass that looks slot maps up per token"""
-
-
-def _record(name: str) -> Architecture:
-    try:
-        return architecture(name)
-    except KeyError:
-        raise ArtifactError(f"the runtime serves {supported()}, not {name!r}") from None
-
-
-# -- what the runtime serves, independent of the file format ---------------------------------
-
-
-@dataclass
-class Variant:
-    """One servable model: its config, its slot maps and where its non-expert tensors are."""
-
-    name: str
-    config: dict
-    slot_maps: dict[str, list[int]]
-    """MoE layer id -> bank index of each expert index"""
-    tensors: dict[str, str]
-    """transformers in-memory parameter name -> stored key (equal keys mean equal tensors)"""
-    model_dir: Path | None = None
-    """config, generation config and tokenizer files"""
-    tokenizer: Any = None
-    generation_config: Any = None
-    deltas: dict[str, list[DeltaEntry]] = field(default_factory=dict)
-    """MoE layer id -> the slots served by their bank entry plus a compressed correction
-    (deltas.py); the components are read by stored key through `Family.read`"""
-
-
-@dataclass
-class Family:
-    """Everything the runtime needs: a bank per MoE layer and the variants that share it."""
-
-    architecture: str
-    layers: list[str]
-    """MoE layer ids; f"{layer}.mlp" is the MoE block"""
-    bank_sizes: dict[str, int]
-    bank_expert: Callable[[str, int], dict[str, torch.Tensor]]
-    """(layer, bank index) -> canonical expert parts, read now"""
-    read: Callable[[str], torch.Tensor]
-    """stored key -> tensor, read now"""
-    variants: dict[str, Variant]
-    dtype: torch.dtype
-    """dtype the tensors are stored in"""
-
-    @classmethod
-    def from_artifact(cls, path: str | Path) -> Family:
-        """Adapt a `moeconsol merge` artifact (read lazily, tensor by tensor)."""
-        from ..artifact.reader import Artifact
-
-        art = Artifact.open(path)
-        variants = {
-            name: Variant(
-                name=name,
-                config=art.config(name),
-                slot_maps={layer: list(art.slot_map(name, layer)) for layer in art.layers},
-                tensors=dict(art.non_expert_keys(name)),
-                model_dir=art.model_dir(name),
-                deltas={layer: art.deltas(name, layer) for layer in art.layers if art.deltas(name, layer)},
-            )
-            for name in art.model_names
-        }
-        return cls(
-            architecture=art.architecture,
-            layers=list(art.layers),
-            bank_sizes={layer: art.bank_size(layer) for layer in art.layers},
-            bank_expert=art.bank_expert,
-            read=art.read,
-            variants=variants,
-            dtype=_stored_dtype(art.manifest.get("dtype")),
-        )
-
-    @classmethod
-    def from_models(cls, models: dict[str, nn.Module], tokenizers: dict[str, Any] | None = None) -> Family:
-        """Consolidate in-memory transformers models losslessly: bit-identical experts share
-        one bank entry, bit-identical non-expert tensors share one key."""
-        if not models:
-            raise SettingsError("no models given")
-        first = next(iter(models.values()))
-        architecture = first.config.model_type
-        record = _record(architecture)
-        layers = moe_layers(first)
-        bank: dict[str, list[dict[str, torch.Tensor]]] = {layer: [] for layer in layers}
-        stored: dict[str, torch.Tensor] = {}
-        versions: dict[str, list[str]] = {}
-        variants = {}
-        for name, model in models.items():
-            slot_maps = {}
-            for layer in layers:
-                experts = model.get_submodule(f"{layer}.mlp.experts")
-                slots = []
-                for parts in canonical_experts(record, experts):
-                    parts = {p: t.detach() for p, t in parts.items()}
-                    hit = next(
-                        (k for k, b in enumerate(bank[layer]) if all(torch.equal(b[p], parts[p]) for p in parts)), None
-                    )
-                    if hit is None:
-                        bank[layer].append(parts)
-                        hit = len(bank[layer]) - 1
-                    slots.append(hit)
-                slot_maps[layer] = slots
-            keys = {}
-            for tname, tensor in model.state_dict().items():
-                if any(tname.startswith(f"{layer}.mlp.experts.") for layer in layers):
-                    continue
-                seen = versions.setdefault(tname, [])
-                key = next((k for k in seen if torch.equal(stored[k], tensor)), None)
-                if key is None:
-                    key = f"{tname}@{len(seen)}"
-                    seen.append(key)
-                    stored[key] = tensor.detach()
-                keys[tname] = key
-            variants[name] = Variant(
-                name=name,
-                config=model.config.to_dict(),
-                slot_maps=slot_maps,
-                tensors=keys,
-                tokenizer=(tokenizers or {}).get(name),
-                generation_config=copy.deepcopy(model.generation_config),
-            )
-        return cls(
-            architecture=architecture,
-            layers=layers,
-            bank_sizes={layer: len(b) for layer, b in bank.items()},
-            bank_expert=lambda layer, k: bank[layer][k],
-            read=lambda key: stored[key],
-            variants=variants,
-            dtype=next(first.parameters()).dtype,
-        )
-
-
-def _stored_dtype(name: str | None) -> torch.dtype:
-    table = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-    if name not in table:
-        raise ArtifactError(f"artifact manifest has expert dtype {name!r}; the runtime serves F32, BF16 and F16")
-    return table[name]
-
-
-def moe_layers(model: nn.Module) -> list[str]:
-    """MoE layer ids of a transformers model: the prefixes of its `mlp` blocks that route."""
-    return [
-        name[: -len(".mlp")] for name, m in model.named_modules() if name.endswith(".mlp") and hasattr(m, "experts")
-    ]
 
 
 # -- reports ----------------------------------------------------------------------------------
@@ -292,39 +126,41 @@ class _Flat:
 
 
 class Runtime:
-    """One resident model serving every variant of a `Family`."""
+    """One resident model serving every variant of a `VariantSet`."""
 
     def __init__(
         self,
-        family: Family,
+        variant_set: VariantSet,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         active: str | None = None,
         progress: Callable[[str, int, int], None] | None = None,
         mode: ServingMode = ServingMode.SWAP,
     ):
-        if not family.variants:
+        if not variant_set.variants:
             raise ArtifactError("the artifact holds no models")
-        self.family = family
+        self.variant_set = variant_set
         self.mode = ServingMode(mode)
         self.device = parse_device(str(device)) if not isinstance(device, torch.device) else device
-        self.dtype = dtype or family.dtype
-        self.names = list(family.variants)
+        self.dtype = dtype or variant_set.dtype
+        self.names = list(variant_set.variants)
         active = active or self.names[0]
         self.check_model(active)
-        _check_configs(family)
-        config_class, model_class = _record(family.architecture).transformers_classes()
-        self._delta_offsets = _delta_offsets(family, self.mode)
-        self._private = _private_entries(family, self._delta_offsets)
-        self.model = _build_skeleton(family, config_class, model_class, active, self.dtype, self._private)
+        variant_set.check_configs()
+        config_class, model_class = variant_set.record.transformers_classes()
+        self._delta_offsets = _delta_offsets(variant_set, self.mode)
+        self._private = _private_entries(variant_set, self._delta_offsets)
+        self.model = _build_skeleton(variant_set, config_class, model_class, active, self.dtype, self._private)
         self._banks: dict[str, nn.Module] = {
-            layer: self.model.get_submodule(f"{layer}.mlp.experts") for layer in family.layers
+            layer: self.model.get_submodule(f"{layer}.mlp.experts") for layer in variant_set.layers
         }
-        self._through_model_dtype = _self_casting_router_weights(self.model, family)
+        self._through_model_dtype = _self_casting_router_weights(self.model, variant_set)
         self._allocate()
         _finish_resident(self.model)
         self._targets = _swap_targets(self.model, self._banks)
-        self._slot_maps = _slot_map_tensors(family, self.device, _served_slot_maps(family, self._delta_offsets))
+        self._slot_maps = _slot_map_tensors(
+            variant_set, self.device, _served_slot_maps(variant_set, self._delta_offsets)
+        )
         self._host = self._load_host_tensors(progress)
         self._load_bank(progress)
         self._deltas = self._load_deltas()
@@ -347,7 +183,14 @@ class Runtime:
         progress=None,
         mode: ServingMode = ServingMode.SWAP,
     ) -> Runtime:
-        return cls(Family.from_artifact(path), device=device, dtype=dtype, active=active, progress=progress, mode=mode)
+        return cls(
+            VariantSet.from_artifact(path), device=device, dtype=dtype, active=active, progress=progress, mode=mode
+        )
+
+    @property
+    def family(self) -> VariantSet:
+        """`variant_set` under a second name, kept for code that reads `family`."""
+        return self.variant_set
 
     # -- loading ----------------------------------------------------------------------------
     def _allocate(self) -> None:
@@ -357,7 +200,7 @@ class Runtime:
         one [layers, experts] table, the bank and the rest fresh tensors. Nothing is
         allocated twice."""
         targets = _swap_targets(self.model, self._banks)
-        self._keys = {name: _resolve_keys(self.model, targets, v) for name, v in self.family.variants.items()}
+        self._keys = {name: _resolve_keys(self.model, targets, v) for name, v in self.variant_set.variants.items()}
         self._flats = _plan_flats(targets, self._keys, self.device)
         experts = len(next(iter(self._banks.values())).slot_map)
         self._slot_table = torch.empty(len(self._banks), experts, dtype=torch.long, device=self.device)
@@ -385,7 +228,7 @@ class Runtime:
             nonlocal done
             for tname in tensor_names:
                 target = self._targets[tname]
-                stored = self.family.read(self._keys[variant][tname])
+                stored = self.variant_set.read(self._keys[variant][tname])
                 if stored.shape != target.shape:
                     raise ArtifactError(
                         f"model {variant!r}: {tname} is {list(stored.shape)}, the model needs {list(target.shape)}"
@@ -412,11 +255,11 @@ class Runtime:
 
     @torch.no_grad()
     def _load_bank(self, progress) -> None:
-        total = sum(self.family.bank_sizes.values())
+        total = sum(self.variant_set.bank_sizes.values())
         done = 0
         for layer, module in self._banks.items():
-            for k in range(self.family.bank_sizes[layer]):
-                module.load_expert(k, self.family.bank_expert(layer, k))
+            for k in range(self.variant_set.bank_sizes[layer]):
+                module.load_expert(k, self.variant_set.bank_expert(layer, k))
                 done += 1
                 if progress:
                     progress("expert bank", done, total)
@@ -424,13 +267,13 @@ class Runtime:
     def _load_deltas(self) -> dict[str, dict[str, list[tuple[DeltaEntry, dict[str, dict[str, torch.Tensor]]]]]]:
         """Every variant's compressed delta components, on the device (they are small)."""
         out: dict[str, dict[str, list]] = {}
-        for name, variant in self.family.variants.items():
+        for name, variant in self.variant_set.variants.items():
             out[name] = {
                 layer: [
                     (
                         x,
                         {
-                            p: {c: self.family.read(key).to(self.device) for c, key in comps.items()}
+                            p: {c: self.variant_set.read(key).to(self.device) for c, key in comps.items()}
                             for p, comps in x.keys.items()
                         },
                     )
@@ -444,12 +287,12 @@ class Runtime:
     def _apply_deltas(self, name: str) -> int:
         """Write `name`'s corrected experts (bank entry + decoded delta, `deltas.corrected`,
         on the device) into each layer's private bank entries; returns how many."""
-        record = _record(self.family.architecture)
+        record = self.variant_set.record
         done = 0
         for layer, entries in self._deltas[name].items():
             module = self._banks[layer]
             views = canonical_experts(record, module)
-            size = self.family.bank_sizes[layer] + self._delta_offsets[name].get(layer, 0)
+            size = self.variant_set.bank_sizes[layer] + self._delta_offsets[name].get(layer, 0)
             for j, (x, comps) in enumerate(entries):
                 bank = views[x.bank]
                 module.load_expert(size + j, {p: corrected(bank[p], comps[p], x.format, x.size) for p in bank})
@@ -534,7 +377,7 @@ class Runtime:
             module._xv_tensors = tensors
         tables = torch.stack([self._slot_maps[n] for n in self.names], dim=1).to(self.device)  # [layers, V, E]
         for i, bank in enumerate(self._banks.values()):
-            bank.__class__ = _CROSS_BANK_CLASSES[_record(self.family.architecture).bank](type(bank))
+            bank.__class__ = _CROSS_BANK_CLASSES[self.variant_set.record.bank](type(bank))
             bank._xv_rows = self._rows
             bank.variant_slots = tables[i]
 
@@ -595,8 +438,8 @@ class Runtime:
         corrected_experts = self._apply_deltas(name)
         self._sync()
         seconds = time.perf_counter() - start
-        old, new = self.family.variants[previous].slot_maps, self.family.variants[name].slot_maps
-        changed = sum(old[layer] != new[layer] for layer in self.family.layers)
+        old, new = self.variant_set.variants[previous].slot_maps, self.variant_set.variants[name].slot_maps
+        changed = sum(old[layer] != new[layer] for layer in self.variant_set.layers)
         self._set_generation_config(name)
         self.active = name
         report = SwapReport(
@@ -647,7 +490,7 @@ class Runtime:
         name = name or self.active
         self.check_model(name)
         if name not in self._tokenizers:
-            variant = self.family.variants[name]
+            variant = self.variant_set.variants[name]
             if variant.tokenizer is not None:
                 self._tokenizers[name] = variant.tokenizer
             elif variant.model_dir is not None:
@@ -663,7 +506,7 @@ class Runtime:
 
     def max_context(self, name: str | None = None) -> int | None:
         """Longest prompt + completion the model supports, if it states one."""
-        config = self.family.variants[name or self.active].config
+        config = self.variant_set.variants[name or self.active].config
         limit = config.get("max_position_embeddings")
         return int(limit) if limit else None
 
@@ -690,13 +533,10 @@ class Runtime:
 
     # -- helpers ----------------------------------------------------------------------------
     def check_model(self, name: str) -> None:
-        if name not in self.family.variants:
-            raise UnknownModelError(f"unknown model {name!r}: this artifact serves {', '.join(self.names)}")
+        self.variant_set.check(name)
 
     def _set_generation_config(self, name: str) -> None:
-        from .engine import generation_config
-
-        self.model.generation_config = generation_config(self, name)
+        self.model.generation_config = generation_config(self.variant_set.variants[name], self.model.config)
 
     def _sync(self) -> None:
         synchronize(self.device)
@@ -705,86 +545,73 @@ class Runtime:
 # -- construction helpers ---------------------------------------------------------------------
 
 
-def _check_configs(family: Family) -> None:
-    names = list(family.variants)
-    ref = family.variants[names[0]].config
-    for name in names[1:]:
-        cfg = family.variants[name].config
-        for key in sorted(set(ref) | set(cfg)):
-            if key in _IGNORED_CONFIG_KEYS:
-                continue
-            if ref.get(key) != cfg.get(key):
-                raise ArtifactError(
-                    f"models {names[0]!r} and {name!r} differ in config key {key!r} "
-                    f"({ref.get(key)!r} vs {cfg.get(key)!r}): one runtime serves variants of one configuration"
-                )
-
-
-def _delta_offsets(family: Family, mode: ServingMode) -> dict[str, dict[str, int]]:
+def _delta_offsets(variant_set: VariantSet, mode: ServingMode) -> dict[str, dict[str, int]]:
     """Per variant and MoE layer, where its private bank entries start after the stored bank:
     0 for every variant in swap mode (they take turns in the same entries); one after the
     other in cross-variant mode (all are resident at once)."""
     out: dict[str, dict[str, int]] = {}
-    ends = {layer: 0 for layer in family.layers}
-    for name, v in family.variants.items():
-        out[name] = {layer: ends[layer] if mode is ServingMode.CROSS_VARIANT else 0 for layer in family.layers}
-        for layer in family.layers:
+    ends = {layer: 0 for layer in variant_set.layers}
+    for name, v in variant_set.variants.items():
+        out[name] = {layer: ends[layer] if mode is ServingMode.CROSS_VARIANT else 0 for layer in variant_set.layers}
+        for layer in variant_set.layers:
             ends[layer] = out[name][layer] + len(v.deltas.get(layer, []))
     return out
 
 
-def _private_entries(family: Family, offsets: dict[str, dict[str, int]]) -> dict[str, int]:
+def _private_entries(variant_set: VariantSet, offsets: dict[str, dict[str, int]]) -> dict[str, int]:
     """Per MoE layer, the bank entries beyond the stored bank that hold corrected experts:
     the most any variant's entries reach there (swap mode: the active variant's, in entries
     all variants share; cross-variant: every variant's, one after the other)."""
     return {
-        layer: max((offsets[n][layer] + len(v.deltas.get(layer, [])) for n, v in family.variants.items()), default=0)
-        for layer in family.layers
+        layer: max(
+            (offsets[n][layer] + len(v.deltas.get(layer, [])) for n, v in variant_set.variants.items()), default=0
+        )
+        for layer in variant_set.layers
     }
 
 
-def _served_slot_maps(family: Family, offsets: dict[str, dict[str, int]]) -> dict[str, dict[str, list[int]]]:
+def _served_slot_maps(variant_set: VariantSet, offsets: dict[str, dict[str, int]]) -> dict[str, dict[str, list[int]]]:
     """Each variant's slot maps as the runtime serves them: a delta slot points at its
     private bank entry (bank size + the variant's offset + its position in the layer's delta
     list)."""
     out = {}
-    for name, v in family.variants.items():
-        maps = {layer: list(v.slot_maps[layer]) for layer in family.layers}
+    for name, v in variant_set.variants.items():
+        maps = {layer: list(v.slot_maps[layer]) for layer in variant_set.layers}
         for layer, entries in v.deltas.items():
             for j, x in enumerate(entries):
                 if maps[layer][x.expert] != x.bank:
                     raise ArtifactError(
                         f"model {name!r}: layer {layer}: the delta of expert {x.expert} corrects bank entry {x.bank}, the slot map says {maps[layer][x.expert]}"
                     )
-                maps[layer][x.expert] = family.bank_sizes[layer] + offsets[name][layer] + j
+                maps[layer][x.expert] = variant_set.bank_sizes[layer] + offsets[name][layer] + j
         out[name] = maps
     return out
 
 
 def _build_skeleton(
-    family: Family, config_class, model_class, active: str, dtype, private: dict[str, int] | None = None
+    variant_set: VariantSet, config_class, model_class, active: str, dtype, private: dict[str, int] | None = None
 ) -> nn.Module:
     """The transformers model on the meta device (nothing allocated), in `dtype`, from the
     active variant's config, each MoE block's experts replaced by a bank module (the class
     for its architecture and experts class, `bank_class`) of the bank's entries plus
     `private[layer]` for corrected experts."""
-    config = config_class.from_dict(family.variants[active].config)
+    config = config_class.from_dict(variant_set.variants[active].config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
             model = model_class(config)
-            for layer in family.layers:
+            for layer in variant_set.layers:
                 try:
                     block = model.get_submodule(f"{layer}.mlp")
                 except AttributeError:
                     raise ArtifactError(f"MoE layer {layer} does not exist in a {model_class.__name__}") from None
-                bank = bank_class(family.architecture, type(block.experts))(
-                    config, family.bank_sizes[layer] + (private or {}).get(layer, 0)
+                bank = bank_class(variant_set.architecture, type(block.experts))(
+                    config, variant_set.bank_sizes[layer] + (private or {}).get(layer, 0)
                 )
                 block.experts = bank
-                _check_slot_maps(family, layer, len(bank.slot_map))
-                _keep_router_dtype(model, config, layer, _record(family.architecture))
+                variant_set.check_slot_maps(layer, len(bank.slot_map))
+                _keep_router_dtype(model, config, layer, variant_set.record)
     finally:
         torch.set_default_dtype(previous)
     return model
@@ -801,16 +628,16 @@ def _keep_router_dtype(model: nn.Module, config, layer: str, record: Architectur
     model.get_submodule(f"{layer}.mlp.{record.router}").to(dtype)
 
 
-def _self_casting_router_weights(model: nn.Module, family: Family) -> set[str]:
+def _self_casting_router_weights(model: nn.Module, variant_set: VariantSet) -> set[str]:
     """Names of the router weights `_keep_router_dtype` holds in the router's own dtype: they
     are loaded through the model's dtype first, as from_pretrained loads them before the
     router's forward casts them."""
-    record = _record(family.architecture)
+    record = variant_set.record
     if record.router_dtype_key is None:
         return set()
     return {
         f"{layer}.mlp.{record.router}.{n}"
-        for layer in family.layers
+        for layer in variant_set.layers
         for n, _ in model.get_submodule(f"{layer}.mlp.{record.router}").named_parameters()
     }
 
@@ -848,17 +675,6 @@ def _finish_resident(model: nn.Module) -> None:
             if module._non_persistent_buffers_set and not isinstance(module, BankExperts):
                 model._init_weights(module)
     model.eval()
-
-
-def _check_slot_maps(family: Family, layer: str, experts_per_layer: int) -> None:
-    for name, variant in family.variants.items():
-        slots = variant.slot_maps.get(layer)
-        if slots is None or len(slots) != experts_per_layer:
-            raise ArtifactError(f"model {name!r}: layer {layer} needs a slot map of {experts_per_layer} entries")
-        if not all(0 <= s < family.bank_sizes[layer] for s in slots):
-            raise ArtifactError(
-                f"model {name!r}: layer {layer} slot map points outside its bank of {family.bank_sizes[layer]}"
-            )
 
 
 def _swap_targets(model: nn.Module, banks: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -920,16 +736,15 @@ def _plan_flats(
 
 
 def _slot_map_tensors(
-    family: Family, device: torch.device, served: dict[str, dict[str, list[int]]] | None = None
+    variant_set: VariantSet, device: torch.device, served: dict[str, dict[str, list[int]]]
 ) -> dict[str, torch.Tensor]:
     """Each variant's slot maps (as served: `_served_slot_maps`) as one [layers, experts] table
     (pinned on CUDA); variants whose maps are all equal share one table."""
     pin = device.type == "cuda"
     tables: dict[str, torch.Tensor] = {}
     built: dict[tuple, torch.Tensor] = {}
-    for name, variant in family.variants.items():
-        maps = served[name] if served is not None else variant.slot_maps
-        rows = tuple(tuple(maps[layer]) for layer in family.layers)
+    for name in variant_set.variants:
+        rows = tuple(tuple(served[name][layer]) for layer in variant_set.layers)
         if rows not in built:
             table = torch.tensor(rows, dtype=torch.long)
             built[rows] = table.pin_memory() if pin else table

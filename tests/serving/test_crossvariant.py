@@ -23,7 +23,8 @@ from moeconsol.errors import MoeconsolError, SettingsError
 from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.serving.crossvariant import ServingMode
 from moeconsol.serving.engine import Engine, FinishReason, GenerationSettings, Request
-from moeconsol.serving.runtime import Family, Runtime
+from moeconsol.serving.runtime import Runtime
+from moeconsol.serving.variants import Family
 from moeconsol.testing import derive_variant, save_model, tiny_model, tiny_switch, tiny_tokenizer
 
 CROSS = ServingMode.CROSS_VARIANT

@@ -25,7 +25,8 @@ from moeconsol.errors import MoeconsolError
 from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.serving import runtime
 from moeconsol.serving.device import parse_device, parse_dtype
-from moeconsol.serving.runtime import Family, GenerationSettings, Runtime
+from moeconsol.serving.runtime import GenerationSettings, Runtime
+from moeconsol.serving.variants import Family
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_model, tiny_tokenizer
 
 PROMPT = "The quick brown fox"

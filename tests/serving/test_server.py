@@ -484,7 +484,7 @@ def test_stop_strings_over_http(client, served):
 
 
 def test_a_model_without_a_context_limit_still_bounds_max_tokens():
-    from moeconsol.serving.runtime import Family
+    from moeconsol.serving.variants import Family
     from moeconsol.testing import tiny_switch
 
     tok = tiny_tokenizer()
