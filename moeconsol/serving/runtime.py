@@ -2,12 +2,17 @@
 
 The runtime builds one transformers model (the record's model class: MixtralForCausalLM,
 Qwen3MoeForCausalLM, ... SwitchTransformersForConditionalGeneration) whose MoE blocks run a
-shared **expert bank**
-through a per-layer **slot map** (expert index -> bank index). Every variant's non-expert
-tensors (attention, norms, embeddings, LM head, routers) wait in host memory (pinned on
-CUDA); activating a variant copies the tensors that differ into the resident parameters in
-place and rewrites the slot maps. Nothing is re-allocated, the model is never rebuilt and
-the experts never move, so generation, KV cache and sampling stay transformers' own.
+shared **expert bank** (banks.py) through a per-layer **slot map** (expert index -> bank
+index). The non-expert tensors (attention, norms, embeddings, LM head, routers) are views into
+one flat device buffer per dtype (flat.py). Nothing is re-allocated, the model is never
+rebuilt and the experts never move, so generation, KV cache and sampling stay transformers'
+own (engine.py).
+
+How the variants are held is the runtime's residency, chosen by its `ServingMode`:
+`SwapResidency` (here: every variant's differing tensors wait in host memory, pinned on
+CUDA; activating a variant copies them into the resident parameters in place and rewrites
+the slot maps) or `CrossVariantResidency` (crossvariant.py: every variant resident at once,
+rows routed per variant).
 
 The core does not know the artifact format: it takes a `VariantSet` (variants.py).
 """
@@ -15,37 +20,25 @@ The core does not know the artifact format: it takes a `VariantSet` (variants.py
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..architectures.layouts import Architecture, BankKind
+from ..architectures.layouts import Architecture
 from ..artifact.corrections import corrected
 from ..artifact.manifest import DeltaEntry
-from ..errors import ArtifactError, MoeconsolError, SettingsError
+from ..errors import ArtifactError, MoeconsolError
 from .banks import BankExperts, bank_class, canonical_experts
-from .crossvariant import (
-    ServingMode,
-    VariantRows,
-    cross_bank_class,
-    cross_onehot_bank_class,
-    per_variant_bias_class,
-    per_variant_class,
-    position_bias_owner,
-    row_wise,
-)
+from .crossvariant import CrossVariantResidency, ServingMode
 from .device import parse_device, synchronize
+from .flat import Flat, nbytes, plan_flats
 from .variants import Variant, VariantSet, generation_config
-
-_CROSS_BANK_CLASSES = {BankKind.FUSED: cross_bank_class, BankKind.MODULES: cross_onehot_bank_class}
-"""cross-variant batching: the bank class's subclass that looks slot maps up per token"""
-
 
 # -- reports ----------------------------------------------------------------------------------
 
@@ -95,34 +88,107 @@ class ResidentBytes:
 # Generation lives in engine.py; these names stay importable from here.
 from .engine import Completion, GenerationSettings, check_settings  # noqa: E402,F401
 
+# -- residency: how the variants are held ---------------------------------------------------------
+
+
+class Residency(Protocol):
+    """What a serving mode decides: what `activate` does, and how a forward's rows map to
+    variants. `SwapResidency` below; `crossvariant.CrossVariantResidency`."""
+
+    def activate(self, previous: str, name: str) -> SwapReport | None:
+        """Make `name`'s weights the served ones; the report of what moved, None if nothing
+        had to (every variant is resident)."""
+
+    def swap_bytes(self, a: str, b: str) -> int:
+        """Bytes an activation of `b` after `a` (a != b) copies."""
+
+    def variant_group(self, name: str) -> int:
+        """The group `name`'s rows run in."""
+
+    def variant_rows(self, names: list[str], active: str) -> AbstractContextManager[None]:
+        """A context in which the next forwards' sequence i is of variant `names[i]`."""
+
+    def slot_map(self, layer: str, active: str) -> list[int]:
+        """The active variant's slot map of `layer` as the bank looks it up."""
+
+    def extra_non_expert_bytes(self) -> int:
+        """Non-expert bytes resident on the device beyond the flat buffers."""
+
+
+class SwapResidency:
+    """One variant resident at a time: the flat buffers' swap regions hold the active variant's
+    differing tensors, every variant's wait in host memory (`host`: variant -> dtype -> buffer
+    laid out as the swap region, pinned on CUDA; variants with equal keys share one), and
+    activating another is one copy per dtype plus one copy of its slot-map table."""
+
+    def __init__(
+        self,
+        variant_set: VariantSet,
+        flats: dict[torch.dtype, Flat],
+        host: dict[str, dict[torch.dtype, torch.Tensor]],
+        slot_maps: dict[str, torch.Tensor],
+        slot_table: torch.Tensor,
+        apply_deltas: Callable[[str], int],
+    ):
+        self._variant_set = variant_set
+        self._flats, self._host = flats, host
+        self._slot_maps, self._slot_table = slot_maps, slot_table
+        self._apply_deltas = apply_deltas
+        self._tensors = sum(len(f.swappable) + len(f.shared) for f in flats.values())
+        self._layer_slots = dict(zip(variant_set.layers, slot_table))
+
+    @torch.no_grad()
+    def activate(self, previous: str, name: str) -> SwapReport:
+        """One copy per dtype of `name`'s swappable tensors into the resident buffer's swap
+        region (none when its host buffer is `previous`'s), one copy of the slot-map table if
+        it differs, then `name`'s corrected experts into the private bank entries."""
+        device = self._slot_table.device
+        synchronize(device)
+        start = time.perf_counter()
+        moved = copied = 0
+        for dtype, flat in self._flats.items():
+            source = self._host[name][dtype]
+            if source is not self._host[previous][dtype]:
+                _copy_into(flat.swap_region, source)
+                moved += nbytes(source)
+                copied += len(flat.swappable)
+        maps = self._slot_maps[name]
+        if maps is not self._slot_maps[previous]:
+            _copy_into(self._slot_table, maps)
+            moved += nbytes(maps)
+        corrected_experts = self._apply_deltas(name)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        old, new = self._variant_set.variants[previous].slot_maps, self._variant_set.variants[name].slot_maps
+        changed = sum(old[layer] != new[layer] for layer in self._variant_set.layers)
+        return SwapReport(name, previous, seconds, moved, copied, self._tensors - copied, changed, corrected_experts)
+
+    def swap_bytes(self, a: str, b: str) -> int:
+        moved = sum(nbytes(self._host[b][d]) for d in self._flats if self._host[b][d] is not self._host[a][d])
+        return moved + (nbytes(self._slot_maps[b]) if self._slot_maps[b] is not self._slot_maps[a] else 0)
+
+    def variant_group(self, name: str) -> int:
+        return 0
+
+    @contextmanager
+    def variant_rows(self, names: list[str], active: str) -> Iterator[None]:
+        """Every name must be the active variant's: one forward serves one variant."""
+        wrong = next((n for n in names if n != active), None)
+        if wrong is not None:
+            raise MoeconsolError(
+                f"a batch row of {wrong!r} while {active!r} is active: mixing variants in one "
+                "forward needs cross-variant batching"
+            )
+        yield
+
+    def slot_map(self, layer: str, active: str) -> list[int]:
+        return self._layer_slots[layer].tolist()
+
+    def extra_non_expert_bytes(self) -> int:
+        return 0
+
+
 # -- the runtime ------------------------------------------------------------------------------
-
-
-_ALIGN_BYTES = 64
-"""each resident tensor starts on a 64-byte boundary of its flat buffer"""
-
-
-@dataclass
-class _Flat:
-    """The resident non-expert tensors of one dtype: views into one flat device buffer. The
-    tensors whose stored key is not the same in every variant come first, in
-    `buffer[:swap_numel]`; a swap copies that region with one copy. The tensors every variant
-    shares follow; they are loaded once and never move."""
-
-    buffer: torch.Tensor
-    offsets: dict[str, int]
-    """target name -> element offset in `buffer`"""
-    swappable: list[str]
-    shared: list[str]
-    swap_numel: int
-
-    def __post_init__(self) -> None:
-        # what a swap overwrites, sliced once: a swap issues nothing but its copies
-        self.swap_region = self.buffer[: self.swap_numel]
-
-    def view(self, name: str, shape: torch.Size) -> torch.Tensor:
-        offset = self.offsets[name]
-        return self.buffer[offset : offset + shape.numel()].view(shape)
 
 
 class Runtime:
@@ -147,10 +213,9 @@ class Runtime:
         active = active or self.names[0]
         self.check_model(active)
         variant_set.check_configs()
-        config_class, model_class = variant_set.record.transformers_classes()
-        self._delta_offsets = _delta_offsets(variant_set, self.mode)
+        self._delta_offsets = _delta_offsets(variant_set, one_after_another=self.mode is ServingMode.CROSS_VARIANT)
         self._private = _private_entries(variant_set, self._delta_offsets)
-        self.model = _build_skeleton(variant_set, config_class, model_class, active, self.dtype, self._private)
+        self.model = _build_skeleton(variant_set, active, self.dtype, self._private)
         self._banks: dict[str, nn.Module] = {
             layer: self.model.get_submodule(f"{layer}.mlp.experts") for layer in variant_set.layers
         }
@@ -168,10 +233,7 @@ class Runtime:
         self.swaps: list[SwapReport] = []
         self.active = ""
         self._install(active)
-        self._rows: VariantRows | None = None
-        self._set_buffers: list[dict[torch.dtype, torch.Tensor]] = []
-        if self.mode is ServingMode.CROSS_VARIANT:
-            self._make_all_resident()
+        self._residency = self._start_residency()
 
     @classmethod
     def from_artifact(
@@ -201,7 +263,7 @@ class Runtime:
         allocated twice."""
         targets = _swap_targets(self.model, self._banks)
         self._keys = {name: _resolve_keys(self.model, targets, v) for name, v in self.variant_set.variants.items()}
-        self._flats = _plan_flats(targets, self._keys, self.device)
+        self._flats = plan_flats(targets, self._keys, self.device)
         experts = len(next(iter(self._banks.values())).slot_map)
         self._slot_table = torch.empty(len(self._banks), experts, dtype=torch.long, device=self.device)
         views = {id(t): self._flats[t.dtype].view(name, t.shape) for name, t in targets.items()}
@@ -224,7 +286,7 @@ class Runtime:
         total += sum(len(f.shared) for f in self._flats.values())
         done = 0
 
-        def fill(buffer: torch.Tensor, flat: _Flat, tensor_names: list[str], variant: str) -> None:
+        def fill(buffer: torch.Tensor, flat: Flat, tensor_names: list[str], variant: str) -> None:
             nonlocal done
             for tname in tensor_names:
                 target = self._targets[tname]
@@ -235,8 +297,7 @@ class Runtime:
                     )
                 if tname in self._through_model_dtype and stored.is_floating_point():
                     stored = stored.to(self.dtype)  # as transformers loads it, before its router casts it
-                offset = flat.offsets[tname]
-                buffer[offset : offset + target.numel()].view(target.shape).copy_(stored)
+                flat.view_in(buffer, tname, target.shape).copy_(stored)
                 done += 1
                 if progress:
                     progress("non-expert tensors", done, total)
@@ -285,7 +346,7 @@ class Runtime:
 
     @torch.no_grad()
     def _apply_deltas(self, name: str) -> int:
-        """Write `name`'s corrected experts (bank entry + decoded delta, `deltas.corrected`,
+        """Write `name`'s corrected experts (bank entry + decoded delta, `corrections.corrected`,
         on the device) into each layer's private bank entries; returns how many."""
         record = self.variant_set.record
         done = 0
@@ -305,169 +366,73 @@ class Runtime:
         for dtype, flat in self._flats.items():
             flat.swap_region.copy_(self._host[name][dtype])
         self._slot_table.copy_(self._slot_maps[name])
-        for other in self.names if self.mode is ServingMode.CROSS_VARIANT else [name]:
-            self._apply_deltas(other)  # cross-variant: every variant's corrected experts, each in its own entries
+        self._apply_deltas(name)
         self._set_generation_config(name)
         self.active = name
-        self._sync()
+        synchronize(self.device)
 
-    # -- cross-variant batching (crossvariant.py) ---------------------------------------------
+    def _start_residency(self) -> Residency:
+        """The residency `mode` asks for, over what the runtime has loaded and installed."""
+        if self.mode is ServingMode.CROSS_VARIANT:
+            host, self._host = self._host, {}  # moved onto the device: nothing waits in host memory
+            return CrossVariantResidency(
+                self.variant_set,
+                self.model,
+                self._banks,
+                self._targets,
+                self._flats,
+                host,
+                self._slot_maps,
+                installed=self.active,
+                apply_deltas=self._apply_deltas,
+            )
+        return SwapResidency(
+            self.variant_set, self._flats, self._host, self._slot_maps, self._slot_table, self._apply_deltas
+        )
+
+    # -- serving ----------------------------------------------------------------------------
     @torch.no_grad()
-    def _make_all_resident(self) -> None:
-        """Every variant's swap regions on the device, each distinct one once (the installed
-        variant's is the flat buffer's own swap region), and every module that owns a
-        differing tensor made per-variant; the bank looks slot maps up per token in one
-        table [V, E] per layer. The host buffers are not needed any more."""
-        installed = self.active
-        signature = {n: tuple(id(self._host[n][d]) for d in self._flats) for n in self.names}
-        sets: dict[tuple, int] = {}
-        for n in [installed, *self.names]:
-            sets.setdefault(signature[n], len(sets))
-        self._set_of = {n: sets[signature[n]] for n in self.names}
-        first = {s: next(n for n in self.names if self._set_of[n] == s) for s in range(len(sets))}
-        self._set_buffers = [
-            {
-                d: flat.swap_region if s == 0 else self._host[first[s]][d].to(self.device)
-                for d, flat in self._flats.items()
-            }
-            for s in range(len(sets))
-        ]
-        self._host = {}
-        self._rows = VariantRows(self.device, resident_set=0)
-        self._rows.set_default(self.names.index(installed), 0)
-        # one view per (tensor, set); a tensor several modules share (tied weights) stays one object per set
-        swappable = {id(self._targets[t]): t for flat in self._flats.values() for t in flat.swappable}
-        per_set: dict[int, list[torch.Tensor]] = {}
-        for tid, tname in swappable.items():
-            target = self._targets[tname]
-            flat = self._flats[target.dtype]
-            views = [target]
-            for buffers in self._set_buffers[1:]:
-                offset = flat.offsets[tname]
-                view = buffers[target.dtype][offset : offset + target.numel()].view(target.shape)
-                views.append(
-                    nn.Parameter(view, requires_grad=target.requires_grad) if isinstance(target, nn.Parameter) else view
-                )
-            per_set[tid] = views
-        for mname, module in self.model.named_modules():
-            if isinstance(module, BankExperts):
-                continue
-            own = [
-                (table, attr, t)
-                for table in ("_parameters", "_buffers")
-                for attr, t in getattr(module, table).items()
-                if t is not None and id(t) in per_set
-            ]
-            if not own:
-                continue
-            tensors = [[(table, attr, per_set[id(t)][s]) for table, attr, t in own] for s in range(len(sets))]
-            bias = position_bias_owner(self.model, mname)
-            if bias is not None:  # fed positions, not rows: its owner computes the bias per variant group
-                owner, child, method = bias
-                owner.__class__ = per_variant_bias_class(type(owner), child, method)
-                owner._xv_rows, owner._xv_bias = self._rows, tensors
-                continue
-            if not row_wise(module):
-                raise SettingsError(
-                    f"cross-variant batching cannot serve {type(module).__name__} ({mname}): it owns a tensor that differs "
-                    f"between variants ({own[0][1]}) and takes more than one input; serve this artifact in swap mode"
-                )
-            module.__class__ = per_variant_class(type(module))
-            module._xv_rows = self._rows
-            module._xv_tensors = tensors
-        tables = torch.stack([self._slot_maps[n] for n in self.names], dim=1).to(self.device)  # [layers, V, E]
-        for i, bank in enumerate(self._banks.values()):
-            bank.__class__ = _CROSS_BANK_CLASSES[self.variant_set.record.bank](type(bank))
-            bank._xv_rows = self._rows
-            bank.variant_slots = tables[i]
+    def activate(self, name: str) -> SwapReport:
+        """Make `name` the served model (in swap mode: one copy per dtype of its swappable
+        tensors, one copy of the slot-map table if it differs; with cross-variant batching no
+        copy). Free if already active."""
+        self.check_model(name)
+        previous = self.active
+        if name == previous:
+            return self._no_swap(name, previous)
+        report = self._residency.activate(previous, name)
+        self._set_generation_config(name)
+        self.active = name
+        if report is None:
+            return self._no_swap(name, previous)
+        self.swaps.append(report)
+        return report
+
+    def _no_swap(self, name: str, previous: str) -> SwapReport:
+        return SwapReport(name, previous, 0.0, 0, 0, len(self._targets), 0)
+
+    def swap_bytes(self, a: str, b: str) -> int:
+        """Bytes a swap from `a` to `b` copies (what `activate` reports as bytes_moved)."""
+        return 0 if a == b else self._residency.swap_bytes(a, b)
 
     def variant_group(self, name: str) -> int:
         """Cross-variant: the group `name`'s rows run in (variants whose differing non-expert
         tensors are all equal share one); swap mode: 0."""
-        return self._set_of[name] if self._rows is not None else 0
+        return self._residency.variant_group(name)
 
-    @contextmanager
-    def variant_rows(self, names: list[str]):
-        """The next forwards' sequence i is of variant `names[i]`. Swap mode: every name must be
-        the active variant's (one forward serves one variant); cross-variant: any mix."""
-        if self._rows is None:
-            wrong = next((n for n in names if n != self.active), None)
-            if wrong is not None:
-                raise MoeconsolError(
-                    f"a batch row of {wrong!r} while {self.active!r} is active: mixing variants in one "
-                    "forward needs cross-variant batching"
-                )
-            yield
-            return
-        for n in names:
-            self.check_model(n)
-        self._rows.set([self.names.index(n) for n in names], [self._set_of[n] for n in names])
-        try:
-            yield
-        finally:
-            self._rows.clear()
-
-    # -- swapping ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def activate(self, name: str) -> SwapReport:
-        """Make `name` the served model: one copy per dtype of its swappable tensors into the
-        resident buffer's swap region (none when its host buffer is the active model's) and one
-        copy of the slot-map table if it differs. Free if already active."""
-        self.check_model(name)
-        previous = self.active
-        if name == previous:
-            return SwapReport(name, previous, 0.0, 0, 0, len(self._targets), 0)
-        if self._rows is not None:  # cross-variant: everything is resident; `name` becomes the default rows' variant
-            self._rows.set_default(self.names.index(name), self._set_of[name])
-            self._set_generation_config(name)
-            self.active = name
-            return SwapReport(name, previous, 0.0, 0, 0, len(self._targets), 0)
-        self._sync()
-        start = time.perf_counter()
-        moved = copied = 0
-        for dtype, flat in self._flats.items():
-            source = self._host[name][dtype]
-            if source is not self._host[previous][dtype]:
-                _copy_into(flat.swap_region, source)
-                moved += _nbytes(source)
-                copied += len(flat.swappable)
-        maps = self._slot_maps[name]
-        if maps is not self._slot_maps[previous]:
-            _copy_into(self._slot_table, maps)
-            moved += _nbytes(maps)
-        corrected_experts = self._apply_deltas(name)
-        self._sync()
-        seconds = time.perf_counter() - start
-        old, new = self.variant_set.variants[previous].slot_maps, self.variant_set.variants[name].slot_maps
-        changed = sum(old[layer] != new[layer] for layer in self.variant_set.layers)
-        self._set_generation_config(name)
-        self.active = name
-        report = SwapReport(
-            name, previous, seconds, moved, copied, len(self._targets) - copied, changed, corrected_experts
-        )
-        self.swaps.append(report)
-        return report
-
-    def swap_bytes(self, a: str, b: str) -> int:
-        """Bytes a swap from `a` to `b` copies (what `activate` reports as bytes_moved)."""
-        if a == b or self._rows is not None:
-            return 0
-        moved = sum(_nbytes(self._host[b][d]) for d in self._flats if self._host[b][d] is not self._host[a][d])
-        return moved + (_nbytes(self._slot_maps[b]) if self._slot_maps[b] is not self._slot_maps[a] else 0)
+    def variant_rows(self, names: list[str]) -> AbstractContextManager[None]:
+        """A context manager: the next forwards' sequence i is of variant `names[i]`. Swap mode:
+        every name must be the active variant's (one forward serves one variant); cross-variant:
+        any mix."""
+        return self._residency.variant_rows(names, self.active)
 
     # -- inspection -------------------------------------------------------------------------
     def resident_bytes(self) -> ResidentBytes:
-        bank = sum(_nbytes(p) for m in self._banks.values() for p in m.parameters())
-        non_expert = sum(_nbytes(f.buffer) for f in self._flats.values())
-        non_expert += sum(
-            _nbytes(t)
-            for buffers in self._set_buffers
-            for dtype, t in buffers.items()
-            if t is not self._flats[dtype].swap_region
-        )
-        host = sum(_nbytes(t) for t in {id(t): t for buffers in self._host.values() for t in buffers.values()}.values())
+        bank = sum(nbytes(p) for m in self._banks.values() for p in m.parameters())
+        non_expert = sum(nbytes(f.buffer) for f in self._flats.values()) + self._residency.extra_non_expert_bytes()
+        host = sum(nbytes(t) for t in {id(t): t for buffers in self._host.values() for t in buffers.values()}.values())
         deltas = sum(
-            _nbytes(t)
+            nbytes(t)
             for layers in self._deltas.values()
             for entries in layers.values()
             for _, parts in entries
@@ -482,9 +447,7 @@ class Runtime:
 
     def slot_map(self, layer: str) -> list[int]:
         """The active variant's slot map of `layer` as served (delta slots at private entries)."""
-        if self._rows is not None:
-            return self._banks[layer].variant_slots[self.names.index(self.active)].tolist()
-        return self._banks[layer].slot_map.tolist()
+        return self._residency.slot_map(layer, self.active)
 
     def tokenizer(self, name: str | None = None):
         name = name or self.active
@@ -494,7 +457,7 @@ class Runtime:
             if variant.tokenizer is not None:
                 self._tokenizers[name] = variant.tokenizer
             elif variant.model_dir is not None:
-                from transformers import AutoTokenizer
+                from transformers import AutoTokenizer  # transformers: imported when a tokenizer is first loaded
 
                 try:
                     self._tokenizers[name] = AutoTokenizer.from_pretrained(str(variant.model_dir))
@@ -504,17 +467,9 @@ class Runtime:
                 raise ArtifactError(f"model {name!r} has no tokenizer")
         return self._tokenizers[name]
 
-    def max_context(self, name: str | None = None) -> int | None:
-        """Longest prompt + completion the model supports, if it states one."""
-        config = self.variant_set.variants[name or self.active].config
-        limit = config.get("max_position_embeddings")
-        return int(limit) if limit else None
-
-    # -- generation (engine.py) ------------------------------------------------------------
     def encode(self, name: str, prompt: str) -> list[int]:
-        from .engine import encode
-
-        return encode(self, name, prompt)
+        """`prompt`'s token ids by `name`'s tokenizer, with its special tokens."""
+        return list(self.tokenizer(name)(prompt, add_special_tokens=True)["input_ids"])
 
     def complete(
         self,
@@ -531,6 +486,12 @@ class Runtime:
 
         return complete(self, name, prompt, settings, on_text, started)
 
+    def max_context(self, name: str | None = None) -> int | None:
+        """Longest prompt + completion the model supports, if it states one."""
+        config = self.variant_set.variants[name or self.active].config
+        limit = config.get("max_position_embeddings")
+        return int(limit) if limit else None
+
     # -- helpers ----------------------------------------------------------------------------
     def check_model(self, name: str) -> None:
         self.variant_set.check(name)
@@ -538,21 +499,18 @@ class Runtime:
     def _set_generation_config(self, name: str) -> None:
         self.model.generation_config = generation_config(self.variant_set.variants[name], self.model.config)
 
-    def _sync(self) -> None:
-        synchronize(self.device)
-
 
 # -- construction helpers ---------------------------------------------------------------------
 
 
-def _delta_offsets(variant_set: VariantSet, mode: ServingMode) -> dict[str, dict[str, int]]:
+def _delta_offsets(variant_set: VariantSet, one_after_another: bool) -> dict[str, dict[str, int]]:
     """Per variant and MoE layer, where its private bank entries start after the stored bank:
-    0 for every variant in swap mode (they take turns in the same entries); one after the
-    other in cross-variant mode (all are resident at once)."""
+    0 for every variant when they take turns in the same entries (swap mode); one after the
+    other when all are resident at once (cross-variant)."""
     out: dict[str, dict[str, int]] = {}
     ends = {layer: 0 for layer in variant_set.layers}
     for name, v in variant_set.variants.items():
-        out[name] = {layer: ends[layer] if mode is ServingMode.CROSS_VARIANT else 0 for layer in variant_set.layers}
+        out[name] = {layer: ends[layer] if one_after_another else 0 for layer in variant_set.layers}
         for layer in variant_set.layers:
             ends[layer] = out[name][layer] + len(v.deltas.get(layer, []))
     return out
@@ -588,13 +546,13 @@ def _served_slot_maps(variant_set: VariantSet, offsets: dict[str, dict[str, int]
     return out
 
 
-def _build_skeleton(
-    variant_set: VariantSet, config_class, model_class, active: str, dtype, private: dict[str, int] | None = None
-) -> nn.Module:
+def _build_skeleton(variant_set: VariantSet, active: str, dtype, private: dict[str, int] | None = None) -> nn.Module:
     """The transformers model on the meta device (nothing allocated), in `dtype`, from the
     active variant's config, each MoE block's experts replaced by a bank module (the class
     for its architecture and experts class, `bank_class`) of the bank's entries plus
     `private[layer]` for corrected experts."""
+    record = variant_set.record
+    config_class, model_class = record.transformers_classes()
     config = config_class.from_dict(variant_set.variants[active].config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -611,7 +569,7 @@ def _build_skeleton(
                 )
                 block.experts = bank
                 variant_set.check_slot_maps(layer, len(bank.slot_map))
-                _keep_router_dtype(model, config, layer, variant_set.record)
+                _keep_router_dtype(model, config, layer, record)
     finally:
         torch.set_default_dtype(previous)
     return model
@@ -711,30 +669,6 @@ def _resolve_keys(model: nn.Module, targets: dict[str, torch.Tensor], variant: V
     return by_target
 
 
-def _plan_flats(
-    targets: dict[str, torch.Tensor], keys: dict[str, dict[str, str]], device: torch.device
-) -> dict[torch.dtype, _Flat]:
-    """One flat device buffer per dtype: first the tensors whose stored key differs between
-    some variants (the swap region), then those every variant shares."""
-    by_dtype: dict[torch.dtype, list[str]] = {}
-    for name, t in targets.items():
-        by_dtype.setdefault(t.dtype, []).append(name)
-    flats = {}
-    for dtype, names in by_dtype.items():
-        differs = {n: len({k[n] for k in keys.values()}) > 1 for n in names}
-        swappable = [n for n in names if differs[n]]
-        shared = [n for n in names if not differs[n]]
-        align = max(1, _ALIGN_BYTES // targets[names[0]].element_size())
-        offsets: dict[str, int] = {}
-        end = 0
-        for name in swappable + shared:
-            offsets[name] = end
-            end += -(-targets[name].numel() // align) * align
-        swap_numel = offsets[shared[0]] if shared else end
-        flats[dtype] = _Flat(torch.zeros(end, dtype=dtype, device=device), offsets, swappable, shared, swap_numel)
-    return flats
-
-
 def _slot_map_tensors(
     variant_set: VariantSet, device: torch.device, served: dict[str, dict[str, list[int]]]
 ) -> dict[str, torch.Tensor]:
@@ -763,7 +697,3 @@ def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
         target.copy_(source, non_blocking=True)
         return
     np.copyto(target.view(torch.uint8).numpy(), source.view(torch.uint8).numpy())
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
