@@ -21,6 +21,7 @@ from ..serving.engine import (
     DEFAULT_MAX_WAIT,
     GenerationSettings,
     check_settings,
+    complete,
 )
 from ..serving.runtime import Runtime
 from . import app
@@ -162,7 +163,7 @@ def serve_local(
     results = []
     out = Console()
     for name in model or [runtime.active]:
-        c = runtime.complete(name, prompt, settings)
+        c = complete(runtime, name, prompt, settings)
         results.append(c.to_dict())
         if not json_out:
             out.rule(name)

@@ -9,7 +9,7 @@ __getattr__, __dir__, __all__ = face(
     {
         "runtime": ["Runtime", "SwapReport", "ResidentBytes"],
         "variants": ["VariantSet", "Family"],
-        "engine": ["Engine", "Request", "GenerationSettings"],
+        "engine": ["Engine", "Request", "GenerationSettings", "complete"],
         "crossvariant": ["ServingMode"],
         "server": ["create_app", "serve"],
     },

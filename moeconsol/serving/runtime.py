@@ -85,9 +85,6 @@ class ResidentBytes:
         }
 
 
-# Generation lives in engine.py; these names stay importable from here.
-from .engine import Completion, GenerationSettings, check_settings  # noqa: E402,F401
-
 # -- residency: how the variants are held ---------------------------------------------------------
 
 
@@ -470,21 +467,6 @@ class Runtime:
     def encode(self, name: str, prompt: str) -> list[int]:
         """`prompt`'s token ids by `name`'s tokenizer, with its special tokens."""
         return list(self.tokenizer(name)(prompt, add_special_tokens=True)["input_ids"])
-
-    def complete(
-        self,
-        name: str,
-        prompt: str | list[int],
-        settings: GenerationSettings | None = None,
-        on_text: Callable[[str], None] | None = None,
-        started: float | None = None,
-    ) -> Completion:
-        """Activate `name` and generate one completion alone (engine.complete: greedy when
-        temperature is 0). `on_text` receives each new piece of text; `started` (a
-        time.perf_counter() value) is when the request arrived."""
-        from .engine import complete
-
-        return complete(self, name, prompt, settings, on_text, started)
 
     def max_context(self, name: str | None = None) -> int | None:
         """Longest prompt + completion the model supports, if it states one."""

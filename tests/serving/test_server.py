@@ -21,7 +21,8 @@ from builders import greedy, samples, served_family
 from cli_helpers import cli, one_error_line
 from fastapi.testclient import TestClient
 
-from moeconsol.serving.runtime import GenerationSettings, Runtime
+from moeconsol.serving.engine import GenerationSettings, complete
+from moeconsol.serving.runtime import Runtime
 from moeconsol.serving.server import Job, Scheduler, create_app, pick_model
 from moeconsol.testing import tiny_tokenizer
 
@@ -281,7 +282,7 @@ def test_concurrent_requests_decode_together_and_answer_as_alone(served):
 def test_seeded_sampling_through_the_server_equals_alone(client, served):
     out, runtime, refs, tok = served
     req = {"model": "ft", "prompt": PROMPT, "max_tokens": 12, "temperature": 1.3, "top_p": 0.9, "seed": 11}
-    want = runtime.complete("ft", PROMPT, GenerationSettings(12, 1.3, 0.9, 11)).text  # alone, in this process
+    want = complete(runtime, "ft", PROMPT, GenerationSettings(12, 1.3, 0.9, 11)).text  # alone, in this process
     with ThreadPoolExecutor(8) as pool:  # the same request among others, batched
         others = [pool.submit(client.post, "/v1/completions", json={**req, "seed": s}) for s in range(6)]
         mine = pool.submit(client.post, "/v1/completions", json=req)
