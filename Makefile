@@ -29,12 +29,12 @@ test-fast: install
 
 # ruff's lint rules and formatting (pyproject.toml); `make format` applies both.
 lint: install
-	$(BIN)/ruff check moeconsol tests benchmarks examples
-	$(BIN)/ruff format --check moeconsol tests benchmarks examples
+	$(BIN)/ruff check moeconsol tests benchmarks examples requirements
+	$(BIN)/ruff format --check moeconsol tests benchmarks examples requirements
 
 format: install
-	$(BIN)/ruff check --fix moeconsol tests benchmarks examples
-	$(BIN)/ruff format moeconsol tests benchmarks examples
+	$(BIN)/ruff check --fix moeconsol tests benchmarks examples requirements
+	$(BIN)/ruff format moeconsol tests benchmarks examples requirements
 
 demo: install
 	$(BIN)/python examples/build_family.py --out $(FAMILY)

@@ -24,7 +24,7 @@ import torch
 
 from moeconsol.consolidate.pipeline import merge
 from moeconsol.io.checkpoint import open_checkpoints
-from moeconsol.serving.engine import Engine, GenerationSettings, Request
+from moeconsol.serving.engine import Engine, GenerationSettings, Request, complete
 from moeconsol.serving.runtime import Runtime
 
 
@@ -77,7 +77,7 @@ def measure(family: Path, arch: str, n: int, tokens: int, batch: int, seed: int)
         for variant in rt.names:
             rt.activate(variant)
             prompts = prompts_for(family, arch, variant, n, rt, tokens, random.Random(seed))
-            alone = [rt.complete(variant, p, GenerationSettings(max_new_tokens=tokens)).token_ids for p in prompts]
+            alone = [complete(rt, variant, p, GenerationSettings(max_new_tokens=tokens)).token_ids for p in prompts]
             together = batched(rt, variant, prompts, tokens, batch, group=4)
             firsts = [
                 next(i for i, (a, b) in enumerate(zip(x + [-1], y + [-2])) if a != b)

@@ -12,7 +12,7 @@ fine-tunes with some experts changed), merges it losslessly with the library, an
    (`--max-wait` large) and plain FIFO (`max_wait` 0);
 4. concurrency: the same greedy requests over two variants sent to the HTTP server (uvicorn
    on loopback, in this process) by 1, 2, 4, 8, 16 concurrent clients; throughput (generated
-   tokens / wall time) next to one-at-a-time decoding (`Runtime.complete`, one request after
+   tokens / wall time) next to one-at-a-time decoding (`engine.complete`, one request after
    another) run just before each (the median ratio of 3 pairs), and each answer checked
    against the one-at-a-time one; in swap mode (one variant per step) and with
    `--cross-variant-batching` (one step for all variants; `--modes`);
@@ -51,8 +51,16 @@ import transformers
 from moeconsol.consolidate.pipeline import merge
 from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.serving.crossvariant import ServingMode
-from moeconsol.serving.engine import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_WAIT, Engine, Request
-from moeconsol.serving.runtime import GenerationSettings, Runtime, parse_device
+from moeconsol.serving.device import parse_device
+from moeconsol.serving.engine import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_WAIT,
+    Engine,
+    GenerationSettings,
+    Request,
+    complete,
+)
+from moeconsol.serving.runtime import Runtime
 from moeconsol.serving.scheduler import Job, Scheduler
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
 
@@ -343,11 +351,11 @@ def concurrency(
     prompts = [f"{prompt} {i}" for i in range(requests)]
     order = [(models[i % len(models)], p) for i, p in enumerate(prompts)]
     settings = GenerationSettings(max_new_tokens=tokens)
-    rt.complete(models[0], prompts[0], settings)  # warm up
+    complete(rt, models[0], prompts[0], settings)  # warm up
 
     def one_at_a_time() -> tuple[list, float]:
         t = time.perf_counter()
-        answers = [rt.complete(m, p, settings) for m, p in order]
+        answers = [complete(rt, m, p, settings) for m, p in order]
         return answers, sum(len(c.token_ids) for c in answers) / (time.perf_counter() - t)
 
     alone, _ = one_at_a_time()
@@ -535,7 +543,7 @@ def main() -> None:
             "dtype": str(rt.dtype),
             "threads": torch.get_num_threads(),
             "model": size,
-            "bank_sizes": rt.family.bank_sizes,
+            "bank_sizes": rt.variant_set.bank_sizes,
             "resident_bytes": rb.to_dict(),
         }
         if args.only is None:

@@ -143,7 +143,7 @@ class PlainModels:
 
         self.paths, self.names, self.resident = paths, list(paths), resident
         self.device = torch.device(device)
-        self.family = SimpleNamespace(
+        self.variant_set = SimpleNamespace(
             variants={n: SimpleNamespace(generation_config=None, model_dir=p) for n, p in paths.items()}
         )
         self._tokenizers = {n: AutoTokenizer.from_pretrained(str(p)) for n, p in paths.items()}

@@ -1,9 +1,9 @@
 """The dependency versions in play, for the Makefile's lock targets (docs/dependencies.md).
 
-    python requirements/versions.py            installed vs locked version of each direct dependency
-    python requirements/versions.py --lowest   pip constraints pinning each direct dependency
-                                               (dev extra included) to pyproject's lower bound;
-                                               torch is left out: the Makefile's TORCH picks it
+python requirements/versions.py            installed vs locked version of each direct dependency
+python requirements/versions.py --lowest   pip constraints pinning each direct dependency
+                                           (dev extra included) to pyproject's lower bound;
+                                           torch is left out: the Makefile's TORCH picks it
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib.metadata
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "lock.txt"

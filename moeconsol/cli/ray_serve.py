@@ -72,6 +72,7 @@ def serve_cluster(
             raise MoeconsolError(f"{option} must be a finite number >= 0, got {value}")
 
     from ..artifact.reader import verify_artifact
+    from ..serving.device import parse_device, parse_dtype
     from ..serving.ray_serve import (
         ReplicaSettings,
         artifact_path,
@@ -83,7 +84,6 @@ def serve_cluster(
         start_ray,
         stop,
     )
-    from ..serving.runtime import parse_device, parse_dtype
 
     require_ray()
     parse_device(device), parse_dtype(dtype)

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from ..errors import MoeconsolError
 from ..serving.crossvariant import ServingMode
+from ..serving.device import parse_device, parse_dtype
 from ..serving.engine import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_PROMPT_TOKENS,
@@ -20,8 +21,9 @@ from ..serving.engine import (
     DEFAULT_MAX_WAIT,
     GenerationSettings,
     check_settings,
+    complete,
 )
-from ..serving.runtime import Runtime, parse_device, parse_dtype
+from ..serving.runtime import Runtime
 from . import app
 from .progress import stage_progress
 
@@ -161,7 +163,7 @@ def serve_local(
     results = []
     out = Console()
     for name in model or [runtime.active]:
-        c = runtime.complete(name, prompt, settings)
+        c = complete(runtime, name, prompt, settings)
         results.append(c.to_dict())
         if not json_out:
             out.rule(name)

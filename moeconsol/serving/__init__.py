@@ -7,8 +7,9 @@ from .._faces import face
 __getattr__, __dir__, __all__ = face(
     __name__,
     {
-        "runtime": ["Family", "Runtime", "SwapReport", "ResidentBytes"],
-        "engine": ["Engine", "Request", "GenerationSettings"],
+        "runtime": ["Runtime", "SwapReport", "ResidentBytes"],
+        "variants": ["VariantSet", "Family"],
+        "engine": ["Engine", "Request", "GenerationSettings", "complete"],
         "crossvariant": ["ServingMode"],
         "server": ["create_app", "serve"],
     },

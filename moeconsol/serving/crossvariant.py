@@ -1,8 +1,9 @@
 """Cross-variant batching: one forward serves rows of different variants.
 
 The bank is shared; only the non-expert tensors (attention, norms, embeddings, LM head,
-routers) and the slot maps differ between variants. In `ServingMode.CROSS_VARIANT` every
-variant's differing tensors stay resident, and:
+routers) and the slot maps differ between variants. In `ServingMode.CROSS_VARIANT` the
+runtime's residency is a `CrossVariantResidency`: every variant's differing tensors stay
+resident, and:
 
 - each module that owns a differing tensor becomes an instance of a subclass of its own
   class (`per_variant_class`, made once per class, as the bank classes are) whose forward
@@ -20,21 +21,31 @@ variant's differing tensors stay resident, and:
   all tokens.
 
 Which variant each row is comes from `VariantRows`, which the engine sets before each
-forward (one entry per sequence). A module that sees flattened tokens [B*T, H] (Mixtral's
-router) maps row r to sequence r // T.
+forward (one entry per sequence) through `Runtime.variant_rows`. A module that sees
+flattened tokens [B*T, H] (Mixtral's router) maps row r to sequence r // T.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
 
 import torch
 from torch import nn
 
+from ..architectures.layouts import BankKind
+from ..errors import SettingsError
+from .banks import BankExperts
+from .flat import Flat, nbytes
+from .variants import VariantSet
+
 
 class ServingMode(str, Enum):
+    """How the runtime holds its variants: the residency it runs with."""
+
     SWAP = "swap"
     """one variant resident at a time; a swap copies its non-expert tensors in (the default)"""
     CROSS_VARIANT = "cross-variant"
@@ -294,3 +305,140 @@ def cross_onehot_bank_class(bank_cls: type) -> type:
 
     CrossVariantOneHotBank.__name__ = CrossVariantOneHotBank.__qualname__ = f"CrossVariant{bank_cls.__name__}"
     return CrossVariantOneHotBank
+
+
+_CROSS_BANK_CLASSES = {BankKind.FUSED: cross_bank_class, BankKind.MODULES: cross_onehot_bank_class}
+"""the subclass of each kind of bank class that looks slot maps up per token"""
+
+
+# -- the residency ---------------------------------------------------------------------------------
+
+
+class CrossVariantResidency:
+    """Every variant resident at once: each distinct swap region on the device (the installed
+    variant's is the flat buffers' own), every module that owns a differing tensor made
+    per-variant, and the bank looking slot maps up per token in one table [V, E] per layer.
+    `activate` copies nothing; it only names the variant of a forward without rows."""
+
+    def __init__(
+        self,
+        variant_set: VariantSet,
+        model: nn.Module,
+        banks: dict[str, nn.Module],
+        targets: dict[str, torch.Tensor],
+        flats: dict[torch.dtype, Flat],
+        host: dict[str, dict[torch.dtype, torch.Tensor]],
+        slot_maps: dict[str, torch.Tensor],
+        installed: str,
+        apply_deltas: Callable[[str], int],
+    ):
+        """Take over the runtime's `host` buffers (variant -> dtype -> its swap region, laid out
+        as `flats`' swap regions; equal buffers are one object) onto the device, with
+        `installed` the variant the flat buffers hold, and write every other variant's
+        corrected experts into its own private bank entries (`apply_deltas`)."""
+        self._variant_set = variant_set
+        self._names = list(variant_set.variants)
+        self._flats = flats
+        for name in self._names:
+            if name != installed:
+                apply_deltas(name)
+        device = next(iter(flats.values())).buffer.device
+        signature = {n: tuple(id(host[n][d]) for d in flats) for n in self._names}
+        sets: dict[tuple, int] = {}
+        for n in [installed, *self._names]:
+            sets.setdefault(signature[n], len(sets))
+        self._set_of = {n: sets[signature[n]] for n in self._names}
+        first = {s: next(n for n in self._names if self._set_of[n] == s) for s in range(len(sets))}
+        self._set_buffers = [
+            {d: flat.swap_region if s == 0 else host[first[s]][d].to(device) for d, flat in flats.items()}
+            for s in range(len(sets))
+        ]
+        self._rows = VariantRows(device, resident_set=0)
+        self._rows.set_default(self._names.index(installed), 0)
+        self._make_per_variant(model, targets)
+        tables = torch.stack([slot_maps[n] for n in self._names], dim=1).to(device)  # [layers, V, E]
+        cross_bank = _CROSS_BANK_CLASSES[variant_set.record.bank]
+        for i, bank in enumerate(banks.values()):
+            bank.__class__ = cross_bank(type(bank))
+            bank._xv_rows = self._rows
+            bank.variant_slots = tables[i]
+        self._banks = banks
+
+    def _make_per_variant(self, model: nn.Module, targets: dict[str, torch.Tensor]) -> None:
+        """Point every module that owns a differing tensor at its variant group's views."""
+        # one view per (tensor, set); a tensor several modules share (tied weights) stays one object per set
+        swappable = {id(targets[t]): t for flat in self._flats.values() for t in flat.swappable}
+        per_set: dict[int, list[torch.Tensor]] = {}
+        for tid, tname in swappable.items():
+            target = targets[tname]
+            flat = self._flats[target.dtype]
+            views = [target]
+            for buffers in self._set_buffers[1:]:
+                view = flat.view_in(buffers[target.dtype], tname, target.shape)
+                views.append(
+                    nn.Parameter(view, requires_grad=target.requires_grad) if isinstance(target, nn.Parameter) else view
+                )
+            per_set[tid] = views
+        for mname, module in model.named_modules():
+            if isinstance(module, BankExperts):
+                continue
+            own = [
+                (table, attr, t)
+                for table in ("_parameters", "_buffers")
+                for attr, t in getattr(module, table).items()
+                if t is not None and id(t) in per_set
+            ]
+            if not own:
+                continue
+            tensors = [
+                [(table, attr, per_set[id(t)][s]) for table, attr, t in own] for s in range(len(self._set_buffers))
+            ]
+            bias = position_bias_owner(model, mname)
+            if bias is not None:  # fed positions, not rows: its owner computes the bias per variant group
+                owner, child, method = bias
+                owner.__class__ = per_variant_bias_class(type(owner), child, method)
+                owner._xv_rows, owner._xv_bias = self._rows, tensors
+                continue
+            if not row_wise(module):
+                raise SettingsError(
+                    f"cross-variant batching cannot serve {type(module).__name__} ({mname}): it owns a tensor that differs "
+                    f"between variants ({own[0][1]}) and takes more than one input; serve this artifact in swap mode"
+                )
+            module.__class__ = per_variant_class(type(module))
+            module._xv_rows = self._rows
+            module._xv_tensors = tensors
+
+    def activate(self, previous: str, name: str) -> None:
+        """`name` becomes the variant of a forward without rows; nothing is copied."""
+        self._rows.set_default(self._names.index(name), self._set_of[name])
+
+    def swap_bytes(self, a: str, b: str) -> int:
+        return 0
+
+    def variant_group(self, name: str) -> int:
+        """The group `name`'s rows run in: variants whose differing non-expert tensors are all
+        equal share one."""
+        return self._set_of[name]
+
+    @contextmanager
+    def variant_rows(self, names: list[str], active: str) -> Iterator[None]:
+        """The next forwards' sequence i is of variant `names[i]`, any mix."""
+        for n in names:
+            self._variant_set.check(n)
+        self._rows.set([self._names.index(n) for n in names], [self._set_of[n] for n in names])
+        try:
+            yield
+        finally:
+            self._rows.clear()
+
+    def slot_map(self, layer: str, active: str) -> list[int]:
+        return self._banks[layer].variant_slots[self._names.index(active)].tolist()
+
+    def extra_non_expert_bytes(self) -> int:
+        """The device buffers of the variant groups beyond the flat buffers' own swap regions."""
+        return sum(
+            nbytes(t)
+            for buffers in self._set_buffers
+            for dtype, t in buffers.items()
+            if t is not self._flats[dtype].swap_region
+        )

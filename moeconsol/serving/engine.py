@@ -3,6 +3,8 @@
 The runtime (`runtime.py`) owns the weights: the bank, every variant's non-expert tensors,
 and `activate(name)`. The engine owns generation, as vLLM keeps its LoRA manager apart from
 its engine: requests, their KV caches, decode steps and sampling. It never touches a weight.
+The engine uses the runtime; the runtime knows nothing of the engine. `complete` is the
+engine with one request.
 
 A `Request` is admitted while its variant is active: the requests admitted together are
 prefilled in one forward (left padding, an attention mask, position ids from the mask), then
@@ -33,20 +35,19 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..errors import MoeconsolError, SettingsError
 from .crossvariant import ServingMode
-
-if TYPE_CHECKING:
-    from .runtime import Runtime, SwapReport
+from .runtime import Runtime, SwapReport
+from .variants import generation_config as variant_generation_config
 
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_TOKENS_IN_FLIGHT = 32768
 DEFAULT_MAX_WAIT = 2.0
-"""seconds a request of another variant may wait before the scheduler swaps to it (server.pick_model)"""
+"""seconds a request of another variant may wait before the scheduler swaps to it (scheduler.pick_model)"""
 DEFAULT_MAX_PROMPT_TOKENS = 2048
 """the longest prompt the server accepts, in tokens"""
 MAX_SEED = 2**63 - 1
@@ -545,11 +546,7 @@ class Engine:
             r._sent = ready
 
 
-# -- one request alone: what Runtime.complete does -------------------------------------------------
-
-
-def encode(runtime: Runtime, name: str, prompt: str) -> list[int]:
-    return list(runtime.tokenizer(name)(prompt, add_special_tokens=True)["input_ids"])
+# -- one request alone ---------------------------------------------------------------------------
 
 
 def complete(
@@ -560,12 +557,14 @@ def complete(
     on_text: Callable[[str], None] | None = None,
     started: float | None = None,
 ) -> Completion:
-    """Activate `name` and generate one completion alone (a batch of one)."""
+    """Activate `name` and generate one completion alone (a batch of one; greedy when
+    temperature is 0). `on_text` receives each new piece of text; `started` (a
+    time.perf_counter() value) is when the request arrived."""
     settings = settings or GenerationSettings()
     check_settings(settings)
     started = time.perf_counter() if started is None else started
     swap = runtime.activate(name)
-    ids = encode(runtime, name, prompt) if isinstance(prompt, str) else list(prompt)
+    ids = runtime.encode(name, prompt) if isinstance(prompt, str) else list(prompt)
     request = Request(name, ids, settings, arrival=started, on_text=on_text)
     engine = Engine(runtime, max_batch_size=1)
     if engine.admit(request, swap):
@@ -576,16 +575,7 @@ def complete(
 
 def generation_config(runtime: Runtime, name: str):
     """The variant's generation config (its own file, else derived from the model config)."""
-    variant = runtime.family.variants[name]
-    if variant.generation_config is None:
-        from transformers import GenerationConfig
-
-        path = variant.model_dir
-        if path is not None and (path / "generation_config.json").is_file():
-            variant.generation_config = GenerationConfig.from_pretrained(str(path))
-        else:
-            variant.generation_config = GenerationConfig.from_model_config(runtime.model.config)
-    return variant.generation_config
+    return variant_generation_config(runtime.variant_set.variants[name], runtime.model.config)
 
 
 def _eos_ids(config) -> set[int]:

@@ -79,7 +79,8 @@ class ReplicaSettings:
 def replica_runtime(settings: ReplicaSettings, active: str):
     """The runtime one replica serves: the artifact on its device, in its dtype and serving
     mode, `active` installed first."""
-    from .runtime import Runtime, parse_device, parse_dtype
+    from .device import parse_device, parse_dtype
+    from .runtime import Runtime
 
     return Runtime.from_artifact(
         settings.artifact,

@@ -2,348 +2,43 @@
 
 The runtime builds one transformers model (the record's model class: MixtralForCausalLM,
 Qwen3MoeForCausalLM, ... SwitchTransformersForConditionalGeneration) whose MoE blocks run a
-shared **expert bank**
-through a per-layer **slot map** (expert index -> bank index). Every variant's non-expert
-tensors (attention, norms, embeddings, LM head, routers) wait in host memory (pinned on
-CUDA); activating a variant copies the tensors that differ into the resident parameters in
-place and rewrites the slot maps. Nothing is re-allocated, the model is never rebuilt and
-the experts never move, so generation, KV cache and sampling stay transformers' own.
+shared **expert bank** (banks.py) through a per-layer **slot map** (expert index -> bank
+index). The non-expert tensors (attention, norms, embeddings, LM head, routers) are views into
+one flat device buffer per dtype (flat.py). Nothing is re-allocated, the model is never
+rebuilt and the experts never move, so generation, KV cache and sampling stay transformers'
+own (engine.py).
 
-The core does not know the artifact format: it takes a `Family` (configs, bank sizes, a
-function that reads one bank expert, a function that reads one stored tensor, and each
-variant's slot maps and tensor keys). `Family.from_artifact` adapts a merged artifact;
-`Family.from_models` consolidates in-memory transformers models losslessly.
+How the variants are held is the runtime's residency, chosen by its `ServingMode`:
+`SwapResidency` (here: every variant's differing tensors wait in host memory, pinned on
+CUDA; activating a variant copies them into the resident parameters in place and rewrites
+the slot maps) or `CrossVariantResidency` (crossvariant.py: every variant resident at once,
+rows routed per variant).
+
+The core does not know the artifact format: it takes a `VariantSet` (variants.py).
 """
 
 from __future__ import annotations
 
-import copy
-import functools
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..architectures.layouts import Architecture, BankKind, architecture, join, split, supported
+from ..architectures.layouts import Architecture
 from ..artifact.corrections import corrected
 from ..artifact.manifest import DeltaEntry
-from ..errors import ArtifactError, MoeconsolError, SettingsError, UnknownModelError
-from .crossvariant import (
-    ServingMode,
-    VariantRows,
-    cross_bank_class,
-    cross_onehot_bank_class,
-    per_variant_bias_class,
-    per_variant_class,
-    position_bias_owner,
-    row_wise,
-)
-
-# Config keys that may differ between variants without changing what the model computes.
-_IGNORED_CONFIG_KEYS = {
-    "_name_or_path",
-    "transformers_version",
-    "architectures",
-    "torch_dtype",
-    "dtype",
-    "use_cache",
-    "output_router_logits",
-    "router_aux_loss_coef",
-    "router_z_loss_coef",
-    "_commit_hash",
-    "id2label",
-    "label2id",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict",
-}
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "f32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "f16": torch.float16,
-    "half": torch.float16,
-}
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """`--dtype` value -> torch dtype (None stays None: use the checkpoints' own dtype)."""
-    if name is None:
-        return None
-    try:
-        return _DTYPES[name.lower()]
-    except KeyError:
-        raise SettingsError(f"unknown dtype {name!r}: use float32, bfloat16 or float16") from None
-
-
-def parse_device(name: str) -> torch.device:
-    """`--device` value -> torch device, checking that it exists on this machine."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise SettingsError(f"unknown device {name!r}: use cpu or cuda (cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise SettingsError(f"unsupported device {name!r}: use cpu or cuda")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SettingsError(f"device {name}: no CUDA device is available on this machine; use cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SettingsError(f"device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return device
-
-
-# -- the bank modules: transformers' experts, fed bank indices -------------------------------
-
-
-class BankExperts:
-    """Mixin of every bank module: an experts module of transformers' own class holding K
-    bank experts instead of E, plus a `slot_map` buffer [E] (expert index -> bank index)."""
-
-    slot_map: torch.Tensor
-
-
-def _fused_bank_class(experts_class: type, record: Architecture) -> type:
-    """A bank over any experts class of transformers 5's experts interface (Mixtral, Qwen2/3-MoE,
-    OLMoE, DeepSeek-V2/V3, gpt-oss): its per-expert parameters (`gate_up_proj`, `down_proj`,
-    gpt-oss' biases: first dim E) resized to K entries. The router's expert indices go through
-    the slot map, then transformers' own experts implementation runs on the bank. Which
-    canonical parts each parameter holds, and how, is the record's in-memory layout."""
-    layout = record.memory_layout
-
-    class FusedBankExperts(BankExperts, experts_class):
-        def __init__(self, config, bank_size: int):
-            super().__init__(config)
-            experts = self.num_experts
-            for name, p in list(self.named_parameters(recurse=False)):
-                if p.shape[0] == experts:
-                    setattr(self, name, nn.Parameter(p.new_empty(bank_size, *p.shape[1:])))
-            self.num_experts = bank_size
-            self.register_buffer("slot_map", torch.arange(experts), persistent=False)
-
-        def forward(self, hidden_states, top_k_index, top_k_weights):
-            return super().forward(hidden_states, self.slot_map[top_k_index], top_k_weights)
-
-        @torch.no_grad()
-        def load_expert(self, k: int, parts: dict[str, torch.Tensor]) -> None:
-            for name, names in layout.fused_parts.items():
-                getattr(self, name)[k].copy_(join(layout.fused_codec, [parts[p] for p in names]))
-
-    FusedBankExperts.__name__ = FusedBankExperts.__qualname__ = f"{experts_class.__name__}Bank"
-    return FusedBankExperts
-
-
-def _switch_bank_class(experts_class: type, record: Architecture) -> type:
-    class SwitchBankExperts(BankExperts, experts_class):
-        """SwitchTransformersExperts holding K bank experts (`expert_{k}`: wi, wo) plus a
-        `slot_map` buffer [E]. The router's one-hot choice over E experts is folded onto the
-        K bank entries (a token routed to expert e goes to bank entry slot_map[e])."""
-
-        def __init__(self, config, bank_size: int):
-            experts = config.num_experts
-            super().__init__(_bank_config(config, "num_experts", bank_size))
-            self.register_buffer("slot_map", torch.arange(experts), persistent=False)
-
-        def forward(self, hidden_states, selected_experts, routing_weights):
-            folded = selected_experts.new_zeros(*selected_experts.shape[:-1], self.num_experts)
-            folded.index_add_(-1, self.slot_map, selected_experts)
-            return super().forward(hidden_states, folded, routing_weights)
-
-        @torch.no_grad()
-        def load_expert(self, k: int, parts: dict[str, torch.Tensor]) -> None:
-            self[f"expert_{k}"].wi.weight.copy_(parts["wi"])
-            self[f"expert_{k}"].wo.weight.copy_(parts["wo"])
-
-    return SwitchBankExperts
-
-
-def _bank_config(config, attr: str, bank_size: int):
-    cfg = copy.copy(config)
-    setattr(cfg, attr, bank_size)
-    return cfg
-
-
-_BANK_CLASSES = {BankKind.FUSED: _fused_bank_class, BankKind.MODULES: _switch_bank_class}
-_CROSS_BANK_CLASSES = {BankKind.FUSED: cross_bank_class, BankKind.MODULES: cross_onehot_bank_class}
-"""cross-variant batching: the bank class's subclass that looks slot maps up per token"""
-
-
-@functools.cache
-def bank_class(architecture_name: str, experts_class: type) -> type:
-    """The bank module class for one experts class of one architecture (made once)."""
-    record = architecture(architecture_name)
-    return _BANK_CLASSES[record.bank](experts_class, record)
-
-
-def canonical_experts(record: Architecture, experts: nn.Module) -> list[dict[str, torch.Tensor]]:
-    """Every expert of a transformers experts module in canonical per-part form (views)."""
-    if record.bank is BankKind.MODULES:
-        w_in, w_out = record.part("in"), record.part("out")
-        return [
-            {w_in: experts[f"expert_{e}"].wi.weight, w_out: experts[f"expert_{e}"].wo.weight}
-            for e in range(len(experts))
-        ]
-    layout = record.memory_layout
-    out: list[dict[str, torch.Tensor]] = [{} for _ in range(experts.num_experts)]
-    for name, names in layout.fused_parts.items():
-        for e, slice_ in enumerate(getattr(experts, name)):
-            out[e].update(zip(names, split(layout.fused_codec, slice_, len(names))))
-    return [{p: parts[p] for p in layout.parts} for parts in out]
-
-
-def _record(name: str) -> Architecture:
-    try:
-        return architecture(name)
-    except KeyError:
-        raise ArtifactError(f"the runtime serves {supported()}, not {name!r}") from None
-
-
-# -- what the runtime serves, independent of the file format ---------------------------------
-
-
-@dataclass
-class Variant:
-    """One servable model: its config, its slot maps and where its non-expert tensors are."""
-
-    name: str
-    config: dict
-    slot_maps: dict[str, list[int]]
-    """MoE layer id -> bank index of each expert index"""
-    tensors: dict[str, str]
-    """transformers in-memory parameter name -> stored key (equal keys mean equal tensors)"""
-    model_dir: Path | None = None
-    """config, generation config and tokenizer files"""
-    tokenizer: Any = None
-    generation_config: Any = None
-    deltas: dict[str, list[DeltaEntry]] = field(default_factory=dict)
-    """MoE layer id -> the slots served by their bank entry plus a compressed correction
-    (deltas.py); the components are read by stored key through `Family.read`"""
-
-
-@dataclass
-class Family:
-    """Everything the runtime needs: a bank per MoE layer and the variants that share it."""
-
-    architecture: str
-    layers: list[str]
-    """MoE layer ids; f"{layer}.mlp" is the MoE block"""
-    bank_sizes: dict[str, int]
-    bank_expert: Callable[[str, int], dict[str, torch.Tensor]]
-    """(layer, bank index) -> canonical expert parts, read now"""
-    read: Callable[[str], torch.Tensor]
-    """stored key -> tensor, read now"""
-    variants: dict[str, Variant]
-    dtype: torch.dtype
-    """dtype the tensors are stored in"""
-
-    @classmethod
-    def from_artifact(cls, path: str | Path) -> Family:
-        """Adapt a `moeconsol merge` artifact (read lazily, tensor by tensor)."""
-        from ..artifact.reader import Artifact
-
-        art = Artifact.open(path)
-        variants = {
-            name: Variant(
-                name=name,
-                config=art.config(name),
-                slot_maps={layer: list(art.slot_map(name, layer)) for layer in art.layers},
-                tensors=dict(art.non_expert_keys(name)),
-                model_dir=art.model_dir(name),
-                deltas={layer: art.deltas(name, layer) for layer in art.layers if art.deltas(name, layer)},
-            )
-            for name in art.model_names
-        }
-        return cls(
-            architecture=art.architecture,
-            layers=list(art.layers),
-            bank_sizes={layer: art.bank_size(layer) for layer in art.layers},
-            bank_expert=art.bank_expert,
-            read=art.read,
-            variants=variants,
-            dtype=_stored_dtype(art.manifest.get("dtype")),
-        )
-
-    @classmethod
-    def from_models(cls, models: dict[str, nn.Module], tokenizers: dict[str, Any] | None = None) -> Family:
-        """Consolidate in-memory transformers models losslessly: bit-identical experts share
-        one bank entry, bit-identical non-expert tensors share one key."""
-        if not models:
-            raise SettingsError("no models given")
-        first = next(iter(models.values()))
-        architecture = first.config.model_type
-        record = _record(architecture)
-        layers = moe_layers(first)
-        bank: dict[str, list[dict[str, torch.Tensor]]] = {layer: [] for layer in layers}
-        stored: dict[str, torch.Tensor] = {}
-        versions: dict[str, list[str]] = {}
-        variants = {}
-        for name, model in models.items():
-            slot_maps = {}
-            for layer in layers:
-                experts = model.get_submodule(f"{layer}.mlp.experts")
-                slots = []
-                for parts in canonical_experts(record, experts):
-                    parts = {p: t.detach() for p, t in parts.items()}
-                    hit = next(
-                        (k for k, b in enumerate(bank[layer]) if all(torch.equal(b[p], parts[p]) for p in parts)), None
-                    )
-                    if hit is None:
-                        bank[layer].append(parts)
-                        hit = len(bank[layer]) - 1
-                    slots.append(hit)
-                slot_maps[layer] = slots
-            keys = {}
-            for tname, tensor in model.state_dict().items():
-                if any(tname.startswith(f"{layer}.mlp.experts.") for layer in layers):
-                    continue
-                seen = versions.setdefault(tname, [])
-                key = next((k for k in seen if torch.equal(stored[k], tensor)), None)
-                if key is None:
-                    key = f"{tname}@{len(seen)}"
-                    seen.append(key)
-                    stored[key] = tensor.detach()
-                keys[tname] = key
-            variants[name] = Variant(
-                name=name,
-                config=model.config.to_dict(),
-                slot_maps=slot_maps,
-                tensors=keys,
-                tokenizer=(tokenizers or {}).get(name),
-                generation_config=copy.deepcopy(model.generation_config),
-            )
-        return cls(
-            architecture=architecture,
-            layers=layers,
-            bank_sizes={layer: len(b) for layer, b in bank.items()},
-            bank_expert=lambda layer, k: bank[layer][k],
-            read=lambda key: stored[key],
-            variants=variants,
-            dtype=next(first.parameters()).dtype,
-        )
-
-
-def _stored_dtype(name: str | None) -> torch.dtype:
-    table = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-    if name not in table:
-        raise ArtifactError(f"artifact manifest has expert dtype {name!r}; the runtime serves F32, BF16 and F16")
-    return table[name]
-
-
-def moe_layers(model: nn.Module) -> list[str]:
-    """MoE layer ids of a transformers model: the prefixes of its `mlp` blocks that route."""
-    return [
-        name[: -len(".mlp")] for name, m in model.named_modules() if name.endswith(".mlp") and hasattr(m, "experts")
-    ]
-
+from ..errors import ArtifactError, MoeconsolError
+from .banks import BankExperts, bank_class, canonical_experts
+from .crossvariant import CrossVariantResidency, ServingMode
+from .device import parse_device, synchronize
+from .flat import Flat, nbytes, plan_flats
+from .variants import Variant, VariantSet, generation_config
 
 # -- reports ----------------------------------------------------------------------------------
 
@@ -390,73 +85,144 @@ class ResidentBytes:
         }
 
 
-# Generation lives in engine.py; these names stay importable from here.
-from .engine import Completion, GenerationSettings, check_settings  # noqa: E402,F401
+# -- residency: how the variants are held ---------------------------------------------------------
+
+
+class Residency(Protocol):
+    """What a serving mode decides: what `activate` does, and how a forward's rows map to
+    variants. `SwapResidency` below; `crossvariant.CrossVariantResidency`."""
+
+    def activate(self, previous: str, name: str) -> SwapReport | None:
+        """Make `name`'s weights the served ones; the report of what moved, None if nothing
+        had to (every variant is resident)."""
+
+    def swap_bytes(self, a: str, b: str) -> int:
+        """Bytes an activation of `b` after `a` (a != b) copies."""
+
+    def variant_group(self, name: str) -> int:
+        """The group `name`'s rows run in."""
+
+    def variant_rows(self, names: list[str], active: str) -> AbstractContextManager[None]:
+        """A context in which the next forwards' sequence i is of variant `names[i]`."""
+
+    def slot_map(self, layer: str, active: str) -> list[int]:
+        """The active variant's slot map of `layer` as the bank looks it up."""
+
+    def extra_non_expert_bytes(self) -> int:
+        """Non-expert bytes resident on the device beyond the flat buffers."""
+
+
+class SwapResidency:
+    """One variant resident at a time: the flat buffers' swap regions hold the active variant's
+    differing tensors, every variant's wait in host memory (`host`: variant -> dtype -> buffer
+    laid out as the swap region, pinned on CUDA; variants with equal keys share one), and
+    activating another is one copy per dtype plus one copy of its slot-map table."""
+
+    def __init__(
+        self,
+        variant_set: VariantSet,
+        flats: dict[torch.dtype, Flat],
+        host: dict[str, dict[torch.dtype, torch.Tensor]],
+        slot_maps: dict[str, torch.Tensor],
+        slot_table: torch.Tensor,
+        apply_deltas: Callable[[str], int],
+    ):
+        self._variant_set = variant_set
+        self._flats, self._host = flats, host
+        self._slot_maps, self._slot_table = slot_maps, slot_table
+        self._apply_deltas = apply_deltas
+        self._tensors = sum(len(f.swappable) + len(f.shared) for f in flats.values())
+        self._layer_slots = dict(zip(variant_set.layers, slot_table))
+
+    @torch.no_grad()
+    def activate(self, previous: str, name: str) -> SwapReport:
+        """One copy per dtype of `name`'s swappable tensors into the resident buffer's swap
+        region (none when its host buffer is `previous`'s), one copy of the slot-map table if
+        it differs, then `name`'s corrected experts into the private bank entries."""
+        device = self._slot_table.device
+        synchronize(device)
+        start = time.perf_counter()
+        moved = copied = 0
+        for dtype, flat in self._flats.items():
+            source = self._host[name][dtype]
+            if source is not self._host[previous][dtype]:
+                _copy_into(flat.swap_region, source)
+                moved += nbytes(source)
+                copied += len(flat.swappable)
+        maps = self._slot_maps[name]
+        if maps is not self._slot_maps[previous]:
+            _copy_into(self._slot_table, maps)
+            moved += nbytes(maps)
+        corrected_experts = self._apply_deltas(name)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        old, new = self._variant_set.variants[previous].slot_maps, self._variant_set.variants[name].slot_maps
+        changed = sum(old[layer] != new[layer] for layer in self._variant_set.layers)
+        return SwapReport(name, previous, seconds, moved, copied, self._tensors - copied, changed, corrected_experts)
+
+    def swap_bytes(self, a: str, b: str) -> int:
+        moved = sum(nbytes(self._host[b][d]) for d in self._flats if self._host[b][d] is not self._host[a][d])
+        return moved + (nbytes(self._slot_maps[b]) if self._slot_maps[b] is not self._slot_maps[a] else 0)
+
+    def variant_group(self, name: str) -> int:
+        return 0
+
+    @contextmanager
+    def variant_rows(self, names: list[str], active: str) -> Iterator[None]:
+        """Every name must be the active variant's: one forward serves one variant."""
+        wrong = next((n for n in names if n != active), None)
+        if wrong is not None:
+            raise MoeconsolError(
+                f"a batch row of {wrong!r} while {active!r} is active: mixing variants in one "
+                "forward needs cross-variant batching"
+            )
+        yield
+
+    def slot_map(self, layer: str, active: str) -> list[int]:
+        return self._layer_slots[layer].tolist()
+
+    def extra_non_expert_bytes(self) -> int:
+        return 0
+
 
 # -- the runtime ------------------------------------------------------------------------------
 
 
-_ALIGN_BYTES = 64
-"""each resident tensor starts on a 64-byte boundary of its flat buffer"""
-
-
-@dataclass
-class _Flat:
-    """The resident non-expert tensors of one dtype: views into one flat device buffer. The
-    tensors whose stored key is not the same in every variant come first, in
-    `buffer[:swap_numel]`; a swap copies that region with one copy. The tensors every variant
-    shares follow; they are loaded once and never move."""
-
-    buffer: torch.Tensor
-    offsets: dict[str, int]
-    """target name -> element offset in `buffer`"""
-    swappable: list[str]
-    shared: list[str]
-    swap_numel: int
-
-    def __post_init__(self) -> None:
-        # what a swap overwrites, sliced once: a swap issues nothing but its copies
-        self.swap_region = self.buffer[: self.swap_numel]
-
-    def view(self, name: str, shape: torch.Size) -> torch.Tensor:
-        offset = self.offsets[name]
-        return self.buffer[offset : offset + shape.numel()].view(shape)
-
-
 class Runtime:
-    """One resident model serving every variant of a `Family`."""
+    """One resident model serving every variant of a `VariantSet`."""
 
     def __init__(
         self,
-        family: Family,
+        variant_set: VariantSet,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         active: str | None = None,
         progress: Callable[[str, int, int], None] | None = None,
         mode: ServingMode = ServingMode.SWAP,
     ):
-        if not family.variants:
+        if not variant_set.variants:
             raise ArtifactError("the artifact holds no models")
-        self.family = family
+        self.variant_set = variant_set
         self.mode = ServingMode(mode)
         self.device = parse_device(str(device)) if not isinstance(device, torch.device) else device
-        self.dtype = dtype or family.dtype
-        self.names = list(family.variants)
+        self.dtype = dtype or variant_set.dtype
+        self.names = list(variant_set.variants)
         active = active or self.names[0]
         self.check_model(active)
-        _check_configs(family)
-        config_class, model_class = _record(family.architecture).transformers_classes()
-        self._delta_offsets = _delta_offsets(family, self.mode)
-        self._private = _private_entries(family, self._delta_offsets)
-        self.model = _build_skeleton(family, config_class, model_class, active, self.dtype, self._private)
+        variant_set.check_configs()
+        self._delta_offsets = _delta_offsets(variant_set, one_after_another=self.mode is ServingMode.CROSS_VARIANT)
+        self._private = _private_entries(variant_set, self._delta_offsets)
+        self.model = _build_skeleton(variant_set, active, self.dtype, self._private)
         self._banks: dict[str, nn.Module] = {
-            layer: self.model.get_submodule(f"{layer}.mlp.experts") for layer in family.layers
+            layer: self.model.get_submodule(f"{layer}.mlp.experts") for layer in variant_set.layers
         }
-        self._through_model_dtype = _self_casting_router_weights(self.model, family)
+        self._through_model_dtype = _self_casting_router_weights(self.model, variant_set)
         self._allocate()
         _finish_resident(self.model)
         self._targets = _swap_targets(self.model, self._banks)
-        self._slot_maps = _slot_map_tensors(family, self.device, _served_slot_maps(family, self._delta_offsets))
+        self._slot_maps = _slot_map_tensors(
+            variant_set, self.device, _served_slot_maps(variant_set, self._delta_offsets)
+        )
         self._host = self._load_host_tensors(progress)
         self._load_bank(progress)
         self._deltas = self._load_deltas()
@@ -464,10 +230,7 @@ class Runtime:
         self.swaps: list[SwapReport] = []
         self.active = ""
         self._install(active)
-        self._rows: VariantRows | None = None
-        self._set_buffers: list[dict[torch.dtype, torch.Tensor]] = []
-        if self.mode is ServingMode.CROSS_VARIANT:
-            self._make_all_resident()
+        self._residency = self._start_residency()
 
     @classmethod
     def from_artifact(
@@ -479,7 +242,14 @@ class Runtime:
         progress=None,
         mode: ServingMode = ServingMode.SWAP,
     ) -> Runtime:
-        return cls(Family.from_artifact(path), device=device, dtype=dtype, active=active, progress=progress, mode=mode)
+        return cls(
+            VariantSet.from_artifact(path), device=device, dtype=dtype, active=active, progress=progress, mode=mode
+        )
+
+    @property
+    def family(self) -> VariantSet:
+        """`variant_set` under a second name, kept for code that reads `family`."""
+        return self.variant_set
 
     # -- loading ----------------------------------------------------------------------------
     def _allocate(self) -> None:
@@ -489,8 +259,8 @@ class Runtime:
         one [layers, experts] table, the bank and the rest fresh tensors. Nothing is
         allocated twice."""
         targets = _swap_targets(self.model, self._banks)
-        self._keys = {name: _resolve_keys(self.model, targets, v) for name, v in self.family.variants.items()}
-        self._flats = _plan_flats(targets, self._keys, self.device)
+        self._keys = {name: _resolve_keys(self.model, targets, v) for name, v in self.variant_set.variants.items()}
+        self._flats = plan_flats(targets, self._keys, self.device)
         experts = len(next(iter(self._banks.values())).slot_map)
         self._slot_table = torch.empty(len(self._banks), experts, dtype=torch.long, device=self.device)
         views = {id(t): self._flats[t.dtype].view(name, t.shape) for name, t in targets.items()}
@@ -513,19 +283,18 @@ class Runtime:
         total += sum(len(f.shared) for f in self._flats.values())
         done = 0
 
-        def fill(buffer: torch.Tensor, flat: _Flat, tensor_names: list[str], variant: str) -> None:
+        def fill(buffer: torch.Tensor, flat: Flat, tensor_names: list[str], variant: str) -> None:
             nonlocal done
             for tname in tensor_names:
                 target = self._targets[tname]
-                stored = self.family.read(self._keys[variant][tname])
+                stored = self.variant_set.read(self._keys[variant][tname])
                 if stored.shape != target.shape:
                     raise ArtifactError(
                         f"model {variant!r}: {tname} is {list(stored.shape)}, the model needs {list(target.shape)}"
                     )
                 if tname in self._through_model_dtype and stored.is_floating_point():
                     stored = stored.to(self.dtype)  # as transformers loads it, before its router casts it
-                offset = flat.offsets[tname]
-                buffer[offset : offset + target.numel()].view(target.shape).copy_(stored)
+                flat.view_in(buffer, tname, target.shape).copy_(stored)
                 done += 1
                 if progress:
                     progress("non-expert tensors", done, total)
@@ -544,11 +313,11 @@ class Runtime:
 
     @torch.no_grad()
     def _load_bank(self, progress) -> None:
-        total = sum(self.family.bank_sizes.values())
+        total = sum(self.variant_set.bank_sizes.values())
         done = 0
         for layer, module in self._banks.items():
-            for k in range(self.family.bank_sizes[layer]):
-                module.load_expert(k, self.family.bank_expert(layer, k))
+            for k in range(self.variant_set.bank_sizes[layer]):
+                module.load_expert(k, self.variant_set.bank_expert(layer, k))
                 done += 1
                 if progress:
                     progress("expert bank", done, total)
@@ -556,13 +325,13 @@ class Runtime:
     def _load_deltas(self) -> dict[str, dict[str, list[tuple[DeltaEntry, dict[str, dict[str, torch.Tensor]]]]]]:
         """Every variant's compressed delta components, on the device (they are small)."""
         out: dict[str, dict[str, list]] = {}
-        for name, variant in self.family.variants.items():
+        for name, variant in self.variant_set.variants.items():
             out[name] = {
                 layer: [
                     (
                         x,
                         {
-                            p: {c: self.family.read(key).to(self.device) for c, key in comps.items()}
+                            p: {c: self.variant_set.read(key).to(self.device) for c, key in comps.items()}
                             for p, comps in x.keys.items()
                         },
                     )
@@ -574,14 +343,14 @@ class Runtime:
 
     @torch.no_grad()
     def _apply_deltas(self, name: str) -> int:
-        """Write `name`'s corrected experts (bank entry + decoded delta, `deltas.corrected`,
+        """Write `name`'s corrected experts (bank entry + decoded delta, `corrections.corrected`,
         on the device) into each layer's private bank entries; returns how many."""
-        record = _record(self.family.architecture)
+        record = self.variant_set.record
         done = 0
         for layer, entries in self._deltas[name].items():
             module = self._banks[layer]
             views = canonical_experts(record, module)
-            size = self.family.bank_sizes[layer] + self._delta_offsets[name].get(layer, 0)
+            size = self.variant_set.bank_sizes[layer] + self._delta_offsets[name].get(layer, 0)
             for j, (x, comps) in enumerate(entries):
                 bank = views[x.bank]
                 module.load_expert(size + j, {p: corrected(bank[p], comps[p], x.format, x.size) for p in bank})
@@ -594,169 +363,73 @@ class Runtime:
         for dtype, flat in self._flats.items():
             flat.swap_region.copy_(self._host[name][dtype])
         self._slot_table.copy_(self._slot_maps[name])
-        for other in self.names if self.mode is ServingMode.CROSS_VARIANT else [name]:
-            self._apply_deltas(other)  # cross-variant: every variant's corrected experts, each in its own entries
+        self._apply_deltas(name)
         self._set_generation_config(name)
         self.active = name
-        self._sync()
+        synchronize(self.device)
 
-    # -- cross-variant batching (crossvariant.py) ---------------------------------------------
+    def _start_residency(self) -> Residency:
+        """The residency `mode` asks for, over what the runtime has loaded and installed."""
+        if self.mode is ServingMode.CROSS_VARIANT:
+            host, self._host = self._host, {}  # moved onto the device: nothing waits in host memory
+            return CrossVariantResidency(
+                self.variant_set,
+                self.model,
+                self._banks,
+                self._targets,
+                self._flats,
+                host,
+                self._slot_maps,
+                installed=self.active,
+                apply_deltas=self._apply_deltas,
+            )
+        return SwapResidency(
+            self.variant_set, self._flats, self._host, self._slot_maps, self._slot_table, self._apply_deltas
+        )
+
+    # -- serving ----------------------------------------------------------------------------
     @torch.no_grad()
-    def _make_all_resident(self) -> None:
-        """Every variant's swap regions on the device, each distinct one once (the installed
-        variant's is the flat buffer's own swap region), and every module that owns a
-        differing tensor made per-variant; the bank looks slot maps up per token in one
-        table [V, E] per layer. The host buffers are not needed any more."""
-        installed = self.active
-        signature = {n: tuple(id(self._host[n][d]) for d in self._flats) for n in self.names}
-        sets: dict[tuple, int] = {}
-        for n in [installed, *self.names]:
-            sets.setdefault(signature[n], len(sets))
-        self._set_of = {n: sets[signature[n]] for n in self.names}
-        first = {s: next(n for n in self.names if self._set_of[n] == s) for s in range(len(sets))}
-        self._set_buffers = [
-            {
-                d: flat.swap_region if s == 0 else self._host[first[s]][d].to(self.device)
-                for d, flat in self._flats.items()
-            }
-            for s in range(len(sets))
-        ]
-        self._host = {}
-        self._rows = VariantRows(self.device, resident_set=0)
-        self._rows.set_default(self.names.index(installed), 0)
-        # one view per (tensor, set); a tensor several modules share (tied weights) stays one object per set
-        swappable = {id(self._targets[t]): t for flat in self._flats.values() for t in flat.swappable}
-        per_set: dict[int, list[torch.Tensor]] = {}
-        for tid, tname in swappable.items():
-            target = self._targets[tname]
-            flat = self._flats[target.dtype]
-            views = [target]
-            for buffers in self._set_buffers[1:]:
-                offset = flat.offsets[tname]
-                view = buffers[target.dtype][offset : offset + target.numel()].view(target.shape)
-                views.append(
-                    nn.Parameter(view, requires_grad=target.requires_grad) if isinstance(target, nn.Parameter) else view
-                )
-            per_set[tid] = views
-        for mname, module in self.model.named_modules():
-            if isinstance(module, BankExperts):
-                continue
-            own = [
-                (table, attr, t)
-                for table in ("_parameters", "_buffers")
-                for attr, t in getattr(module, table).items()
-                if t is not None and id(t) in per_set
-            ]
-            if not own:
-                continue
-            tensors = [[(table, attr, per_set[id(t)][s]) for table, attr, t in own] for s in range(len(sets))]
-            bias = position_bias_owner(self.model, mname)
-            if bias is not None:  # fed positions, not rows: its owner computes the bias per variant group
-                owner, child, method = bias
-                owner.__class__ = per_variant_bias_class(type(owner), child, method)
-                owner._xv_rows, owner._xv_bias = self._rows, tensors
-                continue
-            if not row_wise(module):
-                raise SettingsError(
-                    f"cross-variant batching cannot serve {type(module).__name__} ({mname}): it owns a tensor that differs "
-                    f"between variants ({own[0][1]}) and takes more than one input; serve this artifact in swap mode"
-                )
-            module.__class__ = per_variant_class(type(module))
-            module._xv_rows = self._rows
-            module._xv_tensors = tensors
-        tables = torch.stack([self._slot_maps[n] for n in self.names], dim=1).to(self.device)  # [layers, V, E]
-        for i, bank in enumerate(self._banks.values()):
-            bank.__class__ = _CROSS_BANK_CLASSES[_record(self.family.architecture).bank](type(bank))
-            bank._xv_rows = self._rows
-            bank.variant_slots = tables[i]
+    def activate(self, name: str) -> SwapReport:
+        """Make `name` the served model (in swap mode: one copy per dtype of its swappable
+        tensors, one copy of the slot-map table if it differs; with cross-variant batching no
+        copy). Free if already active."""
+        self.check_model(name)
+        previous = self.active
+        if name == previous:
+            return self._no_swap(name, previous)
+        report = self._residency.activate(previous, name)
+        self._set_generation_config(name)
+        self.active = name
+        if report is None:
+            return self._no_swap(name, previous)
+        self.swaps.append(report)
+        return report
+
+    def _no_swap(self, name: str, previous: str) -> SwapReport:
+        return SwapReport(name, previous, 0.0, 0, 0, len(self._targets), 0)
+
+    def swap_bytes(self, a: str, b: str) -> int:
+        """Bytes a swap from `a` to `b` copies (what `activate` reports as bytes_moved)."""
+        return 0 if a == b else self._residency.swap_bytes(a, b)
 
     def variant_group(self, name: str) -> int:
         """Cross-variant: the group `name`'s rows run in (variants whose differing non-expert
         tensors are all equal share one); swap mode: 0."""
-        return self._set_of[name] if self._rows is not None else 0
+        return self._residency.variant_group(name)
 
-    @contextmanager
-    def variant_rows(self, names: list[str]):
-        """The next forwards' sequence i is of variant `names[i]`. Swap mode: every name must be
-        the active variant's (one forward serves one variant); cross-variant: any mix."""
-        if self._rows is None:
-            wrong = next((n for n in names if n != self.active), None)
-            if wrong is not None:
-                raise MoeconsolError(
-                    f"a batch row of {wrong!r} while {self.active!r} is active: mixing variants in one "
-                    "forward needs cross-variant batching"
-                )
-            yield
-            return
-        for n in names:
-            self.check_model(n)
-        self._rows.set([self.names.index(n) for n in names], [self._set_of[n] for n in names])
-        try:
-            yield
-        finally:
-            self._rows.clear()
-
-    # -- swapping ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def activate(self, name: str) -> SwapReport:
-        """Make `name` the served model: one copy per dtype of its swappable tensors into the
-        resident buffer's swap region (none when its host buffer is the active model's) and one
-        copy of the slot-map table if it differs. Free if already active."""
-        self.check_model(name)
-        previous = self.active
-        if name == previous:
-            return SwapReport(name, previous, 0.0, 0, 0, len(self._targets), 0)
-        if self._rows is not None:  # cross-variant: everything is resident; `name` becomes the default rows' variant
-            self._rows.set_default(self.names.index(name), self._set_of[name])
-            self._set_generation_config(name)
-            self.active = name
-            return SwapReport(name, previous, 0.0, 0, 0, len(self._targets), 0)
-        self._sync()
-        start = time.perf_counter()
-        moved = copied = 0
-        for dtype, flat in self._flats.items():
-            source = self._host[name][dtype]
-            if source is not self._host[previous][dtype]:
-                _copy_into(flat.swap_region, source)
-                moved += _nbytes(source)
-                copied += len(flat.swappable)
-        maps = self._slot_maps[name]
-        if maps is not self._slot_maps[previous]:
-            _copy_into(self._slot_table, maps)
-            moved += _nbytes(maps)
-        corrected_experts = self._apply_deltas(name)
-        self._sync()
-        seconds = time.perf_counter() - start
-        old, new = self.family.variants[previous].slot_maps, self.family.variants[name].slot_maps
-        changed = sum(old[layer] != new[layer] for layer in self.family.layers)
-        self._set_generation_config(name)
-        self.active = name
-        report = SwapReport(
-            name, previous, seconds, moved, copied, len(self._targets) - copied, changed, corrected_experts
-        )
-        self.swaps.append(report)
-        return report
-
-    def swap_bytes(self, a: str, b: str) -> int:
-        """Bytes a swap from `a` to `b` copies (what `activate` reports as bytes_moved)."""
-        if a == b or self._rows is not None:
-            return 0
-        moved = sum(_nbytes(self._host[b][d]) for d in self._flats if self._host[b][d] is not self._host[a][d])
-        return moved + (_nbytes(self._slot_maps[b]) if self._slot_maps[b] is not self._slot_maps[a] else 0)
+    def variant_rows(self, names: list[str]) -> AbstractContextManager[None]:
+        """A context manager: the next forwards' sequence i is of variant `names[i]`. Swap mode:
+        every name must be the active variant's (one forward serves one variant); cross-variant:
+        any mix."""
+        return self._residency.variant_rows(names, self.active)
 
     # -- inspection -------------------------------------------------------------------------
     def resident_bytes(self) -> ResidentBytes:
-        bank = sum(_nbytes(p) for m in self._banks.values() for p in m.parameters())
-        non_expert = sum(_nbytes(f.buffer) for f in self._flats.values())
-        non_expert += sum(
-            _nbytes(t)
-            for buffers in self._set_buffers
-            for dtype, t in buffers.items()
-            if t is not self._flats[dtype].swap_region
-        )
-        host = sum(_nbytes(t) for t in {id(t): t for buffers in self._host.values() for t in buffers.values()}.values())
+        bank = sum(nbytes(p) for m in self._banks.values() for p in m.parameters())
+        non_expert = sum(nbytes(f.buffer) for f in self._flats.values()) + self._residency.extra_non_expert_bytes()
+        host = sum(nbytes(t) for t in {id(t): t for buffers in self._host.values() for t in buffers.values()}.values())
         deltas = sum(
-            _nbytes(t)
+            nbytes(t)
             for layers in self._deltas.values()
             for entries in layers.values()
             for _, parts in entries
@@ -771,19 +444,17 @@ class Runtime:
 
     def slot_map(self, layer: str) -> list[int]:
         """The active variant's slot map of `layer` as served (delta slots at private entries)."""
-        if self._rows is not None:
-            return self._banks[layer].variant_slots[self.names.index(self.active)].tolist()
-        return self._banks[layer].slot_map.tolist()
+        return self._residency.slot_map(layer, self.active)
 
     def tokenizer(self, name: str | None = None):
         name = name or self.active
         self.check_model(name)
         if name not in self._tokenizers:
-            variant = self.family.variants[name]
+            variant = self.variant_set.variants[name]
             if variant.tokenizer is not None:
                 self._tokenizers[name] = variant.tokenizer
             elif variant.model_dir is not None:
-                from transformers import AutoTokenizer
+                from transformers import AutoTokenizer  # transformers: imported when a tokenizer is first loaded
 
                 try:
                     self._tokenizers[name] = AutoTokenizer.from_pretrained(str(variant.model_dir))
@@ -793,131 +464,94 @@ class Runtime:
                 raise ArtifactError(f"model {name!r} has no tokenizer")
         return self._tokenizers[name]
 
+    def encode(self, name: str, prompt: str) -> list[int]:
+        """`prompt`'s token ids by `name`'s tokenizer, with its special tokens."""
+        return list(self.tokenizer(name)(prompt, add_special_tokens=True)["input_ids"])
+
     def max_context(self, name: str | None = None) -> int | None:
         """Longest prompt + completion the model supports, if it states one."""
-        config = self.family.variants[name or self.active].config
+        config = self.variant_set.variants[name or self.active].config
         limit = config.get("max_position_embeddings")
         return int(limit) if limit else None
 
-    # -- generation (engine.py) ------------------------------------------------------------
-    def encode(self, name: str, prompt: str) -> list[int]:
-        from .engine import encode
-
-        return encode(self, name, prompt)
-
-    def complete(
-        self,
-        name: str,
-        prompt: str | list[int],
-        settings: GenerationSettings | None = None,
-        on_text: Callable[[str], None] | None = None,
-        started: float | None = None,
-    ) -> Completion:
-        """Activate `name` and generate one completion alone (engine.complete: greedy when
-        temperature is 0). `on_text` receives each new piece of text; `started` (a
-        time.perf_counter() value) is when the request arrived."""
-        from .engine import complete
-
-        return complete(self, name, prompt, settings, on_text, started)
-
     # -- helpers ----------------------------------------------------------------------------
     def check_model(self, name: str) -> None:
-        if name not in self.family.variants:
-            raise UnknownModelError(f"unknown model {name!r}: this artifact serves {', '.join(self.names)}")
+        self.variant_set.check(name)
 
     def _set_generation_config(self, name: str) -> None:
-        from .engine import generation_config
-
-        self.model.generation_config = generation_config(self, name)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self.model.generation_config = generation_config(self.variant_set.variants[name], self.model.config)
 
 
 # -- construction helpers ---------------------------------------------------------------------
 
 
-def _check_configs(family: Family) -> None:
-    names = list(family.variants)
-    ref = family.variants[names[0]].config
-    for name in names[1:]:
-        cfg = family.variants[name].config
-        for key in sorted(set(ref) | set(cfg)):
-            if key in _IGNORED_CONFIG_KEYS:
-                continue
-            if ref.get(key) != cfg.get(key):
-                raise ArtifactError(
-                    f"models {names[0]!r} and {name!r} differ in config key {key!r} "
-                    f"({ref.get(key)!r} vs {cfg.get(key)!r}): one runtime serves variants of one configuration"
-                )
-
-
-def _delta_offsets(family: Family, mode: ServingMode) -> dict[str, dict[str, int]]:
+def _delta_offsets(variant_set: VariantSet, one_after_another: bool) -> dict[str, dict[str, int]]:
     """Per variant and MoE layer, where its private bank entries start after the stored bank:
-    0 for every variant in swap mode (they take turns in the same entries); one after the
-    other in cross-variant mode (all are resident at once)."""
+    0 for every variant when they take turns in the same entries (swap mode); one after the
+    other when all are resident at once (cross-variant)."""
     out: dict[str, dict[str, int]] = {}
-    ends = {layer: 0 for layer in family.layers}
-    for name, v in family.variants.items():
-        out[name] = {layer: ends[layer] if mode is ServingMode.CROSS_VARIANT else 0 for layer in family.layers}
-        for layer in family.layers:
+    ends = {layer: 0 for layer in variant_set.layers}
+    for name, v in variant_set.variants.items():
+        out[name] = {layer: ends[layer] if one_after_another else 0 for layer in variant_set.layers}
+        for layer in variant_set.layers:
             ends[layer] = out[name][layer] + len(v.deltas.get(layer, []))
     return out
 
 
-def _private_entries(family: Family, offsets: dict[str, dict[str, int]]) -> dict[str, int]:
+def _private_entries(variant_set: VariantSet, offsets: dict[str, dict[str, int]]) -> dict[str, int]:
     """Per MoE layer, the bank entries beyond the stored bank that hold corrected experts:
     the most any variant's entries reach there (swap mode: the active variant's, in entries
     all variants share; cross-variant: every variant's, one after the other)."""
     return {
-        layer: max((offsets[n][layer] + len(v.deltas.get(layer, [])) for n, v in family.variants.items()), default=0)
-        for layer in family.layers
+        layer: max(
+            (offsets[n][layer] + len(v.deltas.get(layer, [])) for n, v in variant_set.variants.items()), default=0
+        )
+        for layer in variant_set.layers
     }
 
 
-def _served_slot_maps(family: Family, offsets: dict[str, dict[str, int]]) -> dict[str, dict[str, list[int]]]:
+def _served_slot_maps(variant_set: VariantSet, offsets: dict[str, dict[str, int]]) -> dict[str, dict[str, list[int]]]:
     """Each variant's slot maps as the runtime serves them: a delta slot points at its
     private bank entry (bank size + the variant's offset + its position in the layer's delta
     list)."""
     out = {}
-    for name, v in family.variants.items():
-        maps = {layer: list(v.slot_maps[layer]) for layer in family.layers}
+    for name, v in variant_set.variants.items():
+        maps = {layer: list(v.slot_maps[layer]) for layer in variant_set.layers}
         for layer, entries in v.deltas.items():
             for j, x in enumerate(entries):
                 if maps[layer][x.expert] != x.bank:
                     raise ArtifactError(
                         f"model {name!r}: layer {layer}: the delta of expert {x.expert} corrects bank entry {x.bank}, the slot map says {maps[layer][x.expert]}"
                     )
-                maps[layer][x.expert] = family.bank_sizes[layer] + offsets[name][layer] + j
+                maps[layer][x.expert] = variant_set.bank_sizes[layer] + offsets[name][layer] + j
         out[name] = maps
     return out
 
 
-def _build_skeleton(
-    family: Family, config_class, model_class, active: str, dtype, private: dict[str, int] | None = None
-) -> nn.Module:
+def _build_skeleton(variant_set: VariantSet, active: str, dtype, private: dict[str, int] | None = None) -> nn.Module:
     """The transformers model on the meta device (nothing allocated), in `dtype`, from the
     active variant's config, each MoE block's experts replaced by a bank module (the class
     for its architecture and experts class, `bank_class`) of the bank's entries plus
     `private[layer]` for corrected experts."""
-    config = config_class.from_dict(family.variants[active].config)
+    record = variant_set.record
+    config_class, model_class = record.transformers_classes()
+    config = config_class.from_dict(variant_set.variants[active].config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
             model = model_class(config)
-            for layer in family.layers:
+            for layer in variant_set.layers:
                 try:
                     block = model.get_submodule(f"{layer}.mlp")
                 except AttributeError:
                     raise ArtifactError(f"MoE layer {layer} does not exist in a {model_class.__name__}") from None
-                bank = bank_class(family.architecture, type(block.experts))(
-                    config, family.bank_sizes[layer] + (private or {}).get(layer, 0)
+                bank = bank_class(variant_set.architecture, type(block.experts))(
+                    config, variant_set.bank_sizes[layer] + (private or {}).get(layer, 0)
                 )
                 block.experts = bank
-                _check_slot_maps(family, layer, len(bank.slot_map))
-                _keep_router_dtype(model, config, layer, _record(family.architecture))
+                variant_set.check_slot_maps(layer, len(bank.slot_map))
+                _keep_router_dtype(model, config, layer, record)
     finally:
         torch.set_default_dtype(previous)
     return model
@@ -934,16 +568,16 @@ def _keep_router_dtype(model: nn.Module, config, layer: str, record: Architectur
     model.get_submodule(f"{layer}.mlp.{record.router}").to(dtype)
 
 
-def _self_casting_router_weights(model: nn.Module, family: Family) -> set[str]:
+def _self_casting_router_weights(model: nn.Module, variant_set: VariantSet) -> set[str]:
     """Names of the router weights `_keep_router_dtype` holds in the router's own dtype: they
     are loaded through the model's dtype first, as from_pretrained loads them before the
     router's forward casts them."""
-    record = _record(family.architecture)
+    record = variant_set.record
     if record.router_dtype_key is None:
         return set()
     return {
         f"{layer}.mlp.{record.router}.{n}"
-        for layer in family.layers
+        for layer in variant_set.layers
         for n, _ in model.get_submodule(f"{layer}.mlp.{record.router}").named_parameters()
     }
 
@@ -983,17 +617,6 @@ def _finish_resident(model: nn.Module) -> None:
     model.eval()
 
 
-def _check_slot_maps(family: Family, layer: str, experts_per_layer: int) -> None:
-    for name, variant in family.variants.items():
-        slots = variant.slot_maps.get(layer)
-        if slots is None or len(slots) != experts_per_layer:
-            raise ArtifactError(f"model {name!r}: layer {layer} needs a slot map of {experts_per_layer} entries")
-        if not all(0 <= s < family.bank_sizes[layer] for s in slots):
-            raise ArtifactError(
-                f"model {name!r}: layer {layer} slot map points outside its bank of {family.bank_sizes[layer]}"
-            )
-
-
 def _swap_targets(model: nn.Module, banks: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers outside the bank, each tensor once (the first of its
     tied names)."""
@@ -1028,41 +651,16 @@ def _resolve_keys(model: nn.Module, targets: dict[str, torch.Tensor], variant: V
     return by_target
 
 
-def _plan_flats(
-    targets: dict[str, torch.Tensor], keys: dict[str, dict[str, str]], device: torch.device
-) -> dict[torch.dtype, _Flat]:
-    """One flat device buffer per dtype: first the tensors whose stored key differs between
-    some variants (the swap region), then those every variant shares."""
-    by_dtype: dict[torch.dtype, list[str]] = {}
-    for name, t in targets.items():
-        by_dtype.setdefault(t.dtype, []).append(name)
-    flats = {}
-    for dtype, names in by_dtype.items():
-        differs = {n: len({k[n] for k in keys.values()}) > 1 for n in names}
-        swappable = [n for n in names if differs[n]]
-        shared = [n for n in names if not differs[n]]
-        align = max(1, _ALIGN_BYTES // targets[names[0]].element_size())
-        offsets: dict[str, int] = {}
-        end = 0
-        for name in swappable + shared:
-            offsets[name] = end
-            end += -(-targets[name].numel() // align) * align
-        swap_numel = offsets[shared[0]] if shared else end
-        flats[dtype] = _Flat(torch.zeros(end, dtype=dtype, device=device), offsets, swappable, shared, swap_numel)
-    return flats
-
-
 def _slot_map_tensors(
-    family: Family, device: torch.device, served: dict[str, dict[str, list[int]]] | None = None
+    variant_set: VariantSet, device: torch.device, served: dict[str, dict[str, list[int]]]
 ) -> dict[str, torch.Tensor]:
     """Each variant's slot maps (as served: `_served_slot_maps`) as one [layers, experts] table
     (pinned on CUDA); variants whose maps are all equal share one table."""
     pin = device.type == "cuda"
     tables: dict[str, torch.Tensor] = {}
     built: dict[tuple, torch.Tensor] = {}
-    for name, variant in family.variants.items():
-        maps = served[name] if served is not None else variant.slot_maps
-        rows = tuple(tuple(maps[layer]) for layer in family.layers)
+    for name in variant_set.variants:
+        rows = tuple(tuple(served[name][layer]) for layer in variant_set.layers)
         if rows not in built:
             table = torch.tensor(rows, dtype=torch.long)
             built[rows] = table.pin_memory() if pin else table
@@ -1081,7 +679,3 @@ def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
         target.copy_(source, non_blocking=True)
         return
     np.copyto(target.view(torch.uint8).numpy(), source.view(torch.uint8).numpy())
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()

@@ -22,8 +22,9 @@ from moeconsol.consolidate import MergeSettings, merge
 from moeconsol.errors import MoeconsolError, SettingsError
 from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.serving.crossvariant import ServingMode
-from moeconsol.serving.engine import Engine, FinishReason, GenerationSettings, Request
-from moeconsol.serving.runtime import Family, Runtime
+from moeconsol.serving.engine import Engine, FinishReason, GenerationSettings, Request, complete
+from moeconsol.serving.runtime import Runtime
+from moeconsol.serving.variants import Family
 from moeconsol.testing import derive_variant, save_model, tiny_model, tiny_switch, tiny_tokenizer
 
 CROSS = ServingMode.CROSS_VARIANT
@@ -182,7 +183,7 @@ def test_activate_is_free_and_sets_the_default_rows(runtimes, kind):
 
 
 def _alone(rt: Runtime, name: str, ids: list[int], settings: GenerationSettings) -> list[int]:
-    return rt.complete(name, list(ids), settings).token_ids
+    return complete(rt, name, list(ids), settings).token_ids
 
 
 def _run(engine: Engine, requests: list[Request], join_every: int = 1) -> int:

@@ -11,7 +11,8 @@ import torch
 
 from moeconsol.errors import MoeconsolError, SettingsError
 from moeconsol.serving.engine import Engine, FinishReason, GenerationSettings, Request, check_settings, penalize, sample
-from moeconsol.serving.runtime import Family, Runtime
+from moeconsol.serving.runtime import Runtime
+from moeconsol.serving.variants import Family
 from moeconsol.testing import derive_variant, tiny_mixtral, tiny_switch, tiny_tokenizer
 
 PROMPTS = [

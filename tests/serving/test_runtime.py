@@ -24,7 +24,10 @@ from moeconsol.consolidate.pipeline import merge
 from moeconsol.errors import MoeconsolError
 from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.serving import runtime
-from moeconsol.serving.runtime import Family, GenerationSettings, Runtime, parse_device, parse_dtype
+from moeconsol.serving.device import parse_device, parse_dtype
+from moeconsol.serving.engine import GenerationSettings, complete
+from moeconsol.serving.runtime import Runtime
+from moeconsol.serving.variants import Family
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_model, tiny_tokenizer
 
 PROMPT = "The quick brown fox"
@@ -311,7 +314,7 @@ def test_greedy_generation_equals_transformers(family):
     tok = rt.tokenizer("ft")
     ids = torch.tensor([tok(PROMPT)["input_ids"]])
     for name in ("ft", "base"):
-        got = rt.complete(name, PROMPT, GenerationSettings(max_new_tokens=10))
+        got = complete(rt, name, PROMPT, GenerationSettings(max_new_tokens=10))
         out = refs[name].generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False
         )
@@ -320,20 +323,20 @@ def test_greedy_generation_equals_transformers(family):
         assert got.text == tok.decode(want, skip_special_tokens=True)
         assert got.prompt_tokens == ids.shape[1] and got.finish_reason in ("stop", "length")
         assert 0 < got.time_to_first_token and got.tokens_per_second > 0
-    assert len(set(tuple(rt.complete(n, PROMPT, GenerationSettings(6)).token_ids) for n in ("ft", "base"))) == 2
+    assert len(set(tuple(complete(rt, n, PROMPT, GenerationSettings(6)).token_ids) for n in ("ft", "base"))) == 2
 
 
 def test_sampling_is_reproducible_with_a_seed(family):
     arch, paths, refs, rt = family
     s = GenerationSettings(max_new_tokens=8, temperature=1.5, top_p=0.9, seed=7)
-    a, b = rt.complete("ft", PROMPT, s), rt.complete("ft", PROMPT, s)
+    a, b = complete(rt, "ft", PROMPT, s), complete(rt, "ft", PROMPT, s)
     assert a.token_ids == b.token_ids
 
 
 def test_streamed_text_adds_up_to_the_completion(family):
     arch, paths, refs, rt = family
     pieces: list[str] = []
-    c = rt.complete("base", PROMPT, GenerationSettings(max_new_tokens=8), on_text=pieces.append)
+    c = complete(rt, "base", PROMPT, GenerationSettings(max_new_tokens=8), on_text=pieces.append)
     assert "".join(pieces) == c.text
 
 
@@ -376,7 +379,7 @@ def test_bad_input_raises_one_clear_error(family):
         with pytest.raises(MoeconsolError, match="no CUDA device"):
             parse_device("cuda")
     with pytest.raises(MoeconsolError, match="temperature"):
-        rt.complete("base", PROMPT, GenerationSettings(temperature=-1))
+        complete(rt, "base", PROMPT, GenerationSettings(temperature=-1))
     with pytest.raises(MoeconsolError, match="no such artifact"):
         Runtime.from_artifact(paths["out"] / "missing")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from builders import greedy, served_family
 
-from moeconsol.serving.runtime import GenerationSettings
+from moeconsol.serving.engine import GenerationSettings
 from moeconsol.serving.scheduler import Decision, Job, Limits, Scheduler, Snapshot, decide, pick_model
 
 PROMPT = "Once upon a time"

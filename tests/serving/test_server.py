@@ -21,7 +21,8 @@ from builders import greedy, samples, served_family
 from cli_helpers import cli, one_error_line
 from fastapi.testclient import TestClient
 
-from moeconsol.serving.runtime import GenerationSettings, Runtime
+from moeconsol.serving.engine import GenerationSettings, complete
+from moeconsol.serving.runtime import Runtime
 from moeconsol.serving.server import create_app
 from moeconsol.testing import tiny_tokenizer
 
@@ -203,7 +204,7 @@ def test_errors_answer_openai_style_and_the_server_keeps_serving(client, path, p
 def test_seeded_sampling_through_the_server_equals_alone(client, served):
     out, runtime, refs, tok = served
     req = {"model": "ft", "prompt": PROMPT, "max_tokens": 12, "temperature": 1.3, "top_p": 0.9, "seed": 11}
-    want = runtime.complete("ft", PROMPT, GenerationSettings(12, 1.3, 0.9, 11)).text  # alone, in this process
+    want = complete(runtime, "ft", PROMPT, GenerationSettings(12, 1.3, 0.9, 11)).text  # alone, in this process
     with ThreadPoolExecutor(8) as pool:  # the same request among others, batched
         others = [pool.submit(client.post, "/v1/completions", json={**req, "seed": s}) for s in range(6)]
         mine = pool.submit(client.post, "/v1/completions", json=req)
@@ -373,7 +374,7 @@ def test_stop_strings_over_http(client, served):
 
 
 def test_a_model_without_a_context_limit_still_bounds_max_tokens():
-    from moeconsol.serving.runtime import Family
+    from moeconsol.serving.variants import Family
     from moeconsol.testing import tiny_switch
 
     tok = tiny_tokenizer()

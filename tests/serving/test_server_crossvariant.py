@@ -17,7 +17,8 @@ from cli_helpers import cli
 from fastapi.testclient import TestClient
 
 from moeconsol.serving.crossvariant import ServingMode
-from moeconsol.serving.runtime import GenerationSettings, Runtime
+from moeconsol.serving.engine import GenerationSettings
+from moeconsol.serving.runtime import Runtime
 from moeconsol.serving.scheduler import Job, Scheduler
 from moeconsol.serving.server import create_app
 from moeconsol.testing import tiny_switch
