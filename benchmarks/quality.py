@@ -420,7 +420,7 @@ def main() -> int:
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
-    from moeconsol.quality.evaluate import parse_budgets
+    from moeconsol.cli.options import parse_budgets
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .architectures.layouts import architecture as record
+
 SAMPLE_TEXT = (
     "The quick brown fox jumps over the lazy dog. Experts are small feed-forward networks; "
     "a router picks two of them for every token. def add(a, b):\n    return a + b\n"
@@ -116,8 +118,6 @@ def tiny_config(architecture: str, vocab_size: int = 320, **overrides):
     """A tiny transformers config of `architecture` (a `layouts.ARCHITECTURES` name)."""
     import transformers
 
-    from .architectures.layouts import architecture as record
-
     kw = dict(TINY_CONFIGS[architecture], vocab_size=vocab_size)
     kw.update(overrides)
     return getattr(transformers, record(architecture).config_class)(**kw)
@@ -127,8 +127,6 @@ def tiny_model(architecture: str, seed: int = 0, *, dtype: torch.dtype = torch.f
     """A randomly initialised model of `architecture` (tiny unless `overrides` say otherwise),
     made directly in `dtype` (no float32 copy on the way), in eval mode."""
     import transformers
-
-    from .architectures.layouts import architecture as record
 
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()

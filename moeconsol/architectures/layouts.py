@@ -33,6 +33,8 @@ from functools import cache
 from pathlib import Path
 from typing import TypedDict
 
+from . import derived_layouts as shipped
+
 
 class ExpertKind(str, Enum):
     GATED = "gated"
@@ -283,8 +285,6 @@ def conversion_facts(name: str) -> ConversionFacts:
     """The conversion facts of one family: the copy shipped in `derived_layouts.py` when the
     installed transformers is the version it was derived from (no transformers import),
     else derived from the installed transformers (`derive_facts`)."""
-    from . import derived_layouts as shipped
-
     if _transformers_version() == shipped.TRANSFORMERS_VERSION and name in shipped.FACTS:
         return shipped.FACTS[name]
     return derive_facts(name)

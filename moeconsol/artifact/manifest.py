@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from ..architectures.layouts import all_layouts
-from ..errors import ArtifactError, MoeconsolError
+from ..errors import ArtifactError, MoeconsolError, SettingsError
 from ..io.safetensors_file import ITEMSIZE, torch_dtypes
-from ..io.safety import NAME_RULE, is_safe_name, relative_path_problem
+from ..io.safety import NAME_RULE, is_regular_file, is_safe_name, relative_path_problem
+from .corrections import FORMATS
 from .nonexpert_codec import CODECS
 
 FORMAT = "moeconsol-artifact"
@@ -279,7 +280,6 @@ class Manifest:
     @classmethod
     def read(cls, path: Path) -> tuple[Manifest, dict[str, Any]]:
         """Parse and validate `path` (a manifest.json): (typed manifest, the JSON itself)."""
-        from ..io.safety import is_regular_file
 
         if not is_regular_file(path):
             raise ArtifactError(f"{path}: not a regular file; expected the manifest written by `moeconsol merge`")
@@ -503,7 +503,6 @@ def _layer(r: _Reader, v: object, i: int, names: list[str]) -> LayerEntry:
 
 
 def _delta(r: _Reader, v: object, f: str) -> DeltaEntry:
-    from .corrections import FORMATS
 
     d = r.obj(v, f)
     fmt = r.text(d.get("format"), f"{f}.format")
@@ -532,8 +531,6 @@ def _check_deltas(
 ) -> None:
     """Delta slots in range, pointing where the slot map points, one per expert, a size the
     format takes, every part and component of the format stored."""
-    from ..errors import SettingsError
-    from .corrections import FORMATS
 
     parts = tuple(part_shapes)
     for name, items in entry.deltas.items():

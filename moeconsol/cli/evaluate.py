@@ -16,12 +16,11 @@ from ..quality.evaluate import (
     EvalSettings,
     SweepReport,
     eval_artifact,
-    parse_budgets,
-    parse_named_files,
     plot_sweep,
     sweep,
 )
 from . import app
+from .options import parse_budgets, parse_named_files
 from .progress import stage_progress
 
 

@@ -15,8 +15,8 @@ from ..consolidate.pipeline import merge as run_merge
 from ..consolidate.settings import DEFAULT_SHARD_SIZE, MergeSettings
 from ..io.checkpoint import open_checkpoints
 from ..io.writer import format_bytes, parse_size
-from ..quality.evaluate import parse_named_files
 from . import app
+from .options import parse_named_files
 from .progress import stage_progress
 
 _STAGES = {

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..errors import OutputError, SafetensorsError, SettingsError
+from .checkpoint import SIDE_FILES
 from .safetensors_file import ITEMSIZE, TensorInfo, dtype_names, iter_chunks
 from .safety import within
 
@@ -105,8 +106,6 @@ def _artifact_entry(p: Path) -> bool:
 
 
 def _checkpoint_entry(p: Path) -> bool:
-    from .checkpoint import SIDE_FILES
-
     return _plain_file(p) and (p.name in SIDE_FILES or p.name in _CHECKPOINT_FILES or p.suffix == ".safetensors")
 
 

@@ -26,11 +26,15 @@ from pathlib import Path
 
 import torch
 
+from ..analysis.calibration import load_tokenizer
 from ..architectures.layouts import architecture
 from ..artifact.reader import Artifact
+from ..consolidate.pipeline import merge
+from ..consolidate.settings import MergeSettings
 from ..errors import CheckpointError, IncompatibleModelsError, MoeconsolError, SettingsError, UnknownModelError
 from ..io.checkpoint import expert_nbytes, open_checkpoint, open_checkpoints, resolve_checkpoint_dir
 from ..io.data import read_seq2seq_data, read_text_data
+from ..serving.runtime import Runtime
 from .metrics import DEFAULT_CHUNK_LEN, perplexity, retained_gain, seq2seq_accuracy
 
 Progress = Callable[[str, int, int], None]
@@ -43,26 +47,6 @@ CALIBRATED_METHODS = ("calibrated", "deltas")
 """Methods that need calibration data."""
 MERGE_METHODS = ("average", "task-arithmetic", "ties")
 """Methods that merge everything into one model (expert memory of one model)."""
-
-
-def parse_named_files(items: list[str], option: str, allow_unnamed: bool = True) -> dict[str, str]:
-    """`NAME=FILE` items -> {name: file}; a bare FILE is keyed "*" (every model not named)."""
-    out: dict[str, str] = {}
-    for item in items:
-        if "=" in item and not Path(item).exists():
-            name, _, file = item.partition("=")
-            if not name or not file:
-                raise SettingsError(f"bad {option} value {item!r}: expected NAME=FILE")
-        elif allow_unnamed:
-            name, file = "*", item
-        else:
-            raise SettingsError(
-                f"bad {option} value {item!r}: expected NAME=FILE (the variant's name, then its data file)"
-            )
-        if name in out:
-            raise SettingsError(f"{option} names {name!r} twice")
-        out[name] = file
-    return out
 
 
 # -- scoring one model ---------------------------------------------------------------------
@@ -146,8 +130,6 @@ def score_artifact(
     progress: Progress | None = None,
 ) -> dict[str, Score]:
     """Every named variant served by the runtime from the artifact at `path`."""
-    from ..serving.runtime import Runtime
-
     rt = Runtime.from_artifact(path)
     out = {}
     with torch.no_grad():
@@ -326,18 +308,6 @@ def sweep_methods(base: str | None, calibration: dict[str, str] | None) -> list[
     return methods
 
 
-def parse_budgets(text: str) -> list[float]:
-    try:
-        budgets = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise SettingsError(
-            f"budgets {text!r}: give fractions of all experts separated by commas, e.g. 1.0,0.75,0.5,0.25"
-        ) from e
-    if not budgets or any(not 0 < b <= 1 for b in budgets):
-        raise SettingsError(f"budgets {text!r}: every budget must be a fraction in (0, 1]")
-    return budgets
-
-
 def sweep(
     models: list[str],
     data: dict[str, str],
@@ -351,9 +321,6 @@ def sweep(
     progress: Progress | None = None,
 ) -> SweepReport:
     """Bytes vs. quality for every method at every budget (artifacts in temporary dirs)."""
-    from ..consolidate.pipeline import merge
-    from ..consolidate.settings import MergeSettings
-
     ckpts = open_checkpoints(models)
     names = [c.name for c in ckpts]
     chosen = _check_variants(names, data, None, "the models given")
@@ -395,8 +362,6 @@ def sweep(
         toks = {}
         for c in ckpts:
             if c.name in loaded:
-                from ..analysis.calibration import load_tokenizer
-
                 toks[c.name] = load_tokenizer(c)
         base_scores = score_checkpoint(base_ckpt.path, arch, loaded, settings, toks)
         tick()

@@ -36,11 +36,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
+from ..artifact.reader import Artifact
 from ..errors import MoeconsolError
 from .crossvariant import ServingMode
+from .device import parse_device, parse_dtype
+from .protocol import ApiError, read_body
+from .runtime import Runtime
+from .server import create_app
 
 APP_NAME = "moeconsol"
 INSTALL_HINT = "Ray Serve is not installed; install it with: pip install 'moeconsol[cluster]'"
@@ -79,8 +85,6 @@ class ReplicaSettings:
 def replica_runtime(settings: ReplicaSettings, active: str):
     """The runtime one replica serves: the artifact on its device, in its dtype and serving
     mode, `active` installed first."""
-    from .device import parse_device, parse_dtype
-    from .runtime import Runtime
 
     return Runtime.from_artifact(
         settings.artifact,
@@ -234,8 +238,6 @@ def build_app(
     power-of-two routing): the baseline the benchmark compares against."""
     from ray import serve
 
-    from .protocol import ApiError, read_body
-
     names = list(names)
     route_by_variant = routes_by_variant(settings, route_by_variant)
 
@@ -260,9 +262,6 @@ def build_app(
     )
     class Replica:
         async def __init__(self, settings: ReplicaSettings, store: Any) -> None:
-            import torch
-
-            from .server import create_app
 
             torch.set_num_threads(settings.torch_threads)
             context = serve.get_replica_context()
@@ -486,8 +485,6 @@ def deploy(
     """Deploy the application on the Ray this process is connected to; return the variants.
     Returns when every replica has loaded its runtime."""
     from ray import serve
-
-    from ..artifact.reader import Artifact
 
     names = list(Artifact.open(settings.artifact).model_names)
     serve.start(http_options={"host": host, "port": port})

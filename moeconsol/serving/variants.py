@@ -19,6 +19,7 @@ from torch import nn
 
 from ..architectures.layouts import Architecture, architecture, supported
 from ..artifact.manifest import DeltaEntry
+from ..artifact.reader import Artifact
 from ..errors import ArtifactError, SettingsError, UnknownModelError
 from .banks import canonical_experts
 
@@ -125,8 +126,6 @@ class VariantSet:
     @classmethod
     def from_artifact(cls, path: str | Path) -> VariantSet:
         """Adapt a `moeconsol merge` artifact (read lazily, tensor by tensor)."""
-        from ..artifact.reader import Artifact
-
         art = Artifact.open(path)
         variants = {
             name: Variant(
