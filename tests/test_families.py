@@ -21,7 +21,9 @@ from cli_helpers import run_main
 
 from moeconsol.analysis.similarity import gaussian_probes, layer_similarity
 from moeconsol.architectures.layouts import ARCHITECTURES, architecture
-from moeconsol.artifact.reader import Artifact, export_model, verify_artifact
+from moeconsol.artifact.export import export_model
+from moeconsol.artifact.reader import Artifact
+from moeconsol.artifact.verify import verify_artifact
 from moeconsol.consolidate import MergeSettings, merge
 from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.quality.evaluate import EvalSettings, eval_artifact, sweep

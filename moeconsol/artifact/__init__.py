@@ -7,7 +7,9 @@ from .._faces import face
 __getattr__, __dir__, __all__ = face(
     __name__,
     {
-        "reader": ["Artifact", "verify_artifact", "export_model", "summary"],
+        "reader": ["Artifact", "summary"],
+        "verify": ["verify_artifact"],
+        "export": ["export_model"],
         "manifest": ["Manifest"],
     },
 )

@@ -1,4 +1,4 @@
-"""Reading a consolidated artifact, checking it, and exporting a model back out of it.
+"""Reading a consolidated artifact.
 
 The format is described in docs/artifact.md; `manifest.Manifest` is its validated type.
 `Artifact.open` reads and validates manifest.json only (types, and every path in it: see
@@ -7,26 +7,23 @@ read from, it is checked against its manifest entry: size, sha256 (unless the ar
 opened with `checksums=False`) and, for safetensors, every tensor's dtype and shape; a
 damaged file raises `DamagedArtifactError` before any of its tensors is returned. So
 serve-local and eval, which read through `Artifact`, never run a damaged bank.
-`verify_artifact` checks every file and lists every problem. `export_model` writes one model
-back as a standard Hugging Face checkpoint with the source's file names, shard contents,
-metadata and on-disk layout.
+`verify.verify_artifact` checks every file and lists every problem; `export.export_model`
+writes one model back as a standard Hugging Face checkpoint.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ..architectures.layouts import fused_shape, join, layout_by_name
 from ..errors import ArtifactError, DamagedArtifactError, MoeconsolError, UnknownModelError, UnsafePathError
-from ..io.safetensors_file import TensorInfo, dtype_names, read_header, read_tensor, torch_dtypes
+from ..io.safetensors_file import TensorInfo, read_header, read_tensor
 from ..io.safety import inside, is_regular_file
-from ..io.writer import SafetensorsWriter, TensorSpec, atomic_directory, copy_file, sha256_file
+from ..io.writer import sha256_file
 from . import nonexpert_codec as codec
-from .corrections import FORMATS, corrected
+from .corrections import corrected
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, DeltaEntry, Manifest, ModelEntry
 
 __all__ = [
@@ -35,9 +32,6 @@ __all__ = [
     "MANIFEST",
     "Artifact",
     "bank_key",
-    "check_encodings",
-    "export_model",
-    "verify_artifact",
 ]
 
 Progress = Callable[[str, int, int], None]
@@ -285,247 +279,8 @@ def _check_tensors(art: Artifact, file: str, keys: list[str]) -> list[str]:
     return problems
 
 
-def check_references(art: Artifact) -> list[str]:
-    """Every bank key and model tensor the manifest refers to is stored; slot maps in range."""
-    problems = []
-    spec = art.spec
-    wm = spec.weight_map
-    for entry in spec.layers:
-        size = len(entry.bank)
-        for k in range(size):
-            for part in art.parts:
-                key = bank_key(entry.layer, k, part)
-                stored = spec.shapes.get(key)
-                if key not in wm:
-                    problems.append(f"{entry.layer}: bank expert {k} part {part} is not stored")
-                elif stored is None or stored.shape != spec.part_shapes[part]:
-                    problems.append(f"{key}: shape differs from part_shapes[{part}]")
-                elif stored.dtype != spec.dtype:
-                    problems.append(
-                        f"{key}: dtype {stored.dtype} differs from the manifest's expert dtype {spec.dtype}"
-                    )
-        for name, slots in entry.slot_map.items():
-            if len(slots) != art.experts_per_layer or not all(0 <= s < size for s in slots):
-                problems.append(f"{entry.layer}: slot map of {name!r} is out of range")
-        problems += _delta_problems(art, entry.layer, entry.deltas)
-    for model in spec.models:
-        for tensor, key in model.tensors.items():
-            if key not in wm:
-                problems.append(f"{model.name}: tensor {tensor} (stored as {key}) is not stored")
-    for key, file in wm.items():
-        if file not in spec.files:
-            problems.append(f"{key}: stored in {file}, which the manifest does not list")
-    for key, encoding in spec.encodings.items():
-        if key not in wm:
-            problems.append(f"{key}: encoded, but not stored")
-        if encoding.reference not in wm:
-            problems.append(f"{key}: its reference {encoding.reference} is not stored")
-    return problems
-
-
-def check_encodings(art: Artifact, progress: Progress | None = None) -> list[str]:
-    """Every encoded tensor decodes (one at a time) to its recorded dtype and shape."""
-    problems = []
-    keys = list(art.spec.encodings)
-    for i, key in enumerate(keys):
-        if progress:
-            progress("decode", i, len(keys))
-        try:
-            art._decode(key, *art._encoded(key))
-        except DamagedArtifactError as e:
-            problems.append(f"tensor {key}: {e}")
-    if progress and keys:
-        progress("decode", len(keys), len(keys))
-    return problems
-
-
-def _delta_problems(art: Artifact, layer: str, deltas: dict[str, list[DeltaEntry]]) -> list[str]:
-    """Every delta component stored with the dtype and shape its format gives for its part."""
-    problems = []
-    dtype, names = torch_dtypes()[art.spec.dtype], dtype_names()
-    for name, items in deltas.items():
-        for x in items:
-            for part, comps in x.keys.items():
-                want = FORMATS[x.format].components(art.spec.part_shapes[part], x.size, dtype)
-                for c, key in comps.items():
-                    stored = art.spec.shapes.get(key)
-                    wdtype, wshape = want[c]
-                    wdtype = names[wdtype]
-                    if stored is None or stored.dtype != wdtype or stored.shape != tuple(wshape):
-                        got = "nothing" if stored is None else f"{stored.dtype} {list(stored.shape)}"
-                        problems.append(
-                            f"{key}: {name!r} {layer} expert {x.expert}: {x.format} delta component {c} is {got}, expected {wdtype} {list(wshape)}"
-                        )
-    return problems
-
-
-_check_references = check_references  # the name used before it was public
-
-
-def verify_artifact(path: str | Path, progress: Progress | None = None) -> list[str]:
-    """Everything wrong with an artifact (empty list: all is well). Raises ArtifactError
-    when `path` is not an artifact at all (missing, no manifest, a manifest that is not
-    valid JSON, lacks a field, has a field of the wrong type or an unsafe path)."""
-    art = Artifact.open(path)
-    problems = check_references(art) + check_files(art, progress=progress)
-    if not problems:  # every file is as written: then every encoded tensor must decode
-        art._checked.update(art.spec.files)
-        problems = check_encodings(art, progress)
-    return problems
-
-
-# -- export -------------------------------------------------------------------------------
-
-
-Source = Callable[[], "Iterator[torch.Tensor] | list[TensorInfo] | torch.Tensor"]
-
-
-def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[tuple[TensorSpec, Source]]:
-    """For each on-disk tensor of one source shard: its spec and a producer of its bytes:
-    byte ranges of the artifact's files, which the writer copies with the kernel, wherever the
-    tensor is stored unchanged or is a concatenation of stored tensors (every layout whose
-    parts are contiguous); else the pieces as tensors (gpt-oss's interleaved fused experts),
-    or the tensor itself, decoded in memory (a non-expert tensor stored encoded)."""
-    layout = layout_by_name(model.layout)
-    part_shapes = art.spec.part_shapes
-    dtype = art.spec.dtype
-    out: list[tuple[TensorSpec, Source]] = []
-    for name in tensors:
-        if hit := layout.match_expert(name):
-            layer, e, part = hit
-            k = _slot(art, model.name, layer, e)
-            spec = TensorSpec(name, dtype, tuple(part_shapes[part]))
-            if _has_delta(art, model.name, layer, e):  # bank + delta, computed
-                out.append(
-                    (spec, lambda layer=layer, e=e, part=part: iter([art.served_part(model.name, layer, e, part)]))
-                )
-                continue
-            out.append((spec, lambda key=bank_key(layer, k, part): [art.tensor_info(key)]))
-        elif hit := layout.match_fused(name):
-            layer, fused = hit
-            parts = layout.fused_parts[fused]
-            shape = fused_shape(layout.fused_codec, [tuple(part_shapes[p]) for p in parts], art.experts_per_layer)
-            spec = TensorSpec(name, dtype, shape)
-            slots = art.slot_map(model.name, layer)
-            if art.deltas(model.name, layer):  # some experts are bank + delta: computed, one expert at a time
-
-                def served(layer=layer, parts=parts, codec=layout.fused_codec) -> Iterator[torch.Tensor]:
-                    for e in range(art.experts_per_layer):
-                        yield join(codec, [art.served_part(model.name, layer, e, p) for p in parts])
-
-                out.append((spec, served))
-                continue
-            if layout.contiguous:  # expert k's slice is its parts' bytes one after the other
-                out.append(
-                    (
-                        spec,
-                        lambda layer=layer, parts=parts, slots=slots: [
-                            art.tensor_info(bank_key(layer, k, p)) for k in slots for p in parts
-                        ],
-                    )
-                )
-                continue
-
-            def pieces(layer=layer, parts=parts, slots=slots, codec=layout.fused_codec) -> Iterator[torch.Tensor]:
-                for k in slots:
-                    yield join(codec, [art.read(bank_key(layer, k, p)) for p in parts])
-
-            out.append((spec, pieces))
-        else:
-            key = model.tensors.get(layout.canonical_name(name))
-            info = art.spec.shapes.get(key) if key is not None else None
-            if info is None:
-                raise ArtifactError(
-                    f"{art.path}: model {model.name!r}: source tensor {name} is not stored in the artifact"
-                )
-            if (encoding := art.spec.encodings.get(key)) is not None:  # decoded in memory, then written
-                out.append((TensorSpec(name, encoding.dtype, tuple(encoding.shape)), lambda key=key: art.read(key)))
-                continue
-            out.append((TensorSpec(name, info.dtype, tuple(info.shape)), lambda key=key: [art.tensor_info(key)]))
-    return out
-
-
-def _has_delta(art: Artifact, name: str, layer: str, e: int) -> bool:
-    return any(x.expert == e for x in art.deltas(name, layer))
-
-
 def _slot(art: Artifact, name: str, layer: str, e: int) -> int:
     slots = art.slot_map(name, layer)
     if not 0 <= e < len(slots):
         raise ArtifactError(f"{art.path}: model {name!r}: expert {e} of {layer} has no slot")
     return slots[e]
-
-
-def files_of_model(art: Artifact, name: str) -> list[str]:
-    """The artifact files export reads for model `name`."""
-    model = art._model(name)
-    wm = art.spec.weight_map
-    keys = set(model.tensors.values())
-    keys |= {art.spec.encodings[k].reference for k in keys if k in art.spec.encodings}
-    files = {wm[k] for k in keys if k in wm}
-    files |= {
-        wm[bank_key(layer, k, p)]
-        for layer in art.layers
-        for k in set(art.slot_map(name, layer))
-        for p in art.parts
-        if bank_key(layer, k, p) in wm
-    }
-    files |= {
-        wm[k]
-        for layer in art.layers
-        for x in art.deltas(name, layer)
-        for c in x.keys.values()
-        for k in c.values()
-        if k in wm
-    }
-    files |= {f"models/{name}/{f}" for f in model.files}
-    return sorted(files)
-
-
-def export_model(
-    path: str | Path,
-    name: str,
-    out: str | Path,
-    force: bool = False,
-    checksums: bool = True,
-    progress: Progress | None = None,
-) -> Path:
-    """Write model `name` of the artifact at `path` as a Hugging Face checkpoint in `out`.
-
-    The files it reads are checked first (size, header, and sha256 unless `checksums` is
-    False); the checkpoint is built in a temporary directory and renamed into place. `out`
-    may not be the artifact, lie inside it or contain it, even with `force`.
-    """
-    art = Artifact.open(path, checksums=checksums)
-    model = art._model(name)
-    problems = check_references(art) + check_files(art, files_of_model(art, name), checksums=checksums)
-    if problems:
-        raise DamagedArtifactError(
-            f"{art.path}: damaged artifact: {problems[0]} (run `moeconsol verify` for the full list)"
-        )
-    art._checked.update(files_of_model(art, name))
-    out = Path(out)
-    shards = model.source_shards
-    total = sum(len(s.tensors) for s in shards.values())
-    done = 0
-    with atomic_directory(out, force=force, inputs=[art.path]) as tmp:
-        for file in model.files:
-            copy_file(inside(art.path, f"models/{name}/{file}", "files"), tmp / file)
-        for file, shard in shards.items():
-            planned = _source_specs(art, model, shard.tensors)
-            writer = SafetensorsWriter(tmp / file, [spec for spec, _ in planned], shard.metadata or None)
-            for spec, produce in planned:
-                source = produce()
-                if isinstance(source, list):
-                    writer.copy(spec.name, source)
-                else:
-                    writer.write(spec.name, source)
-                done += 1
-                if progress:
-                    progress("export", done, total)
-            writer.close()
-        if model.index is not None:
-            index = dict(model.index)
-            index["weight_map"] = {t: file for file, shard in shards.items() for t in shard.tensors}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return out

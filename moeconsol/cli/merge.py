@@ -9,8 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..artifact.export import export_model
 from ..artifact.nonexpert_codec import XOR_ZSTD
-from ..artifact.reader import Artifact, export_model, summary, verify_artifact
+from ..artifact.reader import Artifact, summary
+from ..artifact.verify import verify_artifact
 from ..consolidate.pipeline import merge as run_merge
 from ..consolidate.settings import DEFAULT_SHARD_SIZE, MergeSettings
 from ..io.checkpoint import open_checkpoints

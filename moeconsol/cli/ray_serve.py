@@ -72,7 +72,7 @@ def serve_cluster(
             raise MoeconsolError(f"{option} must be a finite number >= 0, got {value}")
 
     # the runtime, FastAPI and Ray: imported once the options are checked, so --help and bad options are quick
-    from ..artifact.reader import verify_artifact
+    from ..artifact.verify import verify_artifact
     from ..serving.device import parse_device, parse_dtype
     from ..serving.ray_serve import (
         ReplicaSettings,

@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moeconsol.artifact.reader import Artifact, export_model, verify_artifact
+from moeconsol.artifact.export import export_model
+from moeconsol.artifact.reader import Artifact
+from moeconsol.artifact.verify import verify_artifact
 from moeconsol.consolidate import MergeSettings, merge
 from moeconsol.errors import MoeconsolError
 from moeconsol.io import writer

@@ -199,7 +199,9 @@ def test_commands_on_a_mutated_manifest_never_crash_nor_write_outside(
     """Every reader of an artifact (open, inspect's summary, verify, export, tensor reads)
     on a real artifact whose manifest had one value replaced: only MoeconsolError, and
     nothing is written outside the export's own directory."""
-    from moeconsol.artifact.reader import Artifact, export_model, summary, verify_artifact
+    from moeconsol.artifact.export import export_model
+    from moeconsol.artifact.reader import Artifact, summary
+    from moeconsol.artifact.verify import verify_artifact
     from moeconsol.errors import MoeconsolError
 
     root = tmp_path_factory.mktemp("mutated")

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 from cli_helpers import cli, one_error_line, run_main
 
-from moeconsol.artifact.reader import Artifact, export_model, verify_artifact
+from moeconsol.artifact.export import export_model
+from moeconsol.artifact.reader import Artifact
+from moeconsol.artifact.verify import verify_artifact
 from moeconsol.errors import ArtifactError, OutputError, UnsafePathError
 from moeconsol.io.checkpoint import open_checkpoints, parse_model_ref
 

@@ -19,7 +19,9 @@ from cli_helpers import one_error_line, run_main
 
 from moeconsol.architectures.layouts import architecture
 from moeconsol.artifact.corrections import FORMATS, decode
-from moeconsol.artifact.reader import Artifact, bank_key, export_model, summary, verify_artifact
+from moeconsol.artifact.export import export_model
+from moeconsol.artifact.reader import Artifact, bank_key, summary
+from moeconsol.artifact.verify import verify_artifact
 from moeconsol.consolidate import MergeSettings, merge
 from moeconsol.consolidate.correction_plan import Option, SlotOptions, allocate, bank_counts, hull
 from moeconsol.errors import ArtifactError

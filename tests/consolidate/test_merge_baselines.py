@@ -10,7 +10,8 @@ import torch
 from cli_helpers import cli, one_error_line
 
 from moeconsol.analysis.calibration import capture
-from moeconsol.artifact.reader import Artifact, bank_key, verify_artifact
+from moeconsol.artifact.reader import Artifact, bank_key
+from moeconsol.artifact.verify import verify_artifact
 from moeconsol.consolidate import MergeSettings, merge
 from moeconsol.consolidate.baselines import ties
 from moeconsol.io.checkpoint import open_checkpoint, open_checkpoints

@@ -17,7 +17,9 @@ from cli_helpers import one_error_line, run_main
 from safetensors import safe_open
 
 from moeconsol.artifact import nonexpert_codec as codec
-from moeconsol.artifact.reader import Artifact, export_model, verify_artifact
+from moeconsol.artifact.export import export_model
+from moeconsol.artifact.reader import Artifact
+from moeconsol.artifact.verify import verify_artifact
 from moeconsol.consolidate import MergeSettings, merge
 from moeconsol.consolidate.nonexpert import MAX_DELTA_RATIO
 from moeconsol.errors import ArtifactError, DamagedArtifactError
