@@ -24,14 +24,17 @@ Sampling is per request inside a batch: a repetition penalty, then greedy (tempe
 temperature, top-k and top-p, each request drawing from its own `torch.Generator` seeded from
 its seed, so a seeded request draws the same numbers batched or alone. Top-k and the
 repetition penalty a request leaves unset come from its variant's generation config. Stop strings, end-of-sequence and max_new_tokens
-end a request; text is streamed per request through `on_text`.
+end a request; text is streamed per request through `on_text`. Sampling cannot empty the
+distribution (top-p keeps the top token, temperatures are floored at `MIN_TEMPERATURE`), and
+a request whose sampling fails anyway (scores that are not finite) leaves its batch with the
+error in `Request.error`; its batch-mates go on.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -51,6 +54,11 @@ DEFAULT_MAX_WAIT = 2.0
 DEFAULT_MAX_PROMPT_TOKENS = 2048
 """the longest prompt the server accepts, in tokens"""
 MAX_SEED = 2**63 - 1
+MIN_TEMPERATURE = 1e-2
+"""a temperature in (0, MIN_TEMPERATURE) samples at MIN_TEMPERATURE (vLLM's floor): dividing
+float32 scores by less overflows them into infinities, and their softmax into NaN"""
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 100.0
+"""the repetition penalties accepted: below 0.01 a penalized score overflows float32 as well"""
 ALL_VARIANTS = "*"
 """the key of the one batch of a cross-variant engine (not a model name: NAME_RULE refuses it)"""
 
@@ -103,8 +111,14 @@ def check_settings(s: GenerationSettings) -> None:
         raise SettingsError("stop strings must be non-empty strings")
     if s.top_k is not None and (isinstance(s.top_k, bool) or not isinstance(s.top_k, int) or s.top_k < 0):
         raise SettingsError(f"top_k must be an integer >= 0 (0 = all tokens), got {s.top_k}")
-    if s.repetition_penalty is not None and not (math.isfinite(s.repetition_penalty) and s.repetition_penalty > 0):
-        raise SettingsError(f"repetition_penalty must be a finite number > 0, got {s.repetition_penalty}")
+    if (
+        s.repetition_penalty is not None
+        and not MIN_REPETITION_PENALTY <= s.repetition_penalty <= MAX_REPETITION_PENALTY
+    ):
+        raise SettingsError(
+            f"repetition_penalty must be a number in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}],"
+            f" got {s.repetition_penalty}"
+        )
 
 
 @dataclass
@@ -155,6 +169,8 @@ class Request:
     """called from the engine's thread with each new piece of text"""
     token_ids: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
+    error: Exception | None = None
+    """why this request failed alone (its sampling); it left its batch unfinished"""
     cancelled: bool = False
     swap: Any = None
     admitted_at: float = 0.0
@@ -172,6 +188,11 @@ class Request:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        """Finished (stop, length, cancelled) or failed: out of every batch."""
+        return self.finish is not None or self.error is not None
 
     @property
     def reserved_tokens(self) -> int:
@@ -198,22 +219,31 @@ class Request:
 
 
 def sample(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> int:
-    """One token from one row of logits: argmax at temperature 0, else temperature, then top-k
-    (the k largest scores; ties with the k-th stay), then top-p (the smallest set of tokens
-    whose probability reaches top_p), drawn with `generator`."""
+    """One token from one row of logits: argmax at temperature 0, else temperature (floored at
+    `MIN_TEMPERATURE`), then top-k (the k largest scores; ties with the k-th stay), then top-p
+    (the smallest set of tokens whose probability reaches top_p; the top token always stays),
+    drawn with `generator`. RuntimeError if the scores are not finite: nothing to draw from."""
+    scores = logits.float()
+    if settings.temperature > 0:
+        scores = scores / max(settings.temperature, MIN_TEMPERATURE)
+    _check_finite(scores)
     if settings.temperature == 0:
-        return int(logits.argmax())
-    scores = logits.float() / settings.temperature
+        return int(scores.argmax())
     if settings.top_k and settings.top_k < scores.numel():
         kth = torch.topk(scores, settings.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     if settings.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
-        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
-        sorted_probs[before >= settings.top_p] = 0  # the top token always stays (before == 0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        past = sorted_probs.cumsum(-1) - sorted_probs >= settings.top_p  # mass ranked above reaches top_p
+        past[0] = False  # the top token stays, even for a top_p that is 0 in float32 (1e-46)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(past, 0))
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _check_finite(scores: torch.Tensor) -> None:
+    if not bool(torch.isfinite(scores).all()):
+        raise RuntimeError("the model's scores for this request are not finite (NaN or infinite); nothing to sample")
 
 
 def penalize(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
@@ -268,6 +298,8 @@ class _Batch:
     ):
         self.requests = requests
         self.cache, self.mask, self.enc, self.enc_mask = cache, mask, enc, enc_mask
+        self.since = 0.0
+        """when its requests last got a token (its prefill or its last step)"""
 
     def join(self, other: _Batch) -> None:
         length = max(self.mask.shape[1], other.mask.shape[1])
@@ -304,10 +336,17 @@ class Engine:
     """Continuous batching over `runtime.model`: `admit` requests of the active variant,
     `step` decodes one token for all of them. Single-threaded: one thread drives it."""
 
-    def __init__(self, runtime: Runtime, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+    def __init__(
+        self,
+        runtime: Runtime,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         if max_batch_size < 1:
             raise SettingsError(f"max batch size must be at least 1, got {max_batch_size}")
         self.runtime, self.max_batch_size = runtime, max_batch_size
+        self.clock = clock
+        """the time of admissions, tokens and finishes (a simulated clock in tests)"""
         self.encoder_decoder = bool(self.model.config.is_encoder_decoder)
         self.cross_variant = getattr(runtime, "mode", None) is ServingMode.CROSS_VARIANT
         """one batch holds requests of every variant (the runtime serves any mix per forward)"""
@@ -333,6 +372,13 @@ class Engine:
             return sum(len(b.requests) for b in self.batches.values())
         batch = self.batches.get(self.batch_key(model))
         return sum(r.model == model for r in batch.requests) if batch else 0
+
+    def parked(self) -> dict[str, float]:
+        """Variant -> when its batch last got a token, for every batch whose variant is not
+        active (none on a cross-variant engine: its one batch always runs)."""
+        if self.cross_variant:
+            return {}
+        return {m: b.since for m, b in self.batches.items() if m != self.runtime.active}
 
     def tokens_in_flight(self) -> int:
         return sum(r.reserved_tokens for b in self.batches.values() for r in b.requests)
@@ -366,7 +412,7 @@ class Engine:
                 (swap if swap is not None else rt.activate(rt.active)),
                 None,
             )  # the first one reports the swap
-            r.admitted_at = time.perf_counter()
+            r.admitted_at = self.clock()
             r._eos = frozenset(_eos_ids(config))
             r._tokenizer = rt.tokenizer(r.model)
             r._sampling = with_defaults(r.settings, config)
@@ -410,13 +456,13 @@ class Engine:
                     logits_to_keep=1,
                 )
             batch = _Batch(list(requests), cache, mask)
-        logits = out.logits[:, -1]
-        for i, r in enumerate(requests):
-            self._advance(r, logits[i])
-        done = [r for r in requests if r.finish is not None]
+        for r, row in zip(requests, _rows(out.logits[:, -1], greedy=False)):
+            self._advance(r, *row)
+        batch.since = self.clock()
+        done = [r for r in requests if r.done]
         if len(done) < len(requests):
             if done:
-                batch.keep([i for i, r in enumerate(requests) if r.finish is None])
+                batch.keep([i for i, r in enumerate(requests) if not r.done])
             key = self.batch_key(requests[0].model)
             if key in self.batches:
                 self.batches[key].join(batch)
@@ -449,8 +495,8 @@ class Engine:
     def step(self) -> list[Request]:
         """Drop cancelled requests (of every batch), then decode one token for each request of
         the active variant's batch (cross-variant: of the one batch, every variant). Returns
-        the requests that finished (cancelled included)."""
-        done = self._drop_cancelled()
+        the requests that finished (cancelled included) or failed (`Request.error`)."""
+        done = self.drop_cancelled()
         batch = self.batches.get(self.batch_key(self.runtime.active))
         if batch is None:
             return done
@@ -474,22 +520,23 @@ class Engine:
                 out = self.model(
                     input_ids=last, attention_mask=batch.mask, position_ids=positions, cache=batch.cache, use_cache=True
                 )
-        logits = out.logits[:, -1]
-        greedy = logits.argmax(-1).tolist()
-        for i, r in enumerate(batch.requests):
-            self._advance(r, logits[i], greedy[i])
-        finished = [r for r in batch.requests if r.finish is not None]
+        for r, row in zip(batch.requests, _rows(out.logits[:, -1], greedy=True)):
+            self._advance(r, *row)
+        batch.since = self.clock()
+        finished = [r for r in batch.requests if r.done]
         if finished:
-            self._keep(batch, [i for i, r in enumerate(batch.requests) if r.finish is None])
+            self._keep(batch, [i for i, r in enumerate(batch.requests) if not r.done])
         return done + finished
 
-    def _drop_cancelled(self) -> list[Request]:
+    def drop_cancelled(self) -> list[Request]:
+        """Cancelled requests leave every batch, running or parked (an emptied batch is
+        gone); returns them, finished as CANCELLED."""
         done = []
         for batch in list(self.batches.values()):
             gone = [r for r in batch.requests if r.cancelled]
             if gone:
                 for r in gone:
-                    r.finish, r.finished_at = FinishReason.CANCELLED, time.perf_counter()
+                    r.finish, r.finished_at = FinishReason.CANCELLED, self.clock()
                 self._keep(batch, [i for i, r in enumerate(batch.requests) if not r.cancelled])
                 done += gone
         return done
@@ -504,14 +551,15 @@ class Engine:
         else:
             del self.batches[self.batch_key(batch.requests[0].model)]
 
-    def _advance(self, r: Request, logits: torch.Tensor, greedy: int | None = None) -> None:
-        """Append one token to `r`, stream its text, and decide whether `r` is finished."""
-        s = r._sampling or r.settings
-        if s.repetition_penalty not in (None, 1.0):  # the sequence so far: what transformers' generate penalizes
-            seen = [r._decoder_start] if r._decoder_start is not None else list(r.prompt_ids)
-            logits, greedy = penalize(logits, seen + r.token_ids, s.repetition_penalty), None
-        token = greedy if greedy is not None and s.temperature == 0 else sample(logits, s, r._generator)
-        now = time.perf_counter()
+    def _advance(self, r: Request, logits: torch.Tensor, greedy: int | None, finite: bool) -> None:
+        """Append one token to `r`, stream its text, and decide whether `r` is finished. A
+        failure to pick its token fails `r` alone (`r.error`): its batch-mates go on."""
+        try:
+            token = self._token(r, logits, greedy, finite)
+        except Exception as e:  # this request's sampling: it fails alone
+            r.error, r.finished_at = e, self.clock()
+            return
+        now = self.clock()
         r.first_token_at = r.first_token_at or now
         r.token_ids.append(token)
         if token in r._eos:
@@ -522,6 +570,15 @@ class Engine:
             self._text(r)
         if r.finish is not None:
             r.finished_at = now
+
+    def _token(self, r: Request, logits: torch.Tensor, greedy: int | None, finite: bool) -> int:
+        s = r._sampling or r.settings
+        if s.repetition_penalty not in (None, 1.0):  # the sequence so far: what transformers' generate penalizes
+            seen = [r._decoder_start] if r._decoder_start is not None else list(r.prompt_ids)
+            logits, greedy = penalize(logits, seen + r.token_ids, s.repetition_penalty), None
+        if greedy is not None and finite and s.temperature == 0:
+            return greedy
+        return sample(logits, s, r._generator)
 
     def _text(self, r: Request) -> None:
         """Decode `r`'s text so far, cut it at a stop string, and send what is safe to send:
@@ -568,9 +625,18 @@ def complete(
     request = Request(name, ids, settings, arrival=started, on_text=on_text)
     engine = Engine(runtime, max_batch_size=1)
     if engine.admit(request, swap):
-        while request.finish is None:
+        while not request.done:
             engine.step()
+    if request.error is not None:
+        raise request.error
     return request.completion()
+
+
+def _rows(logits: torch.Tensor, greedy: bool) -> Iterator[tuple[torch.Tensor, int | None, bool]]:
+    """Each row of a step's `logits` [B, V] with its argmax (when `greedy`) and whether it is
+    finite, read back from the device at once for the whole batch."""
+    facts = torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()], dim=1).tolist()
+    return ((row, pick if greedy else None, bool(finite)) for row, (pick, finite) in zip(logits, facts))
 
 
 def generation_config(runtime: Runtime, name: str):

@@ -30,7 +30,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from .engine import MAX_SEED, Completion, GenerationSettings
+from .engine import MAX_REPETITION_PENALTY, MAX_SEED, MIN_REPETITION_PENALTY, Completion, GenerationSettings
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 
@@ -133,12 +133,16 @@ class SamplingParams(_Body):
     max_completion_tokens: int = Field(16, ge=1)
     """chat's newer name for max_tokens (max_tokens wins when both are given)"""
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    """below engine.MIN_TEMPERATURE (but not 0): sampled at MIN_TEMPERATURE"""
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    """however small, the most likely token stays"""
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     top_k: int | None = Field(None, ge=-1)
     """-1 or 0: every token; unset: the variant's generation config"""
-    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0, allow_inf_nan=False)
-    """unset: the variant's generation config"""
+    repetition_penalty: float | None = Field(
+        None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, allow_inf_nan=False
+    )
+    """unset: the variant's generation config; below 0.01 a penalized score overflows float32"""
 
     @field_validator("n", mode="before")
     @classmethod

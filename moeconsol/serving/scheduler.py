@@ -1,16 +1,21 @@
 """The scheduler: the queue of generation requests and the one worker thread that owns the
 runtime and its `Engine` (engine.py).
 
-Each turn of the worker: drop the queued requests whose client went away, decide what runs
-next (`decide`, a pure function of the queue, the parked batches and the engine's load),
-swap to that variant if needed, admit its requests into its running batch, decode one step
-for the whole batch, answer the finished requests. A failure (a swap, a prefill, a step) is
-delivered to the requests it was for; the worker keeps serving.
+Each turn of the worker (`Scheduler.turn`): drop the requests whose client went away (queued,
+running or parked), decide what runs next (`decide`, a pure function of the queue, the
+engine's batches and its load), swap to that variant if needed, admit its requests into its
+running batch, decode one step for the whole batch, answer the finished requests. While any
+request is queued or in a batch, every turn decodes or admits something: the worker never
+waits with work it could do, and never turns without progress. A failure (a swap, a prefill,
+a step, one request's sampling) is delivered to the requests it was for; the worker keeps
+serving.
 
 Swaps happen only between decode steps; a batch whose variant is swapped out is parked with
-its KV cache and goes on when its variant is back. A request waits at most `max_wait` plus
-(N - 1) decode steps and swaps for N variants (see `pick_model`); a client that goes away is
-cancelled and leaves the batch at the next step. On a runtime with cross-variant batching
+its KV cache and goes on when its variant is back. The parked batches are the engine's
+batches of inactive variants (`Engine.parked`), never a list of their own. A request's next
+token (its first, or the next after its batch was parked) comes within `max_wait` plus
+(N + 1) decode steps and swaps for N variants (see `pick_model`), while the bounds on batch
+size and tokens in flight let it in. On a runtime with cross-variant batching
 (`ServingMode.CROSS_VARIANT`) there is nothing to pick: queued requests of any variant are
 admitted in arrival order into one batch and every step decodes all of them, without swaps.
 """
@@ -21,7 +26,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -38,8 +43,6 @@ from .metrics import Metrics
 from .runtime import Runtime, SwapReport
 
 _SERVED_KEPT = 1024
-_IDLE_PAUSE = 0.05
-"""seconds to wait before deciding again when the bound on tokens in flight keeps every request out"""
 
 
 @dataclass(eq=False)
@@ -63,9 +66,11 @@ def pick_model(
     A model other than the active one whose oldest waiting item has waited `max_wait` or
     longer goes first (the oldest such item first); else the active model keeps the runtime
     while it has work; else the model of the oldest waiting item; None when idle. So with N
-    models a waiting item is served after at most max_wait + (N - 1) x (one step + one swap):
-    once overdue, only items older than it (at most one per other model) go before it, each
-    for one step. `max_wait` 0 makes the order first come, first served."""
+    models a waiting item is served (admitted, or its batch resumed, and decoded) within
+    max_wait + (N + 1) x (one step + one swap): the turn under way when it becomes overdue,
+    one turn for each other model with an older item (each model's older items are served
+    together, by one step), then its own swap and step. `max_wait` 0 makes the order first
+    come, first served."""
     others = [(since, model) for model, since in waiting if model != active]
     overdue = [x for x in others if now - x[0] >= max_wait]
     if overdue:
@@ -94,7 +99,7 @@ class Snapshot:
     queue: Sequence[Job]
     """queued jobs, in arrival order"""
     parked: Mapping[str, float]
-    """variant -> when its batch was parked"""
+    """variant -> when its parked batch last got a token (`Engine.parked`)"""
     running: Mapping[str, int]
     """variant -> its requests in the engine (running or parked)"""
     tokens_in_flight: int
@@ -108,11 +113,10 @@ class Decision:
     """What the worker does this turn."""
 
     model: str | None
-    """the variant whose batch the next step decodes (swapped to if not active); None: no step"""
+    """the variant whose batch the next step decodes (swapped to if not active); None: no
+    work, nothing to do until a request comes"""
     admit: list[Job] = field(default_factory=list)
     """queued jobs it admits first"""
-    pause: float | None = None
-    """with no step: seconds to wait before deciding again (None: until a request comes)"""
 
 
 def admissible(s: Snapshot, model: str | None, limits: Limits) -> list[Job]:
@@ -138,22 +142,24 @@ def admissible(s: Snapshot, model: str | None, limits: Limits) -> list[Job]:
 def decide(s: Snapshot, limits: Limits) -> Decision:
     """The variant the next step runs and the jobs it admits (`pick_model`, then
     `admissible`). When the bound on tokens in flight keeps the picked variant out, the
-    active batch goes on; with none running, the worker waits until the oldest waiting item
-    is due (parked batches hold the bound)."""
+    requests in flight must finish first: the active batch goes on, or with none running the
+    parked batch that has waited longest resumes. So with any work there is a step to run."""
+    busy = {m for m, n in s.running.items() if n > 0}
     if s.cross_variant:  # one step serves every variant: admit in arrival order, never swap
-        return Decision(s.active, admissible(s, None, limits))
+        admit = admissible(s, None, limits)
+        return Decision(s.active, admit) if admit or busy else Decision(None)
     waiting = [(j.model, j.arrival) for j in s.queue]
     waiting += [(m, t) for m, t in s.parked.items() if m != s.active]
-    model = pick_model(s.active, s.running.get(s.active, 0) > 0, waiting, s.now, limits.max_wait)
+    model = pick_model(s.active, s.active in busy, waiting, s.now, limits.max_wait)
     if model is None:
         return Decision(None)
     admit = admissible(s, model, limits)
-    if admit or s.running.get(model, 0):
+    if admit or model in busy:
         return Decision(model, admit)
-    if s.running.get(s.active, 0):
+    if s.active in busy:
         return Decision(s.active)
-    oldest = min((t for m, t in waiting if m != model), default=None)
-    return Decision(None, pause=_IDLE_PAUSE if oldest is None else max(limits.max_wait - (s.now - oldest), 0.001))
+    parked = sorted((s.parked.get(m, s.now), m) for m in busy)
+    return Decision(parked[0][1]) if parked else Decision(None)
 
 
 # -- the worker ---------------------------------------------------------------------------------
@@ -169,19 +175,21 @@ class Scheduler:
         metrics: Metrics | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_tokens_in_flight: int = DEFAULT_MAX_TOKENS_IN_FLIGHT,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         if not max_wait >= 0 or not math.isfinite(max_wait):
             raise SettingsError(f"max wait must be a finite number of seconds >= 0, got {max_wait}")
         if max_tokens_in_flight < 1:
             raise SettingsError(f"max tokens in flight must be at least 1, got {max_tokens_in_flight}")
         self.runtime = runtime
-        self.engine = Engine(runtime, max_batch_size)
+        self.clock = clock
+        """the time of decisions, admissions and answers (a simulated clock in tests)"""
+        self.engine = Engine(runtime, max_batch_size, clock)
         self.limits = Limits(max_wait, max_batch_size, max_tokens_in_flight)
         self.metrics = metrics or Metrics(runtime.names)
         self.served: deque[str] = deque(maxlen=_SERVED_KEPT)
         """models of the last admitted requests, in order (for tests and benchmarks)"""
         self._pending: list[Job] = []
-        self._parked: dict[str, float] = {}
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="moeconsol-worker", daemon=True)
@@ -208,7 +216,7 @@ class Scheduler:
             self._cond.notify()
 
     def _run(self) -> None:
-        """The worker: one decision per turn, then at most one swap and one decode step."""
+        """The worker: turns while there is work, else waits for a request (or a cancel)."""
         while True:
             with self._cond:
                 while not self._stop and not self._pending and not self.engine.running():
@@ -216,40 +224,48 @@ class Scheduler:
                 if self._stop:
                     self._shut_down()
                     return
-                dropped = self._drop_cancelled()
-                now = time.perf_counter()
-                decision = decide(self._snapshot(now), self.limits)
-                self._dequeue(decision.admit)
-            self._answer(dropped)
-            if decision.model is None:
-                self._idle(decision.pause)
-                continue
-            try:
-                swap = self._swap_to(decision.model, now)
-            except Exception as e:  # delivered to the requests it was for; the worker keeps serving
-                self._fail(decision.admit, e)
-                continue
-            self._answer(self._admit(decision.admit, swap))
-            finished = self._step()
-            with self._cond:
-                self._gauges()  # before the answers go out, so a client reading /metrics next sees them
-            self._answer(finished)
+            self.turn()
+
+    def turn(self) -> Decision:
+        """One turn: drop what was cancelled, decide, then at most one swap, one admission and
+        one decode step, and answer what finished. Returns the decision (model None: no work).
+        Only the worker calls it (or a test, in its place, with the worker not started)."""
+        with self._cond:
+            dropped = self._drop_cancelled()
+            decision = decide(self._snapshot(self.clock()), self.limits)
+            self._dequeue(decision.admit)
+        self._answer(dropped)
+        finished = self._run_step(decision) if decision.model is not None else []
+        with self._cond:
+            self._gauges()  # before the answers go out, so a client reading /metrics next sees them
+        self._answer(finished)
+        return decision
 
     # -- the steps of a turn ----------------------------------------------------------------------
 
+    def _run_step(self, decision: Decision) -> list[Job]:
+        """Swap to the decision's variant, admit its jobs, decode one step; returns the jobs
+        that finished in the step."""
+        try:
+            swap = self._swap_to(decision.model)
+        except Exception as e:  # the requests that needed this variant fail; the worker keeps serving
+            self._fail(decision.admit + self._evict(decision.model), e)
+            return []
+        self._answer(self._admit(decision.admit, swap))
+        return self._step()
+
     def _drop_cancelled(self) -> list[Job]:
-        """Queued jobs whose client went away leave the queue (running ones leave their batch
-        at the engine's next step)."""
+        """Jobs whose client went away leave the queue and every batch, running or parked."""
         dropped = [j for j in self._pending if j.cancelled]
         self._pending = [j for j in self._pending if not j.cancelled]
-        return dropped
+        return dropped + self.engine.drop_cancelled()
 
     def _snapshot(self, now: float) -> Snapshot:
         return Snapshot(
             now=now,
             active=self.runtime.active,
             queue=list(self._pending),
-            parked=dict(self._parked),
+            parked=self.engine.parked(),
             running={m: self.engine.running(m) for m in self.runtime.names},
             tokens_in_flight=self.engine.tokens_in_flight(),
             cross_variant=self.engine.cross_variant,
@@ -258,24 +274,18 @@ class Scheduler:
     def _dequeue(self, jobs: list[Job]) -> None:
         self._pending = [j for j in self._pending if j not in jobs]
 
-    def _idle(self, pause: float | None) -> None:
-        """No step this turn: update the gauges, then wait `pause` seconds (or until woken)."""
-        with self._cond:
-            self._gauges()
-            if pause is not None:
-                self._cond.wait(timeout=pause)
-
-    def _swap_to(self, model: str, now: float) -> SwapReport | None:
+    def _swap_to(self, model: str) -> SwapReport | None:
         """Make `model` active (the active batch, if any, is parked); None if it already is."""
-        active = self.runtime.active
-        if model == active:
+        if model == self.runtime.active:
             return None
-        if self.engine.running(active):
-            self._parked[active] = now
         swap = self.runtime.activate(model)
-        self._parked.pop(model, None)
         self.metrics.swap(swap)
         return swap
+
+    def _evict(self, model: str) -> list[Job]:
+        """The requests of `model`'s batch, which leaves the engine (a failed swap or step)."""
+        batch = self.engine.batches.pop(self.engine.batch_key(model), None)
+        return batch.requests if batch else []
 
     def _admit(self, jobs: list[Job], swap: SwapReport | None) -> list[Job]:
         """Admit `jobs` into the active batch with one prefill; returns those already finished
@@ -304,15 +314,18 @@ class Scheduler:
         try:
             return self.engine.step()
         except Exception as e:
-            batch = self.engine.batches.pop(self.engine.batch_key(self.runtime.active), None)
-            self._fail(batch.requests if batch else [], e)
+            self._fail(self._evict(self.runtime.active), e)
             return []
 
     def _answer(self, jobs: list[Job]) -> None:
-        """Count each finished (or cancelled) job and hand its completion to its handler."""
+        """Count each finished (or cancelled) job and hand its completion to its handler; a
+        job that failed alone gets its error."""
         for job in jobs:
+            if job.error is not None:
+                self._fail([job], job.error)
+                continue
             job.finish = job.finish or FinishReason.CANCELLED
-            job.finished_at = job.finished_at or time.perf_counter()
+            job.finished_at = job.finished_at or self.clock()
             completion = job.completion()
             self.metrics.record(completion)
             if _claim(job.future):

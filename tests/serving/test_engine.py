@@ -10,7 +10,17 @@ import pytest
 import torch
 
 from moeconsol.errors import MoeconsolError, SettingsError
-from moeconsol.serving.engine import Engine, FinishReason, GenerationSettings, Request, check_settings, penalize, sample
+from moeconsol.serving import engine as engine_module
+from moeconsol.serving.engine import (
+    MIN_TEMPERATURE,
+    Engine,
+    FinishReason,
+    GenerationSettings,
+    Request,
+    check_settings,
+    penalize,
+    sample,
+)
 from moeconsol.serving.runtime import Runtime
 from moeconsol.serving.variants import Family
 from moeconsol.testing import derive_variant, tiny_mixtral, tiny_switch, tiny_tokenizer
@@ -137,6 +147,61 @@ def test_sample_keeps_only_the_top_k():
     assert len({sample(logits, GenerationSettings(temperature=5.0, top_k=0), g) for _ in range(400)}) == 5
 
 
+def test_sampling_keeps_a_distribution_at_extreme_settings():
+    """A temperature or top_p that is 0 in float32 still leaves a token to draw: top_p keeps the
+    top token, a temperature below MIN_TEMPERATURE samples at MIN_TEMPERATURE."""
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
+    g = torch.Generator().manual_seed(0)
+    for extreme in (
+        GenerationSettings(temperature=1e-300),
+        GenerationSettings(temperature=5e-324, top_k=2),
+        GenerationSettings(temperature=1.0, top_p=1e-46),
+        GenerationSettings(temperature=2.0, top_p=float.fromhex("0x1p-149") / 2),
+    ):
+        assert {sample(logits, extreme, g) for _ in range(20)} == {0}, extreme
+    close = torch.tensor([0.0, 0.01])  # at the floor: probabilities 0.27 and 0.73
+    low, floor = (torch.Generator().manual_seed(1) for _ in range(2))
+    below = [sample(close, GenerationSettings(temperature=1e-9), low) for _ in range(100)]
+    assert below == [sample(close, GenerationSettings(temperature=MIN_TEMPERATURE), floor) for _ in range(100)]
+    assert 15 < below.count(0) < 45
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_scores_that_are_not_finite_are_refused_not_drawn_from(temperature):
+    with pytest.raises(RuntimeError, match="not finite"):
+        sample(torch.tensor([1.0, float("nan"), 0.5]), GenerationSettings(temperature=temperature), None)
+
+
+def test_a_request_whose_sampling_fails_fails_alone(family, monkeypatch):
+    """Requests admitted together, one failing at its first token and one at its fourth: each
+    leaves with its error; the others, extreme settings included, answer as alone."""
+    arch, models, rt, tok = family
+    rt.activate("base")
+    calls: dict[int, int] = {}
+
+    def failing(logits, settings, generator):
+        calls[settings.seed] = calls.get(settings.seed, 0) + 1
+        if settings.seed == 13 or (settings.seed == 14 and calls[14] == 4):
+            raise RuntimeError(f"sampling failed for seed {settings.seed}")
+        return sample(logits, settings, generator)
+
+    monkeypatch.setattr(engine_module, "sample", failing)
+    ids = [tok(p)["input_ids"] for p in PROMPTS[:4]]
+    doomed = [Request("base", i, GenerationSettings(8, temperature=1.0, seed=s)) for i, s in zip(ids, (13, 14))]
+    greedy = Request("base", ids[2], GenerationSettings(8))
+    top_only = Request("base", ids[3], GenerationSettings(8, temperature=1.0, top_p=1e-46, seed=1))
+    cold = Request("base", ids[0], GenerationSettings(8, temperature=1e-300, seed=2))
+    engine = Engine(rt)
+    assert engine.admit_all([*doomed, greedy, top_only, cold]) == [doomed[0]]
+    while engine.running():
+        engine.step()
+    assert [str(r.error) for r in doomed] == ["sampling failed for seed 13", "sampling failed for seed 14"]
+    assert len(doomed[1].token_ids) == 3 and doomed[1].finish is None
+    for r in (greedy, top_only):  # top_p 1e-46: only the most likely token, greedy
+        assert r.token_ids == alone(models["base"], r.prompt_ids, 8) and r.error is None
+    assert cold.error is None and cold.finish in (FinishReason.STOP, FinishReason.LENGTH)
+
+
 def test_penalize_follows_transformers_rule():
     logits = torch.tensor([2.0, -1.0, 0.5, -3.0])
     out = penalize(logits, [0, 1, 1], 2.0)  # a repeated token is penalized once
@@ -151,6 +216,8 @@ def test_penalize_follows_transformers_rule():
         GenerationSettings(top_k=True),
         GenerationSettings(repetition_penalty=0.0),
         GenerationSettings(repetition_penalty=float("nan")),
+        GenerationSettings(repetition_penalty=1e-40),  # penalized scores overflow float32
+        GenerationSettings(repetition_penalty=101.0),
     ],
 )
 def test_bad_top_k_and_penalty_are_refused(bad):

@@ -20,6 +20,12 @@ def test_top_k_and_repetition_penalty_are_parsed_like_vllm():
         ({"temperature": -1}, 400, "'temperature' must be a number in [0.0, 2.0], got -1", "temperature"),
         ({"top_p": 0}, 400, "'top_p' must be a number in (0.0, 1.0], got 0", "top_p"),
         ({"top_p": float("nan")}, 400, "'top_p' must be a number in (0.0, 1.0], got nan", "top_p"),
+        (
+            {"repetition_penalty": 1e-40},
+            400,
+            "'repetition_penalty' must be a number in [0.01, 100.0], got 1e-40",
+            "repetition_penalty",
+        ),
         ({"seed": 2**63}, 400, "'seed' must be in [0, 9223372036854775807], got 9223372036854775808", "seed"),
         ({"max_tokens": 0}, 400, "'max_tokens' must be at least 1, got 0", "max_tokens"),
         ({"top_k": 1.5}, 400, "'top_k' must be an integer", "top_k"),

@@ -7,6 +7,8 @@ checkpoints (greedy), not from the runtime under test.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from builders import greedy, served_family
 
@@ -173,7 +175,7 @@ def _snapshot(queue, active="a", running=None, parked=None, tokens_in_flight=0, 
 def test_decide_admits_the_picked_variants_jobs_that_fit():
     queue = [_job("b", 1.0), _job("a", 2.0), _job("a", 3.0), _job("a", 4.0)]
     d = decide(_snapshot(queue), Limits(max_wait=60.0, max_batch_size=2))
-    assert d.model == "a" and d.admit == queue[1:3] and d.pause is None  # the active variant, two free slots
+    assert d.model == "a" and d.admit == queue[1:3]  # the active variant, two free slots
     d = decide(_snapshot(queue, now=100.0), Limits(max_wait=60.0))
     assert d.model == "b" and d.admit == queue[:1]  # 'b' waited past max_wait
     assert decide(_snapshot([]), Limits()) == Decision(None)  # idle: wait for a request
@@ -191,5 +193,101 @@ def test_decide_when_the_bound_on_tokens_in_flight_keeps_the_picked_variant_out(
     d = decide(_snapshot(queue, running={"a": 1}, tokens_in_flight=20, now=100.0), limits)
     assert d.model == "a" and d.admit == []  # 'b' is due but does not fit: the active batch goes on
     parked = _snapshot(queue, running={"c": 1}, parked={"c": 8.0}, tokens_in_flight=20, now=10.0)
-    d = decide(parked, limits)
-    assert d.model is None and d.admit == [] and d.pause == pytest.approx(3.0)  # until the parked batch is due
+    assert decide(parked, limits) == Decision("c")  # none running: the parked batch resumes, to make room
+
+
+def test_decide_always_has_a_step_while_parked_batches_hold_the_bound():
+    """'b' is active and idle; 'a' is parked holding most of the bound; 'c' has waited longer than
+    'a' and does not fit. Both are overdue: deciding must not pick 'c' again and again with
+    nothing to run (the worker would spin), but resume 'a' so that 'c' fits later."""
+    queue = [_job("c", 0.0, tokens=50)]
+    s = _snapshot(queue, active="b", running={"a": 2}, parked={"a": 2.0}, tokens_in_flight=40, now=4.0)
+    assert decide(s, Limits(max_wait=2.0, max_tokens_in_flight=60)) == Decision("a")
+
+
+# -- liveness: what clients that go away leave behind --------------------------------------------
+
+
+def test_a_parked_batch_whose_clients_all_left_does_not_stall_the_other_variants(served):
+    """Four streamed requests of 'ft' run; a request of 'base' makes 'ft' park; then every 'ft'
+    client goes away. The emptied parked batch must not hold the worker: later requests of
+    'base' are answered without anyone asking for 'ft' again."""
+    out, runtime, refs, tok = served
+    runtime.activate("base")
+    scheduler = Scheduler(runtime, max_wait=0.0)
+    ids = tok(PROMPT)["input_ids"]
+    streaming = threading.Event()
+    parked = [Job("ft", ids, GenerationSettings(200), on_text=lambda piece: streaming.set()) for _ in range(4)]
+
+    def leave(piece: str) -> None:  # 'ft' is parked now; its clients all go away
+        for job in parked:
+            scheduler.cancel(job)
+
+    futures = [scheduler.submit(job) for job in parked]
+    scheduler.start()
+    try:
+        assert streaming.wait(timeout=60)
+        other = scheduler.submit(Job("base", ids, GenerationSettings(4), on_text=leave))
+        assert len(other.result(timeout=60).token_ids) == 4
+        assert {f.result(timeout=60).finish_reason for f in futures} == {"cancelled"}
+        later = scheduler.submit(Job("base", ids, GenerationSettings(3)))
+        assert later.result(timeout=20).token_ids == greedy(refs["base"], ids, 3)
+    finally:
+        scheduler.stop()
+    assert scheduler.engine.running() == 0
+
+
+# -- isolation: one request's settings never fail its batch-mates -------------------------------
+
+
+def test_extreme_sampling_settings_and_their_batch_mates_are_all_answered(served):
+    """Admitted in the same step: a temperature and a top_p that are 0 in float32, and a plain
+    greedy request. Each is answered; top_p 1e-46 keeps only the top token (greedy)."""
+    out, runtime, refs, tok = served
+    ids = tok(PROMPT)["input_ids"]
+    settings = [
+        GenerationSettings(4, temperature=1e-300, seed=1),
+        GenerationSettings(4, temperature=1.0, top_p=1e-46, seed=2),
+        GenerationSettings(4),
+    ]
+    scheduler = Scheduler(runtime, max_wait=60.0)
+    futures = [scheduler.submit(Job("ft", ids, s)) for s in settings]
+    scheduler.start()
+    try:
+        cold, top_only, plain = (f.result(timeout=60) for f in futures)
+    finally:
+        scheduler.stop()
+    assert list(scheduler.served) == ["ft"] * 3 and scheduler.engine.peak_batch_size == 3
+    assert top_only.token_ids == plain.token_ids == greedy(refs["ft"], ids, 4)
+    assert cold.finish_reason in ("stop", "length") and cold.token_ids
+
+
+def test_a_failed_swap_fails_the_requests_that_needed_it_and_the_rest_go_on(served, monkeypatch):
+    """Driven turn by turn: 'ft' is parked when swapping back to it starts failing. Its parked
+    request and its queued one get the error (else the worker would try that swap forever);
+    'base' is answered."""
+    out, runtime, refs, tok = served
+    runtime.activate("base")
+    scheduler = Scheduler(runtime, max_wait=0.0)
+    ids = tok(PROMPT)["input_ids"]
+    parked = scheduler.submit(Job("ft", ids, GenerationSettings(50)))
+    scheduler.turn()
+    other = scheduler.submit(Job("base", ids, GenerationSettings(6)))
+    scheduler.turn()
+    assert scheduler.engine.parked().keys() == {"ft"}
+    activate = runtime.activate
+
+    def broken(name: str):
+        if name == "ft":
+            raise RuntimeError("the variant's tensors cannot be read")
+        return activate(name)
+
+    monkeypatch.setattr(runtime, "activate", broken)
+    queued = scheduler.submit(Job("ft", ids, GenerationSettings(2)))
+    for _ in range(10):
+        scheduler.turn()
+    for f in (parked, queued):
+        with pytest.raises(RuntimeError, match="cannot be read"):
+            f.result(timeout=0)
+    assert other.result(timeout=0).token_ids == greedy(refs["base"], ids, 6)
+    assert scheduler.engine.batches == {} and scheduler.turn().model is None
