@@ -2,8 +2,9 @@
 request with variant-aware vs random routing, all in one run on one local Ray.
 
 Builds benchmarks/serve.py's family (base + code + chat, hidden 256, 4 layers x 8 experts;
-`--size example` for the tiny one), starts a local Ray (no dashboard; the API on 127.0.0.1) and deploys
-the application three times, one after another, on the same Ray:
+`--size example` for the tiny one), starts a local Ray as `moeconsol serve` does (no dashboard,
+every Ray server and the API on 127.0.0.1) and deploys the application three times, one after
+another, on the same Ray:
 
 1. 1 replica, variant-aware routing (multiplexing by the `model` field);
 2. 2 replicas, variant-aware routing;
@@ -37,6 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve import EXAMPLE_SIZE, PROMPT, SHORT_PROMPT, SIZE, build  # noqa: E402
+
+from moeconsol.serving.ray_serve import start_ray, stop  # noqa: E402
 
 
 def _free_port() -> int:
@@ -114,8 +117,6 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    import ray
-
     weights = [float(w) for w in args.popularity.split(",")]
     rng = random.Random(0)
     prompt = PROMPT if args.size == "benchmark" else SHORT_PROMPT
@@ -123,7 +124,7 @@ def main() -> None:
     order = [(rng.choices(models, weights)[0], f"{prompt} {i}") for i in range(args.requests)]
     with tempfile.TemporaryDirectory() as tmp:
         paths = build(Path(tmp), SIZE if args.size == "benchmark" else EXAMPLE_SIZE)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        start_ray(None, num_cpus=2)
         try:
             port = _free_port()  # Serve's proxy keeps the port of its first start
             configs = ((1, True), (2, True), (2, False))
@@ -133,10 +134,7 @@ def main() -> None:
                 for n, aware in configs
             ]  # interleaved: the load drifts
         finally:
-            from ray import serve
-
-            serve.shutdown()
-            ray.shutdown()
+            stop(local=True)
     same = all(r["texts"] == runs[0]["texts"] for r in runs)
     rows = []
     for n, aware in configs:

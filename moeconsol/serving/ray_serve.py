@@ -12,9 +12,11 @@ Three deployments make the application:
   exchange, so a replica answers exactly as `serve-local` does. Replica i starts with
   variant i mod V active and announces it, so the first requests already route well.
 - `Router` (the HTTP ingress): reads the body (same size limit), takes its `model` field and
-  calls a replica through `handle.options(multiplexed_model_id=model, stream=True)`; the
-  replica's status, headers and body chunks (SSE included) come back as they are made.
-  Bodies without a known model go to any replica, which answers the 400/404.
+  calls a replica through `handle.options(multiplexed_model_id=model, stream=True)`, which
+  `ray_router.VariantRouter` sends to a replica holding that variant; the replica's status,
+  headers and body chunks (SSE included) come back as they are made, and a stream cut by the
+  replica's failure ends with an SSE error event. Bodies without a known model go to any
+  replica, which answers the 400/404.
 - `MetricsStore`: each replica reports its prometheus samples after every request; the
   router's `GET /metrics` sums them over replicas and adds per-replica series.
 
@@ -24,12 +26,16 @@ is swapped, so nothing is gained by pinning a variant to a replica, and the rout
 requests without a multiplexed model id (Serve's own routing by load; `routes_by_variant`).
 
 The replica's engine does the batching (no `@serve.batch`, see ray issue #56633).
+A local Ray listens on the loopback only (`start_ray`, `serve_grpc_on_loopback`).
 Ray is imported lazily: the rest of moeconsol works without it.
 """
 
 import asyncio
 import json
+import logging
+import os
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -44,7 +50,7 @@ from ..artifact.reader import Artifact
 from ..errors import MoeconsolError
 from .crossvariant import ServingMode
 from .device import parse_device, parse_dtype
-from .protocol import ApiError, read_body
+from .protocol import STREAM_END, ApiError, read_body, stream_error
 from .runtime import Runtime
 from .server import create_app
 
@@ -244,6 +250,7 @@ def build_app(
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
     class MetricsStore:
         def __init__(self) -> None:
+            serve_grpc_on_loopback()
             self.reports: dict[str, Samples] = {}
 
         async def report(self, replica: str, samples: Samples) -> None:
@@ -262,7 +269,7 @@ def build_app(
     )
     class Replica:
         async def __init__(self, settings: ReplicaSettings, store: Any) -> None:
-
+            serve_grpc_on_loopback()
             torch.set_num_threads(settings.torch_threads)
             context = serve.get_replica_context()
             rank = getattr(getattr(context, "rank", None), "rank", None)
@@ -327,6 +334,7 @@ def build_app(
     @serve.ingress(ingress)
     class Router:
         def __init__(self, replicas: Any, store: Any, max_body_bytes: int, route_by_variant: bool) -> None:
+            serve_grpc_on_loopback()
             self.replicas, self.store = replicas, store
             self.max_body_bytes, self.route_by_variant = max_body_bytes, route_by_variant
             self.in_flight, self.draining = 0, False
@@ -380,19 +388,44 @@ def build_app(
                 return ApiError(503, f"no replica could answer: {type(e).__name__}: {e}").response()
             headers = {k: v for k, v in head["headers"] if k.lower() not in _DROPPED_HEADERS}
             if headers.get("content-type", "").startswith("text/event-stream"):
-                return _CountedStream(chunks, self._stream_done, status_code=head["status"], headers=headers)
-            return Response(b"".join([c async for c in chunks]), status_code=head["status"], headers=headers)
+                return _CountedStream(
+                    chunks, _ended_on_failure(chunks), self._stream_done, status_code=head["status"], headers=headers
+                )
+            try:
+                body = b"".join([c async for c in chunks])
+            except Exception as e:  # the replica failed after its answer began
+                return ApiError(503, f"the replica stopped before its answer ended: {first_line(e)}").response()
+            return Response(body, status_code=head["status"], headers=headers)
 
     store = MetricsStore.bind()
-    return Router.bind(Replica.bind(settings, store), store, settings.max_body_bytes, route_by_variant)
+    replica = Replica
+    if route_by_variant:  # a request waits for the replica holding its variant (ray_router.py)
+        from ray.serve.config import RequestRouterConfig
+
+        from .ray_router import VariantRouter
+
+        replica = Replica.options(request_router_config=RequestRouterConfig(request_router_class=VariantRouter))
+    return Router.bind(replica.bind(settings, store), store, settings.max_body_bytes, route_by_variant)
+
+
+async def _ended_on_failure(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """A replica's event stream; if the replica fails mid-stream (its process died, Ray lost
+    it), an error event and the end of the stream, as serve-local ends a failed generation,
+    instead of a connection cut without a word."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as e:
+        failure = MoeconsolError(f"the replica serving this stream stopped before it ended: {first_line(e)}")
+        yield (stream_error(failure) + STREAM_END).encode()
 
 
 class _CountedStream(StreamingResponse):
     """A replica's event stream, forwarded; `done` runs when it ends however it ends (finished,
     or the client gone, even before the first event), and the replica's side is cancelled."""
 
-    def __init__(self, chunks: Any, done: Callable[[], None], **kwargs: Any) -> None:
-        super().__init__(chunks, **kwargs)
+    def __init__(self, chunks: Any, body: AsyncIterator[bytes], done: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(body, **kwargs)
         self.chunks, self.done = chunks, done
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -431,13 +464,19 @@ def check_address(address: str, timeout: float = 5.0) -> None:
         raise MoeconsolError(f"--address {address}: cannot reach a Ray cluster there ({e.strerror or e})") from None
 
 
-def start_ray(address: str | None, num_cpus: float | None = None) -> None:
-    """Join the cluster at `address`, or start a local one (no dashboard, logs off the console)."""
-    import logging
-    import os
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+"""Ray's switch between a local-only Ray and one that other nodes may join (named for the
+platforms where local-only is its default). Off, Ray takes 127.0.0.1 as the node address, and
+every server of the node (GCS, raylet, object manager, agents, workers) binds to it."""
 
+
+def start_ray(address: str | None, num_cpus: float | None = None) -> None:
+    """Join the cluster at `address`, or start a local one that listens on the loopback only:
+    no dashboard, every Ray server on 127.0.0.1, logs off the console."""
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # Ray's C++ retry warnings stay off stderr
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our own line says where it serves
+    if address is None:
+        _local_only()
     import ray
 
     try:
@@ -445,13 +484,43 @@ def start_ray(address: str | None, num_cpus: float | None = None) -> None:
             ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
             return
         cpus = None if num_cpus is None else max(1, int(-(-num_cpus // 1)))
-        # Ray takes the machine's address as node address (it refuses 127.0.0.1) and its internal
-        # gRPC ports listen on every interface, guarded by its token authentication
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     except Exception as e:
         ray.shutdown()
         where = f"join the Ray cluster at {address}" if address is not None else "start a local Ray"
         raise MoeconsolError(f"cannot {where}: {first_line(e)}") from None
+    node = ray.util.get_node_ip_address()
+    if node != "127.0.0.1":  # a Ray that no longer honours the switch: refuse rather than expose it
+        ray.shutdown()
+        raise MoeconsolError(f"a local Ray took {node} as its address, not 127.0.0.1; its servers would listen there")
+
+
+def serve_grpc_on_loopback() -> None:
+    """In a deployment's constructor, on a local Ray: the gRPC server that Serve starts in
+    each replica for calls between deployments binds to 127.0.0.1, not to every interface.
+    Ray 2.60 binds it to "[::]:0" in `replica.py` once the constructor has returned, with no
+    option to change that; on a node of a real cluster (a routable address) it is left so."""
+    import ray
+    from ray.serve._private import replica
+
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if ray.util.get_node_ip_address() != "127.0.0.1" or bind is None or getattr(bind, "loopback", False):
+        return
+
+    def on_loopback(server: Any, address: str) -> int:
+        return bind(server, address.replace("[::]", "127.0.0.1", 1))
+
+    on_loopback.loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = on_loopback
+
+
+def _local_only() -> None:
+    """Ray reads `LOCAL_RAY_ENV` when it is imported; set it for this process (and so for
+    every Ray process it starts), and in Ray's constants if Ray is imported already."""
+    os.environ.update(LOCAL_RAY_ENV)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def check_resources(replicas: int, num_gpus_per_replica: float) -> None:

@@ -8,7 +8,9 @@ flight and checks that the request finished and that no Ray process is left.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import shutil
 import signal
 import socket
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -31,12 +34,20 @@ from cli_helpers import one_error_line, run_main  # noqa: E402
 
 from moeconsol.consolidate.pipeline import merge  # noqa: E402
 from moeconsol.io.checkpoint import open_checkpoints  # noqa: E402
+from moeconsol.serving.ray_serve import APP_NAME  # noqa: E402
 from moeconsol.serving.runtime import Runtime  # noqa: E402
 from moeconsol.serving.server import create_app  # noqa: E402
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer  # noqa: E402
 
 PROMPT = "Once upon a time"
 RAY_PROCESSES = ("raylet", "gcs_server")
+ROUTE_BY_PROBING = {"RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S": "0"}
+"""Serve forgets each replica's queue length at once, so that every request is routed by
+asking the replicas (as after a pause of 10 s, Serve's default); then a replica slow to
+answer is seen as such."""
+PAUSE = 1.0
+"""seconds a request waits for the replicas, stopped, in the routing test: longer than Serve's
+first deadline for their answer (0.1 s) and than the way from the proxy to the router"""
 
 
 def _free_port() -> int:
@@ -97,6 +108,7 @@ def cluster(artifact):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, **ROUTE_BY_PROBING},
     )
     c = Cluster(proc, f"http://127.0.0.1:{port}")
     seen: list[psutil.Process] = []
@@ -174,33 +186,79 @@ def test_sse_streams_through_ray_as_the_text_is_made(cluster, local):
     assert text == local.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
 
 
-def test_alternating_variants_are_routed_to_their_replicas(cluster):
-    """16 requests alternating between two variants: at most 4 swaps over both replicas
-    (variant-aware routing keeps each variant on the replica where it is active)."""
-    before = samples(httpx.get(cluster.url + "/metrics", timeout=30).text)
+@pytest.fixture
+def cpu_hog():
+    """A busy loop on every core, beside the replicas (stopped by pid)."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        yield
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+
+
+def _per_replica(text: str, name: str) -> dict[tuple[str, str], float]:
+    """{(replica, model): value} of a metric's per-replica series."""
+    return {
+        (dict(labels)["replica"], dict(labels)["model"]): v
+        for (n, labels), v in samples(text).items()
+        if n == name and "replica" in dict(labels)
+    }
+
+
+def _replica_processes(cluster: Cluster) -> list[psutil.Process]:
+    procs = []
+    for p in cluster.ray_processes():
+        try:
+            if any(part.endswith(f"{APP_NAME}:Replica") for part in p.cmdline()):
+                procs.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return procs
+
+
+def test_alternating_variants_stay_on_their_replicas_on_a_busy_machine(cluster, cpu_hog):
+    """16 requests alternating between two variants, every core busy beside the replicas, and
+    each request arriving while both replicas are too busy to answer for a second (stopped): at
+    most 4 swaps, counted per replica. The router waits for the replica holding the variant
+    rather than sending the request to one that would swap."""
+    replicas = _replica_processes(cluster)
+    assert len(replicas) == 2
+    before = httpx.get(cluster.url + "/metrics", timeout=60).text
     for i in range(16):
         model = ("base", "ft")[i % 2]
-        r = _post(cluster.url, "/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+        req = {"model": model, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+        for p in replicas:
+            p.suspend()
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(_post, cluster.url, "/v1/completions", req, 120)
+                time.sleep(PAUSE)
+                for p in replicas:
+                    p.resume()
+                r = answer.result()
+        finally:
+            for p in replicas:
+                p.resume()
         assert r.status_code == 200, r.text
-    after = samples(httpx.get(cluster.url + "/metrics", timeout=30).text)
+    after = httpx.get(cluster.url + "/metrics", timeout=60).text
 
-    def delta(name: str, **labels: str) -> float:
-        key = (name, frozenset(labels.items()))
-        return after.get(key, 0.0) - before.get(key, 0.0)
+    def delta(name: str) -> dict[tuple[str, str], float]:
+        old, new = _per_replica(before, name), _per_replica(after, name)
+        return {k: v - old.get(k, 0.0) for k, v in new.items()}
 
-    swaps = sum(delta("moeconsol_swaps_total", model=m) for m in ("base", "ft"))
-    assert swaps <= 4, swaps
-    assert delta("moeconsol_requests_total", model="base") == delta("moeconsol_requests_total", model="ft") == 8
-    # the sum over replicas and the per-replica series agree
-    replicas = {
-        dict(labels)["replica"]
-        for (name, labels) in after
-        if name == "moeconsol_requests_total" and "replica" in dict(labels)
-    }
-    assert len(replicas) == 2
+    swaps = delta("moeconsol_swaps_total")
+    assert sum(swaps.values()) <= 4, swaps
+    requests = delta("moeconsol_requests_total")
+    assert len({r for r, _ in requests}) == 2
     for m in ("base", "ft"):
-        per = [after[("moeconsol_requests_total", frozenset({("model", m), ("replica", r)}))] for r in replicas]
-        assert sum(per) == after[("moeconsol_requests_total", frozenset({("model", m)}))]
+        assert sum(v for (_, model), v in requests.items() if model == m) == 8, requests
+    # the sum over replicas and the per-replica series agree
+    totals = samples(after)
+    for m in ("base", "ft"):
+        per = sum(v for (_, model), v in _per_replica(after, "moeconsol_requests_total").items() if model == m)
+        assert per == totals[("moeconsol_requests_total", frozenset({("model", m)}))]
 
 
 @pytest.mark.parametrize(
@@ -302,6 +360,72 @@ def test_bad_input_one_line_exit_2_nothing_started(artifact, tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "ray", None)
     one_error_line(run_main("serve", artifact), "pip install 'moeconsol[cluster]'")
     assert _children() <= before
+
+
+def _listening(pids: set[int]) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every listening TCP socket owned by one of `pids`."""
+    out = []
+    for c in psutil.net_connections("tcp"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            try:
+                out.append((c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name()))
+            except psutil.NoSuchProcess:
+                pass
+    return out
+
+
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def test_a_local_ray_listens_on_the_loopback_only(cluster):
+    """Every socket that the command and its Ray processes listen on (GCS, raylet, object
+    manager, agents, workers, Serve's proxy) is on the loopback; no dashboard web server."""
+    from ray._private.ray_constants import DEFAULT_DASHBOARD_PORT
+
+    tree = {p.pid for p in [psutil.Process(cluster.proc.pid), *cluster.ray_processes()]}
+    sockets = _listening(tree)
+    owners = {name for _, _, name in sockets}
+    assert {"gcs_server", "raylet"} <= owners and len(sockets) >= 10, sockets  # Ray's own, found
+    assert ("127.0.0.1", int(cluster.url.rpartition(":")[2])) in {(a, p) for a, p, _ in sockets}  # the API
+    exposed = [s for s in sockets if not _loopback(s[0])]
+    assert not exposed, exposed
+    assert DEFAULT_DASHBOARD_PORT not in {p for _, p, _ in sockets}
+
+
+def _cpu_seconds(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return t.user + t.system
+
+
+def test_a_stream_cut_by_a_replicas_death_ends_with_an_error_event(cluster):
+    """kill -9 of the replica decoding a stream: the client gets an SSE error event (OpenAI's
+    error body) and the end of the stream, not a cut connection; the other replica answers
+    the next request for that variant."""
+    replicas = _replica_processes(cluster)
+    assert len(replicas) == 2, [p.cmdline() for p in cluster.ray_processes()]
+    req = {"model": "base", "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "stream": True}
+    lines, killed = [], []
+    with httpx.stream("POST", cluster.url + "/v1/completions", json=req, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            lines.append(line)
+            events = sum(ln.startswith("data: ") for ln in lines)
+            if events == 2:
+                cpu = [_cpu_seconds(p) for p in replicas]
+            if events == 12:  # the replica decoding it is the one that used the CPU meanwhile
+                busy = max(range(2), key=lambda i: _cpu_seconds(replicas[i]) - cpu[i])
+                replicas[busy].kill()
+                killed.append(replicas[busy])
+    events = [ln[len("data: ") :] for ln in lines if ln.startswith("data: ")]
+    assert killed and events[-1] == "[DONE]", lines
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "replica" in error["message"], error
+    assert all(json.loads(e)["choices"][0]["finish_reason"] is None for e in events[:-2])
+    r = _post(cluster.url, "/v1/completions", {"model": "base", "prompt": PROMPT, "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200, r.text
 
 
 def test_sigterm_lets_the_request_in_flight_finish_and_leaves_no_ray_process(cluster):
