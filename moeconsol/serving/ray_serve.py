@@ -474,6 +474,7 @@ def start_ray(address: str | None, num_cpus: float | None = None) -> None:
     """Join the cluster at `address`, or start a local one that listens on the loopback only:
     no dashboard, every Ray server on 127.0.0.1, logs off the console."""
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # Ray's C++ retry warnings stay off stderr
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray reports usage to its servers unless told not to
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our own line says where it serves
     if address is None:
         _local_only()
