@@ -151,6 +151,14 @@ def test_metrics_count_swaps_and_tokens_per_model(client, served):
         assert after[("moeconsol_queue_length", frozenset({("model", m)}))] == 0
 
 
+def _nested(depth: int) -> list:
+    """[[[...]]], `depth` lists deep (built without recursion)."""
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 @pytest.mark.parametrize(
     "path, payload, status, fragment",
     [
@@ -162,6 +170,14 @@ def test_metrics_count_swaps_and_tokens_per_model(client, served):
             "does not exist",
         ),
         ("/v1/completions", b"{not json", 400, "not valid JSON"),
+        ("/v1/completions", b'{"model": "ft", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested"),
+        ("/v1/completions", {"model": "ft", "prompt": _nested(900)}, 400, "'prompt'"),
+        (
+            "/v1/chat/completions",
+            {"model": "ft", "messages": [{"role": "user", "content": _nested(900)}]},
+            400,
+            "'content'",
+        ),
         ("/v1/completions", {"model": "ft"}, 400, "'prompt'"),
         ("/v1/completions", {"model": "ft", "prompt": "hi", "temperature": -1}, 400, "'temperature'"),
         ("/v1/completions", {"model": "ft", "prompt": "hi", "max_tokens": 0}, 400, "'max_tokens'"),
