@@ -2,7 +2,8 @@
 
 Each command lives in its own module and only parses options, calls library functions and
 prints. Errors of the user's making (`MoeconsolError`) become one line on stderr and exit
-code 2; Ctrl-C exits 130 without a traceback.
+code 2; Ctrl-C and SIGTERM exit 130 with one `moeconsol: interrupted` line, no traceback
+(`interrupt.py`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,26 @@ import sys
 import warnings
 
 import typer
+from typer.core import TyperGroup
 
 from ..errors import MoeconsolError, MoeconsolWarning
+from .interrupt import Interrupted, sigterm_interrupts
+
+
+class _Commands(TyperGroup):
+    """The command group; Ctrl-C inside a command becomes `Interrupted` (typer would turn it
+    into a silent exit 130)."""
+
+    def invoke(self, ctx):  # noqa: ANN001, ANN201 (click's signature)
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+
 
 app = typer.Typer(
     name="moeconsol",
+    cls=_Commands,
     help="Consolidate fine-tuned Mixture-of-Experts checkpoints into one shared expert bank.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -97,16 +113,20 @@ def main() -> None:
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
     try:
-        load_commands(sys.argv[1] if len(sys.argv) > 1 else None)
-        code = app(standalone_mode=False)  # a raised typer.Exit comes back as its code here
+        with sigterm_interrupts():
+            load_commands(sys.argv[1] if len(sys.argv) > 1 else None)
+            code = app(standalone_mode=False)  # a raised typer.Exit comes back as its code here
         if isinstance(code, int) and code:
             sys.exit(code)
     except MoeconsolError as e:
         print(f"moeconsol: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(e.line(), file=sys.stderr)
+        sys.exit(e.code)
     except KeyboardInterrupt:
-        print("moeconsol: interrupted", file=sys.stderr)
-        sys.exit(130)
+        print(Interrupted().line(), file=sys.stderr)
+        sys.exit(Interrupted().code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except Exception as e:  # click usage errors and aborts; anything else is a bug: its traceback

@@ -20,6 +20,7 @@ from ..serving.engine import (
     DEFAULT_MAX_WAIT,
 )
 from . import app
+from .interrupt import INTERRUPTED, Interrupted
 from .serve import check_server_options
 
 
@@ -157,5 +158,5 @@ def serve_cluster(
         if failed is not None:
             raise MoeconsolError(f"deploying on Ray failed: {first_line(failed)}")
     what = "Ray and every Ray process stopped" if local else f"the application left the cluster at {address}"
-    print(f"moeconsol: interrupted: the server on {host}:{port} stopped; {what}", file=sys.stderr)
-    raise typer.Exit(130 if received and received[0] == signal.SIGINT else 0)
+    code = INTERRUPTED if received and received[0] == signal.SIGINT else 0
+    raise Interrupted(f"the server on {host}:{port} stopped; {what}", code)

@@ -25,6 +25,7 @@ from ..serving.engine import (
 )
 from ..serving.runtime import Runtime
 from . import app
+from .interrupt import INTERRUPTED, Interrupted, by_sigterm
 from .progress import stage_progress
 
 
@@ -155,9 +156,8 @@ def serve_local(
                 max_tokens_in_flight=max_tokens_in_flight,
                 sock=sock,
             )
-        except KeyboardInterrupt:
-            print(f"moeconsol: interrupted: the server on {host}:{port} stopped", file=sys.stderr)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt:  # a server stopped by SIGTERM (a service manager) did what it was asked: 0
+            raise Interrupted(f"the server on {host}:{port} stopped", 0 if by_sigterm() else INTERRUPTED) from None
         return
 
     results = []

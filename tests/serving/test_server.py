@@ -470,7 +470,8 @@ def test_cli_refuses_a_port_in_use_and_nan_in_one_line(served):
 
 
 @pytest.mark.slow
-def test_cli_server_stops_on_ctrl_c_with_one_line(served):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+def test_cli_server_stops_on_ctrl_c_or_sigterm_with_one_line(served, sig, code):
     out, runtime, refs, tok = served
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -495,13 +496,13 @@ def test_cli_server_stops_on_ctrl_c_with_one_line(served):
                     proc.stderr.read() if proc.poll() is not None else "timeout"
                 )
                 time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == code, stderr
     last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
     assert last.startswith("moeconsol: interrupted") and f"{port}" in last, stderr
 
