@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -48,3 +50,24 @@ def run_main(*args: object) -> subprocess.CompletedProcess:
     finally:
         sys.argv, warnings.showwarning = argv, show
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+HEAVY = ("torch", "transformers", "fastapi", "matplotlib", "scipy", "uvicorn")
+"""Modules that take seconds to import: a command imports them only once its options are checked."""
+
+
+def imported_after(argv: list[str]) -> tuple[int, list[str], str]:
+    """Run `main()` with argv in a fresh interpreter: (exit code, heavy modules imported, stderr)."""
+    code = (
+        "import json, sys\n"
+        f"sys.argv = ['moeconsol', *{argv!r}]\n"
+        "from moeconsol.cli import main\n"
+        "try:\n    main()\n    code = 0\nexcept SystemExit as e:\n    code = e.code\n"
+        f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))\n"
+        "print(json.dumps([code, heavy]))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    exit_code, heavy = json.loads(r.stdout.strip().splitlines()[-1])
+    return exit_code, heavy, r.stderr

@@ -5,23 +5,19 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..io.writer import format_bytes
-from ..quality.evaluate import (
-    EvalReport,
-    EvalSettings,
-    SweepReport,
-    eval_artifact,
-    plot_sweep,
-    sweep,
-)
+from ..io.sizes import format_bytes
 from . import app
 from .options import parse_budgets, parse_named_files
 from .progress import stage_progress
+
+if TYPE_CHECKING:
+    from ..quality.evaluate import EvalReport, SweepReport
 
 
 def _num(x: float | None, digits: int = 4) -> str:
@@ -84,9 +80,13 @@ def eval_command(
     json_file: Path | None = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
 ) -> None:
     """Quality of each variant: original checkpoint vs. consolidated (served by the runtime)."""
+    files = _named(data, "--data")
+    # torch, transformers and the runtime: imported once the options are checked (start-up time)
+    from ..quality.evaluate import EvalSettings, eval_artifact
+
     settings = EvalSettings(chunk_len=chunk_len, max_examples=max_examples)
     with stage_progress() as report:
-        r = eval_artifact(artifact, _named(data, "--data"), base, variant or None, settings, report)
+        r = eval_artifact(artifact, files, base, variant or None, settings, report)
     _print_eval(r)
     if json_file:
         json_file.write_text(json.dumps(r.to_dict(), indent=2, allow_nan=False) + "\n")
@@ -119,6 +119,11 @@ def sweep_command(
 ) -> None:
     """Bytes vs. quality for every method (reference, budget, calibrated, merging baselines) at every budget.
     Each artifact is made in a temporary directory, scored and removed."""
+    files, fractions = _named(data, "--data"), parse_budgets(budgets)
+    calibration_files = parse_named_files(calibration, "--calibration") or None
+    # torch, transformers and the runtime: imported once the options are checked (start-up time)
+    from ..quality.evaluate import EvalSettings, plot_sweep, sweep
+
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         json_file = json_file or output / "sweep.json"
@@ -127,10 +132,10 @@ def sweep_command(
     with stage_progress() as report:
         r = sweep(
             models,
-            _named(data, "--data"),
-            parse_budgets(budgets),
+            files,
+            fractions,
             base,
-            parse_named_files(calibration, "--calibration") or None,
+            calibration_files,
             method or None,
             settings,
             output,

@@ -12,16 +12,15 @@ from typing import Annotated
 import typer
 
 from ..errors import MoeconsolError
-from ..serving.crossvariant import ServingMode
-from ..serving.engine import (
+from . import app
+from .interrupt import INTERRUPTED, Interrupted
+from .serve import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_PROMPT_TOKENS,
     DEFAULT_MAX_TOKENS_IN_FLIGHT,
     DEFAULT_MAX_WAIT,
+    check_server_options,
 )
-from . import app
-from .interrupt import INTERRUPTED, Interrupted
-from .serve import check_server_options
 
 
 @app.command("serve")
@@ -74,6 +73,7 @@ def serve_cluster(
 
     # the runtime, FastAPI and Ray: imported once the options are checked, so --help and bad options are quick
     from ..artifact.verify import verify_artifact
+    from ..serving.crossvariant import ServingMode
     from ..serving.device import parse_device, parse_dtype
     from ..serving.ray_serve import (
         ReplicaSettings,

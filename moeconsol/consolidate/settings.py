@@ -1,4 +1,4 @@
-"""How to consolidate: the merge modes, `MergeSettings`, the checks every mode shares, and budgets.
+"""How to consolidate: `MergeSettings` (the modes are `modes.Mode`), the checks every mode shares, and budgets.
 
 Each mode's own checks (which options it takes, what it needs) are its planner's
 (`planners.Planner.check`); `check_settings` here checks what holds in every mode.
@@ -8,33 +8,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from enum import Enum
 
 from ..analysis.similarity import METRICS
 from ..artifact import nonexpert_codec as codec
 from ..artifact.corrections import AUTO, delta_format
 from ..errors import SettingsError
 from ..io.checkpoint import Checkpoint, expert_nbytes
-from ..io.writer import format_bytes, parse_size
+from ..io.sizes import format_bytes, parse_size
 from .grouping import REPRESENTATIVES
+from .modes import Mode, check_mode
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
-
-
-class Mode(str, Enum):
-    """A merge mode; its value is the command line's `--mode` and the manifest's `mode`."""
-
-    LOSSLESS = "lossless"
-    THRESHOLD = "threshold"
-    BUDGET = "budget"
-    CALIBRATED = "calibrated"
-    REFERENCE = "reference"
-    AVERAGE = "average"
-    TASK_ARITHMETIC = "task-arithmetic"
-    TIES = "ties"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass
@@ -76,10 +60,7 @@ class MergeSettings:
 
 def check_settings(s: MergeSettings) -> MergeSettings:
     """Refuse an unknown mode and what is wrong in every mode; the mode as a `Mode`."""
-    names = [m.value for m in Mode]
-    if s.mode not in names:
-        raise SettingsError(f"unknown mode {s.mode!r}: choose from {', '.join(names)}")
-    mode = Mode(s.mode)
+    mode = check_mode(s.mode)
     for option, value in (("scale", s.scale), ("density", s.density), ("threshold", s.threshold)):
         if value is not None and not math.isfinite(value):
             raise SettingsError(f"{option} must be a finite number, got {value}")

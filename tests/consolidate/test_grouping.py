@@ -28,7 +28,8 @@ from moeconsol.consolidate.grouping import (
     to_distance,
 )
 from moeconsol.errors import MoeconsolError
-from moeconsol.io.writer import SafetensorsWriter, ShardedWriter, TensorSpec, atomic_directory, parse_size, plan_shards
+from moeconsol.io.sizes import parse_size
+from moeconsol.io.writer import SafetensorsWriter, ShardedWriter, TensorSpec, atomic_directory, plan_shards
 
 
 def random_layer(
