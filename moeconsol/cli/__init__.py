@@ -1,8 +1,8 @@
 """The `moeconsol` command line: a thin layer over the library.
 
 Each command lives in its own module and only parses options, calls library functions and
-prints. Errors of the user's making (`MoeconsolError`) become one line on stderr and exit
-code 2; Ctrl-C and SIGTERM exit 130 with one `moeconsol: interrupted` line, no traceback
+prints. Errors of the user's making (`MoeconsolError`) become one line on stderr, with the
+settings they name written as the options the user types (`messages.py`), and exit code 2; Ctrl-C and SIGTERM exit 130 with one `moeconsol: interrupted` line, no traceback
 (`interrupt.py`).
 """
 
@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 
 from ..errors import MoeconsolError, MoeconsolWarning
 from .interrupt import Interrupted, sigterm_interrupts
+from .messages import as_typed, typed_options
 
 
 class _Commands(TyperGroup):
@@ -119,7 +120,8 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except MoeconsolError as e:
-        print(f"moeconsol: error: {e}", file=sys.stderr)
+        command = sys.argv[1] if len(sys.argv) > 1 else None
+        print(f"moeconsol: error: {as_typed(str(e), typed_options(app, command))}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:
         print(e.line(), file=sys.stderr)

@@ -77,12 +77,16 @@ def merge(
         "lossless", help="lossless | threshold | budget | calibrated | reference | average | task-arithmetic | ties."
     ),
     metric: str | None = typer.Option(
-        None, help="cosine | l2 | relative-l2 | cka (threshold and budget modes; default cosine)."
+        None, help="cosine | l2 | relative-l2 | cka (threshold, budget and calibrated modes; default cosine)."
     ),
     threshold: float | None = typer.Option(
         None, help="threshold mode: every member within this of its cluster (similarity >= t, or distance <= t)."
     ),
-    budget: str | None = typer.Option(None, help="budget mode: bank bytes (40GB) or a fraction of all experts (0.5)."),
+    budget: str | None = typer.Option(
+        None,
+        help="budget, calibrated and reference modes: expert memory as bank bytes (40GB) or a fraction of all "
+        "experts (0.5); with --deltas, bank + delta bytes. (sweep takes a list: --budgets.)",
+    ),
     representative: str = typer.Option(
         "medoid", help="medoid | first | mean | best (calibrated): what a shared bank expert holds."
     ),

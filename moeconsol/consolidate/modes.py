@@ -31,5 +31,5 @@ def check_mode(mode: Mode | str) -> Mode:
     """`mode` as a `Mode`; SettingsError naming the modes if it is none of them."""
     names = [m.value for m in Mode]
     if mode not in names:
-        raise SettingsError(f"unknown mode {mode!r}: choose from {', '.join(names)}")
+        raise SettingsError(f"unknown `mode` {mode!r}: choose from {', '.join(names)}")
     return Mode(mode)

@@ -93,13 +93,13 @@ def check_destination(out: Path, force: bool, inputs: Sequence[Path] = ()) -> No
     if out.is_symlink():
         raise OutputError(f"{out} is a symbolic link: give the real path of the output directory")
     if out.exists() and not force:
-        raise OutputError(f"{out} already exists: choose another path, or replace it (force)")
+        raise OutputError(f"{out} already exists: choose another path, or replace it with `force`")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} exists and is not a directory: remove it first")
     if out.is_dir() and not _replaceable(out):
         raise OutputError(
             f"{out} is a directory that is neither a moeconsol artifact nor a checkpoint (or holds other files too): "
-            "not replacing it even with force; choose another path or remove it yourself"
+            "not replacing it even with `force`; choose another path or remove it yourself"
         )
     if not out.parent.is_dir():
         raise OutputError(f"{out.parent}: no such directory to write {out.name} into")

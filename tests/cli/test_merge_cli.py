@@ -119,14 +119,14 @@ def test_merge_inspect_verify_export(family, tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(
     "args, fragments",
     [
-        (["--mode", "threshold", "--threshold", "1.5"], ["threshold 1.5 out of range for cosine"]),
+        (["--mode", "threshold", "--threshold", "1.5"], ["--threshold 1.5 out of range for cosine"]),
         (["--mode", "threshold", "--metric", "l2", "--threshold", "-1"], ["out of range for l2"]),
-        (["--mode", "budget", "--budget", "0.25"], ["budget too small", "8 experts"]),
-        (["--mode", "budget", "--budget", "10KB"], ["budget too small"]),
+        (["--mode", "budget", "--budget", "0.25"], ["--budget too small", "8 experts"]),
+        (["--mode", "budget", "--budget", "10KB"], ["--budget too small"]),
         (["--mode", "budget", "--budget", "lots"], ["bad size 'lots'"]),
-        (["--mode", "budget"], ["needs a budget"]),
+        (["--mode", "budget"], ["--mode budget needs a --budget"]),
         (["--shard-size", "5XB"], ["bad size"]),
-        (["--representative", "median"], ["unknown representative"]),
+        (["--representative", "median"], ["unknown --representative 'median'"]),
     ],
 )
 def test_bad_options_one_line_exit_2(family, tmp_path, monkeypatch, capsys, args, fragments):

@@ -18,7 +18,7 @@ def test_help_imports_nothing_heavy(command):
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["merge", "--mode", "nope", "a", "b", "-o", "x"], "unknown mode 'nope'"),
+        (["merge", "--mode", "nope", "a", "b", "-o", "x"], "unknown --mode 'nope'"),
         (["merge", "a", "b", "-o", "x", "--shard-size", "5XB"], "bad size '5XB'"),
         (["merge", "a", "b", "-o", "x", "--calibration", "=f"], "--calibration"),
         (["merge", "./absent-a", "./absent-b", "-o", "x"], "absent-a"),

@@ -85,7 +85,7 @@ def test_threshold_range_is_checked():
     for metric, bad in [("cosine", 1.5), ("cka", -2.0), ("l2", -0.1), ("relative-l2", 2.5)]:
         with pytest.raises(MoeconsolError, match="out of range"):
             threshold_to_distance(metric, bad)
-    with pytest.raises(MoeconsolError, match="unknown metric"):
+    with pytest.raises(MoeconsolError, match="unknown `metric`"):
         threshold_to_distance("euclid", 0.5)
 
 

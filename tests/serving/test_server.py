@@ -463,9 +463,11 @@ def test_cli_refuses_a_port_in_use_and_nan_in_one_line(served):
         port = s.getsockname()[1]
         r = cli("serve-local", out, "--port", port)
         one_error_line(r, f"127.0.0.1:{port}")
-    one_error_line(cli("serve-local", out, "--port", port, "--temperature", "nan"), "temperature")
-    one_error_line(cli("serve-local", out, "--prompt", "hi", "--top-p", "nan"), "top_p")
-    one_error_line(cli("serve-local", out, "--prompt", "hi", "--repetition-penalty", "-1"), "repetition_penalty")
+    one_error_line(cli("serve-local", out, "--port", port, "--temperature", "nan"), "--temperature must be")
+    one_error_line(cli("serve-local", out, "--prompt", "hi", "--top-p", "nan"), "--top-p must be")
+    one_error_line(
+        cli("serve-local", out, "--prompt", "hi", "--repetition-penalty", "-1"), "--repetition-penalty must be"
+    )
     one_error_line(cli("serve-local", out, "--port", port, "--max-batch-size", "0"), "--max-batch-size")
 
 
