@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,13 +16,18 @@ def cli(*args: object, env: dict | None = None, timeout: float = 300) -> subproc
     )
 
 
+PROGRESS_LINE = re.compile(r"moeconsol: [^:]+: \d+/\d+ \(\d+%\), [^:]+")
+"""A progress line (cli/progress.py), written when stderr is not a terminal."""
+
+
 def one_error_line(result: str | subprocess.CompletedProcess, *fragments: str) -> None:
     """Bad input: exactly one `moeconsol: error:` line on stderr naming every fragment (and,
-    given a finished process, exit code 2)."""
+    given a finished process, exit code 2); before it only progress lines, where the error
+    was found after work began."""
     if isinstance(result, subprocess.CompletedProcess):
         assert result.returncode == 2, (result.returncode, result.stderr)
         result = result.stderr
-    lines = result.strip().splitlines()
+    lines = [line for line in result.strip().splitlines() if not PROGRESS_LINE.fullmatch(line)]
     assert len(lines) == 1 and lines[0].startswith("moeconsol: error: "), result
     for f in fragments:
         assert f in lines[0], result

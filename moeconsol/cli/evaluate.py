@@ -63,6 +63,13 @@ def sweep_table(r: SweepReport) -> Table:
     return table
 
 
+_STAGES = {
+    "originals": "scoring the original checkpoints",
+    "consolidated": "scoring the consolidated variants",
+    "sweep": "merging and scoring (originals, then each method at each budget)",
+}
+
+
 def _named(items: list[str], option: str) -> dict[str, str]:
     return parse_named_files(items, option, allow_unnamed=False)
 
@@ -85,7 +92,7 @@ def eval_command(
     from ..quality.evaluate import EvalSettings, eval_artifact
 
     settings = EvalSettings(chunk_len=chunk_len, max_examples=max_examples)
-    with stage_progress() as report:
+    with stage_progress(_STAGES) as report:
         r = eval_artifact(artifact, files, base, variant or None, settings, report)
     _print_eval(r)
     if json_file:
@@ -129,7 +136,7 @@ def sweep_command(
         json_file = json_file or output / "sweep.json"
         plot = plot or output / "sweep.png"
     settings = EvalSettings(chunk_len=chunk_len, max_examples=max_examples)
-    with stage_progress() as report:
+    with stage_progress(_STAGES) as report:
         r = sweep(
             models,
             files,

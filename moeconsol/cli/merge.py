@@ -143,7 +143,7 @@ def merge(
         delta_format=delta_format,
         non_expert_codec=non_expert_codec,
     )
-    with stage_progress(as_json, _STAGES) as report:
+    with stage_progress(_STAGES) as report:
         result = run_merge(ckpts, output, settings, force=force, progress=report)
     s = summary(Artifact.open(result.path))
     if as_json:
@@ -165,7 +165,7 @@ def export(
     """Write one model of an artifact back as a standard Hugging Face checkpoint."""
     from ..artifact.export import export_model  # torch: imported once the options are parsed (start-up time)
 
-    with stage_progress(False, _STAGES) as report:
+    with stage_progress(_STAGES) as report:
         path = export_model(artifact, model, output, force=force, checksums=checksums, progress=report)
     Console().print(f"exported {model!r} to {path}")
 
@@ -196,7 +196,7 @@ def verify(
     from ..artifact.reader import Artifact
     from ..artifact.verify import verify_artifact
 
-    with stage_progress(as_json, _STAGES) as report:
+    with stage_progress(_STAGES) as report:
         problems = verify_artifact(artifact, progress=report)
     if as_json:
         print(json.dumps({"ok": not problems, "problems": problems}, indent=2))
