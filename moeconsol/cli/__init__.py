@@ -22,15 +22,34 @@ from .interrupt import Interrupted, sigterm_interrupts
 from .messages import as_typed, typed_options
 
 
+def _untag_flags(command, ctx):  # noqa: ANN001, ANN202 (click's types)
+    """On/off flags (`--force`, `--help`) take no value: --help shows them without typer's
+    `<bool>` value tag (an empty metavar)."""
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return command
+
+
 class _Commands(TyperGroup):
-    """The command group; Ctrl-C inside a command becomes `Interrupted` (typer would turn it
-    into a silent exit 130)."""
+    """The command group: Ctrl-C inside a command becomes `Interrupted` (typer would turn it
+    into a silent exit 130), and flags show no value tag in --help."""
 
     def invoke(self, ctx):  # noqa: ANN001, ANN201 (click's signature)
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
             raise Interrupted() from None
+
+    def get_command(self, ctx, cmd_name):  # noqa: ANN001, ANN201 (click's signature)
+        command = super().get_command(ctx, cmd_name)
+        return command if command is None else _untag_flags(command, ctx)
+
+    def get_help_option(self, ctx):  # noqa: ANN001, ANN201 (click's signature)
+        option = super().get_help_option(ctx)
+        if option is not None and option.metavar is None:
+            option.metavar = ""
+        return option
 
 
 app = typer.Typer(

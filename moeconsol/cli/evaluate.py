@@ -15,6 +15,7 @@ from ..io.sizes import format_bytes
 from . import app
 from .options import parse_budgets, parse_named_files
 from .progress import stage_progress
+from .settings_text import settings_line
 
 if TYPE_CHECKING:
     from ..quality.evaluate import EvalReport, SweepReport
@@ -27,9 +28,7 @@ def _num(x: float | None, digits: int = 4) -> str:
 
 
 def _print_eval(r: EvalReport) -> None:
-    c = r.consolidation
-    settings = ", ".join(f"{k}={v}" for k, v in c.items() if v is not None and not isinstance(v, dict))
-    table = Table(title=f"quality of {r.artifact} ({settings})")
+    table = Table(title=f"quality of {r.artifact} ({settings_line(r.consolidation)})")
     for col in ("variant", "metric", "original", "consolidated", "base", "retained gain"):
         table.add_column(col, justify="left" if col in ("variant", "metric") else "right")
     for v in r.variants:

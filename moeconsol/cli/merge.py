@@ -15,6 +15,7 @@ from ..io.sizes import format_bytes, parse_size
 from . import app
 from .options import parse_named_files
 from .progress import stage_progress
+from .settings_text import mapping_lines, settings_line
 
 _STAGES = {
     "plan": "measuring experts",
@@ -32,11 +33,11 @@ _STAGES = {
 def _print_summary(s: dict, title: str) -> None:
     console = Console()
     c = s["consolidation"]
-    settings = ", ".join(f"{k}={v}" for k, v in c.items() if v is not None)
     console.print(
         f"[bold]{title}[/bold]  {s['architecture']}, {s['dtype']}, models: {', '.join(m['name'] for m in s['models'])}"
     )
-    console.print(f"consolidation: {settings}")
+    for line in [f"consolidation: {settings_line(c)}", *mapping_lines(c)]:
+        console.print(line, markup=False, highlight=False)
     n_slots = len(s["models"]) * s["experts_per_layer"]
     table = Table("MoE layer", "bank", "slots", "shared")
     for layer, size in s["bank"].items():

@@ -25,7 +25,7 @@ from .serve import (
 
 @app.command("serve")
 def serve_cluster(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory written by `moeconsol merge`.")],
+    artifact: Annotated[Path, typer.Argument(metavar="OUT", help="Artifact directory written by `moeconsol merge`.")],
     replicas: Annotated[int, typer.Option(help="Replicas, each one runtime holding every variant.")] = 1,
     address: Annotated[
         str | None, typer.Option(help="Join the Ray cluster at HOST:PORT (else start a local Ray).")

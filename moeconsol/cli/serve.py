@@ -51,7 +51,7 @@ def check_server_options(
 
 @app.command("serve-local")
 def serve_local(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory written by `moeconsol merge`.")],
+    artifact: Annotated[Path, typer.Argument(metavar="OUT", help="Artifact directory written by `moeconsol merge`.")],
     model: Annotated[
         list[str] | None,
         typer.Option("--model", help="Variant to run the prompt on (repeatable: one after another)."),
