@@ -2,7 +2,8 @@
 
 Each command lives in its own module and only parses options, calls library functions and
 prints. Errors of the user's making (`MoeconsolError`) become one line on stderr, with the
-settings they name written as the options the user types (`messages.py`), and exit code 2; Ctrl-C and SIGTERM exit 130 with one `moeconsol: interrupted` line, no traceback
+settings they name written as the options the user types (`messages.py`), and exit code 2;
+Ctrl-C and SIGTERM exit 130 with one `moeconsol: interrupted` line, no traceback
 (`interrupt.py`).
 """
 
@@ -22,13 +23,12 @@ from .interrupt import Interrupted, sigterm_interrupts
 from .messages import as_typed, typed_options
 
 
-def _untag_flags(command, ctx):  # noqa: ANN001, ANN202 (click's types)
-    """On/off flags (`--force`, `--help`) take no value: --help shows them without typer's
-    `<bool>` value tag (an empty metavar)."""
-    for param in [*command.params, command.get_help_option(ctx)]:
-        if getattr(param, "is_flag", False) and param.metavar is None:
-            param.metavar = ""
-    return command
+def _untagged(param):  # noqa: ANN001, ANN202 (click's types)
+    """An on/off flag (`--force`, `--help`) takes no value: an empty metavar, so that --help
+    shows no `<bool>` value tag (typer >= 0.2x tags every option with its type)."""
+    if getattr(param, "is_flag", False) and param.metavar is None:
+        param.metavar = ""
+    return param
 
 
 class _Commands(TyperGroup):
@@ -43,13 +43,13 @@ class _Commands(TyperGroup):
 
     def get_command(self, ctx, cmd_name):  # noqa: ANN001, ANN201 (click's signature)
         command = super().get_command(ctx, cmd_name)
-        return command if command is None else _untag_flags(command, ctx)
+        if command is not None:
+            for param in [*command.params, command.get_help_option(ctx)]:
+                _untagged(param)
+        return command
 
     def get_help_option(self, ctx):  # noqa: ANN001, ANN201 (click's signature)
-        option = super().get_help_option(ctx)
-        if option is not None and option.metavar is None:
-            option.metavar = ""
-        return option
+        return _untagged(super().get_help_option(ctx))
 
 
 app = typer.Typer(
