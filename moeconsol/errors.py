@@ -17,9 +17,11 @@ caller can catch `MoeconsolError` for all of them, or one subclass to tell them 
     ├── UnknownModelError        a model name the artifact does not hold
     └── OutputError              an output path that cannot or must not be written
 
-Messages say what is wrong and what to do; they name files and values, not CLI flags, so
-they read the same from Python. Where an error has a cause (an OSError, a JSON error) it is
-raised `from` that cause.
+Messages say what is wrong and what to do. A message names a setting by its Python parameter
+in backticks ("replace it with `force`", "give `calibration` base=FILE"), never by a CLI
+flag, so that it reads right from Python; the CLI writes each such name as the option the
+user types ("replace it with --force", cli/messages.py). Where an error has a cause (an
+OSError, a JSON error) it is raised `from` that cause.
 """
 
 

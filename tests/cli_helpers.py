@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import subprocess
 import sys
 
@@ -13,13 +16,18 @@ def cli(*args: object, env: dict | None = None, timeout: float = 300) -> subproc
     )
 
 
+PROGRESS_LINE = re.compile(r"moeconsol: [^:]+: \d+/\d+ \(\d+%\), [^:]+")
+"""A progress line (cli/progress.py), written when stderr is not a terminal."""
+
+
 def one_error_line(result: str | subprocess.CompletedProcess, *fragments: str) -> None:
     """Bad input: exactly one `moeconsol: error:` line on stderr naming every fragment (and,
-    given a finished process, exit code 2)."""
+    given a finished process, exit code 2); before it only progress lines, where the error
+    was found after work began."""
     if isinstance(result, subprocess.CompletedProcess):
         assert result.returncode == 2, (result.returncode, result.stderr)
         result = result.stderr
-    lines = result.strip().splitlines()
+    lines = [line for line in result.strip().splitlines() if not PROGRESS_LINE.fullmatch(line)]
     assert len(lines) == 1 and lines[0].startswith("moeconsol: error: "), result
     for f in fragments:
         assert f in lines[0], result
@@ -48,3 +56,24 @@ def run_main(*args: object) -> subprocess.CompletedProcess:
     finally:
         sys.argv, warnings.showwarning = argv, show
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+HEAVY = ("torch", "transformers", "fastapi", "matplotlib", "scipy", "uvicorn")
+"""Modules that take seconds to import: a command imports them only once its options are checked."""
+
+
+def imported_after(argv: list[str]) -> tuple[int, list[str], str]:
+    """Run `main()` with argv in a fresh interpreter: (exit code, heavy modules imported, stderr)."""
+    code = (
+        "import json, sys\n"
+        f"sys.argv = ['moeconsol', *{argv!r}]\n"
+        "from moeconsol.cli import main\n"
+        "try:\n    main()\n    code = 0\nexcept SystemExit as e:\n    code = e.code\n"
+        f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))\n"
+        "print(json.dumps([code, heavy]))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    exit_code, heavy = json.loads(r.stdout.strip().splitlines()[-1])
+    return exit_code, heavy, r.stderr

@@ -120,7 +120,7 @@ def analyze_models(
     """
     metrics = check_metrics(metrics)
     if n_probes < 2:
-        raise SettingsError(f"probes must be at least 2 (CKA centres over probes), got {n_probes}")
+        raise SettingsError(f"`probes` must be at least 2 (CKA centres over probes), got {n_probes}")
     first = ckpts[0]
     report = AnalysisReport(
         models=[c.name for c in ckpts],

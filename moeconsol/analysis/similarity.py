@@ -66,7 +66,7 @@ _CHUNK_ELEMENTS = 1 << 21
 def check_metrics(metrics: list[str]) -> list[str]:
     for m in metrics:
         if m not in METRICS:
-            raise SettingsError(f"unknown metric {m!r}: choose from {', '.join(METRICS)}")
+            raise SettingsError(f"unknown `metric` {m!r}: choose from {', '.join(METRICS)}")
     return list(dict.fromkeys(metrics))
 
 

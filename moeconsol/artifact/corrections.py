@@ -293,7 +293,7 @@ def delta_format(name: str) -> DeltaFormat:
     try:
         return FORMATS[name]
     except KeyError:
-        raise SettingsError(f"unknown delta format {name!r}: choose from {', '.join([AUTO, *FORMATS])}") from None
+        raise SettingsError(f"unknown `delta_format` {name!r}: choose from {', '.join([AUTO, *FORMATS])}") from None
 
 
 def decode(fmt: str | DeltaFormat, components: Components, shape: Shape, size: int | None) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """The `moeconsol` command line: a thin layer over the library.
 
 Each command lives in its own module and only parses options, calls library functions and
-prints. Errors of the user's making (`MoeconsolError`) become one line on stderr and exit
-code 2; Ctrl-C exits 130 without a traceback.
+prints. Errors of the user's making (`MoeconsolError`) become one line on stderr, with the
+settings they name written as the options the user types (`messages.py`), and exit code 2;
+Ctrl-C and SIGTERM exit 130 with one `moeconsol: interrupted` line, no traceback
+(`interrupt.py`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,45 @@ import sys
 import warnings
 
 import typer
+from typer.core import TyperGroup
 
 from ..errors import MoeconsolError, MoeconsolWarning
+from .interrupt import Interrupted, sigterm_interrupts
+from .messages import as_typed, typed_options
+
+
+def _untagged(param):  # noqa: ANN001, ANN202 (click's types)
+    """An on/off flag (`--force`, `--help`) takes no value: an empty metavar, so that --help
+    shows no `<bool>` value tag (typer >= 0.2x tags every option with its type)."""
+    if getattr(param, "is_flag", False) and param.metavar is None:
+        param.metavar = ""
+    return param
+
+
+class _Commands(TyperGroup):
+    """The command group: Ctrl-C inside a command becomes `Interrupted` (typer would turn it
+    into a silent exit 130), and flags show no value tag in --help."""
+
+    def invoke(self, ctx):  # noqa: ANN001, ANN201 (click's signature)
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+
+    def get_command(self, ctx, cmd_name):  # noqa: ANN001, ANN201 (click's signature)
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            for param in [*command.params, command.get_help_option(ctx)]:
+                _untagged(param)
+        return command
+
+    def get_help_option(self, ctx):  # noqa: ANN001, ANN201 (click's signature)
+        return _untagged(super().get_help_option(ctx))
+
 
 app = typer.Typer(
     name="moeconsol",
+    cls=_Commands,
     help="Consolidate fine-tuned Mixture-of-Experts checkpoints into one shared expert bank.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -97,16 +133,21 @@ def main() -> None:
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
     try:
-        load_commands(sys.argv[1] if len(sys.argv) > 1 else None)
-        code = app(standalone_mode=False)  # a raised typer.Exit comes back as its code here
+        with sigterm_interrupts():
+            load_commands(sys.argv[1] if len(sys.argv) > 1 else None)
+            code = app(standalone_mode=False)  # a raised typer.Exit comes back as its code here
         if isinstance(code, int) and code:
             sys.exit(code)
     except MoeconsolError as e:
-        print(f"moeconsol: error: {e}", file=sys.stderr)
+        command = sys.argv[1] if len(sys.argv) > 1 else None
+        print(f"moeconsol: error: {as_typed(str(e), typed_options(app, command))}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(e.line(), file=sys.stderr)
+        sys.exit(e.code)
     except KeyboardInterrupt:
-        print("moeconsol: interrupted", file=sys.stderr)
-        sys.exit(130)
+        print(Interrupted().line(), file=sys.stderr)
+        sys.exit(Interrupted().code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except Exception as e:  # click usage errors and aborts; anything else is a bug: its traceback

@@ -9,7 +9,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..analysis.report import (
@@ -24,6 +23,7 @@ from ..analysis.similarity import DEFAULT_PROBES, METRICS, check_metrics
 from ..errors import MoeconsolError
 from ..io.checkpoint import open_checkpoints
 from . import app
+from .progress import stage_progress
 
 
 @app.command()
@@ -69,24 +69,17 @@ def analyze(
     ckpts = open_checkpoints(models, revision)
 
     err = Console(stderr=True)
-    with Progress(
-        TextColumn("analyze"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("", total=len(ckpts[0].moe_layers))
-        report = analyze_models(
-            ckpts,
-            metrics,
-            calibration,
-            probes,
-            seed,
-            on_layer=lambda layer: progress.update(task, advance=1, description=layer),
-        )
+    layers = len(ckpts[0].moe_layers)
+    done = 0
+
+    with stage_progress({"analyze": "measuring MoE layers"}) as progress:
+
+        def on_layer(layer: str) -> None:
+            nonlocal done
+            done += 1
+            progress("analyze", done, layers)
+
+        report = analyze_models(ckpts, metrics, calibration, probes, seed, on_layer=on_layer)
 
     if json_out != "-":
         print_tables(report, Console())

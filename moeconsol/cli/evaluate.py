@@ -5,23 +5,20 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..io.writer import format_bytes
-from ..quality.evaluate import (
-    EvalReport,
-    EvalSettings,
-    SweepReport,
-    eval_artifact,
-    plot_sweep,
-    sweep,
-)
+from ..io.sizes import format_bytes
 from . import app
 from .options import parse_budgets, parse_named_files
 from .progress import stage_progress
+from .settings_text import settings_line
+
+if TYPE_CHECKING:
+    from ..quality.evaluate import EvalReport, SweepReport
 
 
 def _num(x: float | None, digits: int = 4) -> str:
@@ -31,9 +28,7 @@ def _num(x: float | None, digits: int = 4) -> str:
 
 
 def _print_eval(r: EvalReport) -> None:
-    c = r.consolidation
-    settings = ", ".join(f"{k}={v}" for k, v in c.items() if v is not None and not isinstance(v, dict))
-    table = Table(title=f"quality of {r.artifact} ({settings})")
+    table = Table(title=f"quality of {r.artifact} ({settings_line(r.consolidation)})")
     for col in ("variant", "metric", "original", "consolidated", "base", "retained gain"):
         table.add_column(col, justify="left" if col in ("variant", "metric") else "right")
     for v in r.variants:
@@ -67,6 +62,13 @@ def sweep_table(r: SweepReport) -> Table:
     return table
 
 
+_STAGES = {
+    "originals": "scoring the original checkpoints",
+    "consolidated": "scoring the consolidated variants",
+    "sweep": "merging and scoring (originals, then each method at each budget)",
+}
+
+
 def _named(items: list[str], option: str) -> dict[str, str]:
     return parse_named_files(items, option, allow_unnamed=False)
 
@@ -84,9 +86,13 @@ def eval_command(
     json_file: Path | None = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
 ) -> None:
     """Quality of each variant: original checkpoint vs. consolidated (served by the runtime)."""
+    files = _named(data, "--data")
+    # torch, transformers and the runtime: imported once the options are checked (start-up time)
+    from ..quality.evaluate import EvalSettings, eval_artifact
+
     settings = EvalSettings(chunk_len=chunk_len, max_examples=max_examples)
-    with stage_progress() as report:
-        r = eval_artifact(artifact, _named(data, "--data"), base, variant or None, settings, report)
+    with stage_progress(_STAGES) as report:
+        r = eval_artifact(artifact, files, base, variant or None, settings, report)
     _print_eval(r)
     if json_file:
         json_file.write_text(json.dumps(r.to_dict(), indent=2, allow_nan=False) + "\n")
@@ -119,18 +125,23 @@ def sweep_command(
 ) -> None:
     """Bytes vs. quality for every method (reference, budget, calibrated, merging baselines) at every budget.
     Each artifact is made in a temporary directory, scored and removed."""
+    files, fractions = _named(data, "--data"), parse_budgets(budgets)
+    calibration_files = parse_named_files(calibration, "--calibration") or None
+    # torch, transformers and the runtime: imported once the options are checked (start-up time)
+    from ..quality.evaluate import EvalSettings, plot_sweep, sweep
+
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         json_file = json_file or output / "sweep.json"
         plot = plot or output / "sweep.png"
     settings = EvalSettings(chunk_len=chunk_len, max_examples=max_examples)
-    with stage_progress() as report:
+    with stage_progress(_STAGES) as report:
         r = sweep(
             models,
-            _named(data, "--data"),
-            parse_budgets(budgets),
+            files,
+            fractions,
             base,
-            parse_named_files(calibration, "--calibration") or None,
+            calibration_files,
             method or None,
             settings,
             output,

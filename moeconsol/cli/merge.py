@@ -9,17 +9,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..artifact.export import export_model
-from ..artifact.nonexpert_codec import XOR_ZSTD
-from ..artifact.reader import Artifact, summary
-from ..artifact.verify import verify_artifact
-from ..consolidate.pipeline import merge as run_merge
-from ..consolidate.settings import DEFAULT_SHARD_SIZE, MergeSettings
+from ..consolidate.modes import check_mode
 from ..io.checkpoint import open_checkpoints
-from ..io.writer import format_bytes, parse_size
+from ..io.sizes import format_bytes, parse_size
 from . import app
 from .options import parse_named_files
 from .progress import stage_progress
+from .settings_text import mapping_lines, settings_line
 
 _STAGES = {
     "plan": "measuring experts",
@@ -37,11 +33,11 @@ _STAGES = {
 def _print_summary(s: dict, title: str) -> None:
     console = Console()
     c = s["consolidation"]
-    settings = ", ".join(f"{k}={v}" for k, v in c.items() if v is not None)
     console.print(
         f"[bold]{title}[/bold]  {s['architecture']}, {s['dtype']}, models: {', '.join(m['name'] for m in s['models'])}"
     )
-    console.print(f"consolidation: {settings}")
+    for line in [f"consolidation: {settings_line(c)}", *mapping_lines(c)]:
+        console.print(line, markup=False, highlight=False)
     n_slots = len(s["models"]) * s["experts_per_layer"]
     table = Table("MoE layer", "bank", "slots", "shared")
     for layer, size in s["bank"].items():
@@ -82,12 +78,16 @@ def merge(
         "lossless", help="lossless | threshold | budget | calibrated | reference | average | task-arithmetic | ties."
     ),
     metric: str | None = typer.Option(
-        None, help="cosine | l2 | relative-l2 | cka (threshold and budget modes; default cosine)."
+        None, help="cosine | l2 | relative-l2 | cka (threshold, budget and calibrated modes; default cosine)."
     ),
     threshold: float | None = typer.Option(
         None, help="threshold mode: every member within this of its cluster (similarity >= t, or distance <= t)."
     ),
-    budget: str | None = typer.Option(None, help="budget mode: bank bytes (40GB) or a fraction of all experts (0.5)."),
+    budget: str | None = typer.Option(
+        None,
+        help="budget, calibrated and reference modes: expert memory as bank bytes (40GB) or a fraction of all "
+        "experts (0.5); with --deltas, bank + delta bytes. (sweep takes a list: --budgets.)",
+    ),
     representative: str = typer.Option(
         "medoid", help="medoid | first | mean | best (calibrated): what a shared bank expert holds."
     ),
@@ -109,9 +109,9 @@ def merge(
     delta_format: str | None = typer.Option(
         None, help="With --deltas: auto (default: every format) | lowrank | sign | int4 | mixed."
     ),
-    shard_size: str = typer.Option(str(DEFAULT_SHARD_SIZE), help="Maximum bytes per safetensors shard (5GB, 500MB)."),
+    shard_size: str = typer.Option("5GB", help="Maximum bytes per safetensors shard (5GB, 500MB)."),
     non_expert_codec: str = typer.Option(
-        XOR_ZSTD,
+        "xor-zstd",
         help="xor-zstd | none: store a non-expert tensor's versions after the first as lossless deltas against it (where smaller), or whole.",
     ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
@@ -119,24 +119,32 @@ def merge(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Cluster the experts of N models into one shared bank and write one artifact."""
+    check_mode(mode)
+    calibration_files = parse_named_files(calibration, "--calibration") or None
+    shard_bytes = parse_size(shard_size)
+    ckpts = open_checkpoints(models, revision)
+    # torch and the pipeline: imported once the options and inputs are checked (start-up time)
+    from ..artifact.reader import Artifact, summary
+    from ..consolidate.pipeline import merge as run_merge
+    from ..consolidate.settings import MergeSettings
+
     settings = MergeSettings(
         mode,
         metric,
         threshold,
         budget,
         representative,
-        parse_size(shard_size),
+        shard_bytes,
         base=base,
         density=density,
         scale=scale,
-        calibration=parse_named_files(calibration, "--calibration") or None,
+        calibration=calibration_files,
         calibration_tokens=calibration_tokens,
         deltas=deltas,
         delta_format=delta_format,
         non_expert_codec=non_expert_codec,
     )
-    ckpts = open_checkpoints(models, revision)
-    with stage_progress(as_json, _STAGES) as report:
+    with stage_progress(_STAGES) as report:
         result = run_merge(ckpts, output, settings, force=force, progress=report)
     s = summary(Artifact.open(result.path))
     if as_json:
@@ -156,7 +164,9 @@ def export(
     ),
 ) -> None:
     """Write one model of an artifact back as a standard Hugging Face checkpoint."""
-    with stage_progress(False, _STAGES) as report:
+    from ..artifact.export import export_model  # torch: imported once the options are parsed (start-up time)
+
+    with stage_progress(_STAGES) as report:
         path = export_model(artifact, model, output, force=force, checksums=checksums, progress=report)
     Console().print(f"exported {model!r} to {path}")
 
@@ -167,6 +177,8 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
     """Models, bank size per layer, bytes and consolidation settings of an artifact."""
+    from ..artifact.reader import Artifact, summary  # torch: imported once the options are parsed (start-up time)
+
     s = summary(Artifact.open(artifact))
     if as_json:
         print(json.dumps(s, indent=2))
@@ -181,7 +193,11 @@ def verify(
 ) -> None:
     """Check every file's size and sha256 and every tensor's shape. Exit 0 if all is well,
     1 if the artifact is damaged (each problem named), 2 if OUT is not an artifact."""
-    with stage_progress(as_json, _STAGES) as report:
+    # torch: imported once the options are parsed (start-up time)
+    from ..artifact.reader import Artifact
+    from ..artifact.verify import verify_artifact
+
+    with stage_progress(_STAGES) as report:
         problems = verify_artifact(artifact, progress=report)
     if as_json:
         print(json.dumps({"ok": not problems, "problems": problems}, indent=2))

@@ -32,8 +32,8 @@ def parse_budgets(text: str) -> list[float]:
         budgets = [float(x) for x in text.split(",") if x.strip()]
     except ValueError as e:
         raise SettingsError(
-            f"budgets {text!r}: give fractions of all experts separated by commas, e.g. 1.0,0.75,0.5,0.25"
+            f"--budgets {text!r}: give fractions of all experts separated by commas, e.g. 1.0,0.75,0.5,0.25"
         ) from e
     if not budgets or any(not 0 < b <= 1 for b in budgets):
-        raise SettingsError(f"budgets {text!r}: every budget must be a fraction in (0, 1]")
+        raise SettingsError(f"--budgets {text!r}: every budget must be a fraction in (0, 1]")
     return budgets

@@ -12,20 +12,20 @@ from typing import Annotated
 import typer
 
 from ..errors import MoeconsolError
-from ..serving.crossvariant import ServingMode
-from ..serving.engine import (
+from . import app
+from .interrupt import INTERRUPTED, Interrupted
+from .serve import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_PROMPT_TOKENS,
     DEFAULT_MAX_TOKENS_IN_FLIGHT,
     DEFAULT_MAX_WAIT,
+    check_server_options,
 )
-from . import app
-from .serve import check_server_options
 
 
 @app.command("serve")
 def serve_cluster(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory written by `moeconsol merge`.")],
+    artifact: Annotated[Path, typer.Argument(metavar="OUT", help="Artifact directory written by `moeconsol merge`.")],
     replicas: Annotated[int, typer.Option(help="Replicas, each one runtime holding every variant.")] = 1,
     address: Annotated[
         str | None, typer.Option(help="Join the Ray cluster at HOST:PORT (else start a local Ray).")
@@ -73,6 +73,7 @@ def serve_cluster(
 
     # the runtime, FastAPI and Ray: imported once the options are checked, so --help and bad options are quick
     from ..artifact.verify import verify_artifact
+    from ..serving.crossvariant import ServingMode
     from ..serving.device import parse_device, parse_dtype
     from ..serving.ray_serve import (
         ReplicaSettings,
@@ -157,5 +158,5 @@ def serve_cluster(
         if failed is not None:
             raise MoeconsolError(f"deploying on Ray failed: {first_line(failed)}")
     what = "Ray and every Ray process stopped" if local else f"the application left the cluster at {address}"
-    print(f"moeconsol: interrupted: the server on {host}:{port} stopped; {what}", file=sys.stderr)
-    raise typer.Exit(130 if received and received[0] == signal.SIGINT else 0)
+    code = INTERRUPTED if received and received[0] == signal.SIGINT else 0
+    raise Interrupted(f"the server on {host}:{port} stopped; {what}", code)

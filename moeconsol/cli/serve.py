@@ -12,20 +12,16 @@ import typer
 from rich.console import Console
 
 from ..errors import MoeconsolError
-from ..serving.crossvariant import ServingMode
-from ..serving.device import parse_device, parse_dtype
-from ..serving.engine import (
-    DEFAULT_MAX_BATCH_SIZE,
-    DEFAULT_MAX_PROMPT_TOKENS,
-    DEFAULT_MAX_TOKENS_IN_FLIGHT,
-    DEFAULT_MAX_WAIT,
-    GenerationSettings,
-    check_settings,
-    complete,
-)
-from ..serving.runtime import Runtime
 from . import app
+from .interrupt import INTERRUPTED, Interrupted, by_sigterm
 from .progress import stage_progress
+
+# The engine's defaults (serving/engine.py: DEFAULT_*), written out so that parsing the options
+# imports no torch (tests/cli/test_defaults.py holds them equal).
+DEFAULT_MAX_WAIT = 2.0
+DEFAULT_MAX_PROMPT_TOKENS = 2048
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_TOKENS_IN_FLIGHT = 32768
 
 
 def _size(n: int) -> str:
@@ -55,7 +51,7 @@ def check_server_options(
 
 @app.command("serve-local")
 def serve_local(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory written by `moeconsol merge`.")],
+    artifact: Annotated[Path, typer.Argument(metavar="OUT", help="Artifact directory written by `moeconsol merge`.")],
     model: Annotated[
         list[str] | None,
         typer.Option("--model", help="Variant to run the prompt on (repeatable: one after another)."),
@@ -109,6 +105,12 @@ def serve_local(
     if (prompt is None) == (port is None):
         raise MoeconsolError("give either --prompt (one-shot) or --port (HTTP server)")
     check_server_options(port, max_wait, max_prompt_tokens, max_batch_size, max_tokens_in_flight)
+    # torch and the runtime: imported once the options are checked (start-up time)
+    from ..serving.crossvariant import ServingMode
+    from ..serving.device import parse_device, parse_dtype
+    from ..serving.engine import GenerationSettings, check_settings, complete
+    from ..serving.runtime import Runtime
+
     settings = GenerationSettings(
         max_new_tokens, temperature, top_p, seed, top_k=top_k, repetition_penalty=repetition_penalty
     )
@@ -155,9 +157,8 @@ def serve_local(
                 max_tokens_in_flight=max_tokens_in_flight,
                 sock=sock,
             )
-        except KeyboardInterrupt:
-            print(f"moeconsol: interrupted: the server on {host}:{port} stopped", file=sys.stderr)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt:  # a server stopped by SIGTERM (a service manager) did what it was asked: 0
+            raise Interrupted(f"the server on {host}:{port} stopped", 0 if by_sigterm() else INTERRUPTED) from None
         return
 
     results = []

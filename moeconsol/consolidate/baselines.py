@@ -96,7 +96,7 @@ def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], density: float = 0
     result   = base + scale * merged
     """
     if not 0 < density <= 1:
-        raise SettingsError(f"TIES density must be in (0, 1], got {density}")
+        raise SettingsError(f"TIES `density` must be in (0, 1], got {density}")
     _check(tensors, base)
     dtype = _work_dtype(base)
     b = base.to(dtype)

@@ -41,18 +41,18 @@ def to_distance(matrix: np.ndarray, metric: str) -> np.ndarray:
 def threshold_to_distance(metric: str, threshold: float) -> float:
     """The distance cut for a threshold, refusing one outside the metric's range."""
     if metric not in METRICS:
-        raise SettingsError(f"unknown metric {metric!r}: choose from {', '.join(METRICS)}")
+        raise SettingsError(f"unknown `metric` {metric!r}: choose from {', '.join(METRICS)}")
     if metric in DISTANCE_METRICS:
         high = 2.0 if metric == "relative-l2" else float("inf")
         if not 0.0 <= threshold <= high:
             raise SettingsError(
-                f"threshold {threshold} out of range for {metric}: a distance, give a value from 0 "
+                f"`threshold` {threshold} out of range for {metric}: a distance, give a value from 0 "
                 f"{'to 2' if metric == 'relative-l2' else 'up'} (0 = share only bit-identical experts)"
             )
         return float(threshold)
     if not -1.0 <= threshold <= 1.0:
         raise SettingsError(
-            f"threshold {threshold} out of range for {metric}: a similarity, give a value from -1 to 1 "
+            f"`threshold` {threshold} out of range for {metric}: a similarity, give a value from -1 to 1 "
             "(1.0 = share only bit-identical experts)"
         )
     return 1.0 - float(threshold)
@@ -142,7 +142,7 @@ def choose_representative(cluster: list[int], rule: str, digests: list[str], dis
     members are all bit-identical always stores its first member, whatever the rule.
     """
     if rule not in REPRESENTATIVES:
-        raise SettingsError(f"unknown representative rule {rule!r}: choose from {', '.join(REPRESENTATIVES)}")
+        raise SettingsError(f"unknown `representative` {rule!r}: choose from {', '.join(REPRESENTATIVES)}")
     if len({digests[i] for i in cluster}) == 1 or rule == "first":
         return cluster[0]
     if rule == "mean":
@@ -456,7 +456,7 @@ def reduce_to_budget(layers: list[LayerGroups], linkages: list[Linkage], max_ban
         if best is None:
             raise SettingsError(
                 f"budget cannot be met: sharing stops at {total} bank experts, because two different experts "
-                f"of the same model never share; give a budget of at least {total} experts"
+                f"of the same model never share; give a `budget` of at least {total} experts"
             )
         _, li, packed = best
         total += len(packed) - len(state[li]["clusters"])

@@ -1,4 +1,4 @@
-"""How to consolidate: the merge modes, `MergeSettings`, the checks every mode shares, and budgets.
+"""How to consolidate: `MergeSettings` (the modes are `modes.Mode`), the checks every mode shares, and budgets.
 
 Each mode's own checks (which options it takes, what it needs) are its planner's
 (`planners.Planner.check`); `check_settings` here checks what holds in every mode.
@@ -8,33 +8,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from enum import Enum
 
 from ..analysis.similarity import METRICS
 from ..artifact import nonexpert_codec as codec
 from ..artifact.corrections import AUTO, delta_format
 from ..errors import SettingsError
 from ..io.checkpoint import Checkpoint, expert_nbytes
-from ..io.writer import format_bytes, parse_size
+from ..io.sizes import format_bytes, parse_size
 from .grouping import REPRESENTATIVES
+from .modes import Mode, check_mode
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
-
-
-class Mode(str, Enum):
-    """A merge mode; its value is the command line's `--mode` and the manifest's `mode`."""
-
-    LOSSLESS = "lossless"
-    THRESHOLD = "threshold"
-    BUDGET = "budget"
-    CALIBRATED = "calibrated"
-    REFERENCE = "reference"
-    AVERAGE = "average"
-    TASK_ARITHMETIC = "task-arithmetic"
-    TIES = "ties"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass
@@ -76,35 +60,46 @@ class MergeSettings:
 
 def check_settings(s: MergeSettings) -> MergeSettings:
     """Refuse an unknown mode and what is wrong in every mode; the mode as a `Mode`."""
-    names = [m.value for m in Mode]
-    if s.mode not in names:
-        raise SettingsError(f"unknown mode {s.mode!r}: choose from {', '.join(names)}")
-    mode = Mode(s.mode)
+    mode = check_mode(s.mode)
     for option, value in (("scale", s.scale), ("density", s.density), ("threshold", s.threshold)):
         if value is not None and not math.isfinite(value):
-            raise SettingsError(f"{option} must be a finite number, got {value}")
+            raise SettingsError(f"`{option}` must be a finite number, got {value}")
     if s.representative not in REPRESENTATIVES:
-        raise SettingsError(f"unknown representative {s.representative!r}: choose from {', '.join(REPRESENTATIVES)}")
+        raise SettingsError(f"unknown `representative` {s.representative!r}: choose from {', '.join(REPRESENTATIVES)}")
     if s.representative == "best" and mode != Mode.CALIBRATED:
         raise SettingsError(
-            "representative best needs mode calibrated (it compares members and the mean on calibration data)"
+            "`representative` best needs `mode` calibrated (it compares members and the mean on calibration data)"
         )
     if s.shard_size <= 0:
-        raise SettingsError("shard size must be more than 0 bytes")
+        raise SettingsError("`shard_size` must be more than 0 bytes")
     if s.deltas and mode != Mode.CALIBRATED:
-        raise SettingsError(f"deltas apply to mode calibrated only, not {mode} (they are costed on calibration data)")
+        raise SettingsError(
+            f"`deltas` apply to `mode` calibrated only, not {mode} (they are costed on calibration data)"
+        )
     if s.delta_format is not None:
         if not s.deltas:
-            raise SettingsError(f"a delta format ({s.delta_format}) needs deltas turned on")
+            raise SettingsError(f"`delta_format` {s.delta_format} needs `deltas` turned on")
         if s.delta_format != AUTO:
             delta_format(s.delta_format)
     if s.non_expert_codec not in codec.CHOICES:
-        raise SettingsError(f"unknown non-expert codec {s.non_expert_codec!r}: choose from {', '.join(codec.CHOICES)}")
+        raise SettingsError(
+            f"unknown `non_expert_codec` {s.non_expert_codec!r}: choose from {', '.join(codec.CHOICES)}"
+        )
     return replace(s, mode=mode)
 
 
-def refuse(s: MergeSettings, mode: Mode, *options: str) -> None:
-    """Refuse those of `options` that are given: they do not apply to `mode`."""
+APPLIES_TO: dict[str, tuple[Mode, ...]] = {
+    "metric": (Mode.THRESHOLD, Mode.BUDGET, Mode.CALIBRATED),
+    "threshold": (Mode.THRESHOLD,),
+    "budget": (Mode.BUDGET, Mode.CALIBRATED, Mode.REFERENCE),
+    "base": (Mode.TASK_ARITHMETIC, Mode.TIES),
+    "calibration": (Mode.CALIBRATED,),
+}
+"""The settings only some modes take -> those modes; every other mode refuses them (`refuse`)."""
+
+
+def refuse(s: MergeSettings, mode: Mode) -> None:
+    """Refuse the first given setting that `mode` does not take (`APPLIES_TO`), naming the modes that take it."""
     given = {
         "metric": s.metric,
         "threshold": s.threshold,
@@ -112,25 +107,25 @@ def refuse(s: MergeSettings, mode: Mode, *options: str) -> None:
         "base": s.base,
         "calibration": s.calibration,
     }
-    extra = [o for o in options if given[o] not in (None, {})]
-    if extra:
-        raise SettingsError(f"{', '.join(extra)} do(es) not apply to mode {mode}")
+    for option, modes in APPLIES_TO.items():
+        if given[option] not in (None, {}) and mode not in modes:
+            names = [m.value for m in modes]
+            which = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+            raise SettingsError(f"`{option}` applies to `mode` {which} only, not {mode}")
 
 
 def checked_metric(s: MergeSettings) -> str:
     """The similarity metric of a mode that measures experts: cosine unless given."""
     metric = s.metric or "cosine"
     if metric not in METRICS:
-        raise SettingsError(f"unknown metric {metric!r}: choose from {', '.join(METRICS)}")
+        raise SettingsError(f"unknown `metric` {metric!r}: choose from {', '.join(METRICS)}")
     return metric
 
 
 def check_budget(s: MergeSettings, mode: Mode, ckpts: list[Checkpoint]) -> None:
-    """A budgeted mode's budget: given, alone (no threshold), at least the floor."""
+    """A budgeted mode's budget: given, at least the floor."""
     if s.budget is None:
-        raise SettingsError(f"mode {mode} needs a budget: bytes of bank (40GB) or a fraction of all experts (0.5)")
-    if s.threshold is not None:
-        raise SettingsError(f"threshold applies to mode threshold, not {mode}")
+        raise SettingsError(f"`mode` {mode} needs a `budget`: bytes of bank (40GB) or a fraction of all experts (0.5)")
     budget_experts(s.budget, ckpts)
 
 
@@ -142,7 +137,7 @@ def calibration_file(s: MergeSettings, name: str) -> str:
     if "*" in files:
         return files["*"]
     raise SettingsError(
-        f"mode calibrated needs calibration data for every model; none for {name!r}: give calibration {name}=FILE"
+        f"`mode` calibrated needs calibration data for every model; none for {name!r}: give `calibration` {name}=FILE"
     )
 
 
@@ -163,7 +158,9 @@ def budget_experts(budget: str, ckpts: list[Checkpoint]) -> int:
         fraction = None
     if fraction is not None and fraction <= 1.0:
         if fraction <= 0:
-            raise SettingsError(f"budget {text!r} must be more than 0: a fraction of all experts (0.5) or bytes (40GB)")
+            raise SettingsError(
+                f"`budget` {text!r} must be more than 0: a fraction of all experts (0.5) or bytes (40GB)"
+            )
         slots = int(fraction * total + 1e-9)
         what = f"{fraction:g} of {total} experts"
     else:
@@ -173,7 +170,7 @@ def budget_experts(budget: str, ckpts: list[Checkpoint]) -> int:
     floor = layers * experts
     if slots < floor:
         raise SettingsError(
-            f"budget too small: {what} holds {slots} experts, but the bank needs at least one model's worth: "
+            f"`budget` too small: {what} holds {slots} experts, but the bank needs at least one model's worth: "
             f"{floor} experts ({format_bytes(floor * one)}, or a fraction of {floor / total:.4g})"
         )
     return min(slots, total)

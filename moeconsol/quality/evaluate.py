@@ -189,13 +189,13 @@ def _check_variants(names: list[str], data: dict[str, str], variants: list[str] 
     if unknown:
         raise UnknownModelError(f"unknown variant {unknown[0]!r} in the data: {where} holds {', '.join(names)}")
     if not data:
-        raise SettingsError("no data given: give data NAME=FILE for the variants to score")
+        raise SettingsError("no data given: give `data` NAME=FILE for the variants to score")
     chosen = list(variants) if variants else [n for n in names if n in data]
     for n in chosen:
         if n not in names:
             raise UnknownModelError(f"unknown variant {n!r}: {where} holds {', '.join(names)}")
         if n not in data:
-            raise SettingsError(f"no data for variant {n!r}: give data {n}=FILE")
+            raise SettingsError(f"no data for variant {n!r}: give `data` {n}=FILE")
     return chosen
 
 
@@ -332,9 +332,11 @@ def sweep(
         )
     needs = [m for m in methods if m in CALIBRATED_METHODS]
     if needs and not calibration:
-        raise SettingsError(f"method {needs[0]} needs calibration data NAME=FILE (each variant's own text)")
+        raise SettingsError(
+            f"method {needs[0]} needs calibration data: give `calibration` NAME=FILE (each variant's own text)"
+        )
     if any(m in ("task-arithmetic", "ties") for m in methods) and not base:
-        raise SettingsError("methods task-arithmetic and ties need a base checkpoint PATH")
+        raise SettingsError("methods task-arithmetic and ties need a base checkpoint: give `base` PATH")
     ref = ckpts[0]
     arch = ref.layout.architecture
     enc_dec = architecture(arch).encoder_decoder

@@ -82,7 +82,7 @@ def chunk_spans(n_tokens: int, chunk_len: int, stride: int | None = None) -> lis
     Targets first_scored .. end-1 are predicted in that window (see the module docstring).
     """
     if chunk_len < 2:
-        raise SettingsError(f"chunk length must be at least 2 tokens, got {chunk_len}")
+        raise SettingsError(f"`chunk_len` must be at least 2 tokens, got {chunk_len}")
     stride = chunk_len if stride is None else stride
     if not 1 <= stride <= chunk_len:
         raise SettingsError(f"stride must be between 1 and the chunk length ({chunk_len}), got {stride}")

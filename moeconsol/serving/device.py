@@ -27,7 +27,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     try:
         return _DTYPES[name.lower()]
     except KeyError:
-        raise SettingsError(f"unknown dtype {name!r}: use float32, bfloat16 or float16") from None
+        raise SettingsError(f"unknown `dtype` {name!r}: use float32, bfloat16 or float16") from None
 
 
 def parse_device(name: str) -> torch.device:
@@ -35,14 +35,14 @@ def parse_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise SettingsError(f"unknown device {name!r}: use cpu or cuda (cuda:N)") from None
+        raise SettingsError(f"unknown `device` {name!r}: use cpu or cuda (cuda:N)") from None
     if device.type not in ("cpu", "cuda"):
-        raise SettingsError(f"unsupported device {name!r}: use cpu or cuda")
+        raise SettingsError(f"unsupported `device` {name!r}: use cpu or cuda")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SettingsError(f"device {name}: no CUDA device is available on this machine; use cpu")
+            raise SettingsError(f"`device` {name}: no CUDA device is available on this machine; use cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SettingsError(f"device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+            raise SettingsError(f"`device` {name}: only {torch.cuda.device_count()} CUDA device(s) present")
     return device
 
 

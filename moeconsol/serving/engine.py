@@ -100,23 +100,23 @@ def with_defaults(s: GenerationSettings, config) -> GenerationSettings:
 def check_settings(s: GenerationSettings) -> None:
     """Bad settings -> SettingsError naming the setting (NaN and infinities included)."""
     if isinstance(s.max_new_tokens, bool) or not isinstance(s.max_new_tokens, int) or s.max_new_tokens < 1:
-        raise SettingsError(f"max_new_tokens must be an integer of at least 1, got {s.max_new_tokens}")
+        raise SettingsError(f"`max_new_tokens` must be an integer of at least 1, got {s.max_new_tokens}")
     if not math.isfinite(s.temperature) or s.temperature < 0:
-        raise SettingsError(f"temperature must be a finite number >= 0, got {s.temperature}")
+        raise SettingsError(f"`temperature` must be a finite number >= 0, got {s.temperature}")
     if not math.isfinite(s.top_p) or not 0 < s.top_p <= 1:
-        raise SettingsError(f"top_p must be in (0, 1], got {s.top_p}")
+        raise SettingsError(f"`top_p` must be in (0, 1], got {s.top_p}")
     if s.seed is not None and not 0 <= s.seed <= MAX_SEED:
-        raise SettingsError(f"seed must be in [0, 2^63 - 1], got {s.seed}")
+        raise SettingsError(f"`seed` must be in [0, 2^63 - 1], got {s.seed}")
     if any(not isinstance(x, str) or not x for x in s.stop):
         raise SettingsError("stop strings must be non-empty strings")
     if s.top_k is not None and (isinstance(s.top_k, bool) or not isinstance(s.top_k, int) or s.top_k < 0):
-        raise SettingsError(f"top_k must be an integer >= 0 (0 = all tokens), got {s.top_k}")
+        raise SettingsError(f"`top_k` must be an integer >= 0 (0 = all tokens), got {s.top_k}")
     if (
         s.repetition_penalty is not None
         and not MIN_REPETITION_PENALTY <= s.repetition_penalty <= MAX_REPETITION_PENALTY
     ):
         raise SettingsError(
-            f"repetition_penalty must be a number in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}],"
+            f"`repetition_penalty` must be a number in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}],"
             f" got {s.repetition_penalty}"
         )
 

@@ -72,6 +72,8 @@ async def json_body(request: HttpRequest, limit: int) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "the request body is not valid JSON") from None
+    except RecursionError:  # json's decoder recurses once per level of nesting
+        raise ApiError(400, "the request body is nested too deeply (arrays or objects within each other)") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body

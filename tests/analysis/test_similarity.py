@@ -170,7 +170,7 @@ def test_gaussian_probes_are_seeded(ckpts):
 
 
 def test_unknown_metric():
-    with pytest.raises(MoeconsolError, match="unknown metric 'cos': choose from cosine, l2, relative-l2, cka"):
+    with pytest.raises(MoeconsolError, match="unknown `metric` 'cos': choose from cosine, l2, relative-l2, cka"):
         S.check_metrics(["cos"])
 
 
@@ -232,5 +232,5 @@ def test_calibration_probes(ckpts, tmp_path):
     assert report.layers[1].matrices["cka"][0, 1] == pytest.approx(_cka_feature_space(*outs), rel=1e-9)
     with pytest.raises(MoeconsolError, match="calibration file not found"):
         R.analyze_models(ckpts, ["cka"], calibration=tmp_path / "absent.txt")
-    with pytest.raises(MoeconsolError, match="probes must be at least 2"):
+    with pytest.raises(MoeconsolError, match="`probes` must be at least 2"):
         R.analyze_models(ckpts, ["cka"], n_probes=1)

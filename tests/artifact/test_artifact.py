@@ -224,21 +224,21 @@ def test_budget_bytes_and_too_small(family, ckpts, tmp_path):
     r = merge(ckpts, tmp_path / "b", MergeSettings(mode="budget", budget=str(10 * one_expert), metric="l2"))
     assert sum(r.bank_sizes.values()) <= 10
     assert r.bank_bytes <= 10 * one_expert
-    with pytest.raises(MoeconsolError, match="budget too small.*at least one model's worth: 8 experts"):
+    with pytest.raises(MoeconsolError, match="`budget` too small.*at least one model's worth: 8 experts"):
         merge(ckpts, tmp_path / "c", MergeSettings(mode="budget", budget=str(7 * one_expert)))
-    with pytest.raises(MoeconsolError, match="budget too small"):
+    with pytest.raises(MoeconsolError, match="`budget` too small"):
         merge(ckpts, tmp_path / "c", MergeSettings(mode="budget", budget="0.2"))
     assert not (tmp_path / "c").exists()
 
 
 def test_settings_are_checked(ckpts, tmp_path):
-    with pytest.raises(MoeconsolError, match="needs a threshold"):
+    with pytest.raises(MoeconsolError, match="needs a `threshold`"):
         merge(ckpts, tmp_path / "x", MergeSettings(mode="threshold"))
     with pytest.raises(MoeconsolError, match="out of range"):
         merge(ckpts, tmp_path / "x", MergeSettings(mode="threshold", threshold=1.2))
     with pytest.raises(MoeconsolError, match="not lossless"):
         merge(ckpts, tmp_path / "x", MergeSettings(threshold=0.5))
-    with pytest.raises(MoeconsolError, match="unknown mode"):
+    with pytest.raises(MoeconsolError, match="unknown `mode`"):
         merge(ckpts, tmp_path / "x", MergeSettings(mode="median"))
     assert os.listdir(tmp_path) == []
 

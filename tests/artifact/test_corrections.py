@@ -134,7 +134,9 @@ def test_corrected_is_bank_plus_decoded_delta_in_the_bank_dtype(dtype):
 
 
 def test_unknown_format_is_refused():
-    with pytest.raises(SettingsError, match="unknown delta format 'zip': choose from auto, lowrank, sign, int4, mixed"):
+    with pytest.raises(
+        SettingsError, match="unknown `delta_format` 'zip': choose from auto, lowrank, sign, int4, mixed"
+    ):
         delta_format("zip")
 
 

@@ -203,7 +203,7 @@ def _one_error_line(stderr: str) -> str:
     "case, message",
     [
         ("missing", "no such directory"),
-        ("unknown-metric", "unknown metric 'euclid'"),
+        ("unknown-metric", "unknown --metric 'euclid'"),
         ("pickled", "only pickle weights (pytorch_model.bin)"),
     ],
 )
@@ -228,7 +228,7 @@ def test_errors_in_a_subprocess(models, tmp_path, case, message):
         ("experts", "expert count mismatch: 'eight' vs 'base': 8 vs 4"),
         ("shapes", "shape mismatch: 'wide' vs 'base': expert part w1 is [48, 32] vs [64, 32]"),
         ("heatmap-ext", "give a file name ending in .png"),
-        ("probes", "probes must be at least 2"),
+        ("probes", "--probes must be at least 2"),
         ("calibration", "calibration file not found"),
         ("json-dir", "does not exist"),
     ],

@@ -5,39 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import typer
-from cli_helpers import cli, one_error_line
+from cli_helpers import cli, imported_after, one_error_line
 
 from moeconsol import testing as T
 from moeconsol.analysis.similarity import layer_similarity
 from moeconsol.cli import COMMANDS, app, load_commands
 from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.io.safetensors_file import ITEMSIZE, dtype_names, torch_dtypes
-
-HEAVY = ("torch", "transformers", "fastapi", "matplotlib", "scipy", "uvicorn")
-
-
-def imported_after(argv: list[str]) -> tuple[int, list[str], str]:
-    """Run `main()` with argv in a fresh interpreter: (exit code, heavy modules imported, stderr)."""
-    code = (
-        "import json, sys\n"
-        f"sys.argv = ['moeconsol', *{argv!r}]\n"
-        "from moeconsol.cli import main\n"
-        "try:\n    main()\n    code = 0\nexcept SystemExit as e:\n    code = e.code\n"
-        f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))\n"
-        "print(json.dumps([code, heavy]))\n"
-    )
-    r = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
-    exit_code, heavy = json.loads(r.stdout.strip().splitlines()[-1])
-    return exit_code, heavy, r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -141,8 +141,8 @@ def test_ties_bf16_round_trip_dtype():
         (lambda: uniform_average([]), "at least one tensor"),
         (lambda: uniform_average([torch.zeros(2), torch.zeros(3)]), "different shapes"),
         (lambda: task_arithmetic(torch.zeros(2), [torch.zeros(3)]), "different shapes"),
-        (lambda: ties(torch.zeros(2), [torch.zeros(2)], density=0.0), "density must be in"),
-        (lambda: ties(torch.zeros(2), [torch.zeros(2)], density=1.5), "density must be in"),
+        (lambda: ties(torch.zeros(2), [torch.zeros(2)], density=0.0), "`density` must be in"),
+        (lambda: ties(torch.zeros(2), [torch.zeros(2)], density=1.5), "`density` must be in"),
     ],
 )
 def test_merge_errors(call, message):

@@ -247,7 +247,7 @@ def test_bad_delta_options_exit_2_with_one_line(mixtral, tmp_path):
     models, cal = mixtral["models"], mixtral["cal"]
     one_error_line(
         run_main("merge", *models, "-o", tmp_path / "x", "--mode", "budget", "--budget", "0.5", "--deltas"),
-        "deltas apply to mode calibrated only, not budget",
+        "--deltas apply to --mode calibrated only, not budget",
     )
     one_error_line(
         run_main(
@@ -264,7 +264,7 @@ def test_bad_delta_options_exit_2_with_one_line(mixtral, tmp_path):
             "--delta-format",
             "int4",
         ),
-        "delta format (int4) needs deltas",
+        "--delta-format int4 needs --deltas",
     )
     one_error_line(
         run_main(
@@ -282,7 +282,7 @@ def test_bad_delta_options_exit_2_with_one_line(mixtral, tmp_path):
             "--delta-format",
             "zip",
         ),
-        "unknown delta format 'zip'",
+        "unknown --delta-format 'zip'",
     )
     one_error_line(
         run_main(
@@ -298,7 +298,7 @@ def test_bad_delta_options_exit_2_with_one_line(mixtral, tmp_path):
             cal,
             "--deltas",
         ),
-        "budget too small",
+        "--budget too small",
     )
     assert not (tmp_path / "x").exists() and root.exists()
 

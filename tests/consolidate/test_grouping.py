@@ -28,7 +28,8 @@ from moeconsol.consolidate.grouping import (
     to_distance,
 )
 from moeconsol.errors import MoeconsolError
-from moeconsol.io.writer import SafetensorsWriter, ShardedWriter, TensorSpec, atomic_directory, parse_size, plan_shards
+from moeconsol.io.sizes import parse_size
+from moeconsol.io.writer import SafetensorsWriter, ShardedWriter, TensorSpec, atomic_directory, plan_shards
 
 
 def random_layer(
@@ -84,7 +85,7 @@ def test_threshold_range_is_checked():
     for metric, bad in [("cosine", 1.5), ("cka", -2.0), ("l2", -0.1), ("relative-l2", 2.5)]:
         with pytest.raises(MoeconsolError, match="out of range"):
             threshold_to_distance(metric, bad)
-    with pytest.raises(MoeconsolError, match="unknown metric"):
+    with pytest.raises(MoeconsolError, match="unknown `metric`"):
         threshold_to_distance("euclid", 0.5)
 
 

@@ -87,7 +87,7 @@ def test_task_arithmetic_without_base_is_refused(family, tmp_path):
     for mode in ("task-arithmetic", "ties"):
         r = cli("merge", *models(family), "-o", tmp_path / "x", "--mode", mode)
         assert r.returncode == 2
-        one_error_line(r.stderr, f"mode {mode} needs a base")
+        one_error_line(r.stderr, f"--mode {mode} needs a --base")
         assert not (tmp_path / "x").exists()
 
 

@@ -258,7 +258,7 @@ def test_a_bad_encodings_entry_is_a_corrupt_manifest(family, tmp_path, change, f
 
 def test_an_unknown_codec_option_is_refused(family, tmp_path):
     r = run_main("merge", family / "base", family / "ft", "-o", tmp_path / "o", "--non-expert-codec", "gzip")
-    one_error_line(r, "unknown non-expert codec 'gzip'", "xor-zstd, none")
+    one_error_line(r, "unknown --non-expert-codec 'gzip'", "xor-zstd, none")
     assert not (tmp_path / "o").exists()
 
 

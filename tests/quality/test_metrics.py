@@ -105,7 +105,7 @@ def test_chunk_spans_worked_examples():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"chunk_len": 1}, "chunk length must be at least 2"),
+        ({"chunk_len": 1}, "`chunk_len` must be at least 2"),
         ({"chunk_len": 8, "stride": 9}, "stride must be between 1"),
     ],
 )

@@ -371,9 +371,9 @@ def test_bad_input_raises_one_clear_error(family):
     arch, paths, refs, rt = family
     with pytest.raises(MoeconsolError, match="unknown model 'nope'.*base, ft, same"):
         rt.activate("nope")
-    with pytest.raises(MoeconsolError, match="unknown dtype"):
+    with pytest.raises(MoeconsolError, match="unknown `dtype`"):
         parse_dtype("int3")
-    with pytest.raises(MoeconsolError, match="unknown device|unsupported device"):
+    with pytest.raises(MoeconsolError, match="unknown `device`|unsupported `device`"):
         parse_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(MoeconsolError, match="no CUDA device"):

@@ -151,6 +151,14 @@ def test_metrics_count_swaps_and_tokens_per_model(client, served):
         assert after[("moeconsol_queue_length", frozenset({("model", m)}))] == 0
 
 
+def _nested(depth: int) -> list:
+    """[[[...]]], `depth` lists deep (built without recursion)."""
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 @pytest.mark.parametrize(
     "path, payload, status, fragment",
     [
@@ -162,6 +170,14 @@ def test_metrics_count_swaps_and_tokens_per_model(client, served):
             "does not exist",
         ),
         ("/v1/completions", b"{not json", 400, "not valid JSON"),
+        ("/v1/completions", b'{"model": "ft", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested"),
+        ("/v1/completions", {"model": "ft", "prompt": _nested(900)}, 400, "'prompt'"),
+        (
+            "/v1/chat/completions",
+            {"model": "ft", "messages": [{"role": "user", "content": _nested(900)}]},
+            400,
+            "'content'",
+        ),
         ("/v1/completions", {"model": "ft"}, 400, "'prompt'"),
         ("/v1/completions", {"model": "ft", "prompt": "hi", "temperature": -1}, 400, "'temperature'"),
         ("/v1/completions", {"model": "ft", "prompt": "hi", "max_tokens": 0}, 400, "'max_tokens'"),
@@ -447,14 +463,17 @@ def test_cli_refuses_a_port_in_use_and_nan_in_one_line(served):
         port = s.getsockname()[1]
         r = cli("serve-local", out, "--port", port)
         one_error_line(r, f"127.0.0.1:{port}")
-    one_error_line(cli("serve-local", out, "--port", port, "--temperature", "nan"), "temperature")
-    one_error_line(cli("serve-local", out, "--prompt", "hi", "--top-p", "nan"), "top_p")
-    one_error_line(cli("serve-local", out, "--prompt", "hi", "--repetition-penalty", "1e-40"), "repetition_penalty")
+    one_error_line(cli("serve-local", out, "--port", port, "--temperature", "nan"), "--temperature must be")
+    one_error_line(cli("serve-local", out, "--prompt", "hi", "--top-p", "nan"), "--top-p must be")
+    one_error_line(
+        cli("serve-local", out, "--prompt", "hi", "--repetition-penalty", "1e-40"), "--repetition-penalty must be"
+    )
     one_error_line(cli("serve-local", out, "--port", port, "--max-batch-size", "0"), "--max-batch-size")
 
 
 @pytest.mark.slow
-def test_cli_server_stops_on_ctrl_c_with_one_line(served):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+def test_cli_server_stops_on_ctrl_c_or_sigterm_with_one_line(served, sig, code):
     out, runtime, refs, tok = served
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -479,13 +498,13 @@ def test_cli_server_stops_on_ctrl_c_with_one_line(served):
                     proc.stderr.read() if proc.poll() is not None else "timeout"
                 )
                 time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == code, stderr
     last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
     assert last.startswith("moeconsol: interrupted") and f"{port}" in last, stderr
 

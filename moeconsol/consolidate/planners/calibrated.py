@@ -48,18 +48,18 @@ class CalibratedPlanner(Planner):
     budgeted = True
 
     def check(self, s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
+        refuse(s, self.mode)
         metric = checked_metric(s)
         check_budget(s, self.mode, ckpts)
-        refuse(s, self.mode, "base")
         for c in ckpts:
             calibration_file(s, c.name)
         unknown = sorted(set(s.calibration or {}) - {c.name for c in ckpts} - {"*"})
         if unknown:
             raise SettingsError(
-                f"calibration names unknown model(s) {', '.join(unknown)}; the models are {', '.join(c.name for c in ckpts)}"
+                f"`calibration` names unknown model(s) {', '.join(unknown)}; the models are {', '.join(c.name for c in ckpts)}"
             )
         if s.calibration_tokens < 1:
-            raise SettingsError(f"calibration tokens must be at least 1, got {s.calibration_tokens}")
+            raise SettingsError(f"`calibration_tokens` must be at least 1, got {s.calibration_tokens}")
         return replace(s, metric=metric)
 
     def plan(self, ckpts: list[Checkpoint], s: MergeSettings, progress: Progress | None = None) -> list[LayerPlan]:

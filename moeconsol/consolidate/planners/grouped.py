@@ -76,9 +76,7 @@ class LosslessPlanner(GroupedPlanner):
     mode = Mode.LOSSLESS
 
     def check(self, s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
-        refuse(s, self.mode, "base", "calibration")
-        if s.threshold is not None or s.budget is not None or s.metric is not None:
-            raise SettingsError("metric, threshold and budget apply to mode threshold or budget, not lossless")
+        refuse(s, self.mode)
         return s
 
     def measure(
@@ -97,12 +95,10 @@ class ThresholdPlanner(GroupedPlanner):
     mode = Mode.THRESHOLD
 
     def check(self, s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
-        refuse(s, self.mode, "base", "calibration")
+        refuse(s, self.mode)
         metric = checked_metric(s)
         if s.threshold is None:
-            raise SettingsError("mode threshold needs a threshold (e.g. metric cosine, threshold 0.99)")
-        if s.budget is not None:
-            raise SettingsError("budget applies to mode budget, not threshold")
+            raise SettingsError("`mode` threshold needs a `threshold` (e.g. `metric` cosine, `threshold` 0.99)")
         threshold_to_distance(metric, s.threshold)
         return replace(s, metric=metric)
 
@@ -118,7 +114,7 @@ class BudgetPlanner(GroupedPlanner):
     budgeted = True
 
     def check(self, s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
-        refuse(s, self.mode, "base", "calibration")
+        refuse(s, self.mode)
         metric = checked_metric(s)
         check_budget(s, self.mode, ckpts)
         return replace(s, metric=metric)

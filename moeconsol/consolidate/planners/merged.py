@@ -29,13 +29,11 @@ class MergedPlanner(Planner):
     uses_representative = False
 
     def check(self, s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
-        refuse(s, self.mode, "metric", "threshold", "budget", "calibration")
+        refuse(s, self.mode)
         if self.needs_base and s.base is None:
             raise SettingsError(
-                f"mode {self.mode} needs a base: the pre-trained checkpoint the models were fine-tuned from"
+                f"`mode` {self.mode} needs a `base`: the pre-trained checkpoint the models were fine-tuned from"
             )
-        if not self.needs_base:
-            refuse(s, self.mode, "base")
         return s
 
     def plan(self, ckpts: list[Checkpoint], s: MergeSettings, progress: Progress | None = None) -> list[LayerPlan]:
@@ -108,7 +106,7 @@ class TiesPlanner(MergedPlanner):
     def check(self, s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
         s = super().check(s, ckpts)
         if not 0 < s.density <= 1:
-            raise SettingsError(f"density must be in (0, 1], got {s.density}")
+            raise SettingsError(f"`density` must be in (0, 1], got {s.density}")
         return s
 
     def merge(self, tensors: list[torch.Tensor], base: torch.Tensor | None, s: MergeSettings) -> torch.Tensor:

@@ -21,9 +21,11 @@ class ReferencePlanner(Planner):
     uses_representative = False
 
     def check(self, s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
-        refuse(s, self.mode, "metric", "threshold", "base", "calibration")
+        refuse(s, self.mode)
         if s.budget is None:
-            raise SettingsError("mode reference needs a budget: bank bytes (40GB) or a fraction of all experts (0.5)")
+            raise SettingsError(
+                "`mode` reference needs a `budget`: bank bytes (40GB) or a fraction of all experts (0.5)"
+            )
         budget_experts(s.budget, ckpts)
         return s
 
