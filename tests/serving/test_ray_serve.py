@@ -395,6 +395,24 @@ def test_a_local_ray_listens_on_the_loopback_only(cluster):
     assert DEFAULT_DASHBOARD_PORT not in {p for _, p, _ in sockets}
 
 
+@pytest.mark.parametrize(("node", "expected"), [("127.0.0.1", "127.0.0.1:0"), ("10.0.0.7", "[::]:0")])
+def test_replica_grpc_binds_the_loopback_only_on_a_local_ray(monkeypatch, node, expected):
+    """On a local Ray (node address 127.0.0.1) the replica's gRPC server binds the loopback;
+    on a node of a real cluster the other nodes must reach it, so Ray's own bind is kept."""
+    import ray
+    from ray.serve._private import replica
+
+    from moeconsol.serving.ray_serve import serve_grpc_on_loopback
+
+    bound = []
+    monkeypatch.setattr(replica, "add_port_to_grpc_server", lambda server, address: bound.append(address) or 1)
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: node)
+    serve_grpc_on_loopback()
+    serve_grpc_on_loopback()  # a second deployment in the same process does not wrap it twice
+    replica.add_port_to_grpc_server(object(), "[::]:0")
+    assert bound == [expected]
+
+
 def _cpu_seconds(p: psutil.Process) -> float:
     t = p.cpu_times()
     return t.user + t.system
