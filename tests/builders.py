@@ -22,13 +22,18 @@ SEQ2SEQ = [
 ]
 
 
-def served_family(root: Path, tiny=tiny_mixtral, reference=transformers.MixtralForCausalLM, **runtime_options):
-    """A base (`tiny(0)`) and a fine-tune merged losslessly under `root`: (artifact, runtime,
-    transformers' own models (`reference`) by name, tokenizer). Shared by the server tests of
-    both serving modes and both architectures."""
+def served_family(
+    root: Path, tiny=tiny_mixtral, reference=transformers.MixtralForCausalLM, fine_tunes: int = 1, **runtime_options
+):
+    """A base (`tiny(0)`) and fine-tunes ('ft', 'ft2', ...) merged losslessly under `root`:
+    (artifact, runtime, transformers' own models (`reference`) by name, tokenizer). Shared by
+    the server tests of both serving modes and both architectures."""
     tok = tiny_tokenizer()
     base = tiny(0)
-    models = {"base": base, "ft": derive_variant(base, 1, changed_experts=[(0, 1), (1, 2)], scale=0.5)}
+    models = {"base": base}
+    for i in range(1, fine_tunes + 1):
+        changed = [(0, i % 4), (1, (i + 1) % 4)]
+        models["ft" if i == 1 else f"ft{i}"] = derive_variant(base, i, changed_experts=changed, scale=0.5)
     paths = {n: save_model(m, root / n, tok) for n, m in models.items()}
     merge(open_checkpoints([f"{n}={p}" for n, p in paths.items()]), root / "out")
     refs = {n: reference.from_pretrained(p).eval() for n, p in paths.items()}

@@ -451,6 +451,66 @@ def test_a_client_that_disconnects_frees_its_slot(served, monkeypatch):
         thread.join(timeout=30)
 
 
+@pytest.mark.slow
+def test_two_hundred_clients_leaving_at_once_stall_no_variant(tmp_path, monkeypatch):
+    """200 clients, streamed and not, spread over four variants, go away 0.3 to 1.5 s after
+    asking, with no max wait (every arrival of another variant parks the running batch). Afterwards every variant answers at once (nobody has to ask
+    for the variant whose batches were emptied), and the gauges and the engine are back to 0."""
+    import uvicorn
+
+    out, runtime, refs, tok = served_family(tmp_path, fine_tunes=3)
+    forward = runtime.model.forward
+
+    def slow_forward(*args, **kwargs):  # 5 ms a step, so that the clients leave mid-generation
+        time.sleep(0.005)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(runtime.model, "forward", slow_forward)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(runtime, max_wait=0.0)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+
+    def leave(i: int) -> None:
+        body = {"model": sorted(refs)[i % 4], "prompt": "hi", "max_tokens": 300, "temperature": 1.0, "seed": i}
+        body["stream"] = i % 8 < 4
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=0.3 + 1.2 * (i % 5) / 4) as r:
+                for _ in r.iter_bytes():
+                    pass
+        except httpx.TimeoutException:
+            pass  # the client gives up and closes its connection
+
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        with ThreadPoolExecutor(max_workers=200) as pool:
+            list(pool.map(leave, range(200)))
+        ids = tok(PROMPT)["input_ids"]
+        for model in sorted(refs, reverse=True):
+            r = httpx.post(
+                f"{url}/v1/completions",
+                json={"model": model, "prompt": PROMPT, "max_tokens": 3, "temperature": 0},
+                timeout=30,
+            )
+            assert r.status_code == 200
+            assert r.json()["choices"][0]["text"] == tok.decode(greedy(refs[model], ids, 3), skip_special_tokens=True)
+        deadline = time.time() + 30
+        while app.state.scheduler.engine.running() and time.time() < deadline:
+            time.sleep(0.05)
+        assert app.state.scheduler.engine.running() == 0
+        for model in refs:
+            assert _metric(url, "moeconsol_batch_size", model) == 0
+            assert _metric(url, "moeconsol_queue_length", model) == 0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 # -- the command line --------------------------------------------------------------------------
 
 
