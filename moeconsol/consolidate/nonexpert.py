@@ -141,7 +141,7 @@ def encode_non_experts(
             reference = None  # read once a version is worth encoding
             for t in others:
                 if math.prod(t.spec.shape) > codec.PROBE_ELEMENTS:  # probe the first elements, read from disk
-                    heads = [_head(ckpts[x.model].tensors[x.disk_name], codec.PROBE_ELEMENTS) for x in (t, first)]
+                    heads = [tensor_head(ckpts[x.model].tensors[x.disk_name], codec.PROBE_ELEMENTS) for x in (t, first)]
                     if codec.probe(*heads) > MAX_DELTA_RATIO:
                         continue
                 if reference is None:
@@ -160,6 +160,6 @@ def encode_non_experts(
     return encoded
 
 
-def _head(info: TensorInfo, n: int) -> torch.Tensor:
+def tensor_head(info: TensorInfo, n: int) -> torch.Tensor:
     """The first `n` elements of a stored tensor, flat, read from its file."""
     return read_tensor(TensorInfo(info.file, info.dtype, (n,), info.start, info.start + n * ITEMSIZE[info.dtype]))
