@@ -21,7 +21,7 @@ from moeconsol.consolidate.grow import add_variant
 from moeconsol.consolidate.shrink import remove_variant
 from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
-from tests.cli_helpers import one_error_line, run_main
+from cli_helpers import one_error_line, run_main
 
 VARIANTS = {
     "a": [(0, 1)],
