@@ -1,23 +1,28 @@
 """Adding a variant to a lossless artifact without re-merging the others (`moeconsol add`).
 
-Only the new checkpoint is read: each of its experts is hashed (BLAKE3, as merge hashes them)
-and matched against the digests the manifest records for the bank; a bit-identical bank entry
-serves it, and the distinct ones are appended to the bank. Each non-expert tensor is hashed
-and matched against the stored versions' digests; a new version is stored as a lossless
-delta (xor-zstd) against the stored whole version of its name when that takes at most
-`nonexpert.MAX_DELTA_RATIO` of its bytes: only then is that version read from the artifact
-(`AddResult.references_read` names them). An artifact whose manifest records no digests
-(written before they were) has the missing ones computed from its own tensors, once.
+Only the new checkpoint is read, once: each of its experts is read into memory and hashed
+(BLAKE3, as merge hashes them) against the digests the manifest records for the bank; a
+bit-identical bank entry serves it, and a distinct one is kept to be appended to the bank.
+Each non-expert tensor likewise, against the stored versions' digests; a new version is
+stored as a lossless delta (xor-zstd) against the stored whole version of its name when
+that takes at most `nonexpert.MAX_DELTA_RATIO` of its bytes: only then is that version read
+from the artifact (`AddResult.references_read` names them; a large one is first probed from
+its first elements). An artifact whose manifest records no digests (written before they
+were) has the missing ones computed from its own tensors, once.
 
-The new files (`bank-gNNNN-*`, `tensors-gNNNN-*`, models/<name>/) and the new manifest are
-written beside the old files, which are never rewritten (`artifact.switch`).
+What is kept is written out, from memory, a file at a time (`_Files`): a file is written
+when what it holds reaches `CHUNK_BYTES` (or the shard size, if smaller), so at most that
+much is in memory, and no byte of the checkpoint is read twice. The new files
+(`bank-gNNNN-k`, `tensors-gNNNN-k`, models/<name>/) and the new manifest are written beside
+the old files, which are never rewritten (`artifact.switch`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import torch
 
 from ..artifact import nonexpert_codec as codec
 from ..artifact.builder import input_bytes, source_index, source_shards
@@ -25,17 +30,17 @@ from ..artifact.manifest import BankEntry, Encoding, FileEntry, LayerEntry, Mani
 from ..artifact.reader import Artifact, Progress
 from ..artifact.switch import changed_artifact, generation_prefix
 from ..errors import IncompatibleModelsError, SettingsError
-from ..io.checkpoint import Checkpoint, check_config, expert_nbytes, natural_key, open_checkpoint
+from ..io.checkpoint import Checkpoint, check_config, natural_key, open_checkpoint
 from ..io.digest import range_digest, tensor_digest
-from ..io.safetensors_file import TensorInfo, read_tensor
-from ..io.writer import FileRecord, ShardedWriter, TensorSpec, check_destination, check_free_space, copy_file
+from ..io.safetensors_file import read_tensor
+from ..io.writer import SafetensorsWriter, TensorSpec, check_destination, check_free_space, copy_file
 from .edit import recount_bytes
-from .nonexpert import MAX_DELTA_RATIO, tensor_digest_of, tensor_head
-from .planners.grouped import scanned_digest
+from .nonexpert import MAX_DELTA_RATIO, tensor_head
 from .settings import DEFAULT_SHARD_SIZE, Mode
 
-SPILL = ".encoded-non-experts"
-"""The file the new variant's encoded non-expert versions wait in before they are copied."""
+CHUNK_BYTES = 1 << 30
+"""A new file is written when the tensors kept for it reach this (1 GiB; the shard size if
+smaller): what `add` holds in memory at most, besides one expert or tensor being read."""
 
 
 @dataclass
@@ -110,16 +115,6 @@ def _decoded(spec: Manifest, key: str) -> tuple[str, tuple[int, ...]]:
     return (spec.shapes[key].dtype, spec.shapes[key].shape) if e is None else (e.dtype, e.shape)
 
 
-@dataclass
-class _NewVersion:
-    key: str
-    name: str
-    info: TensorInfo
-    digest: str
-    reference: str | None = None
-    blob: TensorInfo | None = None
-
-
 def add_variant(
     path: str | Path,
     model: str,
@@ -153,31 +148,14 @@ def add_variant(
     result = AddResult(
         path if out is None else out, ckpt.name, gen, {}, len(spec.layers) * spec.experts_per_layer, 0, 0
     )
-
-    layers, new_experts = _plan_bank(art, ckpt, gen, result, progress)
-    tensors, versions = _plan_non_experts(art, ckpt, result, progress)
-    one = expert_nbytes(ckpt)
-    new_bytes = len(new_experts) * one + sum(v.info.nbytes for v in versions)
-    check_free_space(out or path / "manifest.json", new_bytes + (1 << 20))
+    check_free_space(out or path / "manifest.json", sum(info.nbytes for info in ckpt.tensors.values()) + (1 << 20))
 
     with changed_artifact(path, out, force, progress) as (target, commit):
         created: list[Path] = []
         try:
-            manifest = _write(
-                art,
-                ckpt,
-                target,
-                gen,
-                layers,
-                new_experts,
-                tensors,
-                versions,
-                non_expert_codec,
-                shard_size,
-                result,
-                created,
-                progress,
-            )
+            encode = non_expert_codec != codec.NONE
+            chunk = min(shard_size, CHUNK_BYTES)
+            manifest = _add(art, ckpt, target, gen, encode, chunk, result, created, progress)
             result.bytes_written = sum(manifest.files[f].size for f in manifest.files if f not in spec.files)
             result.bytes_written += commit(manifest)
         except BaseException:
@@ -188,82 +166,135 @@ def add_variant(
     return result
 
 
-def _plan_bank(
-    art: Artifact, ckpt: Checkpoint, gen: int, result: AddResult, progress: Progress | None
-) -> tuple[list[LayerEntry], list[tuple[str, int, str]]]:
-    """Each layer with the new variant (index len(models)) in it, and the bank entries to
-    write: (layer, expert, stored key prefix)."""
+class _Files:
+    """New tensors kept in memory, written out a safetensors file at a time
+    (`{prefix}-{k:05d}.safetensors`) when they reach `limit` bytes, and at `flush`."""
+
+    def __init__(self, target: Path, prefix: str, limit: int, created: list[Path], progress: Progress | None):
+        self.target, self.prefix, self.limit, self.created, self.progress = target, prefix, limit, created, progress
+        self.items: list[tuple[str, torch.Tensor]] = []
+        self.size = 0
+        self.files: dict[str, FileEntry] = {}
+        self.weight_map: dict[str, str] = {}
+        self.shapes: dict[str, TensorEntry] = {}
+        self.written = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.items.append((name, tensor))
+        self.size += tensor.numel() * tensor.element_size()
+        if self.size >= self.limit:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.items:
+            return
+        name = f"{self.prefix}-{len(self.files) + 1:05d}.safetensors"
+        specs = [TensorSpec.of(key, t) for key, t in self.items]
+        self.created.append(self.target / name)
+        writer = SafetensorsWriter(self.target / name, specs)
+        try:
+            for key, t in self.items:
+                writer.write(key, t)
+                self.written += 1
+                if self.progress:
+                    self.progress("write", self.written, self.written)
+            record = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        self.files[name] = FileEntry(record.size, record.sha256)
+        self.weight_map.update({s.name: name for s in specs})
+        self.shapes.update({s.name: TensorEntry(s.dtype, tuple(s.shape)) for s in specs})
+        self.items, self.size = [], 0
+
+
+def _add_bank(
+    art: Artifact, ckpt: Checkpoint, gen: int, files: _Files, result: AddResult, progress: Progress | None
+) -> list[LayerEntry]:
+    """Each layer with the new variant (model index len(models)) in it; its experts no bank
+    entry holds go to `files`."""
     spec = art.spec
     m = len(spec.models)
-    used = set(spec.weight_map)
     layers: list[LayerEntry] = []
-    new: list[tuple[str, int, str]] = []
     for i, entry in enumerate(spec.layers):
         if progress:
             progress("plan", i, len(spec.layers))
         bank = [replace(b, members=list(b.members)) for b in entry.bank]
         by_digest: dict[str, int] = {}
         for k, b in enumerate(bank):
-            digest = b.digest
-            if digest is None:
-                digest = _bank_digest(art, entry.layer, k)
-                bank[k] = replace(b, digest=digest)
+            if b.digest is None:
+                bank[k] = replace(b, digest=_bank_digest(art, entry.layer, k))
                 result.bank_hashed += 1
-            by_digest.setdefault(digest, k)
+            by_digest.setdefault(bank[k].digest, k)
         slots = []
         for e in range(spec.experts_per_layer):
-            digest = scanned_digest(ckpt, entry.layer, e)
+            parts = ckpt.expert(entry.layer, e)  # read once: hashed, and kept if new
+            digest = tensor_digest(parts)
             k = by_digest.get(digest)
             if k is None:
-                k = len(bank)
+                k = by_digest[digest] = len(bank)
                 own = f"bank.{entry.layer}.{k}"
-                key = None if not any(f"{own}.{p}" in used for p in spec.parts) else f"bank.g{gen}.{entry.layer}.{k}"
+                key = (
+                    None
+                    if not any(f"{own}.{p}" in spec.weight_map for p in spec.parts)
+                    else f"bank.g{gen}.{entry.layer}.{k}"
+                )
                 bank.append(BankEntry([], (m, e), None, digest, key))
-                by_digest[digest] = k
-                new.append((entry.layer, e, key or own))
+                for part in spec.parts:
+                    files.add(f"{key or own}.{part}", parts[part])
                 result.new_bank[entry.layer] = result.new_bank.get(entry.layer, 0) + 1
             bank[k].members.append((m, e))
             slots.append(k)
         layers.append(replace(entry, bank=bank, slot_map={**entry.slot_map, ckpt.name: slots}))
     if progress:
         progress("plan", len(spec.layers), len(spec.layers))
-    return layers, new
+    files.flush()
+    return layers
 
 
 def _bank_digest(art: Artifact, layer: str, k: int) -> str:
     return range_digest({part: art.tensor_info(art.bank_part_key(layer, k, part)) for part in art.parts})
 
 
-def _plan_non_experts(
-    art: Artifact, ckpt: Checkpoint, result: AddResult, progress: Progress | None
-) -> tuple[dict[str, str], list[_NewVersion]]:
-    """The new variant's name -> stored key (an existing version where bit-identical), and
-    the versions to store."""
+def _add_non_experts(
+    art: Artifact, ckpt: Checkpoint, encode: bool, files: _Files, result: AddResult, progress: Progress | None
+) -> tuple[dict[str, str], dict[str, Encoding], dict[str, str]]:
+    """The new variant's name -> stored key (an existing version where bit-identical); the
+    versions it adds go to `files`, encoded where that pays. Returns also their encodings
+    and digests."""
     spec = art.spec
     stored: dict[str, dict[str, str]] = {}  # name -> digest -> key
     for key in sorted(spec.weight_map):
-        if key.rsplit("@", 1)[0] in spec.models[0].tensors and "@" in key:
-            stored.setdefault(key.rsplit("@", 1)[0], {})[_version_digest(art, key)] = key
+        name = key.rsplit("@", 1)[0]
+        if "@" in key and name in spec.models[0].tensors:
+            stored.setdefault(name, {})[_version_digest(art, key)] = key
     disk = {ckpt.layout.canonical_name(n): n for n in ckpt.non_expert_names}
     names = sorted(disk, key=natural_key)
     tensors: dict[str, str] = {}
-    versions: list[_NewVersion] = []
+    encodings: dict[str, Encoding] = {}
+    digests: dict[str, str] = {}
     for i, name in enumerate(names):
         if progress:
             progress("non-expert", i, len(names))
         info = ckpt.tensors[disk[name]]
-        digest = tensor_digest_of(info)
+        tensor = read_tensor(info)  # read once: hashed, and kept if new
+        digest = tensor_digest({f"{info.dtype}{list(info.shape)}": tensor})
         known = stored.setdefault(name, {})
         if digest not in known:
             taken = {int(k.rsplit("@", 1)[1]) for k in known.values() if k.rsplit("@", 1)[1].isdigit()}
-            key = f"{name}@{max(taken, default=-1) + 1}"
-            known[digest] = key
-            versions.append(_NewVersion(key, name, info, digest))
+            key = known[digest] = f"{name}@{max(taken, default=-1) + 1}"
+            digests[key] = digest
+            blob = _encoded(art, name, tensor, result) if encode else None
+            if blob is not None:
+                encodings[key] = Encoding(codec.XOR_ZSTD, blob[0], info.dtype, tuple(info.shape))
+            files.add(key, tensor if blob is None else blob[1])
+            result.non_expert_new += 1
         tensors[name] = known[digest]
     if progress:
         progress("non-expert", len(names), len(names))
-    result.non_expert_new = len(versions)
-    return tensors, versions
+    files.flush()
+    result.non_expert_encoded = len(encodings)
+    return tensors, encodings, digests
 
 
 def _version_digest(art: Artifact, key: str) -> str:
@@ -284,47 +315,33 @@ def _reference(spec: Manifest, name: str) -> str | None:
     return min(whole, key=natural_key, default=None)
 
 
-def _encode(
-    art: Artifact, versions: list[_NewVersion], spill: Path, result: AddResult, progress: Progress | None
-) -> None:
-    """Encode each new version against its name's whole stored version where that takes at
-    most MAX_DELTA_RATIO of its bytes (probing the first elements of large ones first)."""
-    with open(spill, "wb") as f:
-        for i, v in enumerate(versions):
-            if progress:
-                progress("encode", i, len(versions))
-            ref = _reference(art.spec, v.name)
-            if ref is None:
-                continue
-            ref_info = art.tensor_info(ref)
-            n = math.prod(v.info.shape)
-            if n > codec.PROBE_ELEMENTS:
-                heads = [tensor_head(x, codec.PROBE_ELEMENTS) for x in (v.info, ref_info)]
-                if codec.probe(*heads) > MAX_DELTA_RATIO:
-                    continue
-            blob = codec.encode(read_tensor(v.info), read_tensor(ref_info))
-            result.references_read.append(ref)
-            if len(blob) > MAX_DELTA_RATIO * v.info.nbytes:
-                continue
-            start = f.tell()
-            f.write(blob)
-            v.reference, v.blob = ref, TensorInfo(spill, "U8", (len(blob),), start, start + len(blob))
-    if progress:
-        progress("encode", len(versions), len(versions))
-    result.non_expert_encoded = sum(v.blob is not None for v in versions)
+def _encoded(art: Artifact, name: str, tensor: torch.Tensor, result: AddResult) -> tuple[str, torch.Tensor] | None:
+    """(reference, blob as a U8 tensor) when encoding `tensor` against its name's whole
+    stored version takes at most MAX_DELTA_RATIO of its bytes; else None. A large tensor is
+    probed on its first elements first, so that its reference is read only when it may pay."""
+    ref = _reference(art.spec, name)
+    if ref is None:
+        return None
+    ref_info = art.tensor_info(ref)
+    nbytes = tensor.numel() * tensor.element_size()
+    if tensor.numel() > codec.PROBE_ELEMENTS:
+        head = tensor.reshape(-1)[: codec.PROBE_ELEMENTS]
+        if codec.probe(head, tensor_head(ref_info, codec.PROBE_ELEMENTS)) > MAX_DELTA_RATIO:
+            return None
+    blob = codec.encode(tensor, read_tensor(ref_info))
+    result.references_read.append(ref)
+    if len(blob) > MAX_DELTA_RATIO * nbytes:
+        return None
+    return ref, torch.frombuffer(bytearray(blob), dtype=torch.uint8)
 
 
-def _write(
+def _add(
     art: Artifact,
     ckpt: Checkpoint,
     target: Path,
     gen: int,
-    layers: list[LayerEntry],
-    new_experts: list[tuple[str, int, str]],
-    tensors: dict[str, str],
-    versions: list[_NewVersion],
-    non_expert_codec: str,
-    shard_size: int,
+    encode: bool,
+    chunk: int,
     result: AddResult,
     created: list[Path],
     progress: Progress | None,
@@ -332,63 +349,22 @@ def _write(
     """Write the new variant's bank entries, non-expert versions and side files into
     `target`; return the manifest that lists them beside the old."""
     spec = art.spec
-    files: dict[str, FileRecord] = {}
-    weight_map: dict[str, str] = {}
-    shapes: dict[str, TensorEntry] = {}
-    total = len(new_experts) + len(versions)
-    done = 0
-
-    def step() -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress("write", done, total)
-
-    specs = [
-        TensorSpec(f"{prefix}.{part}", spec.dtype, spec.part_shapes[part])
-        for _, _, prefix in new_experts
-        for part in spec.parts
-    ]
-    if specs:
-        bank = ShardedWriter(target, generation_prefix("bank", gen), specs, shard_size)
-        created += [target / f for f in bank.file_names]
-        for layer, e, prefix in new_experts:
-            for part in spec.parts:  # read once into memory: hashed (sha256) from there as written
-                bank.write(f"{prefix}.{part}", ckpt.expert_part(layer, e, part))
-            step()
-        files.update(bank.close())
-        weight_map.update(bank.weight_map)
-
-    spill = target / SPILL
-    created.append(spill)
-    if non_expert_codec != codec.NONE:
-        _encode(art, versions, spill, result, progress)
-    if versions:
-        tspecs = [
-            TensorSpec(v.key, "U8", v.blob.shape) if v.blob else TensorSpec(v.key, v.info.dtype, tuple(v.info.shape))
-            for v in versions
-        ]
-        writer = ShardedWriter(target, generation_prefix("tensors", gen), tspecs, shard_size)
-        created += [target / f for f in writer.file_names]
-        for v in versions:
-            writer.copy(v.key, v.blob or v.info)
-            step()
-        files.update(writer.close())
-        weight_map.update(writer.weight_map)
-        shapes.update({s.name: TensorEntry(s.dtype, tuple(s.shape)) for s in tspecs})
-    spill.unlink(missing_ok=True)
-    shapes.update({s.name: TensorEntry(s.dtype, tuple(s.shape)) for s in specs})
+    bank = _Files(target, generation_prefix("bank", gen), chunk, created, progress)
+    layers = _add_bank(art, ckpt, gen, bank, result, progress)
+    rest = _Files(target, generation_prefix("tensors", gen), chunk, created, progress)
+    rest.written = bank.written
+    tensors, encodings, digests = _add_non_experts(art, ckpt, encode, rest, result, progress)
 
     side_dir = target / "models" / ckpt.name
     if side_dir.exists():  # left by a removed model or an interrupted add: nothing lists it
         for p in side_dir.iterdir():
             p.unlink()
     side_dir.mkdir(parents=True, exist_ok=True)
-    side = []
+    side_files: dict[str, FileEntry] = {}
     for p in ckpt.side_files():
         created.append(side_dir / p.name)
-        files[f"models/{ckpt.name}/{p.name}"] = copy_file(p, side_dir / p.name)
-        side.append(p.name)
+        r = copy_file(p, side_dir / p.name)
+        side_files[f"models/{ckpt.name}/{p.name}"] = FileEntry(r.size, r.sha256)
 
     model = ModelEntry(
         name=ckpt.name,
@@ -396,29 +372,20 @@ def _write(
         revision=ckpt.revision,
         layout=ckpt.layout.name,
         config=ckpt.config,
-        files=side,
+        files=[p.name for p in ckpt.side_files()],
         tensors=tensors,
         source_shards=source_shards(ckpt),
         index=source_index(ckpt),
     )
-    digests = dict(spec.digests)
-    digests.update({v.key: v.digest for v in versions})
     manifest = replace(
         spec,
         models=[*spec.models, model],
         layers=layers,
-        weight_map={**spec.weight_map, **weight_map},
-        shapes={**spec.shapes, **shapes},
-        files={**spec.files, **{n: FileEntry(r.size, r.sha256) for n, r in sorted(files.items())}},
-        encodings={
-            **spec.encodings,
-            **{
-                v.key: Encoding(codec.XOR_ZSTD, v.reference, v.info.dtype, tuple(v.info.shape))
-                for v in versions
-                if v.blob and v.reference
-            },
-        },
-        digests=digests,
+        weight_map={**spec.weight_map, **bank.weight_map, **rest.weight_map},
+        shapes={**spec.shapes, **bank.shapes, **rest.shapes},
+        files={**spec.files, **bank.files, **rest.files, **side_files},
+        encodings={**spec.encodings, **encodings},
+        digests={**spec.digests, **digests},
         generation=gen,
     )
     inputs = spec.bytes.get("inputs")

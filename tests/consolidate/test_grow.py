@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import one_error_line, run_main
 from safetensors import safe_open
 
 from moeconsol.artifact.export import export_model
@@ -21,7 +22,6 @@ from moeconsol.consolidate.grow import add_variant
 from moeconsol.consolidate.shrink import remove_variant
 from moeconsol.io.checkpoint import open_checkpoints
 from moeconsol.testing import derive_variant, save_model, tiny_mixtral, tiny_tokenizer
-from cli_helpers import one_error_line, run_main
 
 VARIANTS = {
     "a": [(0, 1)],
@@ -160,6 +160,47 @@ def test_a_removed_variant_comes_back(family, tmp_path):
     add_variant(art, f"c={family / 'c'}")
     assert Artifact.open(art).model_names == ["a", "b", "base", "c"]
     assert_exports_bit_exact(art, family, tmp_path)
+
+
+def test_a_fine_tune_is_added_as_lossless_deltas_like_merge_stores_it(tmp_path):
+    """bf16 fine-tunes: the new variant's non-expert versions are encoded against the stored
+    ones exactly as a merge of all of them encodes them."""
+    from test_nonexpert_encoding import fine_tune
+
+    tok = tiny_tokenizer()
+    base = tiny_mixtral(seed=5)
+    models = {"base": base, "ft": fine_tune(base)}
+    for n, m in models.items():
+        save_model(m.to(torch.bfloat16), tmp_path / n, tok)
+    merge(open_checkpoints([f"base={tmp_path / 'base'}"]), tmp_path / "art")
+    r = add_variant(tmp_path / "art", f"ft={tmp_path / 'ft'}")
+    full = merge(open_checkpoints([f"{n}={tmp_path / n}" for n in models]), tmp_path / "full")
+    grown = Artifact.open(tmp_path / "art")
+    assert r.non_expert_encoded > 0
+    assert grown.spec.encodings == Artifact.open(full.path).spec.encodings
+    assert grown.manifest["bytes"]["non_expert"] == full.manifest["bytes"]["non_expert"]
+    # the references read are the base's versions, once each
+    assert r.references_read and all(k.endswith("@0") for k in r.references_read)
+    assert len(set(r.references_read)) == len(r.references_read)
+    assert_exports_bit_exact(tmp_path / "art", tmp_path, tmp_path)
+
+
+def test_an_artifact_without_digests_is_hashed_once(family, tmp_path):
+    """A manifest that records no digests (older moeconsol): add computes them from the
+    artifact's own tensors and still finds every shared expert and tensor."""
+    art = copy_artifact(family / "art", tmp_path / "art")
+    m = json.loads((art / "manifest.json").read_text())
+    m.pop("digests")
+    for layer in m["layers"]:
+        for b in layer["bank"]:
+            b.pop("digest")
+    (art / "manifest.json").write_text(json.dumps(m))
+    r = add_variant(art, f"c={family / 'c'}")
+    assert r.bank_hashed == sum(len(layer["bank"]) for layer in m["layers"])
+    assert r.non_expert_new == 0
+    full = merge(open_checkpoints([f"{n}={family / n}" for n in ("base", "a", "b", "c")]), tmp_path / "full")
+    assert {x: Artifact.open(art).bank_size(x) for x in full.bank_sizes} == full.bank_sizes
+    assert_exports_bit_exact(art, family, tmp_path, only=["c"])
 
 
 # -- a crash at any phase ------------------------------------------------------------------
