@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..io.writer import atomic_directory, copy_file, write_all
+from ..io.writer import _sigterm_as_interrupt, atomic_directory, copy_file, write_all
 from .manifest import MANIFEST, Manifest
 from .reader import Progress
 
@@ -95,7 +95,8 @@ def changed_artifact(
     file the manifest lists and writes the manifest; the directory becomes `out` on exit."""
     if out is None:
         remove_leftovers(path)
-        yield path, lambda m: switch_manifest(path, m, progress)
+        with _sigterm_as_interrupt():  # so that the caller's cleanup runs on SIGTERM too
+            yield path, lambda m: switch_manifest(path, m, progress)
         return
     with atomic_directory(out, force=force, inputs=[path]) as tmp:
 
