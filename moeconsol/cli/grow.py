@@ -46,8 +46,13 @@ def add(
     output: Path | None = typer.Option(None, "-o", "--output", help="Write the result as a new artifact here."),
     in_place: bool = typer.Option(False, "--in-place", help="Change ART itself (atomically)."),
     calibration: list[str] = typer.Option(
-        [], help="NAME=FILE: calibration data of the new variant (calibrated artifacts)."
+        [], help="NAME=FILE: calibration data of the new variant (calibrated artifacts: not supported, refused)."
     ),
+    budget: str | None = typer.Option(
+        None,
+        help="Budget artifacts: bank bytes (40GB) or fraction of all experts with the new variant (default: ART's).",
+    ),
+    replan: bool = typer.Option(False, "--replan", help="Re-plan the other variants too (not supported: refused)."),
     shard_size: str = typer.Option(str(DEFAULT_SHARD_SIZE), help="Maximum bytes per new safetensors shard."),
     non_expert_codec: str = typer.Option(
         XOR_ZSTD, help="xor-zstd | none: store new non-expert versions as lossless deltas where smaller, or whole."
@@ -61,8 +66,9 @@ def add(
     if calibration:
         parse_named_files(calibration, "--calibration", allow_unnamed=False)
         raise SettingsError(
-            "--calibration applies to calibrated artifacts, and add places experts in lossless artifacts only: "
-            "re-merge with every variant's calibration data (moeconsol merge --mode calibrated)"
+            "--calibration applies to calibrated artifacts, which add does not extend (their bank depends on every "
+            "variant's activations at once): re-merge with every variant's calibration data (moeconsol merge --mode "
+            "calibrated)"
         )
     with stage_progress(as_json, _STAGES) as report:
         r = add_variant(
@@ -73,6 +79,8 @@ def add(
             shard_size=parse_size(shard_size),
             non_expert_codec=non_expert_codec,
             revision=revision,
+            budget=budget,
+            replan=replan,
             progress=report,
         )
     if as_json:
@@ -88,6 +96,13 @@ def add(
         console.print(f"read {len(r.references_read)} stored non-expert tensors of the artifact as delta references")
     if r.bank_hashed:
         console.print(f"hashed {r.bank_hashed} bank entries whose digests the manifest did not record")
+    if r.placement is not None:
+        p = r.placement
+        within = f" within {p.budget_experts} bank experts" if p.budget_experts is not None else ""
+        console.print(f"placed by similarity ({p.mode}{within}); slots served by their own expert, before -> after:")
+        for name, after in p.kept_after.items():
+            before = p.kept_before.get(name)
+            console.print(f"  {name}: {'-' if before is None else before} -> {after} of {p.slots}")
     console.print(f"wrote {format_bytes(r.bytes_written)} (generation {r.generation})")
 
 

@@ -36,6 +36,7 @@ from ..io.safetensors_file import read_tensor
 from ..io.writer import SafetensorsWriter, TensorSpec, check_destination, check_free_space, copy_file
 from .edit import recount_bytes
 from .nonexpert import MAX_DELTA_RATIO, tensor_head
+from .place import PlacementReport, own_slots, place
 from .settings import DEFAULT_SHARD_SIZE, Mode
 
 CHUNK_BYTES = 1 << 30
@@ -62,21 +63,33 @@ class AddResult:
     """Bank entries hashed from the artifact (its manifest had no digest for them)."""
     bytes_written: int = 0
     """New files and the manifest."""
+    placement: PlacementReport | None = None
+    """Threshold and budget artifacts: what every variant keeps, before and after."""
 
     @property
     def shared_slots(self) -> int:
         return self.slots - sum(self.new_bank.values())
 
 
-def check_lossless(spec: Manifest, command: str) -> None:
-    """Refuse an artifact whose bank is not lossless (what `command` cannot yet change)."""
+PLACED = (Mode.BUDGET.value, Mode.THRESHOLD.value)
+"""Modes whose new variant's experts `add` places against the bank by similarity (`place`)."""
+
+
+def check_growable(spec: Manifest, budget: str | None, replan: bool) -> None:
+    """Refuse what `add` cannot do to this artifact, saying what to do instead."""
     mode = spec.consolidation.get("mode")
-    if mode != Mode.LOSSLESS.value:
+    if replan:
         raise SettingsError(
-            f"{command}: this artifact was merged with mode {mode!r}; adding a variant is supported for lossless "
-            "artifacts only (placing experts within a budget needs a re-merge: moeconsol merge ... --mode "
-            f"{mode})"
+            "--replan (re-planning the other variants' experts with the new one) is not supported: re-merge every "
+            f"variant (moeconsol merge ... --mode {mode})"
         )
+    if mode not in (Mode.LOSSLESS.value, *PLACED):
+        raise SettingsError(
+            f"add: this artifact was merged with mode {mode!r}; add works on lossless, threshold and budget artifacts "
+            f"(a {mode} bank depends on every variant at once): re-merge with the new variant"
+        )
+    if budget is not None and mode != Mode.BUDGET.value:
+        raise SettingsError(f"--budget applies to budget artifacts; this one was merged with mode {mode!r}")
 
 
 def check_fits(spec: Manifest, ckpt: Checkpoint) -> None:
@@ -124,15 +137,19 @@ def add_variant(
     shard_size: int = DEFAULT_SHARD_SIZE,
     non_expert_codec: str = codec.XOR_ZSTD,
     revision: str | None = None,
+    budget: str | None = None,
+    replan: bool = False,
     progress: Progress | None = None,
 ) -> AddResult:
-    """Add checkpoint `model` (PATH or NAME=PATH) to the lossless artifact at `path`: in place,
-    or as a new artifact at `out` (the old one untouched)."""
+    """Add checkpoint `model` (PATH or NAME=PATH) to the artifact at `path`: in place, or as a
+    new artifact at `out` (the old one untouched). Lossless: bit-identical experts shared.
+    Threshold and budget: placed against the bank (`place`; `budget`: the budget with the new
+    variant, by default the artifact's)."""
     path = Path(path).absolute()
     out = None if out is None else Path(out).absolute()
     art = Artifact.open(path, checksums=False)  # XOR deltas decode exactly even against damaged bytes
     spec = art.spec
-    check_lossless(spec, "add")
+    check_growable(spec, budget, replan)
     if non_expert_codec not in codec.CHOICES:
         raise SettingsError(f"non-expert codec {non_expert_codec!r}: choose one of {', '.join(codec.CHOICES)}")
     ckpt = open_checkpoint(model, revision)
@@ -155,7 +172,11 @@ def add_variant(
         try:
             encode = non_expert_codec != codec.NONE
             chunk = min(shard_size, CHUNK_BYTES)
-            manifest = _add(art, ckpt, target, gen, encode, chunk, result, created, progress)
+            placed = None
+            if spec.consolidation.get("mode") in PLACED:
+                placed = place(art, ckpt, budget, progress)
+                result.placement = placed[2]
+            manifest = _add(art, ckpt, target, gen, encode, chunk, result, created, progress, placed)
             result.bytes_written = sum(manifest.files[f].size for f in manifest.files if f not in spec.files)
             result.bytes_written += commit(manifest)
         except BaseException:
@@ -345,12 +366,23 @@ def _add(
     result: AddResult,
     created: list[Path],
     progress: Progress | None,
+    placed: tuple[list[LayerEntry], list[tuple[str, int, str]], PlacementReport] | None = None,
 ) -> Manifest:
     """Write the new variant's bank entries, non-expert versions and side files into
-    `target`; return the manifest that lists them beside the old."""
+    `target`; return the manifest that lists them beside the old. `placed`: the layers and
+    new entries `place` chose (else: lossless, `_add_bank`)."""
     spec = art.spec
     bank = _Files(target, generation_prefix("bank", gen), chunk, created, progress)
-    layers = _add_bank(art, ckpt, gen, bank, result, progress)
+    if placed is None:
+        layers = _add_bank(art, ckpt, gen, bank, result, progress)
+    else:
+        layers, new, report = placed
+        for layer, e, prefix in new:
+            parts = ckpt.expert(layer, e)
+            for part in spec.parts:
+                bank.add(f"{prefix}.{part}", parts[part])
+            result.new_bank[layer] = result.new_bank.get(layer, 0) + 1
+        bank.flush()
     rest = _Files(target, generation_prefix("tensors", gen), chunk, created, progress)
     rest.written = bank.written
     tensors, encodings, digests = _add_non_experts(art, ckpt, encode, rest, result, progress)
@@ -388,5 +420,13 @@ def _add(
         digests={**spec.digests, **digests},
         generation=gen,
     )
+    if placed is not None:
+        report = placed[2]
+        report.kept_after = own_slots(manifest)
+        if report.budget_experts is not None:
+            manifest = replace(
+                manifest,
+                consolidation={**spec.consolidation, "budget": report.budget, "budget_experts": report.budget_experts},
+            )
     inputs = spec.bytes.get("inputs")
     return replace(manifest, bytes=recount_bytes(manifest, None if inputs is None else inputs + input_bytes([ckpt])))

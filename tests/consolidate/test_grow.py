@@ -203,6 +203,61 @@ def test_an_artifact_without_digests_is_hashed_once(family, tmp_path):
     assert_exports_bit_exact(art, family, tmp_path, only=["c"])
 
 
+def test_budget_artifact_places_the_new_variant_within_the_budget_and_the_others_keep_theirs(family, tmp_path):
+    names = ("base", "a", "b")
+    merge(
+        open_checkpoints([f"{n}={family / n}" for n in names]),
+        tmp_path / "art",
+        MergeSettings(mode="budget", budget="0.7"),
+    )
+    before = {n: tensors_of(export_model(tmp_path / "art", n, tmp_path / f"before-{n}")) for n in names}
+    r = run_main("add", tmp_path / "art", f"d={family / 'd'}", "--in-place", "--budget", "0.7", "--json")
+    assert r.returncode == 0, r.stderr
+    placement = json.loads(r.stdout)["placement"]
+    art = Artifact.open(tmp_path / "art")
+    assert verify_artifact(tmp_path / "art") == []
+    allowed = int(0.7 * 4 * len(art.layers) * art.experts_per_layer)
+    assert placement["budget_experts"] == allowed == art.spec.consolidation["budget_experts"]
+    assert sum(art.bank_size(x) for x in art.layers) <= allowed
+    # the others are not re-planned: they keep what they had, and export exactly as before
+    assert {n: placement["kept_after"][n] for n in names} == placement["kept_before"]
+    for n in names:
+        after = tensors_of(export_model(tmp_path / "art", n, tmp_path / f"after-{n}"))
+        assert all(torch.equal(after[k], v) for k, v in before[n].items()), n
+    # d's two changed experts are farther from every stored expert than anything else: its own
+    source = tensors_of(family / "d")
+    exported = tensors_of(export_model(tmp_path / "art", "d", tmp_path / "after-d"))
+    for layer, e in VARIANTS["d"]:
+        for w in ("w1", "w2", "w3"):
+            key = f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"
+            assert torch.equal(exported[key], source[key]), key
+    assert placement["kept_after"]["d"] >= len(VARIANTS["d"])
+    # a budget the bank already exceeds would need the others re-planned: refused, said so
+    one_error_line(
+        run_main("add", tmp_path / "art", f"c={family / 'c'}", "--in-place", "--budget", "0.3"),
+        "--replan is not supported",
+    )
+
+
+def test_threshold_artifact_shares_what_lies_within_the_threshold(family, tmp_path):
+    merge(
+        open_checkpoints([f"base={family / 'base'}", f"a={family / 'a'}"]),
+        tmp_path / "art",
+        MergeSettings(mode="threshold", metric="cosine", threshold=0.999999),
+    )
+    r = add_variant(tmp_path / "art", f"c={family / 'c'}")
+    assert verify_artifact(tmp_path / "art") == [] and r.placement is not None
+    art = Artifact.open(tmp_path / "art")
+    full = merge(
+        open_checkpoints([f"{n}={family / n}" for n in ("base", "a", "c")]),
+        tmp_path / "full",
+        MergeSettings(mode="threshold", metric="cosine", threshold=0.999999),
+    )
+    # at a threshold this tight only bit-identical experts share, as in a merge of all three
+    assert {x: art.bank_size(x) for x in art.layers} == full.bank_sizes
+    assert_exports_bit_exact(tmp_path / "art", family, tmp_path)
+
+
 # -- a crash at any phase ------------------------------------------------------------------
 
 
@@ -291,10 +346,16 @@ def test_cli_refusals(family, tmp_path):
     one_error_line(run_main("remove", tmp_path / "one", "base", "--in-place"), "only model")
     merge(
         open_checkpoints([f"base={family / 'base'}", f"a={family / 'a'}"]),
-        tmp_path / "budget",
-        MergeSettings(mode="budget", budget="0.75"),
+        tmp_path / "avg",
+        MergeSettings(mode="average"),
     )
-    one_error_line(run_main("add", tmp_path / "budget", f"c={family / 'c'}", "--in-place"), "mode 'budget'", "lossless")
+    one_error_line(run_main("add", tmp_path / "avg", f"c={family / 'c'}", "--in-place"), "mode 'average'", "re-merge")
+    one_error_line(
+        run_main("add", art, f"c={family / 'c'}", "-o", tmp_path / "x", "--replan"), "--replan", "not supported"
+    )
+    one_error_line(
+        run_main("add", art, f"c={family / 'c'}", "-o", tmp_path / "x", "--budget", "0.5"), "--budget applies"
+    )
     assert not (tmp_path / "x").exists()
 
 
