@@ -237,6 +237,15 @@ def test_budget_artifact_places_the_new_variant_within_the_budget_and_the_others
         run_main("add", tmp_path / "art", f"c={family / 'c'}", "--in-place", "--budget", "0.3"),
         "--replan is not supported",
     )
+    # the base's stored experts serve the others too: it cannot leave a budget bank; d can
+    one_error_line(
+        run_main("remove", tmp_path / "art", "base", "--in-place"), "stores the expert of 'base'", "re-merge"
+    )
+    remove_variant(tmp_path / "art", "d", compact=True)
+    assert verify_artifact(tmp_path / "art") == [] and Artifact.open(tmp_path / "art").model_names == list(names)
+    for n in names:
+        after = tensors_of(export_model(tmp_path / "art", n, tmp_path / f"again-{n}", force=True))
+        assert all(torch.equal(after[k], v) for k, v in before[n].items()), n
 
 
 def test_threshold_artifact_shares_what_lies_within_the_threshold(family, tmp_path):

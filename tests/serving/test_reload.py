@@ -4,9 +4,14 @@ with the text they would have had. Expected completions come from transformers' 
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
+import httpx
 import pytest
 from builders import greedy, served_family
 from fastapi.testclient import TestClient
@@ -96,3 +101,43 @@ def test_reload_without_an_artifact_is_refused(served):
     art, runtime, refs, tok = served
     with TestClient(create_app(runtime)) as c:
         assert c.post("/admin/reload").status_code == 404
+
+
+@pytest.mark.slow
+def test_the_cli_server_reloads_on_sighup(served, tmp_path):
+    art, runtime, refs, tok = served
+    save_model(derive_variant(refs["base"], 9, [(0, 3)], scale=0.5), tmp_path / "x", tiny_tokenizer())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moeconsol", "serve-local", str(art), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def models() -> list[str]:
+        return [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=2).json()["data"]]
+
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                assert models() == ["base", "ft"]
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.time() < deadline, "the server did not start"
+                time.sleep(0.2)
+        add_variant(art, f"x={tmp_path / 'x'}")
+        proc.send_signal(signal.SIGHUP)
+        while models() != ["base", "ft", "x"]:
+            assert proc.poll() is None and time.time() < deadline, "no reload after SIGHUP"
+            time.sleep(0.2)
+        r = httpx.post(f"{url}/v1/completions", json={"model": "x", "prompt": PROMPT, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=60)
+    assert "moeconsol: reloaded: serving base, ft, x" in stderr
