@@ -302,6 +302,10 @@ def test_a_crash_while_adding_leaves_a_valid_artifact(family, tmp_path, stage, a
     switched = (stage, at) == ("switch", 1)
     assert ((art / "manifest.json").read_bytes() == manifest) != switched
     assert ("d" in Artifact.open(art).model_names) == switched
+    if (stage, at) == ("switch", 0):  # the complete new manifest, never switched in: ignored
+        assert [p.name for p in art.glob(".manifest.json.tmp-*")]
+        # and still an artifact that merge --force may replace
+        merge(open_checkpoints([f"base={family / 'base'}"]), copy_artifact(art, tmp_path / "again"), force=True)
     # the next change goes through, over whatever the crash left
     add_variant(art, f"c={family / 'c'}")
     assert_exports_bit_exact(art, family, tmp_path, only=["c", "d"])
