@@ -54,6 +54,8 @@ class LayerBank(Protocol):
     def weights(self) -> list[list[float] | None] | None: ...
     @property
     def deltas(self) -> Sequence[SlotCorrection]: ...
+    @property
+    def digests(self) -> list[str | None]: ...
     def bank_index(self, flat_index: int) -> int: ...
 
 
@@ -72,6 +74,8 @@ class Written:
     non_experts_whole: list[TensorSpec]
     """The same keys as they decode."""
     encodings: dict[str, Encoding]
+    digests: dict[str, str]
+    """Non-expert stored key -> the digest of the tensor it holds (where hashed)."""
     side_files: dict[str, list[str]]
     """Model name -> the side files copied to models/<name>/ (config, tokenizer, ...)."""
 
@@ -126,6 +130,7 @@ def build_manifest(
         },
         files={name: FileEntry(r.size, r.sha256) for name, r in sorted(written.files.items())},
         encodings=written.encodings,
+        digests=written.digests,
     )
 
 
@@ -135,8 +140,10 @@ def layer_entry(ckpts: list[Checkpoint], p: LayerBank) -> LayerEntry:
     return LayerEntry(
         layer=p.layer,
         bank=[
-            BankEntry([(i // E, i % E) for i in members], None if rep is None else (rep // E, rep % E), w)
-            for members, rep, w in zip(p.clusters, p.representatives, p.weights or [None] * len(p.clusters))
+            BankEntry([(i // E, i % E) for i in members], None if rep is None else (rep // E, rep % E), w, digest)
+            for members, rep, w, digest in zip(
+                p.clusters, p.representatives, p.weights or [None] * len(p.clusters), p.digests
+            )
         ],
         slot_map={c.name: sm for c, sm in zip(ckpts, slot_maps(p.clusters, len(ckpts), E))},
         deltas=delta_entries(ckpts, p),

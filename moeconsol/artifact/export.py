@@ -16,7 +16,7 @@ from ..io.safetensors_file import TensorInfo
 from ..io.safety import inside
 from ..io.writer import SafetensorsWriter, TensorSpec, atomic_directory, copy_file
 from .manifest import ModelEntry
-from .reader import Artifact, Progress, _slot, bank_key, check_files
+from .reader import Artifact, Progress, _slot, check_files
 from .verify import check_references
 
 Source = Callable[[], "Iterator[torch.Tensor] | list[TensorInfo] | torch.Tensor"]
@@ -42,7 +42,7 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
                     (spec, lambda layer=layer, e=e, part=part: iter([art.served_part(model.name, layer, e, part)]))
                 )
                 continue
-            out.append((spec, lambda key=bank_key(layer, k, part): [art.tensor_info(key)]))
+            out.append((spec, lambda key=art.bank_part_key(layer, k, part): [art.tensor_info(key)]))
         elif hit := layout.match_fused(name):
             layer, fused = hit
             parts = layout.fused_parts[fused]
@@ -62,7 +62,7 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
                     (
                         spec,
                         lambda layer=layer, parts=parts, slots=slots: [
-                            art.tensor_info(bank_key(layer, k, p)) for k in slots for p in parts
+                            art.tensor_info(art.bank_part_key(layer, k, p)) for k in slots for p in parts
                         ],
                     )
                 )
@@ -70,7 +70,7 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
 
             def pieces(layer=layer, parts=parts, slots=slots, codec=layout.fused_codec) -> Iterator[torch.Tensor]:
                 for k in slots:
-                    yield join(codec, [art.read(bank_key(layer, k, p)) for p in parts])
+                    yield join(codec, [art.read(art.bank_part_key(layer, k, p)) for p in parts])
 
             out.append((spec, pieces))
         else:
@@ -99,11 +99,12 @@ def files_of_model(art: Artifact, name: str) -> list[str]:
     keys |= {art.spec.encodings[k].reference for k in keys if k in art.spec.encodings}
     files = {wm[k] for k in keys if k in wm}
     files |= {
-        wm[bank_key(layer, k, p)]
+        wm[art.bank_part_key(layer, k, p)]
         for layer in art.layers
         for k in set(art.slot_map(name, layer))
+        if 0 <= k < art.bank_size(layer)
         for p in art.parts
-        if bank_key(layer, k, p) in wm
+        if art.bank_part_key(layer, k, p) in wm
     }
     files |= {
         wm[k]

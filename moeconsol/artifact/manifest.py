@@ -28,10 +28,13 @@ from .corrections import FORMATS
 from .nonexpert_codec import CODECS
 
 FORMAT = "moeconsol-artifact"
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READ_VERSIONS = (1, 2, 3)
 """Format versions this moeconsol reads: 2 added per-slot expert deltas (`LayerEntry.deltas`) and
-`encodings` (non-expert tensors stored as lossless deltas)."""
+`encodings` (non-expert tensors stored as lossless deltas); 3 bank entries stored under keys
+other than their index's (`BankEntry.key`, after `moeconsol remove`). A manifest is written
+with the lowest version that describes it (`Manifest.version`): 3 only when some bank entry
+has such a key, since a version-2 reader would read another entry's tensors there."""
 MANIFEST = "manifest.json"
 _MAX_MANIFEST = 1 << 30
 """A manifest larger than this (1 GiB) is refused rather than parsed."""
@@ -88,6 +91,11 @@ class BankEntry:
     members: list[tuple[int, int]]
     representative: tuple[int, int] | None
     weights: list[float] | None = None
+    digest: str | None = None
+    """BLAKE3 of the stored parts (`digest.tensor_digest`), when recorded: what `add` hashes a
+    new variant's experts against without reading the bank."""
+    key: str | None = None
+    """Where the parts are stored: `{key}.{part}` (format version 3); None: `bank.{layer}.{k}`."""
 
 
 @dataclass(frozen=True)
@@ -129,12 +137,21 @@ class Manifest:
     files: dict[str, FileEntry]
     encodings: dict[str, Encoding] = field(default_factory=dict)
     """Stored key -> its encoding, for keys stored encoded (absent: stored whole)."""
+    digests: dict[str, str] = field(default_factory=dict)
+    """Non-expert stored key -> BLAKE3 of the tensor it holds (decoded: its dtype, shape and
+    bytes, as merge hashes them), when recorded."""
+    generation: int = 0
+    """How many times `add` or `remove` changed the artifact; new files carry it in their names."""
+
+    def version(self) -> int:
+        """The format version this manifest needs: 3 if a bank entry has a key of its own."""
+        return 3 if any(b.key is not None for entry in self.layers for b in entry.bank) else 2
 
     # -- writing ------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.version(),
             "moeconsol_version": self.moeconsol_version,
             "architecture": self.architecture,
             "parts": list(self.parts),
@@ -166,6 +183,8 @@ class Manifest:
                             "members": [list(x) for x in b.members],
                             "representative": None if b.representative is None else list(b.representative),
                             **({"weights": list(b.weights)} if b.weights is not None else {}),
+                            **({"digest": b.digest} if b.digest is not None else {}),
+                            **({"key": b.key} if b.key is not None else {}),
                         }
                         for b in entry.bank
                     ],
@@ -188,6 +207,8 @@ class Manifest:
                 if self.encodings
                 else {}
             ),
+            **({"digests": dict(self.digests)} if self.digests else {}),
+            **({"generation": self.generation} if self.generation else {}),
         }
 
     def dumps(self) -> str:
@@ -260,6 +281,7 @@ class Manifest:
         if version < 2 and "encodings" in top:
             raise r.fail("encodings", "appeared in format version 2; this manifest says version 1")
         encodings = _encodings(r, top.get("encodings", {}), shapes)
+        _check_bank_keys(r, layers, version)
         return cls(
             moeconsol_version=str(top.get("moeconsol_version", "")),
             architecture=architecture,
@@ -275,6 +297,11 @@ class Manifest:
             shapes=shapes,
             files=files,
             encodings=encodings,
+            digests={
+                r.text(k, "digests key"): r.text(v, f"digests[{k!r}]")
+                for k, v in r.obj(top.get("digests", {}), "digests").items()
+            },
+            generation=r.integer(top.get("generation", 0), "generation"),
         )
 
     @classmethod
@@ -472,6 +499,7 @@ def _layer(r: _Reader, v: object, i: int, names: list[str]) -> LayerEntry:
         bd = r.obj(b, fb)
         rep = bd.get("representative")
         weights = bd.get("weights")
+        digest, key = bd.get("digest"), bd.get("key")
         bank.append(
             BankEntry(
                 members=[r.pair(x, f"{fb}.members") for x in r.array(bd.get("members"), f"{fb}.members")],
@@ -479,6 +507,8 @@ def _layer(r: _Reader, v: object, i: int, names: list[str]) -> LayerEntry:
                 weights=None
                 if weights is None
                 else [r.number(w, f"{fb}.weights") for w in r.array(weights, f"{fb}.weights")],
+                digest=None if digest is None else r.text(digest, f"{fb}.digest"),
+                key=None if key is None else r.text(key, f"{fb}.key"),
             )
         )
     slots = r.obj(d.get("slot_map"), f"{f}.slot_map")
@@ -500,6 +530,21 @@ def _layer(r: _Reader, v: object, i: int, names: list[str]) -> LayerEntry:
         },
         deltas=deltas,
     )
+
+
+def _check_bank_keys(r: _Reader, layers: list[LayerEntry], version: int) -> None:
+    """Bank keys of their own only in version 3, and no two entries stored under one key."""
+    seen: set[str] = set()
+    for i, entry in enumerate(layers):
+        for k, b in enumerate(entry.bank):
+            if b.key is not None and version < 3:
+                raise r.fail(
+                    f"layers[{i}].bank[{k}].key", f"appears in a version-{version} manifest (it came with version 3)"
+                )
+            key = b.key if b.key is not None else f"bank.{entry.layer}.{k}"
+            if key in seen:
+                raise r.fail(f"layers[{i}].bank[{k}]", f"is stored under {key!r}, as another bank entry is")
+            seen.add(key)
 
 
 def _delta(r: _Reader, v: object, f: str) -> DeltaEntry:

@@ -39,7 +39,8 @@ Progress = Callable[[str, int, int], None]
 
 
 def bank_key(layer: str, k: int, part: str) -> str:
-    """Stored name of part `part` of bank expert `k` of `layer`."""
+    """Stored name of part `part` of bank expert `k` of `layer` as merge writes it (an entry
+    with a `key` of its own is stored under that: `Artifact.bank_part_key`)."""
     return f"bank.{layer}.{k}.{part}"
 
 
@@ -112,11 +113,17 @@ class Artifact:
     def bank_size(self, layer: str) -> int:
         return len(self._layer(layer).bank)
 
+    def bank_part_key(self, layer: str, k: int, part: str) -> str:
+        """The stored key of part `part` of bank entry `k` of `layer`."""
+        bank = self._layer(layer).bank
+        if not 0 <= k < len(bank):
+            raise ArtifactError(f"{layer}: bank index {k} out of range (bank has {len(bank)})")
+        key = bank[k].key
+        return bank_key(layer, k, part) if key is None else f"{key}.{part}"
+
     def bank_expert(self, layer: str, k: int) -> dict[str, torch.Tensor]:
         """Bank expert `k` of `layer`, as canonical parts (Layout.parts)."""
-        if not 0 <= k < self.bank_size(layer):
-            raise ArtifactError(f"{layer}: bank index {k} out of range (bank has {self.bank_size(layer)})")
-        return {part: self.read(bank_key(layer, k, part)) for part in self.parts}
+        return {part: self.read(self.bank_part_key(layer, k, part)) for part in self.parts}
 
     # -- deltas (format version 2) -------------------------------------------------------------
     def deltas(self, name: str, layer: str) -> list[DeltaEntry]:
@@ -131,7 +138,7 @@ class Artifact:
     def served_part(self, name: str, layer: str, e: int, part: str) -> torch.Tensor:
         """What model `name` runs for part `part` of expert `e` of `layer`: its bank entry's,
         corrected by its delta if it has one (`deltas.corrected`)."""
-        bank = self.read(bank_key(layer, _slot(self, name, layer, e), part))
+        bank = self.read(self.bank_part_key(layer, _slot(self, name, layer, e), part))
         entry = next((x for x in self.deltas(name, layer) if x.expert == e), None)
         if entry is None:
             return bank

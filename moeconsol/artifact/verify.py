@@ -9,7 +9,7 @@ from ..errors import DamagedArtifactError
 from ..io.safetensors_file import dtype_names, torch_dtypes
 from .corrections import FORMATS
 from .manifest import DeltaEntry
-from .reader import Artifact, Progress, bank_key, check_files
+from .reader import Artifact, Progress, check_files
 
 
 def check_references(art: Artifact) -> list[str]:
@@ -21,7 +21,7 @@ def check_references(art: Artifact) -> list[str]:
         size = len(entry.bank)
         for k in range(size):
             for part in art.parts:
-                key = bank_key(entry.layer, k, part)
+                key = art.bank_part_key(entry.layer, k, part)
                 stored = spec.shapes.get(key)
                 if key not in wm:
                     problems.append(f"{entry.layer}: bank expert {k} part {part} is not stored")

@@ -106,6 +106,8 @@ COMMANDS: dict[str, str] = {
     "export": "merge",
     "inspect": "merge",
     "verify": "merge",
+    "add": "grow",
+    "remove": "grow",
     "serve-local": "serve",
     "eval": "evaluate",
     "sweep": "evaluate",

@@ -122,17 +122,21 @@ def serve_local(
 
     err = Console(stderr=True)
     first = model[0] if model else None
-    with stage_progress(
-        labels={"non-expert tensors": "load non-expert tensors", "expert bank": "load expert bank"}
-    ) as advance:
-        runtime = Runtime.from_artifact(
+
+    def load(advance=None, active: str | None = first) -> Runtime:
+        return Runtime.from_artifact(
             artifact,
             device=torch_device,
             dtype=torch_dtype,
-            active=first,
+            active=active,
             progress=advance,
             mode=ServingMode.CROSS_VARIANT if cross_variant_batching else ServingMode.SWAP,
         )
+
+    with stage_progress(
+        labels={"non-expert tensors": "load non-expert tensors", "expert bank": "load expert bank"}
+    ) as advance:
+        runtime = load(advance)
     for name in model or []:
         runtime.check_model(name)
     rb = runtime.resident_bytes()
@@ -146,6 +150,7 @@ def serve_local(
     if port is not None:
         policy = "one step for all variants" if cross_variant_batching else f"max wait {max_wait} s"
         err.print(f"serving on http://{host}:{port}/v1 ({policy}, max batch size {max_batch_size})")
+        err.print(f"after moeconsol add or remove: POST http://{host}:{port}/admin/reload (or SIGHUP)")
         try:
             serve(
                 runtime,
@@ -156,6 +161,7 @@ def serve_local(
                 max_batch_size=max_batch_size,
                 max_tokens_in_flight=max_tokens_in_flight,
                 sock=sock,
+                reload=lambda: load(active=None),  # the --model given may be removed since
             )
         except KeyboardInterrupt:  # a server stopped by SIGTERM (a service manager) did what it was asked: 0
             raise Interrupted(f"the server on {host}:{port} stopped", 0 if by_sigterm() else INTERRUPTED) from None

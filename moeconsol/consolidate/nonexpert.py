@@ -57,6 +57,8 @@ class NonExpertPlan:
     merged: list[TensorSpec] = field(default_factory=list)
     """The tensors a merging baseline computes (`combine`) from every model's version."""
     combine: Combine | None = None
+    digests: dict[str, str] = field(default_factory=dict)
+    """Stored key -> digest of the version it holds (`tensor_digest_of`), for the stored ones."""
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -70,26 +72,27 @@ def plan_non_experts(ckpts: list[Checkpoint], progress: Progress | None = None) 
     names = sorted(disk[0], key=natural_key)
     stored: list[StoredTensor] = []
     keys: list[dict[str, str]] = [{} for _ in ckpts]
+    digests: dict[str, str] = {}
     for i, name in enumerate(names):
         if progress:
             progress("non-expert", i, len(names))
         versions: dict[str, str] = {}
         for m, c in enumerate(ckpts):
-            digest = _tensor_digest(c, disk[m][name])
+            digest = tensor_digest_of(c.tensors[disk[m][name]])
             if digest not in versions:
                 key = f"{name}@{len(versions)}"
                 versions[digest] = key
+                digests[key] = digest
                 info = c.tensors[disk[m][name]]
                 stored.append(StoredTensor(key, m, disk[m][name], TensorSpec(key, info.dtype, info.shape)))
             keys[m][name] = versions[digest]
     if progress:
         progress("non-expert", len(names), len(names))
-    return NonExpertPlan(keys, stored=stored)
+    return NonExpertPlan(keys, stored=stored, digests=digests)
 
 
-def _tensor_digest(ckpt: Checkpoint, name: str) -> str:
+def tensor_digest_of(info: TensorInfo) -> str:
     """Digest of a stored tensor's dtype, shape and bytes (read through a reused buffer)."""
-    info = ckpt.tensors[name]
     return range_digest({f"{info.dtype}{list(info.shape)}": info})
 
 
@@ -138,7 +141,7 @@ def encode_non_experts(
             reference = None  # read once a version is worth encoding
             for t in others:
                 if math.prod(t.spec.shape) > codec.PROBE_ELEMENTS:  # probe the first elements, read from disk
-                    heads = [_head(ckpts[x.model].tensors[x.disk_name], codec.PROBE_ELEMENTS) for x in (t, first)]
+                    heads = [tensor_head(ckpts[x.model].tensors[x.disk_name], codec.PROBE_ELEMENTS) for x in (t, first)]
                     if codec.probe(*heads) > MAX_DELTA_RATIO:
                         continue
                 if reference is None:
@@ -157,6 +160,6 @@ def encode_non_experts(
     return encoded
 
 
-def _head(info: TensorInfo, n: int) -> torch.Tensor:
+def tensor_head(info: TensorInfo, n: int) -> torch.Tensor:
     """The first `n` elements of a stored tensor, flat, read from its file."""
     return read_tensor(TensorInfo(info.file, info.dtype, (n,), info.start, info.start + n * ITEMSIZE[info.dtype]))

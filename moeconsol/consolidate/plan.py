@@ -45,6 +45,15 @@ class LayerPlan:
     every bank expert from its members' (and the base's)."""
     deltas: list[SlotDelta] = field(default_factory=list)
     """Slots served by their bank entry plus a compressed correction (calibrated + deltas)."""
+    item_digests: list[str] | None = None
+    """Every expert's digest (by flat index), when the planner hashed them: the manifest
+    records each stored representative's (`BankEntry.digest`)."""
+
+    @property
+    def digests(self) -> list[str | None]:
+        """Each bank entry's digest: its representative's, None for a computed one or unknown."""
+        d = self.item_digests
+        return [None if d is None or rep is None else d[rep] for rep in self.representatives]
 
     def bank_index(self, flat_index: int) -> int:
         """The bank entry that serves expert `flat_index`."""

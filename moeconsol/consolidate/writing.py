@@ -139,6 +139,7 @@ def write_artifact(
         non_experts=tensor_specs,
         non_experts_whole=whole_specs,
         encodings={key: e.encoding for key, e in encoded.items()},
+        digests=dict(non_experts.digests),
         side_files=side,
     )
 

@@ -66,7 +66,9 @@ def _plain_file(p: Path) -> bool:
 def _artifact_entry(p: Path) -> bool:
     if p.name == "models":
         return p.is_dir() and not p.is_symlink()
-    return _plain_file(p) and (p.name == "manifest.json" or p.suffix == ".safetensors")
+    # a new manifest an interrupted `add` or `remove` left (artifact.switch.MANIFEST_TMP)
+    leftover = p.name.startswith(".manifest.json.tmp-")
+    return _plain_file(p) and (p.name == "manifest.json" or p.suffix == ".safetensors" or leftover)
 
 
 def _checkpoint_entry(p: Path) -> bool:

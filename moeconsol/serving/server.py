@@ -6,7 +6,11 @@ runtime and its engine; the handler waits on the job's future, or streams its te
 worker decodes it. A client that goes away is cancelled and leaves the batch at the next step.
 
 Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both with
-`stream`: server-sent events), `GET /metrics` (Prometheus, through prometheus_client).
+`stream`: server-sent events), `GET /metrics` (Prometheus, through prometheus_client), and
+`POST /admin/reload` (or SIGHUP): serve the variants the artifact holds now (after `moeconsol
+add` or `remove`). A reload loads a new runtime beside the one serving (memory for both, for
+as long as it takes), then sends new requests to it; requests already taken finish on the old
+one, which is then stopped. It listens where the API does, and takes no input.
 Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`: unknown model
 404, malformed JSON or bad parameters 400, a body over the limit 413; the server keeps
 serving after each.
@@ -15,10 +19,13 @@ serving after each.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
+import sys
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -88,6 +95,15 @@ class _Prepared:
         return self.prompt if isinstance(self.request, CompletionRequest) and self.request.echo else ""
 
 
+class _Serving:
+    """What requests are served by now: a runtime, the scheduler that owns it, its tokenizers.
+    A reload replaces it whole; a request keeps the one it started with to its end."""
+
+    def __init__(self, runtime: Runtime, scheduler: Scheduler):
+        self.runtime, self.scheduler = runtime, scheduler
+        self.tokenizers = {name: runtime.tokenizer(name) for name in runtime.names}  # loaded once, up front
+
+
 def create_app(
     runtime: Runtime,
     max_wait: float = DEFAULT_MAX_WAIT,
@@ -95,22 +111,61 @@ def create_app(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     max_tokens_in_flight: int = DEFAULT_MAX_TOKENS_IN_FLIGHT,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    reload: Callable[[], Runtime] | None = None,
 ) -> FastAPI:
-    """The FastAPI app; its worker starts and stops with the app's lifespan."""
-    scheduler = Scheduler(runtime, max_wait, max_batch_size=max_batch_size, max_tokens_in_flight=max_tokens_in_flight)
-    tokenizers = {name: runtime.tokenizer(name) for name in runtime.names}  # loaded once, up front
+    """The FastAPI app; its worker starts and stops with the app's lifespan. With `reload` (a
+    new runtime from the artifact as it is now), `POST /admin/reload` and SIGHUP serve the
+    variants the artifact holds now (`_reloaded`)."""
+
+    def scheduler_for(r: Runtime, metrics=None) -> Scheduler:
+        return Scheduler(
+            r, max_wait, metrics=metrics, max_batch_size=max_batch_size, max_tokens_in_flight=max_tokens_in_flight
+        )
+
+    now = _Serving(runtime, scheduler_for(runtime))
     created = int(time.time())
+    reloading = asyncio.Lock()
+
+    async def do_reload() -> dict:
+        nonlocal now
+        if reload is None:
+            raise ApiError(404, "this server was not started from an artifact it can reload")
+        async with reloading:
+            before, start = now, time.perf_counter()
+            try:
+                fresh = await asyncio.to_thread(reload)
+            except MoeconsolError as e:
+                raise ApiError(409, f"reload failed, still serving {', '.join(before.runtime.names)}: {e}") from None
+            scheduler = scheduler_for(fresh, before.scheduler.metrics)
+            scheduler.start()
+            now = _Serving(fresh, scheduler)
+            app.state.scheduler = scheduler
+            threading.Thread(target=_drain, args=(before.scheduler,), name="moeconsol-drain", daemon=True).start()
+            old, new = before.runtime.names, fresh.names
+            return {
+                "object": "reload",
+                "models": list(new),
+                "added": [n for n in new if n not in old],
+                "removed": [n for n in old if n not in new],
+                "seconds": round(time.perf_counter() - start, 3),
+            }
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler.start()
+        now.scheduler.start()
+        hup = reload is not None and threading.current_thread() is threading.main_thread()
+        if hup:
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_logged(do_reload())))
         try:
             yield
         finally:
-            scheduler.stop()
+            if hup:
+                loop.remove_signal_handler(signal.SIGHUP)
+            now.scheduler.stop()
 
     app = FastAPI(title="moeconsol serve-local", lifespan=lifespan)
-    app.state.scheduler = scheduler
+    app.state.scheduler = now.scheduler
 
     @app.exception_handler(ApiError)
     async def _api_error(request: HttpRequest, exc: ApiError):
@@ -122,20 +177,28 @@ def create_app(
 
     @app.get("/v1/models")
     async def models():
-        data = [{"id": n, "object": "model", "created": created, "owned_by": "moeconsol"} for n in runtime.names]
+        data = [{"id": n, "object": "model", "created": created, "owned_by": "moeconsol"} for n in now.runtime.names]
         return {"object": "list", "data": data}
 
     @app.get("/metrics")
     async def metrics():
-        return Response(scheduler.metrics.render(runtime.resident_bytes().to_dict()), media_type=CONTENT_TYPE_LATEST)
+        serving = now
+        return Response(
+            serving.scheduler.metrics.render(serving.runtime.resident_bytes().to_dict()), media_type=CONTENT_TYPE_LATEST
+        )
 
-    def prepare(body: dict, chat: bool) -> _Prepared:
+    @app.post("/admin/reload")
+    async def admin_reload():
+        return await do_reload()
+
+    def prepare(serving: _Serving, body: dict, chat: bool) -> _Prepared:
         """Validate and tokenize (runs in a thread, off the event loop)."""
+        runtime = serving.runtime
         request = validate(ChatCompletionRequest if chat else CompletionRequest, body, runtime.names)
         model, settings = request.model, request.settings()
         if chat:
-            prompt = _chat_prompt(tokenizers[model], request.messages)
-            ids = tokenizers[model](prompt, add_special_tokens=False)["input_ids"]
+            prompt = _chat_prompt(serving.tokenizers[model], request.messages)
+            ids = serving.tokenizers[model](prompt, add_special_tokens=False)["input_ids"]
         else:
             prompt = request.prompt
             ids = runtime.encode(model, prompt)
@@ -162,8 +225,10 @@ def create_app(
         return _Prepared(request, list(ids), prompt, settings)
 
     async def handle(request: HttpRequest, chat: bool):
+        serving = now  # this request is served by what serves now, to its end, whatever reloads meanwhile
+        scheduler = serving.scheduler
         body = await json_body(request, max_body_bytes)
-        p = await asyncio.to_thread(prepare, body, chat)
+        p = await asyncio.to_thread(prepare, serving, body, chat)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if p.request.stream:
             events = _stream(scheduler, request, p, rid, chat)
@@ -190,6 +255,26 @@ def create_app(
         return await handle(request, chat=True)
 
     return app
+
+
+def _drain(scheduler: Scheduler, poll: float = 0.05) -> None:
+    """Stop a replaced scheduler once every request it took has been answered."""
+    while True:
+        with scheduler._cond:
+            idle = not scheduler._pending and not scheduler.engine.running()
+        if idle:
+            scheduler.stop()
+            return
+        time.sleep(poll)
+
+
+async def _logged(reloading) -> None:
+    """A reload started by SIGHUP: its outcome on stderr (no client to answer)."""
+    try:
+        r = await reloading
+        print(f"moeconsol: reloaded: serving {', '.join(r['models'])}", file=sys.stderr)
+    except ApiError as e:
+        print(f"moeconsol: {e.message}", file=sys.stderr)
 
 
 def _result(done: asyncio.Future) -> Completion:
@@ -274,12 +359,14 @@ def serve(
     max_tokens_in_flight: int = DEFAULT_MAX_TOKENS_IN_FLIGHT,
     log_level: str = "info",
     sock: socket.socket | None = None,
+    reload: Callable[[], Runtime] | None = None,
 ) -> None:
-    """Run the server until interrupted (uvicorn), on `sock` if given (see `bind`)."""
+    """Run the server until interrupted (uvicorn), on `sock` if given (see `bind`); `reload`:
+    see `create_app`."""
     import uvicorn
 
     sock = sock or bind(host, port)
-    app = create_app(runtime, max_wait, max_prompt_tokens, max_batch_size, max_tokens_in_flight)
+    app = create_app(runtime, max_wait, max_prompt_tokens, max_batch_size, max_tokens_in_flight, reload=reload)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
     try:
         server.run(sockets=[sock])

@@ -34,3 +34,8 @@ def test_server_defaults_are_the_engines(command):
     cli = defaults(command)
     for name in ("max_wait", "max_prompt_tokens", "max_batch_size", "max_tokens_in_flight"):
         assert cli[name] == getattr(engine, f"DEFAULT_{name.upper()}"), name
+
+
+@pytest.mark.parametrize("command", ["add", "remove"])
+def test_grow_shard_size_is_merge_settings_default(command):
+    assert parse_size(defaults(command)["shard_size"]) == MergeSettings().shard_size

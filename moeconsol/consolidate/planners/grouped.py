@@ -37,6 +37,10 @@ from .base import Planner
 class GroupedPlanner(Planner):
     """Measure every layer, cluster (`cluster`), pick each cluster's representative."""
 
+    full_digests = False
+    """`measure` gives every expert's full digest (not a fingerprint where no other expert
+    could equal it): the manifest may record them (`BankEntry.digest`)."""
+
     def plan(self, ckpts: list[Checkpoint], s: MergeSettings, progress: Progress | None = None) -> list[LayerPlan]:
         ref = ckpts[0]
         groups: list[LayerGroups] = []
@@ -51,7 +55,12 @@ class GroupedPlanner(Planner):
             progress("plan", len(ref.moe_layers), len(ref.moe_layers))
         clusters = self.cluster(groups, ckpts, s)
         return [
-            LayerPlan(lg.layer, cs, [choose_representative(c, s.representative, d, lg.distance) for c in cs])
+            LayerPlan(
+                lg.layer,
+                cs,
+                [choose_representative(c, s.representative, d, lg.distance) for c in cs],
+                item_digests=d if self.full_digests else None,
+            )
             for lg, d, cs in zip(groups, digests, clusters)
         ]
 
@@ -74,6 +83,7 @@ class LosslessPlanner(GroupedPlanner):
     """Share only bit-identical experts."""
 
     mode = Mode.LOSSLESS
+    full_digests = True
 
     def check(self, s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
         refuse(s, self.mode)
