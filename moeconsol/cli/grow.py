@@ -69,7 +69,7 @@ def add(
     shard_bytes = parse_size(shard_size)
     from ..consolidate.grow import add_variant  # imports torch: after the options are checked, for start-up time
 
-    with stage_progress(as_json, _STAGES) as report:
+    with stage_progress(_STAGES) as report:
         r = add_variant(
             artifact,
             model,
@@ -123,7 +123,7 @@ def remove(
     shard_bytes = parse_size(shard_size)
     from ..consolidate.shrink import remove_variant  # imports torch: after the options are checked, for start-up time
 
-    with stage_progress(as_json, _STAGES) as report:
+    with stage_progress(_STAGES) as report:
         r = remove_variant(artifact, name, out, force=force, compact=compact, shard_size=shard_bytes, progress=report)
     if as_json:
         print(_result_json(r))
