@@ -2,11 +2,13 @@
 
 The format is described in docs/artifact.md; `manifest.Manifest` is its validated type.
 `Artifact.open` reads and validates manifest.json only (types, and every path in it: see
-docs/security.md). Tensors are read one at a time, on demand. The first time a file is
-read from, it is checked against its manifest entry: size, sha256 (unless the artifact was
-opened with `checksums=False`) and, for safetensors, every tensor's dtype and shape; a
-damaged file raises `DamagedArtifactError` before any of its tensors is returned. So
-serve-local and eval, which read through `Artifact`, never run a damaged bank.
+docs/security.md). Tensors are read one at a time, on demand. Before any tensor, slot map or
+delta is handed out, the tensors the manifest refers to are validated once (`validate`: bank
+parts, slot maps, delta components against their format). The first time a file is read
+from, it is checked against its manifest entry: size, sha256 (unless the artifact was opened
+with `checksums=False`) and, for safetensors, every tensor's dtype and shape; a damaged file
+raises `DamagedArtifactError` before any of its tensors is returned. So serve-local, eval and
+export, which read through `Artifact`, never run or write a damaged bank or correction.
 `verify.verify_artifact` checks every file and lists every problem; `export.export_model`
 writes one model back as a standard Hugging Face checkpoint.
 """
@@ -25,6 +27,7 @@ from ..io.writer import sha256_file
 from . import nonexpert_codec as codec
 from .corrections import corrected
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, DeltaEntry, Manifest, ModelEntry
+from .validate import bank_key, problems
 
 __all__ = [
     "FORMAT",
@@ -36,11 +39,6 @@ __all__ = [
 
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): called as long work advances."""
-
-
-def bank_key(layer: str, k: int, part: str) -> str:
-    """Stored name of part `part` of bank expert `k` of `layer`."""
-    return f"bank.{layer}.{k}.{part}"
 
 
 class Artifact:
@@ -62,6 +60,7 @@ class Artifact:
         self._layers = {entry.layer: entry for entry in spec.layers}
         self._headers: dict[str, dict[str, TensorInfo]] = {}
         self._checked: set[str] = set()
+        self._valid = False
 
     @classmethod
     def open(cls, path: str | Path, checksums: bool = True) -> Artifact:
@@ -96,7 +95,9 @@ class Artifact:
 
     def non_expert_keys(self, name: str) -> dict[str, str]:
         """In-memory transformers name -> stored key, for every non-expert tensor of `name`."""
-        return dict(self._model(name).tensors)
+        model = self._model(name)
+        self.validate()
+        return dict(model.tensors)
 
     # -- bank -------------------------------------------------------------------------------
     def _layer(self, layer: str):
@@ -107,6 +108,7 @@ class Artifact:
     def slot_map(self, name: str, layer: str) -> list[int]:
         """Expert index -> bank index, for model `name` at `layer`."""
         self._model(name)
+        self.validate()
         return list(self._layer(layer).slot_map[name])
 
     def bank_size(self, layer: str) -> int:
@@ -122,6 +124,7 @@ class Artifact:
     def deltas(self, name: str, layer: str) -> list[DeltaEntry]:
         """Model `name`'s delta slots in `layer` (empty: every slot is its bank entry as stored)."""
         self._model(name)
+        self.validate()
         return list(self._layer(layer).deltas.get(name, []))
 
     def delta_components(self, entry: DeltaEntry, part: str) -> dict[str, torch.Tensor]:
@@ -169,9 +172,24 @@ class Artifact:
         encoding = self.spec.encodings[key]
         return codec.decode(blob, reference, encoding.dtype, encoding.shape)
 
+    def validate(self) -> None:
+        """The tensors the manifest refers to, checked once against what they must be
+        (`validate.problems`: bank experts, slot maps, delta components by their format, model
+        tensors, encodings); DamagedArtifactError naming the first problem. Every accessor that
+        hands out tensors, slot maps or deltas calls it first."""
+        if self._valid:
+            return
+        found = problems(self.spec)
+        if found:
+            raise DamagedArtifactError(
+                f"{self.path}: damaged artifact: {found[0]} (run `moeconsol verify` for the full list)"
+            )
+        self._valid = True
+
     def _check(self, files: list[str]) -> None:
         """Check files not yet checked (size, sha256 unless disabled, tensors); raise
         DamagedArtifactError naming the first problem."""
+        self.validate()
         todo = [f for f in files if f not in self._checked]
         if not todo:
             return

@@ -216,6 +216,8 @@ def _first_delta(data) -> tuple[dict, dict]:
         (lambda e, x: x.update(expert=-1), "is -1, outside"),
         (lambda e, x: x.update(size="4"), "expected an integer"),
         (lambda e, x: x.update(size=None), "lowrank needs a rank of at least 1"),
+        (lambda e, x: x.update(size=10**9), "size 1000000000 is outside 1..64"),
+        (lambda e, x: x.update(format="sign", size=8), "sign takes no size"),
         (lambda e, x: next(iter(x["keys"].values())).update(a="delta.nowhere"), "which weight_map does not store"),
         (lambda e, x: next(iter(x["keys"].values())).pop("a"), "has components"),
         (lambda e, x: e["deltas"].update(nobody=[]), "names model 'nobody'"),
