@@ -15,13 +15,14 @@ writes one model back as a standard Hugging Face checkpoint.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..errors import ArtifactError, DamagedArtifactError, MoeconsolError, UnknownModelError, UnsafePathError
-from ..io.safetensors_file import TensorInfo, read_header, read_tensor
+from ..io.safetensors_file import ITEMSIZE, TensorInfo, read_header, read_tensor
 from ..io.safety import inside, is_regular_file
 from ..io.writer import sha256_file
 from . import nonexpert_codec as codec
@@ -205,9 +206,13 @@ class Artifact:
 
 
 def summary(art: Artifact) -> dict:
-    """What `inspect` shows: models, bank per layer, bytes, settings."""
+    """What `inspect` shows: models, bank per layer, bytes, settings. `corrected_host`: the
+    host memory a swap-mode runtime keeps every variant's corrected experts decoded in (one
+    expert per delta slot; docs/runtime.md)."""
     spec = art.spec
     b = spec.bytes
+    delta_slots = {layer: sum(len(x) for x in art._layer(layer).deltas.values()) for layer in art.layers}
+    slots = sum(delta_slots.values())
     return {
         "path": str(art.path),
         "architecture": art.architecture,
@@ -224,8 +229,9 @@ def summary(art: Artifact) -> dict:
             "deltas": b.get("deltas"),
             "non_expert": b.get("non_expert"),
             "non_expert_whole": b.get("non_expert_whole"),
+            "corrected_host": slots * _expert_nbytes(spec) if slots else None,
         },
-        "delta_slots": {layer: sum(len(x) for x in art._layer(layer).deltas.values()) for layer in art.layers},
+        "delta_slots": delta_slots,
         "files": len(spec.files) + 1,
     }
 
@@ -295,6 +301,11 @@ def _check_tensors(art: Artifact, file: str, keys: list[str]) -> list[str]:
     if not problems:
         art._headers[file] = header
     return problems
+
+
+def _expert_nbytes(spec: Manifest) -> int:
+    """Bytes of one expert, every part, in the artifact's dtype."""
+    return sum(math.prod(shape) for shape in spec.part_shapes.values()) * ITEMSIZE[spec.dtype]
 
 
 def _slot(art: Artifact, name: str, layer: str, e: int) -> int:
