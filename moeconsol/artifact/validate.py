@@ -83,7 +83,8 @@ def layer_problems(spec: Manifest, entry: LayerEntry) -> list[str]:
                 out.append(f"{entry.layer}: bank expert {k} part {part} ({key}) is not stored")
             elif got != want:
                 out.append(
-                    f"{_where(spec, key)} is {_text(got)}, as bank expert {k} part {part} it must be {_text(want)}"
+                    f"{_where(spec, key)} is {_text(got)}; as bank expert {k} part {part} it must be {_text(want)} "
+                    "(the manifest's expert dtype and part shape)"
                 )
     for name, slots in entry.slot_map.items():
         bad = next((e for e, s in enumerate(slots) if not 0 <= s < size), None)
