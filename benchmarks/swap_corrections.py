@@ -68,9 +68,9 @@ VARIANTS = {"code": (0, 1, 2, 3), "chat": (2, 3, 4, 5), "math": (4, 5, 6, 7)}
 """Each fine-tune's own experts, the same indices in every layer."""
 
 
-def build(root: Path, size: dict, budget: str) -> dict[str, Path]:
-    """The family, merged calibrated at `budget` with and without corrections (reused when
-    `root` holds them)."""
+def build(root: Path, size: dict, budget: str, delta_format: str | None) -> dict[str, Path]:
+    """The family, merged calibrated at `budget` with and without corrections (of
+    `delta_format`; None: the planner's choice) (reused when `root` holds them)."""
     out = {kind: root / kind for kind in ("with", "without")}
     if all((p / "manifest.json").is_file() for p in out.values()):
         return out
@@ -85,7 +85,12 @@ def build(root: Path, size: dict, budget: str) -> dict[str, Path]:
     calibration.write_text(SAMPLE_TEXT * 20)
     for kind, deltas in (("with", True), ("without", False)):
         settings = MergeSettings(
-            mode="calibrated", budget=budget, calibration={"*": str(calibration)}, calibration_tokens=64, deltas=deltas
+            mode="calibrated",
+            budget=budget,
+            calibration={"*": str(calibration)},
+            calibration_tokens=64,
+            deltas=deltas,
+            delta_format=delta_format if deltas else None,
         )
         merge(open_checkpoints(refs), out[kind], settings, force=True)
     return out
@@ -187,6 +192,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="benchmark")
     ap.add_argument("--budget", default="0.45", help="merge budget, a fraction of the expert bytes")
+    ap.add_argument(
+        "--delta-format",
+        default=None,
+        help="one correction format (int4 and sign merge fastest: no SVD); default: the planner's choice",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
@@ -198,10 +208,14 @@ def main() -> None:
     device = parse_device(args.device)
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        paths = build(args.keep or Path(tmp), SIZES[args.size], args.budget)
+        paths = build(args.keep or Path(tmp), SIZES[args.size], args.budget, args.delta_format)
         r = measure(paths, device, args.repeats)
     r.update(
-        size=args.size, device=str(device), threads=torch.get_num_threads(), load_average=[load, os.getloadavg()[0]]
+        size=args.size,
+        delta_format=args.delta_format or "auto",
+        device=str(device),
+        threads=torch.get_num_threads(),
+        load_average=[load, os.getloadavg()[0]],
     )
     if args.json:
         print(json.dumps(r, indent=1))
@@ -209,7 +223,7 @@ def main() -> None:
     kib = lambda n: f"{n / 1024:.0f} KiB"  # noqa: E731
     ms = lambda s: f"{s * 1e3:.3f} ms"  # noqa: E731
     print(
-        f"{args.size} family on {r['device']} ({r['threads']} threads), load {load:.1f} -> {os.getloadavg()[0]:.1f}: "
+        f"{args.size} family ({r['delta_format']} corrections) on {r['device']} ({r['threads']} threads), load {load:.1f} -> {os.getloadavg()[0]:.1f}: "
         f"swap {r['from']} -> {r['to']}, {kib(r['non_expert_bytes'])} of non-expert tensors, "
         f"{r['corrected_slots']} corrected experts ({kib(r['corrected_bytes'])})"
     )

@@ -124,8 +124,8 @@ class SwapResidency:
     differing tensors, every variant's wait in host memory (`host`: variant -> dtype -> buffer
     laid out as the swap region, pinned on CUDA; variants with equal keys share one), and
     activating another is one copy per dtype plus one copy of its slot-map table, plus one
-    copy per bank parameter and layer of its corrected experts (`corrected`: variant ->
-    (private entries' rows, their host copy))."""
+    copy per bank parameter and layer of its corrected experts (`corrected`: variant -> its
+    `RowCopy`s)."""
 
     def __init__(
         self,
