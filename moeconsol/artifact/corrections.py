@@ -56,6 +56,24 @@ class DeltaFormat:
     components: Callable[[Shape, int | None, torch.dtype], ComponentSpecs]
     encode: Callable[[torch.Tensor, int | None, torch.dtype], Components]
     decode: Callable[[Components, Shape, int | None], torch.Tensor]
+    sized: bool = True
+    """Whether the format takes a size parameter (`sign` does not: its size is null)."""
+
+    def size_problem(self, size: int | None, shapes: list[Shape]) -> str | None:
+        """Why a delta of parts of `shapes` cannot have been written at `size`, or None. A
+        size beyond every dimension clamps to the same components as a smaller one, but no
+        writer makes it: it is refused, not served."""
+        largest = max((max(shape) for shape in shapes), default=0)
+        if size is not None and not self.sized:
+            return f"{self.name} takes no size, got {size}"
+        if size is not None and not 1 <= size <= largest:
+            return f"size {size} is outside 1..{largest} (the largest dimension of the parts)"
+        try:
+            for shape in shapes:
+                self.components(shape, size, torch.float32)
+        except SettingsError as e:
+            return str(e)
+        return None
 
     def nbytes(self, shape: Shape, size: int | None, dtype: torch.dtype) -> int:
         """Bytes of the stored components of one matrix."""
@@ -279,7 +297,7 @@ FORMATS: dict[str, DeltaFormat] = {
     f.name: f
     for f in (
         DeltaFormat("lowrank", _lowrank_sizes, _lowrank_components, _lowrank_encode, _lowrank_decode),
-        DeltaFormat("sign", lambda shape: [None], _sign_components, _sign_encode, _sign_decode),
+        DeltaFormat("sign", lambda shape: [None], _sign_components, _sign_encode, _sign_decode, sized=False),
         DeltaFormat("int4", _int4_sizes, _int4_components, _int4_encode, _int4_decode),
         DeltaFormat("mixed", _mixed_sizes, _mixed_components, _mixed_encode, _mixed_decode),
     )

@@ -17,7 +17,6 @@ from ..io.safety import inside
 from ..io.writer import SafetensorsWriter, TensorSpec, atomic_directory, copy_file
 from .manifest import ModelEntry
 from .reader import Artifact, Progress, _slot, check_files
-from .verify import check_references
 
 Source = Callable[[], "Iterator[torch.Tensor] | list[TensorInfo] | torch.Tensor"]
 
@@ -134,7 +133,7 @@ def export_model(
     """
     art = Artifact.open(path, checksums=checksums)
     model = art._model(name)
-    problems = check_references(art) + check_files(art, files_of_model(art, name), checksums=checksums)
+    problems = check_files(art, files_of_model(art, name), checksums=checksums)
     if problems:
         raise DamagedArtifactError(
             f"{art.path}: damaged artifact: {problems[0]} (run `moeconsol verify` for the full list)"

@@ -7,9 +7,10 @@ are relative paths inside the artifact, `weight_map` values and each model's `fi
 `source_shards` keys are plain file names, model names follow `safety.NAME_RULE`. So once a
 manifest is parsed, joining any of its paths to a directory stays inside that directory.
 
-Only types and paths are checked here; whether the keys refer to each other consistently
-(slot maps in range, every referenced tensor stored) is `artifact.check_references`, which
-`verify` reports as a list of problems.
+Types, paths and the structure of delta entries are checked here; what the tensors the
+entries refer to must be (stored, with the dtype and shape a bank part or a delta component
+needs; slot maps in range) is `validate.problems`, which every reader goes through and
+`verify` lists.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..architectures.layouts import all_layouts
-from ..errors import ArtifactError, MoeconsolError, SettingsError
-from ..io.safetensors_file import ITEMSIZE, torch_dtypes
+from ..errors import ArtifactError, MoeconsolError
+from ..io.safetensors_file import ITEMSIZE
 from ..io.safety import NAME_RULE, is_regular_file, is_safe_name, relative_path_problem
 from .corrections import FORMATS
 from .nonexpert_codec import CODECS
@@ -596,11 +597,9 @@ def _check_deltas(
                 )
             if sorted(x.keys) != sorted(parts):
                 raise r.fail(f"{f}.keys", f"has parts {sorted(x.keys)}, parts says {list(parts)}")
-            try:
-                for shape in part_shapes.values():
-                    FORMATS[x.format].components(shape, x.size, torch_dtypes()["F32"])
-            except SettingsError as e:
-                raise r.fail(f"{f}.size", f"is {x.size!r}: {e}") from e
+            problem = FORMATS[x.format].size_problem(x.size, list(part_shapes.values()))
+            if problem:
+                raise r.fail(f"{f}.size", f"is {x.size!r}: {problem}")
             wanted = FORMATS[x.format].component_names()
             for p, comps in x.keys.items():
                 if sorted(comps) != wanted:

@@ -2,29 +2,33 @@
 
 The format is described in docs/artifact.md; `manifest.Manifest` is its validated type.
 `Artifact.open` reads and validates manifest.json only (types, and every path in it: see
-docs/security.md). Tensors are read one at a time, on demand. The first time a file is
-read from, it is checked against its manifest entry: size, sha256 (unless the artifact was
-opened with `checksums=False`) and, for safetensors, every tensor's dtype and shape; a
-damaged file raises `DamagedArtifactError` before any of its tensors is returned. So
-serve-local and eval, which read through `Artifact`, never run a damaged bank.
+docs/security.md). Tensors are read one at a time, on demand. Before any tensor, slot map or
+delta is handed out, the tensors the manifest refers to are validated once (`validate`: bank
+parts, slot maps, delta components against their format). The first time a file is read
+from, it is checked against its manifest entry: size, sha256 (unless the artifact was opened
+with `checksums=False`) and, for safetensors, every tensor's dtype and shape; a damaged file
+raises `DamagedArtifactError` before any of its tensors is returned. So serve-local, eval and
+export, which read through `Artifact`, never run or write a damaged bank or correction.
 `verify.verify_artifact` checks every file and lists every problem; `export.export_model`
 writes one model back as a standard Hugging Face checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..errors import ArtifactError, DamagedArtifactError, MoeconsolError, UnknownModelError, UnsafePathError
-from ..io.safetensors_file import TensorInfo, read_header, read_tensor
+from ..io.safetensors_file import ITEMSIZE, TensorInfo, read_header, read_tensor
 from ..io.safety import inside, is_regular_file
 from ..io.writer import sha256_file
 from . import nonexpert_codec as codec
 from .corrections import corrected
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, DeltaEntry, Manifest, ModelEntry
+from .validate import bank_key, bank_part_key, problems
 
 __all__ = [
     "FORMAT",
@@ -36,12 +40,6 @@ __all__ = [
 
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): called as long work advances."""
-
-
-def bank_key(layer: str, k: int, part: str) -> str:
-    """Stored name of part `part` of bank expert `k` of `layer` as merge writes it (an entry
-    with a `key` of its own is stored under that: `Artifact.bank_part_key`)."""
-    return f"bank.{layer}.{k}.{part}"
 
 
 class Artifact:
@@ -63,6 +61,7 @@ class Artifact:
         self._layers = {entry.layer: entry for entry in spec.layers}
         self._headers: dict[str, dict[str, TensorInfo]] = {}
         self._checked: set[str] = set()
+        self._valid = False
 
     @classmethod
     def open(cls, path: str | Path, checksums: bool = True) -> Artifact:
@@ -97,7 +96,9 @@ class Artifact:
 
     def non_expert_keys(self, name: str) -> dict[str, str]:
         """In-memory transformers name -> stored key, for every non-expert tensor of `name`."""
-        return dict(self._model(name).tensors)
+        model = self._model(name)
+        self.validate()
+        return dict(model.tensors)
 
     # -- bank -------------------------------------------------------------------------------
     def _layer(self, layer: str):
@@ -108,6 +109,7 @@ class Artifact:
     def slot_map(self, name: str, layer: str) -> list[int]:
         """Expert index -> bank index, for model `name` at `layer`."""
         self._model(name)
+        self.validate()
         return list(self._layer(layer).slot_map[name])
 
     def bank_size(self, layer: str) -> int:
@@ -118,8 +120,7 @@ class Artifact:
         bank = self._layer(layer).bank
         if not 0 <= k < len(bank):
             raise ArtifactError(f"{layer}: bank index {k} out of range (bank has {len(bank)})")
-        key = bank[k].key
-        return bank_key(layer, k, part) if key is None else f"{key}.{part}"
+        return bank_part_key(layer, k, bank[k].key, part)
 
     def bank_expert(self, layer: str, k: int) -> dict[str, torch.Tensor]:
         """Bank expert `k` of `layer`, as canonical parts (Layout.parts)."""
@@ -129,6 +130,7 @@ class Artifact:
     def deltas(self, name: str, layer: str) -> list[DeltaEntry]:
         """Model `name`'s delta slots in `layer` (empty: every slot is its bank entry as stored)."""
         self._model(name)
+        self.validate()
         return list(self._layer(layer).deltas.get(name, []))
 
     def delta_components(self, entry: DeltaEntry, part: str) -> dict[str, torch.Tensor]:
@@ -176,9 +178,24 @@ class Artifact:
         encoding = self.spec.encodings[key]
         return codec.decode(blob, reference, encoding.dtype, encoding.shape)
 
+    def validate(self) -> None:
+        """The tensors the manifest refers to, checked once against what they must be
+        (`validate.problems`: bank experts, slot maps, delta components by their format, model
+        tensors, encodings); DamagedArtifactError naming the first problem. Every accessor that
+        hands out tensors, slot maps or deltas calls it first."""
+        if self._valid:
+            return
+        found = problems(self.spec)
+        if found:
+            raise DamagedArtifactError(
+                f"{self.path}: damaged artifact: {found[0]} (run `moeconsol verify` for the full list)"
+            )
+        self._valid = True
+
     def _check(self, files: list[str]) -> None:
         """Check files not yet checked (size, sha256 unless disabled, tensors); raise
         DamagedArtifactError naming the first problem."""
+        self.validate()
         todo = [f for f in files if f not in self._checked]
         if not todo:
             return
@@ -194,9 +211,13 @@ class Artifact:
 
 
 def summary(art: Artifact) -> dict:
-    """What `inspect` shows: models, bank per layer, bytes, settings."""
+    """What `inspect` shows: models, bank per layer, bytes, settings. `corrected_host`: the
+    host memory a swap-mode runtime keeps every variant's corrected experts decoded in (one
+    expert per delta slot; docs/runtime.md)."""
     spec = art.spec
     b = spec.bytes
+    delta_slots = {layer: sum(len(x) for x in art._layer(layer).deltas.values()) for layer in art.layers}
+    slots = sum(delta_slots.values())
     return {
         "path": str(art.path),
         "architecture": art.architecture,
@@ -213,8 +234,9 @@ def summary(art: Artifact) -> dict:
             "deltas": b.get("deltas"),
             "non_expert": b.get("non_expert"),
             "non_expert_whole": b.get("non_expert_whole"),
+            "corrected_host": slots * _expert_nbytes(spec) if slots else None,
         },
-        "delta_slots": {layer: sum(len(x) for x in art._layer(layer).deltas.values()) for layer in art.layers},
+        "delta_slots": delta_slots,
         "files": len(spec.files) + 1,
     }
 
@@ -284,6 +306,11 @@ def _check_tensors(art: Artifact, file: str, keys: list[str]) -> list[str]:
     if not problems:
         art._headers[file] = header
     return problems
+
+
+def _expert_nbytes(spec: Manifest) -> int:
+    """Bytes of one expert, every part, in the artifact's dtype."""
+    return sum(math.prod(shape) for shape in spec.part_shapes.values()) * ITEMSIZE[spec.dtype]
 
 
 def _slot(art: Artifact, name: str, layer: str, e: int) -> int:

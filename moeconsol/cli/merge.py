@@ -56,6 +56,10 @@ def _print_summary(s: dict, title: str) -> None:
             f"({slots} slots) = {format_bytes(kept)}: {kept / b['experts_in']:.1%} of the expert bytes, "
             f"{format_bytes(b['experts_in'] - kept)} saved"
         )
+        if b.get("corrected_host"):
+            console.print(
+                f"served in swap mode, the corrected experts take {format_bytes(b['corrected_host'])} of host memory"
+            )
     elif b.get("experts_in"):
         saved = b["experts_in"] - b["bank"]
         console.print(

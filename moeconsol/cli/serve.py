@@ -144,6 +144,7 @@ def serve_local(
         f"loaded {artifact} on {torch_device} ({str(runtime.dtype).removeprefix('torch.')}): resident "
         f"{_size(rb.total)} = bank {_size(rb.bank)} + non-expert {_size(rb.non_expert)}; "
         f"host {_size(rb.host)} for {len(runtime.names)} models ({', '.join(runtime.names)})"
+        + (f", of which corrected experts {_size(rb.corrected)}" if rb.corrected else "")
         + ("; every variant resident (cross-variant batching)" if cross_variant_batching else "")
     )
 

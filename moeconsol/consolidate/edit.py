@@ -6,12 +6,8 @@ from __future__ import annotations
 import math
 
 from ..artifact.manifest import Manifest
+from ..artifact.validate import bank_part_key
 from ..io.safetensors_file import ITEMSIZE
-
-
-def bank_part_key(layer: str, k: int, key: str | None, part: str) -> str:
-    """Stored key of part `part` of bank entry `k` (its own `key`, or merge's `bank.{layer}.{k}`)."""
-    return f"bank.{layer}.{k}.{part}" if key is None else f"{key}.{part}"
 
 
 def bank_keys(m: Manifest) -> set[str]:

@@ -209,6 +209,7 @@ def eval_artifact(
 ) -> EvalReport:
     """Score every chosen variant as original, consolidated and (with `base`) base."""
     art = Artifact.open(path)
+    art.validate()  # a damaged artifact is refused now, not after minutes of scoring the originals
     chosen = _check_variants(art.model_names, data, variants, str(art.path))
     enc_dec = architecture(art.architecture).encoder_decoder
     loaded = {n: load_data(data[n], enc_dec) for n in chosen}

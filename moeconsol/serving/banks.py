@@ -20,7 +20,9 @@ from ..architectures.layouts import Architecture, BankKind, architecture, join, 
 
 class BankExperts:
     """Mixin of every bank module: an experts module of transformers' own class holding K
-    bank experts instead of E, plus a `slot_map` buffer [E] (expert index -> bank index)."""
+    bank experts instead of E, plus a `slot_map` buffer [E] (expert index -> bank index).
+    `load_expert(k, parts)` writes entry k from canonical parts; `entries(k, n)` gives entries
+    k..k+n-1 as contiguous tensors (what a copy of them must fill)."""
 
     slot_map: torch.Tensor
 
@@ -51,6 +53,10 @@ def _fused_bank_class(experts_class: type, record: Architecture) -> type:
             for name, names in layout.fused_parts.items():
                 getattr(self, name)[k].copy_(join(layout.fused_codec, [parts[p] for p in names]))
 
+        def entries(self, k: int, n: int) -> list[torch.Tensor]:
+            """Bank entries k..k+n-1 as contiguous tensors: one slice of each parameter."""
+            return [getattr(self, name)[k : k + n] for name in layout.fused_parts] if n else []
+
     FusedBankExperts.__name__ = FusedBankExperts.__qualname__ = f"{experts_class.__name__}Bank"
     return FusedBankExperts
 
@@ -75,6 +81,10 @@ def _switch_bank_class(experts_class: type, record: Architecture) -> type:
         def load_expert(self, k: int, parts: dict[str, torch.Tensor]) -> None:
             self[f"expert_{k}"].wi.weight.copy_(parts["wi"])
             self[f"expert_{k}"].wo.weight.copy_(parts["wo"])
+
+        def entries(self, k: int, n: int) -> list[torch.Tensor]:
+            """Bank entries k..k+n-1 as contiguous tensors: each one's weights."""
+            return [t for j in range(k, k + n) for t in (self[f"expert_{j}"].wi.weight, self[f"expert_{j}"].wo.weight)]
 
     return SwitchBankExperts
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 
@@ -330,18 +330,14 @@ class CrossVariantResidency:
         host: dict[str, dict[torch.dtype, torch.Tensor]],
         slot_maps: dict[str, torch.Tensor],
         installed: str,
-        apply_deltas: Callable[[str], int],
     ):
         """Take over the runtime's `host` buffers (variant -> dtype -> its swap region, laid out
         as `flats`' swap regions; equal buffers are one object) onto the device, with
-        `installed` the variant the flat buffers hold, and write every other variant's
-        corrected experts into its own private bank entries (`apply_deltas`)."""
+        `installed` the variant the flat buffers hold. Every variant's corrected experts are
+        already in its own private bank entries (the runtime writes them at load)."""
         self._variant_set = variant_set
         self._names = list(variant_set.variants)
         self._flats = flats
-        for name in self._names:
-            if name != installed:
-                apply_deltas(name)
         device = next(iter(flats.values())).buffer.device
         signature = {n: tuple(id(host[n][d]) for d in flats) for n in self._names}
         sets: dict[tuple, int] = {}

@@ -32,7 +32,6 @@ from torch import nn
 
 from ..architectures.layouts import Architecture
 from ..artifact.corrections import corrected
-from ..artifact.manifest import DeltaEntry
 from ..errors import ArtifactError, MoeconsolError
 from .banks import BankExperts, bank_class, canonical_experts
 from .crossvariant import CrossVariantResidency, ServingMode
@@ -55,7 +54,8 @@ class SwapReport:
     tensors_skipped: int
     slot_maps_changed: int
     experts_corrected: int = 0
-    """Private bank entries written with bank + delta for the new variant (computed on the device)."""
+    """The new variant's corrected experts copied into the private bank entries (decoded once,
+    at load; their bytes count in `bytes_moved`)."""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -64,12 +64,18 @@ class SwapReport:
 @dataclass(frozen=True)
 class ResidentBytes:
     bank: int
+    """the bank on the device, private entries for corrected experts included"""
     non_expert: int
     host: int
-    """all variants' non-expert tensors waiting in host memory (each stored key once)"""
+    """everything waiting in host memory for swaps: every variant's non-expert tensors (each
+    stored key once) and corrected experts (`corrected`)"""
     deltas: int = 0
-    """every variant's compressed delta components, resident on the device (the private
-    bank entries they are applied into count in `bank`)"""
+    """compressed delta components resident on the device: none, they are decoded at load
+    (kept in the report's shape)"""
+    corrected: int = 0
+    """of `host`: every variant's corrected experts, decoded once at load and kept in host
+    memory, which a swap copies into the private bank entries (swap mode; with cross-variant
+    batching each variant's stay in its own entries, in `bank`)"""
 
     @property
     def total(self) -> int:
@@ -82,6 +88,7 @@ class ResidentBytes:
             "deltas": self.deltas,
             "total": self.total,
             "host": self.host,
+            "corrected": self.corrected,
         }
 
 
@@ -116,7 +123,9 @@ class SwapResidency:
     """One variant resident at a time: the flat buffers' swap regions hold the active variant's
     differing tensors, every variant's wait in host memory (`host`: variant -> dtype -> buffer
     laid out as the swap region, pinned on CUDA; variants with equal keys share one), and
-    activating another is one copy per dtype plus one copy of its slot-map table."""
+    activating another is one copy per dtype plus one copy of its slot-map table, plus one
+    copy per bank parameter and layer of its corrected experts (`corrected`: variant -> its
+    `RowCopy`s)."""
 
     def __init__(
         self,
@@ -125,12 +134,12 @@ class SwapResidency:
         host: dict[str, dict[torch.dtype, torch.Tensor]],
         slot_maps: dict[str, torch.Tensor],
         slot_table: torch.Tensor,
-        apply_deltas: Callable[[str], int],
+        corrected: dict[str, list[RowCopy]],
     ):
         self._variant_set = variant_set
         self._flats, self._host = flats, host
         self._slot_maps, self._slot_table = slot_maps, slot_table
-        self._apply_deltas = apply_deltas
+        self._corrected = corrected
         self._tensors = sum(len(f.swappable) + len(f.shared) for f in flats.values())
         self._layer_slots = dict(zip(variant_set.layers, slot_table))
 
@@ -153,7 +162,10 @@ class SwapResidency:
         if maps is not self._slot_maps[previous]:
             _copy_into(self._slot_table, maps)
             moved += nbytes(maps)
-        corrected_experts = self._apply_deltas(name)
+        for copy in self._corrected[name]:
+            copy()
+            moved += copy.nbytes
+        corrected_experts = sum(len(x) for x in self._variant_set.variants[name].deltas.values())
         synchronize(device)
         seconds = time.perf_counter() - start
         old, new = self._variant_set.variants[previous].slot_maps, self._variant_set.variants[name].slot_maps
@@ -162,6 +174,7 @@ class SwapResidency:
 
     def swap_bytes(self, a: str, b: str) -> int:
         moved = sum(nbytes(self._host[b][d]) for d in self._flats if self._host[b][d] is not self._host[a][d])
+        moved += sum(copy.nbytes for copy in self._corrected[b])
         return moved + (nbytes(self._slot_maps[b]) if self._slot_maps[b] is not self._slot_maps[a] else 0)
 
     def variant_group(self, name: str) -> int:
@@ -225,7 +238,7 @@ class Runtime:
         )
         self._host = self._load_host_tensors(progress)
         self._load_bank(progress)
-        self._deltas = self._load_deltas()
+        self._corrected = self._correct_experts(progress)
         self._tokenizers: dict[str, Any] = {}
         self.swaps: list[SwapReport] = []
         self.active = ""
@@ -322,40 +335,47 @@ class Runtime:
                 if progress:
                     progress("expert bank", done, total)
 
-    def _load_deltas(self) -> dict[str, dict[str, list[tuple[DeltaEntry, dict[str, dict[str, torch.Tensor]]]]]]:
-        """Every variant's compressed delta components, on the device (they are small)."""
-        out: dict[str, dict[str, list]] = {}
-        for name, variant in self.variant_set.variants.items():
-            out[name] = {
-                layer: [
-                    (
-                        x,
-                        {
-                            p: {c: self.variant_set.read(key).to(self.device) for c, key in comps.items()}
-                            for p, comps in x.keys.items()
-                        },
-                    )
-                    for x in entries
-                ]
-                for layer, entries in variant.deltas.items()
-            }
+    @torch.no_grad()
+    def _correct_experts(self, progress) -> dict[str, list[RowCopy]]:
+        """Every variant's corrected experts, computed once: written into its private bank
+        entries (`_write_corrected`). With cross-variant batching each variant has entries of
+        its own, and that is all. In swap mode the variants take turns in the same entries:
+        each one's rows are kept in host memory (pinned on CUDA), and activating it copies
+        them back (`RowCopy`). Decoding on every swap instead cost hundreds of
+        times the copy (docs/runtime.md, "Expert corrections")."""
+        keep = self.mode is ServingMode.SWAP
+        pin = self.device.type == "cuda"
+        total = sum(len(x) for v in self.variant_set.variants.values() for x in v.deltas.values())
+        done = 0
+        out: dict[str, list[RowCopy]] = {}
+        for name in self.names:
+            rows = self._write_corrected(name)
+            out[name] = [RowCopy(r.detach(), pin) for r in rows] if keep else []
+            done += sum(len(x) for x in self.variant_set.variants[name].deltas.values())
+            if progress and total:
+                progress("expert corrections", done, total)
         return out
 
     @torch.no_grad()
-    def _apply_deltas(self, name: str) -> int:
+    def _write_corrected(self, name: str) -> list[torch.Tensor]:
         """Write `name`'s corrected experts (bank entry + decoded delta, `corrections.corrected`,
-        on the device) into each layer's private bank entries; returns how many."""
+        on the device, from its compressed components read now and not kept) into its private
+        bank entries; the rows written, as contiguous tensors (`entries`)."""
         record = self.variant_set.record
-        done = 0
-        for layer, entries in self._deltas[name].items():
+        rows: list[torch.Tensor] = []
+        for layer, entries in self.variant_set.variants[name].deltas.items():
             module = self._banks[layer]
             views = canonical_experts(record, module)
-            size = self.variant_set.bank_sizes[layer] + self._delta_offsets[name].get(layer, 0)
-            for j, (x, comps) in enumerate(entries):
+            start = self.variant_set.bank_sizes[layer] + self._delta_offsets[name].get(layer, 0)
+            for j, x in enumerate(entries):
                 bank = views[x.bank]
-                module.load_expert(size + j, {p: corrected(bank[p], comps[p], x.format, x.size) for p in bank})
-                done += 1
-        return done
+                parts = {}
+                for p, keys in x.keys.items():
+                    comps = {c: self.variant_set.read(key).to(self.device) for c, key in keys.items()}
+                    parts[p] = corrected(bank[p], comps, x.format, x.size)
+                module.load_expert(start + j, parts)
+            rows += module.entries(start, len(entries))
+        return rows
 
     @torch.no_grad()
     def _install(self, name: str) -> None:
@@ -363,7 +383,8 @@ class Runtime:
         for dtype, flat in self._flats.items():
             flat.swap_region.copy_(self._host[name][dtype])
         self._slot_table.copy_(self._slot_maps[name])
-        self._apply_deltas(name)
+        for copy in self._corrected[name]:
+            copy()
         self._set_generation_config(name)
         self.active = name
         synchronize(self.device)
@@ -381,10 +402,9 @@ class Runtime:
                 host,
                 self._slot_maps,
                 installed=self.active,
-                apply_deltas=self._apply_deltas,
             )
         return SwapResidency(
-            self.variant_set, self._flats, self._host, self._slot_maps, self._slot_table, self._apply_deltas
+            self.variant_set, self._flats, self._host, self._slot_maps, self._slot_table, self._corrected
         )
 
     # -- serving ----------------------------------------------------------------------------
@@ -428,15 +448,8 @@ class Runtime:
         bank = sum(nbytes(p) for m in self._banks.values() for p in m.parameters())
         non_expert = sum(nbytes(f.buffer) for f in self._flats.values()) + self._residency.extra_non_expert_bytes()
         host = sum(nbytes(t) for t in {id(t): t for buffers in self._host.values() for t in buffers.values()}.values())
-        deltas = sum(
-            nbytes(t)
-            for layers in self._deltas.values()
-            for entries in layers.values()
-            for _, parts in entries
-            for comps in parts.values()
-            for t in comps.values()
-        )
-        return ResidentBytes(bank, non_expert, host, deltas)
+        corrected = sum(copy.nbytes for copies in self._corrected.values() for copy in copies)
+        return ResidentBytes(bank, non_expert, host + corrected, 0, corrected)
 
     def bank_tensors(self) -> dict[str, torch.Tensor]:
         """The resident bank parameters, by name (for checks that the experts never move)."""
@@ -666,6 +679,27 @@ def _slot_map_tensors(
             built[rows] = table.pin_memory() if pin else table
         tables[name] = built[rows]
     return tables
+
+
+class RowCopy:
+    """Resident bank rows (a variant's corrected experts in the private entries) and their copy
+    in host memory (pinned when `pin`: copies to the device are asynchronous); calling it
+    copies them back. On CPU the byte views are made once, not at every call (a swap makes
+    one such copy per bank parameter and layer)."""
+
+    def __init__(self, rows: torch.Tensor, pin: bool):
+        self.rows = rows
+        self.source = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=pin)
+        self.source.copy_(rows)
+        self.nbytes = nbytes(self.source)
+        cpu = rows.device.type == "cpu"
+        self._bytes = (rows.view(torch.uint8).numpy(), self.source.view(torch.uint8).numpy()) if cpu else None
+
+    def __call__(self) -> None:
+        if self._bytes is None:
+            self.rows.copy_(self.source, non_blocking=True)
+        else:
+            np.copyto(*self._bytes)
 
 
 def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:

@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis): the safetensors header parser and the manifest
 validator, given arbitrary bytes or arbitrary JSON, never crash (only SafetensorsError /
-ArtifactError), never hang, and never read outside the file they were given."""
+ArtifactError), never hang, and never read outside the file they were given; every reader
+of an artifact refuses exactly what `verify` finds damaged."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from moeconsol.artifact.corrections import FORMATS
 from moeconsol.artifact.manifest import FORMAT, FORMAT_VERSION, Manifest
 from moeconsol.errors import ArtifactError, SafetensorsError
 from moeconsol.io.safetensors_file import read_header, read_tensor, torch_dtypes
@@ -240,3 +242,84 @@ def test_deeply_nested_json_is_refused_not_a_crash(tmp_path):
     (art / "manifest.json").write_bytes(deep)
     with pytest.raises(ArtifactError, match="not valid JSON"):
         Manifest.read(art / "manifest.json")
+
+
+# -- corrections: the runtime and export refuse exactly what verify finds ----------------------
+
+
+@pytest.fixture(scope="module")
+def corrected(tmp_path_factory) -> Path:
+    """Three tiny Mixtral fine-tunes merged calibrated with corrections of every format the
+    planner picks (`--deltas`)."""
+    from builders import correction_family, merge_with_corrections
+
+    fam = correction_family(tmp_path_factory.mktemp("corrected"), "mixtral")
+    merge_with_corrections(fam, fam["root"] / "art")
+    return fam["root"] / "art"
+
+
+def _delta_mutation(manifest: dict, data) -> tuple:
+    """A random delta entry's field, one of its components' keys, or the dtype or shape
+    `shapes` gives one of its components: (container, key, values worth trying there; any
+    JSON now and then)."""
+    entries = [x for e in manifest["layers"] for items in e.get("deltas", {}).values() for x in items]
+    x = data.draw(st.sampled_from(entries))
+    part = data.draw(st.sampled_from(sorted(x["keys"])))
+    comp = data.draw(st.sampled_from(sorted(x["keys"][part])))
+    stored = manifest["shapes"][x["keys"][part][comp]]
+    numbers = st.integers(-1, 70) | st.sampled_from([None, 10**9])
+    keys = st.sampled_from(sorted(k for k in manifest["weight_map"] if k.startswith("delta.")))
+    node, key, values = data.draw(
+        st.sampled_from(
+            [
+                (x, "expert", numbers),
+                (x, "bank", numbers),
+                (x, "size", numbers),
+                (x, "format", st.sampled_from(list(FORMATS))),
+                (x["keys"][part], comp, keys),
+                (stored, "dtype", st.sampled_from(["F16", "F32", "BF16", "U8", "I8"])),
+                (stored, "shape", st.lists(st.integers(0, 70), min_size=1, max_size=3)),
+            ]
+        )
+    )
+    return node, key, data.draw(values | json_values if data.draw(st.integers(0, 9)) == 0 else values)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_every_reader_refuses_exactly_what_verify_finds_in_a_mutated_delta(corrected, tmp_path_factory, data):
+    """One value of a delta entry (or of what `shapes` says of one of its components)
+    replaced: the runtime, export and a tensor read refuse the artifact with a MoeconsolError
+    exactly when verify lists a problem or refuses the manifest; what verify passes, they
+    serve."""
+    from moeconsol.artifact.export import export_model
+    from moeconsol.artifact.reader import Artifact
+    from moeconsol.artifact.verify import verify_artifact
+    from moeconsol.errors import MoeconsolError
+    from moeconsol.serving.runtime import Runtime
+
+    root = tmp_path_factory.mktemp("mutated-delta")
+    art = Path(shutil.copytree(corrected, root / "art"))
+    manifest = json.loads((art / "manifest.json").read_text())
+    node, key, value = _delta_mutation(manifest, data)
+    node[key] = value
+    weight_keys = sorted(k for k in manifest["weight_map"] if k.startswith("delta."))
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        damaged = bool(verify_artifact(art))
+    except MoeconsolError:
+        damaged = True
+    readers = {
+        "runtime": lambda: Runtime.from_artifact(art).activate(Artifact.open(art).model_names[-1]),
+        "export": lambda: export_model(art, Artifact.open(art).model_names[0], root / "out"),
+        "read": lambda: [Artifact.open(art).read(k) for k in weight_keys],
+    }
+    for name, read in readers.items():
+        try:
+            read()
+            refused = False
+        except MoeconsolError:
+            refused = True
+        assert refused == damaged, (name, node, key, node[key])
+    event("damaged" if damaged else "accepted")
+    shutil.rmtree(root)

@@ -13,13 +13,18 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from builders import correction_family, merge_with_corrections
 from cli_helpers import cli, one_error_line, run_main
+from safetensors.torch import load_file, save_file
 
 from moeconsol.artifact.export import export_model
 from moeconsol.artifact.reader import Artifact
 from moeconsol.artifact.verify import verify_artifact
-from moeconsol.errors import ArtifactError, OutputError, UnsafePathError
+from moeconsol.errors import ArtifactError, MoeconsolError, OutputError, UnsafePathError
 from moeconsol.io.checkpoint import open_checkpoints, parse_model_ref
+from moeconsol.io.safetensors_file import dtype_names
+from moeconsol.serving.runtime import Runtime
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +217,109 @@ def test_output_symlink_refused_before_any_work(family, tmp_path):
     ):
         one_error_line(run_main(*args), "symbolic link")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]
+
+
+# -- tampered corrections: every reader goes through one validator ------------------------------
+
+
+@pytest.fixture(scope="module")
+def corrected(tmp_path_factory):
+    """Three tiny Mixtral fine-tunes merged calibrated with lowrank corrections (`--deltas`)."""
+    fam = correction_family(tmp_path_factory.mktemp("corrected"), "mixtral")
+    merge_with_corrections(fam, fam["root"] / "art", fmt="lowrank")
+    return fam
+
+
+def _first_delta(manifest: dict) -> tuple[dict, str, dict]:
+    """(layer entry, model, delta) of the first delta slot."""
+    return next((e, n, items[0]) for e in manifest["layers"] for n, items in e.get("deltas", {}).items() if items)
+
+
+def _rewrite_component(manifest: dict, art: Path, change) -> str:
+    """Replace the first delta's first component in its shard by `change(tensor)` (None: drop
+    it) and make the manifest agree (shapes, weight_map, the file's size and sha256), as
+    anyone who can write the artifact can; returns its key."""
+    _, _, x = _first_delta(manifest)
+    key = next(iter(next(iter(x["keys"].values())).values()))
+    file = manifest["weight_map"][key]
+    tensors = load_file(art / file)
+    new = change(tensors.pop(key))
+    if new is None:
+        del manifest["weight_map"][key], manifest["shapes"][key]
+    else:
+        tensors[key] = new
+        manifest["shapes"][key] = {"dtype": dtype_names()[new.dtype], "shape": list(new.shape)}
+    save_file(tensors, art / file)
+    _record(art, manifest, file)
+    return key
+
+
+def component_wrong_shape(manifest: dict, art: Path) -> list[str]:
+    key = _rewrite_component(manifest, art, lambda t: torch.cat([t, t[:, :1]], dim=1))  # lowrank a: one rank more
+    return [manifest["weight_map"][key], key, "must be F32"]
+
+
+def component_wrong_dtype(manifest: dict, art: Path) -> list[str]:
+    key = _rewrite_component(manifest, art, lambda t: t.half())
+    return [manifest["weight_map"][key], key, "is F16", "must be F32"]
+
+
+def component_missing(manifest: dict, art: Path) -> list[str]:
+    key = _rewrite_component(manifest, art, lambda t: None)
+    return [key, "weight_map does not store"]
+
+
+def size_huge(manifest: dict, art: Path) -> list[str]:
+    _first_delta(manifest)[2]["size"] = 10**9
+    return ["size 1000000000 is outside"]
+
+
+def delta_bank_out_of_range(manifest: dict, art: Path) -> list[str]:
+    _first_delta(manifest)[2]["bank"] = 99
+    return ["is 99, outside the layer's bank"]
+
+
+def slot_map_out_of_range(manifest: dict, art: Path) -> list[str]:
+    entry, name, x = _first_delta(manifest)
+    e = next(i for i in range(len(entry["slot_map"][name])) if i != x["expert"])
+    entry["slot_map"][name][e] = 99
+    return [f"slot map of {name!r} is out of range", f"expert {e} -> bank entry 99"]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        component_wrong_shape,
+        component_wrong_dtype,
+        component_missing,
+        size_huge,
+        delta_bank_out_of_range,
+        slot_map_out_of_range,
+    ],
+)
+def test_tampered_corrections_refused_by_every_reader(corrected, tmp_path, edit):
+    """A correction tampered with (its file rewritten and the manifest made to agree) is
+    refused the same way by every command and by the Python API: one line naming the file
+    and tensor, exit 2 (verify: the problem listed, exit 1; a manifest it cannot take, 2)."""
+    art = shutil.copytree(corrected["root"] / "art", tmp_path / "art")
+    manifest = json.loads((art / "manifest.json").read_text())
+    fragments = edit(manifest, art)
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    name = _first_delta(manifest)[1]
+    out = tmp_path / "out"
+    for command in (
+        ["serve-local", art, "--model", name, "--prompt", "hello", "--max-new-tokens", "2"],
+        ["eval", art, "--data", f"{name}={corrected['cal']}"],
+        ["export", art, name, "-o", out],
+    ):
+        one_error_line(run_main(*command), *fragments)
+    with pytest.raises(MoeconsolError) as e:
+        Runtime.from_artifact(art)
+    assert all(f in str(e.value) for f in fragments), e.value
+    r = run_main("verify", art)
+    if r.returncode == 2:  # the manifest itself is refused
+        one_error_line(r, *fragments)
+    else:
+        assert r.returncode == 1 and r.stderr == ""
+        assert any(all(f in line for f in fragments) for line in r.stdout.splitlines()), r.stdout
+    assert not out.exists()

@@ -17,7 +17,7 @@ import transformers
 from builders import correction_family, merge_with_corrections
 from cli_helpers import one_error_line, run_main
 
-from moeconsol.architectures.layouts import architecture
+from moeconsol.architectures.layouts import BankKind, architecture
 from moeconsol.artifact.corrections import FORMATS, decode
 from moeconsol.artifact.export import export_model
 from moeconsol.artifact.reader import Artifact, bank_key, summary
@@ -131,16 +131,57 @@ def test_export_holds_bank_plus_delta_and_the_runtime_serves_the_same(fam, tmp_p
     for n in [*others, d, others[0], d]:
         rt.activate(n)
         assert torch.equal(rt.model(**inputs).logits, logits[n])
-    # memory: P private entries per layer in the bank, every variant's components counted
+    # memory: P private entries per layer in the bank; every variant's corrected experts decoded
+    # once and kept in host memory, the compressed components not kept
     resident = rt.resident_bytes()
-    components = sum(
-        art.read(k).numel() * art.read(k).element_size() for k in art.spec.weight_map if k.startswith("delta.")
-    )
-    assert resident.deltas == components
     private = {layer: max(len(art.deltas(n, layer)) for n in art.model_names) for layer in art.layers}
     one = expert_nbytes(fam["ckpts"][0])
     assert resident.bank == sum(art.bank_size(layer) + private[layer] for layer in art.layers) * one
-    assert resident.total == resident.bank + resident.non_expert + resident.deltas
+    slots = sum(len(art.deltas(n, layer)) for n in art.model_names for layer in art.layers)
+    assert resident.deltas == 0 and resident.corrected == slots * one == summary(art)["bytes"]["corrected_host"]
+    non_expert_host = sum(
+        t.numel() * t.element_size() for t in {id(t): t for b in rt._host.values() for t in b.values()}.values()
+    )
+    assert resident.host == non_expert_host + resident.corrected
+    assert resident.total == resident.bank + resident.non_expert
+
+
+def test_a_swap_decodes_nothing_and_copies_the_corrected_experts_once(fam, monkeypatch):
+    """Corrected experts are decoded once, at load: a swap copies the new variant's rows
+    into the private bank entries (one copy per bank parameter and layer; Switch: per
+    expert weight), and reports their bytes."""
+    from moeconsol.serving import runtime
+
+    art = Artifact.open(fam["out"])
+    rt = Runtime.from_artifact(fam["out"])
+    one = expert_nbytes(fam["ckpts"][0])
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("a swap decoded a correction")
+
+    monkeypatch.setattr(runtime, "corrected", no_decode)
+    bank = {p.untyped_storage().data_ptr() for m in rt._banks.values() for p in m.parameters()}
+    into_bank: list[int] = []  # bytes of each copy into a bank parameter
+    call = runtime.RowCopy.__call__
+
+    def counted(copy):
+        assert copy.rows.untyped_storage().data_ptr() in bank
+        into_bank.append(copy.rows.numel() * copy.rows.element_size())
+        call(copy)
+
+    monkeypatch.setattr(runtime.RowCopy, "__call__", counted)
+    per_expert = architecture(fam["arch"]).bank is BankKind.MODULES  # Switch: a module per expert
+    for name in [*art.model_names[1:], art.model_names[0], art.model_names[-1]]:
+        into_bank.clear()
+        previous = rt.active
+        report = rt.activate(name)
+        slots = sum(len(art.deltas(name, layer)) for layer in art.layers)
+        layers = sum(bool(art.deltas(name, layer)) for layer in art.layers)
+        assert report.experts_corrected == slots
+        assert sum(into_bank) == slots * one
+        assert len(into_bank) == (2 * slots if per_expert else 2 * layers)
+        assert report.bytes_moved == rt.swap_bytes(previous, name)
+        assert report.bytes_moved >= slots * one
 
 
 def test_inspect_shows_bank_and_delta_bytes(fam):
@@ -216,6 +257,8 @@ def _first_delta(data) -> tuple[dict, dict]:
         (lambda e, x: x.update(expert=-1), "is -1, outside"),
         (lambda e, x: x.update(size="4"), "expected an integer"),
         (lambda e, x: x.update(size=None), "lowrank needs a rank of at least 1"),
+        (lambda e, x: x.update(size=10**9), "size 1000000000 is outside 1..64"),
+        (lambda e, x: x.update(format="sign", size=8), "sign takes no size"),
         (lambda e, x: next(iter(x["keys"].values())).update(a="delta.nowhere"), "which weight_map does not store"),
         (lambda e, x: next(iter(x["keys"].values())).pop("a"), "has components"),
         (lambda e, x: e["deltas"].update(nobody=[]), "names model 'nobody'"),
