@@ -24,7 +24,7 @@ from ..io.safety import inside, is_regular_file
 from ..io.writer import sha256_file
 from . import nonexpert_codec as codec
 from .corrections import corrected
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, DeltaEntry, Manifest, ModelEntry
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, DeltaEntry, Manifest, ModelEntry, heldout_json
 
 __all__ = [
     "FORMAT",
@@ -209,6 +209,7 @@ def summary(art: Artifact) -> dict:
         },
         "delta_slots": {layer: sum(len(x) for x in art._layer(layer).deltas.values()) for layer in art.layers},
         "files": len(spec.files) + 1,
+        **({"heldout": heldout_json(spec.heldout)} if spec.heldout is not None else {}),
     }
 
 
