@@ -88,7 +88,11 @@ def run(family: Path, fam: str, budgets: list[str], margins: list[float], holdou
     scorer = Measurer(ckpts, [read_calibration(evals[n]) for n in names], split.digests, max_tokens=10**9)
 
     out: dict = {"variants": [n for n in names if n != "base"], "budgets": {}, "plan_seconds": plan_seconds}
-    for budget in budgets:
+    floor = 1 / len(ckpts)
+    usable = [x for x in budgets if float(x) >= floor - 1e-9]
+    if len(usable) < len(budgets) and not any(abs(float(x) - floor) < 1e-9 for x in usable):
+        usable.append(f"{math.ceil(floor * 10**4) / 10**4:g}")  # below the floor is refused: the floor instead
+    for budget in usable:
         s.budget = budget
         max_bank = budget_experts(budget, ckpts)
         cands = candidate_plans(

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -44,17 +45,21 @@ def _figure(x: float | None) -> str:
 def _print_heldout(h: dict) -> None:
     """What each variant kept on held-back data (calibrated mode), and the candidates' figures."""
     console = Console()
-    base = h["base"]
+    against = f"against base {h['base']}" if h["base"] else "(no base known)"
     console.print(
-        f"held-back check ({h['seconds']:.1f} s): last {h['holdout']:.0%} of each calibration file; figures: retained gain"
-        + (f" against base {base}" if base else " (no base known)")
-        + " where the variant gained, else its own loss / the consolidated loss"
+        f"held-back check: last {h['holdout']:.0%} of each calibration file, {h['seconds']:.1f} s; "
+        f"kept = retained gain {against} where the variant gained there, else its own loss / the "
+        "consolidated loss (ratio)",
+        soft_wrap=True,
+        highlight=False,
     )
-    table = Table("variant", "figure", "kept (written)", *h["candidates"], title=f"written: {h['chosen']}")
+    table = Table(
+        "variant", "by", "kept", *h["candidates"], title=f"written: {h['chosen']}", box=box.SIMPLE_HEAD, pad_edge=False
+    )
     for name, v in h["variants"].items():
         table.add_row(
             name,
-            v["score"].replace("_", " "),
+            "gain" if v["score"] == "retained_gain" else "ratio",
             _figure(v["kept"]),
             *(_figure(f.get(name)) for f in h["candidates"].values()),
         )

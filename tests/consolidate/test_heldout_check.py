@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -199,7 +200,7 @@ def test_inspect_shows_what_each_variant_kept(misled):
     assert json.loads(r.stdout)["heldout"] == misled["json"]["heldout"]
     table = run_main("inspect", misled["out"])
     assert (
-        "held-back check: last 20%" in table.stdout
+        "held-back check: last 20% of each calibration file" in table.stdout
         and f"written: {misled['json']['heldout']['chosen']}" in table.stdout
     )
     for name in ("a", "b", "c", "x"):
@@ -339,6 +340,8 @@ def test_a_variant_below_its_base_under_every_candidate_keeps_more_of_its_own_ex
     assert all(f["good"] < 0 for c, f in h.candidates.items() if c != "raised")
     assert h.variants["good"].score == "retained_gain" and h.variants["good"].kept >= 0
     assert h.candidates["raised"]["good"] == h.variants["good"].kept
+    assert "written: raised" in r.stdout
+    assert re.search(r"^held-back check: [0-9.]+ s of the merge's [0-9.]+ s$", r.stdout, re.M)
     lines = [x for x in r.stdout.splitlines() if x.startswith("raised:")]
     assert (
         len(lines) == 1 and "good fell below its base" in lines[0] and f"good {h.variants['good'].kept:.1%}" in lines[0]
