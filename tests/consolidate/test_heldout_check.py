@@ -17,6 +17,7 @@ import pytest
 import torch
 from builders import correction_family, domain_text, fine_tune
 from cli_helpers import one_error_line, run_main
+from transformers import MixtralForCausalLM
 
 from moeconsol.analysis.heldout import CalibrationData, read_calibration, split_calibration
 from moeconsol.artifact.manifest import MANIFEST, HeldoutCheck, HeldoutVariant, Manifest
@@ -340,6 +341,15 @@ def test_a_variant_below_its_base_under_every_candidate_keeps_more_of_its_own_ex
     assert all(f["good"] < 0 for c, f in h.candidates.items() if c != "raised")
     assert h.variants["good"].score == "retained_gain" and h.variants["good"].kept >= 0
     assert h.candidates["raised"]["good"] == h.variants["good"].kept
+    # independently: the artifact as the runtime serves it beats the base on good's held-back text
+    held = split_calibration(read_calibration(odd), 0.2)[1].text
+    rt = Runtime.from_artifact(tmp_path / "out")
+    rt.activate("good")
+    served = perplexity(rt.model, tok, held, chunk_len=128)
+    alone = perplexity(MixtralForCausalLM.from_pretrained(tmp_path / "base").eval(), tok, held, chunk_len=128)
+    assert served.mean_nll == pytest.approx(h.variants["good"].loss, rel=1e-4)
+    assert alone.mean_nll == pytest.approx(h.variants["good"].base_loss, rel=1e-4)
+    assert served.mean_nll <= alone.mean_nll
     assert "written: raised" in r.stdout
     assert re.search(r"^held-back check: [0-9.]+ s of the merge's [0-9.]+ s$", r.stdout, re.M)
     lines = [x for x in r.stdout.splitlines() if x.startswith("raised:")]
