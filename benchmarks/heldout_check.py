@@ -3,9 +3,8 @@
     python benchmarks/heldout_check.py --family NAME=DIR ... [--fams mixtral,switch]
         [--budgets 0.5,0.3,0.25] [--margins 0,0.05,0.1,1] [--holdout 0.2] [--json FILE]
 
-A family is a directory made by examples/build_family.py (or build_family2.py, or a family of
-examples/build_families.py): models, each variant's TRAINING file (calibration) and its
-held-out EVAL file (family.json). Per family, architecture and budget it makes, with the
+A family is a directory made by examples/build_family.py or build_family2.py: models, each
+variant's TRAINING file (calibration) and its held-out EVAL file (family.json). Per family, architecture and budget it makes, with the
 library's own functions and no artifact written:
 
 - `unchecked`: the calibrated plan from all of each training file (merge --holdout 0);
