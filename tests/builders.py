@@ -75,7 +75,9 @@ def correction_family(root, arch: str) -> dict:
     return {"root": root, "models": [f"{n}={root / n}" for n in changed], "cal": str(cal)}
 
 
-def merge_with_corrections(fam, out, budget="0.4", fmt=None):
+def merge_with_corrections(fam, out, budget="0.4", fmt=None, holdout=0.0):
+    """calibrated + deltas; by default without the held-back check (holdout 0), so that the
+    corrections plan itself is written (the check may write another candidate)."""
     ckpts = open_checkpoints(fam["models"])
     s = MergeSettings(
         mode="calibrated",
@@ -84,5 +86,55 @@ def merge_with_corrections(fam, out, budget="0.4", fmt=None):
         calibration_tokens=64,
         deltas=True,
         delta_format=fmt,
+        holdout=holdout,
     )
     return ckpts, merge(ckpts, out, s)
+
+
+def domain_text(kind: str, n: int, seed: int = 0) -> str:
+    """n short documents of one style: `prose`, `numbers`, `code` or `lists`, made by a seeded
+    generator (different kinds share few words, so a fine-tune on one gains on it alone)."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["fox", "dog", "model", "router", "expert", "token", "river", "stone", "light", "cloud"]
+    docs = []
+    for _ in range(n):
+        if kind == "prose":
+            docs.append(f"The {rng.choice(words)} saw the {rng.choice(words)} near the {rng.choice(words)}.")
+        elif kind == "numbers":
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            docs.append(f"{a} + {b} = {a + b}; {a} * 2 = {a * 2}.")
+        elif kind == "code":
+            name = rng.choice(words)
+            docs.append(f"def {name}(a, b):\n    return a {rng.choice('+-*')} b\n")
+        else:
+            docs.append("[" + ", ".join(str(rng.randint(0, 9)) for _ in range(6)) + "]")
+    return "\n".join(docs) + "\n"
+
+
+def fine_tune(model, tokenizer, text: str, train: str, steps: int, lr: float, seed: int = 0, window: int = 32):
+    """A copy of `model` trained on `text` (AdamW, batches of 4 random windows): `train` is
+    `experts` (every experts module's parameters, the rest frozen) or `non-experts`."""
+    import copy
+
+    from moeconsol.testing import experts_modules
+
+    model = copy.deepcopy(model).train()
+    inside = tuple(f"{n}." for n in experts_modules(model))
+    params = [p for n, p in model.named_parameters() if n.startswith(inside) == (train == "experts")]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - window - 1, (4,), generator=g)
+        batch = torch.stack([ids[s : s + window] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

@@ -42,7 +42,7 @@ import torch
 from ..architectures.layouts import RouterFormat, architecture
 from ..errors import CheckpointError, SettingsError
 from ..io.checkpoint import Checkpoint
-from ..io.data import read_seq2seq_data, read_text_data
+from .heldout import CalibrationData, read_calibration
 from .similarity import expert_function
 
 DEFAULT_MAX_TOKENS = 512
@@ -123,15 +123,18 @@ def load_tokenizer(ckpt: Checkpoint):
 
 
 def calibration_batches(
-    path: str, tokenizer, decoder_start: int | None, chunk_len: int, max_chunks: int | None = None
+    data: str | CalibrationData, tokenizer, decoder_start: int | None, chunk_len: int, max_chunks: int | None = None
 ) -> list[dict]:
-    """Model inputs for a calibration file: JSONL examples (input, teacher-forced target) or
-    fixed-length chunks of the tokenized text (as both encoder and decoder input for a
-    seq2seq model). `decoder_start` is None for a causal LM."""
+    """Model inputs for calibration data (a file, or a part of one: `heldout.split_calibration`):
+    JSONL examples (input, teacher-forced target) or fixed-length chunks of the tokenized text
+    (as both encoder and decoder input for a seq2seq model). `decoder_start` is None for a
+    causal LM."""
     encoder_decoder = decoder_start is not None
-    if str(path).endswith(".jsonl"):
+    data = data if isinstance(data, CalibrationData) else read_calibration(data)
+    path = data.source
+    if data.examples is not None:
         batches = []
-        for ex in read_seq2seq_data(path)[:max_chunks]:
+        for ex in data.examples[:max_chunks]:
             src = torch.tensor([tokenizer(ex["input"])["input_ids"]])
             tgt = tokenizer(ex["target"], add_special_tokens=encoder_decoder)["input_ids"]
             if encoder_decoder:
@@ -139,7 +142,8 @@ def calibration_batches(
             else:
                 batches.append({"input_ids": torch.cat([src, torch.tensor([tgt], dtype=torch.long)], dim=1)})
         return batches
-    ids = tokenizer(read_text_data(path), verbose=False)["input_ids"]
+    assert data.text is not None
+    ids = tokenizer(data.text, verbose=False)["input_ids"]
     chunks = [ids[i : i + chunk_len] for i in range(0, len(ids), chunk_len)][:max_chunks]
     batches = []
     for chunk in chunks:
@@ -165,15 +169,15 @@ def _routing(args: tuple, num_experts: int, router: RouterFormat) -> tuple[torch
 
 def capture(
     ckpt: Checkpoint,
-    data_path: str,
+    data_path: str | CalibrationData,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     chunk_len: int = DEFAULT_CHUNK_LEN,
     max_chunks: int | None = None,
     max_run_tokens: int = DEFAULT_RUN_TOKENS,
     progress: Callable[[int, int], None] | None = None,
 ) -> ModelActivations:
-    """Run `ckpt`'s original model over its calibration data (at most `max_chunks` chunks or
-    examples, None: all) and keep its routed inputs; stop early once every slot holds
+    """Run `ckpt`'s original model over its calibration data (a file, or the part of one the
+    planner sees; at most `max_chunks` chunks or examples, None: all) and keep its routed inputs; stop early once every slot holds
     `max_tokens` inputs or `max_run_tokens` tokens have been run."""
     model = load_model(ckpt)
     tokenizer = load_tokenizer(ckpt)

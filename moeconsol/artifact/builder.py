@@ -20,6 +20,7 @@ from .manifest import (
     DeltaEntry,
     Encoding,
     FileEntry,
+    HeldoutCheck,
     LayerEntry,
     Manifest,
     ModelEntry,
@@ -86,10 +87,11 @@ def build_manifest(
     layers: Sequence[LayerBank],
     tensors: list[dict[str, str]],
     written: Written,
+    heldout: HeldoutCheck | None = None,
 ) -> Manifest:
     """The manifest of the artifact merged from `ckpts`: `consolidation` is the record of the
     settings, `layers` each MoE layer's bank, `tensors` each model's in-memory non-expert
-    name -> stored key."""
+    name -> stored key, `heldout` what the held-back check measured (calibrated mode)."""
     ref = ckpts[0]
     E = ref.num_experts
     one = expert_nbytes(ref)
@@ -131,6 +133,7 @@ def build_manifest(
         files={name: FileEntry(r.size, r.sha256) for name, r in sorted(written.files.items())},
         encodings=written.encodings,
         digests=written.digests,
+        heldout=heldout,
     )
 
 

@@ -122,6 +122,46 @@ class LayerEntry:
 
 
 @dataclass(frozen=True)
+class HeldoutVariant:
+    """What one variant keeps on its held-back calibration data under the plan written."""
+
+    score: str
+    """`retained_gain` (against its base) or `loss_ratio` (its own loss / the consolidated one)."""
+    kept: float | None
+    """The figure (1.0 = as its own model); null when the loss was not a finite number."""
+    loss: float | None
+    """Held-back loss of the consolidated variant (nats per token)."""
+    own_loss: float
+    """Held-back loss of the variant's own model."""
+    base_loss: float | None
+    """Held-back loss of its base (null: no base known)."""
+    tokens: int
+    """Held-back tokens scored."""
+
+
+@dataclass(frozen=True)
+class HeldoutCheck:
+    """calibrated mode: candidate plans measured on held-back calibration data (optional;
+    absent in artifacts of other modes, of `holdout 0`, and of older moeconsol versions)."""
+
+    holdout: float
+    """Share of each calibration file held back from planning (the last part)."""
+    margin: float
+    """The choice rule's margin (`consolidate.choice`)."""
+    base: str | None
+    """Where the base losses came from: a model of the artifact, a checkpoint, or null."""
+    chosen: str
+    """The candidate written (`raised` when variants below their base kept more of their own experts)."""
+    variants: dict[str, HeldoutVariant]
+    candidates: dict[str, dict[str, float | None]]
+    """Candidate -> variant -> figure, in the order measured."""
+    raised: list[str]
+    """Variants below their base under every candidate that were given more of their own experts."""
+    seconds: float
+    """Wall-clock seconds of the check (building and measuring the candidates)."""
+
+
+@dataclass(frozen=True)
 class Manifest:
     moeconsol_version: str
     architecture: str
@@ -147,6 +187,9 @@ class Manifest:
     def version(self) -> int:
         """The format version this manifest needs: 3 if a bank entry has a key of its own."""
         return 3 if any(b.key is not None for entry in self.layers for b in entry.bank) else 2
+
+    heldout: HeldoutCheck | None = None
+    """calibrated mode: what each variant kept on held-back data (absent: not measured)."""
 
     # -- writing ------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -210,6 +253,7 @@ class Manifest:
             ),
             **({"digests": dict(self.digests)} if self.digests else {}),
             **({"generation": self.generation} if self.generation else {}),
+            **({"heldout": heldout_json(self.heldout)} if self.heldout is not None else {}),
         }
 
     def dumps(self) -> str:
@@ -283,6 +327,7 @@ class Manifest:
             raise r.fail("encodings", "appeared in format version 2; this manifest says version 1")
         encodings = _encodings(r, top.get("encodings", {}), shapes)
         _check_bank_keys(r, layers, version)
+        heldout = None if top.get("heldout") is None else _heldout(r, top["heldout"], names)
         return cls(
             moeconsol_version=str(top.get("moeconsol_version", "")),
             architecture=architecture,
@@ -303,6 +348,7 @@ class Manifest:
                 for k, v in r.obj(top.get("digests", {}), "digests").items()
             },
             generation=r.integer(top.get("generation", 0), "generation"),
+            heldout=heldout,
         )
 
     @classmethod
@@ -624,4 +670,76 @@ def _deltas_json(deltas: dict[str, list[DeltaEntry]]) -> dict[str, list[dict[str
             for x in items
         ]
         for n, items in deltas.items()
+    }
+
+
+def _optional_number(r: _Reader, v: object, field: str) -> float | None:
+    return None if v is None else r.number(v, field)
+
+
+def _heldout(r: _Reader, v: object, names: list[str]) -> HeldoutCheck:
+    """`heldout` (optional): every variant named is a model of the artifact."""
+    d = r.obj(v, "heldout")
+    variants = {}
+    for n, x in r.obj(d.get("variants"), "heldout.variants").items():
+        f = f"heldout.variants[{n!r}]"
+        if n not in names:
+            raise r.fail(f, f"names a model the artifact does not hold (its models are {sorted(names)})")
+        x = r.obj(x, f)
+        tokens = r.integer(x.get("tokens"), f"{f}.tokens")
+        if tokens < 0:
+            raise r.fail(f"{f}.tokens", "is negative")
+        variants[n] = HeldoutVariant(
+            score=r.text(x.get("score"), f"{f}.score"),
+            kept=_optional_number(r, x.get("kept"), f"{f}.kept"),
+            loss=_optional_number(r, x.get("loss"), f"{f}.loss"),
+            own_loss=r.number(x.get("own_loss"), f"{f}.own_loss"),
+            base_loss=_optional_number(r, x.get("base_loss"), f"{f}.base_loss"),
+            tokens=tokens,
+        )
+    candidates = {
+        r.text(c, "heldout.candidates"): {
+            r.text(n, f"heldout.candidates[{c!r}]"): _optional_number(r, x, f"heldout.candidates[{c!r}][{n!r}]")
+            for n, x in r.obj(figs, f"heldout.candidates[{c!r}]").items()
+        }
+        for c, figs in r.obj(d.get("candidates"), "heldout.candidates").items()
+    }
+    base = d.get("base")
+    return HeldoutCheck(
+        holdout=r.number(d.get("holdout"), "heldout.holdout"),
+        margin=r.number(d.get("margin"), "heldout.margin"),
+        base=None if base is None else r.text(base, "heldout.base"),
+        chosen=r.text(d.get("chosen"), "heldout.chosen"),
+        variants=variants,
+        candidates=candidates,
+        raised=r.strings(d.get("raised", []), "heldout.raised"),
+        seconds=r.number(d.get("seconds"), "heldout.seconds"),
+    )
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def heldout_json(h: HeldoutCheck) -> dict[str, Any]:
+    """The `heldout` field as JSON (non-finite figures as null)."""
+    return {
+        "holdout": h.holdout,
+        "margin": h.margin,
+        "base": h.base,
+        "chosen": h.chosen,
+        "variants": {
+            n: {
+                "score": x.score,
+                "kept": _finite_or_none(x.kept),
+                "loss": _finite_or_none(x.loss),
+                "own_loss": x.own_loss,
+                "base_loss": _finite_or_none(x.base_loss),
+                "tokens": x.tokens,
+            }
+            for n, x in h.variants.items()
+        },
+        "candidates": {c: {n: _finite_or_none(x) for n, x in f.items()} for c, f in h.candidates.items()},
+        "raised": list(h.raised),
+        "seconds": h.seconds,
     }

@@ -27,7 +27,7 @@ from ..io.safety import inside, is_regular_file
 from ..io.writer import sha256_file
 from . import nonexpert_codec as codec
 from .corrections import corrected
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, DeltaEntry, Manifest, ModelEntry
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, DeltaEntry, Manifest, ModelEntry, heldout_json
 from .validate import bank_key, bank_part_key, problems
 
 __all__ = [
@@ -238,6 +238,7 @@ def summary(art: Artifact) -> dict:
         },
         "delta_slots": delta_slots,
         "files": len(spec.files) + 1,
+        **({"heldout": heldout_json(spec.heldout)} if spec.heldout is not None else {}),
     }
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -27,7 +29,48 @@ _STAGES = {
     "verify": "checking files",
     "encode": "encoding non-expert tensors",
     "decode": "decoding non-expert tensors",
+    "check": "measuring plans on held-back data",
+    "raise": "raising variants below their base",
 }
+
+
+def _figure(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def _print_heldout(h: dict) -> None:
+    """What each variant kept on held-back data (calibrated mode), and the candidates' figures."""
+    console = Console()
+    against = f"against base {h['base']}" if h["base"] else "(no base known)"
+    console.print(
+        f"held-back check: last {h['holdout']:.0%} of each calibration file, {h['seconds']:.1f} s; "
+        f"kept = retained gain {against} where the variant gained there, else its own loss / the "
+        "consolidated loss (ratio)",
+        soft_wrap=True,
+        highlight=False,
+    )
+    table = Table(
+        "variant", "by", "kept", *h["candidates"], title=f"written: {h['chosen']}", box=box.SIMPLE_HEAD, pad_edge=False
+    )
+    for name, v in h["variants"].items():
+        table.add_row(
+            name,
+            "gain" if v["score"] == "retained_gain" else "ratio",
+            _figure(v["kept"]),
+            *(_figure(f.get(name)) for f in h["candidates"].values()),
+        )
+    console.print(table)
+    if h["raised"]:
+        print(raised_line(h))  # one line, never wrapped
+
+
+def raised_line(h: dict) -> str:
+    """The one line that says which variants were raised above their base, and to what."""
+    kept = ", ".join(f"{n} {_figure(h['variants'][n]['kept'])}" for n in h["raised"])
+    return (
+        f"raised: {', '.join(h['raised'])} fell below its base on held-back data under every candidate; "
+        f"it now keeps more of its own experts (kept: {kept})"
+    )
 
 
 def _print_summary(s: dict, title: str) -> None:
@@ -70,6 +113,8 @@ def _print_summary(s: dict, title: str) -> None:
         console.print(
             f"non-expert tensors: {format_bytes(b['non_expert'])} stored, {format_bytes(b['non_expert_whole'])} whole ({b['non_expert'] / b['non_expert_whole']:.1%})"
         )
+    if s.get("heldout"):
+        _print_heldout(s["heldout"])
 
 
 @app.command()
@@ -96,7 +141,9 @@ def merge(
         "medoid", help="medoid | first | mean | best (calibrated): what a shared bank expert holds."
     ),
     base: str | None = typer.Option(
-        None, help="task-arithmetic and ties: the pre-trained checkpoint the models were fine-tuned from."
+        None,
+        help="task-arithmetic and ties: the pre-trained checkpoint the models were fine-tuned from; calibrated: "
+        "the base its held-back check scores retained gain against (default: the model named base, if any).",
     ),
     density: float = typer.Option(0.2, help="ties: fraction of each task vector kept (top-k by magnitude)."),
     scale: float = typer.Option(1.0, help="task-arithmetic and ties: factor lambda on the merged task vectors."),
@@ -112,6 +159,11 @@ def merge(
     ),
     delta_format: str | None = typer.Option(
         None, help="With --deltas: auto (default: every format) | lowrank | sign | int4 | mixed."
+    ),
+    holdout: float | None = typer.Option(
+        None,
+        help="calibrated mode: share of each calibration file held back to measure the candidate plans on "
+        "(default 0.2: the last 20%); 0 skips the check and plans on all of it.",
     ),
     shard_size: str = typer.Option("5GB", help="Maximum bytes per safetensors shard (5GB, 500MB)."),
     non_expert_codec: str = typer.Option(
@@ -146,15 +198,21 @@ def merge(
         calibration_tokens=calibration_tokens,
         deltas=deltas,
         delta_format=delta_format,
+        holdout=holdout,
         non_expert_codec=non_expert_codec,
     )
     with stage_progress(_STAGES) as report:
         result = run_merge(ckpts, output, settings, force=force, progress=report)
     s = summary(Artifact.open(result.path))
+    s["seconds"] = {"merge": result.seconds, "check": result.check_seconds}
     if as_json:
         print(json.dumps(s, indent=2))
+        if s.get("heldout", {}).get("raised"):
+            print(raised_line(s["heldout"]), file=sys.stderr)
     else:
         _print_summary(s, f"wrote {result.path}")
+        if result.check_seconds is not None:
+            Console().print(f"held-back check: {result.check_seconds:.1f} s of the merge's {result.seconds:.1f} s")
 
 
 @app.command()

@@ -71,11 +71,38 @@ def formats(name: str | None) -> list[DeltaFormat]:
 
 
 def candidate_sizes(fmt: DeltaFormat, shapes: list[tuple[int, int]]) -> list[int | None]:
-    """The sizes tried for a slot: every size any of its parts' shapes suggests."""
+    """The sizes tried for a slot: every size any of its parts' shapes suggests, at which the
+    format can store every part (`mixed` cannot store gpt-oss' [1, I] bias parts at any size)."""
     sizes: list[int | None] = []
     for shape in shapes:
-        sizes += [x for x in fmt.sizes(shape) if x not in sizes]
+        sizes += [x for x in fmt.sizes(shape) if x not in sizes and all(storable(fmt, s, x) for s in shapes)]
     return sorted(sizes, key=lambda x: -1 if x is None else x)
+
+
+def storable(fmt: DeltaFormat, shape: tuple[int, int], size: int | None) -> bool:
+    """Whether `fmt` can store a matrix of `shape` at `size`."""
+    try:
+        fmt.components(shape, size, torch.float32)
+    except SettingsError:
+        return False
+    return True
+
+
+def check_delta_format(name: str | None, ckpt: Checkpoint) -> None:
+    """Refuse a named delta format that cannot store every expert part of these models at any
+    size (`auto` leaves such formats out by itself)."""
+    if name in (None, AUTO):
+        return
+    fmt = FORMATS[name]
+    shapes = [tuple(ckpt.expert_shape(p)) for p in ckpt.layout.parts]
+    if candidate_sizes(fmt, shapes):  # type: ignore[arg-type]
+        return
+    bad = [f"{p} {list(s)}" for p, s in zip(ckpt.layout.parts, shapes) if not candidate_sizes(fmt, [s])]  # type: ignore[list-item]
+    usable = [f for f, x in FORMATS.items() if candidate_sizes(x, shapes)]  # type: ignore[arg-type]
+    raise SettingsError(
+        f"delta format {name} cannot store every expert part of {ckpt.layout.architecture} "
+        f"({', '.join(bad) or 'at any size'}); choose auto or one of {', '.join(usable)}"
+    )
 
 
 def bank_value(p: LayerPlan, k: int, flat: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

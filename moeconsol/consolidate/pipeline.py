@@ -16,6 +16,7 @@ see `writer.atomic_directory`. Its format is in docs/artifact.md.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,10 @@ class MergeResult:
     bank_sizes: dict[str, int] = field(default_factory=dict)
     delta_bytes: int = 0
     """Bytes of the stored delta tensors (calibrated + deltas; else 0)."""
+    seconds: float = 0.0
+    """Wall-clock seconds of the whole merge."""
+    check_seconds: float | None = None
+    """Of which the held-back check of calibrated mode (None: no check)."""
 
     @property
     def expert_bytes_saved(self) -> int:
@@ -58,8 +63,9 @@ def merge(
     planner = planner_for(s.mode)
     s = planner.check(s, ckpts)
     out = Path(out).absolute()
+    started = time.perf_counter()
     base = None
-    if planner.needs_base:
+    if planner.needs_base or (planner.takes_base and s.base is not None):
         base = open_checkpoint(s.base)
         check_compatible([*ckpts, base])
     for c in [*ckpts, *([base] if base is not None else [])]:
@@ -70,13 +76,16 @@ def merge(
     check_destination(out, force, inputs)
     check_free_space(out, sum(info.nbytes for info in ckpts[0].tensors.values()))
 
-    plans = planner.plan(ckpts, s, progress)
+    decision = planner.decide(ckpts, s, base, progress)
+    plans = decision.plans
     non_experts = planner.plan_non_experts(ckpts, s, progress)
     check_free_space(out, estimated_bytes(ckpts, plans, non_experts, s.non_expert_codec))
 
     with atomic_directory(out, force=force, inputs=inputs) as tmp:
         written = write_artifact(tmp, ckpts, plans, non_experts, s, base, progress)
-        manifest = build_manifest(ckpts, planner.record(s, ckpts, base), plans, non_experts.keys, written)
+        manifest = build_manifest(
+            ckpts, planner.record(s, ckpts, base), plans, non_experts.keys, written, decision.heldout
+        )
         text = manifest.dumps().encode()
         (tmp / MANIFEST).write_bytes(text)
     b = manifest.bytes
@@ -89,4 +98,6 @@ def merge(
         bank_bytes=b["bank"],
         bank_sizes={p.layer: len(p.clusters) for p in plans},
         delta_bytes=sum(x.nbytes for x in written.deltas),
+        seconds=time.perf_counter() - started,
+        check_seconds=None if decision.heldout is None else decision.heldout.seconds,
     )

@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..analysis.calibration import LayerCosts, ModelActivations
+from ..artifact.corrections import FORMATS, Components, corrected
+from ..artifact.manifest import HeldoutCheck
 from ..io.checkpoint import Checkpoint
 from .grouping import LayerGroups
 
@@ -69,6 +72,18 @@ class CalibratedInputs:
     groups: list[LayerGroups]
     digests: list[list[str]]
     costs: list[LayerCosts]
+    reference: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per layer name, the reference system's same-index distances
+    (`baselines.reference_distances`), when the held-back check needs its plan; else empty."""
+
+
+@dataclass
+class Decision:
+    """What a planner decided: each MoE layer's bank, and (calibrated mode) what the held-back
+    check measured, for the manifest."""
+
+    plans: list[LayerPlan]
+    heldout: HeldoutCheck | None = None
 
 
 def stored_bank_part(part_of: Callable[[int], torch.Tensor], p: LayerPlan, k: int) -> torch.Tensor:
@@ -81,6 +96,24 @@ def stored_bank_part(part_of: Callable[[int], torch.Tensor], p: LayerPlan, k: in
         return part_of(rep)
     w = (p.weights[k] if p.weights else None) or [1.0] * len(members)
     return weighted_mean((part_of(i) for i in members), w)
+
+
+def delta_components(own: torch.Tensor, bank: torch.Tensor, d: SlotDelta, dtype: torch.dtype) -> Components:
+    """The stored components of slot delta `d` for one part: `own - bank` in float32, encoded
+    (what `writing.write_deltas` writes)."""
+    return FORMATS[d.format].encode(own.float() - bank.float(), d.size, dtype)
+
+
+def served_part(
+    part_of: Callable[[int], torch.Tensor], p: LayerPlan, flat_index: int, d: SlotDelta | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """What slot `flat_index` runs for one part under plan `p`: its bank entry's stored values
+    (`stored_bank_part`), corrected by its delta `d` if it has one (`corrections.corrected`, as
+    export and the runtime compute it)."""
+    bank = stored_bank_part(part_of, p, p.bank_index(flat_index))
+    if d is None:
+        return bank
+    return corrected(bank, delta_components(part_of(flat_index), bank, d, dtype), d.format, d.size)
 
 
 def part_reader(ckpts: list[Checkpoint], layer: str, part: str) -> Callable[[int], torch.Tensor]:

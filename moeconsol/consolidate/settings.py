@@ -15,6 +15,7 @@ from ..artifact.corrections import AUTO, delta_format
 from ..errors import SettingsError
 from ..io.checkpoint import Checkpoint, expert_nbytes
 from ..io.sizes import format_bytes, parse_size
+from .choice import MARGIN
 from .grouping import REPRESENTATIVES
 from .modes import Mode, check_mode
 
@@ -52,6 +53,12 @@ class MergeSettings:
     correction (module deltas); the budget then counts bank plus delta bytes."""
     delta_format: str | None = None
     """With deltas: `auto` (every format, the default) or one `corrections.FORMATS` name."""
+    holdout: float | None = None
+    """calibrated mode: share of each calibration file held back from planning to measure the
+    candidate plans on (None: `heldout.DEFAULT_HELDOUT`, 0.2; 0: no check, the calibrated plan
+    made from all the data, as before the check existed)."""
+    check_margin: float = MARGIN
+    """calibrated mode: the margin of the held-back choice rule (`choice`)."""
     non_expert_codec: str = codec.XOR_ZSTD
     """How a non-expert tensor's versions after the first are stored: encoded against the
     first (codec.XOR_ZSTD) where that takes at most `nonexpert.MAX_DELTA_RATIO` of whole,
@@ -81,6 +88,12 @@ def check_settings(s: MergeSettings) -> MergeSettings:
             raise SettingsError(f"`delta_format` {s.delta_format} needs `deltas` turned on")
         if s.delta_format != AUTO:
             delta_format(s.delta_format)
+    if s.holdout is not None and not (math.isfinite(s.holdout) and 0 <= s.holdout < 1):
+        raise SettingsError(
+            f"`holdout` must be at least 0 and less than 1 (a share of each calibration file), got {s.holdout}"
+        )
+    if not (math.isfinite(s.check_margin) and s.check_margin >= 0):
+        raise SettingsError(f"`check_margin` must be a finite number of at least 0, got {s.check_margin}")
     if s.non_expert_codec not in codec.CHOICES:
         raise SettingsError(
             f"unknown `non_expert_codec` {s.non_expert_codec!r}: choose from {', '.join(codec.CHOICES)}"
@@ -92,8 +105,9 @@ APPLIES_TO: dict[str, tuple[Mode, ...]] = {
     "metric": (Mode.THRESHOLD, Mode.BUDGET, Mode.CALIBRATED),
     "threshold": (Mode.THRESHOLD,),
     "budget": (Mode.BUDGET, Mode.CALIBRATED, Mode.REFERENCE),
-    "base": (Mode.TASK_ARITHMETIC, Mode.TIES),
+    "base": (Mode.TASK_ARITHMETIC, Mode.TIES, Mode.CALIBRATED),
     "calibration": (Mode.CALIBRATED,),
+    "holdout": (Mode.CALIBRATED,),
 }
 """The settings only some modes take -> those modes; every other mode refuses them (`refuse`)."""
 
@@ -106,6 +120,7 @@ def refuse(s: MergeSettings, mode: Mode) -> None:
         "budget": s.budget,
         "base": s.base,
         "calibration": s.calibration,
+        "holdout": s.holdout,
     }
     for option, modes in APPLIES_TO.items():
         if given[option] not in (None, {}) and mode not in modes:

@@ -19,7 +19,7 @@ from ..io.checkpoint import Checkpoint, warn_unusual_values
 from ..io.safetensors_file import dtype_names, torch_dtypes
 from ..io.writer import FileRecord, ShardedWriter, TensorSpec, copy_file
 from .nonexpert import EncodedTensor, NonExpertPlan, encode_non_experts, merged_non_expert
-from .plan import LayerPlan, part_reader, stored_bank_part
+from .plan import LayerPlan, delta_components, part_reader, stored_bank_part
 from .settings import MergeSettings
 
 HEADER_ALLOWANCE = 256
@@ -183,7 +183,7 @@ def write_deltas(writer: ShardedWriter, ckpts: list[Checkpoint], plans: list[Lay
             for part in ref.layout.parts:
                 own = ckpts[d.model].expert_part(p.layer, d.expert, part)
                 bank = stored_bank_part(part_reader(ckpts, p.layer, part), p, k)
-                comps = FORMATS[d.format].encode(own.float() - bank.float(), d.size, dtype)
+                comps = delta_components(own, bank, d, dtype)
                 for c, tensor in comps.items():
                     writer.write(delta_key(p.layer, ckpts[d.model].name, d.expert, part, c), tensor)
             steps.step()

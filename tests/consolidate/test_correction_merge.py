@@ -389,6 +389,7 @@ def test_sweep_method_deltas_counts_bank_plus_delta_bytes(mixtral, tmp_path):
         methods=["deltas"],
         settings=EvalSettings(chunk_len=32),
         workdir=tmp_path,
+        merge_options={"deltas": {"holdout": 0}},  # the corrections plan itself, whatever the check would write
     )
     [p] = r.points
     assert p.method == "deltas" and p.error is None and p.delta_bytes > 0
@@ -403,3 +404,21 @@ def test_sweep_method_deltas_counts_bank_plus_delta_bytes(mixtral, tmp_path):
     with pytest.raises(SettingsError, match="method deltas needs calibration"):
         sweep(mixtral["models"], data, [0.4], methods=["deltas"])
     assert root.exists()
+
+
+def test_gpt_oss_deltas_with_auto_leave_out_formats_that_cannot_store_its_bias_parts(tmp_path):
+    """gpt-oss' expert biases are [1, I] parts; `mixed` cannot store a matrix with one row, so
+    `auto` must not choose it for them (it did: "mixed needs a matrix of at least 2 x 2").
+    With the held-back check on, as merge runs by default."""
+    fam = correction_family(tmp_path, "gpt_oss")
+    ckpts, result = merge_with_corrections(fam, tmp_path / "out", budget="0.5", holdout=0.2)
+    assert verify_artifact(tmp_path / "out") == []
+    art = Artifact.open(tmp_path / "out")
+    formats = {d.format for layer in art.layers for n in art.model_names for d in art.deltas(n, layer)}
+    assert "mixed" not in formats
+    assert art.spec.heldout is not None and set(art.spec.heldout.variants) == set(art.model_names)
+    r = run_main(
+        "merge", *fam["models"], "-o", tmp_path / "x", "--mode", "calibrated", "--budget", "0.5",
+        "--calibration", fam["cal"], "--deltas", "--delta-format", "mixed",
+    )  # fmt: skip
+    one_error_line(r, "delta format mixed cannot store every expert part of gpt_oss", "gate_proj_bias [1, 16]")

@@ -8,7 +8,7 @@ from typing import Any
 from ...artifact.reader import Progress
 from ...io.checkpoint import Checkpoint
 from ..nonexpert import NonExpertPlan, plan_non_experts
-from ..plan import LayerPlan
+from ..plan import Decision, LayerPlan
 from ..settings import MergeSettings, Mode, budget_experts
 
 
@@ -32,6 +32,9 @@ class Planner(ABC):
     """Every variant maps to the same merged tensors, non-expert ones included."""
     uses_representative: bool = True
     """`settings.representative` picks what a shared bank entry stores."""
+    takes_base: bool = False
+    """Takes a base checkpoint if one is given (calibrated: its held-back check scores the
+    retained gain against it)."""
 
     @abstractmethod
     def check(self, s: MergeSettings, ckpts: list[Checkpoint]) -> MergeSettings:
@@ -40,6 +43,12 @@ class Planner(ABC):
     @abstractmethod
     def plan(self, ckpts: list[Checkpoint], s: MergeSettings, progress: Progress | None = None) -> list[LayerPlan]:
         """Each MoE layer's bank, in layer order."""
+
+    def decide(
+        self, ckpts: list[Checkpoint], s: MergeSettings, base: Checkpoint | None, progress: Progress | None = None
+    ) -> Decision:
+        """The plan merge writes (`plan`, unless the mode measures its candidates first)."""
+        return Decision(self.plan(ckpts, s, progress))
 
     def plan_non_experts(
         self, ckpts: list[Checkpoint], s: MergeSettings, progress: Progress | None = None

@@ -39,7 +39,7 @@ def plan_reference(ckpts: list[Checkpoint], s: MergeSettings, progress: Progress
     a shared position keeps model (k mod N)'s expert for every model; the others stay
     per model (no deduplication, as in the reference system)."""
     ref = ckpts[0]
-    E, N, L = ref.num_experts, len(ckpts), len(ref.moe_layers)
+    L = len(ref.moe_layers)
     distances = {}
     for i, layer in enumerate(ref.moe_layers):
         if progress:
@@ -47,7 +47,15 @@ def plan_reference(ckpts: list[Checkpoint], s: MergeSettings, progress: Progress
         distances[layer] = baselines.reference_distances(read_layer(ckpts, layer).experts)
     if progress:
         progress("plan", L, L)
-    excess = N * L * E - budget_experts(s.budget, ckpts)
+    return reference_layer_plans(ckpts, distances, budget_experts(s.budget, ckpts))
+
+
+def reference_layer_plans(ckpts: list[Checkpoint], distances: dict, max_bank: int) -> list[LayerPlan]:
+    """The reference system's plan within `max_bank` bank experts, from each layer's summed
+    same-index distances (`baselines.reference_distances`, by layer name)."""
+    ref = ckpts[0]
+    E, N, L = ref.num_experts, len(ckpts), len(ref.moe_layers)
+    excess = N * L * E - max_bank
     shared = 0 if N == 1 or excess <= 0 else min(L * E, -(-excess // (N - 1)))
     plan = baselines.reference_plan(distances, N, shared)
     plans = []
