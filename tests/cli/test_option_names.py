@@ -34,7 +34,7 @@ MERGE_CASES = [
         ["--threshold applies to --mode threshold"],
     ),
     (["--force", "--metric", "l2"], ["--metric applies to --mode threshold, budget and calibrated only, not lossless"]),
-    (["--force", "--base", "x"], ["--base applies to --mode task-arithmetic and ties only, not lossless"]),
+    (["--force", "--base", "x"], ["--base applies to --mode task-arithmetic, ties and calibrated only, not lossless"]),
     (["--force", "--mode", "threshold"], ["--mode threshold needs a --threshold", "--metric cosine"]),
     (["--force", "--mode", "ties"], ["--mode ties needs a --base"]),
     (["--force", "--mode", "reference"], ["--mode reference needs a --budget"]),

@@ -307,7 +307,7 @@ def test_holdout_outside_calibrated_mode_is_refused(fam, tmp_path):
     r = run_main(
         "merge", *fam["models"], "-o", tmp_path / "o", "--mode", "budget", "--budget", "0.5", "--holdout", "0.2"
     )
-    one_error_line(r, "holdout applies to mode calibrated only")
+    one_error_line(r, "--holdout applies to --mode calibrated only, not budget")
 
 
 # ---------------------------------------------------------------- no variant below its base
