@@ -95,6 +95,8 @@ def build_manifest(
         parts=tuple(ref.layout.parts),
         part_shapes={p: tuple(ref.expert_shape(p)) for p in ref.layout.parts},
         dtype=ref.dtype,
+        quantization=ref.quantization,
+        part_dtypes={p: ref.part_dtype(p) for p in ref.layout.parts} if ref.quantization else {},
         experts_per_layer=E,
         consolidation=consolidation,
         models=[

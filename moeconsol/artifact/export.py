@@ -30,13 +30,12 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
     or the tensor itself, decoded in memory (a non-expert tensor stored encoded)."""
     layout = layout_by_name(model.layout)
     part_shapes = art.spec.part_shapes
-    dtype = art.spec.dtype
     out: list[tuple[TensorSpec, Source]] = []
     for name in tensors:
         if hit := layout.match_expert(name):
             layer, e, part = hit
             k = _slot(art, model.name, layer, e)
-            spec = TensorSpec(name, dtype, tuple(part_shapes[part]))
+            spec = TensorSpec(name, art.spec.part_dtype(part), tuple(part_shapes[part]))
             if _has_delta(art, model.name, layer, e):  # bank + delta, computed
                 out.append(
                     (spec, lambda layer=layer, e=e, part=part: iter([art.served_part(model.name, layer, e, part)]))
@@ -47,7 +46,7 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
             layer, fused = hit
             parts = layout.fused_parts[fused]
             shape = fused_shape(layout.fused_codec, [tuple(part_shapes[p]) for p in parts], art.experts_per_layer)
-            spec = TensorSpec(name, dtype, shape)
+            spec = TensorSpec(name, art.spec.part_dtype(parts[0]), shape)
             slots = art.slot_map(model.name, layer)
             if art.deltas(model.name, layer):  # some experts are bank + delta: computed, one expert at a time
 

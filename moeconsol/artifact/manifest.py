@@ -22,6 +22,8 @@ from typing import Any
 
 from ..architectures.layouts import all_layouts
 from ..errors import ArtifactError, MoeconsolError, SettingsError
+from ..io.quant import FORMATS as QUANT_FORMATS
+from ..io.quant import Quantization
 from ..io.safetensors_file import ITEMSIZE, torch_dtypes
 from ..io.safety import NAME_RULE, is_regular_file, is_safe_name, relative_path_problem
 from .corrections import FORMATS
@@ -29,9 +31,13 @@ from .nonexpert_codec import CODECS
 
 FORMAT = "moeconsol-artifact"
 FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)
+QUANTIZED_VERSION = 3
+"""The version of an artifact that banks a quantized release's experts as stored (`quantization`,
+`part_dtypes`): a reader of version 2 would take their codes for values, so it must refuse it."""
+READ_VERSIONS = (1, 2, 3)
 """Format versions this moeconsol reads: 2 added per-slot expert deltas (`LayerEntry.deltas`) and
-`encodings` (non-expert tensors stored as lossless deltas)."""
+`encodings` (non-expert tensors stored as lossless deltas); 3 quantized experts (`quantization`,
+`part_dtypes`)."""
 MANIFEST = "manifest.json"
 _MAX_MANIFEST = 1 << 30
 """A manifest larger than this (1 GiB) is refused rather than parsed."""
@@ -129,12 +135,21 @@ class Manifest:
     files: dict[str, FileEntry]
     encodings: dict[str, Encoding] = field(default_factory=dict)
     """Stored key -> its encoding, for keys stored encoded (absent: stored whole)."""
+    quantization: Quantization | None = None
+    """How the bank's experts are quantized (format version 3): `parts` are then the stored
+    codes and scales of the models' quantized layout (`io.quant`), not values."""
+    part_dtypes: dict[str, str] = field(default_factory=dict)
+    """Part -> dtype where the parts differ (a quantized release's codes and scales); absent:
+    every part is `dtype`."""
+
+    def part_dtype(self, part: str) -> str:
+        return self.part_dtypes.get(part, self.dtype)
 
     # -- writing ------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if self.quantization is None else QUANTIZED_VERSION,
             "moeconsol_version": self.moeconsol_version,
             "architecture": self.architecture,
             "parts": list(self.parts),
@@ -188,6 +203,17 @@ class Manifest:
                 if self.encodings
                 else {}
             ),
+            **({"part_dtypes": dict(self.part_dtypes)} if self.part_dtypes else {}),
+            **(
+                {
+                    "quantization": {
+                        "method": self.quantization.method,
+                        "block": None if self.quantization.block is None else list(self.quantization.block),
+                    }
+                }
+                if self.quantization is not None
+                else {}
+            ),
         }
 
     def dumps(self) -> str:
@@ -229,14 +255,26 @@ class Manifest:
                 "architecture",
                 f"is {architecture!r}, not one of {', '.join(sorted({x.architecture for x in all_layouts()}))}",
             )
-        if any(len(shape) != 2 for shape in part_shapes.values()):
+        if version < QUANTIZED_VERSION and ("quantization" in top or "part_dtypes" in top):
+            raise r.fail(
+                "quantization", f"appeared in format version {QUANTIZED_VERSION}; this manifest says {version}"
+            )
+        quantization = _quantization(r, top.get("quantization"))
+        part_dtypes = {
+            p: r.dtype(d, f"part_dtypes.{p}") for p, d in r.obj(top.get("part_dtypes", {}), "part_dtypes").items()
+        }
+        if part_dtypes and sorted(part_dtypes) != sorted(parts):
+            raise r.fail("part_dtypes", f"has parts {sorted(part_dtypes)}, parts says {list(parts)}")
+        if quantization is None and any(len(shape) != 2 for shape in part_shapes.values()):
             raise r.fail("part_shapes", "must give each expert part as a 2-D shape")
         models = [_model(r, m, i) for i, m in enumerate(r.array(top["models"], "models"))]
+        method = None if quantization is None else quantization.method
         for i, m in enumerate(models):
-            if m.layout not in layouts or layouts[m.layout].parts != parts:
+            if m.layout not in layouts or layouts[m.layout].parts != parts or layouts[m.layout].quant != method:
+                stored = f"stored as {method}" if method else "unquantized"
                 raise r.fail(
                     f"models[{i}].layout",
-                    f"is {m.layout!r}, which does not store {architecture} experts with parts {list(parts)}",
+                    f"is {m.layout!r}, which does not store {architecture} experts {stored} with parts {list(parts)}",
                 )
         names = [m.name for m in models]
         if len(set(names)) != len(names):
@@ -275,6 +313,8 @@ class Manifest:
             shapes=shapes,
             files=files,
             encodings=encodings,
+            quantization=quantization,
+            part_dtypes=part_dtypes,
         )
 
     @classmethod
@@ -369,6 +409,22 @@ class _Reader:
         if len(items) != 2:
             raise self.fail(field, "expected [model_index, expert_index]")
         return self.integer(items[0], field), self.integer(items[1], field)
+
+
+def _quantization(r: _Reader, v: object) -> Quantization | None:
+    if v is None:
+        return None
+    d = r.obj(v, "quantization")
+    method = r.text(d.get("method"), "quantization.method")
+    if method not in QUANT_FORMATS:
+        raise r.fail("quantization.method", f"is {method!r}, not one of {', '.join(QUANT_FORMATS)}")
+    block = d.get("block")
+    if block is None:
+        return Quantization(method)
+    dims = r.shape(block, "quantization.block")
+    if len(dims) != 2 or 0 in dims:
+        raise r.fail("quantization.block", "must be [rows, cols], both at least 1")
+    return Quantization(method, (dims[0], dims[1]))
 
 
 def _kind(v: object) -> str:

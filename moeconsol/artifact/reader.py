@@ -13,12 +13,15 @@ writes one model back as a standard Hugging Face checkpoint.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from ..architectures.layouts import layout_by_name
 from ..errors import ArtifactError, DamagedArtifactError, MoeconsolError, UnknownModelError, UnsafePathError
+from ..io import quant
 from ..io.safetensors_file import TensorInfo, read_header, read_tensor
 from ..io.safety import inside, is_regular_file
 from ..io.writer import sha256_file
@@ -209,6 +212,28 @@ def summary(art: Artifact) -> dict:
         },
         "delta_slots": {layer: sum(len(x) for x in art._layer(layer).deltas.values()) for layer in art.layers},
         "files": len(spec.files) + 1,
+        **({"quantization": quantization_summary(art)} if spec.quantization is not None else {}),
+    }
+
+
+def quantization_summary(art: Artifact, serving_bytes: int = 2) -> dict:
+    """A quantized bank as stored, and what the runtime holds: every bank expert dequantized
+    to the serving dtype at load (`serving_bytes` per value: 2 for bf16, the default)."""
+    spec = art.spec
+    assert spec.quantization is not None
+    layout = layout_by_name(spec.models[0].layout)
+    base = layout_by_name(layout.base) if layout.base else layout
+    values = 0
+    for unit, parts in quant.units(spec.quantization, spec.parts).items():
+        values += math.prod(quant.unit_shape(spec.quantization, spec.part_shapes, unit, parts))
+    entries = sum(art.bank_size(layer) for layer in art.layers)
+    return {
+        "method": spec.quantization.method,
+        "block": None if spec.quantization.block is None else list(spec.quantization.block),
+        "stored_dtypes": dict(spec.part_dtypes),
+        "bank_stored": spec.bytes.get("bank"),
+        "bank_served": entries * values * serving_bytes,
+        "served_as": f"dequantized at load to the serving dtype ({base.name} parts, {serving_bytes} bytes per value)",
     }
 
 

@@ -27,9 +27,9 @@ def check_references(art: Artifact) -> list[str]:
                     problems.append(f"{entry.layer}: bank expert {k} part {part} is not stored")
                 elif stored is None or stored.shape != spec.part_shapes[part]:
                     problems.append(f"{key}: shape differs from part_shapes[{part}]")
-                elif stored.dtype != spec.dtype:
+                elif stored.dtype != spec.part_dtype(part):
                     problems.append(
-                        f"{key}: dtype {stored.dtype} differs from the manifest's expert dtype {spec.dtype}"
+                        f"{key}: dtype {stored.dtype} differs from the manifest's expert dtype {spec.part_dtype(part)}"
                     )
         for name, slots in entry.slot_map.items():
             if len(slots) != art.experts_per_layer or not all(0 <= s < size for s in slots):

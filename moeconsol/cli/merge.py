@@ -70,6 +70,12 @@ def _print_summary(s: dict, title: str) -> None:
         console.print(
             f"non-expert tensors: {format_bytes(b['non_expert'])} stored, {format_bytes(b['non_expert_whole'])} whole ({b['non_expert'] / b['non_expert_whole']:.1%})"
         )
+    if q := s.get("quantization"):
+        console.print(
+            f"quantized: {q['method']} experts stored as {', '.join(sorted(set(q['stored_dtypes'].values())))}; "
+            f"the runtime holds the bank {q['served_as']}: {format_bytes(q['bank_served'])} "
+            f"(stored: {format_bytes(q['bank_stored'])})"
+        )
 
 
 @app.command()

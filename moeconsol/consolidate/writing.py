@@ -42,7 +42,7 @@ def bank_specs(ckpts: list[Checkpoint], plans: list[LayerPlan]) -> list[TensorSp
     """Every part of every bank entry, in the order `write_bank` writes them."""
     ref = ckpts[0]
     return [
-        TensorSpec(bank_key(p.layer, k, part), ref.dtype, ref.expert_shape(part))
+        TensorSpec(bank_key(p.layer, k, part), ref.part_dtype(part), ref.expert_shape(part))
         for p in plans
         for k in range(len(p.clusters))
         for part in ref.layout.parts

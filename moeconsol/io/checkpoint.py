@@ -338,8 +338,9 @@ class Checkpoint:
     # -- reading ----------------------------------------------------------------------------
     @property
     def dtype(self) -> str:
-        """Safetensors dtype name of the expert tensors (e.g. "BF16")."""
-        return next(iter(self._experts.values()))[0].dtype
+        """Safetensors dtype name of the expert tensors (e.g. "BF16"; a quantized release's
+        codes: "F8_E4M3", "U8")."""
+        return self.part_dtype(self.layout.parts[0])
 
     def part_dtype(self, part: str) -> str:
         """Safetensors dtype of one stored expert part (parts of a quantized release differ)."""

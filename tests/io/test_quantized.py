@@ -15,34 +15,22 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from builders import QUANTIZED, QUANTIZED_OVERRIDES, quantized_family
 from cli_helpers import one_error_line, run_main
 from transformers.utils import logging as hf_logging
 
 from moeconsol.analysis.similarity import analyze
 from moeconsol.errors import CheckpointError, IncompatibleModelsError
 from moeconsol.io.checkpoint import check_config, open_checkpoints
-from moeconsol.testing import derive_variant, experts_modules, save_model, save_quantized, tiny_model, tiny_tokenizer
+from moeconsol.testing import experts_modules, save_model, tiny_model, tiny_tokenizer
 
-QUANTIZED = [
-    # family, method, save_quantized options, layout, experts the fine-tune changes
-    ("deepseek_v3", "fp8", dict(block=(8, 16)), "deepseek_v3-fp8", [(0, 1), (1, 2)]),
-    ("qwen3_moe", "fp8", dict(scale_dtype=torch.bfloat16), "qwen3_moe-fp8", [(1, 3)]),
-    ("gpt_oss", "mxfp4", {}, "gpt_oss-mxfp4", [(0, 0), (1, 2)]),
-]
 IDS = [row[0] for row in QUANTIZED]
-OVERRIDES = {"gpt_oss": dict(intermediate_size=32)}
-"""MXFP4 groups 32 values: the tiny gpt-oss's intermediate size must be a multiple of 32."""
 
 
 @pytest.fixture(scope="module", params=QUANTIZED, ids=IDS)
 def family(request, tmp_path_factory):
-    arch, method, options, layout, changed = request.param
-    root = tmp_path_factory.mktemp(f"quantized-{arch}")
-    tok = tiny_tokenizer()
-    base = tiny_model(arch, seed=5, dtype=torch.bfloat16, **OVERRIDES.get(arch, {}))
-    save_quantized(base, root / "base", method, tok, **options)
-    save_quantized(derive_variant(base, 1, changed, scale=0.05), root / "ft", method, tok, **options)
-    return arch, root, layout, changed
+    f = quantized_family(tmp_path_factory.mktemp(f"quantized-{request.param[0]}"), request.param)
+    return f["arch"], f["root"], f["layout"], f["changed"]
 
 
 def _transformers_experts(path) -> list[torch.Tensor]:
@@ -165,7 +153,7 @@ def test_scales_of_the_wrong_shape_are_refused(family, tmp_path):
 
 def test_a_quantized_base_with_unquantized_fine_tunes_is_named(family, tmp_path):
     arch, root, _, _ = family
-    plain = tiny_model(arch, seed=5, dtype=torch.bfloat16, **OVERRIDES.get(arch, {}))
+    plain = tiny_model(arch, seed=5, dtype=torch.bfloat16, **QUANTIZED_OVERRIDES.get(arch, {}))
     save_model(plain, tmp_path / "plain", tiny_tokenizer())
     with pytest.raises(IncompatibleModelsError, match="mixed storage"):
         open_checkpoints([f"base={root / 'base'}", f"plain={tmp_path / 'plain'}"])
