@@ -370,15 +370,7 @@ class Checkpoint:
             return stored if dtype is None else {p: t.to(dtype) for p, t in stored.items()}
         import torch  # here: a checkpoint is opened without torch; values are tensors
 
-        dtype = dtype or torch.float32
-        units = {u: quant.dequantize(self.quantization, stored, u, ps, dtype) for u, ps in self.units.items()}
-        base = self.value_layout
-        if not base.fused_parts:
-            return {p: units[p] for p in base.parts}
-        out: dict[str, torch.Tensor] = {}
-        for fused, parts in base.fused_parts.items():
-            out.update(zip(parts, (t.contiguous() for t in split(base.fused_codec, units[fused], len(parts)))))
-        return {p: out[p] for p in base.parts}
+        return quant.values(self.quantization, self.layout.parts, self.value_layout, stored, dtype or torch.float32)
 
     def expert_shape(self, part: str) -> tuple[int, ...]:
         info, e, k, n = self._experts[(self.moe_layers[0], 0, part)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ...architectures.layouts import Layout, split
 from ...errors import CheckpointError
 from ..safetensors_file import ITEMSIZE, TensorInfo, read_tensor
 from . import fp8, mxfp4
@@ -83,7 +84,10 @@ def dequantize(
     """A unit's values in `dtype`, from its stored parts' tensors."""
     if len(parts) == 1:
         return stored[parts[0]].to(dtype)
-    return FORMATS[q.method].dequantize(stored, unit, dtype)
+    if q.method == fp8.NAME:
+        assert q.block is not None
+        return fp8.dequantize(stored, unit, q.block, dtype)
+    return mxfp4.dequantize(stored, unit, dtype)
 
 
 def _bytes(info: TensorInfo, dtype: str, lo: int, hi: int) -> torch.Tensor:
@@ -116,3 +120,18 @@ def values_range(
         lo,
         hi,
     )
+
+
+def values(
+    q: Quantization, parts: tuple[str, ...], base: Layout, stored: dict[str, torch.Tensor], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """One expert's values as the canonical parts of the unquantized layout `base`, from its
+    stored parts (`parts`, a quantized layout's): each unit dequantized, then split as `base`
+    splits its fused slices. The one definition analysis, calibration and the runtime share."""
+    out = {u: dequantize(q, stored, u, ps, dtype) for u, ps in units(q, parts).items()}
+    if not base.fused_parts:
+        return {p: out[p] for p in base.parts}
+    split_parts: dict[str, torch.Tensor] = {}
+    for fused, names in base.fused_parts.items():
+        split_parts.update(zip(names, (t.contiguous() for t in split(base.fused_codec, out[fused], len(names)))))
+    return {p: split_parts[p] for p in base.parts}

@@ -70,13 +70,19 @@ def unit_shape(shapes: dict[str, tuple[int, ...]], unit: str) -> tuple[int, ...]
     return tuple(shapes[unit + WEIGHT])
 
 
-def dequantize(stored: dict[str, torch.Tensor], unit: str, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(stored: dict[str, torch.Tensor], unit: str, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """The values of weight `unit` from its codes and block scales, computed in float32."""
+    return dequantize_weight(stored[unit + WEIGHT], stored[unit + SCALE], block, dtype)
+
+
+def dequantize_weight(
+    code: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """code * scale_inv of its block, computed in float32 (as transformers does), in `dtype`."""
     import torch  # here: io imports no torch until a tensor is read
 
-    code, scale = stored[unit + WEIGHT], stored[unit + SCALE]
     rows, cols = code.shape
-    bm, bn = math.ceil(rows / scale.shape[0]), math.ceil(cols / scale.shape[1])
+    bm, bn = block
     s = scale.to(torch.float32).repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]
     return (code.to(torch.float32) * s).to(dtype)
 
