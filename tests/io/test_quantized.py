@@ -157,3 +157,38 @@ def test_a_quantized_base_with_unquantized_fine_tunes_is_named(family, tmp_path)
     save_model(plain, tmp_path / "plain", tiny_tokenizer())
     with pytest.raises(IncompatibleModelsError, match="mixed storage"):
         open_checkpoints([f"base={root / 'base'}", f"plain={tmp_path / 'plain'}"])
+
+
+def test_block_fp8_dequantizes_by_block_where_dimensions_are_not_multiples():
+    """A [20, 40] weight in blocks of 8 x 16: edge blocks are partial (ceil), computed here block by block."""
+    from moeconsol.io.quant import fp8
+
+    w = torch.randn(20, 40, generator=torch.Generator().manual_seed(0))
+    codes, scale = fp8.quantize(w, (8, 16), torch.float32)
+    assert codes.dtype == torch.float8_e4m3fn and tuple(scale.shape) == (3, 3)
+    want = torch.empty(20, 40)
+    for i in range(3):
+        for j in range(3):
+            block = codes[i * 8 : (i + 1) * 8, j * 16 : (j + 1) * 16].float() * scale[i, j]
+            want[i * 8 : (i + 1) * 8, j * 16 : (j + 1) * 16] = block
+    got = fp8.dequantize_weight(codes, scale, (8, 16), torch.float32)
+    assert torch.equal(got, want)
+    assert (got - w).abs().max() <= w.abs().max() / 8  # e4m3 keeps 3 mantissa bits
+
+
+@pytest.mark.parametrize("lo,hi", [(0, 1), (3, 70), (31, 33), (1, 639), (0, 640)])
+def test_value_ranges_are_the_flat_dequantized_values(lo, hi):
+    """The Gram matrix's column slices start anywhere (odd elements of a packed byte, inside a group)."""
+    from moeconsol.io.quant import fp8, mxfp4
+
+    w = torch.randn(10, 64, generator=torch.Generator().manual_seed(1))
+    blocks, scales = mxfp4.quantize(w)
+    full = mxfp4.dequantize({"p_blocks": blocks, "p_scales": scales}, "p", torch.float64).T.reshape(-1)
+    part = mxfp4.values_range(
+        blocks.reshape(-1)[lo // 2 : -(-hi // 2)], scales.reshape(-1)[lo // 32 : -(-hi // 32)], lo, hi
+    )
+    assert torch.equal(part, full[lo:hi])
+    codes, scale = fp8.quantize(w, (4, 16), torch.bfloat16)
+    full = fp8.dequantize_weight(codes, scale, (4, 16), torch.float64).reshape(-1)
+    part = fp8.values_range(codes.reshape(-1)[lo:hi], scale, (10, 64), (4, 16), lo)
+    assert torch.allclose(part, full[lo:hi], rtol=1e-6, atol=0)
