@@ -98,8 +98,39 @@ def read_layer(ckpts: list[Checkpoint], layer: str) -> LayerExperts:
                 warn_unusual_values(c.name, layer, e, part, tensor)
     digests = None
     if any(c.quantization is not None for c in ckpts):
-        digests = [range_digest(c.expert_infos(layer, e)) for c in ckpts for e in range(c.num_experts)]
+        digests = identity_keys(ckpts, layer, [e for per_model in experts for e in per_model])
     return LayerExperts(layer, experts, digests)
+
+
+def mixed(ckpts: list[Checkpoint]) -> bool:
+    """Whether quantized and unquantized models are consolidated together (docs/merge.md)."""
+    return len({c.quantization is None for c in ckpts}) > 1
+
+
+def identity_keys(
+    ckpts: list[Checkpoint], layer: str, values: list[dict[str, torch.Tensor]] | None = None
+) -> list[str]:
+    """One key per expert of a layer (flat order), equal exactly for experts that are the same:
+    a quantized release's expert by the digest of its stored bytes (codes and scales); an
+    unquantized model's by the digest of its bytes, or, where those are exactly a quantized
+    expert's values dequantized to its dtype (a fine-tune left it alone), that expert's key.
+    `values`: the unquantized models' experts, if already read."""
+
+    E = ckpts[0].num_experts
+    keys: dict[int, str] = {}
+    as_values: dict[str, str] = {}
+    plain = next((c for c in ckpts if c.quantization is None), None)
+    dtype = None if plain is None else torch_dtypes()[plain.dtype]
+    for m, c in enumerate(ckpts):
+        for e in range(E) if c.quantization is not None else ():
+            keys[m * E + e] = range_digest(c.expert_infos(layer, e))
+            if dtype is not None:
+                as_values.setdefault(tensor_digest(c.values(layer, e, dtype)), keys[m * E + e])
+    for m, c in enumerate(ckpts):
+        for e in range(E) if c.quantization is None else ():
+            own = tensor_digest(values[m * E + e] if values is not None else c.expert(layer, e))
+            keys[m * E + e] = as_values.get(own, own)
+    return [keys[i] for i in range(len(ckpts) * E)]
 
 
 # -- the Gram matrix ---------------------------------------------------------------------------
@@ -363,7 +394,7 @@ def layer_similarity(
 
 def _streams(ckpts: list[Checkpoint], metrics: list[str]) -> bool:
     """Whether `layer_similarity` measures straight from the byte ranges on disk (`_weight_layer`)."""
-    return "cka" not in metrics and all(c.layout.contiguous for c in ckpts)
+    return "cka" not in metrics and all(c.layout.contiguous for c in ckpts) and not mixed(ckpts)
 
 
 def _deduplicate(digests: list[str]) -> tuple[np.ndarray, list[int], list[int]]:

@@ -94,6 +94,9 @@ class BankEntry:
     members: list[tuple[int, int]]
     representative: tuple[int, int] | None
     weights: list[float] | None = None
+    values: bool = False
+    """Stored as `Manifest.value_parts` rather than `parts` (format version 3: beside a
+    quantized release, an unquantized fine-tune's own expert)."""
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,18 @@ class Manifest:
     """Part -> dtype where the parts differ (a quantized release's codes and scales); absent:
     every part is `dtype`."""
 
+    value_parts: dict[str, TensorEntry] = field(default_factory=dict)
+    """Beside a quantized release, unquantized fine-tunes: the parts (dtype, shape) of a bank
+    entry stored as values (`BankEntry.values`), the canonical parts of their layout."""
+
     def part_dtype(self, part: str) -> str:
         return self.part_dtypes.get(part, self.dtype)
+
+    def entry_parts(self, entry: BankEntry) -> dict[str, TensorEntry]:
+        """What a bank entry stores: each part's dtype and shape."""
+        if entry.values:
+            return dict(self.value_parts)
+        return {p: TensorEntry(self.part_dtype(p), self.part_shapes[p]) for p in self.parts}
 
     # -- writing ------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -181,6 +194,7 @@ class Manifest:
                             "members": [list(x) for x in b.members],
                             "representative": None if b.representative is None else list(b.representative),
                             **({"weights": list(b.weights)} if b.weights is not None else {}),
+                            **({"stored": "values"} if b.values else {}),
                         }
                         for b in entry.bank
                     ],
@@ -204,6 +218,11 @@ class Manifest:
                 else {}
             ),
             **({"part_dtypes": dict(self.part_dtypes)} if self.part_dtypes else {}),
+            **(
+                {"value_parts": {p: {"dtype": t.dtype, "shape": list(t.shape)} for p, t in self.value_parts.items()}}
+                if self.value_parts
+                else {}
+            ),
             **(
                 {
                     "quantization": {
@@ -255,7 +274,7 @@ class Manifest:
                 "architecture",
                 f"is {architecture!r}, not one of {', '.join(sorted({x.architecture for x in all_layouts()}))}",
             )
-        if version < QUANTIZED_VERSION and ("quantization" in top or "part_dtypes" in top):
+        if version < QUANTIZED_VERSION and any(k in top for k in ("quantization", "part_dtypes", "value_parts")):
             raise r.fail(
                 "quantization", f"appeared in format version {QUANTIZED_VERSION}; this manifest says {version}"
             )
@@ -267,9 +286,18 @@ class Manifest:
             raise r.fail("part_dtypes", f"has parts {sorted(part_dtypes)}, parts says {list(parts)}")
         if quantization is None and any(len(shape) != 2 for shape in part_shapes.values()):
             raise r.fail("part_shapes", "must give each expert part as a 2-D shape")
+        value_parts = {
+            r.text(p, "value_parts"): _tensor(r, t, f"value_parts[{p!r}]")
+            for p, t in r.obj(top.get("value_parts", {}), "value_parts").items()
+        }
+        if value_parts and quantization is None:
+            raise r.fail("value_parts", "appear without quantization (they are an unquantized fine-tune's beside it)")
         models = [_model(r, m, i) for i, m in enumerate(r.array(top["models"], "models"))]
         method = None if quantization is None else quantization.method
         for i, m in enumerate(models):
+            x = layouts.get(m.layout)
+            if value_parts and x is not None and x.quant is None and x.parts == tuple(value_parts):
+                continue  # an unquantized fine-tune beside the release
             if m.layout not in layouts or layouts[m.layout].parts != parts or layouts[m.layout].quant != method:
                 stored = f"stored as {method}" if method else "unquantized"
                 raise r.fail(
@@ -288,6 +316,8 @@ class Manifest:
             for k, v in r.obj(top["weight_map"], "weight_map").items()
         }
         layers = [_layer(r, x, i, names) for i, x in enumerate(r.array(top["layers"], "layers"))]
+        if not value_parts and any(b.values for entry in layers for b in entry.bank):
+            raise r.fail("layers", "hold a bank entry stored as values, but the manifest has no value_parts")
         for i, entry in enumerate(layers):
             if entry.deltas and version < 2:
                 raise r.fail(f"layers[{i}].deltas", "appear in a version-1 manifest (deltas came with version 2)")
@@ -315,6 +345,7 @@ class Manifest:
             encodings=encodings,
             quantization=quantization,
             part_dtypes=part_dtypes,
+            value_parts=value_parts,
         )
 
     @classmethod
@@ -528,6 +559,9 @@ def _layer(r: _Reader, v: object, i: int, names: list[str]) -> LayerEntry:
         bd = r.obj(b, fb)
         rep = bd.get("representative")
         weights = bd.get("weights")
+        stored = bd.get("stored")
+        if stored not in (None, "values"):
+            raise r.fail(f"{fb}.stored", f'is {stored!r}; only "values" may be given')
         bank.append(
             BankEntry(
                 members=[r.pair(x, f"{fb}.members") for x in r.array(bd.get("members"), f"{fb}.members")],
@@ -535,6 +569,7 @@ def _layer(r: _Reader, v: object, i: int, names: list[str]) -> LayerEntry:
                 weights=None
                 if weights is None
                 else [r.number(w, f"{fb}.weights") for w in r.array(weights, f"{fb}.weights")],
+                values=stored == "values",
             )
         )
     slots = r.obj(d.get("slot_map"), f"{f}.slot_map")

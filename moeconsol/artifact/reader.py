@@ -116,10 +116,30 @@ class Artifact:
         return len(self._layer(layer).bank)
 
     def bank_expert(self, layer: str, k: int) -> dict[str, torch.Tensor]:
-        """Bank expert `k` of `layer`, as canonical parts (Layout.parts)."""
+        """Bank expert `k` of `layer`, as its stored parts (`bank_parts`: Layout.parts, or
+        the values of an unquantized fine-tune beside a quantized release)."""
+        return {part: self.read(bank_key(layer, k, part)) for part in self.bank_parts(layer, k)}
+
+    def bank_parts(self, layer: str, k: int) -> tuple[str, ...]:
+        """The parts bank expert `k` of `layer` stores (`Manifest.entry_parts`)."""
         if not 0 <= k < self.bank_size(layer):
             raise ArtifactError(f"{layer}: bank index {k} out of range (bank has {self.bank_size(layer)})")
-        return {part: self.read(bank_key(layer, k, part)) for part in self.parts}
+        return tuple(self.spec.entry_parts(self._layer(layer).bank[k]))
+
+    def bank_values(self, layer: str, k: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Bank expert `k` of `layer` as values, the canonical parts of the unquantized layout:
+        a quantized release's entry dequantized to `dtype` (`io.quant.values`), any other as
+        stored."""
+        stored = self.bank_expert(layer, k)
+        q = self.spec.quantization
+        if q is None or self.stored_as_values(layer, k):
+            return stored
+        layout = next(x for m in self.spec.models if (x := layout_by_name(m.layout)).quant is not None)
+        return quant.values(q, self.parts, layout_by_name(layout.base or ""), stored, dtype)
+
+    def stored_as_values(self, layer: str, k: int) -> bool:
+        """Whether bank expert `k` of `layer` holds values beside a quantized release's entries."""
+        return self._layer(layer).bank[k].values
 
     # -- deltas (format version 2) -------------------------------------------------------------
     def deltas(self, name: str, layer: str) -> list[DeltaEntry]:

@@ -20,16 +20,17 @@ def check_references(art: Artifact) -> list[str]:
     for entry in spec.layers:
         size = len(entry.bank)
         for k in range(size):
-            for part in art.parts:
+            for part, want in spec.entry_parts(entry.bank[k]).items():
                 key = bank_key(entry.layer, k, part)
                 stored = spec.shapes.get(key)
+                field = "value_parts" if entry.bank[k].values else "part_shapes"
                 if key not in wm:
                     problems.append(f"{entry.layer}: bank expert {k} part {part} is not stored")
-                elif stored is None or stored.shape != spec.part_shapes[part]:
-                    problems.append(f"{key}: shape differs from part_shapes[{part}]")
-                elif stored.dtype != spec.part_dtype(part):
+                elif stored is None or stored.shape != want.shape:
+                    problems.append(f"{key}: shape differs from {field}[{part}]")
+                elif stored.dtype != want.dtype:
                     problems.append(
-                        f"{key}: dtype {stored.dtype} differs from the manifest's expert dtype {spec.part_dtype(part)}"
+                        f"{key}: dtype {stored.dtype} differs from the manifest's expert dtype {want.dtype}"
                     )
         for name, slots in entry.slot_map.items():
             if len(slots) != art.experts_per_layer or not all(0 <= s < size for s in slots):

@@ -114,6 +114,12 @@ def check_quantized(s: MergeSettings, ckpts: list[Checkpoint]) -> None:
     q = ckpts[0].quantization
     if q is None:
         return
+    if any(c.quantization is None for c in ckpts) and s.mode != Mode.LOSSLESS:
+        raise SettingsError(
+            f"mode {s.mode}: a {q.method} release beside unquantized fine-tunes merges in mode lossless only (a bank "
+            "entry either stores one of the release's experts as released, which the fine-tunes' equal values "
+            "share, or a fine-tune's own expert)"
+        )
     if s.mode not in QUANTIZED_MODES or s.representative == "mean":
         what = f"mode {s.mode}" if s.mode not in QUANTIZED_MODES else "representative mean"
         raise SettingsError(

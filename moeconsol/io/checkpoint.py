@@ -470,29 +470,19 @@ def check_compatible(ckpts: list[Checkpoint]) -> None:
             raise IncompatibleModelsError(
                 f"mixed architectures: {pair}: {c.layout.architecture} vs {ref.layout.architecture}"
             )
-        if c.quantization != ref.quantization:
-            how = {id(x): x.quantization.method if x.quantization else "unquantized" for x in (c, ref)}
-            raise IncompatibleModelsError(
-                f"mixed storage: {pair}: experts are {how[id(c)]} ({c.layout.name}) vs {how[id(ref)]} ({ref.layout.name}); "
-                "consolidate checkpoints stored the same way (see docs/merge.md, quantized releases)"
-            )
         if c.num_experts != ref.num_experts:
             raise IncompatibleModelsError(f"expert count mismatch: {pair}: {c.num_experts} vs {ref.num_experts}")
         if c.moe_layers != ref.moe_layers:
             raise IncompatibleModelsError(
                 f"MoE layer mismatch: {pair}: {len(c.moe_layers)} vs {len(ref.moe_layers)} layers"
             )
-        for part in ref.layout.parts:
-            if c.expert_shape(part) != ref.expert_shape(part):
-                raise IncompatibleModelsError(
-                    f"shape mismatch: {pair}: expert part {part} is {list(c.expert_shape(part))} vs {list(ref.expert_shape(part))}"
-                )
-        for part in ref.layout.parts:
-            if c.part_dtype(part) != ref.part_dtype(part):
-                which = f" (part {part})" if ref.quantization else ""
-                raise IncompatibleModelsError(
-                    f"dtype mismatch: {pair}: experts are {c.part_dtype(part)} vs {ref.part_dtype(part)}{which}"
-                )
+        if c.quantization != ref.quantization:
+            check_mixed(c, ref, pair)
+            plain = next(x for x in ckpts if x.quantization is None)
+            _check_parts(c, ref, pair, c.value_layout.parts, Checkpoint.value_shape)
+            _check_parts(c, plain, f"{c.name!r} vs {plain.name!r}", c.layout.parts, Checkpoint.expert_shape)
+        else:
+            _check_parts(c, ref, pair, ref.layout.parts, Checkpoint.expert_shape)
         tensors = {c.layout.canonical_name(n): c.tensors[n].shape for n in c.non_expert_names}
         for name in sorted(set(tensors) | set(ref_tensors), key=natural_key):
             if name not in tensors or name not in ref_tensors:
@@ -502,6 +492,46 @@ def check_compatible(ckpts: list[Checkpoint]) -> None:
                 raise IncompatibleModelsError(
                     f"shape mismatch: {pair}: {name} is {list(tensors[name])} vs {list(ref_tensors[name])}"
                 )
+
+
+def _check_parts(c: Checkpoint, ref: Checkpoint, pair: str, parts: tuple[str, ...], shape) -> None:
+    """Expert parts of equal shapes (stored, or values: `shape`) and, stored alike, dtypes."""
+    for part in parts:
+        if shape(c, part) != shape(ref, part):
+            raise IncompatibleModelsError(
+                f"shape mismatch: {pair}: expert part {part} is {list(shape(c, part))} vs {list(shape(ref, part))}"
+            )
+    if c.quantization != ref.quantization:
+        return
+    for part in parts:
+        if c.part_dtype(part) != ref.part_dtype(part):
+            which = f" (part {part})" if ref.quantization else ""
+            raise IncompatibleModelsError(
+                f"dtype mismatch: {pair}: experts are {c.part_dtype(part)} vs {ref.part_dtype(part)}{which}"
+            )
+
+
+MIXED_METHODS = ("mxfp4",)
+"""Quantization methods whose releases consolidate with unquantized fine-tunes: those whose
+non-expert tensors are stored unquantized (gpt-oss), so fine-tunes have the same tensors."""
+
+
+def check_mixed(c: Checkpoint, ref: Checkpoint, pair: str) -> None:
+    """Refuse a mix of storages other than an MXFP4 release first, then unquantized fine-tunes
+    of it (their experts shared with the release's where their values are the release's
+    dequantized: docs/merge.md)."""
+    how = {id(x): x.quantization.method if x.quantization else "unquantized" for x in (c, ref)}
+    what = f"mixed storage: {pair}: experts are {how[id(c)]} ({c.layout.name}) vs {how[id(ref)]} ({ref.layout.name})"
+    if ref.quantization is None:
+        raise IncompatibleModelsError(f"{what}; list the quantized release first, its unquantized fine-tunes after it")
+    if c.quantization is not None:
+        raise IncompatibleModelsError(f"{what}; consolidate releases quantized the same way")
+    if ref.quantization.method not in MIXED_METHODS:
+        raise IncompatibleModelsError(
+            f"{what}; a {ref.quantization.method} release consolidates with releases quantized the same way only "
+            "(its non-expert weights are quantized too): quantize the fine-tune as the release is, or dequantize "
+            "the release (see docs/merge.md, quantized releases)"
+        )
 
 
 def check_config(ckpt: Checkpoint) -> None:

@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 import torch
 
-from ..architectures.layouts import layout_by_name
 from ..artifact.reader import Artifact
 from ..io import quant
 
@@ -26,12 +25,10 @@ _PAIR = "\0"
 
 
 def bank_values(art: Artifact) -> Callable[[str, int], dict[str, torch.Tensor]]:
-    """(layer, bank index) -> the bank expert's values (float32, canonical parts of the
-    unquantized layout), dequantized from its stored parts now."""
-    q = art.spec.quantization
-    assert q is not None
-    base = layout_by_name(layout_by_name(art.spec.models[0].layout).base or "")
-    return lambda layer, k: quant.values(q, art.parts, base, art.bank_expert(layer, k), torch.float32)
+    """(layer, bank index) -> the bank expert's values (canonical parts of the unquantized
+    layout): dequantized from its stored parts now (float32), or an unquantized fine-tune's
+    entry as stored."""
+    return lambda layer, k: art.bank_values(layer, k, torch.float32)
 
 
 def value_keys(tensors: dict[str, str]) -> dict[str, str]:

@@ -41,6 +41,7 @@ _IGNORED_CONFIG_KEYS = {
     "output_attentions",
     "output_hidden_states",
     "return_dict",
+    "quantization_config",  # how a release's weights are stored; the runtime holds values (dequantized.py)
 }
 
 

@@ -151,12 +151,19 @@ def test_scales_of_the_wrong_shape_are_refused(family, tmp_path):
         open_checkpoints([str(path)])
 
 
-def test_a_quantized_base_with_unquantized_fine_tunes_is_named(family, tmp_path):
+def test_a_quantized_release_beside_unquantized_models_is_named(family, tmp_path):
+    """Only an MXFP4 release, listed first, takes unquantized fine-tunes beside it
+    (tests/artifact/test_quantized_mixed.py); anything else is refused, saying why."""
     arch, root, _, _ = family
     plain = tiny_model(arch, seed=5, dtype=torch.bfloat16, **QUANTIZED_OVERRIDES.get(arch, {}))
     save_model(plain, tmp_path / "plain", tiny_tokenizer())
-    with pytest.raises(IncompatibleModelsError, match="mixed storage"):
-        open_checkpoints([f"base={root / 'base'}", f"plain={tmp_path / 'plain'}"])
+    with pytest.raises(IncompatibleModelsError, match="mixed storage.*list the quantized release first"):
+        open_checkpoints([f"plain={tmp_path / 'plain'}", f"base={root / 'base'}"])
+    if arch == "gpt_oss":
+        assert len(open_checkpoints([f"base={root / 'base'}", f"plain={tmp_path / 'plain'}"])) == 2
+    else:
+        with pytest.raises(IncompatibleModelsError, match="mixed storage.*non-expert weights are quantized too"):
+            open_checkpoints([f"base={root / 'base'}", f"plain={tmp_path / 'plain'}"])
 
 
 def test_block_fp8_dequantizes_by_block_where_dimensions_are_not_multiples():
