@@ -185,8 +185,8 @@ def test_a_version_1_artifact_is_still_read_verified_and_exported(mixtral, tmp_p
     # a version-1 manifest cannot hold deltas; an unknown version is refused
     _rewrite(mixtral["out"], tmp_path / "v1d", lambda d: d.update(format_version=1))
     one_error_line(run_main("inspect", tmp_path / "v1d"), "deltas", "version-1")
-    _rewrite(tmp_path / "lossless", tmp_path / "v3", lambda d: d.update(format_version=3))
-    one_error_line(run_main("inspect", tmp_path / "v3"), "format version 3", "reads versions 1, 2")
+    _rewrite(tmp_path / "lossless", tmp_path / "v4", lambda d: d.update(format_version=4))
+    one_error_line(run_main("inspect", tmp_path / "v4"), "format version 4", "reads versions 1, 2, 3")
 
 
 def test_only_lowrank_when_asked(mixtral):
