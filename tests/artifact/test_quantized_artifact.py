@@ -30,14 +30,18 @@ def family(request, tmp_path_factory):
     return f
 
 
-def _stored_expert_bytes(path) -> dict[str, bytes]:
-    """Every tensor of a checkpoint's files by name, as raw bytes (safetensors' own reader)."""
+def _stored_expert_bytes(path) -> dict[tuple[str, int | None], tuple]:
+    """Every tensor of a checkpoint's files as raw bytes (safetensors' own reader), by name and,
+    for a fused expert tensor (gpt-oss's, all experts of a layer), by expert too."""
     out = {}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(file, "pt") as f:
             for name in f.keys():
                 t = f.get_tensor(name)
-                out[name] = (str(t.dtype), tuple(t.shape), t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                fused = ".experts." in name and not any(c.isdigit() for c in name.split(".experts.")[1])
+                for e, piece in enumerate(t) if fused else [(None, t)]:
+                    raw = piece.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                    out[name, e] = (str(piece.dtype), tuple(piece.shape), raw)
     return out
 
 
@@ -85,8 +89,7 @@ def test_threshold_shares_by_dequantized_similarity_and_stores_a_member(family, 
     for layer in art.layers:
         assert art.bank_size(layer) < 2 * ckpts[0].num_experts
     assert exported.keys() == ft.keys()
-    experts = [n for n in ft if ".experts." in n]
-    assert all(exported[n] in (ft[n], base[n]) for n in experts if n in base)
+    assert all(exported[k] in (ft[k], base[k]) for k in ft if ".experts." in k[0])
 
 
 def test_modes_that_compute_values_are_refused(family, tmp_path):
@@ -117,3 +120,20 @@ def test_a_version_2_manifest_cannot_say_quantized(family):
     data["quantization"]["method"] = "gguf"
     with pytest.raises(ArtifactError, match="quantization.method is 'gguf'"):
         Manifest.from_json(data)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(mode="budget", budget="0.6"), dict(mode="reference", budget="0.6")],
+    ids=["budget", "reference"],
+)
+def test_budgeted_modes_store_members_as_released(family, settings, tmp_path):
+    root = family["root"]
+    ckpts = open_checkpoints([f"base={root / 'base'}", f"ft={root / 'ft'}"])
+    merge(ckpts, tmp_path / "out", MergeSettings(**settings))
+    art = Artifact.open(tmp_path / "out")
+    assert sum(art.bank_size(layer) for layer in art.layers) <= int(0.6 * 2 * 4 * len(art.layers))
+    base, ft = _stored_expert_bytes(root / "base"), _stored_expert_bytes(root / "ft")
+    for name in ("base", "ft"):
+        exported = _stored_expert_bytes(export_model(tmp_path / "out", name, tmp_path / name))
+        assert all(exported[k] in (ft[k], base[k]) for k in exported if ".experts." in k[0])
