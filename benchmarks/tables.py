@@ -146,6 +146,31 @@ def analyze_memory(results: Path) -> list[str]:
     return [facts, "", *_table(header, rows)]
 
 
+def quantized_analyze(results: Path) -> list[str]:
+    """quantized_analyze.py --json: peak RSS against one layer of all models as float32 values,
+    CPU time against transformers' dequantization of every distinct expert."""
+    d = _load(results, "quantized-analyze.json")
+    layer, imports, peak = d["layer_f32_bytes"], d["imports_rss"], d["analyze_peak_rss"]
+    bound = d["transformers_dequantize_seconds"]
+    facts = (
+        f"{d['cpus']} CPUs, load average {d['load_average']:.1f}; inputs {d['models']} x {d['layers']} layers x "
+        f"{d['experts']} MXFP4 experts of gpt-oss-20b's shapes, {d['inputs_bytes'] / 2**30:.2f} GiB; one layer of all "
+        f"models as float32 values {layer / MIB:.0f} MiB; torch and analysis imported {imports / MIB:.0f} MiB."
+    )
+    rows = [
+        ["transformers' `convert_moe_packed_tensors`, distinct experts", "", "", f"{bound:.1f} s", "1.00x"],
+        [
+            "`analyze --metric cosine`",
+            f"{peak / MIB:.0f} MiB ({peak / layer:.2f}x; {(peak - imports) / MIB:.0f} MiB above the imports)",
+            f"{d['analyze_seconds']:.1f} s",
+            f"{d['analyze_cpu_seconds']:.1f} s",
+            f"**{d['analyze_cpu_seconds'] / bound:.2f}x**",
+        ],
+    ]
+    header = ["run", "peak RSS (/ one layer as values)", "wall", "CPU", "CPU / dequantization"]
+    return [facts, "", *_table(header, rows)]
+
+
 # -- non_expert_codec.py --------------------------------------------------------------------------
 
 
@@ -285,6 +310,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "non-expert-codec": codec_methods,
     "non-expert-merges": codec_merges,
     "quality": quality,
+    "quantized-analyze": quantized_analyze,
     "turnaround-quota": _turnaround("turnaround-quota"),
     "turnaround-wide": _turnaround("turnaround-wide"),
     "turnaround-wide2": _turnaround("turnaround-wide2"),

@@ -221,3 +221,70 @@ def save_model(
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+MXFP4_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+"""gpt-oss releases' `quantization_config.modules_to_not_convert`."""
+
+
+def _fp8_quantized(name: str, tensor: torch.Tensor) -> bool:
+    """Whether block FP8 releases (DeepSeek-V3, Qwen3 -FP8) store this tensor quantized: every
+    linear weight but the embeddings, the output head and the routers."""
+    skipped = ("embed_tokens.weight", "lm_head.weight", ".mlp.gate.weight")
+    return tensor.dim() == 2 and name.endswith(".weight") and not name.endswith(skipped)
+
+
+def save_quantized(
+    model,
+    path: str | Path,
+    method: str,
+    tokenizer=None,
+    block: tuple[int, int] = (128, 128),
+    scale_dtype: torch.dtype = torch.float32,
+) -> Path:
+    """`save_model`, then the weights rewritten the way the quantized releases store them:
+    `method` "fp8" (DeepSeek-V3/R1, Qwen3 -FP8: every linear weight but embeddings, head and
+    routers as F8_E4M3 codes with `weight_scale_inv` per `block`, DeepSeek's F32 or Qwen3's
+    BF16) or "mxfp4" (gpt-oss: expert weights as `_blocks` and `_scales`, biases and the rest
+    as they are); config.json gets the releases' `quantization_config`. The same weights give
+    the same bytes, so experts a fine-tune left alone stay bit-identical."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from .io.quant import fp8, mxfp4
+
+    path = save_model(model, path, tokenizer)
+    files = sorted(path.glob("*.safetensors"))
+    weight_map: dict[str, str] = {}
+    for file in files:
+        tensors = load_file(file)
+        out: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            if method == "fp8" and _fp8_quantized(name, t):
+                out[name], out[name.removesuffix(".weight") + ".weight_scale_inv"] = fp8.quantize(t, block, scale_dtype)
+            elif method == "mxfp4" and name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+                pairs = [mxfp4.quantize(t[e].T) for e in range(t.shape[0])]
+                out[name + "_blocks"] = torch.stack([b for b, _ in pairs])
+                out[name + "_scales"] = torch.stack([s for _, s in pairs])
+            else:
+                out[name] = t.contiguous()
+        save_file(out, file, metadata={"format": "pt"})
+        weight_map.update({n: file.name for n in out})
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = weight_map
+        index.write_text(json.dumps(data, indent=2))
+    config = json.loads((path / "config.json").read_text())
+    if method == "fp8":
+        config["quantization_config"] = {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "weight_block_size": list(block),
+        }
+    else:
+        config["quantization_config"] = {"modules_to_not_convert": MXFP4_NOT_CONVERTED, "quant_method": "mxfp4"}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path

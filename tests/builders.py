@@ -138,3 +138,30 @@ def fine_tune(model, tokenizer, text: str, train: str, steps: int, lr: float, se
         loss.backward()
         opt.step()
     return model.eval()
+
+
+QUANTIZED = [
+    # family, method, save_quantized options, layout, experts the fine-tune changes
+    ("deepseek_v3", "fp8", dict(block=(8, 16)), "deepseek_v3-fp8", [(0, 1), (1, 2)]),
+    ("qwen3_moe", "fp8", dict(scale_dtype=torch.bfloat16), "qwen3_moe-fp8", [(1, 3)]),
+    ("gpt_oss", "mxfp4", {}, "gpt_oss-mxfp4", [(0, 0), (1, 2)]),
+]
+"""Quantized releases, one row each: block FP8 as DeepSeek-V3 (F32 scales; a small block so
+that tiny weights have several) and Qwen3 (BF16 scales, the releases' [128, 128]) store it,
+MXFP4 as gpt-oss does."""
+QUANTIZED_OVERRIDES = {"gpt_oss": dict(intermediate_size=32)}
+"""MXFP4 groups 32 values: the tiny gpt-oss's intermediate size must be a multiple of 32."""
+
+
+def quantized_family(root: Path, row: tuple) -> dict:
+    """A tiny bf16 base and a fine-tune of it, both written as the release of `row` stores them
+    (`testing.save_quantized`), under root/base and root/ft; experts the fine-tune left alone
+    are bit-identical (codes and scales)."""
+    arch, method, options, layout, changed = row
+    from moeconsol.testing import save_quantized
+
+    tok = tiny_tokenizer()
+    base = tiny_model(arch, seed=5, dtype=torch.bfloat16, **QUANTIZED_OVERRIDES.get(arch, {}))
+    save_quantized(base, root / "base", method, tok, **options)
+    save_quantized(derive_variant(base, 1, changed, scale=0.05), root / "ft", method, tok, **options)
+    return {"arch": arch, "root": root, "layout": layout, "changed": changed, "base_model": base}

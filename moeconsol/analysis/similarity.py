@@ -46,6 +46,7 @@ import numpy as np
 
 from ..architectures.layouts import ExpertKind
 from ..errors import CheckpointError, SettingsError
+from ..io import quant
 from ..io.checkpoint import Checkpoint, warn_unusual, warn_unusual_values
 from ..io.digest import range_digest, tensor_digest, value_flags
 from ..io.safetensors_file import TensorInfo, read_into, read_tensor, torch_dtypes
@@ -72,10 +73,14 @@ def check_metrics(metrics: list[str]) -> list[str]:
 
 @dataclass
 class LayerExperts:
-    """All experts of one MoE layer, across models: `experts[m][e][part]`."""
+    """All experts of one MoE layer, across models: `experts[m][e][part]`, as values
+    (`Checkpoint.values`: a quantized release's dequantized)."""
 
     layer: str
     experts: list[list[dict[str, torch.Tensor]]]
+    digests: list[str] | None = None
+    """Identity of each expert (flat order) from its stored bytes, where those are not the
+    values (quantized releases: codes and scales); None: the digests of the values."""
 
     @property
     def flat(self) -> list[dict[str, torch.Tensor]]:
@@ -83,13 +88,49 @@ class LayerExperts:
 
 
 def read_layer(ckpts: list[Checkpoint], layer: str) -> LayerExperts:
-    """Every expert of one layer of every model; NaN, infinite or all-zero parts are warned about."""
-    experts = [[c.expert(layer, e) for e in range(c.num_experts)] for c in ckpts]
+    """Every expert of one layer of every model, as values; NaN, infinite or all-zero parts are
+    warned about. A quantized release's experts are dequantized, and told apart by the digests
+    of their stored bytes (codes and scales)."""
+    experts = [[c.values(layer, e) for e in range(c.num_experts)] for c in ckpts]
     for c, per_model in zip(ckpts, experts):
         for e, parts in enumerate(per_model):
             for part, tensor in parts.items():
                 warn_unusual_values(c.name, layer, e, part, tensor)
-    return LayerExperts(layer, experts)
+    digests = None
+    if any(c.quantization is not None for c in ckpts):
+        digests = identity_keys(ckpts, layer, [e for per_model in experts for e in per_model])
+    return LayerExperts(layer, experts, digests)
+
+
+def mixed(ckpts: list[Checkpoint]) -> bool:
+    """Whether quantized and unquantized models are consolidated together (docs/merge.md)."""
+    return len({c.quantization is None for c in ckpts}) > 1
+
+
+def identity_keys(
+    ckpts: list[Checkpoint], layer: str, values: list[dict[str, torch.Tensor]] | None = None
+) -> list[str]:
+    """One key per expert of a layer (flat order), equal exactly for experts that are the same:
+    a quantized release's expert by the digest of its stored bytes (codes and scales); an
+    unquantized model's by the digest of its bytes, or, where those are exactly a quantized
+    expert's values dequantized to its dtype (a fine-tune left it alone), that expert's key.
+    `values`: the unquantized models' experts, if already read."""
+
+    E = ckpts[0].num_experts
+    keys: dict[int, str] = {}
+    as_values: dict[str, str] = {}
+    plain = next((c for c in ckpts if c.quantization is None), None)
+    dtype = None if plain is None else torch_dtypes()[plain.dtype]
+    for m, c in enumerate(ckpts):
+        for e in range(E) if c.quantization is not None else ():
+            keys[m * E + e] = range_digest(c.expert_infos(layer, e))
+            if dtype is not None:
+                as_values.setdefault(tensor_digest(c.values(layer, e, dtype)), keys[m * E + e])
+    for m, c in enumerate(ckpts):
+        for e in range(E) if c.quantization is None else ():
+            own = tensor_digest(values[m * E + e] if values is not None else c.expert(layer, e))
+            keys[m * E + e] = as_values.get(own, own)
+    return [keys[i] for i in range(len(ckpts) * E)]
 
 
 # -- the Gram matrix ---------------------------------------------------------------------------
@@ -216,6 +257,17 @@ def _disk_fill(experts: list[dict[str, TensorInfo]], fds: dict[Path, int]) -> Fi
     return fill
 
 
+def _quant_fill(experts: list[dict[str, TensorInfo]], q: quant.Quantization, units: dict[str, tuple[str, ...]]) -> Fill:
+    """`Fill` of a quantized release's units (`io.quant`): each expert's columns lo:hi are
+    dequantized from the bytes of its codes that hold them and their scales."""
+
+    def fill(out: torch.Tensor, unit: str, lo: int, hi: int) -> None:
+        for row, infos in zip(out, experts):
+            row.copy_(quant.values_range(q, infos, unit, units[unit], lo, hi))
+
+    return fill
+
+
 def weight_metrics(gram: np.ndarray, identical: np.ndarray) -> dict[str, np.ndarray]:
     """cosine, l2 and relative-l2 from a Gram matrix; exact values for identical pairs."""
     sq = np.diag(gram).copy()
@@ -286,7 +338,7 @@ def gaussian_probes(hidden_size: int, n: int = DEFAULT_PROBES, seed: int = 0) ->
 
 
 def hidden_size(ckpt: Checkpoint) -> int:
-    return ckpt.expert_shape(ckpt.layout.parts[0])[1]
+    return ckpt.value_shape(ckpt.value_layout.parts[0])[1]
 
 
 @dataclass
@@ -323,14 +375,14 @@ def layer_similarity(
         return _weight_layer(ckpts, layer, metrics)
     experts = experts or read_layer(ckpts, layer)
     flat = experts.flat
-    digests = [tensor_digest(e) for e in flat]
+    digests = experts.digests or [tensor_digest(e) for e in flat]
     identical, distinct, where = _deduplicate(digests)
     spread = np.ix_(where, where)
     reps = [flat[i] for i in distinct]
     del experts, flat
     out: dict[str, np.ndarray] = {}
     if any(m in metrics for m in WEIGHT_METRICS):
-        weights = weight_metrics(gram_matrix(reps, ckpts[0].layout.parts)[spread], identical)
+        weights = weight_metrics(gram_matrix(reps, ckpts[0].value_layout.parts)[spread], identical)
         out.update({m: weights[m] for m in metrics if m in weights})
     if "cka" in metrics:
         if probes is None:
@@ -342,7 +394,7 @@ def layer_similarity(
 
 def _streams(ckpts: list[Checkpoint], metrics: list[str]) -> bool:
     """Whether `layer_similarity` measures straight from the byte ranges on disk (`_weight_layer`)."""
-    return "cka" not in metrics and all(c.layout.contiguous for c in ckpts)
+    return "cka" not in metrics and all(c.layout.contiguous for c in ckpts) and not mixed(ckpts)
 
 
 def _deduplicate(digests: list[str]) -> tuple[np.ndarray, list[int], list[int]]:
@@ -371,21 +423,28 @@ def _weight_layer(
     positions = [(c, e) for c in ckpts for e in range(c.num_experts)]
     infos = [c.expert_infos(layer, e) for c, e in positions]
     parts = ckpts[0].layout.parts
+    q = ckpts[0].quantization
     with _workers() as pool:
         digests = keys if keys is not None else _identity_keys(infos, pool)
         identical, distinct, where = _deduplicate(digests)
         reps = [infos[i] for i in distinct]
-        files = sorted({info.file for e in reps for info in e.values()})
-        fds: dict[Path, int] = {}
-        try:
-            for f in files:
-                fds[f] = os.open(f, os.O_RDONLY)
-            sizes = {p: math.prod(reps[0][p].shape) for p in parts}
-            grams = part_grams(_disk_fill(reps, fds), len(reps), sizes, pool)
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-    _warn_unusual_parts(positions, layer, where, reps, grams)
+        if q is not None:  # dequantized a column slice at a time, from the codes' and scales' byte ranges
+            units = ckpts[0].units
+            shapes = {p: tuple(reps[0][p].shape) for p in parts}
+            sizes = {u: math.prod(quant.unit_shape(q, shapes, u, ps)) for u, ps in units.items()}
+            grams = part_grams(_quant_fill(reps, q, units), len(reps), sizes, pool)
+        else:
+            files = sorted({info.file for e in reps for info in e.values()})
+            fds: dict[Path, int] = {}
+            try:
+                for f in files:
+                    fds[f] = os.open(f, os.O_RDONLY)
+                sizes = {p: math.prod(reps[0][p].shape) for p in parts}
+                grams = part_grams(_disk_fill(reps, fds), len(reps), sizes, pool)
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+    _warn_unusual_parts(positions, layer, where, reps, grams, q)
     weights = weight_metrics(sum(grams.values()).numpy()[np.ix_(where, where)], identical)
     return LayerSimilarity(layer, {m: weights[m] for m in metrics}, identical, digests)
 
@@ -460,6 +519,7 @@ def _warn_unusual_parts(
     where: list[int],
     reps: list[dict[str, TensorInfo]],
     grams: dict[str, torch.Tensor],
+    q: quant.Quantization | None = None,
 ) -> None:
     """Warn, as `read_layer` does, about parts holding NaN or infinite values or only zeros.
 
@@ -472,11 +532,21 @@ def _warn_unusual_parts(
     for part, g in grams.items():
         for r, sq in enumerate(g.diagonal().tolist()):
             if not (math.isfinite(sq) and sq > 0):
-                flags[(r, part)] = value_flags(read_tensor(reps[r][part]))
+                flags[(r, part)] = value_flags(_unit_values(reps[r], part, q, positions[0][0]))
     for (c, e), r in zip(positions, where):
         for part in grams:
             if (r, part) in flags:
                 warn_unusual(c.name, layer, e, part, *flags[(r, part)])
+
+
+def _unit_values(infos: dict[str, TensorInfo], unit: str, q: quant.Quantization | None, ckpt: Checkpoint):
+    """One part's values (unquantized), or one unit's dequantized."""
+    if q is None:
+        return read_tensor(infos[unit])
+    import torch  # here: this module imports torch only once it computes
+
+    parts = ckpt.units[unit]
+    return quant.dequantize(q, {p: read_tensor(infos[p]) for p in parts}, unit, parts, torch.float32)
 
 
 def analyze(

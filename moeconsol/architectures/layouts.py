@@ -65,10 +65,15 @@ class FusedCodec(str, Enum):
     on its last dim (gate_up_proj[e][:, 0::2] = gate.T, [:, 1::2] = up.T); a bias slice
     [n*out] interleaves the same way and its canonical part is [1, out]. Parts are strided:
     they are read as tensors, never as byte ranges."""
+    WHOLE = "whole"
+    """One part per fused tensor, the expert's whole slice, of any rank (gpt-oss MXFP4's
+    `gate_up_proj_blocks` [E, 2I, G, 16]): one contiguous byte range per expert."""
 
 
 def part_shape(codec: FusedCodec, slice_shape: tuple[int, ...], n: int) -> tuple[int, ...]:
     """Canonical shape of one of the n parts in an expert slice of this shape."""
+    if codec is FusedCodec.WHOLE:
+        return tuple(slice_shape)
     if codec is FusedCodec.ROWS:
         return (slice_shape[0] // n, *slice_shape[1:])
     return (slice_shape[1] // n, slice_shape[0]) if len(slice_shape) == 2 else (1, slice_shape[0] // n)
@@ -76,6 +81,8 @@ def part_shape(codec: FusedCodec, slice_shape: tuple[int, ...], n: int) -> tuple
 
 def fused_shape(codec: FusedCodec, parts: list[tuple[int, ...]], experts: int) -> tuple[int, ...]:
     """Shape of the fused tensor holding these canonical parts for every expert."""
+    if codec is FusedCodec.WHOLE:
+        return (experts, *parts[0])
     if codec is FusedCodec.ROWS:
         return (experts, sum(p[0] for p in parts), *parts[0][1:])
     rows, cols = parts[0]
@@ -84,6 +91,8 @@ def fused_shape(codec: FusedCodec, parts: list[tuple[int, ...]], experts: int) -
 
 def slice_ok(codec: FusedCodec, shape: tuple[int, ...], n: int) -> bool:
     """Whether a fused tensor of this shape can hold n parts per expert."""
+    if codec is FusedCodec.WHOLE:
+        return len(shape) >= 2 and n == 1
     if codec is FusedCodec.ROWS:
         return len(shape) == 3 and shape[1] % n == 0
     return len(shape) in (2, 3) and shape[-1] % n == 0
@@ -91,6 +100,8 @@ def slice_ok(codec: FusedCodec, shape: tuple[int, ...], n: int) -> bool:
 
 def split(codec: FusedCodec, piece, n: int) -> list:
     """One expert's slice -> its n canonical parts (views)."""
+    if codec is FusedCodec.WHOLE:
+        return [piece]
     if codec is FusedCodec.ROWS:
         return list(piece.chunk(n, dim=0))
     if piece.dim() == 1:
@@ -102,6 +113,8 @@ def join(codec: FusedCodec, parts: list):
     """Inverse of `split`: canonical parts -> one expert's slice (a new tensor)."""
     import torch
 
+    if codec is FusedCodec.WHOLE:
+        return parts[0]
     if codec is FusedCodec.ROWS:
         return torch.cat(parts, dim=0)
     if parts[0].shape[0] == 1:
@@ -138,12 +151,17 @@ class Layout:
     """Regex of a router weight, group `layer`."""
     renames: tuple[tuple[str, str], ...] = ()
     """(on-disk template, in-memory template): names transformers 5 uses for non-expert tensors."""
+    quant: str | None = None
+    """The quantization_config `quant_method` of checkpoints in this layout (`io/quant`): its
+    parts are what is stored (codes and scales), not values."""
+    base: str | None = None
+    """For a quantized layout: the layout whose parts its parts dequantize to (the values)."""
 
     @property
     def contiguous(self) -> bool:
         """Every canonical part is one contiguous byte range of its file (`Checkpoint.part_info`);
         otherwise parts are read as tensors and hashed and written from memory."""
-        return self.fused_codec is FusedCodec.ROWS
+        return self.fused_codec in (FusedCodec.ROWS, FusedCodec.WHOLE)
 
     @property
     def record(self) -> Architecture:
@@ -223,6 +241,12 @@ class Architecture:
 
     @property
     def layouts(self) -> tuple[Layout, ...]:
+        """The layouts of unquantized checkpoints (values on disk)."""
+        return tuple(x for x in self.stored_layouts if x.quant is None)
+
+    @property
+    def stored_layouts(self) -> tuple[Layout, ...]:
+        """Every layout, those of quantized releases (`Layout.quant`) included."""
         return self.explicit_layouts or _derived_layouts(self.name)
 
     @property
@@ -355,7 +379,20 @@ def _derived_layouts(name: str) -> tuple[Layout, ...]:
         fused_parts=want,
         router_pattern=layer + rf"\.mlp\.{arch.router}\.weight",
     )
-    return per_expert, fused_layout
+    stored = tuple(f"{p}{suffix}" for suffix in (".weight", ".weight_scale_inv") for p in parts)
+    fp8 = Layout(
+        name=f"{per_expert.name}-fp8",
+        architecture=arch.name,
+        parts=stored,
+        expert_pattern=layer
+        + rf"\.{module}\.experts\.(?P<expert>\d+)\.(?P<part>(?:{alternatives})\.(?:weight|weight_scale_inv))",
+        expert_template=f"{{layer}}.{module}.experts.{{expert}}.{{part}}",
+        router_pattern=per_expert.router_pattern,
+        renames=renames,
+        quant="fp8",
+        base=per_expert.name,
+    )
+    return per_expert, fused_layout, fp8
 
 
 _QWEN_ROLES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -367,6 +404,15 @@ _GPT_OSS_ROLES = {
     "up_bias": "up_proj_bias",
     "down_bias": "down_proj_bias",
 }
+_GPT_OSS_MXFP4 = (
+    "gate_up_proj_blocks",
+    "gate_up_proj_scales",
+    "gate_up_proj_bias",
+    "down_proj_blocks",
+    "down_proj_scales",
+    "down_proj_bias",
+)
+"""gpt-oss MXFP4 releases: each fused tensor is one stored part (`FusedCodec.WHOLE`)."""
 _SWITCH_LAYER = r"(?P<layer>(?:encoder|decoder)\.block\.\d+\.layer\.\d+)"
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -431,6 +477,18 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                 fused_codec=FusedCodec.INTERLEAVED_T,
                 router_pattern=r"(?P<layer>model\.layers\.\d+)\.mlp\.router\.weight",
             ),
+            Layout(
+                name="gpt_oss-mxfp4",
+                architecture="gpt_oss",
+                parts=_GPT_OSS_MXFP4,
+                fused_pattern=rf"(?P<layer>model\.layers\.\d+)\.mlp\.experts\.(?P<fused>{'|'.join(_GPT_OSS_MXFP4)})",
+                fused_template="{layer}.mlp.experts.{fused}",
+                fused_parts={p: (p,) for p in _GPT_OSS_MXFP4},
+                fused_codec=FusedCodec.WHOLE,
+                router_pattern=r"(?P<layer>model\.layers\.\d+)\.mlp\.router\.weight",
+                quant="mxfp4",
+                base="gpt_oss",
+            ),
         ),
     ),
     Architecture(
@@ -474,7 +532,7 @@ def supported() -> str:
 
 
 def all_layouts() -> tuple[Layout, ...]:
-    return tuple(layout for arch in ARCHITECTURES for layout in arch.layouts)
+    return tuple(layout for arch in ARCHITECTURES for layout in arch.stored_layouts)
 
 
 def layout_by_name(name: str) -> Layout:
@@ -484,12 +542,15 @@ def layout_by_name(name: str) -> Layout:
     raise KeyError(name)
 
 
-def detect_layout(tensor_names: list[str], model_type: str | None) -> Layout | None:
-    """The layout whose expert tensors appear in `tensor_names` (None if no layout fits)."""
+def detect_layout(tensor_names: list[str], model_type: str | None, quant: str | None = None) -> Layout | None:
+    """The layout whose expert tensors appear in `tensor_names` (None if no layout fits), among
+    the layouts of quantization method `quant` (None: unquantized)."""
     for arch in ARCHITECTURES:
         if model_type is not None and model_type != arch.name:
             continue
-        for layout in arch.layouts:
+        for layout in arch.stored_layouts:
+            if layout.quant != quant:
+                continue
             if any(layout.match_expert(n) or layout.match_fused(n) for n in tensor_names):
                 return layout
     return None

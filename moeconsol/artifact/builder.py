@@ -94,13 +94,18 @@ def build_manifest(
     name -> stored key, `heldout` what the held-back check measured (calibrated mode)."""
     ref = ckpts[0]
     E = ref.num_experts
-    one = expert_nbytes(ref)
+    plain = next((c for c in ckpts if c.quantization is None), None) if ref.quantization else None
     return Manifest(
         moeconsol_version=__version__,
         architecture=ref.layout.architecture,
         parts=tuple(ref.layout.parts),
         part_shapes={p: tuple(ref.expert_shape(p)) for p in ref.layout.parts},
         dtype=ref.dtype,
+        quantization=ref.quantization,
+        part_dtypes={p: ref.part_dtype(p) for p in ref.layout.parts} if ref.quantization else {},
+        value_parts={}
+        if plain is None
+        else {p: TensorEntry(plain.part_dtype(p), tuple(plain.expert_shape(p))) for p in plain.layout.parts},
         experts_per_layer=E,
         consolidation=consolidation,
         models=[
@@ -120,8 +125,8 @@ def build_manifest(
         layers=[layer_entry(ckpts, p) for p in layers],
         bytes={
             "inputs": input_bytes(ckpts),
-            "experts_in": len(ckpts) * len(layers) * E * one,
-            "bank": sum(len(p.clusters) for p in layers) * one,
+            "experts_in": sum(len(layers) * E * expert_nbytes(c) for c in ckpts),
+            "bank": sum(expert_nbytes(ref if r is None else ckpts[r // E]) for p in layers for r in p.representatives),
             **({"deltas": sum(x.nbytes for x in written.deltas)} if consolidation.get("deltas") else {}),
             "non_expert": sum(x.nbytes for x in written.non_experts),
             "non_expert_whole": sum(x.nbytes for x in written.non_experts_whole),
@@ -143,7 +148,13 @@ def layer_entry(ckpts: list[Checkpoint], p: LayerBank) -> LayerEntry:
     return LayerEntry(
         layer=p.layer,
         bank=[
-            BankEntry([(i // E, i % E) for i in members], None if rep is None else (rep // E, rep % E), w, digest)
+            BankEntry(
+                [(i // E, i % E) for i in members],
+                None if rep is None else (rep // E, rep % E),
+                w,
+                digest,
+                values=rep is not None and ckpts[rep // E].quantization != ckpts[0].quantization,
+            )
             for members, rep, w, digest in zip(
                 p.clusters, p.representatives, p.weights or [None] * len(p.clusters), p.digests
             )

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..architectures.layouts import fused_shape, join, layout_by_name
+from ..architectures.layouts import Layout, fused_shape, join, layout_by_name
 from ..errors import ArtifactError, DamagedArtifactError
-from ..io.safetensors_file import TensorInfo
+from ..io.safetensors_file import TensorInfo, torch_dtypes
 from ..io.safety import inside
 from ..io.writer import SafetensorsWriter, TensorSpec, atomic_directory, copy_file
 from .manifest import ModelEntry
@@ -28,14 +28,15 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
     parts are contiguous); else the pieces as tensors (gpt-oss's interleaved fused experts),
     or the tensor itself, decoded in memory (a non-expert tensor stored encoded)."""
     layout = layout_by_name(model.layout)
+    if layout.quant is None and art.spec.quantization is not None:
+        return _values_specs(art, model, layout, tensors)
     part_shapes = art.spec.part_shapes
-    dtype = art.spec.dtype
     out: list[tuple[TensorSpec, Source]] = []
     for name in tensors:
         if hit := layout.match_expert(name):
             layer, e, part = hit
             k = _slot(art, model.name, layer, e)
-            spec = TensorSpec(name, dtype, tuple(part_shapes[part]))
+            spec = TensorSpec(name, art.spec.part_dtype(part), tuple(part_shapes[part]))
             if _has_delta(art, model.name, layer, e):  # bank + delta, computed
                 out.append(
                     (spec, lambda layer=layer, e=e, part=part: iter([art.served_part(model.name, layer, e, part)]))
@@ -46,7 +47,7 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
             layer, fused = hit
             parts = layout.fused_parts[fused]
             shape = fused_shape(layout.fused_codec, [tuple(part_shapes[p]) for p in parts], art.experts_per_layer)
-            spec = TensorSpec(name, dtype, shape)
+            spec = TensorSpec(name, art.spec.part_dtype(parts[0]), shape)
             slots = art.slot_map(model.name, layer)
             if art.deltas(model.name, layer):  # some experts are bank + delta: computed, one expert at a time
 
@@ -73,17 +74,53 @@ def _source_specs(art: Artifact, model: ModelEntry, tensors: list[str]) -> list[
 
             out.append((spec, pieces))
         else:
-            key = model.tensors.get(layout.canonical_name(name))
-            info = art.spec.shapes.get(key) if key is not None else None
-            if info is None:
-                raise ArtifactError(
-                    f"{art.path}: model {model.name!r}: source tensor {name} is not stored in the artifact"
-                )
-            if (encoding := art.spec.encodings.get(key)) is not None:  # decoded in memory, then written
-                out.append((TensorSpec(name, encoding.dtype, tuple(encoding.shape)), lambda key=key: art.read(key)))
-                continue
-            out.append((TensorSpec(name, info.dtype, tuple(info.shape)), lambda key=key: [art.tensor_info(key)]))
+            out.append(_non_expert_spec(art, model, layout, name))
     return out
+
+
+def _values_specs(
+    art: Artifact, model: ModelEntry, layout: Layout, tensors: list[str]
+) -> list[tuple[TensorSpec, Source]]:
+    """`_source_specs` of an unquantized fine-tune beside a quantized release: each expert is its
+    bank entry's values, stored (its own expert: the bytes copied) or dequantized to its dtype
+    (the release's expert it left alone, which dequantizes to exactly its bytes)."""
+    parts = art.spec.value_parts
+    dtype = torch_dtypes()[next(iter(parts.values())).dtype]
+    out: list[tuple[TensorSpec, Source]] = []
+    for name in tensors:
+        if hit := layout.match_expert(name):
+            layer, e, part = hit
+            k = _slot(art, model.name, layer, e)
+            spec = TensorSpec(name, parts[part].dtype, tuple(parts[part].shape))
+            if art.stored_as_values(layer, k):
+                out.append((spec, lambda key=art.bank_part_key(layer, k, part): [art.tensor_info(key)]))
+            else:
+                out.append((spec, lambda layer=layer, k=k, part=part: iter([art.bank_values(layer, k, dtype)[part]])))
+        elif hit := layout.match_fused(name):
+            layer, fused = hit
+            names = layout.fused_parts[fused]
+            shape = fused_shape(layout.fused_codec, [tuple(parts[p].shape) for p in names], art.experts_per_layer)
+
+            def pieces(layer=layer, names=names, codec=layout.fused_codec) -> Iterator[torch.Tensor]:
+                for k in art.slot_map(model.name, layer):
+                    values = art.bank_values(layer, k, dtype)
+                    yield join(codec, [values[p] for p in names])
+
+            out.append((TensorSpec(name, parts[names[0]].dtype, shape), pieces))
+        else:
+            out.append(_non_expert_spec(art, model, layout, name))
+    return out
+
+
+def _non_expert_spec(art: Artifact, model: ModelEntry, layout: Layout, name: str) -> tuple[TensorSpec, Source]:
+    """A non-expert tensor's spec and source: its stored bytes, or decoded in memory."""
+    key = model.tensors.get(layout.canonical_name(name))
+    info = art.spec.shapes.get(key) if key is not None else None
+    if info is None:
+        raise ArtifactError(f"{art.path}: model {model.name!r}: source tensor {name} is not stored in the artifact")
+    if (encoding := art.spec.encodings.get(key)) is not None:  # decoded in memory, then written
+        return TensorSpec(name, encoding.dtype, tuple(encoding.shape)), lambda key=key: art.read(key)
+    return TensorSpec(name, info.dtype, tuple(info.shape)), lambda key=key: [art.tensor_info(key)]
 
 
 def _has_delta(art: Artifact, name: str, layer: str, e: int) -> bool:
@@ -102,7 +139,7 @@ def files_of_model(art: Artifact, name: str) -> list[str]:
         for layer in art.layers
         for k in set(art.slot_map(name, layer))
         if 0 <= k < art.bank_size(layer)
-        for p in art.parts
+        for p in art.bank_parts(layer, k)
         if art.bank_part_key(layer, k, p) in wm
     }
     files |= {

@@ -23,6 +23,8 @@ from typing import Any
 
 from ..architectures.layouts import all_layouts
 from ..errors import ArtifactError, MoeconsolError
+from ..io.quant import FORMATS as QUANT_FORMATS
+from ..io.quant import Quantization
 from ..io.safetensors_file import ITEMSIZE
 from ..io.safety import NAME_RULE, is_regular_file, is_safe_name, relative_path_problem
 from .corrections import FORMATS
@@ -33,9 +35,11 @@ FORMAT_VERSION = 3
 READ_VERSIONS = (1, 2, 3)
 """Format versions this moeconsol reads: 2 added per-slot expert deltas (`LayerEntry.deltas`) and
 `encodings` (non-expert tensors stored as lossless deltas); 3 bank entries stored under keys
-other than their index's (`BankEntry.key`, after `moeconsol remove`). A manifest is written
-with the lowest version that describes it (`Manifest.version`): 3 only when some bank entry
-has such a key, since a version-2 reader would read another entry's tensors there."""
+other than their index's (`BankEntry.key`, after `moeconsol remove`) and quantized experts
+(`quantization`, `part_dtypes`, `value_parts`). A manifest is written with the lowest version
+that describes it (`Manifest.version`): 3 only when it has either, since a version-2 reader
+would read another entry's tensors, or take codes for values, there."""
+QUANTIZED_VERSION = 3
 MANIFEST = "manifest.json"
 _MAX_MANIFEST = 1 << 30
 """A manifest larger than this (1 GiB) is refused rather than parsed."""
@@ -97,6 +101,9 @@ class BankEntry:
     new variant's experts against without reading the bank."""
     key: str | None = None
     """Where the parts are stored: `{key}.{part}` (format version 3); None: `bank.{layer}.{k}`."""
+    values: bool = False
+    """Stored as `Manifest.value_parts` rather than `parts` (format version 3: beside a
+    quantized release, an unquantized fine-tune's own expert)."""
 
 
 @dataclass(frozen=True)
@@ -184,12 +191,33 @@ class Manifest:
     generation: int = 0
     """How many times `add` or `remove` changed the artifact; new files carry it in their names."""
 
-    def version(self) -> int:
-        """The format version this manifest needs: 3 if a bank entry has a key of its own."""
-        return 3 if any(b.key is not None for entry in self.layers for b in entry.bank) else 2
-
     heldout: HeldoutCheck | None = None
     """calibrated mode: what each variant kept on held-back data (absent: not measured)."""
+    quantization: Quantization | None = None
+    """How the bank's experts are quantized (format version 3): `parts` are then the stored
+    codes and scales of the models' quantized layout (`io.quant`), not values."""
+    part_dtypes: dict[str, str] = field(default_factory=dict)
+    """Part -> dtype where the parts differ (a quantized release's codes and scales); absent:
+    every part is `dtype`."""
+
+    value_parts: dict[str, TensorEntry] = field(default_factory=dict)
+    """Beside a quantized release, unquantized fine-tunes: the parts (dtype, shape) of a bank
+    entry stored as values (`BankEntry.values`), the canonical parts of their layout."""
+
+    def part_dtype(self, part: str) -> str:
+        return self.part_dtypes.get(part, self.dtype)
+
+    def entry_parts(self, entry: BankEntry) -> dict[str, TensorEntry]:
+        """What a bank entry stores: each part's dtype and shape."""
+        if entry.values:
+            return dict(self.value_parts)
+        return {p: TensorEntry(self.part_dtype(p), self.part_shapes[p]) for p in self.parts}
+
+    def version(self) -> int:
+        """The format version this manifest needs: 3 if a bank entry has a key of its own or
+        the bank holds a quantized release's experts."""
+        keyed = any(b.key is not None or b.values for entry in self.layers for b in entry.bank)
+        return 3 if keyed or self.quantization is not None else 2
 
     # -- writing ------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -229,6 +257,7 @@ class Manifest:
                             **({"weights": list(b.weights)} if b.weights is not None else {}),
                             **({"digest": b.digest} if b.digest is not None else {}),
                             **({"key": b.key} if b.key is not None else {}),
+                            **({"stored": "values"} if b.values else {}),
                         }
                         for b in entry.bank
                     ],
@@ -254,6 +283,22 @@ class Manifest:
             **({"digests": dict(self.digests)} if self.digests else {}),
             **({"generation": self.generation} if self.generation else {}),
             **({"heldout": heldout_json(self.heldout)} if self.heldout is not None else {}),
+            **({"part_dtypes": dict(self.part_dtypes)} if self.part_dtypes else {}),
+            **(
+                {"value_parts": {p: {"dtype": t.dtype, "shape": list(t.shape)} for p, t in self.value_parts.items()}}
+                if self.value_parts
+                else {}
+            ),
+            **(
+                {
+                    "quantization": {
+                        "method": self.quantization.method,
+                        "block": None if self.quantization.block is None else list(self.quantization.block),
+                    }
+                }
+                if self.quantization is not None
+                else {}
+            ),
         }
 
     def dumps(self) -> str:
@@ -295,14 +340,35 @@ class Manifest:
                 "architecture",
                 f"is {architecture!r}, not one of {', '.join(sorted({x.architecture for x in all_layouts()}))}",
             )
-        if any(len(shape) != 2 for shape in part_shapes.values()):
+        if version < QUANTIZED_VERSION and any(k in top for k in ("quantization", "part_dtypes", "value_parts")):
+            raise r.fail(
+                "quantization", f"appeared in format version {QUANTIZED_VERSION}; this manifest says {version}"
+            )
+        quantization = _quantization(r, top.get("quantization"))
+        part_dtypes = {
+            p: r.dtype(d, f"part_dtypes.{p}") for p, d in r.obj(top.get("part_dtypes", {}), "part_dtypes").items()
+        }
+        if part_dtypes and sorted(part_dtypes) != sorted(parts):
+            raise r.fail("part_dtypes", f"has parts {sorted(part_dtypes)}, parts says {list(parts)}")
+        if quantization is None and any(len(shape) != 2 for shape in part_shapes.values()):
             raise r.fail("part_shapes", "must give each expert part as a 2-D shape")
+        value_parts = {
+            r.text(p, "value_parts"): _tensor(r, t, f"value_parts[{p!r}]")
+            for p, t in r.obj(top.get("value_parts", {}), "value_parts").items()
+        }
+        if value_parts and quantization is None:
+            raise r.fail("value_parts", "appear without quantization (they are an unquantized fine-tune's beside it)")
         models = [_model(r, m, i) for i, m in enumerate(r.array(top["models"], "models"))]
+        method = None if quantization is None else quantization.method
         for i, m in enumerate(models):
-            if m.layout not in layouts or layouts[m.layout].parts != parts:
+            x = layouts.get(m.layout)
+            if value_parts and x is not None and x.quant is None and x.parts == tuple(value_parts):
+                continue  # an unquantized fine-tune beside the release
+            if m.layout not in layouts or layouts[m.layout].parts != parts or layouts[m.layout].quant != method:
+                stored = f"stored as {method}" if method else "unquantized"
                 raise r.fail(
                     f"models[{i}].layout",
-                    f"is {m.layout!r}, which does not store {architecture} experts with parts {list(parts)}",
+                    f"is {m.layout!r}, which does not store {architecture} experts {stored} with parts {list(parts)}",
                 )
         names = [m.name for m in models]
         if len(set(names)) != len(names):
@@ -316,6 +382,8 @@ class Manifest:
             for k, v in r.obj(top["weight_map"], "weight_map").items()
         }
         layers = [_layer(r, x, i, names) for i, x in enumerate(r.array(top["layers"], "layers"))]
+        if not value_parts and any(b.values for entry in layers for b in entry.bank):
+            raise r.fail("layers", "hold a bank entry stored as values, but the manifest has no value_parts")
         for i, entry in enumerate(layers):
             if entry.deltas and version < 2:
                 raise r.fail(f"layers[{i}].deltas", "appear in a version-1 manifest (deltas came with version 2)")
@@ -349,6 +417,9 @@ class Manifest:
             },
             generation=r.integer(top.get("generation", 0), "generation"),
             heldout=heldout,
+            quantization=quantization,
+            part_dtypes=part_dtypes,
+            value_parts=value_parts,
         )
 
     @classmethod
@@ -443,6 +514,22 @@ class _Reader:
         if len(items) != 2:
             raise self.fail(field, "expected [model_index, expert_index]")
         return self.integer(items[0], field), self.integer(items[1], field)
+
+
+def _quantization(r: _Reader, v: object) -> Quantization | None:
+    if v is None:
+        return None
+    d = r.obj(v, "quantization")
+    method = r.text(d.get("method"), "quantization.method")
+    if method not in QUANT_FORMATS:
+        raise r.fail("quantization.method", f"is {method!r}, not one of {', '.join(QUANT_FORMATS)}")
+    block = d.get("block")
+    if block is None:
+        return Quantization(method)
+    dims = r.shape(block, "quantization.block")
+    if len(dims) != 2 or 0 in dims:
+        raise r.fail("quantization.block", "must be [rows, cols], both at least 1")
+    return Quantization(method, (dims[0], dims[1]))
 
 
 def _kind(v: object) -> str:
@@ -547,6 +634,9 @@ def _layer(r: _Reader, v: object, i: int, names: list[str]) -> LayerEntry:
         rep = bd.get("representative")
         weights = bd.get("weights")
         digest, key = bd.get("digest"), bd.get("key")
+        stored = bd.get("stored")
+        if stored not in (None, "values"):
+            raise r.fail(f"{fb}.stored", f'is {stored!r}; only "values" may be given')
         bank.append(
             BankEntry(
                 members=[r.pair(x, f"{fb}.members") for x in r.array(bd.get("members"), f"{fb}.members")],
@@ -556,6 +646,7 @@ def _layer(r: _Reader, v: object, i: int, names: list[str]) -> LayerEntry:
                 else [r.number(w, f"{fb}.weights") for w in r.array(weights, f"{fb}.weights")],
                 digest=None if digest is None else r.text(digest, f"{fb}.digest"),
                 key=None if key is None else r.text(key, f"{fb}.key"),
+                values=stored == "values",
             )
         )
     slots = r.obj(d.get("slot_map"), f"{f}.slot_map")

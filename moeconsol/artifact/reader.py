@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+from ..architectures.layouts import layout_by_name
 from ..errors import ArtifactError, DamagedArtifactError, MoeconsolError, UnknownModelError, UnsafePathError
+from ..io import quant
 from ..io.safetensors_file import ITEMSIZE, TensorInfo, read_header, read_tensor
 from ..io.safety import inside, is_regular_file
 from ..io.writer import sha256_file
@@ -123,8 +125,30 @@ class Artifact:
         return bank_part_key(layer, k, bank[k].key, part)
 
     def bank_expert(self, layer: str, k: int) -> dict[str, torch.Tensor]:
-        """Bank expert `k` of `layer`, as canonical parts (Layout.parts)."""
-        return {part: self.read(self.bank_part_key(layer, k, part)) for part in self.parts}
+        """Bank expert `k` of `layer`, as its stored parts (`bank_parts`: Layout.parts, or
+        the values of an unquantized fine-tune beside a quantized release)."""
+        return {part: self.read(self.bank_part_key(layer, k, part)) for part in self.bank_parts(layer, k)}
+
+    def bank_parts(self, layer: str, k: int) -> tuple[str, ...]:
+        """The parts bank expert `k` of `layer` stores (`Manifest.entry_parts`)."""
+        if not 0 <= k < self.bank_size(layer):
+            raise ArtifactError(f"{layer}: bank index {k} out of range (bank has {self.bank_size(layer)})")
+        return tuple(self.spec.entry_parts(self._layer(layer).bank[k]))
+
+    def bank_values(self, layer: str, k: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Bank expert `k` of `layer` as values, the canonical parts of the unquantized layout:
+        a quantized release's entry dequantized to `dtype` (`io.quant.values`), any other as
+        stored."""
+        stored = self.bank_expert(layer, k)
+        q = self.spec.quantization
+        if q is None or self.stored_as_values(layer, k):
+            return stored
+        layout = next(x for m in self.spec.models if (x := layout_by_name(m.layout)).quant is not None)
+        return quant.values(q, self.parts, layout_by_name(layout.base or ""), stored, dtype)
+
+    def stored_as_values(self, layer: str, k: int) -> bool:
+        """Whether bank expert `k` of `layer` holds values beside a quantized release's entries."""
+        return self._layer(layer).bank[k].values
 
     # -- deltas (format version 2) -------------------------------------------------------------
     def deltas(self, name: str, layer: str) -> list[DeltaEntry]:
@@ -239,6 +263,28 @@ def summary(art: Artifact) -> dict:
         "delta_slots": delta_slots,
         "files": len(spec.files) + 1,
         **({"heldout": heldout_json(spec.heldout)} if spec.heldout is not None else {}),
+        **({"quantization": quantization_summary(art)} if spec.quantization is not None else {}),
+    }
+
+
+def quantization_summary(art: Artifact, serving_bytes: int = 2) -> dict:
+    """A quantized bank as stored, and what the runtime holds: every bank expert dequantized
+    to the serving dtype at load (`serving_bytes` per value: 2 for bf16, the default)."""
+    spec = art.spec
+    assert spec.quantization is not None
+    layout = layout_by_name(spec.models[0].layout)
+    base = layout_by_name(layout.base) if layout.base else layout
+    values = 0
+    for unit, parts in quant.units(spec.quantization, spec.parts).items():
+        values += math.prod(quant.unit_shape(spec.quantization, spec.part_shapes, unit, parts))
+    entries = sum(art.bank_size(layer) for layer in art.layers)
+    return {
+        "method": spec.quantization.method,
+        "block": None if spec.quantization.block is None else list(spec.quantization.block),
+        "stored_dtypes": dict(spec.part_dtypes),
+        "bank_stored": spec.bytes.get("bank"),
+        "bank_served": entries * values * serving_bytes,
+        "served_as": f"dequantized at load to the serving dtype ({base.name} parts, {serving_bytes} bytes per value)",
     }
 
 

@@ -2,7 +2,8 @@
 must be, judged from the manifest alone (no file is read).
 
 - every bank expert of every layer stored, part by part, with its part's shape and the
-  artifact's expert dtype;
+  artifact's expert dtype (a quantized release's codes and scales: `part_dtypes`; an
+  unquantized fine-tune's own expert beside them: `value_parts`);
 - every slot map of every layer inside its bank;
 - every delta component stored with exactly the dtype and shape its format gives for its
   part's shape and the delta's size (`corrections.FORMATS`);
@@ -80,17 +81,18 @@ def layer_problems(spec: Manifest, entry: LayerEntry) -> list[str]:
     """One MoE layer: its bank experts, slot maps and deltas."""
     out = []
     size = len(entry.bank)
-    for k in range(size):
-        for part in spec.parts:
-            key = bank_part_key(entry.layer, k, entry.bank[k].key, part)
-            want = TensorEntry(spec.dtype, tuple(spec.part_shapes[part]))
+    for k, bank_entry in enumerate(entry.bank):
+        what = "value_parts" if bank_entry.values else "expert dtype and part shape"
+        for part, want in spec.entry_parts(bank_entry).items():
+            key = bank_part_key(entry.layer, k, bank_entry.key, part)
+            want = TensorEntry(want.dtype, tuple(want.shape))
             got = read_as(spec, key)
             if got is None:
                 out.append(f"{entry.layer}: bank expert {k} part {part} ({key}) is not stored")
             elif got != want:
                 out.append(
                     f"{_where(spec, key)} is {_text(got)}; as bank expert {k} part {part} it must be {_text(want)} "
-                    "(the manifest's expert dtype and part shape)"
+                    f"(the manifest's {what})"
                 )
     for name, slots in entry.slot_map.items():
         bad = next((e for e, s in enumerate(slots) if not 0 <= s < size), None)

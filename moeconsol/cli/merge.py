@@ -115,6 +115,12 @@ def _print_summary(s: dict, title: str) -> None:
         )
     if s.get("heldout"):
         _print_heldout(s["heldout"])
+    if q := s.get("quantization"):
+        console.print(
+            f"quantized: {q['method']} experts stored as {', '.join(sorted(set(q['stored_dtypes'].values())))}; "
+            f"the runtime holds the bank {q['served_as']}: {format_bytes(q['bank_served'])} "
+            f"(stored: {format_bytes(q['bank_stored'])})"
+        )
 
 
 @app.command()

@@ -90,6 +90,11 @@ def check_growable(spec: Manifest, budget: str | None, replan: bool) -> None:
         )
     if budget is not None and mode != Mode.BUDGET.value:
         raise SettingsError(f"--budget applies to budget artifacts; this one was merged with mode {mode!r}")
+    if spec.quantization is not None:
+        raise SettingsError(
+            f"add: this artifact banks a {spec.quantization.method} release's experts as stored, which add does not "
+            "extend yet: re-merge with the new variant (moeconsol merge)"
+        )
 
 
 def check_fits(spec: Manifest, ckpt: Checkpoint) -> None:

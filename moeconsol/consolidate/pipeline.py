@@ -26,7 +26,7 @@ from ..artifact.reader import Progress
 from ..io.checkpoint import Checkpoint, check_compatible, check_config, open_checkpoint
 from ..io.writer import atomic_directory, check_destination, check_free_space
 from .planners import planner_for
-from .settings import MergeSettings, check_settings
+from .settings import MergeSettings, check_quantized, check_settings
 from .writing import estimated_bytes, write_artifact
 
 
@@ -62,6 +62,7 @@ def merge(
     s = check_settings(settings or MergeSettings())
     planner = planner_for(s.mode)
     s = planner.check(s, ckpts)
+    check_quantized(s, ckpts)
     out = Path(out).absolute()
     started = time.perf_counter()
     base = None

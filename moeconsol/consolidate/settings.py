@@ -101,6 +101,32 @@ def check_settings(s: MergeSettings) -> MergeSettings:
     return replace(s, mode=mode)
 
 
+QUANTIZED_MODES = (Mode.LOSSLESS, Mode.THRESHOLD, Mode.BUDGET, Mode.REFERENCE)
+"""The modes that bank a quantized release's experts: each bank entry is one of the inputs'
+experts, stored as it was (codes and scales); the others compute new expert values."""
+
+
+def check_quantized(s: MergeSettings, ckpts: list[Checkpoint]) -> None:
+    """Refuse, for a quantized release, what would compute new expert values: the merging
+    baselines, calibrated mode, a mean representative."""
+    q = ckpts[0].quantization
+    if q is None:
+        return
+    if any(c.quantization is None for c in ckpts) and s.mode != Mode.LOSSLESS:
+        raise SettingsError(
+            f"mode {s.mode}: a {q.method} release beside unquantized fine-tunes merges in mode lossless only (a bank "
+            "entry either stores one of the release's experts as released, which the fine-tunes' equal values "
+            "share, or a fine-tune's own expert)"
+        )
+    if s.mode not in QUANTIZED_MODES or s.representative == "mean":
+        what = f"mode {s.mode}" if s.mode not in QUANTIZED_MODES else "representative mean"
+        raise SettingsError(
+            f"{what} computes new expert values, but {ckpts[0].name!r} is a {q.method} release whose experts are "
+            f"banked as stored (codes and scales): choose mode {', '.join(m.value for m in QUANTIZED_MODES)}, "
+            "with representative first or medoid"
+        )
+
+
 APPLIES_TO: dict[str, tuple[Mode, ...]] = {
     "metric": (Mode.THRESHOLD, Mode.BUDGET, Mode.CALIBRATED),
     "threshold": (Mode.THRESHOLD,),

@@ -63,6 +63,11 @@ def remove_variant(
         raise SettingsError(
             f"{name!r} is the only model of {path}: an artifact holds at least one; delete the directory"
         )
+    if spec.quantization is not None:
+        raise SettingsError(
+            f"remove: {path} banks a {spec.quantization.method} release's experts as stored, which remove does not "
+            "change yet: re-merge without the variant (moeconsol merge)"
+        )
     if out is not None:
         check_destination(out, force, [path])
     gen = spec.generation + 1

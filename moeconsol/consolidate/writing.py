@@ -39,14 +39,19 @@ class Steps:
 
 
 def bank_specs(ckpts: list[Checkpoint], plans: list[LayerPlan]) -> list[TensorSpec]:
-    """Every part of every bank entry, in the order `write_bank` writes them."""
-    ref = ckpts[0]
-    return [
-        TensorSpec(bank_key(p.layer, k, part), ref.dtype, ref.expert_shape(part))
-        for p in plans
-        for k in range(len(p.clusters))
-        for part in ref.layout.parts
-    ]
+    """Every part of every bank entry, in the order `write_bank` writes them: the parts of its
+    representative's layout (beside a quantized release, an entry holding an unquantized
+    fine-tune's own expert stores its values), or of the first model's for a computed entry."""
+    E = ckpts[0].num_experts
+    specs = []
+    for p in plans:
+        for k, rep in enumerate(p.representatives):
+            c = ckpts[0] if rep is None else ckpts[rep // E]
+            specs += [
+                TensorSpec(bank_key(p.layer, k, part), c.part_dtype(part), c.expert_shape(part))
+                for part in c.layout.parts
+            ]
+    return specs
 
 
 def delta_specs(ckpts: list[Checkpoint], plans: list[LayerPlan]) -> list[TensorSpec]:

@@ -17,8 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..architectures.layouts import Layout, detect_layout, fused_shape, part_shape, slice_ok, split, supported
+from ..architectures.layouts import (
+    Layout,
+    detect_layout,
+    fused_shape,
+    layout_by_name,
+    part_shape,
+    slice_ok,
+    split,
+    supported,
+)
 from ..errors import CheckpointError, IncompatibleModelsError, MoeconsolWarning, SettingsError, UnsafePathError
+from . import quant
 from .digest import value_flags
 from .safetensors_file import ITEMSIZE, TensorInfo, read_header, read_tensor
 from .safety import NAME_RULE, check_relative, is_regular_file, is_safe_name
@@ -148,10 +158,15 @@ class Checkpoint:
         self.config = self._read_config()
         self.tensors, self.weight_map, self.shard_metadata = self._index()
         model_type = self.config.get("model_type")
-        layout = detect_layout(list(self.tensors), model_type)
+        self.quantization = quant.read_quantization(self.config, str(path / "config.json"))
+        method = self.quantization.method if self.quantization else None
+        layout = detect_layout(list(self.tensors), model_type, method)
+        if method is None:
+            self._refuse_unsaid_quantization(layout, model_type)
         if layout is None:
+            how = f" stored as {method}" if method else ""
             raise CheckpointError(
-                f"{path}: no MoE expert tensors of a known layout (model_type {model_type!r}); supported: {supported()}"
+                f"{path}: no MoE expert tensors{how} of a known layout (model_type {model_type!r}); supported: {supported()}"
             )
         self.layout: Layout = layout
         self._experts: dict[tuple[str, int, str], tuple[TensorInfo, int | None, int, int]] = {}
@@ -201,6 +216,71 @@ class Checkpoint:
                 raise CheckpointError(f"{path}: layer {layer} has experts but no router tensor")
         expert_names = set(self.expert_tensor_names)
         self.non_expert_names: list[str] = [n for n in self.tensors if n not in expert_names]
+        self._check_stored()
+
+    def _refuse_unsaid_quantization(self, layout: Layout | None, model_type: str | None) -> None:
+        """Expert tensors only a quantized layout names (`_blocks`, `weight_scale_inv`) in a
+        checkpoint whose config says nothing of quantization: their codes are no values."""
+        for method in quant.FORMATS:
+            stored = detect_layout(list(self.tensors), model_type, method)
+            if stored is None:
+                continue
+            for n in self.tensors:
+                theirs = stored.match_expert(n) or stored.match_fused(n)
+                if theirs and not (layout and (layout.match_expert(n) or layout.match_fused(n))):
+                    raise CheckpointError(
+                        f"{self.path}: expert tensor {n} is stored as {method} but config.json has no "
+                        "quantization_config saying how to read it; add the one it was released with"
+                    )
+
+    def _check_stored(self) -> None:
+        """Refuse weights whose stored form is not what the config says: quantized codes or
+        scales in a checkpoint without a quantization_config (their raw codes are no values),
+        or codes and scales that disagree in dtype or shape."""
+        q, where = self.quantization, str(self.path)
+        if q is None:
+            for (layer, e, part), (info, *_) in self._experts.items():
+                if info.dtype not in ("F32", "F16", "BF16", "F64"):
+                    raise CheckpointError(
+                        f"{where}: expert tensor {layer} expert {e} part {part} is {info.dtype} but config.json has no "
+                        "quantization_config saying how to read it; add the one it was released with"
+                    )
+            return
+        for layer in self.moe_layers:
+            for e in range(self.num_experts):
+                infos = self.expert_infos(layer, e)
+                for unit, parts in self.units.items():
+                    if len(parts) == 1:
+                        continue
+                    pair = tuple((infos[p].dtype, tuple(infos[p].shape)) for p in parts)
+                    if q.method == quant.fp8.NAME:
+                        assert q.block is not None
+                        quant.fp8.check_pair(f"{layer} expert {e} {parts[0]}", pair[0], pair[1], q.block, where)
+                    elif problem := quant.mxfp4.check_pair(pair[0], pair[1]):
+                        raise CheckpointError(f"{where}: {layer} expert {e} {unit}: {problem}")
+        if q.method == quant.fp8.NAME:
+            assert q.block is not None
+            for name in self.non_expert_names:
+                info = self.tensors[name]
+                if info.dtype == quant.fp8.CODE_DTYPE:
+                    scale = self.tensors.get(name.removesuffix(quant.fp8.WEIGHT) + quant.fp8.SCALE)
+                    if scale is None:
+                        raise CheckpointError(f"{where}: {name} is {info.dtype} without its weight_scale_inv")
+                    quant.fp8.check_pair(name, (info.dtype, info.shape), (scale.dtype, scale.shape), q.block, where)
+
+    @property
+    def units(self) -> dict[str, tuple[str, ...]]:
+        """Each unit of an expert (`io.quant`) and the stored parts it is made of; unquantized:
+        every part on its own."""
+        if self.quantization is None:
+            return {p: (p,) for p in self.layout.parts}
+        return quant.units(self.quantization, self.layout.parts)
+
+    @property
+    def value_layout(self) -> Layout:
+        """The layout whose parts are this checkpoint's expert values: its own, or for a
+        quantized release the unquantized layout its stored parts dequantize to."""
+        return layout_by_name(self.layout.base) if self.layout.base else self.layout
 
     # -- construction helpers -------------------------------------------------------------
     def _read_config(self) -> dict:
@@ -258,8 +338,39 @@ class Checkpoint:
     # -- reading ----------------------------------------------------------------------------
     @property
     def dtype(self) -> str:
-        """Safetensors dtype name of the expert tensors (e.g. "BF16")."""
-        return next(iter(self._experts.values()))[0].dtype
+        """Safetensors dtype name of the expert tensors (e.g. "BF16"; a quantized release's
+        codes: "F8_E4M3", "U8")."""
+        return self.part_dtype(self.layout.parts[0])
+
+    def part_dtype(self, part: str) -> str:
+        """Safetensors dtype of one stored expert part (parts of a quantized release differ)."""
+        return self._experts[(self.moe_layers[0], 0, part)][0].dtype
+
+    def value_shape(self, part: str) -> tuple[int, ...]:
+        """Shape of one canonical part of the experts' values (`value_layout.parts`)."""
+        if self.quantization is None:
+            return self.expert_shape(part)
+        base = self.value_layout
+        shapes = {p: tuple(self.expert_shape(p)) for p in self.layout.parts}
+        if not base.fused_parts:
+            unit = part
+        else:
+            unit = next(f for f, ps in base.fused_parts.items() if part in ps)
+        shape = quant.unit_shape(self.quantization, shapes, unit, self.units[unit])
+        if not base.fused_parts:
+            return shape
+        return part_shape(base.fused_codec, shape, len(base.fused_parts[unit]))
+
+    def values(self, layer: str, expert: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """One expert's canonical parts of `value_layout` as values: `expert()` itself when the
+        checkpoint is not quantized (dtype None keeps the stored one), else dequantized (to
+        float32 unless `dtype` says otherwise)."""
+        stored = self.expert(layer, expert)
+        if self.quantization is None:
+            return stored if dtype is None else {p: t.to(dtype) for p, t in stored.items()}
+        import torch  # here: a checkpoint is opened without torch; values are tensors
+
+        return quant.values(self.quantization, self.layout.parts, self.value_layout, stored, dtype or torch.float32)
 
     def expert_shape(self, part: str) -> tuple[int, ...]:
         info, e, k, n = self._experts[(self.moe_layers[0], 0, part)]
@@ -327,7 +438,7 @@ class Checkpoint:
 
 def expert_nbytes(ckpt: Checkpoint) -> int:
     """Bytes of one expert (all its parts)."""
-    return sum(math.prod(ckpt.expert_shape(p)) * ITEMSIZE[ckpt.dtype] for p in ckpt.layout.parts)
+    return sum(math.prod(ckpt.expert_shape(p)) * ITEMSIZE[ckpt.part_dtype(p)] for p in ckpt.layout.parts)
 
 
 def open_checkpoint(arg: str, revision: str | None = None) -> Checkpoint:
@@ -365,13 +476,13 @@ def check_compatible(ckpts: list[Checkpoint]) -> None:
             raise IncompatibleModelsError(
                 f"MoE layer mismatch: {pair}: {len(c.moe_layers)} vs {len(ref.moe_layers)} layers"
             )
-        for part in ref.layout.parts:
-            if c.expert_shape(part) != ref.expert_shape(part):
-                raise IncompatibleModelsError(
-                    f"shape mismatch: {pair}: expert part {part} is {list(c.expert_shape(part))} vs {list(ref.expert_shape(part))}"
-                )
-        if c.dtype != ref.dtype:
-            raise IncompatibleModelsError(f"dtype mismatch: {pair}: experts are {c.dtype} vs {ref.dtype}")
+        if c.quantization != ref.quantization:
+            check_mixed(c, ref, pair)
+            plain = next(x for x in ckpts if x.quantization is None)
+            _check_parts(c, ref, pair, c.value_layout.parts, Checkpoint.value_shape)
+            _check_parts(c, plain, f"{c.name!r} vs {plain.name!r}", c.layout.parts, Checkpoint.expert_shape)
+        else:
+            _check_parts(c, ref, pair, ref.layout.parts, Checkpoint.expert_shape)
         tensors = {c.layout.canonical_name(n): c.tensors[n].shape for n in c.non_expert_names}
         for name in sorted(set(tensors) | set(ref_tensors), key=natural_key):
             if name not in tensors or name not in ref_tensors:
@@ -381,6 +492,46 @@ def check_compatible(ckpts: list[Checkpoint]) -> None:
                 raise IncompatibleModelsError(
                     f"shape mismatch: {pair}: {name} is {list(tensors[name])} vs {list(ref_tensors[name])}"
                 )
+
+
+def _check_parts(c: Checkpoint, ref: Checkpoint, pair: str, parts: tuple[str, ...], shape) -> None:
+    """Expert parts of equal shapes (stored, or values: `shape`) and, stored alike, dtypes."""
+    for part in parts:
+        if shape(c, part) != shape(ref, part):
+            raise IncompatibleModelsError(
+                f"shape mismatch: {pair}: expert part {part} is {list(shape(c, part))} vs {list(shape(ref, part))}"
+            )
+    if c.quantization != ref.quantization:
+        return
+    for part in parts:
+        if c.part_dtype(part) != ref.part_dtype(part):
+            which = f" (part {part})" if ref.quantization else ""
+            raise IncompatibleModelsError(
+                f"dtype mismatch: {pair}: experts are {c.part_dtype(part)} vs {ref.part_dtype(part)}{which}"
+            )
+
+
+MIXED_METHODS = ("mxfp4",)
+"""Quantization methods whose releases consolidate with unquantized fine-tunes: those whose
+non-expert tensors are stored unquantized (gpt-oss), so fine-tunes have the same tensors."""
+
+
+def check_mixed(c: Checkpoint, ref: Checkpoint, pair: str) -> None:
+    """Refuse a mix of storages other than an MXFP4 release first, then unquantized fine-tunes
+    of it (their experts shared with the release's where their values are the release's
+    dequantized: docs/merge.md)."""
+    how = {id(x): x.quantization.method if x.quantization else "unquantized" for x in (c, ref)}
+    what = f"mixed storage: {pair}: experts are {how[id(c)]} ({c.layout.name}) vs {how[id(ref)]} ({ref.layout.name})"
+    if ref.quantization is None:
+        raise IncompatibleModelsError(f"{what}; list the quantized release first, its unquantized fine-tunes after it")
+    if c.quantization is not None:
+        raise IncompatibleModelsError(f"{what}; consolidate releases quantized the same way")
+    if ref.quantization.method not in MIXED_METHODS:
+        raise IncompatibleModelsError(
+            f"{what}; a {ref.quantization.method} release consolidates with releases quantized the same way only "
+            "(its non-expert weights are quantized too): quantize the fine-tune as the release is, or dequantize "
+            "the release (see docs/merge.md, quantized releases)"
+        )
 
 
 def check_config(ckpt: Checkpoint) -> None:
@@ -404,6 +555,8 @@ def check_config(ckpt: Checkpoint) -> None:
         raise CheckpointError(f"{ckpt.path / 'config.json'}: transformers cannot build a model from it: {first}") from e
     layouts = record.layouts
     have = {ckpt.layout.canonical_name(n): ckpt.tensors[n].shape for n in ckpt.non_expert_names}
+    if ckpt.quantization is not None:  # a block FP8 weight's scales are no tensor of the unquantized model
+        have = {n: shape for n, shape in have.items() if not n.endswith(quant.fp8.SCALE)}
     groups: dict[int, list[str]] = {}
     problems: list[str] = []
     moe_layers: set[str] = set()
@@ -415,11 +568,11 @@ def check_config(ckpt: Checkpoint) -> None:
             layer, kind = fused
             fused_layout = next(x for x in layouts if kind in x.fused_parts)
             parts = fused_layout.fused_parts[kind]
-            want = fused_shape(fused_layout.fused_codec, [ckpt.expert_shape(p) for p in parts], ckpt.num_experts)
+            want = fused_shape(fused_layout.fused_codec, [ckpt.value_shape(p) for p in parts], ckpt.num_experts)
             moe_layers.add(layer)
         elif expert is not None:
             layer, e, part = expert
-            want = ckpt.expert_shape(part)
+            want = ckpt.value_shape(part)
             moe_layers.add(layer)
             if e >= ckpt.num_experts:
                 problems.append(f"it has {e + 1} or more experts per layer, the weights {ckpt.num_experts}")

@@ -21,6 +21,7 @@ from ..architectures.layouts import Architecture, architecture, supported
 from ..artifact.manifest import DeltaEntry
 from ..artifact.reader import Artifact
 from ..errors import ArtifactError, SettingsError, UnknownModelError
+from . import dequantized
 from .banks import canonical_experts
 
 # Config keys that may differ between variants without changing what the model computes.
@@ -40,6 +41,7 @@ _IGNORED_CONFIG_KEYS = {
     "output_attentions",
     "output_hidden_states",
     "return_dict",
+    "quantization_config",  # how a release's weights are stored; the runtime holds values (dequantized.py)
 }
 
 
@@ -125,14 +127,16 @@ class VariantSet:
 
     @classmethod
     def from_artifact(cls, path: str | Path) -> VariantSet:
-        """Adapt a `moeconsol merge` artifact (read lazily, tensor by tensor)."""
+        """Adapt a `moeconsol merge` artifact (read lazily, tensor by tensor). A quantized
+        release's is served dequantized (`dequantized.py`), in bf16 unless asked otherwise."""
         art = Artifact.open(path)
+        quantized = art.spec.quantization is not None
         variants = {
             name: Variant(
                 name=name,
                 config=art.config(name),
                 slot_maps={layer: list(art.slot_map(name, layer)) for layer in art.layers},
-                tensors=dict(art.non_expert_keys(name)),
+                tensors=dequantized.value_keys(art.non_expert_keys(name)) if quantized else art.non_expert_keys(name),
                 model_dir=art.model_dir(name),
                 deltas={layer: art.deltas(name, layer) for layer in art.layers if art.deltas(name, layer)},
             )
@@ -142,10 +146,10 @@ class VariantSet:
             architecture=art.architecture,
             layers=list(art.layers),
             bank_sizes={layer: art.bank_size(layer) for layer in art.layers},
-            bank_expert=art.bank_expert,
-            read=art.read,
+            bank_expert=dequantized.bank_values(art) if quantized else art.bank_expert,
+            read=dequantized.read_values(art) if quantized else art.read,
             variants=variants,
-            dtype=_stored_dtype(art.manifest.get("dtype")),
+            dtype=dequantized.SERVING_DTYPE if quantized else _stored_dtype(art.manifest.get("dtype")),
         )
 
     @classmethod

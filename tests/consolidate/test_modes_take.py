@@ -12,7 +12,14 @@ from moeconsol.consolidate.settings import APPLIES_TO, MergeSettings
 from moeconsol.errors import SettingsError
 from moeconsol.io.checkpoint import open_checkpoints
 
-VALUES = {"metric": "cosine", "threshold": 0.5, "budget": "0.5", "base": "x", "calibration": {"*": "f.txt"}, "holdout": 0.2}
+VALUES = {
+    "metric": "cosine",
+    "threshold": 0.5,
+    "budget": "0.5",
+    "base": "x",
+    "calibration": {"*": "f.txt"},
+    "holdout": 0.2,
+}
 
 
 @pytest.fixture(scope="module")

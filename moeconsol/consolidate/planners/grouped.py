@@ -14,7 +14,14 @@ from dataclasses import replace
 
 import numpy as np
 
-from ...analysis.similarity import DEFAULT_PROBES, gaussian_probes, hidden_size, layer_similarity
+from ...analysis.similarity import (
+    DEFAULT_PROBES,
+    gaussian_probes,
+    hidden_size,
+    identity_keys,
+    layer_similarity,
+    mixed,
+)
 from ...artifact.reader import Progress
 from ...errors import SettingsError
 from ...io.checkpoint import Checkpoint, warn_unusual
@@ -58,7 +65,7 @@ class GroupedPlanner(Planner):
             LayerPlan(
                 lg.layer,
                 cs,
-                [choose_representative(c, s.representative, d, lg.distance) for c in cs],
+                [_stored_as_released(ckpts, c, choose_representative(c, s.representative, d, lg.distance)) for c in cs],
                 item_digests=d if self.full_digests else None,
             )
             for lg, d, cs in zip(groups, digests, clusters)
@@ -92,7 +99,10 @@ class LosslessPlanner(GroupedPlanner):
     def measure(
         self, ckpts: list[Checkpoint], layer: str, position: int, s: MergeSettings
     ) -> tuple[list[str], np.ndarray | None]:
-        """Identity only: hash the bytes on disk, build no tensors."""
+        """Identity only: hash the bytes on disk, build no tensors (beside a quantized release,
+        an unquantized model's experts are compared with its dequantized: `identity_keys`)."""
+        if mixed(ckpts):
+            return identity_keys(ckpts, layer), None
         return [scanned_digest(c, layer, e) for c in ckpts for e in range(ckpts[0].num_experts)], None
 
     def cluster(self, groups: list[LayerGroups], ckpts: list[Checkpoint], s: MergeSettings) -> list[list[list[int]]]:
@@ -131,6 +141,16 @@ class BudgetPlanner(GroupedPlanner):
 
     def cluster(self, groups: list[LayerGroups], ckpts: list[Checkpoint], s: MergeSettings) -> list[list[list[int]]]:
         return cluster_budget(groups, budget_experts(s.budget, ckpts))
+
+
+def _stored_as_released(ckpts: list[Checkpoint], cluster: list[int], rep: int | None) -> int | None:
+    """Beside a quantized release, a bank entry holding one of its experts stores it as released
+    (codes and scales), so that the release exports bit for bit; its unquantized members are
+    its values (lossless: `identity_keys`)."""
+    if rep is None or not mixed(ckpts):
+        return rep
+    E = ckpts[0].num_experts
+    return next((i for i in cluster if ckpts[i // E].quantization is not None), rep)
 
 
 def scanned_digest(ckpt: Checkpoint, layer: str, expert: int) -> str:
