@@ -38,6 +38,8 @@ others its report families (docs/quality.md, "Over many generated families").
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import importlib.util
 import json
 import os
@@ -538,37 +540,53 @@ def build_family(
 ) -> dict:
     """Build (or reuse) family `seed` of every arch in `archs` in `out`; write out/family.json
     (the models of every architecture built there, this run's and earlier ones') and return it.
-    `specs` (tests): a spec to build instead of the drawn one, by architecture."""
+    Two processes may build the same family's two architectures at once: family.json is
+    read, merged and written under a lock. `specs` (tests): a spec to build instead of the
+    drawn one, by architecture."""
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
-    record = out / "family.json"
-    previous = json.loads(record.read_text()) if record.is_file() else {}
-    models = [m for m in previous.get("models", []) if m["family"] not in archs]
-    kept_specs = {a: s for a, s in previous.get("specs", {}).items() if a not in archs}
-    seconds = dict(previous.get("seconds", {}))
+    built: dict[str, dict] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: intra-op threads only spin on a busy machine
     try:
         for arch in archs:
             spec = (specs or {}).get(arch) or draw_spec(arch, seed, size)
-            start = time.perf_counter()
-            reports = build_arch(out, spec, force, lambda m, a=arch: log(f"{out.name}/{m}"))
-            seconds[arch] = round(time.perf_counter() - start, 2)
-            models += [asdict(r) for r in reports]
-            kept_specs[arch] = spec.to_json()
+            start, cpu = time.perf_counter(), time.process_time()
+            reports = build_arch(out, spec, force, lambda m: log(f"{out.name}/{m}"))
+            built[arch] = {
+                "seconds": round(time.perf_counter() - start, 2),
+                "cpu_seconds": round(time.process_time() - cpu, 2),
+                "spec": spec.to_json(),
+                "models": [asdict(r) for r in reports],
+            }
     finally:
         torch.set_num_threads(threads)
-    family = {
-        "out": str(out),
-        "seed": seed,
-        "size": size,
-        "seconds": seconds,
-        "specs": kept_specs,
-        "models": sorted(models, key=lambda m: ARCHS.index(m["family"])),
-    }
-    _write_atomic(record, json.dumps(family, indent=2) + "\n")
+    with _locked(out / "family.json.lock"):
+        record = out / "family.json"
+        family = json.loads(record.read_text()) if record.is_file() else {}
+        family.update(out=str(out), seed=seed, size=size)
+        for key in ("seconds", "cpu_seconds", "specs"):
+            family[key] = {a: v for a, v in family.get(key, {}).items() if a not in built}
+        models = [m for m in family.get("models", []) if m["family"] not in built]
+        for arch, b in built.items():
+            family["seconds"][arch], family["cpu_seconds"][arch] = b["seconds"], b["cpu_seconds"]
+            family["specs"][arch] = b["spec"]
+            models += b["models"]
+        family["models"] = sorted(models, key=lambda m: ARCHS.index(m["family"]))
+        _write_atomic(record, json.dumps(family, indent=2) + "\n")
     return family
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on `path` (created if absent) for the duration of the block."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def build(
@@ -596,7 +614,7 @@ def print_summary(families: list[dict]) -> None:
             print(
                 f"{Path(f['out']).name}/{arch}: recipe {spec['recipe']}, hidden {s['hidden']}, "
                 f"{s['layers']} layers x {s['experts']} experts, base on {'+'.join(spec['base_data'])}, "
-                f"{f['seconds'][arch]:.1f} s"
+                f"{f['seconds'][arch]:.1f} s ({f['cpu_seconds'][arch]:.1f} s of CPU)"
             )
             for m in f["models"]:
                 if m["family"] != arch or m["name"] == "base":
