@@ -47,7 +47,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 
@@ -358,7 +358,7 @@ SIZES = {
         variant_lr=(2e-3, 3e-3, 5e-3),
         train_docs=300,
         eval_docs=60,
-        train_pairs=1500,
+        train_pairs=600,  # also the calibration file: a calibrated merge runs it one example at a time
         eval_pairs=80,
     ),
     "full": SizeRange(
@@ -411,9 +411,17 @@ class Spec:
         return json.loads(json.dumps(asdict(self)))
 
 
+UNUSED = {
+    "mixtral": ("pairs", "train_pairs", "eval_pairs", "switch_base_steps", "switch_variant_steps"),
+    "switch": ("batch", "seq_len", "train_docs", "eval_docs", "base_steps", "variant_steps"),
+}
+"""`bf.Size` fields an architecture's build never reads: 0 in its spec, so that they cannot
+make a spec differ (and a family rebuild) without a change to what is built."""
+
+
 def _size(rng: random.Random, r: SizeRange, arch: str) -> bf.Size:
     hidden = rng.choice(r.hidden)
-    return bf.Size(
+    size = bf.Size(
         hidden=hidden,
         intermediate=hidden * rng.choice(r.ffn_factor),
         layers=rng.choice(r.layers if arch == "mixtral" else r.switch_layers),
@@ -432,6 +440,7 @@ def _size(rng: random.Random, r: SizeRange, arch: str) -> bf.Size:
         switch_variant_steps=rng.randint(*r.switch_variant_steps),
         lr=rng.choice(r.lr),
     )
+    return replace(size, **dict.fromkeys(UNUSED[arch], 0))
 
 
 def _recipe_of(rng: random.Random, recipe: str, experts: int) -> tuple[str, tuple[int, ...] | None]:
