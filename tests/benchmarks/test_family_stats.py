@@ -189,3 +189,29 @@ def test_families_need_a_report_seed(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "--families 2 leaves no report family" in proc.stderr
+
+
+def test_the_saved_families_are_reported_and_tabled(tmp_path):
+    """quality.py's report and tables.py's summary read the files quality.py --families saves."""
+    import json
+
+    fa, fb = families()
+    budget = {"method": "budget", "budget": 0.5, "expert_fraction": 0.5, "error": None}
+    fa["sweep"]["points"].append({**budget, "retained_gain": {"base": None, **{n: 0.8 for n in A}}})
+    for arch, fam, seed in (("mixtral", fa, 2), ("switch", fb, 3)):
+        run = {"split": "report", "arch": arch, "seeds": [seed], "settings": {"size": "small"}, "cpus": 2}
+        (tmp_path / f"quality-families-report-{arch}.json").write_text(json.dumps({**run, "families": [fam]}))
+    spec = importlib.util.spec_from_file_location("quality_benchmark_report", ROOT / "benchmarks" / "quality.py")
+    q = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(q)
+    text = q.families_report(tmp_path, "report")
+    assert text.startswith("### Over many generated families (report families: seeds 2, 3; 2 families, 12 fine-tuned")
+    assert text == (tmp_path / "quality-families.md").read_text() and (tmp_path / "quality-families.png").is_file()
+    assert "| 0.5 | calibrated | 50% | 11 (+1 weak) | **10%** (seed-2/mixtral/a2) |" in text
+    assert q.families_report(tmp_path, "tuning") is None
+    lines = q.tables.quality_families(tmp_path)
+    assert lines[0].startswith("Report families: seeds 2, 3 of each architecture (1 mixtral, 1 switch; size small), 12")
+    assert lines[2].startswith("- sharing alone (calibrated) at 0.5: every variant >= 90%: **MISSED** (worst 10%")
+    assert lines[-1].startswith("| - | average | 25% | 11 (+1 weak) | **10%** (seed-3/switch/b1) |")
+    # every method swept is tabled, budget mode included
+    assert "| 0.5 | budget | 50% | 5 | **80%** (seed-2/mixtral/a1) | 80% | 80% | 80% | 0 of 5 |" in lines
