@@ -30,6 +30,25 @@ is also compared at matched memory (docs/quality.md says why). The result is pri
 saved under --out as JSON, a Markdown table and a PNG (quality-NAME-ARCH.*). --write-docs then
 makes every saved sweep's table and plot again and, when --out is benchmarks/results,
 docs/benchmarks.md's summary table (benchmarks/tables.py); --docs-only does only that.
+
+Over many generated families instead:
+
+    python benchmarks/quality.py --families K [--families-dir DIR] [--family-size small|full]
+                                 [--split report|tuning] [--only ARCH] [--resume] [--write-docs]
+
+builds (or reuses) families seed-0 .. seed-(K-1) of each architecture with
+examples/build_families.py under DIR (default examples/families) and sweeps calibrated and
+deltas (representative best, as `moeconsol sweep`), reference, budget at 1.0, 0.75, 0.5 and
+0.25, and uniform averaging; each variant scored on its own held-out file (seq2seq: token
+accuracy, without greedy generation), calibration on its own training file, the base for
+retained gain. Seeds 0 and 1 are the TUNING families (--split tuning): a default may be chosen
+by looking at them. Seeds 2 .. K-1 are the REPORT families (--split report, the default): the
+figures reported are theirs alone, and nothing is chosen on them. Each family's sweep is saved
+as soon as it is done (quality-families-SPLIT-ARCH.json; --resume keeps those whose spec and
+settings match), and the report over both architectures (family_stats.py: per budget and
+method the worst variant, p10, median, mean, variants more than 10 points below the reference,
+the goals) is printed and written as quality-families[-tuning].md and .png; --write-docs then
+rewrites docs/benchmarks.md's generated tables.
 """
 
 from __future__ import annotations
@@ -38,6 +57,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -46,6 +66,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import family_stats  # noqa: E402
 import tables  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,10 +123,18 @@ def methods_known() -> list[str]:
 
 
 def run_family(
-    path: Path, arch: str, budgets: list[float], methods: list[str] | None = None, max_examples: int | None = None
+    path: Path,
+    arch: str,
+    budgets: list[float],
+    methods: list[str] | None = None,
+    max_examples: int | None = None,
+    merge_options: dict | None = None,
+    exact_match: bool = True,
 ):
     """`evaluate.sweep` of one family and architecture (methods: `methods_known()` by default;
-    `max_examples`: score only the first N held-out examples of a seq2seq file)."""
+    `max_examples`: score only the first N held-out examples of a seq2seq file; `merge_options`
+    per method, default representative `best` for calibrated; `exact_match=False`: seq2seq
+    token accuracy only, without greedy generation)."""
     from moeconsol.quality.evaluate import EvalSettings, sweep
 
     models = family_models(path, arch)
@@ -116,8 +145,8 @@ def run_family(
         base=next(m["path"] for m in models if m["name"] == "base"),
         calibration={m["name"]: m["train_file"] for m in models},
         methods=methods or methods_known(),
-        settings=EvalSettings(max_examples=max_examples),
-        merge_options={OWN: {"representative": "best"}},
+        settings=EvalSettings(max_examples=max_examples, exact_match=exact_match),
+        merge_options=merge_options or {OWN: {"representative": "best"}},
     )
 
 
@@ -382,6 +411,127 @@ def merge_runs(saved: dict, new: dict) -> dict:
     return merged
 
 
+# -- many generated families (--families K) ----------------------------------------------------
+
+FAMILY_BUDGETS = "1.0,0.75,0.5,0.25"
+FAMILY_METHODS = (OWN, REFERENCE, "budget", AVERAGE)
+"""Swept on every generated family, with deltas when this moeconsol knows it."""
+FAMILY_MERGE_OPTIONS = {OWN: {"representative": "best"}, DELTAS: {"representative": "best"}}
+"""What `moeconsol sweep` merges calibrated and deltas with."""
+SPLITS = ("report", "tuning")
+
+
+def family_builder():
+    """examples/build_families.py as a module (examples/ is not a package)."""
+    if "build_families" in sys.modules:
+        return sys.modules["build_families"]
+    spec = importlib.util.spec_from_file_location("build_families", ROOT / "examples" / "build_families.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["build_families"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def split_seeds(count: int, split: str, tuning: tuple[int, ...]) -> list[int]:
+    """Seeds 0 .. count-1 of one split: the tuning seeds, or every other one (the report)."""
+    seeds = [s for s in range(count) if (s in tuning) == (split == "tuning")]
+    if not seeds:
+        fail(f"--families {count} leaves no {split} family (tuning seeds: {', '.join(map(str, tuning))}): give more")
+    return seeds
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Written whole or not at all (a run interrupted between families keeps the last whole file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+def families_file(out: Path, split: str, arch: str) -> Path:
+    return out / f"quality-families-{split}-{arch}.json"
+
+
+def run_families(args, budgets: list[float], methods: list[str]) -> None:
+    """Build (or reuse) the split's families under --families-dir and sweep each, one
+    architecture at a time; after each family its sweep is saved (quality-families-SPLIT-ARCH.json)."""
+    builder = family_builder()
+    seeds = split_seeds(args.families, args.split, builder.TUNING_SEEDS)
+    out, root = Path(args.out), Path(args.families_dir)
+    settings = {"budgets": budgets, "methods": methods, "max_examples": args.max_examples, "size": args.family_size}
+    for arch in [args.only] if args.only else list(ARCHS):
+        path = families_file(out, args.split, arch)
+        saved = json.loads(path.read_text()) if args.resume and path.is_file() else {}
+        done = {f["seed"]: f for f in saved.get("families", []) if saved.get("settings") == settings}
+        run = {"split": args.split, "arch": arch, "seeds": seeds, "settings": settings, "cpus": os.cpu_count()}
+        run["families"] = []
+        for seed in seeds:
+            where = root / builder.family_name(seed)
+            start = time.perf_counter()
+            record = builder.build_family(where, seed, [arch], args.family_size, log=lambda m: print(m, flush=True))
+            built = time.perf_counter() - start
+            spec = record["specs"][arch]
+            if seed in done and done[seed]["spec"] == spec:
+                print(f"{where.name}/{arch}: sweep reused from {path}", flush=True)
+                run["families"].append(done[seed])
+                continue
+            start = time.perf_counter()
+            max_examples = args.max_examples if arch == "switch" else None
+            report = run_family(where, arch, budgets, methods, max_examples, FAMILY_MERGE_OPTIONS, exact_match=False)
+            entry = {
+                "family": where.name,
+                "seed": seed,
+                "arch": arch,
+                "recipe": spec["recipe"],
+                "spec": spec,
+                "build_seconds": round(built, 1),
+                "sweep_seconds": round(time.perf_counter() - start, 1),
+                "load_average": os.getloadavg()[0],
+                "sweep": report.to_dict(),
+            }
+            run["families"].append(entry)
+            _write_json(path, run)
+            table, _ = family_stats.summarize([entry])
+            own = [r for r in table if r.method == OWN]
+            print(
+                f"{where.name}/{arch} ({spec['recipe']}): swept in {entry['sweep_seconds']:.0f} s; calibrated worst "
+                + ", ".join(f"{r.budget:g} {r.worst:.0%} ({r.worst_of.rsplit('/', 1)[-1]})" for r in own if r.variants),
+                flush=True,
+            )
+        _write_json(path, run)
+
+
+def families_report(out: Path, split: str) -> str | None:
+    """The saved families of both architectures as one Markdown report (and its plot,
+    quality-families[-tuning].png); None when none is saved."""
+    files = [families_file(out, split, arch) for arch in ARCHS]
+    runs = [json.loads(f.read_text()) for f in files if f.is_file()]
+    if not runs:
+        return None
+    families = [f for r in runs for f in r["families"]]
+    table, goals = family_stats.summarize(families)
+    stem = "quality-families" + ("" if split == "report" else f"-{split}")
+    seeds = sorted({s for r in runs for s in r["seeds"]})
+    title = f"{split} families: seeds {', '.join(map(str, seeds))}"
+    family_stats.plot(table, out / f"{stem}.png", f"Retained gain over the {title}")
+    lines = [
+        f"### Over many generated families ({title}; {len(families)} families, "
+        f"{sum(len(f['sweep']['original']) - 1 for f in families)} fine-tuned variants)",
+        "",
+        "Goals, worst variant first:",
+        "",
+        *family_stats.goal_lines(goals),
+        "",
+        *family_stats.stats_table(table),
+        "",
+        "Per family: the worst variant's retained gain at each budget.",
+        "",
+        *family_stats.family_table(families),
+    ]
+    text = "\n".join(lines) + "\n"
+    (out / f"{stem}.md").write_text(text)
+    return text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -390,7 +540,7 @@ def main() -> int:
         metavar="NAME=DIR",
         help="a family directory (repeatable); default: family1=examples/family family2=examples/family2",
     )
-    parser.add_argument("--budgets", default="1.0,0.75,0.5,0.3,0.25")
+    parser.add_argument("--budgets", help=f"default 1.0,0.75,0.5,0.3,0.25; with --families {FAMILY_BUDGETS}")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--only", choices=list(ARCHS), help="run one architecture only")
     parser.add_argument("--methods", help="comma-separated methods (default: every method this moeconsol knows)")
@@ -417,6 +567,30 @@ def main() -> int:
         help="run nothing: --write-docs from the sweeps saved under --out by earlier runs "
         "(e.g. one run per family and architecture, in parallel)",
     )
+    parser.add_argument(
+        "--families",
+        type=int,
+        metavar="K",
+        help="instead of the example families: K generated families per architecture, seeds 0..K-1 "
+        "(examples/build_families.py; built under --families-dir when absent); seeds 0-1 tune, the others report",
+    )
+    parser.add_argument(
+        "--families-dir",
+        default=str(ROOT / "examples" / "families"),
+        help="where the generated families are built and reused (default examples/families)",
+    )
+    parser.add_argument("--family-size", choices=("small", "full"), default="small")
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="report",
+        help="with --families: the report seeds (2..K-1) or the tuning ones",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --families: keep the saved sweep of a family whose spec and settings match",
+    )
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -425,6 +599,8 @@ def main() -> int:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     torch.set_num_threads(1)  # tiny models: threads only add overhead
+    if args.families is not None:
+        return main_families(args)
     families = [parse_family(f) for f in args.family or DEFAULT_FAMILIES]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -433,7 +609,7 @@ def main() -> int:
     if not args.docs_only:
         for name, path in families:
             ensure_family(name, path)
-        budgets = parse_budgets(args.budgets)
+        budgets = parse_budgets(args.budgets or "1.0,0.75,0.5,0.3,0.25")
         for name, path in families:
             for arch in archs:
                 start = time.perf_counter()
@@ -473,6 +649,37 @@ def main() -> int:
                 f"docs/benchmarks.md reads {tables.RESULTS}: copy the quality-*.json there, then run benchmarks/tables.py"
             )
     print("\n" + "\n".join(verdicts))
+    return 0
+
+
+def main_families(args) -> int:
+    """--families K: sweep the generated families of one split, then report them."""
+    from moeconsol.cli.options import parse_budgets
+    from moeconsol.errors import MoeconsolError, SettingsError
+
+    if args.family or args.merge:
+        fail("--families runs the generated families: leave out --family and --merge")
+    if args.families < 1:
+        fail(f"--families {args.families}: give at least 1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.docs_only:
+        try:
+            budgets = parse_budgets(args.budgets or FAMILY_BUDGETS)
+        except SettingsError as e:
+            fail(str(e))
+        known = methods_known()
+        methods = args.methods.split(",") if args.methods else [m for m in known if m in (*FAMILY_METHODS, DELTAS)]
+        try:
+            run_families(args, budgets, methods)
+        except MoeconsolError as e:
+            fail(str(e))
+    text = families_report(out, args.split)
+    if text is None:
+        fail(f"no generated families saved under {out}: run python benchmarks/quality.py --families K first")
+    print(text)
+    if (args.write_docs or args.docs_only) and out.resolve() == tables.RESULTS.resolve():
+        tables.main([])
     return 0
 
 

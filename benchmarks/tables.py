@@ -6,7 +6,8 @@
 A generated table sits between `<!-- table: NAME -->` and `<!-- end -->`; NAME is a key of
 TABLES, whose function renders it (the facts of the run, then the table) from the JSON its
 benchmark wrote (`--json`; quality.py's saved sweeps). Everything outside the markers is
-written by hand. Only json and statistics are imported, so the check runs anywhere.
+written by hand. Only json, statistics and family_stats (the same) are imported, so the check
+runs anywhere.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+import family_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "benchmarks.md"
@@ -304,12 +307,36 @@ def quality(results: Path) -> list[str]:
     return [*_table(header, rows), "", "Task arithmetic and TIES (25%): " + "; ".join(others) + "."]
 
 
+FAMILY_ARCHS = ("mixtral", "switch")
+"""quality.py --families saves one file per architecture: quality-families-report-ARCH.json."""
+
+
+def quality_families(results: Path) -> list[str]:
+    """quality.py --families K: over every fine-tuned variant of the report families, per
+    budget and method the worst variant, p10, median and mean of the retained gain and the
+    variants more than 10 points below the reference; the goals first."""
+    runs = [_load(results, f"quality-families-report-{arch}.json") for arch in FAMILY_ARCHS]
+    families = [f for r in runs for f in r["families"]]
+    table, goals = family_stats.summarize(families)
+    settings = runs[0]["settings"]
+    counts = ", ".join(f"{len(r['families'])} {r['arch']}" for r in runs)
+    facts = (
+        f"Report families: seeds {', '.join(map(str, sorted({s for r in runs for s in r['seeds']})))} "
+        "of each architecture "
+        f"({counts}; size {settings['size']}), "
+        f"{sum(len(f['sweep']['original']) - 1 for f in families)} fine-tuned variants; "
+        f"{runs[0]['cpus']} CPUs. Goals, worst variant first:"
+    )
+    return [facts, "", *family_stats.goal_lines(goals), "", *family_stats.stats_table(table)]
+
+
 TABLES: dict[str, Callable[[Path], list[str]]] = {
     "analyze-memory": analyze_memory,
     "merge-io": merge_io,
     "non-expert-codec": codec_methods,
     "non-expert-merges": codec_merges,
     "quality": quality,
+    "quality-families": quality_families,
     "quantized-analyze": quantized_analyze,
     "turnaround-quota": _turnaround("turnaround-quota"),
     "turnaround-wide": _turnaround("turnaround-wide"),

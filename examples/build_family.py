@@ -43,6 +43,7 @@ import argparse
 import json
 import math
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -228,13 +229,15 @@ TextDomains = dict[str, Callable[[random.Random], str]]
 TEXT_DOMAINS: TextDomains = {"code": code_doc, "math": math_doc, "story": story_doc}
 
 
-def text_docs(domain: str, n: int, seed: int, domains: TextDomains = TEXT_DOMAINS) -> list[str]:
-    """`n` documents of one domain (a key of `domains`) or of all of them in turn ("mixed")."""
+def text_docs(
+    domain: str, n: int, seed: int, domains: TextDomains = TEXT_DOMAINS, base: Sequence[str] | None = None
+) -> list[str]:
+    """`n` documents of one domain (a key of `domains`), of several in turn ("a+b"), or of the
+    base's domains in turn ("mixed"; `base`, default every domain)."""
     rng = random.Random(f"{domain}-{seed}")
-    if domain == "mixed":
-        gens = list(domains.values())
-        return [gens[i % len(gens)](rng) for i in range(n)]
-    return [domains[domain](rng) for _ in range(n)]
+    parts = list(base or domains) if domain == "mixed" else domain.split("+")
+    gens = [domains[p] for p in parts]
+    return [gens[i % len(gens)](rng) for i in range(n)]
 
 
 def _words(rng: random.Random, vocabulary: Sequence[str] = _WORDS) -> list[str]:
@@ -262,9 +265,10 @@ def seq2seq_pairs(
     base_tasks: Sequence[str] = BASE_TASKS,
     vocabulary: Sequence[str] = _WORDS,
 ) -> list[dict[str, str]]:
-    """`n` {"input", "target"} examples of one task, or of the base's tasks in turn ("mixed")."""
+    """`n` {"input", "target"} examples of one task, of several in turn ("a+b"), or of the
+    base's tasks in turn ("mixed")."""
     rng = random.Random(f"{task}-{seed}")
-    chosen = list(base_tasks) if task == "mixed" else [task]
+    chosen = list(base_tasks) if task == "mixed" else task.split("+")
     pairs = []
     for i in range(n):
         source, target = tasks[chosen[i % len(chosen)]](_words(rng, vocabulary))
@@ -385,19 +389,26 @@ def train(
     steps: int,
     trainable: str,
     seed: int,
+    experts: Sequence[int] | None = None,
 ) -> float:
     """AdamW over the parameters `trainable` selects, on random batches of `batch` example indices.
+    With `experts`, only those expert indices (in every MoE layer) train; the others stay
+    bit-identical (a fused expert tensor's other rows get a zero gradient, which AdamW without
+    weight decay leaves unmoved).
 
     Returns the mean training loss of the last 10 steps.
     """
     torch.manual_seed(seed)
     rng = random.Random(seed)
     keep = TRAINABLE[trainable]
-    params = []
+    params, hooks = [], []
     for name, p in model.named_parameters():
-        p.requires_grad_(keep(name))
+        p.requires_grad_(keep(name) and _expert_trains(name, experts))
         if p.requires_grad:
             params.append(p)
+            mask = _fused_expert_mask(name, p, experts)
+            if mask is not None:
+                hooks.append(p.register_hook(lambda g, m=mask: g * m))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1 - s / steps))
@@ -411,10 +422,31 @@ def train(
         schedule.step()
         opt.zero_grad(set_to_none=True)
         recent = (recent + [loss.item()])[-10:]
+    for h in hooks:
+        h.remove()
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
     return sum(recent) / len(recent)
+
+
+_PER_EXPERT = re.compile(r"\.experts\.expert_(\d+)\.")
+
+
+def _expert_trains(name: str, experts: Sequence[int] | None) -> bool:
+    """False for a per-expert parameter (Switch `experts.expert_{j}.`) of an expert not in `experts`."""
+    m = _PER_EXPERT.search(name)
+    return experts is None or m is None or int(m.group(1)) in experts
+
+
+def _fused_expert_mask(name: str, p: torch.Tensor, experts: Sequence[int] | None) -> torch.Tensor | None:
+    """For a fused expert tensor (Mixtral `experts.gate_up_proj`, one row per expert on dim 0)
+    when only `experts` train: 1 on their rows, 0 elsewhere; None otherwise."""
+    if experts is None or ".experts." not in name or _PER_EXPERT.search(name):
+        return None
+    mask = torch.zeros(p.shape[0], *[1] * (p.dim() - 1), dtype=p.dtype)
+    mask[list(experts)] = 1
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,6 +467,8 @@ class Variant:
     """Fine-tuning steps as a multiple of the Size's variant steps."""
     lr: float | None = None
     """Learning rate (None: the Size's)."""
+    experts: tuple[int, ...] | None = None
+    """Only these expert indices train, in every MoE layer (None: every expert `trainable` allows)."""
 
 
 MIXTRAL_VARIANTS = (
@@ -456,6 +490,8 @@ class TextFamily:
     domains: TextDomains
     variants: tuple[Variant, ...]
     seed: int = SEED
+    base_domains: tuple[str, ...] | None = None
+    """The domains the base trains on ("mixed"); None: every domain."""
 
 
 @dataclass(frozen=True)
@@ -500,6 +536,8 @@ class ModelReport:
     train_file: str = ""
     """The data it was trained on (calibration reads it)."""
     lr: float | None = None
+    experts: list[int] | None = None
+    """The expert indices it trained (None: every expert its `trainable` allows)."""
 
 
 @dataclass
@@ -532,11 +570,19 @@ def build_text_family(
 
     root = out / "mixtral"
     seed, domains = spec.seed, spec.domains
+    base_domains = spec.base_domains
+    keys = dict.fromkeys(["mixed", *domains, *(v.data for v in spec.variants)])
     train_docs = {
-        d: text_docs(d, size.train_docs * (len(domains) if d == "mixed" else 1), seed, domains)
-        for d in ["mixed", *domains]
+        d: text_docs(
+            d,
+            size.train_docs * len(base_domains or domains) if d == "mixed" else size.train_docs,
+            seed,
+            domains,
+            base_domains,
+        )
+        for d in keys
     }
-    eval_docs = {d: text_docs(d, size.eval_docs, seed + 1, domains) for d in ["mixed", *domains]}
+    eval_docs = {d: text_docs(d, size.eval_docs, seed + 1, domains, base_domains) for d in keys}
     train_files = {d: write_text(out / "data" / "train" / f"mixtral-{d}.txt", train_docs[d]) for d in train_docs}
     eval_files = {d: write_text(out / "data" / "eval" / f"mixtral-{d}.txt", eval_docs[d]) for d in eval_docs}
 
@@ -609,6 +655,7 @@ def build_text_family(
                 steps,
                 v.trainable,
                 seed + 10 + i,
+                v.experts,
             )
             _save(model, path, tokenizer, v.save)
             status = "built"
@@ -631,6 +678,7 @@ def build_text_family(
                 own,
                 train_file=str(train_files[v.data]),
                 lr=lr,
+                experts=None if v.experts is None else list(v.experts),
             )
         )
     return reports
@@ -731,6 +779,7 @@ def build_seq2seq_family(
                 steps,
                 v.trainable,
                 seed + 10 + i,
+                v.experts,
             )
             _save(model, path, tokenizer, v.save)
             status = "built"
@@ -755,6 +804,7 @@ def build_seq2seq_family(
                 own_acc,
                 train_file=str(train_files[v.data]),
                 lr=lr,
+                experts=None if v.experts is None else list(v.experts),
             )
         )
     return reports

@@ -60,6 +60,9 @@ class EvalSettings:
     max_examples: int | None = None
     """Score only the first N examples of a JSONL file (None: all)."""
     max_new_tokens: int | None = None
+    exact_match: bool = True
+    """Seq2seq: also greedy exact match (False: teacher-forced token accuracy only, several
+    times faster; exact match is then NaN)."""
 
 
 @dataclass
@@ -81,7 +84,7 @@ def score(model, tokenizer, data: str | list[dict], settings: EvalSettings | Non
     s = settings or EvalSettings()
     if getattr(model.config, "is_encoder_decoder", False):
         examples = data[: s.max_examples] if s.max_examples else data
-        r = seq2seq_accuracy(model, tokenizer, examples, s.max_new_tokens)
+        r = seq2seq_accuracy(model, tokenizer, examples, s.max_new_tokens, exact_match=s.exact_match)
         return Score("token_accuracy", r.token_accuracy, False, r.to_dict())
     limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_CHUNK_LEN
     chunk = s.chunk_len or min(DEFAULT_CHUNK_LEN, int(limit))

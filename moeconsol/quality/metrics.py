@@ -236,12 +236,14 @@ def seq2seq_accuracy(
     examples: list[dict],
     max_new_tokens: int | None = None,
     progress: Progress | None = None,
+    exact_match: bool = True,
 ) -> AccuracyResult:
     """Exact match (greedy) and teacher-forced token accuracy over `examples`.
 
     `max_new_tokens` caps generation; None means "as many tokens as the example's target
     has", so a model that reproduces the target and then keeps talking still matches.
-    Generation also stops at the model's EOS.
+    Generation also stops at the model's EOS. `exact_match=False` skips generation (most of
+    the time): token accuracy only, exact match NaN and no predictions.
     """
     if not examples:
         raise SettingsError('no examples to score; give at least one {"input", "target"} line')
@@ -257,16 +259,18 @@ def seq2seq_accuracy(
             if input_ids.shape[1] == 0:
                 raise SettingsError(f"example {i + 1}: the input is empty after tokenization")
             target = _target_ids(tokenizer, ex["target"], enc_dec)
-            prediction = _greedy(model, tokenizer, input_ids, max_new_tokens or max(1, len(target)))
-            predictions.append(prediction)
-            exact += prediction == ex["target"].strip()
+            if exact_match:
+                prediction = _greedy(model, tokenizer, input_ids, max_new_tokens or max(1, len(target)))
+                predictions.append(prediction)
+                exact += prediction == ex["target"].strip()
             if target:
                 correct += _teacher_forced_correct(model, input_ids, target)
                 total += len(target)
             if progress:
                 progress(i + 1, len(examples))
     token_acc = correct / total if total else math.nan
-    return AccuracyResult(exact / len(examples), token_acc, len(examples), exact, correct, total, predictions)
+    matched = exact / len(examples) if exact_match else math.nan
+    return AccuracyResult(matched, token_acc, len(examples), exact, correct, total, predictions)
 
 
 # ---------------------------------------------------------------- retained gain

@@ -170,6 +170,11 @@ def test_seq2seq_accuracy_matches_hand_computation(switch, tok):
     assert r.predictions == greedy
     assert "predictions" not in r.to_dict() and len(r.to_dict(predictions=True)["predictions"]) == 5
 
+    # without generation: the same token accuracy, and no exact match to report
+    fast = seq2seq_accuracy(switch, tok, examples, max_new_tokens=6, exact_match=False)
+    assert (fast.correct_tokens, fast.target_tokens, fast.token_accuracy) == (correct, total, r.token_accuracy)
+    assert math.isnan(fast.exact_match) and fast.predictions == [] and fast.exact == 0
+
 
 def test_causal_accuracy_matches_hand_computation(mixtral, tok):
     prompt = tok("Once upon a time")["input_ids"]
