@@ -21,6 +21,8 @@ from moeconsol.artifact.export import export_model
 from moeconsol.artifact.reader import Artifact
 from moeconsol.consolidate import merge
 from moeconsol.io.checkpoint import open_checkpoints
+from moeconsol.quality.evaluate import eval_artifact
+from moeconsol.quality.metrics import DEFAULT_CHUNK_LEN, perplexity
 from moeconsol.serving.runtime import Runtime
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -137,6 +139,18 @@ def test_load_model_is_the_merged_model(family):
     assert same_weights(ckpt.load_model(transformers.MixtralForCausalLM), refs["experts"]) == []
 
 
+def test_eval_scores_the_adapter_variant_on_its_base(family, tmp_path):
+    """`moeconsol eval`'s originals of adapter variants: base + adapter, as merge read them."""
+    root, refs, tok = family
+    text = tmp_path / "text.txt"
+    text.write_text(T.SAMPLE_TEXT)
+    report = eval_artifact(root / "out", {"attn": str(text), "experts": str(text)})
+    for row in report.variants:
+        chunk = min(DEFAULT_CHUNK_LEN, refs[row.name].config.max_position_embeddings)
+        want = perplexity(refs[row.name], tok, T.SAMPLE_TEXT, chunk, None).perplexity
+        assert row.original == pytest.approx(want, rel=1e-6) and row.consolidated == pytest.approx(want, rel=1e-6)
+
+
 def test_scratch_file_goes_with_the_variant(family):
     root, _, _ = family
     ckpt = open_checkpoints([f"base={root / 'base'}", f"attn={root / 'attn'}"])[1]
@@ -188,6 +202,9 @@ def test_adapter_needs_its_base_in_the_command(family, tmp_path):
     one_error_line(r, "base_model_name_or_path")
     named = _edit_config(root / "attn", tmp_path / "named", base_model_name_or_path="other")
     assert run_main("analyze", f"base={root / 'base'}", f"other={other}", f"named={named}").returncode == 0
+    r = run_main("merge", f"base={root / 'base'}", f"other={other}", f"named={named}", "-o", tmp_path / "out", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [m["name"] for m in json.loads(r.stdout)["models"]] == ["base", "other", "named"]
 
 
 def test_adapter_for_another_model_is_refused(family, tmp_path):
