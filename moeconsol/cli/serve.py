@@ -25,6 +25,7 @@ from ..serving.engine import (
 )
 from ..serving.runtime import Runtime
 from . import app
+from .options import parse_named_files
 from .progress import stage_progress
 
 
@@ -104,6 +105,14 @@ def serve_local(
         str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoints' own).")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One-shot: print the results as JSON.")] = False,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter",
+            help="NAME=DIR: a LoRA adapter on the artifact's variant it names as its base, served unmerged as "
+            "model NAME (its factors applied in the forward; Linear modules only; repeatable).",
+        ),
+    ] = None,
 ) -> None:
     """Run a prompt on one or more variants (--prompt), or serve them all over HTTP (--port)."""
     if (prompt is None) == (port is None):
@@ -130,14 +139,18 @@ def serve_local(
             active=first,
             progress=advance,
             mode=ServingMode.CROSS_VARIANT if cross_variant_batching else ServingMode.SWAP,
+            adapters={
+                n: Path(d) for n, d in parse_named_files(adapter or [], "--adapter", allow_unnamed=False).items()
+            },
         )
     for name in model or []:
         runtime.check_model(name)
     rb = runtime.resident_bytes()
     err.print(
         f"loaded {artifact} on {torch_device} ({str(runtime.dtype).removeprefix('torch.')}): resident "
-        f"{_size(rb.total)} = bank {_size(rb.bank)} + non-expert {_size(rb.non_expert)}; "
-        f"host {_size(rb.host)} for {len(runtime.names)} models ({', '.join(runtime.names)})"
+        f"{_size(rb.total)} = bank {_size(rb.bank)} + non-expert {_size(rb.non_expert)}"
+        + (f" + adapters {_size(rb.adapters)}; " if rb.adapters else "; ")
+        + f"host {_size(rb.host)} for {len(runtime.names)} models ({', '.join(runtime.names)})"
         + ("; every variant resident (cross-variant batching)" if cross_variant_batching else "")
     )
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..architectures.layouts import Layout, split
+from ..architectures.layouts import Architecture, Layout, split
 from ..errors import CheckpointError
 from .safetensors_file import ITEMSIZE, TensorInfo, read_header, read_tensor
 from .safety import is_regular_file
@@ -165,10 +165,10 @@ def add_into(weight: torch.Tensor, d: torch.Tensor, wrapper: bool) -> None:
 
 
 class Adapter:
-    """An adapter directory, read (config and header only) and resolved against its base's
-    modules: `targets` by in-memory parameter name."""
+    """An adapter directory, read (config and header only) and resolved against the modules of
+    its base (config.json as a dict, and its architecture): `targets` by in-memory parameter name."""
 
-    def __init__(self, path: Path, base: Checkpoint):
+    def __init__(self, path: Path, base_config: dict, record: Architecture):
         self.path = path
         self.config = read_config(path)
         weights = path / WEIGHTS
@@ -181,7 +181,7 @@ class Adapter:
                 )
             raise CheckpointError(f"{path}: no {WEIGHTS}")
         self.factors, _ = read_header(weights)
-        self.targets = _resolve(path, self.config, self.factors, base)
+        self.targets = _resolve(path, self.config, self.factors, _meta_model(base_config, record))
 
     @staticmethod
     def base_name(path: Path) -> str | None:
@@ -189,24 +189,23 @@ class Adapter:
         return read_config(path).base_model
 
 
-def _meta_model(base: Checkpoint):
+def _meta_model(base_config: dict, record: Architecture):
     """The base's transformers model on the meta device (no memory): its modules and parameters."""
     import torch
 
-    config_class, model_class = base.layout.record.transformers_classes()
+    config_class, model_class = record.transformers_classes()
     config = config_class(
-        **{k: v for k, v in base.config.items() if k not in ("architectures", "transformers_version")}
+        **{k: v for k, v in base_config.items() if k not in ("architectures", "transformers_version")}
     )
     with torch.device("meta"):
         return model_class(config)
 
 
-def _resolve(path: Path, cfg: LoraConfig, factors: dict[str, TensorInfo], base: Checkpoint) -> dict[str, Target]:
-    """Each lora_A/lora_B pair -> the in-memory parameter it changes (peft's nesting of
-    ParamWrappers: the first of a module's targeted parameters is the innermost wrapper)."""
+def _resolve(path: Path, cfg: LoraConfig, factors: dict[str, TensorInfo], model) -> dict[str, Target]:
+    """Each lora_A/lora_B pair -> the in-memory parameter of `model` it changes (peft's nesting
+    of ParamWrappers: the first of a module's targeted parameters is the innermost wrapper)."""
     import torch
 
-    model = _meta_model(base)
     modules = dict(model.named_modules())
     pairs: dict[str, dict[str, TensorInfo]] = {}
     for key, info in factors.items():

@@ -157,7 +157,7 @@ class Checkpoint:
             self.config = self._read_config()
             self.tensors, self.weight_map, self.shard_metadata = self._index()
         else:
-            self.adapter = Adapter(path, base)
+            self.adapter = Adapter(path, base.config, base.layout.record)
             self.config = base.config
             self.tensors = adapted_tensors(base, self.adapter, self)
             self.weight_map, self.shard_metadata = base.weight_map, base.shard_metadata

@@ -33,11 +33,13 @@ from torch import nn
 from ..architectures.layouts import Architecture
 from ..artifact.corrections import corrected
 from ..artifact.manifest import DeltaEntry
-from ..errors import ArtifactError, MoeconsolError
+from ..artifact.reader import Artifact
+from ..errors import ArtifactError, MoeconsolError, SettingsError
 from .banks import BankExperts, bank_class, canonical_experts
 from .crossvariant import CrossVariantResidency, ServingMode
 from .device import parse_device, synchronize
 from .flat import Flat, nbytes, plan_flats
+from .lora import LoraForward, add_adapters
 from .variants import Variant, VariantSet, generation_config
 
 # -- reports ----------------------------------------------------------------------------------
@@ -70,16 +72,19 @@ class ResidentBytes:
     deltas: int = 0
     """every variant's compressed delta components, resident on the device (the private
     bank entries they are applied into count in `bank`)"""
+    adapters: int = 0
+    """the factors of the LoRA adapters served unmerged (`lora.LoraForward`), on the device"""
 
     @property
     def total(self) -> int:
-        return self.bank + self.non_expert + self.deltas
+        return self.bank + self.non_expert + self.deltas + self.adapters
 
     def to_dict(self) -> dict:
         return {
             "bank": self.bank,
             "non_expert": self.non_expert,
             "deltas": self.deltas,
+            "adapters": self.adapters,
             "total": self.total,
             "host": self.host,
         }
@@ -229,6 +234,12 @@ class Runtime:
         self._tokenizers: dict[str, Any] = {}
         self.swaps: list[SwapReport] = []
         self.active = ""
+        self._lora = LoraForward(self.model, variant_set, self.device)
+        if self._lora.any and self.mode is ServingMode.CROSS_VARIANT:
+            raise SettingsError(
+                "cross-variant batching does not serve unmerged LoRA adapters: merge them into the artifact "
+                "(`moeconsol merge ... NAME=ADAPTER_DIR`) or serve them without cross-variant batching"
+            )
         self._install(active)
         self._residency = self._start_residency()
 
@@ -241,10 +252,15 @@ class Runtime:
         active: str | None = None,
         progress=None,
         mode: ServingMode = ServingMode.SWAP,
+        adapters: dict[str, Path] | None = None,
     ) -> Runtime:
-        return cls(
-            VariantSet.from_artifact(path), device=device, dtype=dtype, active=active, progress=progress, mode=mode
-        )
+        """The artifact's variants, and `adapters` (name -> LoRA adapter directory) served
+        unmerged on the variant each names as its base (`lora.add_adapters`)."""
+        variant_set = VariantSet.from_artifact(path)
+        if adapters:
+            sources = {m.name: m.source for m in Artifact.open(path).spec.models}
+            variant_set = add_adapters(variant_set, adapters, sources)
+        return cls(variant_set, device=device, dtype=dtype, active=active, progress=progress, mode=mode)
 
     @property
     def family(self) -> VariantSet:
@@ -364,6 +380,7 @@ class Runtime:
             flat.swap_region.copy_(self._host[name][dtype])
         self._slot_table.copy_(self._slot_maps[name])
         self._apply_deltas(name)
+        self._lora.activate(name)
         self._set_generation_config(name)
         self.active = name
         synchronize(self.device)
@@ -398,6 +415,7 @@ class Runtime:
         if name == previous:
             return self._no_swap(name, previous)
         report = self._residency.activate(previous, name)
+        self._lora.activate(name)
         self._set_generation_config(name)
         self.active = name
         if report is None:
@@ -436,7 +454,7 @@ class Runtime:
             for comps in parts.values()
             for t in comps.values()
         )
-        return ResidentBytes(bank, non_expert, host, deltas)
+        return ResidentBytes(bank, non_expert, host, deltas, self._lora.nbytes())
 
     def bank_tensors(self) -> dict[str, torch.Tensor]:
         """The resident bank parameters, by name (for checks that the experts never move)."""

@@ -4,7 +4,6 @@ supported is refused in one line."""
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import shutil
@@ -13,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from builders import peft_model, save_adapter
 from cli_helpers import one_error_line, run_main
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig
 
 from moeconsol import testing as T
 from moeconsol.artifact.export import export_model
@@ -26,23 +26,6 @@ from moeconsol.quality.metrics import DEFAULT_CHUNK_LEN, perplexity
 from moeconsol.serving.runtime import Runtime
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-
-
-def save_adapter(model, config: LoraConfig, path: Path, seed: int) -> Path:
-    """peft's adapter of `config` on (a copy of) `model`, with random non-zero B, saved as safetensors."""
-    peft_model = get_peft_model(copy.deepcopy(model), config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    peft_model.save_pretrained(path, safe_serialization=True)
-    return path
-
-
-def peft_merged(model_class, base: Path, adapter: Path):
-    """What peft itself makes of base + adapter."""
-    return PeftModel.from_pretrained(model_class.from_pretrained(base), adapter).merge_and_unload().eval()
 
 
 def same_weights(a, b) -> list[str]:
@@ -70,7 +53,7 @@ def family(tmp_path_factory):
         save_adapter(base, config, root / name, seed=i + 1)
     models = [f"{n}={root / n}" for n in ("base", *configs)]
     merge(open_checkpoints(models), root / "out")
-    refs = {n: peft_merged(transformers.MixtralForCausalLM, root / "base", root / n) for n in configs}
+    refs = {n: peft_model(transformers.MixtralForCausalLM, root / "base", root / n) for n in configs}
     refs["base"] = transformers.MixtralForCausalLM.from_pretrained(root / "base").eval()
     return root, refs, tok
 
@@ -115,7 +98,7 @@ def test_bf16_and_fused_bases(tmp_path, dtype, fused):
     )
     merge(open_checkpoints([f"base={tmp_path / 'base'}", f"ad={tmp_path / 'ad'}"]), tmp_path / "out")
     export_model(tmp_path / "out", "ad", tmp_path / "exp")
-    ref = peft_merged(transformers.MixtralForCausalLM, tmp_path / "base", tmp_path / "ad")
+    ref = peft_model(transformers.MixtralForCausalLM, tmp_path / "base", tmp_path / "ad")
     assert same_weights(transformers.MixtralForCausalLM.from_pretrained(tmp_path / "exp"), ref) == []
 
 
@@ -128,7 +111,7 @@ def test_linear_experts_of_switch(tmp_path):
     merge(ckpts, tmp_path / "out")
     export_model(tmp_path / "out", "ad", tmp_path / "exp")
     cls = transformers.SwitchTransformersForConditionalGeneration
-    ref = peft_merged(cls, tmp_path / "base", tmp_path / "ad")
+    ref = peft_model(cls, tmp_path / "base", tmp_path / "ad")
     assert same_weights(cls.from_pretrained(tmp_path / "exp"), ref) == []
 
 
