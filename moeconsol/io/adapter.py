@@ -138,11 +138,12 @@ class Target:
     """A ParamWrapper (target_parameters): its product is cast to the weight's dtype before the add."""
 
 
-def delta(t: Target) -> torch.Tensor:
-    """The product peft's `get_delta_weight` gives (same operations, same order)."""
+def delta(t: Target, a: torch.Tensor, b: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+    """The product peft's `get_delta_weight` gives (same operations, same order) from the
+    factors `a`, `b` as stored; of a 3-D parameter, only expert `expert`'s slice if given
+    (peft's batched product restricted to that expert: the same values)."""
     import torch
 
-    a, b = read_tensor(t.a), read_tensor(t.b)
     if t.experts == 0:
         dtype = b.dtype
         low = dtype in (torch.float16, torch.bfloat16)  # peft computes these in float32 on the CPU
@@ -154,9 +155,11 @@ def delta(t: Target) -> torch.Tensor:
         return out.to(dtype) if low else out
     a3 = a.reshape(t.experts, -1, a.shape[-1])
     b3 = b.reshape(b.shape[0], -1, t.experts)
+    if expert is not None:
+        a3, b3 = a3[expert : expert + 1], b3[:, :, expert : expert + 1]
     out = torch.einsum("o r e, e r i -> e i o" if t.transposed else "o r e, e r i -> e o i", b3, a3)
     out.mul_(t.scaling)
-    return out
+    return out if expert is None else out[0]
 
 
 def add_into(weight: torch.Tensor, d: torch.Tensor, wrapper: bool) -> None:
@@ -301,18 +304,16 @@ def adapted_tensors(base: Checkpoint, adapter: Adapter, owner: object) -> dict[s
     names = sorted(plan, key=lambda n: (base.tensors[n].file, base.tensors[n].start))
     file = scratch / "adapted.safetensors"
     _check_space(scratch, sum(base.tensors[n].nbytes for n in names))
-    deltas: dict[str, torch.Tensor] = {}
-    last = {c.target: i for i, n in enumerate(names) for c in plan[n]}
+    products = _Products(adapter, plan, names)
     with open(file, "wb") as f:
         f.write(_header([(n, base.tensors[n]) for n in names]))
         for position, name in enumerate(names):
             tensor = read_tensor(base.tensors[name]).clone()
             for change in plan[name]:
-                _apply(base, adapter, name, tensor, change, deltas)
+                _apply(base, adapter, tensor, change, products.get(change.target, change.expert))
             f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
             del tensor
-            for target in [t for t, i in last.items() if i == position]:
-                deltas.pop(target, None)  # no tensor after this one needs its product
+            products.done(position)
     spilled, _ = read_header(file)
     return {**base.tensors, **spilled}
 
@@ -346,12 +347,39 @@ def _plan(base: Checkpoint, adapter: Adapter) -> dict[str, list[_Change]]:
     return plan
 
 
-def _apply(base: Checkpoint, adapter: Adapter, name: str, tensor: torch.Tensor, change: _Change, deltas: dict) -> None:
-    """Merge one change into the base tensor `tensor` (on-disk name `name`), in place."""
+class _Products:
+    """The products the tensors being merged need, in the order they are merged: each is
+    computed once (of a 3-D parameter, one expert's slice at a time) and dropped after the
+    last tensor that needs it, so memory holds the products in use, not the adapter's."""
+
+    def __init__(self, adapter: Adapter, plan: dict[str, list[_Change]], names: list[str]):
+        self.adapter = adapter
+        last: dict[tuple, int] = {}
+        for position, name in enumerate(names):
+            for c in plan[name]:
+                last[(c.target, c.expert)] = last[(c.target, "factors")] = position
+        self.drop: dict[int, list[tuple]] = {}
+        for key, position in last.items():
+            self.drop.setdefault(position, []).append(key)
+        self.cache: dict[tuple, Any] = {}
+
+    def get(self, target: str, expert: int | None) -> torch.Tensor:
+        if (target, expert) not in self.cache:
+            t = self.adapter.targets[target]
+            if (target, "factors") not in self.cache:
+                self.cache[(target, "factors")] = (read_tensor(t.a), read_tensor(t.b))
+            self.cache[(target, expert)] = delta(t, *self.cache[(target, "factors")], expert=expert)
+        return self.cache[(target, expert)]
+
+    def done(self, position: int) -> None:
+        for key in self.drop.get(position, []):
+            self.cache.pop(key, None)
+
+
+def _apply(base: Checkpoint, adapter: Adapter, tensor: torch.Tensor, change: _Change, d: torch.Tensor) -> None:
+    """Merge one change (its product `d`: whole, or the expert's slice) into `tensor`, the
+    whole on-disk tensor it lands in, in place."""
     t = adapter.targets[change.target]
-    if change.target not in deltas:
-        deltas[change.target] = delta(t)
-    d = deltas[change.target]
     if change.expert is None and tuple(d.shape) == tuple(tensor.shape):
         add_into(tensor, d, t.wrapper)
         return
@@ -364,7 +392,7 @@ def _apply(base: Checkpoint, adapter: Adapter, name: str, tensor: torch.Tensor, 
         layer, kind = memory.match_fused(change.target)
         parts = memory.fused_parts[kind]
         e, part = change.expert, parts[change.index]
-        piece = split(memory.fused_codec, d[e], len(parts))[change.index]
+        piece = split(memory.fused_codec, d, len(parts))[change.index]
     add_into(base.part_view(tensor, layer, e, part), piece, t.wrapper)
 
 
@@ -395,4 +423,4 @@ def apply_to_model(model, adapter: Adapter) -> None:
 
     with torch.no_grad():
         for param, t in adapter.targets.items():
-            add_into(model.get_parameter(param).data, delta(t), t.wrapper)
+            add_into(model.get_parameter(param).data, delta(t, read_tensor(t.a), read_tensor(t.b)), t.wrapper)
