@@ -60,8 +60,9 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
 
 
 def is_adapter_dir(path: Path) -> bool:
-    """A peft adapter directory: it has an adapter_config.json (and no config.json of a model)."""
-    return (path / CONFIG).is_file() and not (path / "config.json").exists()
+    """A peft adapter directory: an adapter_config.json and no model weights beside it."""
+    model = ("model.safetensors", "model.safetensors.index.json")
+    return (path / CONFIG).is_file() and not any((path / f).exists() for f in model)
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,8 @@ def score_checkpoint(
         for name, d in data.items():
             t = tok or (tokenizers or {}).get(name)
             if t is None:
-                raise CheckpointError(f"{path}: no tokenizer to score it with; save the tokenizer with the model")
+                where = path.path if isinstance(path, Checkpoint) else path
+                raise CheckpointError(f"{where}: no tokenizer to score it with; save the tokenizer with the model")
             out[name] = score(model, t, d, settings)
     del model
     return out
