@@ -40,6 +40,31 @@ def served_family(
     return root / "out", Runtime.from_artifact(root / "out", **runtime_options), refs, tok
 
 
+def save_adapter(model, config, path: Path, seed: int) -> Path:
+    """peft's LoRA adapter of `config` (a peft LoraConfig) on a copy of `model`, with random
+    non-zero B (peft starts B at zero), saved as safetensors."""
+    import copy
+
+    from peft import get_peft_model  # peft: imported by the adapter tests only
+
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    peft_model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def peft_model(model_class, base: Path, adapter: Path, merged: bool = True):
+    """What peft itself makes of base + adapter: merged (`merge_and_unload`) or as it runs it."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model_class.from_pretrained(base), adapter)
+    return (model.merge_and_unload() if merged else model).eval()
+
+
 def greedy(ref, ids: list[int], n: int) -> list[int]:
     x = torch.tensor([ids])
     return ref.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False)[

@@ -108,14 +108,14 @@ def load_model(ckpt: Checkpoint):
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar per model on stderr
     model_class = architecture(ckpt.layout.architecture).transformers_classes()[1]
-    return model_class.from_pretrained(str(ckpt.path)).eval()
+    return ckpt.load_model(model_class).eval()
 
 
 def load_tokenizer(ckpt: Checkpoint):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(ckpt.path))
+        return AutoTokenizer.from_pretrained(str(ckpt.tokenizer_dir))
     except (OSError, ValueError) as e:
         raise CheckpointError(
             f"{ckpt.path}: no usable tokenizer for calibration ({e}); save the tokenizer with the model"

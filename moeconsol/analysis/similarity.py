@@ -583,7 +583,7 @@ def probe_inputs_from_text(ckpt: Checkpoint, text: str, n_probes: int = DEFAULT_
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(ckpt.path)
+        tok = AutoTokenizer.from_pretrained(ckpt.tokenizer_dir)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{ckpt.path}: no tokenizer to encode the calibration text with") from e
     ids = tok(text, return_tensors="pt", truncation=True, max_length=n_probes).input_ids
@@ -596,7 +596,7 @@ def probe_inputs_from_text(ckpt: Checkpoint, text: str, n_probes: int = DEFAULT_
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # moeconsol shows its own progress
     try:
-        model = cls.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+        model = ckpt.load_model(cls, dtype=torch.float32).eval()
     finally:
         if bars:
             hf_logging.enable_progress_bar()

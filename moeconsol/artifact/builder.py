@@ -195,14 +195,13 @@ def source_shards(ckpt: Checkpoint) -> dict[str, SourceShard]:
     """Each source file: its __metadata__ and its tensors in file order (on-disk names)."""
     out = {}
     for file, meta in ckpt.shard_metadata.items():
-        names = sorted((n for n, f in ckpt.weight_map.items() if f == file), key=lambda n: ckpt.tensors[n].start)
-        out[file] = SourceShard(meta, names)
+        out[file] = SourceShard(meta, ckpt.shard_order(file))
     return out
 
 
 def source_index(ckpt: Checkpoint) -> dict | None:
     """The source's index file without its weight map (export writes it back), if it has one."""
-    index = ckpt.path / "model.safetensors.index.json"
+    index = ckpt.weights_dir / "model.safetensors.index.json"
     if not index.exists():
         return None
     data = read_json_file(index, "index")
@@ -214,6 +213,6 @@ def input_bytes(ckpts: list[Checkpoint]) -> int:
     """Bytes of the N inputs: their safetensors files and the side files merge carries."""
     total = 0
     for c in ckpts:
-        total += sum((c.path / f).stat().st_size for f in c.shard_metadata)
+        total += sum((c.weights_dir / f).stat().st_size for f in c.shard_metadata)
         total += sum(p.stat().st_size for p in c.side_files())
     return total

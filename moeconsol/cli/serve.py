@@ -14,6 +14,7 @@ from rich.console import Console
 from ..errors import MoeconsolError
 from . import app
 from .interrupt import INTERRUPTED, Interrupted, by_sigterm
+from .options import parse_named_files
 from .progress import stage_progress
 
 # The engine's defaults (serving/engine.py: DEFAULT_*), written out so that parsing the options
@@ -100,6 +101,14 @@ def serve_local(
         str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoints' own).")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One-shot: print the results as JSON.")] = False,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter",
+            help="NAME=DIR: a LoRA adapter on the artifact's variant it names as its base, served unmerged as "
+            "model NAME (its factors applied in the forward; Linear modules only; repeatable).",
+        ),
+    ] = None,
 ) -> None:
     """Run a prompt on one or more variants (--prompt), or serve them all over HTTP (--port)."""
     if (prompt is None) == (port is None):
@@ -131,6 +140,9 @@ def serve_local(
             active=active,
             progress=advance,
             mode=ServingMode.CROSS_VARIANT if cross_variant_batching else ServingMode.SWAP,
+            adapters={
+                n: Path(d) for n, d in parse_named_files(adapter or [], "--adapter", allow_unnamed=False).items()
+            },
         )
 
     with stage_progress(
@@ -142,8 +154,9 @@ def serve_local(
     rb = runtime.resident_bytes()
     err.print(
         f"loaded {artifact} on {torch_device} ({str(runtime.dtype).removeprefix('torch.')}): resident "
-        f"{_size(rb.total)} = bank {_size(rb.bank)} + non-expert {_size(rb.non_expert)}; "
-        f"host {_size(rb.host)} for {len(runtime.names)} models ({', '.join(runtime.names)})"
+        f"{_size(rb.total)} = bank {_size(rb.bank)} + non-expert {_size(rb.non_expert)}"
+        + (f" + adapters {_size(rb.adapters)}; " if rb.adapters else "; ")
+        + f"host {_size(rb.host)} for {len(runtime.names)} models ({', '.join(runtime.names)})"
         + (f", of which corrected experts {_size(rb.corrected)}" if rb.corrected else "")
         + ("; every variant resident (cross-variant batching)" if cross_variant_batching else "")
     )

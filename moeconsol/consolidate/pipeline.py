@@ -71,7 +71,7 @@ def merge(
         check_compatible([*ckpts, base])
     for c in [*ckpts, *([base] if base is not None else [])]:
         check_config(c)
-    inputs = [c.path for c in ckpts] + ([base.path] if base is not None else [])
+    inputs = [*{p: None for c in ckpts for p in (c.path, c.weights_dir)}] + ([base.path] if base is not None else [])
     if planner.needs_calibration:
         inputs += [Path(f) for f in (s.calibration or {}).values()]
     check_destination(out, force, inputs)

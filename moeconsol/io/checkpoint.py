@@ -29,6 +29,7 @@ from ..architectures.layouts import (
 )
 from ..errors import CheckpointError, IncompatibleModelsError, MoeconsolWarning, SettingsError, UnsafePathError
 from . import quant
+from .adapter import Adapter, adapted_tensors, apply_to_model, is_adapter_dir
 from .digest import value_flags
 from .safetensors_file import ITEMSIZE, TensorInfo, read_header, read_tensor
 from .safety import NAME_RULE, check_relative, is_regular_file, is_safe_name
@@ -52,6 +53,7 @@ SIDE_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+_MODEL_FILES = ("config.json", "generation_config.json")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -151,12 +153,24 @@ def read_index(path: Path) -> dict[str, str]:
 
 
 class Checkpoint:
-    """Index of one checkpoint; reads tensors on demand."""
+    """Index of one checkpoint; reads tensors on demand.
 
-    def __init__(self, name: str, source: str, path: Path, revision: str | None = None):
+    With `base`, `path` is a LoRA adapter directory (`adapter.py`) and the checkpoint is the
+    base with the adapter merged: the tensors the adapter changes are read from a scratch
+    file written when it is opened, every other one from the base's files."""
+
+    def __init__(self, name: str, source: str, path: Path, revision: str | None = None, base: Checkpoint | None = None):
         self.name, self.source, self.path, self.revision = name, source, path, revision
-        self.config = self._read_config()
-        self.tensors, self.weight_map, self.shard_metadata = self._index()
+        self.base = base
+        self.adapter: Adapter | None = None
+        if base is None:
+            self.config = self._read_config()
+            self.tensors, self.weight_map, self.shard_metadata = self._index()
+        else:
+            self.adapter = Adapter(path, base.config, base.layout.record)
+            self.config = base.config
+            self.tensors = adapted_tensors(base, self.adapter, self)
+            self.weight_map, self.shard_metadata = base.weight_map, base.shard_metadata
         model_type = self.config.get("model_type")
         self.quantization = quant.read_quantization(self.config, str(path / "config.json"))
         method = self.quantization.method if self.quantization else None
@@ -285,6 +299,10 @@ class Checkpoint:
     # -- construction helpers -------------------------------------------------------------
     def _read_config(self) -> dict:
         cfg = self.path / "config.json"
+        if is_adapter_dir(self.path):
+            raise CheckpointError(
+                f"{self.path}: a LoRA adapter; give its base model in the same command (see docs/merge.md)"
+            )
         if not cfg.exists():
             if any(self.path.glob("*.safetensors")) or any(self.path.glob("*.bin")):
                 raise CheckpointError(f"{self.path}: no config.json; not a Hugging Face checkpoint directory")
@@ -421,6 +439,16 @@ class Checkpoint:
             out.update({p: t.contiguous() for p, t in zip(fused, pieces)})
         return {part: out[part] for part in self.layout.parts}
 
+    def expert_tensor(self, layer: str, expert: int, part: str) -> TensorInfo:
+        """The on-disk tensor that holds a canonical expert part (a per-expert or a fused tensor)."""
+        return self._experts[(layer, expert, part)][0]
+
+    def part_view(self, tensor: torch.Tensor, layer: str, expert: int, part: str) -> torch.Tensor:
+        """The canonical part (layer, expert, part) as a view into `tensor`, the whole
+        on-disk tensor holding it as read (`expert_tensor`): writing the view writes it."""
+        _, e, k, n = self._experts[(layer, expert, part)]
+        return tensor if e is None else split(self.layout.fused_codec, tensor[e], n)[k]
+
     def router_name(self, layer: str) -> str:
         return self._routers[layer]
 
@@ -429,8 +457,41 @@ class Checkpoint:
         return read_tensor(self.tensors[name])
 
     def side_files(self) -> list[Path]:
-        """config, generation config and tokenizer files present beside the weights."""
-        return [self.path / f for f in SIDE_FILES if (self.path / f).is_file()]
+        """config, generation config and tokenizer files present beside the weights (an
+        adapter's: the base's, with the tokenizer files saved with the adapter if any)."""
+        if self.base is None:
+            return [self.path / f for f in SIDE_FILES if (self.path / f).is_file()]
+        model = [p for p in self.base.side_files() if p.name in _MODEL_FILES]
+        tokenizer = self.tokenizer_dir
+        return model + [tokenizer / f for f in SIDE_FILES if f not in _MODEL_FILES and (tokenizer / f).is_file()]
+
+    @property
+    def weights_dir(self) -> Path:
+        """The directory of the safetensors files `weight_map` names (an adapter's: its base's)."""
+        return self.path if self.base is None else self.base.weights_dir
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """Where the tokenizer is: beside the weights, or an adapter's own if saved with it."""
+        if self.base is None or (self.path / "tokenizer_config.json").is_file():
+            return self.path
+        return self.base.tokenizer_dir
+
+    def shard_order(self, file: str) -> list[str]:
+        """The tensors of one of `weight_map`'s files, in file order (on-disk names)."""
+        if self.base is not None:
+            return self.base.shard_order(file)
+        return sorted((n for n, f in self.weight_map.items() if f == file), key=lambda n: self.tensors[n].start)
+
+    def load_model(self, model_class, **kwargs):
+        """The whole transformers model (`model_class.from_pretrained`); an adapter's is its
+        base's with the adapter merged, as peft's merge_and_unload makes it."""
+        if self.base is None:
+            return model_class.from_pretrained(str(self.path), **kwargs)
+        model = self.base.load_model(model_class, **kwargs)
+        assert self.adapter is not None
+        apply_to_model(model, self.adapter)
+        return model
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.name!r}, {self.layout.name}, {len(self.moe_layers)} MoE layers x {self.num_experts} experts)"
@@ -448,16 +509,50 @@ def open_checkpoint(arg: str, revision: str | None = None) -> Checkpoint:
 
 
 def open_checkpoints(args: list[str], revision: str | None = None) -> list[Checkpoint]:
-    """Open every model, then check they can be consolidated together."""
+    """Open every model, then check they can be consolidated together. A LoRA adapter
+    directory is a variant on the base among the models (`adapter_base`)."""
     if not args:
         raise SettingsError("no models given")
-    ckpts = [open_checkpoint(a, revision) for a in args]
+    refs = [parse_model_ref(a) for a in args]
+    paths = [resolve_checkpoint_dir(r.source, revision) for r in refs]
+    full = {
+        i: Checkpoint(r.name, r.source, p, revision)
+        for i, (r, p) in enumerate(zip(refs, paths))
+        if not is_adapter_dir(p)
+    }
+    ckpts = [
+        full[i] if i in full else Checkpoint(r.name, r.source, p, revision, adapter_base(p, list(full.values())))
+        for i, (r, p) in enumerate(zip(refs, paths))
+    ]
     names = [c.name for c in ckpts]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
         raise SettingsError(f"two models are both named {dup!r}: give names with NAME=PATH")
     check_compatible(ckpts)
     return ckpts
+
+
+def adapter_base(path: Path, models: list[Checkpoint]) -> Checkpoint:
+    """The base of the adapter at `path` among the full checkpoints of the command: the one
+    its `base_model_name_or_path` names (by NAME, source or directory), else the only one."""
+    wanted = Adapter.base_name(path)
+    if wanted is not None:
+        named = [
+            c
+            for c in models
+            if wanted in (c.name, c.source)
+            or (Path(wanted).expanduser().exists() and Path(wanted).resolve() == c.path.resolve())
+        ]
+        if named:
+            return named[0]
+    if len(models) == 1:
+        return models[0]
+    if not models:
+        raise SettingsError(f"{path}: a LoRA adapter needs its base model among the models of the command")
+    raise SettingsError(
+        f"{path}: a LoRA adapter and {len(models)} full checkpoints: its base_model_name_or_path ({wanted!r}) names "
+        "none of them; set it to the base's NAME in adapter_config.json"
+    )
 
 
 def check_compatible(ckpts: list[Checkpoint]) -> None:

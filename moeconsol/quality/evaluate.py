@@ -32,7 +32,15 @@ from ..artifact.reader import Artifact
 from ..consolidate.pipeline import merge
 from ..consolidate.settings import MergeSettings
 from ..errors import CheckpointError, IncompatibleModelsError, MoeconsolError, SettingsError, UnknownModelError
-from ..io.checkpoint import expert_nbytes, open_checkpoint, open_checkpoints, resolve_checkpoint_dir
+from ..io.adapter import is_adapter_dir
+from ..io.checkpoint import (
+    Checkpoint,
+    adapter_base,
+    expert_nbytes,
+    open_checkpoint,
+    open_checkpoints,
+    resolve_checkpoint_dir,
+)
 from ..io.data import read_seq2seq_data, read_text_data
 from ..serving.runtime import Runtime
 from .metrics import DEFAULT_CHUNK_LEN, perplexity, retained_gain, seq2seq_accuracy
@@ -92,12 +100,16 @@ def score(model, tokenizer, data: str | list[dict], settings: EvalSettings | Non
     return Score("perplexity", r.perplexity, True, r.to_dict())
 
 
-def _load_pretrained(path: Path, architecture_name: str):
+def _load_pretrained(source: Path | Checkpoint, architecture_name: str):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar per model on stderr
-    model = architecture(architecture_name).transformers_classes()[1].from_pretrained(str(path)).eval()
+    model_class = architecture(architecture_name).transformers_classes()[1]
+    if isinstance(source, Checkpoint):  # an adapter variant: its base with the adapter merged
+        model, path = source.load_model(model_class).eval(), source.tokenizer_dir
+    else:
+        model, path = model_class.from_pretrained(str(source)).eval(), source
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError):
@@ -106,7 +118,7 @@ def _load_pretrained(path: Path, architecture_name: str):
 
 
 def score_checkpoint(
-    path: str | Path,
+    path: str | Path | Checkpoint,
     architecture: str,
     data: dict[str, str | list[dict]],
     settings: EvalSettings | None = None,
@@ -114,13 +126,14 @@ def score_checkpoint(
 ) -> dict[str, Score]:
     """Load one checkpoint (the whole model, once) and score it on each named data set.
     A checkpoint without a tokenizer uses `tokenizers[name]`."""
-    model, tok = _load_pretrained(Path(path), architecture)
+    model, tok = _load_pretrained(path if isinstance(path, Checkpoint) else Path(path), architecture)
     out = {}
     with torch.no_grad():
         for name, d in data.items():
             t = tok or (tokenizers or {}).get(name)
             if t is None:
-                raise CheckpointError(f"{path}: no tokenizer to score it with; save the tokenizer with the model")
+                where = path.path if isinstance(path, Checkpoint) else path
+                raise CheckpointError(f"{where}: no tokenizer to score it with; save the tokenizer with the model")
             out[name] = score(model, t, d, settings)
     del model
     return out
@@ -216,14 +229,12 @@ def eval_artifact(
     chosen = _check_variants(art.model_names, data, variants, str(art.path))
     enc_dec = architecture(art.architecture).encoder_decoder
     loaded = {n: load_data(data[n], enc_dec) for n in chosen}
-    models = {m.name: m for m in art.spec.models}
     originals: dict[str, Score] = {}
     art_tokenizers = None
     for i, n in enumerate(chosen):
         if progress:
             progress("originals", i, len(chosen))
-        src = resolve_checkpoint_dir(models[n].source, models[n].revision)
-        originals.update(score_checkpoint(src, art.architecture, {n: loaded[n]}, settings))
+        originals.update(score_checkpoint(_original(art, n), art.architecture, {n: loaded[n]}, settings))
     if progress:
         progress("originals", len(chosen), len(chosen))
     consolidated = score_artifact(art.path, loaded, settings, progress)
@@ -250,6 +261,21 @@ def eval_artifact(
             )
         )
     return EvalReport(str(art.path), art.spec.consolidation, base, rows)
+
+
+def _original(art: Artifact, name: str) -> Path | Checkpoint:
+    """Where variant `name` of the artifact came from: its checkpoint directory, or (a LoRA
+    adapter) the adapter on its base, found among the artifact's other sources as merge did."""
+    models = {m.name: m for m in art.spec.models}
+    src = resolve_checkpoint_dir(models[name].source, models[name].revision)
+    if not is_adapter_dir(src):
+        return src
+    full = []
+    for m in art.spec.models:
+        path = resolve_checkpoint_dir(m.source, m.revision)
+        if not is_adapter_dir(path):
+            full.append(Checkpoint(m.name, m.source, path, m.revision))
+    return Checkpoint(name, models[name].source, src, models[name].revision, adapter_base(src, full))
 
 
 def _artifact_tokenizer(art: Artifact, name: str):
@@ -361,7 +387,7 @@ def sweep(
     originals: dict[str, Score] = {}
     for c in ckpts:
         if c.name in loaded:
-            originals.update(score_checkpoint(c.path, arch, {c.name: loaded[c.name]}, settings))
+            originals.update(score_checkpoint(c, arch, {c.name: loaded[c.name]}, settings))
             tick()
     base_scores = None
     if base_ckpt:

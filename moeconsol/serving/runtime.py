@@ -32,11 +32,13 @@ from torch import nn
 
 from ..architectures.layouts import Architecture
 from ..artifact.corrections import corrected
-from ..errors import ArtifactError, MoeconsolError
+from ..artifact.reader import Artifact
+from ..errors import ArtifactError, MoeconsolError, SettingsError
 from .banks import BankExperts, bank_class, canonical_experts
 from .crossvariant import CrossVariantResidency, ServingMode
 from .device import parse_device, synchronize
 from .flat import Flat, nbytes, plan_flats
+from .lora import LoraForward, add_adapters
 from .variants import Variant, VariantSet, generation_config
 
 # -- reports ----------------------------------------------------------------------------------
@@ -76,16 +78,19 @@ class ResidentBytes:
     """of `host`: every variant's corrected experts, decoded once at load and kept in host
     memory, which a swap copies into the private bank entries (swap mode; with cross-variant
     batching each variant's stay in its own entries, in `bank`)"""
+    adapters: int = 0
+    """the factors of the LoRA adapters served unmerged (`lora.LoraForward`), on the device"""
 
     @property
     def total(self) -> int:
-        return self.bank + self.non_expert + self.deltas
+        return self.bank + self.non_expert + self.deltas + self.adapters
 
     def to_dict(self) -> dict:
         return {
             "bank": self.bank,
             "non_expert": self.non_expert,
             "deltas": self.deltas,
+            "adapters": self.adapters,
             "total": self.total,
             "host": self.host,
             "corrected": self.corrected,
@@ -242,6 +247,12 @@ class Runtime:
         self._tokenizers: dict[str, Any] = {}
         self.swaps: list[SwapReport] = []
         self.active = ""
+        self._lora = LoraForward(self.model, variant_set, self.device)
+        if self._lora.any and self.mode is ServingMode.CROSS_VARIANT:
+            raise SettingsError(
+                "cross-variant batching does not serve unmerged LoRA adapters: merge them into the artifact "
+                "(`moeconsol merge ... NAME=ADAPTER_DIR`) or serve them without cross-variant batching"
+            )
         self._install(active)
         self._residency = self._start_residency()
 
@@ -254,10 +265,15 @@ class Runtime:
         active: str | None = None,
         progress=None,
         mode: ServingMode = ServingMode.SWAP,
+        adapters: dict[str, Path] | None = None,
     ) -> Runtime:
-        return cls(
-            VariantSet.from_artifact(path), device=device, dtype=dtype, active=active, progress=progress, mode=mode
-        )
+        """The artifact's variants, and `adapters` (name -> LoRA adapter directory) served
+        unmerged on the variant each names as its base (`lora.add_adapters`)."""
+        variant_set = VariantSet.from_artifact(path)
+        if adapters:
+            sources = {m.name: m.source for m in Artifact.open(path).spec.models}
+            variant_set = add_adapters(variant_set, adapters, sources)
+        return cls(variant_set, device=device, dtype=dtype, active=active, progress=progress, mode=mode)
 
     @property
     def family(self) -> VariantSet:
@@ -385,6 +401,7 @@ class Runtime:
         self._slot_table.copy_(self._slot_maps[name])
         for copy in self._corrected[name]:
             copy()
+        self._lora.activate(name)
         self._set_generation_config(name)
         self.active = name
         synchronize(self.device)
@@ -418,6 +435,7 @@ class Runtime:
         if name == previous:
             return self._no_swap(name, previous)
         report = self._residency.activate(previous, name)
+        self._lora.activate(name)
         self._set_generation_config(name)
         self.active = name
         if report is None:
@@ -449,7 +467,7 @@ class Runtime:
         non_expert = sum(nbytes(f.buffer) for f in self._flats.values()) + self._residency.extra_non_expert_bytes()
         host = sum(nbytes(t) for t in {id(t): t for buffers in self._host.values() for t in buffers.values()}.values())
         corrected = sum(copy.nbytes for copies in self._corrected.values() for copy in copies)
-        return ResidentBytes(bank, non_expert, host + corrected, 0, corrected)
+        return ResidentBytes(bank, non_expert, host + corrected, 0, corrected, self._lora.nbytes())
 
     def bank_tensors(self) -> dict[str, torch.Tensor]:
         """The resident bank parameters, by name (for checks that the experts never move)."""

@@ -70,6 +70,9 @@ class Variant:
     deltas: dict[str, list[DeltaEntry]] = field(default_factory=dict)
     """MoE layer id -> the slots served by their bank entry plus a compressed correction
     (deltas.py); the components are read by stored key through `VariantSet.read`"""
+    lora: dict[str, Any] = field(default_factory=dict)
+    """Linear module name -> LoRA factors its forward adds (`lora.add_adapters`: an adapter
+    served unmerged on this variant's weights); empty for every variant of an artifact"""
 
 
 @dataclass
