@@ -24,8 +24,6 @@ from ..architectures.layouts import all_layouts
 from ..errors import ArtifactError, MoeconsolError, SettingsError
 from ..io.safetensors_file import ITEMSIZE, torch_dtypes
 from ..io.safety import NAME_RULE, is_regular_file, is_safe_name, relative_path_problem
-from .corrections import FORMATS
-from .nonexpert_codec import CODECS
 
 FORMAT = "moeconsol-artifact"
 FORMAT_VERSION = 2
@@ -33,6 +31,9 @@ READ_VERSIONS = (1, 2)
 """Format versions this moeconsol reads: 2 added per-slot expert deltas (`LayerEntry.deltas`) and
 `encodings` (non-expert tensors stored as lossless deltas)."""
 MANIFEST = "manifest.json"
+XOR_ZSTD = "xor-zstd"
+CODECS = (XOR_ZSTD,)
+"""Codecs an artifact may name in `encodings` (`nonexpert_codec` implements them)."""
 _MAX_MANIFEST = 1 << 30
 """A manifest larger than this (1 GiB) is refused rather than parsed."""
 
@@ -503,6 +504,7 @@ def _layer(r: _Reader, v: object, i: int, names: list[str]) -> LayerEntry:
 
 
 def _delta(r: _Reader, v: object, f: str) -> DeltaEntry:
+    from .corrections import FORMATS  # imports torch: only artifacts with deltas pay for it (inspect)
 
     d = r.obj(v, f)
     fmt = r.text(d.get("format"), f"{f}.format")
@@ -531,6 +533,9 @@ def _check_deltas(
 ) -> None:
     """Delta slots in range, pointing where the slot map points, one per expert, a size the
     format takes, every part and component of the format stored."""
+    if not entry.deltas:
+        return
+    from .corrections import FORMATS  # imports torch: only artifacts with deltas pay for it (inspect)
 
     parts = tuple(part_shapes)
     for name, items in entry.deltas.items():

@@ -25,6 +25,7 @@ from ..io.writer import sha256_file
 from . import nonexpert_codec as codec
 from .corrections import corrected
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, DeltaEntry, Manifest, ModelEntry
+from .overview import open_manifest, summary
 
 __all__ = [
     "FORMAT",
@@ -32,6 +33,7 @@ __all__ = [
     "MANIFEST",
     "Artifact",
     "bank_key",
+    "summary",
 ]
 
 Progress = Callable[[str, int, int], None]
@@ -67,16 +69,8 @@ class Artifact:
     def open(cls, path: str | Path, checksums: bool = True) -> Artifact:
         """Open and validate the manifest. `checksums=False`: files are still checked for
         size and headers when first read, but not hashed (`verify` is then the check)."""
-        path = Path(path)
-        if not path.exists():
-            raise ArtifactError(f"{path}: no such artifact directory")
-        if not path.is_dir():
-            raise ArtifactError(f"{path}: not an artifact (expected a directory made by `moeconsol merge`)")
-        manifest_path = path / MANIFEST
-        if not manifest_path.exists():
-            raise ArtifactError(f"{path}: not a moeconsol artifact (no {MANIFEST})")
-        spec, data = Manifest.read(manifest_path)
-        return cls(path, spec, data, checksums)
+        opened = open_manifest(path)
+        return cls(opened.path, opened.spec, opened.manifest, checksums)
 
     # -- models -----------------------------------------------------------------------------
     def _model(self, name: str) -> ModelEntry:
@@ -184,32 +178,6 @@ class Artifact:
 
     def __repr__(self) -> str:
         return f"Artifact({str(self.path)!r}, {self.architecture}, models={self.model_names})"
-
-
-def summary(art: Artifact) -> dict:
-    """What `inspect` shows: models, bank per layer, bytes, settings."""
-    spec = art.spec
-    b = spec.bytes
-    return {
-        "path": str(art.path),
-        "architecture": art.architecture,
-        "dtype": spec.dtype,
-        "models": [{"name": m.name, "source": m.source, "layout": m.layout} for m in spec.models],
-        "experts_per_layer": art.experts_per_layer,
-        "consolidation": spec.consolidation,
-        "bank": {layer: art.bank_size(layer) for layer in art.layers},
-        "bytes": {
-            "inputs": b.get("inputs"),
-            "artifact": sum(f.size for f in spec.files.values()) + (art.path / MANIFEST).stat().st_size,
-            "experts_in": b.get("experts_in"),
-            "bank": b.get("bank"),
-            "deltas": b.get("deltas"),
-            "non_expert": b.get("non_expert"),
-            "non_expert_whole": b.get("non_expert_whole"),
-        },
-        "delta_slots": {layer: sum(len(x) for x in art._layer(layer).deltas.values()) for layer in art.layers},
-        "files": len(spec.files) + 1,
-    }
 
 
 # -- verification -------------------------------------------------------------------------

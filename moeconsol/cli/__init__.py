@@ -68,7 +68,7 @@ COMMANDS: dict[str, str] = {
     "analyze": "analyze",
     "merge": "merge",
     "export": "merge",
-    "inspect": "merge",
+    "inspect": "inspect",
     "verify": "merge",
     "serve-local": "serve",
     "eval": "evaluate",
