@@ -20,6 +20,7 @@ The core does not know the artifact format: it takes a `VariantSet` (variants.py
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -223,8 +224,7 @@ class Runtime:
         self._slot_maps = _slot_map_tensors(
             variant_set, self.device, _served_slot_maps(variant_set, self._delta_offsets)
         )
-        self._host = self._load_host_tensors(progress)
-        self._load_bank(progress)
+        self._host = self._load(progress)
         self._deltas = self._load_deltas()
         self._tokenizers: dict[str, Any] = {}
         self.swaps: list[SwapReport] = []
@@ -268,37 +268,61 @@ class Runtime:
         _materialize(self.model, self.device, views)
 
     @torch.no_grad()
-    def _load_host_tensors(self, progress) -> dict[str, dict[torch.dtype, torch.Tensor]]:
+    def _load(self, progress) -> dict[str, dict[torch.dtype, torch.Tensor]]:
+        """Each variant's host buffers (`_host_buffers`), the tensors every variant shares and
+        the bank, filled. What the artifact stores whole, of the dtype and shape it goes to,
+        is read straight into its place, several files at once, each file hashed as it is read
+        (`VariantSet.read_in_place`); the rest (encoded, cast, on a GPU) is read tensor by
+        tensor and copied."""
+        host, fills = self._host_buffers()
+        fills += self._bank_fills()
+        totals = Counter(f.stage for f in fills)
+        counts: Counter[str] = Counter()
+
+        def advance(fill: _Fill) -> None:
+            counts[fill.stage] += 1
+            if progress:
+                progress(fill.stage, counts[fill.stage], totals[fill.stage])
+
+        direct = [
+            f
+            for f in fills
+            if f.direct and f.places and all(self.variant_set.can_read_in_place(k, t) for k, t in f.places.items())
+        ]
+        places: dict[str, list[torch.Tensor]] = {}
+        waiting: dict[str, list[_Fill]] = {}
+        left = {id(f): len(f.places) for f in direct}
+        for f in direct:
+            for key, target in f.places.items():
+                places.setdefault(key, []).append(target)
+                waiting.setdefault(key, []).append(f)
+
+        def landed(key: str) -> None:
+            for f in waiting[key]:
+                left[id(f)] -= 1
+                if not left[id(f)]:
+                    advance(f)
+
+        self.variant_set.read_in_place(places, landed)
+        for f in fills:
+            if id(f) not in left:
+                f.fallback()
+                advance(f)
+        return host
+
+    def _host_buffers(self) -> tuple[dict[str, dict[torch.dtype, torch.Tensor]], list[_Fill]]:
         """Each variant's swappable tensors in one flat host buffer per dtype (pinned on CUDA),
-        laid out as the device buffer's swap region and filled tensor by tensor; variants whose
-        swappable tensors all have the same stored keys share one buffer. The tensors every
-        variant shares are read once, straight into the device buffer."""
+        laid out as the device buffer's swap region; variants whose swappable tensors all have
+        the same stored keys share one buffer. Returns the buffers (allocated) and what fills
+        them and the tensors every variant shares (read once, straight into the device
+        buffer)."""
         pin = self.device.type == "cuda"
         signatures = {  # (variant, dtype) -> what its host buffer holds
             (name, dtype): (dtype, *(self._keys[name][t] for t in flat.swappable))
             for dtype, flat in self._flats.items()
             for name in self.names
         }
-        total = sum(len(self._flats[sig[0]].swappable) for sig in set(signatures.values()))
-        total += sum(len(f.shared) for f in self._flats.values())
-        done = 0
-
-        def fill(buffer: torch.Tensor, flat: Flat, tensor_names: list[str], variant: str) -> None:
-            nonlocal done
-            for tname in tensor_names:
-                target = self._targets[tname]
-                stored = self.variant_set.read(self._keys[variant][tname])
-                if stored.shape != target.shape:
-                    raise ArtifactError(
-                        f"model {variant!r}: {tname} is {list(stored.shape)}, the model needs {list(target.shape)}"
-                    )
-                if tname in self._through_model_dtype and stored.is_floating_point():
-                    stored = stored.to(self.dtype)  # as transformers loads it, before its router casts it
-                flat.view_in(buffer, tname, target.shape).copy_(stored)
-                done += 1
-                if progress:
-                    progress("non-expert tensors", done, total)
-
+        fills: list[_Fill] = []
         host: dict[str, dict[torch.dtype, torch.Tensor]] = {name: {} for name in self.names}
         built: dict[tuple, torch.Tensor] = {}
         for dtype, flat in self._flats.items():
@@ -306,21 +330,43 @@ class Runtime:
                 signature = signatures[name, dtype]
                 if signature not in built:
                     built[signature] = torch.zeros(flat.swap_numel, dtype=dtype, pin_memory=pin)
-                    fill(built[signature], flat, flat.swappable, name)
+                    fills += [self._non_expert_fill(built[signature], flat, t, name) for t in flat.swappable]
                 host[name][dtype] = built[signature]
-            fill(flat.buffer, flat, flat.shared, self.names[0])
-        return host
+            fills += [self._non_expert_fill(flat.buffer, flat, t, self.names[0]) for t in flat.shared]
+        return host, fills
 
-    @torch.no_grad()
-    def _load_bank(self, progress) -> None:
-        total = sum(self.variant_set.bank_sizes.values())
-        done = 0
+    def _non_expert_fill(self, buffer: torch.Tensor, flat: Flat, tname: str, variant: str) -> _Fill:
+        target = self._targets[tname]
+        place = flat.view_in(buffer, tname, target.shape)
+        key = self._keys[variant][tname]
+        cast = tname in self._through_model_dtype and target.dtype != self.dtype
+
+        def fallback() -> None:
+            stored = self.variant_set.read(key)
+            if stored.shape != target.shape:
+                raise ArtifactError(
+                    f"model {variant!r}: {tname} is {list(stored.shape)}, the model needs {list(target.shape)}"
+                )
+            if tname in self._through_model_dtype and stored.is_floating_point():
+                stored = stored.to(self.dtype)  # as transformers loads it, before its router casts it
+            place.copy_(stored)
+
+        return _Fill("non-expert tensors", {key: place}, fallback, direct=not cast)
+
+    def _bank_fills(self) -> list[_Fill]:
+        """One fill per bank expert: its parts straight into the bank's parameters where they
+        are plain contiguous views of them (every fused layout but an interleaved one)."""
+        fills = []
+        record = self.variant_set.record
         for layer, module in self._banks.items():
+            views = canonical_experts(record, module)
+            storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
             for k in range(self.variant_set.bank_sizes[layer]):
-                module.load_expert(k, self.variant_set.bank_expert(layer, k))
-                done += 1
-                if progress:
-                    progress("expert bank", done, total)
+                keys = {p: self.variant_set.bank_key(layer, k, p) for p in views[k]}
+                in_bank = all(v.untyped_storage().data_ptr() in storages for v in views[k].values())
+                places = {keys[p]: v for p, v in views[k].items() if keys[p] is not None}
+                fills.append(_Fill("expert bank", places, _loader(module, k, self.variant_set, layer), in_bank))
+        return fills
 
     def _load_deltas(self) -> dict[str, dict[str, list[tuple[DeltaEntry, dict[str, dict[str, torch.Tensor]]]]]]:
         """Every variant's compressed delta components, on the device (they are small)."""
@@ -679,3 +725,19 @@ def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
         target.copy_(source, non_blocking=True)
         return
     np.copyto(target.view(torch.uint8).numpy(), source.view(torch.uint8).numpy())
+
+
+@dataclass
+class _Fill:
+    """Stored tensors going to their places in the runtime's memory: read straight there
+    (`places`: stored key -> place) when `direct` and the artifact allows, else `fallback`."""
+
+    stage: str
+    places: dict[str, torch.Tensor]
+    fallback: Callable[[], None]
+    direct: bool
+
+
+def _loader(module: nn.Module, k: int, variant_set: VariantSet, layer: str) -> Callable[[], None]:
+    """Bank expert `k` of `layer` read and copied in (`load_expert`)."""
+    return lambda: module.load_expert(k, variant_set.bank_expert(layer, k))
