@@ -99,6 +99,13 @@ def serve_local(
             "requests of all variants in one step, without swaps.",
         ),
     ] = False,
+    host_buffers: Annotated[
+        str,
+        typer.Option(
+            help="Swap mode: where the variants not active wait: copy (a host buffer each; a swap is one copy) or "
+            "file (nothing in host memory: a swap reads them from the artifact's files, decoding deltas)."
+        ),
+    ] = "copy",
     device: Annotated[str, typer.Option(help="cpu or cuda (cuda:N).")] = "cpu",
     dtype: Annotated[
         str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoints' own).")
@@ -130,6 +137,7 @@ def serve_local(
             active=first,
             progress=advance,
             mode=ServingMode.CROSS_VARIANT if cross_variant_batching else ServingMode.SWAP,
+            host_buffers=host_buffers,
         )
     for name in model or []:
         runtime.check_model(name)

@@ -34,12 +34,19 @@ from torch import nn
 from ..architectures.layouts import Architecture
 from ..artifact.corrections import corrected
 from ..artifact.manifest import DeltaEntry
-from ..errors import ArtifactError, MoeconsolError
+from ..errors import ArtifactError, MoeconsolError, SettingsError
 from .banks import BankExperts, bank_class, canonical_experts
 from .crossvariant import CrossVariantResidency, ServingMode
 from .device import parse_device, synchronize
 from .flat import Flat, nbytes, plan_flats
 from .variants import Variant, VariantSet, generation_config
+
+HOST_COPY, HOST_FILE = "copy", "file"
+HOST_BUFFERS = (HOST_COPY, HOST_FILE)
+"""Where swap mode keeps the variants that are not active: `copy`, a host buffer per variant
+(a swap is one memcpy; host memory grows with every variant); `file`, nothing: a swap reads
+the variant's tensors from the artifact's files (the page cache) straight into the swap
+region, decoding the encoded ones (host memory stays flat in N; a swap costs a read)."""
 
 # -- reports ----------------------------------------------------------------------------------
 
@@ -123,7 +130,7 @@ class SwapResidency:
         self,
         variant_set: VariantSet,
         flats: dict[torch.dtype, Flat],
-        host: dict[str, dict[torch.dtype, torch.Tensor]],
+        host: dict[str, dict[torch.dtype, HostSource]],
         slot_maps: dict[str, torch.Tensor],
         slot_table: torch.Tensor,
         apply_deltas: Callable[[str], int],
@@ -147,8 +154,8 @@ class SwapResidency:
         for dtype, flat in self._flats.items():
             source = self._host[name][dtype]
             if source is not self._host[previous][dtype]:
-                _copy_into(flat.swap_region, source)
-                moved += nbytes(source)
+                _fill_region(flat.swap_region, source)
+                moved += _source_bytes(source)
                 copied += len(flat.swappable)
         maps = self._slot_maps[name]
         if maps is not self._slot_maps[previous]:
@@ -162,7 +169,7 @@ class SwapResidency:
         return SwapReport(name, previous, seconds, moved, copied, self._tensors - copied, changed, corrected_experts)
 
     def swap_bytes(self, a: str, b: str) -> int:
-        moved = sum(nbytes(self._host[b][d]) for d in self._flats if self._host[b][d] is not self._host[a][d])
+        moved = sum(_source_bytes(self._host[b][d]) for d in self._flats if self._host[b][d] is not self._host[a][d])
         return moved + (nbytes(self._slot_maps[b]) if self._slot_maps[b] is not self._slot_maps[a] else 0)
 
     def variant_group(self, name: str) -> int:
@@ -200,7 +207,13 @@ class Runtime:
         active: str | None = None,
         progress: Callable[[str, int, int], None] | None = None,
         mode: ServingMode = ServingMode.SWAP,
+        host_buffers: str = HOST_COPY,
     ):
+        if host_buffers not in HOST_BUFFERS:
+            raise SettingsError(f"host_buffers {host_buffers!r}: one of {', '.join(HOST_BUFFERS)}")
+        if host_buffers == HOST_FILE and (variant_set.artifact is None or ServingMode(mode) is not ServingMode.SWAP):
+            raise SettingsError("host_buffers 'file' serves swap mode from an artifact's files")
+        self.host_buffers = host_buffers
         if not variant_set.variants:
             raise ArtifactError("the artifact holds no models")
         self.variant_set = variant_set
@@ -241,9 +254,16 @@ class Runtime:
         active: str | None = None,
         progress=None,
         mode: ServingMode = ServingMode.SWAP,
+        host_buffers: str = HOST_COPY,
     ) -> Runtime:
         return cls(
-            VariantSet.from_artifact(path), device=device, dtype=dtype, active=active, progress=progress, mode=mode
+            VariantSet.from_artifact(path),
+            device=device,
+            dtype=dtype,
+            active=active,
+            progress=progress,
+            mode=mode,
+            host_buffers=host_buffers,
         )
 
     @property
@@ -268,7 +288,7 @@ class Runtime:
         _materialize(self.model, self.device, views)
 
     @torch.no_grad()
-    def _load(self, progress) -> dict[str, dict[torch.dtype, torch.Tensor]]:
+    def _load(self, progress) -> dict[str, dict[torch.dtype, HostSource]]:
         """Each variant's host buffers (`_host_buffers`), the tensors every variant shares and
         the bank, filled. What the artifact stores whole, of the dtype and shape it goes to,
         is read straight into its place, several files at once, each file hashed as it is read
@@ -310,7 +330,7 @@ class Runtime:
                 advance(f)
         return host
 
-    def _host_buffers(self) -> tuple[dict[str, dict[torch.dtype, torch.Tensor]], list[_Fill]]:
+    def _host_buffers(self) -> tuple[dict[str, dict[torch.dtype, HostSource]], list[_Fill]]:
         """Each variant's swappable tensors in one flat host buffer per dtype (pinned on CUDA),
         laid out as the device buffer's swap region; variants whose swappable tensors all have
         the same stored keys share one buffer. Returns the buffers (allocated) and what fills
@@ -323,12 +343,17 @@ class Runtime:
             for name in self.names
         }
         fills: list[_Fill] = []
-        host: dict[str, dict[torch.dtype, torch.Tensor]] = {name: {} for name in self.names}
-        built: dict[tuple, torch.Tensor] = {}
+        host: dict[str, dict[torch.dtype, HostSource]] = {name: {} for name in self.names}
+        built: dict[tuple, HostSource] = {}
         for dtype, flat in self._flats.items():
             for name in self.names:
                 signature = signatures[name, dtype]
-                if signature not in built:
+                if signature in built:
+                    pass
+                elif self.host_buffers == HOST_FILE:  # read from the files at each swap
+                    region = [self._non_expert_fill(flat.swap_region, flat, t, name) for t in flat.swappable]
+                    built[signature] = FileRegion(self.variant_set, region, nbytes(flat.swap_region))
+                else:
                     built[signature] = torch.zeros(flat.swap_numel, dtype=dtype, pin_memory=pin)
                     fills += [self._non_expert_fill(built[signature], flat, t, name) for t in flat.swappable]
                 host[name][dtype] = built[signature]
@@ -407,7 +432,7 @@ class Runtime:
     def _install(self, name: str) -> None:
         """First activation: copy every swap region and the slot maps of `name`."""
         for dtype, flat in self._flats.items():
-            flat.swap_region.copy_(self._host[name][dtype])
+            _fill_region(flat.swap_region, self._host[name][dtype])
         self._slot_table.copy_(self._slot_maps[name])
         self._apply_deltas(name)
         self._set_generation_config(name)
@@ -473,7 +498,8 @@ class Runtime:
     def resident_bytes(self) -> ResidentBytes:
         bank = sum(nbytes(p) for m in self._banks.values() for p in m.parameters())
         non_expert = sum(nbytes(f.buffer) for f in self._flats.values()) + self._residency.extra_non_expert_bytes()
-        host = sum(nbytes(t) for t in {id(t): t for buffers in self._host.values() for t in buffers.values()}.values())
+        held = {id(t): t for buffers in self._host.values() for t in buffers.values() if isinstance(t, torch.Tensor)}
+        host = sum(nbytes(t) for t in held.values())
         deltas = sum(
             nbytes(t)
             for layers in self._deltas.values()
@@ -741,3 +767,40 @@ class _Fill:
 def _loader(module: nn.Module, k: int, variant_set: VariantSet, layer: str) -> Callable[[], None]:
     """Bank expert `k` of `layer` read and copied in (`load_expert`)."""
     return lambda: module.load_expert(k, variant_set.bank_expert(layer, k))
+
+
+class FileRegion:
+    """A variant's swap region of one dtype, read from the artifact at each swap."""
+
+    def __init__(self, variant_set: VariantSet, fills: list[_Fill], size: int):
+        self._variant_set, self._fills, self.nbytes = variant_set, fills, size
+        self._direct = [
+            f for f in fills if f.direct and all(variant_set.can_read_in_place(k, t) for k, t in f.places.items())
+        ]
+
+    @torch.no_grad()
+    def fill(self) -> None:
+        places: dict[str, list[torch.Tensor]] = {}
+        for f in self._direct:
+            for key, target in f.places.items():
+                places.setdefault(key, []).append(target)
+        self._variant_set.read_in_place(places)
+        direct = {id(f) for f in self._direct}
+        for f in self._fills:
+            if id(f) not in direct:
+                f.fallback()
+
+
+HostSource = torch.Tensor | FileRegion
+"""Where a variant's swap region comes from: a host buffer, or the artifact's files."""
+
+
+def _fill_region(region: torch.Tensor, source: HostSource) -> None:
+    if isinstance(source, FileRegion):
+        source.fill()
+    else:
+        _copy_into(region, source)
+
+
+def _source_bytes(source: HostSource) -> int:
+    return source.nbytes if isinstance(source, FileRegion) else nbytes(source)
