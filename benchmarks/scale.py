@@ -496,8 +496,16 @@ def _model_class(model_type: str) -> str:
 # -- measuring --------------------------------------------------------------------------------
 
 
+class StepFailed(Exception):
+    """A step's subprocess failed: why, and its peak RSS until then."""
+
+    def __init__(self, why: str, peak: int):
+        super().__init__(why)
+        self.why, self.peak = why, peak
+
+
 def measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS (polled every 10 ms) and stdout of a subprocess; exits on failure."""
+    """Wall seconds, peak RSS (polled every 10 ms) and stdout of a subprocess; StepFailed if it fails."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     ps = psutil.Process(proc.pid)
@@ -519,7 +527,8 @@ def measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
     done.set()
     t.join()
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {err[-3000:]}")
+        why = "killed (-9: out of memory)" if proc.returncode == -9 else f"exit {proc.returncode}: {err[-300:]}"
+        raise StepFailed(why, peak)
     return time.perf_counter() - start, peak, out
 
 
@@ -577,21 +586,19 @@ def child_runtime(artifact: str, decode: str, tokens: int, host_buffers: str) ->
     for a, b in [(names[0], names[1]), (names[1], names[2]), (names[2], names[1]), (names[1], names[2])]:
         rt.activate(a)
         swaps.append(rt.activate(b).to_dict())
-    moved = max(s["bytes_moved"] for s in swaps)
-    src = [torch.empty(moved // 2, dtype=torch.bfloat16) for _ in range(2)]
-    dst = torch.empty(moved // 2, dtype=torch.bfloat16)
-    for s in src:
-        s.fill_(1.0)
-    dst.fill_(0.0)
-    copies = {"torch_copy": [], "memcpy": []}
-    for i in range(4):
+    # the bound: the same bytes copied plainly, from the resident swap region into one more
+    # buffer of its size (a second full copy would not fit beside a big bank)
+    src = max((f.swap_region for f in rt._flats.values()), key=lambda t: t.numel() * t.element_size())
+    dst = torch.empty_like(src)
+    copies = {"torch_copy": [], "memcpy": [], "bytes": src.numel() * src.element_size()}
+    for _ in range(4):
         t = time.perf_counter()
-        dst.copy_(src[i % 2])
+        dst.copy_(src)
         copies["torch_copy"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        np.copyto(dst.view(torch.uint8).numpy(), src[(i + 1) % 2].view(torch.uint8).numpy())
+        np.copyto(dst.view(torch.uint8).numpy(), src.view(torch.uint8).numpy())
         copies["memcpy"].append(time.perf_counter() - t)
-    del src, dst
+    del dst
     out = {
         "load_seconds": load,
         "rss_after_load": rss_loaded,
@@ -668,6 +675,14 @@ class Table:
         )
 
 
+def _failed(table: Table, step: str, e: StepFailed) -> None:
+    table.rows.append(
+        dict(step=step, seconds=None, bound_seconds=None, bound="", peak_rss_mib=round(e.peak / MiB), note=e.why)
+    )
+    table.rows[-1]["ratio"] = None
+    print(f"  {step:<34} FAILED: {e.why} (peak RSS {e.peak / MiB:.0f} MiB)", flush=True)
+
+
 def run(args: argparse.Namespace) -> dict:
     family = FAMILIES[args.family]
     root = args.keep / (family.name + ("-tiny" if args.tiny else ""))
@@ -682,6 +697,7 @@ def run(args: argparse.Namespace) -> dict:
     steps = args.steps.split(",")
     load = [os.getloadavg()[0]]
     result: dict = {"family": family.name, "label": family.label, "tiny": args.tiny, "rows": table.rows}
+    result["layers_written"] = family.layers
     result["input_bytes"] = nbytes(inputs)
     result["input_bytes_on_disk"] = nbytes(list({f.stat().st_ino: f for f in inputs}.values()))
     print(
@@ -728,7 +744,7 @@ def run(args: argparse.Namespace) -> dict:
         table.add("verify", s, bound, "cat artifact", rss)
     ft = dirs[1]
     if "runtime" in steps and art_files:
-        for host in ["copy", "file"] if args.host_buffers == "both" else [args.host_buffers]:
+        for host in ["file", "copy"] if args.host_buffers == "both" else [args.host_buffers]:
             bound = read_bound(art_files)
             cmd = [
                 sys.executable,
@@ -740,13 +756,17 @@ def run(args: argparse.Namespace) -> dict:
                 "--tokens",
                 str(args.tokens),
             ]
-            s, rss, out = measured(cmd + ["--host-buffers", host])
+            try:
+                s, rss, out = measured(cmd + ["--host-buffers", host])
+            except StepFailed as e:
+                _failed(table, f"runtime load (host {host})", e)
+                continue
             child = json.loads(out.strip().splitlines()[-1])
             result.setdefault("runtime", {})[host] = child
             table.add(f"runtime load (host {host})", child["load_seconds"], bound, "cat artifact", rss)
             swaps = child["swaps"][1:]
             swap = min(x["seconds"] for x in swaps)
-            copy = min(min(v) for v in child["copies"].values())
+            copy = min(min(child["copies"]["torch_copy"]), min(child["copies"]["memcpy"]))
             table.add(
                 f"swap ft1 <-> ft2 (host {host})",
                 swap,
@@ -828,7 +848,7 @@ def extrapolate(family: Family, result: dict, tiny: bool) -> dict:
                 "whole_bound_seconds": None if r["bound_seconds"] is None else round(r["bound_seconds"] * scale, 1),
             }
             for r in result["rows"]
-            if not r["step"].startswith(("inspect", "swap", "decode"))
+            if not r["step"].startswith(("inspect", "swap", "decode")) and r["seconds"] is not None
         ],
     }
 
@@ -846,6 +866,20 @@ def print_extrapolation(family: Family, result: dict) -> None:
         )
 
 
+STEP_ORDER = ("analyze", "merge", "inspect", "verify", "runtime", "swap", "transformers", "decode", "export", "")
+
+
+def appended(old: dict, new: dict, family: Family, tiny: bool) -> dict:
+    """An earlier run's results with this run's steps put in (a step run again replaces its
+    row in place); the load averages of both runs kept."""
+    rows = {r["step"]: r for r in new["rows"]}
+    merged = [rows.pop(r["step"], r) for r in old["rows"]] + list(rows.values())
+    merged.sort(key=lambda r: next(i for i, p in enumerate(STEP_ORDER) if r["step"].startswith(p)))
+    out = {**old, **new, "rows": merged, "load_average": old["load_average"] + new["load_average"]}
+    out["extrapolated"] = extrapolate(family, out, tiny)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", choices=list(FAMILIES))
@@ -858,6 +892,7 @@ def main() -> None:
     ap.add_argument("--drop-artifact", action="store_true", help="delete the lossless artifact at the end")
     ap.add_argument("--clean", action="store_true", help="delete the family at the end")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--append", action="store_true", help="put this run's steps into the --json file's results")
     ap.add_argument("--child-runtime", help=argparse.SUPPRESS)
     ap.add_argument("--child-transformers", help=argparse.SUPPRESS)
     ap.add_argument("--decode", default="", help=argparse.SUPPRESS)
@@ -872,6 +907,8 @@ def main() -> None:
         ap.error("--family and --keep are required")
     args.keep.mkdir(parents=True, exist_ok=True)
     result = run(args)
+    if args.json and args.append and args.json.exists():
+        result = appended(json.loads(args.json.read_text()), result, FAMILIES[args.family], args.tiny)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     if args.clean:
