@@ -543,6 +543,16 @@ def read_bound(files: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
+def hash_bound(files: list[Path]) -> float:
+    """Seconds of `sha256sum FILES`, four files at once (as the runtime's load reads them)."""
+    t0 = time.perf_counter()
+    subprocess.run(
+        ["sh", "-c", 'printf "%s\\0" "$@" | xargs -0 -P 4 -n 8 sha256sum > /dev/null', "h", *map(str, files)],
+        check=True,
+    )
+    return time.perf_counter() - t0
+
+
 def copy_bound(files: list[Path], scratch: Path) -> float:
     """Seconds to copy FILES (read + write + sync), one at a time, each copy deleted after its
     sync (disk use: the largest file)."""
@@ -740,6 +750,8 @@ def run(args: argparse.Namespace) -> dict:
         )
     if "verify" in steps and art_files:
         bound = read_bound(art_files)
+        hashed = hash_bound(art_files)
+        table.add("sha256sum artifact, 4 at once", hashed, bound, "cat artifact", None, "the floor of a checked read")
         s, rss, _ = measured(moeconsol("verify", str(art)))
         table.add("verify", s, bound, "cat artifact", rss)
     ft = dirs[1]
@@ -866,7 +878,19 @@ def print_extrapolation(family: Family, result: dict) -> None:
         )
 
 
-STEP_ORDER = ("analyze", "merge", "inspect", "verify", "runtime", "swap", "transformers", "decode", "export", "")
+STEP_ORDER = (
+    "analyze",
+    "merge",
+    "inspect",
+    "sha256sum",
+    "verify",
+    "runtime",
+    "swap",
+    "transformers",
+    "decode",
+    "export",
+    "",
+)
 
 
 def appended(old: dict, new: dict, family: Family, tiny: bool) -> dict:
