@@ -587,7 +587,9 @@ def child_runtime(artifact: str, decode: str, tokens: int, host_buffers: str) ->
     from moeconsol.serving import Runtime
 
     t0 = time.perf_counter()
-    kw = {"host_buffers": host_buffers} if host_buffers != "default" else {}
+    kw = {"host_buffers": host_buffers.split("-")[0]} if host_buffers != "default" else {}
+    if host_buffers.endswith("-unchecked"):
+        kw["checksums"] = False
     rt = Runtime.from_artifact(artifact, **kw)
     load = time.perf_counter() - t0
     rss_loaded = psutil.Process().memory_info().rss
@@ -756,7 +758,7 @@ def run(args: argparse.Namespace) -> dict:
         table.add("verify", s, bound, "cat artifact", rss)
     ft = dirs[1]
     if "runtime" in steps and art_files:
-        for host in ["file", "copy"] if args.host_buffers == "both" else [args.host_buffers]:
+        for host in ["file", "copy"] if args.host_buffers == "both" else args.host_buffers.split(","):
             bound = read_bound(art_files)
             cmd = [
                 sys.executable,
@@ -910,7 +912,11 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="where families and artifacts are written (outside the repository)")
     ap.add_argument("--tiny", action="store_true", help="every width shrunk: a smoke test of the script")
     ap.add_argument("--steps", default="analyze,merge,budget,reference,inspect,verify,runtime,transformers,export")
-    ap.add_argument("--host-buffers", default="default", help="copy | file | both | default (the Runtime's default)")
+    ap.add_argument(
+        "--host-buffers",
+        default="default",
+        help="copy | file | both | default (the Runtime's default), or a list; NAME-unchecked: without sha256 checks",
+    )
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--reuse-artifact", action="store_true", help="keep a lossless artifact from an earlier run")
     ap.add_argument("--drop-artifact", action="store_true", help="delete the lossless artifact at the end")

@@ -255,9 +255,10 @@ class Runtime:
         progress=None,
         mode: ServingMode = ServingMode.SWAP,
         host_buffers: str = HOST_COPY,
+        checksums: bool = True,
     ) -> Runtime:
         return cls(
-            VariantSet.from_artifact(path),
+            VariantSet.from_artifact(path, checksums=checksums),
             device=device,
             dtype=dtype,
             active=active,

@@ -143,9 +143,10 @@ class VariantSet:
                 )
 
     @classmethod
-    def from_artifact(cls, path: str | Path) -> VariantSet:
-        """Adapt a `moeconsol merge` artifact (read lazily, tensor by tensor)."""
-        art = Artifact.open(path)
+    def from_artifact(cls, path: str | Path, checksums: bool = True) -> VariantSet:
+        """Adapt a `moeconsol merge` artifact (read lazily, tensor by tensor; `checksums=False`:
+        files checked for size and headers but not hashed, as `Artifact.open`)."""
+        art = Artifact.open(path, checksums=checksums)
         variants = {
             name: Variant(
                 name=name,
