@@ -330,6 +330,65 @@ def quality_families(results: Path) -> list[str]:
     return [facts, "", *family_stats.goal_lines(goals), "", *family_stats.stats_table(table)]
 
 
+# -- scale.py ---------------------------------------------------------------------------------------
+
+SCALE_FAMILIES = ("olmoe", "qwen3", "mixtral", "gpt-oss", "deepseek-v2-lite")
+"""scale.py's families, in the page's order (a family without results is left out)."""
+
+
+def _scale_results(results: Path) -> list[dict]:
+    return [_load(results, f"scale-{f}.json") for f in SCALE_FAMILIES if (results / f"scale-{f}.json").exists()]
+
+
+def _seconds(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f} s" if x < 100 else f"{x:.0f} s"
+
+
+def scale_steps(results: Path) -> list[str]:
+    """scale.py --json: every step's time against its bound of the same run, peak RSS."""
+    out: list[str] = []
+    for d in _scale_results(results):
+        x = d["extrapolated"]
+        out.append(
+            f"**{d['label']}**, {d.get('layers_written', x['layers'])} of {x['layers']} layers: inputs 3 x "
+            f"{d['input_bytes'] / 3 / 1e9:.2f} GB ({d['input_bytes_on_disk'] / 1e9:.2f} GB on disk), "
+            f"{_load_range(d['load_average'][:1], d['load_average'][-1:])}."
+        )
+        out.append("")
+        rows = [
+            [
+                r["step"],
+                _seconds(r["seconds"]),
+                f"{_seconds(r['bound_seconds'])} ({r['bound']})" if r["bound_seconds"] is not None else "",
+                "" if r["ratio"] is None else f"**{r['ratio']:.2f}x**",
+                "" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']} MiB",
+                r["note"],
+            ]
+            for r in d["rows"]
+        ]
+        out += _table(["step", "time", "bound (same run)", "/ bound", "peak RSS", ""], rows)
+        out.append("")
+    return out[:-1]
+
+
+def scale_extrapolated(results: Path) -> list[str]:
+    """scale.py --json: each step's time scaled by bytes to the whole released model."""
+    rows = []
+    for d in _scale_results(results):
+        x = d["extrapolated"]
+        for s in x["steps"]:
+            rows.append(
+                [
+                    f"{d['label']} ({x['whole_bytes'] / 1e9:.1f} GB, {x['layers']} layers)",
+                    s["step"],
+                    _seconds(s["per_layer_seconds"]),
+                    _seconds(s["whole_seconds"]),
+                    _seconds(s["whole_bound_seconds"]),
+                ]
+            )
+    return _table(["released model", "step", "per decoder layer", "whole model", "its bound"], rows)
+
+
 TABLES: dict[str, Callable[[Path], list[str]]] = {
     "analyze-memory": analyze_memory,
     "merge-io": merge_io,
@@ -338,6 +397,8 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "quality": quality,
     "quality-families": quality_families,
     "quantized-analyze": quantized_analyze,
+    "scale": scale_steps,
+    "scale-extrapolated": scale_extrapolated,
     "turnaround-quota": _turnaround("turnaround-quota"),
     "turnaround-wide": _turnaround("turnaround-wide"),
     "turnaround-wide2": _turnaround("turnaround-wide2"),

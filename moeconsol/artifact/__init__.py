@@ -7,7 +7,8 @@ from .._faces import face
 __getattr__, __dir__, __all__ = face(
     __name__,
     {
-        "reader": ["Artifact", "summary"],
+        "reader": ["Artifact"],
+        "overview": ["summary"],
         "verify": ["verify_artifact"],
         "export": ["export_model"],
         "manifest": ["Manifest"],

@@ -27,8 +27,6 @@ from ..io.quant import FORMATS as QUANT_FORMATS
 from ..io.quant import Quantization
 from ..io.safetensors_file import ITEMSIZE
 from ..io.safety import NAME_RULE, is_regular_file, is_safe_name, relative_path_problem
-from .corrections import FORMATS
-from .nonexpert_codec import CODECS
 
 FORMAT = "moeconsol-artifact"
 FORMAT_VERSION = 3
@@ -41,6 +39,9 @@ that describes it (`Manifest.version`): 3 only when it has either, since a versi
 would read another entry's tensors, or take codes for values, there."""
 QUANTIZED_VERSION = 3
 MANIFEST = "manifest.json"
+XOR_ZSTD = "xor-zstd"
+CODECS = (XOR_ZSTD,)
+"""Codecs an artifact may name in `encodings` (`nonexpert_codec` implements them)."""
 _MAX_MANIFEST = 1 << 30
 """A manifest larger than this (1 GiB) is refused rather than parsed."""
 
@@ -686,6 +687,7 @@ def _check_bank_keys(r: _Reader, layers: list[LayerEntry], version: int) -> None
 
 
 def _delta(r: _Reader, v: object, f: str) -> DeltaEntry:
+    from .corrections import FORMATS  # imports torch: only artifacts with deltas pay for it (inspect)
 
     d = r.obj(v, f)
     fmt = r.text(d.get("format"), f"{f}.format")
@@ -714,6 +716,9 @@ def _check_deltas(
 ) -> None:
     """Delta slots in range, pointing where the slot map points, one per expert, a size the
     format takes, every part and component of the format stored."""
+    if not entry.deltas:
+        return
+    from .corrections import FORMATS  # imports torch: only artifacts with deltas pay for it (inspect)
 
     parts = tuple(part_shapes)
     for name, items in entry.deltas.items():

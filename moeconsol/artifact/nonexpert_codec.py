@@ -23,11 +23,9 @@ import zstandard
 
 from ..errors import DamagedArtifactError
 from ..io.safetensors_file import dtype_names, torch_dtypes
+from .manifest import CODECS, XOR_ZSTD  # noqa: F401 (the names this codec goes by, the manifest's vocabulary)
 
-XOR_ZSTD = "xor-zstd"
 NONE = "none"
-CODECS = (XOR_ZSTD,)
-"""Codecs an artifact may name in `encodings`."""
 CHOICES = (XOR_ZSTD, NONE)
 """What merge accepts: a codec, or none (every version stored whole)."""
 CHUNK_ELEMENTS = 1 << 22

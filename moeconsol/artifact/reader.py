@@ -15,7 +15,6 @@ writes one model back as a standard Hugging Face checkpoint.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,12 +23,13 @@ import torch
 from ..architectures.layouts import layout_by_name
 from ..errors import ArtifactError, DamagedArtifactError, MoeconsolError, UnknownModelError, UnsafePathError
 from ..io import quant
-from ..io.safetensors_file import ITEMSIZE, TensorInfo, read_header, read_tensor
+from ..io.safetensors_file import TensorInfo, read_header, read_tensor
 from ..io.safety import inside, is_regular_file
 from ..io.writer import sha256_file
 from . import nonexpert_codec as codec
 from .corrections import corrected
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, DeltaEntry, Manifest, ModelEntry, heldout_json
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, DeltaEntry, Manifest, ModelEntry
+from .overview import open_manifest, summary
 from .validate import bank_key, bank_part_key, problems
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "MANIFEST",
     "Artifact",
     "bank_key",
+    "summary",
 ]
 
 Progress = Callable[[str, int, int], None]
@@ -69,16 +70,8 @@ class Artifact:
     def open(cls, path: str | Path, checksums: bool = True) -> Artifact:
         """Open and validate the manifest. `checksums=False`: files are still checked for
         size and headers when first read, but not hashed (`verify` is then the check)."""
-        path = Path(path)
-        if not path.exists():
-            raise ArtifactError(f"{path}: no such artifact directory")
-        if not path.is_dir():
-            raise ArtifactError(f"{path}: not an artifact (expected a directory made by `moeconsol merge`)")
-        manifest_path = path / MANIFEST
-        if not manifest_path.exists():
-            raise ArtifactError(f"{path}: not a moeconsol artifact (no {MANIFEST})")
-        spec, data = Manifest.read(manifest_path)
-        return cls(path, spec, data, checksums)
+        opened = open_manifest(path)
+        return cls(opened.path, opened.spec, opened.manifest, checksums)
 
     # -- models -----------------------------------------------------------------------------
     def _model(self, name: str) -> ModelEntry:
@@ -234,60 +227,6 @@ class Artifact:
         return f"Artifact({str(self.path)!r}, {self.architecture}, models={self.model_names})"
 
 
-def summary(art: Artifact) -> dict:
-    """What `inspect` shows: models, bank per layer, bytes, settings. `corrected_host`: the
-    host memory a swap-mode runtime keeps every variant's corrected experts decoded in (one
-    expert per delta slot; docs/runtime.md)."""
-    spec = art.spec
-    b = spec.bytes
-    delta_slots = {layer: sum(len(x) for x in art._layer(layer).deltas.values()) for layer in art.layers}
-    slots = sum(delta_slots.values())
-    return {
-        "path": str(art.path),
-        "architecture": art.architecture,
-        "dtype": spec.dtype,
-        "models": [{"name": m.name, "source": m.source, "layout": m.layout} for m in spec.models],
-        "experts_per_layer": art.experts_per_layer,
-        "consolidation": spec.consolidation,
-        "bank": {layer: art.bank_size(layer) for layer in art.layers},
-        "bytes": {
-            "inputs": b.get("inputs"),
-            "artifact": sum(f.size for f in spec.files.values()) + (art.path / MANIFEST).stat().st_size,
-            "experts_in": b.get("experts_in"),
-            "bank": b.get("bank"),
-            "deltas": b.get("deltas"),
-            "non_expert": b.get("non_expert"),
-            "non_expert_whole": b.get("non_expert_whole"),
-            "corrected_host": slots * _expert_nbytes(spec) if slots else None,
-        },
-        "delta_slots": delta_slots,
-        "files": len(spec.files) + 1,
-        **({"heldout": heldout_json(spec.heldout)} if spec.heldout is not None else {}),
-        **({"quantization": quantization_summary(art)} if spec.quantization is not None else {}),
-    }
-
-
-def quantization_summary(art: Artifact, serving_bytes: int = 2) -> dict:
-    """A quantized bank as stored, and what the runtime holds: every bank expert dequantized
-    to the serving dtype at load (`serving_bytes` per value: 2 for bf16, the default)."""
-    spec = art.spec
-    assert spec.quantization is not None
-    layout = layout_by_name(spec.models[0].layout)
-    base = layout_by_name(layout.base) if layout.base else layout
-    values = 0
-    for unit, parts in quant.units(spec.quantization, spec.parts).items():
-        values += math.prod(quant.unit_shape(spec.quantization, spec.part_shapes, unit, parts))
-    entries = sum(art.bank_size(layer) for layer in art.layers)
-    return {
-        "method": spec.quantization.method,
-        "block": None if spec.quantization.block is None else list(spec.quantization.block),
-        "stored_dtypes": dict(spec.part_dtypes),
-        "bank_stored": spec.bytes.get("bank"),
-        "bank_served": entries * values * serving_bytes,
-        "served_as": f"dequantized at load to the serving dtype ({base.name} parts, {serving_bytes} bytes per value)",
-    }
-
-
 # -- verification -------------------------------------------------------------------------
 
 
@@ -353,11 +292,6 @@ def _check_tensors(art: Artifact, file: str, keys: list[str]) -> list[str]:
     if not problems:
         art._headers[file] = header
     return problems
-
-
-def _expert_nbytes(spec: Manifest) -> int:
-    """Bytes of one expert, every part, in the artifact's dtype."""
-    return sum(math.prod(shape) for shape in spec.part_shapes.values()) * ITEMSIZE[spec.dtype]
 
 
 def _slot(art: Artifact, name: str, layer: str, e: int) -> int:

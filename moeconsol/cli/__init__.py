@@ -104,7 +104,7 @@ COMMANDS: dict[str, str] = {
     "analyze": "analyze",
     "merge": "merge",
     "export": "merge",
-    "inspect": "merge",
+    "inspect": "inspect",
     "verify": "merge",
     "add": "grow",
     "remove": "grow",

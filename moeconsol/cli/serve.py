@@ -96,6 +96,13 @@ def serve_local(
             "requests of all variants in one step, without swaps.",
         ),
     ] = False,
+    host_buffers: Annotated[
+        str,
+        typer.Option(
+            help="Swap mode: where the variants not active wait: copy (a host buffer each; a swap is one copy) or "
+            "file (nothing in host memory: a swap reads them from the artifact's files, decoding deltas)."
+        ),
+    ] = "copy",
     device: Annotated[str, typer.Option(help="cpu or cuda (cuda:N).")] = "cpu",
     dtype: Annotated[
         str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoints' own).")
@@ -143,6 +150,7 @@ def serve_local(
             adapters={
                 n: Path(d) for n, d in parse_named_files(adapter or [], "--adapter", allow_unnamed=False).items()
             },
+            host_buffers=host_buffers,
         )
 
     with stage_progress(

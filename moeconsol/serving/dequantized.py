@@ -5,7 +5,7 @@ The bank keeps the release's format on disk (`io.quant`); the runtime holds valu
 transformers does on a CPU (it dequantizes both MXFP4 and block FP8 there): each bank expert
 is dequantized when it is loaded, to the canonical parts of the unquantized layout, and a
 block-FP8 non-expert weight (DeepSeek-V3's attention, shared experts, dense layers) is
-dequantized when its variant's tensors are filled. `artifact.reader.quantization_summary`
+dequantized when its variant's tensors are filled. `artifact.overview.quantization_summary`
 states the memory that takes (`inspect`).
 """
 

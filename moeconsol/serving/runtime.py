@@ -20,6 +20,7 @@ The core does not know the artifact format: it takes a `VariantSet` (variants.py
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -40,6 +41,13 @@ from .device import parse_device, synchronize
 from .flat import Flat, nbytes, plan_flats
 from .lora import LoraForward, add_adapters
 from .variants import Variant, VariantSet, generation_config
+
+HOST_COPY, HOST_FILE = "copy", "file"
+HOST_BUFFERS = (HOST_COPY, HOST_FILE)
+"""Where swap mode keeps the variants that are not active: `copy`, a host buffer per variant
+(a swap is one memcpy; host memory grows with every variant); `file`, nothing: a swap reads
+the variant's tensors from the artifact's files (the page cache) straight into the swap
+region, decoding the encoded ones (host memory stays flat in N; a swap costs a read)."""
 
 # -- reports ----------------------------------------------------------------------------------
 
@@ -136,7 +144,7 @@ class SwapResidency:
         self,
         variant_set: VariantSet,
         flats: dict[torch.dtype, Flat],
-        host: dict[str, dict[torch.dtype, torch.Tensor]],
+        host: dict[str, dict[torch.dtype, HostSource]],
         slot_maps: dict[str, torch.Tensor],
         slot_table: torch.Tensor,
         corrected: dict[str, list[RowCopy]],
@@ -160,8 +168,8 @@ class SwapResidency:
         for dtype, flat in self._flats.items():
             source = self._host[name][dtype]
             if source is not self._host[previous][dtype]:
-                _copy_into(flat.swap_region, source)
-                moved += nbytes(source)
+                _fill_region(flat.swap_region, source)
+                moved += _source_bytes(source)
                 copied += len(flat.swappable)
         maps = self._slot_maps[name]
         if maps is not self._slot_maps[previous]:
@@ -178,7 +186,7 @@ class SwapResidency:
         return SwapReport(name, previous, seconds, moved, copied, self._tensors - copied, changed, corrected_experts)
 
     def swap_bytes(self, a: str, b: str) -> int:
-        moved = sum(nbytes(self._host[b][d]) for d in self._flats if self._host[b][d] is not self._host[a][d])
+        moved = sum(_source_bytes(self._host[b][d]) for d in self._flats if self._host[b][d] is not self._host[a][d])
         moved += sum(copy.nbytes for copy in self._corrected[b])
         return moved + (nbytes(self._slot_maps[b]) if self._slot_maps[b] is not self._slot_maps[a] else 0)
 
@@ -217,7 +225,13 @@ class Runtime:
         active: str | None = None,
         progress: Callable[[str, int, int], None] | None = None,
         mode: ServingMode = ServingMode.SWAP,
+        host_buffers: str = HOST_COPY,
     ):
+        if host_buffers not in HOST_BUFFERS:
+            raise SettingsError(f"host_buffers {host_buffers!r}: one of {', '.join(HOST_BUFFERS)}")
+        if host_buffers == HOST_FILE and (variant_set.artifact is None or ServingMode(mode) is not ServingMode.SWAP):
+            raise SettingsError("host_buffers 'file' serves swap mode from an artifact's files")
+        self.host_buffers = host_buffers
         if not variant_set.variants:
             raise ArtifactError("the artifact holds no models")
         self.variant_set = variant_set
@@ -241,8 +255,7 @@ class Runtime:
         self._slot_maps = _slot_map_tensors(
             variant_set, self.device, _served_slot_maps(variant_set, self._delta_offsets)
         )
-        self._host = self._load_host_tensors(progress)
-        self._load_bank(progress)
+        self._host = self._load(progress)
         self._corrected = self._correct_experts(progress)
         self._tokenizers: dict[str, Any] = {}
         self.swaps: list[SwapReport] = []
@@ -266,14 +279,24 @@ class Runtime:
         progress=None,
         mode: ServingMode = ServingMode.SWAP,
         adapters: dict[str, Path] | None = None,
+        host_buffers: str = HOST_COPY,
+        checksums: bool = True,
     ) -> Runtime:
         """The artifact's variants, and `adapters` (name -> LoRA adapter directory) served
         unmerged on the variant each names as its base (`lora.add_adapters`)."""
-        variant_set = VariantSet.from_artifact(path)
+        variant_set = VariantSet.from_artifact(path, checksums=checksums)
         if adapters:
-            sources = {m.name: m.source for m in Artifact.open(path).spec.models}
+            sources = {m.name: m.source for m in Artifact.open(path, checksums=False).spec.models}
             variant_set = add_adapters(variant_set, adapters, sources)
-        return cls(variant_set, device=device, dtype=dtype, active=active, progress=progress, mode=mode)
+        return cls(
+            variant_set,
+            device=device,
+            dtype=dtype,
+            active=active,
+            progress=progress,
+            mode=mode,
+            host_buffers=host_buffers,
+        )
 
     @property
     def family(self) -> VariantSet:
@@ -297,59 +320,110 @@ class Runtime:
         _materialize(self.model, self.device, views)
 
     @torch.no_grad()
-    def _load_host_tensors(self, progress) -> dict[str, dict[torch.dtype, torch.Tensor]]:
+    def _load(self, progress) -> dict[str, dict[torch.dtype, HostSource]]:
+        """Each variant's host buffers (`_host_buffers`), the tensors every variant shares and
+        the bank, filled. What the artifact stores whole, of the dtype and shape it goes to,
+        is read straight into its place, several files at once, each file hashed as it is read
+        (`VariantSet.read_in_place`); the rest (encoded, cast, on a GPU) is read tensor by
+        tensor and copied."""
+        host, fills = self._host_buffers()
+        fills += self._bank_fills()
+        totals = Counter(f.stage for f in fills)
+        counts: Counter[str] = Counter()
+
+        def advance(fill: _Fill) -> None:
+            counts[fill.stage] += 1
+            if progress:
+                progress(fill.stage, counts[fill.stage], totals[fill.stage])
+
+        direct = [
+            f
+            for f in fills
+            if f.direct and f.places and all(self.variant_set.can_read_in_place(k, t) for k, t in f.places.items())
+        ]
+        places: dict[str, list[torch.Tensor]] = {}
+        waiting: dict[str, list[_Fill]] = {}
+        left = {id(f): len(f.places) for f in direct}
+        for f in direct:
+            for key, target in f.places.items():
+                places.setdefault(key, []).append(target)
+                waiting.setdefault(key, []).append(f)
+
+        def landed(key: str) -> None:
+            for f in waiting[key]:
+                left[id(f)] -= 1
+                if not left[id(f)]:
+                    advance(f)
+
+        self.variant_set.read_in_place(places, landed)
+        for f in fills:
+            if id(f) not in left:
+                f.fallback()
+                advance(f)
+        return host
+
+    def _host_buffers(self) -> tuple[dict[str, dict[torch.dtype, HostSource]], list[_Fill]]:
         """Each variant's swappable tensors in one flat host buffer per dtype (pinned on CUDA),
-        laid out as the device buffer's swap region and filled tensor by tensor; variants whose
-        swappable tensors all have the same stored keys share one buffer. The tensors every
-        variant shares are read once, straight into the device buffer."""
+        laid out as the device buffer's swap region; variants whose swappable tensors all have
+        the same stored keys share one buffer. Returns the buffers (allocated) and what fills
+        them and the tensors every variant shares (read once, straight into the device
+        buffer)."""
         pin = self.device.type == "cuda"
         signatures = {  # (variant, dtype) -> what its host buffer holds
             (name, dtype): (dtype, *(self._keys[name][t] for t in flat.swappable))
             for dtype, flat in self._flats.items()
             for name in self.names
         }
-        total = sum(len(self._flats[sig[0]].swappable) for sig in set(signatures.values()))
-        total += sum(len(f.shared) for f in self._flats.values())
-        done = 0
-
-        def fill(buffer: torch.Tensor, flat: Flat, tensor_names: list[str], variant: str) -> None:
-            nonlocal done
-            for tname in tensor_names:
-                target = self._targets[tname]
-                stored = self.variant_set.read(self._keys[variant][tname])
-                if stored.shape != target.shape:
-                    raise ArtifactError(
-                        f"model {variant!r}: {tname} is {list(stored.shape)}, the model needs {list(target.shape)}"
-                    )
-                if tname in self._through_model_dtype and stored.is_floating_point():
-                    stored = stored.to(self.dtype)  # as transformers loads it, before its router casts it
-                flat.view_in(buffer, tname, target.shape).copy_(stored)
-                done += 1
-                if progress:
-                    progress("non-expert tensors", done, total)
-
-        host: dict[str, dict[torch.dtype, torch.Tensor]] = {name: {} for name in self.names}
-        built: dict[tuple, torch.Tensor] = {}
+        fills: list[_Fill] = []
+        host: dict[str, dict[torch.dtype, HostSource]] = {name: {} for name in self.names}
+        built: dict[tuple, HostSource] = {}
         for dtype, flat in self._flats.items():
             for name in self.names:
                 signature = signatures[name, dtype]
-                if signature not in built:
+                if signature in built:
+                    pass
+                elif self.host_buffers == HOST_FILE:  # read from the files at each swap
+                    region = [self._non_expert_fill(flat.swap_region, flat, t, name) for t in flat.swappable]
+                    built[signature] = FileRegion(self.variant_set, region, nbytes(flat.swap_region))
+                else:
                     built[signature] = torch.zeros(flat.swap_numel, dtype=dtype, pin_memory=pin)
-                    fill(built[signature], flat, flat.swappable, name)
+                    fills += [self._non_expert_fill(built[signature], flat, t, name) for t in flat.swappable]
                 host[name][dtype] = built[signature]
-            fill(flat.buffer, flat, flat.shared, self.names[0])
-        return host
+            fills += [self._non_expert_fill(flat.buffer, flat, t, self.names[0]) for t in flat.shared]
+        return host, fills
 
-    @torch.no_grad()
-    def _load_bank(self, progress) -> None:
-        total = sum(self.variant_set.bank_sizes.values())
-        done = 0
+    def _non_expert_fill(self, buffer: torch.Tensor, flat: Flat, tname: str, variant: str) -> _Fill:
+        target = self._targets[tname]
+        place = flat.view_in(buffer, tname, target.shape)
+        key = self._keys[variant][tname]
+        cast = tname in self._through_model_dtype and target.dtype != self.dtype
+
+        def fallback() -> None:
+            stored = self.variant_set.read(key)
+            if stored.shape != target.shape:
+                raise ArtifactError(
+                    f"model {variant!r}: {tname} is {list(stored.shape)}, the model needs {list(target.shape)}"
+                )
+            if tname in self._through_model_dtype and stored.is_floating_point():
+                stored = stored.to(self.dtype)  # as transformers loads it, before its router casts it
+            place.copy_(stored)
+
+        return _Fill("non-expert tensors", {key: place}, fallback, direct=not cast)
+
+    def _bank_fills(self) -> list[_Fill]:
+        """One fill per bank expert: its parts straight into the bank's parameters where they
+        are plain contiguous views of them (every fused layout but an interleaved one)."""
+        fills = []
+        record = self.variant_set.record
         for layer, module in self._banks.items():
+            views = canonical_experts(record, module)
+            storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
             for k in range(self.variant_set.bank_sizes[layer]):
-                module.load_expert(k, self.variant_set.bank_expert(layer, k))
-                done += 1
-                if progress:
-                    progress("expert bank", done, total)
+                keys = {p: self.variant_set.bank_key(layer, k, p) for p in views[k]}
+                in_bank = all(v.untyped_storage().data_ptr() in storages for v in views[k].values())
+                places = {keys[p]: v for p, v in views[k].items() if keys[p] is not None}
+                fills.append(_Fill("expert bank", places, _loader(module, k, self.variant_set, layer), in_bank))
+        return fills
 
     @torch.no_grad()
     def _correct_experts(self, progress) -> dict[str, list[RowCopy]]:
@@ -397,7 +471,7 @@ class Runtime:
     def _install(self, name: str) -> None:
         """First activation: copy every swap region and the slot maps of `name`."""
         for dtype, flat in self._flats.items():
-            flat.swap_region.copy_(self._host[name][dtype])
+            _fill_region(flat.swap_region, self._host[name][dtype])
         self._slot_table.copy_(self._slot_maps[name])
         for copy in self._corrected[name]:
             copy()
@@ -465,7 +539,8 @@ class Runtime:
     def resident_bytes(self) -> ResidentBytes:
         bank = sum(nbytes(p) for m in self._banks.values() for p in m.parameters())
         non_expert = sum(nbytes(f.buffer) for f in self._flats.values()) + self._residency.extra_non_expert_bytes()
-        host = sum(nbytes(t) for t in {id(t): t for buffers in self._host.values() for t in buffers.values()}.values())
+        held = {id(t): t for buffers in self._host.values() for t in buffers.values() if isinstance(t, torch.Tensor)}
+        host = sum(nbytes(t) for t in held.values())
         corrected = sum(copy.nbytes for copies in self._corrected.values() for copy in copies)
         return ResidentBytes(bank, non_expert, host + corrected, 0, corrected, self._lora.nbytes())
 
@@ -731,3 +806,56 @@ def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
         target.copy_(source, non_blocking=True)
         return
     np.copyto(target.view(torch.uint8).numpy(), source.view(torch.uint8).numpy())
+
+
+@dataclass
+class _Fill:
+    """Stored tensors going to their places in the runtime's memory: read straight there
+    (`places`: stored key -> place) when `direct` and the artifact allows, else `fallback`."""
+
+    stage: str
+    places: dict[str, torch.Tensor]
+    fallback: Callable[[], None]
+    direct: bool
+
+
+def _loader(module: nn.Module, k: int, variant_set: VariantSet, layer: str) -> Callable[[], None]:
+    """Bank expert `k` of `layer` read and copied in (`load_expert`)."""
+    return lambda: module.load_expert(k, variant_set.bank_expert(layer, k))
+
+
+class FileRegion:
+    """A variant's swap region of one dtype, read from the artifact at each swap."""
+
+    def __init__(self, variant_set: VariantSet, fills: list[_Fill], size: int):
+        self._variant_set, self._fills, self.nbytes = variant_set, fills, size
+        self._direct = [
+            f for f in fills if f.direct and all(variant_set.can_read_in_place(k, t) for k, t in f.places.items())
+        ]
+
+    @torch.no_grad()
+    def fill(self) -> None:
+        places: dict[str, list[torch.Tensor]] = {}
+        for f in self._direct:
+            for key, target in f.places.items():
+                places.setdefault(key, []).append(target)
+        self._variant_set.read_in_place(places)
+        direct = {id(f) for f in self._direct}
+        for f in self._fills:
+            if id(f) not in direct:
+                f.fallback()
+
+
+HostSource = torch.Tensor | FileRegion
+"""Where a variant's swap region comes from: a host buffer, or the artifact's files."""
+
+
+def _fill_region(region: torch.Tensor, source: HostSource) -> None:
+    if isinstance(source, FileRegion):
+        source.fill()
+    else:
+        _copy_into(region, source)
+
+
+def _source_bytes(source: HostSource) -> int:
+    return source.nbytes if isinstance(source, FileRegion) else nbytes(source)

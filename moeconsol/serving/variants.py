@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..architectures.layouts import Architecture, architecture, supported
+from ..artifact.in_place import read_in_place, storable
 from ..artifact.manifest import DeltaEntry
 from ..artifact.reader import Artifact
 from ..errors import ArtifactError, SettingsError, UnknownModelError
@@ -90,11 +91,29 @@ class VariantSet:
     variants: dict[str, Variant]
     dtype: torch.dtype
     """dtype the tensors are stored in"""
+    artifact: Artifact | None = None
+    """the artifact the tensors are stored in (None: in memory): lets the runtime read them
+    straight into its buffers (`read_in_place`)"""
 
     @property
     def record(self) -> Architecture:
         """The architecture's record (ArtifactError if the runtime does not serve it)."""
         return served_architecture(self.architecture)
+
+    def bank_key(self, layer: str, k: int, part: str) -> str | None:
+        """The stored key of one part of a bank expert (None: not read from an artifact)."""
+        return None if self.artifact is None else self.artifact.bank_part_key(layer, k, part)
+
+    def can_read_in_place(self, key: str, target: torch.Tensor) -> bool:
+        """Whether `key` can be read straight into `target` (`artifact.in_place.storable`)."""
+        return self.artifact is not None and storable(self.artifact, key, target)
+
+    def read_in_place(self, places: dict[str, list[torch.Tensor]], done: Callable[[str], None] | None = None) -> None:
+        """Read each key straight into its tensors (each `can_read_in_place`), several files at
+        once, each file checked as `read` checks it; `done(key)` as each key lands."""
+        if places:
+            assert self.artifact is not None, "read_in_place of a variant set held in memory"
+            read_in_place(self.artifact, places, done)
 
     def check(self, name: str) -> None:
         """UnknownModelError unless `name` is one of the variants."""
@@ -129,10 +148,12 @@ class VariantSet:
                 )
 
     @classmethod
-    def from_artifact(cls, path: str | Path) -> VariantSet:
-        """Adapt a `moeconsol merge` artifact (read lazily, tensor by tensor). A quantized
-        release's is served dequantized (`dequantized.py`), in bf16 unless asked otherwise."""
-        art = Artifact.open(path)
+    def from_artifact(cls, path: str | Path, checksums: bool = True) -> VariantSet:
+        """Adapt a `moeconsol merge` artifact (read lazily, tensor by tensor; `checksums=False`:
+        files checked for size and headers but not hashed, as `Artifact.open`). A quantized
+        release's is served dequantized (`dequantized.py`), in bf16 unless asked otherwise,
+        and so is not read in place."""
+        art = Artifact.open(path, checksums=checksums)
         quantized = art.spec.quantization is not None
         variants = {
             name: Variant(
@@ -153,6 +174,7 @@ class VariantSet:
             read=dequantized.read_values(art) if quantized else art.read,
             variants=variants,
             dtype=dequantized.SERVING_DTYPE if quantized else _stored_dtype(art.manifest.get("dtype")),
+            artifact=None if quantized else art,
         )
 
     @classmethod
