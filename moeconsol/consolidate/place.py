@@ -32,9 +32,9 @@ from ..artifact.reader import Artifact, Progress
 from ..errors import SettingsError
 from ..io.checkpoint import Checkpoint, expert_nbytes
 from ..io.digest import tensor_digest
-from ..io.sizes import format_bytes, parse_size
+from ..io.sizes import format_bytes
 from .grouping import threshold_to_distance, to_distance
-from .settings import Mode
+from .settings import Mode, budget_slots
 
 
 @dataclass
@@ -63,18 +63,8 @@ def own_slots(m: Manifest) -> dict[str, int]:
 
 def allowed_experts(budget: str, spec: Manifest, one: int) -> int:
     """Bank entries a budget allows over all layers with one more variant (as `budget_experts`)."""
-    layers, experts = len(spec.layers), spec.experts_per_layer
-    total = (len(spec.models) + 1) * layers * experts
-    text = str(budget).strip()
-    try:
-        fraction = float(text)
-    except ValueError:
-        fraction = None
-    if fraction is not None and fraction <= 1.0:
-        if fraction <= 0:
-            raise SettingsError(f"budget {text!r} must be more than 0: a fraction of all experts (0.5) or bytes (40GB)")
-        return int(fraction * total + 1e-9)
-    return parse_size(text) // one
+    total = (len(spec.models) + 1) * len(spec.layers) * spec.experts_per_layer
+    return budget_slots(budget, total, one)[0]
 
 
 def place(

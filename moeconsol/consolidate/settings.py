@@ -185,13 +185,9 @@ def calibration_file(s: MergeSettings, name: str) -> str:
 # -- budgets ------------------------------------------------------------------------------
 
 
-def budget_experts(budget: str, ckpts: list[Checkpoint]) -> int:
-    """How many bank experts (over all layers) a budget allows, refusing one below the floor
-    of one model's worth of experts (E per layer)."""
-    ref = ckpts[0]
-    layers, experts = len(ref.moe_layers), ref.num_experts
-    total = len(ckpts) * layers * experts
-    one = expert_nbytes(ref)
+def budget_slots(budget: str, total: int, one: int) -> tuple[int, str]:
+    """The experts a budget holds (a fraction of `total` experts, or bytes of experts of `one`
+    byte each), and the budget as text for messages; no floor or ceiling applied."""
     text = str(budget).strip()
     try:
         fraction = float(text)
@@ -202,12 +198,19 @@ def budget_experts(budget: str, ckpts: list[Checkpoint]) -> int:
             raise SettingsError(
                 f"`budget` {text!r} must be more than 0: a fraction of all experts (0.5) or bytes (40GB)"
             )
-        slots = int(fraction * total + 1e-9)
-        what = f"{fraction:g} of {total} experts"
-    else:
-        nbytes = parse_size(text)
-        slots = nbytes // one
-        what = format_bytes(nbytes)
+        return int(fraction * total + 1e-9), f"{fraction:g} of {total} experts"
+    nbytes = parse_size(text)
+    return nbytes // one, format_bytes(nbytes)
+
+
+def budget_experts(budget: str, ckpts: list[Checkpoint]) -> int:
+    """How many bank experts (over all layers) a budget allows, refusing one below the floor
+    of one model's worth of experts (E per layer)."""
+    ref = ckpts[0]
+    layers, experts = len(ref.moe_layers), ref.num_experts
+    total = len(ckpts) * layers * experts
+    one = expert_nbytes(ref)
+    slots, what = budget_slots(budget, total, one)
     floor = layers * experts
     if slots < floor:
         raise SettingsError(
