@@ -80,6 +80,11 @@ def merge(
         help="calibrated mode: share of each calibration file held back to measure the candidate plans on "
         "(default 0.2: the last 20%); 0 skips the check and plans on all of it.",
     ),
+    check_margin: float | None = typer.Option(
+        None,
+        help="calibrated mode: how far (retained gain) a variant may fall below its best candidate in the "
+        "held-back check before that candidate is passed over (default 0.05).",
+    ),
     shard_size: str = typer.Option("5GB", help="Maximum bytes per safetensors shard (5GB, 500MB)."),
     non_expert_codec: str = typer.Option(
         "xor-zstd",
@@ -114,6 +119,7 @@ def merge(
         deltas=deltas,
         delta_format=delta_format,
         holdout=holdout,
+        check_margin=check_margin,
         non_expert_codec=non_expert_codec,
     )
     with stage_progress(_STAGES) as report:

@@ -15,7 +15,6 @@ from ..artifact.corrections import AUTO, delta_format
 from ..errors import SettingsError
 from ..io.checkpoint import Checkpoint, expert_nbytes
 from ..io.sizes import format_bytes, parse_size
-from .choice import MARGIN
 from .grouping import REPRESENTATIVES
 from .modes import Mode, check_mode
 
@@ -57,8 +56,8 @@ class MergeSettings:
     """calibrated mode: share of each calibration file held back from planning to measure the
     candidate plans on (None: `heldout.DEFAULT_HELDOUT`, 0.2; 0: no check, the calibrated plan
     made from all the data, as before the check existed)."""
-    check_margin: float = MARGIN
-    """calibrated mode: the margin of the held-back choice rule (`choice`)."""
+    check_margin: float | None = None
+    """calibrated mode: the margin of the held-back choice rule (`choice`; None: `MARGIN`, 0.05)."""
     non_expert_codec: str = codec.XOR_ZSTD
     """How a non-expert tensor's versions after the first are stored: encoded against the
     first (codec.XOR_ZSTD) where that takes at most `nonexpert.MAX_DELTA_RATIO` of whole,
@@ -92,7 +91,7 @@ def check_settings(s: MergeSettings) -> MergeSettings:
         raise SettingsError(
             f"`holdout` must be at least 0 and less than 1 (a share of each calibration file), got {s.holdout}"
         )
-    if not (math.isfinite(s.check_margin) and s.check_margin >= 0):
+    if s.check_margin is not None and not (math.isfinite(s.check_margin) and s.check_margin >= 0):
         raise SettingsError(f"`check_margin` must be a finite number of at least 0, got {s.check_margin}")
     if s.non_expert_codec not in codec.CHOICES:
         raise SettingsError(
@@ -134,6 +133,7 @@ APPLIES_TO: dict[str, tuple[Mode, ...]] = {
     "base": (Mode.TASK_ARITHMETIC, Mode.TIES, Mode.CALIBRATED),
     "calibration": (Mode.CALIBRATED,),
     "holdout": (Mode.CALIBRATED,),
+    "check_margin": (Mode.CALIBRATED,),
 }
 """The settings only some modes take -> those modes; every other mode refuses them (`refuse`)."""
 
@@ -147,6 +147,7 @@ def refuse(s: MergeSettings, mode: Mode) -> None:
         "base": s.base,
         "calibration": s.calibration,
         "holdout": s.holdout,
+        "check_margin": s.check_margin,
     }
     for option, modes in APPLIES_TO.items():
         if given[option] not in (None, {}) and mode not in modes:

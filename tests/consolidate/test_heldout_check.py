@@ -292,6 +292,9 @@ def test_holdout_0_is_the_unchecked_plan_and_writes_no_field(fam, tmp_path):
         (["--holdout", "1"], "holdout must be at least 0 and less than 1"),
         (["--holdout", "-0.1"], "holdout must be at least 0"),
         (["--holdout", "0", "--base", "BASE"], "holdout 0 turns off"),
+        (["--check-margin", "-0.1"], "--check-margin must be a finite number of at least 0"),
+        (["--check-margin", "nan"], "--check-margin must be a finite number"),
+        (["--holdout", "0", "--check-margin", "0.1"], "--check-margin applies to the held-back check"),
     ],
 )
 def test_bad_holdout_options_exit_2_with_one_line(fam, tmp_path, args, fragment):
@@ -301,6 +304,17 @@ def test_bad_holdout_options_exit_2_with_one_line(fam, tmp_path, args, fragment)
         "--calibration", fam["cal"], *args,
     )  # fmt: skip
     one_error_line(r, fragment)
+
+
+def test_the_margin_given_is_the_one_the_check_uses_and_records(fam, tmp_path):
+    r = run_main(
+        "merge", *fam["models"], "-o", tmp_path / "o", "--mode", "calibrated", "--budget", "0.4",
+        "--calibration", fam["cal"], "--calibration-tokens", "32", "--check-margin", "0.3",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    h = Artifact.open(tmp_path / "o").spec.heldout
+    assert h is not None and h.margin == 0.3
+    assert h.raised or h.chosen == choose(h.candidates, 0.3)
 
 
 def test_holdout_outside_calibrated_mode_is_refused(fam, tmp_path):

@@ -19,6 +19,7 @@ VALUES = {
     "base": "x",
     "calibration": {"*": "f.txt"},
     "holdout": 0.2,
+    "check_margin": 0.1,
 }
 
 

@@ -43,7 +43,7 @@ from ..checking import (
     raise_variants,
     same_index_plans,
 )
-from ..choice import choose
+from ..choice import MARGIN, choose
 from ..correction_plan import check_delta_format, plan_with_deltas
 from ..grouping import LayerGroups, cluster_calibrated, cluster_cost, fair_weights, identical_groups, to_distance
 from ..plan import CalibratedInputs, Decision, LayerPlan, weighted_mean
@@ -84,6 +84,9 @@ class CalibratedPlanner(Planner):
             raise SettingsError(
                 "`base` applies to calibrated mode's held-back check (its retained gain), which `holdout` 0 turns off"
             )
+        if s.check_margin is not None and holdout == 0:
+            raise SettingsError("`check_margin` applies to the held-back check, which `holdout` 0 turns off")
+        margin = MARGIN if s.check_margin is None else s.check_margin
         for c in ckpts:
             calibration_file(s, c.name)
         unknown = sorted(set(s.calibration or {}) - {c.name for c in ckpts} - {"*"})
@@ -95,7 +98,7 @@ class CalibratedPlanner(Planner):
             raise SettingsError(f"`calibration_tokens` must be at least 1, got {s.calibration_tokens}")
         if s.deltas:
             check_delta_format(s.delta_format, ckpts[0])
-        return replace(s, metric=metric, holdout=holdout)
+        return replace(s, metric=metric, holdout=holdout, check_margin=margin)
 
     def plan(self, ckpts: list[Checkpoint], s: MergeSettings, progress: Progress | None = None) -> list[LayerPlan]:
         return plan_calibrated(ckpts, s, progress)
@@ -168,7 +171,8 @@ def decide_calibrated(
     measurer = Measurer(ckpts, [h for h in held if h is not None], inputs.digests)
     measured = measure(ckpts, measurer, candidates, base, base_index, progress)
     figs = figures(measured, names)
-    chosen = choose(figs, s.check_margin)
+    margin = MARGIN if s.check_margin is None else s.check_margin
+    chosen = choose(figs, margin)
     plans = next(c.plans for c in candidates if c.name == chosen)
     losses = measured.candidate_losses[chosen]
     raised = below_base_everywhere(measured)
@@ -178,7 +182,7 @@ def decide_calibrated(
         chosen = RAISED
     check = HeldoutCheck(
         holdout=holdout,
-        margin=s.check_margin,
+        margin=margin,
         base=base.source if base is not None else (BASE_NAME if base_index is not None else None),
         chosen=chosen,
         variants={
