@@ -21,10 +21,8 @@ from pathlib import Path
 import psutil
 
 
-def measured(cmd: list[str], cwd: str | None = None, ok_codes: tuple[int, ...] = (0,)) -> tuple[float, int]:
-    """Wall seconds (including a `sync` of what it wrote) and peak RSS of a subprocess."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd)
+def communicate_polled(proc: subprocess.Popen) -> tuple[str | None, str | None, int]:
+    """`proc.communicate()` while polling its RSS every 10 ms: (stdout, stderr, peak RSS)."""
     ps = psutil.Process(proc.pid)
     peak = 0
     done = threading.Event()
@@ -40,9 +38,17 @@ def measured(cmd: list[str], cwd: str | None = None, ok_codes: tuple[int, ...] =
 
     t = threading.Thread(target=poll)
     t.start()
-    _, err = proc.communicate()
+    out, err = proc.communicate()
     done.set()
     t.join()
+    return out, err, peak
+
+
+def measured(cmd: list[str], cwd: str | None = None, ok_codes: tuple[int, ...] = (0,)) -> tuple[float, int]:
+    """Wall seconds (including a `sync` of what it wrote) and peak RSS of a subprocess."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    _, err, peak = communicate_polled(proc)
     if proc.returncode not in ok_codes:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {err[-2000:]}")
     os.sync()

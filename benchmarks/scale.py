@@ -52,7 +52,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -60,6 +59,9 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+
+sys.path.insert(0, str(Path(__file__).parent))
+from peer import communicate_polled  # noqa: E402
 
 GB = 1e9
 MiB = 1 << 20
@@ -508,24 +510,7 @@ def measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
     """Wall seconds, peak RSS (polled every 10 ms) and stdout of a subprocess; StepFailed if it fails."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    ps = psutil.Process(proc.pid)
-    peak = 0
-    done = threading.Event()
-
-    def poll() -> None:
-        nonlocal peak
-        while not done.is_set():
-            try:
-                peak = max(peak, ps.memory_info().rss)
-            except psutil.Error:
-                break
-            time.sleep(0.01)
-
-    t = threading.Thread(target=poll)
-    t.start()
-    out, err = proc.communicate()
-    done.set()
-    t.join()
+    out, err, peak = communicate_polled(proc)
     if proc.returncode != 0:
         why = "killed (-9: out of memory)" if proc.returncode == -9 else f"exit {proc.returncode}: {err[-300:]}"
         raise StepFailed(why, peak)
