@@ -10,6 +10,15 @@ from ..artifact.validate import bank_part_key
 from ..io.safetensors_file import ITEMSIZE
 
 
+def appended_key(m: Manifest, layer: str, k: int) -> str | None:
+    """The `BankEntry.key` of a bank entry appended at index `k` of `layer` by the change that
+    makes generation `m.generation + 1`: None (merge's `bank.{layer}.{k}`) unless that key is
+    still stored (after a `remove`), then one of its own, named by the generation."""
+    if not any(bank_part_key(layer, k, None, p) in m.weight_map for p in m.parts):
+        return None
+    return f"bank.g{m.generation + 1}.{layer}.{k}"
+
+
 def bank_keys(m: Manifest) -> set[str]:
     return {
         bank_part_key(entry.layer, k, b.key, part)

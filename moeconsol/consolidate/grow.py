@@ -29,12 +29,13 @@ from ..artifact.builder import input_bytes, source_index, source_shards
 from ..artifact.manifest import BankEntry, Encoding, FileEntry, LayerEntry, Manifest, ModelEntry, TensorEntry
 from ..artifact.reader import Artifact, Progress
 from ..artifact.switch import changed_artifact, generation_prefix
+from ..artifact.validate import bank_part_key
 from ..errors import IncompatibleModelsError, SettingsError
 from ..io.checkpoint import Checkpoint, check_config, natural_key, open_checkpoint
 from ..io.digest import range_digest, tensor_digest
 from ..io.safetensors_file import read_tensor
 from ..io.writer import SafetensorsWriter, TensorSpec, check_destination, check_free_space, copy_file
-from .edit import recount_bytes
+from .edit import appended_key, recount_bytes
 from .nonexpert import MAX_DELTA_RATIO, tensor_head
 from .place import PlacementReport, own_slots, place
 from .settings import DEFAULT_SHARD_SIZE, Mode
@@ -235,7 +236,7 @@ class _Files:
 
 
 def _add_bank(
-    art: Artifact, ckpt: Checkpoint, gen: int, files: _Files, result: AddResult, progress: Progress | None
+    art: Artifact, ckpt: Checkpoint, files: _Files, result: AddResult, progress: Progress | None
 ) -> list[LayerEntry]:
     """Each layer with the new variant (model index len(models)) in it; its experts no bank
     entry holds go to `files`."""
@@ -259,15 +260,10 @@ def _add_bank(
             k = by_digest.get(digest)
             if k is None:
                 k = by_digest[digest] = len(bank)
-                own = f"bank.{entry.layer}.{k}"
-                key = (
-                    None
-                    if not any(f"{own}.{p}" in spec.weight_map for p in spec.parts)
-                    else f"bank.g{gen}.{entry.layer}.{k}"
-                )
+                key = appended_key(spec, entry.layer, k)
                 bank.append(BankEntry([], (m, e), None, digest, key))
                 for part in spec.parts:
-                    files.add(f"{key or own}.{part}", parts[part])
+                    files.add(bank_part_key(entry.layer, k, key, part), parts[part])
                 result.new_bank[entry.layer] = result.new_bank.get(entry.layer, 0) + 1
             bank[k].members.append((m, e))
             slots.append(k)
@@ -379,7 +375,7 @@ def _add(
     spec = art.spec
     bank = _Files(target, generation_prefix("bank", gen), chunk, created, progress)
     if placed is None:
-        layers = _add_bank(art, ckpt, gen, bank, result, progress)
+        layers = _add_bank(art, ckpt, bank, result, progress)
     else:
         layers, new, report = placed
         for layer, e, prefix in new:

@@ -33,6 +33,7 @@ from ..errors import SettingsError
 from ..io.checkpoint import Checkpoint, expert_nbytes
 from ..io.digest import tensor_digest
 from ..io.sizes import format_bytes
+from .edit import appended_key
 from .grouping import threshold_to_distance, to_distance
 from .settings import Mode, budget_slots
 
@@ -144,14 +145,9 @@ def place(
         index: dict[int, int] = {}
         for e in sorted(e for (l2, e) in own if l2 == li):
             k = len(bank)
-            prefix = f"bank.{entry.layer}.{k}"
-            key = (
-                None
-                if not any(f"{prefix}.{p}" in spec.weight_map for p in spec.parts)
-                else f"bank.g{spec.generation + 1}.{entry.layer}.{k}"
-            )
+            key = appended_key(spec, entry.layer, k)
             bank.append(BankEntry([], (m, e), None, None, key))
-            new_entries.append((entry.layer, e, key or prefix))
+            new_entries.append((entry.layer, e, key or f"bank.{entry.layer}.{k}"))
             index[e] = k
         slots = []
         for e in range(E):
